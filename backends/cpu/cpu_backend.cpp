@@ -1,0 +1,819 @@
+// moelab: CPU reference backend. Float ops are templated on the storage type T (double or
+// float); every reduction accumulates in double. Shapes were checked by core/backend.cpp.
+#include "backends/cpu/cpu_backend.h"
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <numeric>
+
+#include "core/rng.h"
+
+namespace moelab {
+namespace {
+
+template <class T>
+using MatMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+
+// Calls f(T{}) with T the C++ type of a float dtype.
+template <class F> void dispatch_float(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F64: f(double{}); return;
+    case DType::F32: f(float{}); return;
+    default: throw NotSupported(std::string("cpu: dtype ") + to_string(dt));
+  }
+}
+template <class R, class F> R dispatch_float_r(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F64: return f(double{});
+    case DType::F32: return f(float{});
+    default: throw NotSupported(std::string("cpu: dtype ") + to_string(dt));
+  }
+}
+
+double sigmoid(double x) { return x >= 0 ? 1.0 / (1.0 + std::exp(-x)) : std::exp(x) / (1.0 + std::exp(x)); }
+double normal_pdf(double z) { return std::exp(-0.5 * z * z) * 0.3989422804014327; }
+double normal_cdf(double z) { return 0.5 * std::erfc(-z * 0.7071067811865476); }
+
+template <class T> double logsumexp_row(const T* l, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, double(l[j]));
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += std::exp(double(l[j]) - m);
+  return m + std::log(s);
+}
+
+// CV^2 = Var(x) / mean(x)^2 (population variance) and its gradient d CV^2 / d x_e.
+double cv2(const std::vector<double>& x, std::vector<double>* grad) {
+  const double n = double(x.size());
+  const double m = std::accumulate(x.begin(), x.end(), 0.0) / n;
+  if (grad) grad->assign(x.size(), 0.0);
+  if (m == 0) return 0.0;
+  double v = 0;
+  for (double xi : x) v += (xi - m) * (xi - m);
+  v /= n;
+  if (grad)
+    for (size_t e = 0; e < x.size(); ++e)
+      (*grad)[e] = (2.0 / n) * (x[e] - m) / (m * m) - 2.0 * v / (m * m * m) / n;
+  return v / (m * m);
+}
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+  Device device() const override { return Device::CPU; }
+  void synchronize() override {}
+
+  bool supports(Op op, DType dt) const override {
+    switch (op) {
+      case Op::Fill: case Op::Copy: return true;
+      case Op::Cast: return true;
+      case Op::DispatchPlan: return dt == DType::I32;
+      default: return dt == DType::F64 || dt == DType::F32;
+    }
+  }
+
+ protected:
+  void* alloc_bytes(size_t bytes) override {
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    MOELAB_CHECK(p, "cpu: out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+  void free_bytes(void* p) override { std::free(p); }
+  void copy_bytes(void* dst, bool, const void* src, bool, size_t n) override {
+    if (n) std::memcpy(dst, src, n);
+  }
+
+  // ---- elementwise and GEMM --------------------------------------------------------------
+
+  void fill_impl(const Tensor& x, double v) override {
+    const int64_t n = x.numel();
+    switch (x.dtype()) {
+      case DType::F64: std::fill_n(x.ptr<double>(), n, v); break;
+      case DType::F32: std::fill_n(x.ptr<float>(), n, float(v)); break;
+      case DType::BF16: std::fill_n(x.ptr<bf16>(), n, bf16::from_float(float(v))); break;
+      case DType::I32: std::fill_n(x.ptr<int32_t>(), n, int32_t(v)); break;
+    }
+  }
+
+  static double load(const Tensor& t, int64_t i) {
+    switch (t.dtype()) {
+      case DType::F64: return t.ptr<double>()[i];
+      case DType::F32: return t.ptr<float>()[i];
+      case DType::BF16: return t.ptr<bf16>()[i].to_float();
+      case DType::I32: return t.ptr<int32_t>()[i];
+    }
+    return 0;
+  }
+  void cast_impl(const Tensor& src, const Tensor& dst) override {
+    const int64_t n = src.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = load(src, i);
+      switch (dst.dtype()) {
+        case DType::F64: dst.ptr<double>()[i] = v; break;
+        case DType::F32: dst.ptr<float>()[i] = float(v); break;
+        case DType::BF16: dst.ptr<bf16>()[i] = bf16::from_float(float(v)); break;
+        case DType::I32: dst.ptr<int32_t>()[i] = int32_t(v); break;
+      }
+    }
+  }
+
+  void axpy_impl(double alpha, const Tensor& x, const Tensor& y) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* xp = x.ptr<T>();
+      T* yp = y.ptr<T>();
+      for (int64_t i = 0; i < x.numel(); ++i) yp[i] = T(yp[i] + alpha * xp[i]);
+    });
+  }
+
+  void transpose_impl(const Tensor& x, const Tensor& y) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t M = x.dim(0), N = x.dim(1);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) y.ptr<T>()[j * M + i] = x.ptr<T>()[i * N + j];
+    });
+  }
+
+  void gemm_impl(bool ta, bool tb, double alpha, const Tensor& a, const Tensor& b, double beta,
+                 const Tensor& c) override {
+    dispatch_float(a.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      MatMap<T> A(a.ptr<T>(), a.dim(0), a.dim(1)), B(b.ptr<T>(), b.dim(0), b.dim(1));
+      MatMap<T> C(c.ptr<T>(), c.dim(0), c.dim(1));
+      gemm_into<T>(ta, tb, T(alpha), A, B, T(beta), C);
+    });
+  }
+
+  // C = alpha op(A) op(B) + beta C. beta == 0 ignores C's old contents (even NaN).
+  template <class T, class MA, class MB, class MC>
+  static void gemm_into(bool ta, bool tb, T alpha, const MA& A, const MB& B, T beta, MC& C) {
+    if (beta == T(0)) C.setZero();
+    else if (beta != T(1)) C *= beta;
+    if (C.size() == 0) return;
+    if (!ta && !tb) C.noalias() += alpha * A * B;
+    else if (ta && !tb) C.noalias() += alpha * A.transpose() * B;
+    else if (!ta && tb) C.noalias() += alpha * A * B.transpose();
+    else C.noalias() += alpha * A.transpose() * B.transpose();
+  }
+
+  void grouped_gemm_impl(const Tensor& x, const Tensor& w, const std::vector<int64_t>& off,
+                         const Tensor& y, bool trans_w, double beta) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t r0 = off[e], rows = off[e + 1] - off[e];
+        if (rows == 0) continue;
+        MatMap<T> X(x.ptr<T>() + r0 * kin, rows, kin), Y(y.ptr<T>() + r0 * n, rows, n);
+        MatMap<T> W(w.ptr<T>() + e * w.dim(1) * w.dim(2), w.dim(1), w.dim(2));
+        gemm_into<T>(false, trans_w, T(1), X, W, T(beta), Y);
+      }
+    });
+  }
+
+  void grouped_gemm_wgrad_impl(const Tensor& x, const Tensor& dy, const std::vector<int64_t>& off,
+                               const Tensor& dw, double beta) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t r0 = off[e], rows = off[e + 1] - off[e];
+        MatMap<T> X(x.ptr<T>() + r0 * kin, rows, kin), DY(dy.ptr<T>() + r0 * n, rows, n);
+        MatMap<T> DW(dw.ptr<T>() + e * kin * n, kin, n);
+        gemm_into<T>(true, false, T(1), X, DY, T(beta), DW);
+      }
+    });
+  }
+
+  void swiglu_forward_impl(const Tensor& ab, const Tensor& h) override {
+    dispatch_float(ab.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = h.dim(0), F = h.dim(1);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t f = 0; f < F; ++f) {
+          const double g = ab.ptr<T>()[r * 2 * F + f], u = ab.ptr<T>()[r * 2 * F + F + f];
+          h.ptr<T>()[r * F + f] = T(g * sigmoid(g) * u);
+        }
+    });
+  }
+
+  void swiglu_backward_impl(const Tensor& ab, const Tensor& dh, const Tensor& dab) override {
+    dispatch_float(ab.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = dh.dim(0), F = dh.dim(1);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t f = 0; f < F; ++f) {
+          const double g = ab.ptr<T>()[r * 2 * F + f], u = ab.ptr<T>()[r * 2 * F + F + f];
+          const double s = sigmoid(g), d = dh.ptr<T>()[r * F + f];
+          dab.ptr<T>()[r * 2 * F + f] = T(d * u * s * (1.0 + g * (1.0 - s)));  // d silu / dg
+          dab.ptr<T>()[r * 2 * F + F + f] = T(d * g * s);
+        }
+    });
+  }
+
+  void softmax_forward_impl(const Tensor& l, const Tensor& p) override {
+    dispatch_float(l.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = l.dim(0), N = l.dim(1);
+      for (int64_t r = 0; r < R; ++r) {
+        const T* lr = l.ptr<T>() + r * N;
+        const double lse = logsumexp_row(lr, N);
+        for (int64_t j = 0; j < N; ++j) p.ptr<T>()[r * N + j] = T(std::exp(double(lr[j]) - lse));
+      }
+    });
+  }
+
+  void softmax_backward_impl(const Tensor& p, const Tensor& dp, const Tensor& dl) override {
+    dispatch_float(p.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = p.dim(0), N = p.dim(1);
+      for (int64_t r = 0; r < R; ++r) {
+        const T *pr = p.ptr<T>() + r * N, *dpr = dp.ptr<T>() + r * N;
+        double dot = 0;
+        for (int64_t j = 0; j < N; ++j) dot += double(pr[j]) * dpr[j];
+        for (int64_t j = 0; j < N; ++j) dl.ptr<T>()[r * N + j] = T(pr[j] * (dpr[j] - dot));
+      }
+    });
+  }
+
+  template <class Fn> void elementwise(const Tensor& x, const Tensor& y, Fn fn) {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      for (int64_t i = 0; i < x.numel(); ++i) y.ptr<T>()[i] = T(fn(double(x.ptr<T>()[i]), i));
+    });
+  }
+  template <class Fn>
+  void elementwise2(const Tensor& a, const Tensor& b, const Tensor& y, Fn fn) {
+    dispatch_float(a.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      for (int64_t i = 0; i < a.numel(); ++i)
+        y.ptr<T>()[i] = T(fn(double(a.ptr<T>()[i]), double(b.ptr<T>()[i]), i));
+    });
+  }
+
+  void sigmoid_forward_impl(const Tensor& x, const Tensor& y) override {
+    elementwise(x, y, [](double v, int64_t) { return sigmoid(v); });
+  }
+  void sigmoid_backward_impl(const Tensor& y, const Tensor& dy, const Tensor& dx) override {
+    elementwise2(y, dy, dx, [](double s, double d, int64_t) { return d * s * (1.0 - s); });
+  }
+  void softplus_forward_impl(const Tensor& x, const Tensor& y) override {
+    elementwise(x, y, [](double v, int64_t) { return std::max(v, 0.0) + std::log1p(std::exp(-std::abs(v))); });
+  }
+  void softplus_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& dx) override {
+    elementwise2(x, dy, dx, [](double v, double d, int64_t) { return d * sigmoid(v); });
+  }
+
+  void row_normalize_forward_impl(const Tensor& x, const Tensor& y) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = x.dim(0), N = x.dim(1);
+      for (int64_t r = 0; r < R; ++r) {
+        double s = 0;
+        for (int64_t j = 0; j < N; ++j) s += x.ptr<T>()[r * N + j];
+        for (int64_t j = 0; j < N; ++j) y.ptr<T>()[r * N + j] = T(x.ptr<T>()[r * N + j] / s);
+      }
+    });
+  }
+  void row_normalize_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& dx) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = x.dim(0), N = x.dim(1);
+      for (int64_t r = 0; r < R; ++r) {
+        double s = 0, dot = 0;
+        for (int64_t j = 0; j < N; ++j) {
+          s += x.ptr<T>()[r * N + j];
+          dot += double(dy.ptr<T>()[r * N + j]) * x.ptr<T>()[r * N + j];
+        }
+        for (int64_t j = 0; j < N; ++j)
+          dx.ptr<T>()[r * N + j] = T(dy.ptr<T>()[r * N + j] / s - dot / (s * s));
+      }
+    });
+  }
+
+  void row_scale_forward_impl(const Tensor& s, const Tensor& x, const Tensor& y) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = x.dim(0), N = x.dim(1);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < N; ++j)
+          y.ptr<T>()[r * N + j] = T(double(s.ptr<T>()[r]) * x.ptr<T>()[r * N + j]);
+    });
+  }
+  void row_scale_backward_impl(const Tensor& s, const Tensor& x, const Tensor& dy,
+                               const Tensor& ds, const Tensor& dx) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = x.dim(0), N = x.dim(1);
+      for (int64_t r = 0; r < R; ++r) {
+        double acc = 0;
+        for (int64_t j = 0; j < N; ++j) {
+          acc += double(dy.ptr<T>()[r * N + j]) * x.ptr<T>()[r * N + j];
+          dx.ptr<T>()[r * N + j] = T(double(s.ptr<T>()[r]) * dy.ptr<T>()[r * N + j]);
+        }
+        ds.ptr<T>()[r] = T(acc);
+      }
+    });
+  }
+
+  void dropout_forward_impl(const Tensor& x, double p, uint64_t seed, const Tensor& y) override {
+    elementwise(x, y, [&](double v, int64_t i) {
+      return rng::uniform(seed, uint64_t(i)) >= p ? v / (1.0 - p) : 0.0;
+    });
+  }
+  void dropout_backward_impl(const Tensor& dy, double p, uint64_t seed, const Tensor& dx) override {
+    dropout_forward_impl(dy, p, seed, dx);  // the same mask and scale
+  }
+  void jitter_forward_impl(const Tensor& x, double eps, uint64_t seed, const Tensor& y) override {
+    elementwise(x, y, [&](double v, int64_t i) {
+      return v * (1.0 - eps + 2.0 * eps * rng::uniform(seed, uint64_t(i)));
+    });
+  }
+  void jitter_backward_impl(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx) override {
+    jitter_forward_impl(dy, eps, seed, dx);  // linear in x: the same multiplier
+  }
+
+  void noisy_logits_forward_impl(const Tensor& clean, const Tensor& std, double sigma,
+                                 uint64_t seed, const Tensor& h) override {
+    dispatch_float(clean.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      for (int64_t i = 0; i < clean.numel(); ++i) {
+        const double s = std.defined() ? double(std.ptr<T>()[i]) : sigma;
+        h.ptr<T>()[i] = T(clean.ptr<T>()[i] + rng::normal(seed, uint64_t(i)) * s);
+      }
+    });
+  }
+  void noisy_logits_backward_impl(const Tensor& dh, const Tensor& std, uint64_t seed,
+                                  const Tensor& dclean, const Tensor& dstd) override {
+    dispatch_float(dh.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      for (int64_t i = 0; i < dh.numel(); ++i) {
+        dclean.ptr<T>()[i] = dh.ptr<T>()[i];
+        if (std.defined()) dstd.ptr<T>()[i] = T(dh.ptr<T>()[i] * rng::normal(seed, uint64_t(i)));
+      }
+    });
+  }
+
+  // ---- routing ---------------------------------------------------------------------------
+
+  // Indices of the k largest values of v[0..n) in descending order, ties to the lower index.
+  static void topk_row(const double* v, int64_t n, int64_t k, int32_t* out) {
+    std::vector<int32_t> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return v[a] > v[b] || (v[a] == v[b] && a < b);
+    });
+    std::copy_n(order.begin(), k, out);
+  }
+
+  void topk_impl(const Tensor& scores, const Tensor& bias, const Tensor& idx) override {
+    dispatch_float(scores.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = scores.dim(0), E = scores.dim(1), K = idx.dim(1);
+      std::vector<double> row(static_cast<size_t>(E));
+      for (int64_t t = 0; t < R; ++t) {
+        for (int64_t e = 0; e < E; ++e)
+          row[e] = double(scores.ptr<T>()[t * E + e]) + (bias.defined() ? bias.ptr<float>()[e] : 0.0);
+        topk_row(row.data(), E, K, idx.ptr<int32_t>() + t * K);
+      }
+    });
+  }
+
+  void gates_forward_impl(const Tensor& scores, const Tensor& idx, bool normalize, double scale,
+                          const Tensor& gates) override {
+    dispatch_float(scores.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = scores.dim(0), E = scores.dim(1), K = idx.dim(1);
+      for (int64_t t = 0; t < R; ++t) {
+        const int32_t* it = idx.ptr<int32_t>() + t * K;
+        double z = 0;
+        for (int64_t j = 0; j < K; ++j) z += scores.ptr<T>()[t * E + it[j]];
+        if (!normalize) z = 1.0;
+        for (int64_t j = 0; j < K; ++j)
+          gates.ptr<T>()[t * K + j] = T(scale * scores.ptr<T>()[t * E + it[j]] / z);
+      }
+    });
+  }
+
+  void gates_backward_impl(const Tensor& scores, const Tensor& idx, const Tensor& dgates,
+                           bool normalize, double scale, const Tensor& dscores) override {
+    dispatch_float(scores.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = scores.dim(0), E = scores.dim(1), K = idx.dim(1);
+      std::fill_n(dscores.ptr<T>(), dscores.numel(), T(0));
+      for (int64_t t = 0; t < R; ++t) {
+        const int32_t* it = idx.ptr<int32_t>() + t * K;
+        const T* dg = dgates.ptr<T>() + t * K;
+        T* ds = dscores.ptr<T>() + t * E;
+        if (!normalize) {
+          for (int64_t j = 0; j < K; ++j) ds[it[j]] = T(ds[it[j]] + scale * dg[j]);
+          continue;
+        }
+        // g_j = s_j / z, z = sum_i s_i: dL/ds_j = (dg_j - sum_i dg_i g_i / scale) / z * scale.
+        double z = 0, dot = 0;
+        for (int64_t j = 0; j < K; ++j) z += scores.ptr<T>()[t * E + it[j]];
+        for (int64_t j = 0; j < K; ++j) dot += double(dg[j]) * scores.ptr<T>()[t * E + it[j]];
+        for (int64_t j = 0; j < K; ++j)
+          ds[it[j]] = T(ds[it[j]] + scale * (dg[j] / z - dot / (z * z)));
+      }
+    });
+  }
+
+  void random_top2_mask_impl(const Tensor& gates, double tau, uint64_t seed,
+                             const Tensor& keep) override {
+    dispatch_float(gates.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      for (int64_t t = 0; t < gates.dim(0); ++t) {
+        const double g1 = gates.ptr<T>()[2 * t], g2 = gates.ptr<T>()[2 * t + 1];
+        const double g2n = g1 + g2 > 0 ? g2 / (g1 + g2) : 0.0;
+        keep.ptr<int32_t>()[2 * t] = 1;
+        keep.ptr<int32_t>()[2 * t + 1] = rng::uniform(seed, uint64_t(t)) < std::min(1.0, g2n / tau);
+      }
+    });
+  }
+
+  void capacity_mask_impl(const Tensor& idx, const Tensor& gates, int64_t experts,
+                          int64_t capacity, DropPolicy policy, const Tensor& keep) override {
+    dispatch_float(gates.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t A = idx.numel();
+      const int32_t* ex = idx.ptr<int32_t>();
+      int32_t* kp = keep.ptr<int32_t>();
+      if (policy == DropPolicy::Position) {
+        // Served in assignment order = token order (Megatron's "position" policy).
+        std::vector<int64_t> used(size_t(experts), 0);
+        for (int64_t a = 0; a < A; ++a)
+          if (kp[a]) kp[a] = used[ex[a]]++ < capacity;
+        return;
+      }
+      // Probs: per expert, keep the `capacity` assignments with the largest gate.
+      std::vector<std::vector<int64_t>> by_expert(static_cast<size_t>(experts));
+      for (int64_t a = 0; a < A; ++a)
+        if (kp[a]) by_expert[ex[a]].push_back(a);
+      const T* g = gates.ptr<T>();
+      for (auto& list : by_expert) {
+        std::stable_sort(list.begin(), list.end(), [&](int64_t a, int64_t b) { return g[a] > g[b]; });
+        for (size_t i = size_t(capacity); i < list.size(); ++i) kp[list[i]] = 0;
+      }
+    });
+  }
+
+  int sinkhorn_impl(const Tensor& logits, double tol, int max_iters, const Tensor& out) override {
+    return dispatch_float_r<int>(logits.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = logits.dim(0), E = logits.dim(1);
+      // C = exp(l - max l): the global shift only rescales d0, keeping exp() finite.
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t i = 0; i < R * E; ++i) mx = std::max(mx, double(logits.ptr<T>()[i]));
+      std::vector<double> c(size_t(R * E)), d0(size_t(R), 1.0), d1(size_t(E), 1.0);
+      for (int64_t i = 0; i < R * E; ++i) c[i] = std::exp(double(logits.ptr<T>()[i]) - mx);
+      const double eps = 1e-8;
+      int it = 0;
+      for (; it < max_iters;) {
+        ++it;
+        for (int64_t t = 0; t < R; ++t) {
+          double s = 0;
+          for (int64_t e = 0; e < E; ++e) s += c[t * E + e] * d1[e];
+          d0[t] = (1.0 / R) / (s + eps);
+        }
+        double err = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          double s = 0;
+          for (int64_t t = 0; t < R; ++t) s += d0[t] * c[t * E + e];
+          const double nd1 = (1.0 / E) / (s + eps);
+          err += std::abs(nd1 - d1[e]);
+          d1[e] = nd1;
+        }
+        if (err / E < tol) break;
+      }
+      for (int64_t t = 0; t < R; ++t)
+        for (int64_t e = 0; e < E; ++e) out.ptr<T>()[t * E + e] = T(d0[t] * c[t * E + e] * d1[e]);
+      return it;
+    });
+  }
+
+  void expert_choice_impl(const Tensor& scores, const Tensor& chosen) override {
+    dispatch_float(scores.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = scores.dim(0), E = scores.dim(1), C = chosen.dim(1);
+      std::vector<double> col(static_cast<size_t>(R));
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t t = 0; t < R; ++t) col[t] = scores.ptr<T>()[t * E + e];
+        topk_row(col.data(), R, C, chosen.ptr<int32_t>() + e * C);
+      }
+    });
+  }
+
+  DispatchPlan dispatch_plan_impl(const Tensor& idx, const Tensor& keep, bool expert_choice,
+                                  int64_t experts, int64_t pad) override {
+    const int64_t n0 = idx.dim(0), n1 = idx.dim(1);
+    const int32_t *ix = idx.ptr<int32_t>(), *kp = keep.ptr<int32_t>();
+    auto expert_of = [&](int64_t a) { return expert_choice ? int32_t(a / n1) : ix[a]; };
+    auto token_of = [&](int64_t a) { return expert_choice ? ix[a] : int32_t(a / n1); };
+    std::vector<int64_t> count(size_t(experts), 0);
+    for (int64_t a = 0; a < n0 * n1; ++a)
+      if (kp[a]) {
+        const int32_t e = expert_of(a);
+        MOELAB_CHECK(e >= 0 && e < experts, "dispatch_plan: expert index ", e, " out of range");
+        ++count[e];
+      }
+    DispatchPlan p;
+    p.offsets.assign(size_t(experts + 1), 0);
+    for (int64_t e = 0; e < experts; ++e) {
+      MOELAB_CHECK(pad == 0 || count[e] <= pad, "dispatch_plan: expert ", e, " has ", count[e],
+                   " kept assignments, more than pad capacity ", pad);
+      p.offsets[e + 1] = p.offsets[e] + (pad ? pad : count[e]);
+    }
+    p.row_token = empty(Shape{p.rows()}, DType::I32);
+    p.row_assign = empty(Shape{p.rows()}, DType::I32);
+    std::fill_n(p.row_token.ptr<int32_t>(), p.rows(), -1);
+    std::fill_n(p.row_assign.ptr<int32_t>(), p.rows(), -1);
+    std::vector<int64_t> next(p.offsets.begin(), p.offsets.end() - 1);
+    for (int64_t a = 0; a < n0 * n1; ++a)
+      if (kp[a]) {
+        const int64_t r = next[expert_of(a)]++;
+        p.row_token.ptr<int32_t>()[r] = token_of(a);
+        p.row_assign.ptr<int32_t>()[r] = int32_t(a);
+      }
+    return p;
+  }
+
+  void permute_forward_impl(const Tensor& x, const DispatchPlan& plan, const Tensor& xp) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t D = x.dim(1);
+      for (int64_t r = 0; r < plan.rows(); ++r) {
+        const int32_t t = plan.row_token.ptr<int32_t>()[r];
+        T* dst = xp.ptr<T>() + r * D;
+        if (t < 0) std::fill_n(dst, D, T(0));
+        else std::copy_n(x.ptr<T>() + t * D, D, dst);
+      }
+    });
+  }
+
+  void permute_backward_impl(const Tensor& dxp, const DispatchPlan& plan,
+                             const Tensor& dx) override {
+    dispatch_float(dx.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t D = dx.dim(1);
+      std::fill_n(dx.ptr<T>(), dx.numel(), T(0));
+      for (int64_t r = 0; r < plan.rows(); ++r) {
+        const int32_t t = plan.row_token.ptr<int32_t>()[r];
+        if (t < 0) continue;
+        for (int64_t d = 0; d < D; ++d) dx.ptr<T>()[t * D + d] += dxp.ptr<T>()[r * D + d];
+      }
+    });
+  }
+
+  void unpermute_forward_impl(const Tensor& yp, const DispatchPlan& plan, const Tensor& gates,
+                              const Tensor& y) override {
+    dispatch_float(yp.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t D = yp.dim(1);
+      std::fill_n(y.ptr<T>(), y.numel(), T(0));
+      for (int64_t r = 0; r < plan.rows(); ++r) {
+        const int32_t t = plan.row_token.ptr<int32_t>()[r], a = plan.row_assign.ptr<int32_t>()[r];
+        if (t < 0) continue;
+        MOELAB_CHECK(t < y.dim(0) && a < gates.numel(), "unpermute_forward: plan row ", r,
+                     " points outside y or gates");
+        const double g = gates.ptr<T>()[a];
+        for (int64_t d = 0; d < D; ++d) y.ptr<T>()[t * D + d] += T(g * yp.ptr<T>()[r * D + d]);
+      }
+    });
+  }
+
+  void unpermute_backward_impl(const Tensor& dy, const Tensor& yp, const DispatchPlan& plan,
+                               const Tensor& gates, const Tensor& dyp,
+                               const Tensor& dgates) override {
+    dispatch_float(dy.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t D = dy.dim(1);
+      std::fill_n(dgates.ptr<T>(), dgates.numel(), T(0));
+      for (int64_t r = 0; r < plan.rows(); ++r) {
+        const int32_t t = plan.row_token.ptr<int32_t>()[r], a = plan.row_assign.ptr<int32_t>()[r];
+        T* dst = dyp.ptr<T>() + r * D;
+        if (t < 0) {
+          std::fill_n(dst, D, T(0));
+          continue;
+        }
+        const double g = gates.ptr<T>()[a];
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          dst[d] = T(g * dy.ptr<T>()[t * D + d]);
+          dot += double(dy.ptr<T>()[t * D + d]) * yp.ptr<T>()[r * D + d];
+        }
+        dgates.ptr<T>()[a] = T(dot);
+      }
+    });
+  }
+
+  // ---- losses ----------------------------------------------------------------------------
+
+  // Per-sequence f_i = c_i / (S K) for the aux loss; returns [nseq][E].
+  static std::vector<std::vector<double>> aux_fractions(const Tensor& idx, int64_t T_, int64_t E,
+                                                        int64_t S) {
+    const int64_t K = idx.dim(1), nseq = T_ / S;
+    std::vector<std::vector<double>> f(size_t(nseq), std::vector<double>(size_t(E), 0.0));
+    for (int64_t t = 0; t < T_; ++t)
+      for (int64_t j = 0; j < K; ++j) f[t / S][idx.ptr<int32_t>()[t * K + j]] += 1.0 / double(S * K);
+    return f;
+  }
+
+  double aux_loss_forward_impl(const Tensor& probs, const Tensor& idx, int64_t seq_len) override {
+    return dispatch_float_r<double>(probs.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t T_ = probs.dim(0), E = probs.dim(1), S = seq_len ? seq_len : T_;
+      const auto f = aux_fractions(idx, T_, E, S);
+      double total = 0;
+      for (size_t s = 0; s < f.size(); ++s)
+        for (int64_t e = 0; e < E; ++e) {
+          double P = 0;
+          for (int64_t t = int64_t(s) * S; t < int64_t(s + 1) * S; ++t) P += probs.ptr<T>()[t * E + e];
+          total += double(E) * f[s][e] * P / double(S);
+        }
+      return total / double(f.size());
+    });
+  }
+
+  void aux_loss_backward_impl(const Tensor& probs, const Tensor& idx, int64_t seq_len,
+                              double scale, const Tensor& dprobs) override {
+    dispatch_float(probs.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t T_ = probs.dim(0), E = probs.dim(1), S = seq_len ? seq_len : T_;
+      const auto f = aux_fractions(idx, T_, E, S);
+      const double nseq = double(f.size());
+      for (int64_t t = 0; t < T_; ++t)
+        for (int64_t e = 0; e < E; ++e)
+          dprobs.ptr<T>()[t * E + e] += T(scale * double(E) * f[t / S][e] / double(S) / nseq);
+    });
+  }
+
+  double z_loss_forward_impl(const Tensor& logits) override {
+    return dispatch_float_r<double>(logits.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = logits.dim(0), E = logits.dim(1);
+      double acc = 0;
+      for (int64_t t = 0; t < R; ++t) {
+        const double lse = logsumexp_row(logits.ptr<T>() + t * E, E);
+        acc += lse * lse;
+      }
+      return acc / double(R);
+    });
+  }
+
+  void z_loss_backward_impl(const Tensor& logits, double scale, const Tensor& dlogits) override {
+    dispatch_float(logits.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = logits.dim(0), E = logits.dim(1);
+      for (int64_t t = 0; t < R; ++t) {
+        const T* l = logits.ptr<T>() + t * E;
+        const double lse = logsumexp_row(l, E);
+        for (int64_t e = 0; e < E; ++e)  // d lse^2 / dl = 2 lse softmax(l)
+          dlogits.ptr<T>()[t * E + e] += T(scale * 2.0 * lse * std::exp(double(l[e]) - lse) / double(R));
+      }
+    });
+  }
+
+  template <class T> static std::vector<double> importance(const Tensor& gates, const Tensor& idx,
+                                                           int64_t experts) {
+    std::vector<double> imp(size_t(experts), 0.0);
+    for (int64_t a = 0; a < gates.numel(); ++a) imp[idx.ptr<int32_t>()[a]] += gates.ptr<T>()[a];
+    return imp;
+  }
+
+  double cv2_loss_forward_impl(const Tensor& gates, const Tensor& idx, int64_t experts) override {
+    return dispatch_float_r<double>(gates.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      return cv2(importance<T>(gates, idx, experts), nullptr);
+    });
+  }
+
+  void cv2_loss_backward_impl(const Tensor& gates, const Tensor& idx, int64_t experts,
+                              double scale, const Tensor& dgates) override {
+    dispatch_float(gates.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      std::vector<double> grad;
+      cv2(importance<T>(gates, idx, experts), &grad);
+      for (int64_t a = 0; a < gates.numel(); ++a)
+        dgates.ptr<T>()[a] += T(scale * grad[idx.ptr<int32_t>()[a]]);
+    });
+  }
+
+  // For token t and expert e: the index j* != e holding the K-th largest h[t, :] among the
+  // others (Shazeer's kth_excluding). Rows sorted once per token.
+  template <class T> struct LoadTerms {
+    std::vector<double> z;    // [T*E] (clean - thr) / std
+    std::vector<int32_t> jx;  // [T*E] j*
+    std::vector<double> load; // [E]
+  };
+  template <class T>
+  static LoadTerms<T> load_terms(const Tensor& clean, const Tensor& h, const Tensor& std,
+                                 double sigma, int64_t k) {
+    const int64_t R = clean.dim(0), E = clean.dim(1);
+    LoadTerms<T> lt;
+    lt.z.resize(size_t(R * E));
+    lt.jx.resize(size_t(R * E));
+    lt.load.assign(size_t(E), 0.0);
+    std::vector<double> row(static_cast<size_t>(E));
+    std::vector<int32_t> order(static_cast<size_t>(E));
+    for (int64_t t = 0; t < R; ++t) {
+      for (int64_t e = 0; e < E; ++e) row[e] = h.ptr<T>()[t * E + e];
+      std::iota(order.begin(), order.end(), 0);
+      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+        return row[a] > row[b] || (row[a] == row[b] && a < b);
+      });
+      for (int64_t e = 0; e < E; ++e) {
+        int64_t seen = 0;
+        int32_t js = -1;
+        for (int32_t j : order) {
+          if (j == e) continue;
+          if (++seen == k) { js = j; break; }
+        }
+        const double s = std.defined() ? double(std.ptr<T>()[t * E + e]) : sigma;
+        const double z = (double(clean.ptr<T>()[t * E + e]) - row[js]) / s;
+        lt.z[t * E + e] = z;
+        lt.jx[t * E + e] = js;
+        lt.load[e] += normal_cdf(z);
+      }
+    }
+    return lt;
+  }
+
+  double load_loss_forward_impl(const Tensor& clean, const Tensor& h, const Tensor& std,
+                                double sigma, int64_t k) override {
+    return dispatch_float_r<double>(clean.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      return cv2(load_terms<T>(clean, h, std, sigma, k).load, nullptr);
+    });
+  }
+
+  void load_loss_backward_impl(const Tensor& clean, const Tensor& h, const Tensor& std,
+                               double sigma, int64_t k, double scale, const Tensor& dclean,
+                               const Tensor& dstd, const Tensor& dh) override {
+    dispatch_float(clean.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = clean.dim(0), E = clean.dim(1);
+      auto lt = load_terms<T>(clean, h, std, sigma, k);
+      std::vector<double> g;
+      cv2(lt.load, &g);
+      for (int64_t t = 0; t < R; ++t)
+        for (int64_t e = 0; e < E; ++e) {
+          const int64_t i = t * E + e;
+          const double s = std.defined() ? double(std.ptr<T>()[i]) : sigma;
+          const double dz = scale * g[e] * normal_pdf(lt.z[i]);  // dL/dz
+          dclean.ptr<T>()[i] += T(dz / s);
+          dh.ptr<T>()[t * E + lt.jx[i]] -= T(dz / s);
+          if (std.defined()) dstd.ptr<T>()[i] -= T(dz * lt.z[i] / s);
+        }
+    });
+  }
+
+  RouterStats router_stats_impl(const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                                const Tensor& keep, bool expert_choice, int64_t E) override {
+    return dispatch_float_r<RouterStats>(logits.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = logits.dim(0), n1 = idx.dim(1);
+      RouterStats st;
+      st.routed.assign(size_t(E), 0);
+      st.kept.assign(size_t(E), 0);
+      st.mean_prob.assign(size_t(E), 0.0);
+      std::vector<char> has_expert(size_t(R), 0);
+      for (int64_t a = 0; a < idx.numel(); ++a) {
+        const int32_t e = expert_choice ? int32_t(a / n1) : idx.ptr<int32_t>()[a];
+        const int32_t t = expert_choice ? idx.ptr<int32_t>()[a] : int32_t(a / n1);
+        ++st.routed[e];
+        if (keep.ptr<int32_t>()[a]) {
+          ++st.kept[e];
+          has_expert[t] = 1;
+        }
+      }
+      for (char c : has_expert) st.tokens_unrouted += !c;
+      double sq = 0;
+      for (int64_t t = 0; t < R; ++t) {
+        double ent = 0, top = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          const double p = probs.ptr<T>()[t * E + e], l = logits.ptr<T>()[t * E + e];
+          st.mean_prob[e] += p / double(R);
+          if (p > 0) ent -= p * std::log(p);
+          top = std::max(top, p);
+          sq += l * l;
+          st.logit_max = std::max(st.logit_max, std::abs(l));
+        }
+        st.entropy += ent / double(R);
+        st.top1_prob += top / double(R);
+      }
+      st.logit_rms = std::sqrt(sq / double(R * E));
+      return st;
+    });
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace moelab

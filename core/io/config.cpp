@@ -1,0 +1,619 @@
+// moelab: INI config parsing, overrides, sweeps and printing (see config.h for the contract).
+//
+// Boost.Program_options tokenises the INI file ([section] + `key = value`, `#` comments); every
+// known key is registered so Boost knows the schema, but values are kept as text and converted
+// here by the key table, because Boost's conversion errors do not name the accepted values.
+// Every error message starts with "config: " and names the key; the origin (file or --set) is
+// appended where it is known.
+#include "core/io/config.h"
+
+#include <algorithm>
+#include <boost/program_options.hpp>
+#include <charconv>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "core/check.h"
+
+namespace po = boost::program_options;
+
+namespace moelab {
+namespace {
+
+constexpr const char* kSections[] = {"model", "router", "train", "data", "log", "sweep"};
+
+std::string trim(const std::string& s) {
+  const char* ws = " \t\r\n";
+  size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  size_t e = s.find_last_not_of(ws);
+  return s.substr(b, e - b + 1);
+}
+
+// Shortest text that reads back to the same double: to_ini must round-trip exactly.
+std::string fmt_double(double v) {
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
+}
+
+template <class T>
+std::string fmt_int(T v) {
+  return std::to_string(v);
+}
+
+// ---- value parsers: each throws naming the key, the text and what is accepted ----
+
+template <class T>
+T parse_int(const std::string& key, const std::string& text, const std::string& accepted) {
+  T v{};
+  auto r = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (r.ec == std::errc::result_out_of_range)
+    MOELAB_FAIL("config: ", key, " = '", text, "' is out of range (accepted: ", accepted, ")");
+  if (text.empty() || r.ec != std::errc() || r.ptr != text.data() + text.size())
+    MOELAB_FAIL("config: ", key, " = '", text, "' is not an integer (accepted: ", accepted, ")");
+  return v;
+}
+
+double parse_double(const std::string& key, const std::string& text, const std::string& accepted) {
+  double v = 0;
+  auto r = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (text.empty() || r.ec != std::errc() || r.ptr != text.data() + text.size() ||
+      !std::isfinite(v))
+    MOELAB_FAIL("config: ", key, " = '", text, "' is not a finite number (accepted: ", accepted,
+                ")");
+  return v;
+}
+
+bool parse_bool(const std::string& key, const std::string& text) {
+  std::string t = text;
+  std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (t == "true" || t == "1" || t == "yes") return true;
+  if (t == "false" || t == "0" || t == "no") return false;
+  MOELAB_FAIL("config: ", key, " = '", text, "' is not a bool (true|false|1|0|yes|no)");
+}
+
+std::string join(const std::vector<std::string>& v, const std::string& sep) {
+  std::string out;
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? sep : "") + v[i];
+  return out;
+}
+
+// ---- key builders. An accessor is a generic lambda returning a reference to the field, so one
+// expression serves both get (const) and set. ----
+
+#define FIELD(expr) [](auto& c) -> auto& { return c.expr; }
+
+template <class T, class Acc>
+ConfigKey int_key(std::string key, Acc acc, T lo, std::string help, T hi = std::numeric_limits<T>::max()) {
+  std::string range = hi == std::numeric_limits<T>::max()
+                          ? ">= " + fmt_int(lo)
+                          : "in [" + fmt_int(lo) + ", " + fmt_int(hi) + "]";
+  std::string accepted = "integer " + range;
+  ConfigKey k{key, accepted, std::move(help), nullptr, nullptr};
+  k.get = [acc](const RunConfig& c) { return fmt_int(acc(c)); };
+  k.set = [acc, key, accepted, range, lo, hi](RunConfig& c, const std::string& text) {
+    T v = parse_int<T>(key, text, accepted);
+    if (v < lo || v > hi) MOELAB_FAIL("config: ", key, " = ", text, " must be ", range);
+    acc(c) = v;
+  };
+  return k;
+}
+
+// A real interval; infinite ends are open and not printed.
+struct Range {
+  double lo = -INFINITY;
+  bool lo_closed = true;
+  double hi = INFINITY;
+  bool hi_closed = true;
+  std::string text() const {
+    if (std::isinf(hi)) return std::string(lo_closed ? ">= " : "> ") + fmt_double(lo);
+    if (std::isinf(lo)) return std::string(hi_closed ? "<= " : "< ") + fmt_double(hi);
+    return std::string("in ") + (lo_closed ? "[" : "(") + fmt_double(lo) + ", " + fmt_double(hi) +
+           (hi_closed ? "]" : ")");
+  }
+  bool contains(double v) const {
+    return (lo_closed ? v >= lo : v > lo) && (hi_closed ? v <= hi : v < hi);
+  }
+};
+Range ge(double lo) { return {lo, true, INFINITY, true}; }
+Range gt(double lo) { return {lo, false, INFINITY, true}; }
+Range closed_open(double lo, double hi) { return {lo, true, hi, false}; }
+Range closed(double lo, double hi) { return {lo, true, hi, true}; }
+
+template <class Acc>
+ConfigKey real_key(std::string key, Acc acc, Range range, std::string help) {
+  std::string accepted = "number " + range.text();
+  ConfigKey k{key, accepted, std::move(help), nullptr, nullptr};
+  k.get = [acc](const RunConfig& c) { return fmt_double(acc(c)); };
+  k.set = [acc, key, accepted, range](RunConfig& c, const std::string& text) {
+    double v = parse_double(key, text, accepted);
+    if (!range.contains(v)) MOELAB_FAIL("config: ", key, " = ", text, " must be ", range.text());
+    acc(c) = v;
+  };
+  return k;
+}
+
+template <class Acc>
+ConfigKey bool_key(std::string key, Acc acc, std::string help) {
+  ConfigKey k{key, "true|false (also 1|0, yes|no)", std::move(help), nullptr, nullptr};
+  k.get = [acc](const RunConfig& c) { return std::string(acc(c) ? "true" : "false"); };
+  k.set = [acc, key](RunConfig& c, const std::string& text) { acc(c) = parse_bool(key, text); };
+  return k;
+}
+
+// Enum names come from the to_string() overloads in core/moe/config.cpp: one spelling each.
+template <class E, class Acc>
+ConfigKey enum_key(std::string key, Acc acc, std::vector<E> values, std::string help) {
+  std::vector<std::string> names;
+  for (E v : values) names.push_back(to_string(v));
+  std::string accepted = join(names, "|");
+  ConfigKey k{key, accepted, std::move(help), nullptr, nullptr};
+  k.get = [acc](const RunConfig& c) { return std::string(to_string(acc(c))); };
+  k.set = [acc, key, accepted, values](RunConfig& c, const std::string& text) {
+    for (E v : values)
+      if (text == to_string(v)) {
+        acc(c) = v;
+        return;
+      }
+    MOELAB_FAIL("config: ", key, " = '", text, "' is not one of ", accepted);
+  };
+  return k;
+}
+
+// A string restricted to a fixed set of words (dtype, backend, data source).
+template <class Acc>
+ConfigKey choice_key(std::string key, Acc acc, std::vector<std::string> choices, std::string help) {
+  std::string accepted = join(choices, "|");
+  ConfigKey k{key, accepted, std::move(help), nullptr, nullptr};
+  k.get = [acc](const RunConfig& c) { return std::string(acc(c)); };
+  k.set = [acc, key, accepted, choices](RunConfig& c, const std::string& text) {
+    if (std::find(choices.begin(), choices.end(), text) == choices.end())
+      MOELAB_FAIL("config: ", key, " = '", text, "' is not one of ", accepted);
+    acc(c) = text;
+  };
+  return k;
+}
+
+// A free string (a path). Rejects what to_ini could not write back: the INI reader strips
+// '#' comments and surrounding spaces, and a value is one line.
+template <class Acc>
+ConfigKey path_key(std::string key, Acc acc, std::string help) {
+  std::string accepted = "non-empty path without '#'";
+  ConfigKey k{key, accepted, std::move(help), nullptr, nullptr};
+  k.get = [acc](const RunConfig& c) { return std::string(acc(c)); };
+  k.set = [acc, key, accepted](RunConfig& c, const std::string& text) {
+    if (text.empty() || text.find_first_of("#\r\n") != std::string::npos || trim(text) != text)
+      MOELAB_FAIL("config: ", key, " = '", text,
+                  "' must be a non-empty path without '#', line breaks or surrounding spaces");
+    acc(c) = text;
+  };
+  return k;
+}
+
+std::vector<ConfigKey> build_keys() {
+  using RP = RoutingPolicy;
+  std::vector<ConfigKey> k;
+  // [model]
+  k.push_back(int_key<int64_t>("model.layers", FIELD(model.layers), 1, "transformer blocks"));
+  k.push_back(int_key<int64_t>("model.d_model", FIELD(moe.d_model), 1, "model width D"));
+  k.push_back(int_key<int64_t>("model.heads", FIELD(model.heads), 1,
+                               "attention heads (must divide d_model)"));
+  k.push_back(int_key<int64_t>("model.kv_heads", FIELD(model.kv_heads), 0,
+                               "grouped-query KV heads, must divide heads; 0 = same as heads"));
+  k.push_back(int_key<int64_t>("model.experts", FIELD(moe.experts), 1, "routed experts E"));
+  k.push_back(int_key<int64_t>("model.top_k", FIELD(moe.top_k), 1,
+                               "experts per token k (<= experts)"));
+  k.push_back(int_key<int64_t>("model.d_expert", FIELD(moe.d_expert), 1, "expert hidden width F"));
+  k.push_back(int_key<int64_t>("model.moe_every", FIELD(model.moe_every), 1,
+                               "every Nth block has an MoE FFN, the others a dense FFN (1 = all)"));
+  k.push_back(int_key<int64_t>("model.shared_experts", FIELD(moe.shared_experts), 0,
+                               "always-on shared experts of width d_expert (DeepSeek-MoE)"));
+  k.push_back(bool_key("model.shared_gate", FIELD(moe.shared_gate),
+                       "sigmoid gate on the shared-expert output (Qwen2-MoE); needs shared_experts >= 1"));
+  k.push_back(real_key("model.expert_dropout", FIELD(moe.expert_dropout), closed_open(0, 1),
+                       "dropout on the expert hidden activations (training only)"));
+  k.push_back(int_key<int64_t>("model.vocab", FIELD(model.vocab), 2, "vocabulary size"));
+  k.push_back(bool_key("model.tie_embeddings", FIELD(model.tie_embeddings),
+                       "output projection shares the token embedding"));
+  k.push_back(real_key("model.init_scale", FIELD(model.init_scale), gt(0),
+                       "multiplies the default init std (Switch: 0.1 for stability)"));
+  k.push_back(choice_key("model.dtype", FIELD(model.dtype), {"f32", "f64"},
+                         "CPU parameter/activation precision (router is fp32 or better always)"));
+  // [router]
+  k.push_back(enum_key("router.score", FIELD(moe.router.score),
+                       std::vector{ScoreFunc::Softmax, ScoreFunc::Sigmoid},
+                       "score function over the router logits"));
+  k.push_back(bool_key("router.normalize", FIELD(moe.router.normalize),
+                       "renormalise the top-k gates to sum 1 (Mixtral); false = Switch/GShard"));
+  k.push_back(real_key("router.score_scale", FIELD(moe.router.score_scale), gt(0),
+                       "gates are multiplied by this (DeepSeek-V3 routed scaling factor)"));
+  k.push_back(enum_key("router.policy", FIELD(moe.router.policy),
+                       std::vector{RP::TopK, RP::RandomTop2, RP::Sinkhorn, RP::ExpertChoice},
+                       "routing policy (random_top2 needs top_k = 2, expert_choice needs capacity_factor > 0)"));
+  k.push_back(real_key("router.random_top2_threshold", FIELD(moe.router.random_top2_threshold),
+                       gt(0), "tau: keep the 2nd expert with probability min(1, g2 / tau)"));
+  k.push_back(enum_key("router.noise", FIELD(moe.router.noise),
+                       std::vector{NoiseType::None, NoiseType::Jitter, NoiseType::Gaussian,
+                                   NoiseType::Learned},
+                       "router noise, training only"));
+  k.push_back(real_key("router.noise_eps", FIELD(moe.router.noise_eps), ge(0),
+                       "jitter eps (x *= U[1-eps, 1+eps]) or Gaussian logit sigma"));
+  k.push_back(real_key("router.aux_alpha", FIELD(moe.router.aux_alpha), ge(0),
+                       "Switch load-balancing loss weight alpha (alpha * E * sum f_i P_i)"));
+  k.push_back(enum_key("router.aux_loss_type", FIELD(moe.router.aux_loss_type),
+                       std::vector{AuxLossType::Global, AuxLossType::Sequence},
+                       "aux loss over the whole batch or per sequence (DeepSeek)"));
+  k.push_back(real_key("router.z_loss", FIELD(moe.router.z_loss), ge(0),
+                       "router z-loss weight beta (ST-MoE, about 1e-3)"));
+  k.push_back(real_key("router.importance_weight", FIELD(moe.router.importance_weight), ge(0),
+                       "Shazeer importance loss weight, w * CV(importance)^2"));
+  k.push_back(real_key("router.load_weight", FIELD(moe.router.load_weight), ge(0),
+                       "Shazeer load loss weight, w * CV(load)^2"));
+  k.push_back(real_key("router.capacity_factor", FIELD(moe.router.capacity_factor), ge(0),
+                       "C = ceil(cf * T * k / E) per expert; 0 = dropless"));
+  k.push_back(enum_key("router.drop_policy", FIELD(moe.router.drop_policy),
+                       std::vector{DropPolicy::Position, DropPolicy::Probs},
+                       "which assignments an over-full expert drops: later tokens or lowest probs"));
+  k.push_back(bool_key("router.pad_to_capacity", FIELD(moe.router.pad_to_capacity),
+                       "every expert computes exactly C rows; needs capacity_factor > 0"));
+  k.push_back(real_key("router.bias_update_rate", FIELD(moe.router.bias_update_rate), ge(0),
+                       "aux-loss-free bias step u (DeepSeek-V3); 0 = off"));
+  k.push_back(int_key<int>("router.sinkhorn_max_iters", FIELD(moe.router.sinkhorn_max_iters), 1,
+                           "Sinkhorn iteration cap"));
+  k.push_back(real_key("router.sinkhorn_tol", FIELD(moe.router.sinkhorn_tol), gt(0),
+                       "Sinkhorn stops when mean |delta d1| < tol"));
+  // [train]
+  k.push_back(int_key<int64_t>("train.steps", FIELD(train.steps), 1, "optimizer steps"));
+  k.push_back(int_key<int64_t>("train.batch", FIELD(train.batch), 1, "sequences per step"));
+  k.push_back(int_key<int64_t>("train.seq", FIELD(train.seq), 1,
+                               "tokens per sequence; T = batch * seq tokens per router call"));
+  k.push_back(real_key("train.lr", FIELD(train.lr), gt(0), "peak learning rate"));
+  k.push_back(int_key<int64_t>("train.warmup", FIELD(train.warmup), 0, "linear warm-up steps"));
+  k.push_back(int_key<uint64_t>("train.seed", FIELD(train.seed), 0, "random seed"));
+  k.push_back(real_key("train.weight_decay", FIELD(train.weight_decay), ge(0),
+                       "AdamW decoupled weight decay"));
+  k.push_back(real_key("train.grad_clip", FIELD(train.grad_clip), ge(0),
+                       "clip the global gradient norm to this; 0 = off"));
+  k.push_back(real_key("train.beta1", FIELD(train.beta1), closed_open(0, 1), "AdamW beta1"));
+  k.push_back(real_key("train.beta2", FIELD(train.beta2), closed_open(0, 1), "AdamW beta2"));
+  k.push_back(real_key("train.min_lr_ratio", FIELD(train.min_lr_ratio), closed(0, 1),
+                       "cosine decay ends at lr * min_lr_ratio"));
+  k.push_back(choice_key("train.backend", FIELD(train.backend), {"cpu", "cuda"},
+                         "compute backend (--backend overrides)"));
+  // [data]
+  k.push_back(choice_key("data.source", FIELD(data.source), {"brown", "synthetic"},
+                         "brown = Brown corpus at data.path (`make data`); synthetic = generated"));
+  k.push_back(path_key("data.path", FIELD(data.path), "Brown corpus folder"));
+  k.push_back(int_key<int64_t>("data.synthetic_sources", FIELD(data.synthetic_sources), 1,
+                               "synthetic: K latent sources mixed in the stream"));
+  k.push_back(int_key<int64_t>("data.synthetic_alphabet", FIELD(data.synthetic_alphabet), 2,
+                               "synthetic: symbols per source"));
+  k.push_back(real_key("data.val_fraction", FIELD(data.val_fraction), closed_open(0, 1),
+                       "fraction held out for evaluation"));
+  // [log]
+  k.push_back(int_key<int64_t>("log.every", FIELD(log.every), 1, "log training metrics every N steps"));
+  k.push_back(int_key<int64_t>("log.eval_every", FIELD(log.eval_every), 0,
+                               "evaluate every N steps; 0 = never"));
+  k.push_back(int_key<int64_t>("log.eval_batches", FIELD(log.eval_batches), 1,
+                               "validation batches per evaluation"));
+  k.push_back(int_key<int64_t>("log.checkpoint_every", FIELD(log.checkpoint_every), 0,
+                               "checkpoint every N steps; 0 = never"));
+  k.push_back(path_key("log.checkpoint_dir", FIELD(log.checkpoint_dir),
+                       "checkpoints go here, named step_NNNNNN"));
+  k.push_back(path_key("log.out", FIELD(log.out), "HDF5 run log (--out overrides)"));
+  k.push_back(int_key<int64_t>("log.flush_every", FIELD(log.flush_every), 1,
+                               "flush the HDF5 log every N steps"));
+  return k;
+}
+
+#undef FIELD
+
+const ConfigKey* find_key(const std::string& key) {
+  for (const ConfigKey& k : config_keys())
+    if (k.key == key) return &k;
+  return nullptr;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+// "; did you mean 'router.aux_alpha'?" for typos and for a key put in the wrong section.
+std::string suggestion(const std::string& key) {
+  auto name_of = [](const std::string& k) {
+    size_t dot = k.find('.');
+    return dot == std::string::npos ? k : k.substr(dot + 1);
+  };
+  const ConfigKey* best = nullptr;
+  size_t best_d = 3;  // more than 2 edits away is not a typo
+  for (const ConfigKey& k : config_keys()) {
+    size_t d = name_of(k.key) == name_of(key) ? 0 : edit_distance(k.key, key);
+    if (d < best_d) best_d = d, best = &k;
+  }
+  if (!best) return "";
+  return "; did you mean '" + best->key + "'?";
+}
+
+[[noreturn]] void fail_unknown_key(const std::string& key, const std::string& origin) {
+  size_t dot = key.find('.');
+  if (dot == std::string::npos)
+    MOELAB_FAIL("config: key '", key, "' is outside any [section]", origin, suggestion(key));
+  std::string section = key.substr(0, dot);
+  if (std::find(std::begin(kSections), std::end(kSections), section) == std::end(kSections))
+    MOELAB_FAIL("config: unknown section '[", section, "]' in key '", key, "'", origin,
+                suggestion(key), "; sections are model, router, train, data, log, sweep");
+  MOELAB_FAIL("config: unknown key '", key, "'", origin, suggestion(key));
+}
+
+// Runs `f`, appending `origin` to any moelab::Error it throws.
+template <class F>
+void with_origin(const std::string& origin, F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    throw Error(std::string(e.what()) + origin);
+  }
+}
+
+void set_key(RunConfig& cfg, const std::string& key, const std::string& value,
+             const std::string& origin) {
+  const ConfigKey* k = find_key(key);
+  if (!k) fail_unknown_key(key, origin);
+  with_origin(origin, [&] { k->set(cfg, value); });
+}
+
+// `axis_key` = "router.aux_alpha", `list` = "0, 0.001". An empty list removes the axis when
+// `allow_remove` (--set sweep.key= ), else it is an error.
+void set_axis(RunConfig& cfg, const std::string& axis_key, const std::string& list,
+              const std::string& origin, bool allow_remove) {
+  const std::string full = "sweep." + axis_key;
+  if (axis_key.rfind("sweep.", 0) == 0 || !find_key(axis_key)) {
+    std::string hint = suggestion(axis_key);
+    MOELAB_FAIL("config: [sweep] key '", axis_key, "' is not a config key", origin, hint,
+                "; write full keys like router.aux_alpha = 0, 0.01");
+  }
+  auto it = std::find_if(cfg.sweep.begin(), cfg.sweep.end(),
+                         [&](const SweepAxis& a) { return a.key == axis_key; });
+  if (trim(list).empty()) {
+    if (!allow_remove) MOELAB_FAIL("config: ", full, " has no values", origin);
+    if (it != cfg.sweep.end()) cfg.sweep.erase(it);
+    return;
+  }
+  // getline drops a trailing empty field, so a trailing comma is caught here.
+  if (trim(list).back() == ',')
+    MOELAB_FAIL("config: ", full, " = '", list, "' has an empty value", origin);
+  SweepAxis axis{axis_key, {}};
+  const ConfigKey& k = *find_key(axis_key);
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    item = trim(item);
+    if (item.empty()) MOELAB_FAIL("config: ", full, " = '", list, "' has an empty value", origin);
+    RunConfig scratch;  // parse for the check and the canonical spelling only
+    with_origin(origin, [&] { k.set(scratch, item); });
+    std::string canon = k.get(scratch);
+    if (std::find(axis.values.begin(), axis.values.end(), canon) != axis.values.end())
+      MOELAB_FAIL("config: ", full, " lists ", canon, " twice", origin);
+    axis.values.push_back(canon);
+  }
+  if (it != cfg.sweep.end())
+    *it = std::move(axis);
+  else
+    cfg.sweep.push_back(std::move(axis));
+}
+
+void load_file(RunConfig& cfg, const std::string& path) {
+  const std::string origin = " (in file " + path + ")";
+  std::ifstream in(path);
+  if (!in) MOELAB_FAIL("config: cannot open config file '", path, "'");
+
+  po::options_description schema;
+  for (const ConfigKey& k : config_keys())
+    schema.add_options()(k.key.c_str(), po::value<std::string>(), k.help.c_str());
+  po::parsed_options parsed(&schema);
+  try {
+    // allow_unregistered so that [sweep] lines and unknown keys reach us with their names.
+    parsed = po::parse_config_file(in, schema, /*allow_unregistered=*/true);
+  } catch (const po::error& e) {
+    MOELAB_FAIL("config: ", e.what(), origin);
+  }
+
+  std::set<std::string> seen;
+  for (const po::option& opt : parsed.options) {
+    const std::string& key = opt.string_key;
+    std::string value = opt.value.empty() ? "" : opt.value.front();
+    if (!seen.insert(key).second) MOELAB_FAIL("config: key '", key, "' is given twice", origin);
+    if (key.rfind("sweep.", 0) == 0)
+      set_axis(cfg, key.substr(6), value, " (in [sweep], file " + path + ")",
+               /*allow_remove=*/false);
+    else
+      set_key(cfg, key, value, origin);
+  }
+}
+
+// Applies one --set; returns the key it set ("sweep.x.y" for an axis).
+std::string apply_set(RunConfig& cfg, const std::string& assignment) {
+  const std::string origin = " (in --set " + assignment + ")";
+  size_t eq = assignment.find('=');
+  if (eq == std::string::npos)
+    MOELAB_FAIL("config: --set '", assignment, "' has no '=': write --set section.key=value");
+  std::string key = trim(assignment.substr(0, eq));
+  std::string value = trim(assignment.substr(eq + 1));
+  if (key.find('.') == std::string::npos)
+    MOELAB_FAIL("config: --set '", assignment, "' has no 'section.' in its key: write --set ",
+                "section.key=value", suggestion(key));
+  if (key.rfind("sweep.", 0) == 0)
+    set_axis(cfg, key.substr(6), value, origin, /*allow_remove=*/true);
+  else
+    set_key(cfg, key, value, origin);
+  return key;
+}
+
+std::string sanitize(const std::string& s) {
+  std::string out = s;
+  for (char& c : out)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-' && c != '+') c = '_';
+  return out;
+}
+
+}  // namespace
+
+const std::vector<ConfigKey>& config_keys() {
+  static const std::vector<ConfigKey> keys = build_keys();
+  return keys;
+}
+
+void apply_override(RunConfig& cfg, const std::string& assignment) { apply_set(cfg, assignment); }
+
+void finalize(RunConfig& cfg) {
+  ModelConfig& m = cfg.model;
+  if (m.kv_heads == 0) m.kv_heads = m.heads;
+  try {
+    cfg.moe.validate();
+  } catch (const Error& e) {
+    throw Error(std::string("config: ") + e.what());
+  }
+  if (cfg.moe.d_model % m.heads != 0)
+    MOELAB_FAIL("config: model.d_model = ", cfg.moe.d_model, " must be a multiple of model.heads = ",
+                m.heads);
+  if (m.kv_heads > m.heads || m.heads % m.kv_heads != 0)
+    MOELAB_FAIL("config: model.kv_heads = ", m.kv_heads, " must divide model.heads = ", m.heads);
+}
+
+RunConfig load_config(const std::string& path, const std::vector<std::string>& set_overrides) {
+  RunConfig cfg;
+  if (!path.empty()) load_file(cfg, path);
+  std::vector<std::pair<std::string, std::string>> plain_sets;  // (key, assignment)
+  for (const std::string& a : set_overrides) {
+    std::string key = apply_set(cfg, a);
+    if (key.rfind("sweep.", 0) != 0) plain_sets.emplace_back(key, a);
+  }
+  // A swept key set by --set would be overwritten by every run: refuse instead of ignoring it.
+  for (const auto& [key, a] : plain_sets)
+    for (const SweepAxis& axis : cfg.sweep)
+      if (axis.key == key)
+        MOELAB_FAIL("config: --set ", a, " conflicts with the [sweep] axis ", key,
+                    "; change the axis with --set sweep.", key, "=v1,v2 or remove it with --set sweep.",
+                    key, "=");
+  if (cfg.sweep.empty())
+    finalize(cfg);
+  else
+    (void)expand_sweep(cfg);  // checks every grid point now, not halfway through a sweep
+  return cfg;
+}
+
+std::vector<SweepRun> expand_sweep(const RunConfig& cfg) {
+  RunConfig base = cfg;
+  base.sweep.clear();
+  if (cfg.sweep.empty()) {
+    finalize(base);
+    return {{"base", base}};
+  }
+  // Run names use the short key (after the section) unless two axes share it.
+  std::vector<std::string> labels;
+  for (const SweepAxis& a : cfg.sweep) {
+    std::string shortk = a.key.substr(a.key.find('.') + 1);
+    int same = 0;
+    for (const SweepAxis& b : cfg.sweep) same += b.key.substr(b.key.find('.') + 1) == shortk;
+    labels.push_back(same > 1 ? a.key : shortk);
+  }
+  for (const SweepAxis& a : cfg.sweep)
+    if (a.values.empty()) MOELAB_FAIL("config: sweep.", a.key, " has no values");
+
+  std::vector<SweepRun> runs;
+  std::vector<size_t> idx(cfg.sweep.size(), 0);
+  const std::filesystem::path out(cfg.log.out);
+  for (;;) {
+    RunConfig run = base;
+    std::string name;
+    for (size_t i = 0; i < idx.size(); ++i) {
+      const SweepAxis& a = cfg.sweep[i];
+      const ConfigKey* k = find_key(a.key);
+      if (!k) fail_unknown_key(a.key, " (sweep axis)");
+      k->set(run, a.values[idx[i]]);
+      name += (i ? "_" : "") + labels[i] + "=" + sanitize(a.values[idx[i]]);
+    }
+    try {
+      finalize(run);
+    } catch (const Error& e) {
+      std::string msg = e.what();
+      if (msg.rfind("config: ", 0) == 0) msg = msg.substr(8);
+      MOELAB_FAIL("config: sweep run '", name, "': ", msg);
+    }
+    run.log.out = (out.parent_path() / (out.stem().string() + "_" + name + out.extension().string()))
+                      .string();
+    run.log.checkpoint_dir = (std::filesystem::path(cfg.log.checkpoint_dir) / name).string();
+    runs.push_back({name, std::move(run)});
+    // Odometer increment, last axis fastest.
+    size_t i = idx.size();
+    while (i > 0 && ++idx[i - 1] == cfg.sweep[i - 1].values.size()) idx[--i] = 0;
+    if (i == 0) break;
+  }
+  return runs;
+}
+
+std::string to_ini(const RunConfig& cfg) {
+  std::ostringstream os;
+  std::string section;
+  for (const ConfigKey& k : config_keys()) {
+    size_t dot = k.key.find('.');
+    std::string s = k.key.substr(0, dot);
+    if (s != section) {
+      os << (section.empty() ? "" : "\n") << "[" << s << "]\n";
+      section = s;
+    }
+    os << k.key.substr(dot + 1) << " = " << k.get(cfg) << "\n";
+  }
+  if (!cfg.sweep.empty()) {
+    os << "\n[sweep]\n";
+    for (const SweepAxis& a : cfg.sweep) os << a.key << " = " << join(a.values, ", ") << "\n";
+  }
+  return os.str();
+}
+
+std::string get_value(const RunConfig& cfg, const std::string& key) {
+  if (key.rfind("sweep.", 0) == 0) {
+    for (const SweepAxis& a : cfg.sweep)
+      if ("sweep." + a.key == key) return join(a.values, ", ");
+    MOELAB_FAIL("config: no sweep axis '", key.substr(6), "'");
+  }
+  const ConfigKey* k = find_key(key);
+  if (!k) fail_unknown_key(key, "");
+  return k->get(cfg);
+}
+
+namespace {
+// '|' separates Markdown table cells.
+std::string md_cell(const std::string& text) {
+  std::string out;
+  for (char c : text) out += c == '|' ? std::string("\\|") : std::string(1, c);
+  return out;
+}
+}  // namespace
+
+std::string config_keys_markdown() {
+  const RunConfig defaults;
+  std::ostringstream os;
+  os << "| key | default | accepted | meaning |\n|---|---|---|---|\n";
+  for (const ConfigKey& k : config_keys()) {
+    os << "| `" << k.key << "` | `" << k.get(defaults) << "` | " << md_cell(k.accepted) << " | "
+       << md_cell(k.help) << " |\n";
+  }
+  return os.str();
+}
+
+}  // namespace moelab

@@ -1,0 +1,132 @@
+// moelab: the run configuration (INI file + `--set section.key=value` overrides).
+//
+// One table of keys (config_keys()) is the single source of truth: it parses, validates, prints
+// (to_ini) and documents (`moelab config --keys`) every key, so they cannot drift apart.
+// Invariants:
+//   - every key has a default; a file and --set only override, and nothing is silently ignored:
+//     an unknown section or key, a duplicate key in one file, or a bad value throws
+//     moelab::Error naming the key and the accepted values;
+//   - to_ini(load_config(...)) round-trips: loading its text gives back the same RunConfig;
+//   - [sweep] lines `section.key = v1, v2, ...` are axes; expand_sweep() returns one resolved
+//     RunConfig per grid point (first axis varies slowest), each with an empty sweep.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/moe/config.h"
+
+namespace moelab {
+
+// [model], beyond the MoE layer's own keys (d_model, experts, top_k, d_expert, shared_experts,
+// shared_gate, expert_dropout live in RunConfig::moe but are spelled model.* in the INI).
+struct ModelConfig {
+  int64_t layers = 2;            // model.layers: transformer blocks
+  int64_t heads = 4;             // model.heads: attention heads (d_model % heads == 0)
+  int64_t kv_heads = 0;          // model.kv_heads: grouped-query KV heads; 0 = same as heads
+                                 // (load_config/expand_sweep resolve 0 to heads)
+  int64_t moe_every = 2;         // model.moe_every: every Nth block has an MoE FFN (1 = all)
+  int64_t vocab = 256;           // model.vocab: byte-level by default
+  bool tie_embeddings = true;    // model.tie_embeddings: output head shares the embedding
+  double init_scale = 1.0;       // model.init_scale: multiplies the default init std
+                                 // (Switch recommends 0.1 for stability)
+  std::string dtype = "f32";     // model.dtype: f32 | f64 (CPU reference precision)
+};
+
+// [train]
+struct TrainConfig {
+  int64_t steps = 100;           // train.steps: optimizer steps
+  int64_t batch = 8;             // train.batch: sequences per step
+  int64_t seq = 64;              // train.seq: tokens per sequence (T = batch * seq)
+  double lr = 3e-4;              // train.lr: peak learning rate
+  int64_t warmup = 10;           // train.warmup: linear warm-up steps
+  uint64_t seed = 1234;          // train.seed
+  double weight_decay = 0.1;     // train.weight_decay: AdamW decoupled decay
+  double grad_clip = 1.0;        // train.grad_clip: global-norm clip; 0 = off
+  double beta1 = 0.9;            // train.beta1: AdamW
+  double beta2 = 0.95;           // train.beta2: AdamW
+  double min_lr_ratio = 0.1;     // train.min_lr_ratio: cosine decay floor = lr * ratio
+  std::string backend = "cpu";   // train.backend: cpu | cuda
+};
+
+// [data]
+struct DataConfig {
+  std::string source = "synthetic";  // data.source: brown | synthetic (no download needed)
+  std::string path = "data/brown";   // data.path: Brown corpus folder (`make data`)
+  int64_t synthetic_sources = 4;     // data.synthetic_sources: K latent sources in the mixture
+  int64_t synthetic_alphabet = 16;   // data.synthetic_alphabet: symbols per source
+  double val_fraction = 0.1;         // data.val_fraction: held out for evaluation
+};
+
+// [log]
+struct LogConfig {
+  int64_t every = 1;                             // log.every: log every N steps
+  int64_t eval_every = 50;                       // log.eval_every: 0 = never
+  int64_t eval_batches = 4;                      // log.eval_batches: batches per evaluation
+  int64_t checkpoint_every = 0;                  // log.checkpoint_every: 0 = never
+  std::string checkpoint_dir = "runs/checkpoints";  // log.checkpoint_dir
+  std::string out = "runs/moelab.h5";            // log.out: HDF5 run log (--out overrides)
+  int64_t flush_every = 10;                      // log.flush_every: flush the log every N steps
+};
+
+// One [sweep] line: `key = v1, v2, ...`; values are kept in canonical text form.
+struct SweepAxis {
+  std::string key;                  // e.g. "router.aux_alpha"
+  std::vector<std::string> values;  // e.g. {"0", "0.001", "0.01"}
+};
+
+struct RunConfig {
+  ModelConfig model;
+  MoEConfig moe;  // [model] d_model, experts, top_k, d_expert, shared_*, expert_dropout; [router]
+  TrainConfig train;
+  DataConfig data;
+  LogConfig log;
+  std::vector<SweepAxis> sweep;  // [sweep], in file order (then --set order)
+};
+
+// Loads `path` (empty = defaults only), then applies `set_overrides` ("section.key=value",
+// "sweep.section.key=v1,v2" adds/replaces an axis), then checks cross-key invariants.
+// Without a sweep the result is resolved (kv_heads 0 -> heads); with one, every grid point is
+// checked here and the base is returned unresolved (call expand_sweep).
+// Throws moelab::Error naming the key, the value, the accepted values and the origin.
+RunConfig load_config(const std::string& path, const std::vector<std::string>& set_overrides = {});
+
+// Applies one "section.key=value" override (same rules as --set); useful in code and tests.
+void apply_override(RunConfig& cfg, const std::string& assignment);
+
+// Resolves derived defaults (kv_heads) and checks cross-key invariants; idempotent.
+void finalize(RunConfig& cfg);
+
+struct SweepRun {
+  std::string name;   // "base" without a sweep, else e.g. "aux_alpha=0.001_top_k=2"
+  RunConfig config;   // resolved, sweep empty; log.out and log.checkpoint_dir made per-run
+};
+
+// The cartesian product of the axes, first axis slowest (nested loops in file order).
+// Per run: log.out "dir/x.h5" -> "dir/x_<name>.h5", log.checkpoint_dir "d" -> "d/<name>",
+// so runs never overwrite each other. No sweep: one run named "base", paths unchanged.
+std::vector<SweepRun> expand_sweep(const RunConfig& cfg);
+
+// The fully resolved config as INI text: every key, sections in the order model, router,
+// train, data, log, then sweep (only when it has axes). load_config round-trips it.
+std::string to_ini(const RunConfig& cfg);
+
+// Reads one key as text (the form to_ini writes); throws on an unknown key.
+std::string get_value(const RunConfig& cfg, const std::string& key);
+
+// The key table, in to_ini order.
+struct ConfigKey {
+  std::string key;       // "section.name"
+  std::string accepted;  // human text: "softmax|sigmoid", "integer >= 1", "number in [0, 1)"
+  std::string help;      // one line
+  std::function<std::string(const RunConfig&)> get;
+  // Parses and range-checks `value`; throws moelab::Error naming the key (origin is appended).
+  std::function<void(RunConfig&, const std::string& value)> set;
+};
+const std::vector<ConfigKey>& config_keys();
+
+// A Markdown table of every key with its default, accepted values and meaning.
+std::string config_keys_markdown();
+
+}  // namespace moelab

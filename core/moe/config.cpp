@@ -1,0 +1,116 @@
+// moelab: names of the MoE config enums and MoEConfig::validate().
+//
+// The enum names here are the INI spellings: core/io/config.cpp parses by comparing against
+// to_string(), so adding an enum value means adding its name here and nowhere else.
+// validate() messages name the INI key ("model.top_k = 9 must be <= model.experts = 8") so a
+// programmatic caller gets the same diagnostics as a config-file user.
+#include "core/moe/config.h"
+
+#include <charconv>
+#include <cmath>
+
+#include "core/check.h"
+
+namespace moelab {
+
+const char* to_string(ScoreFunc v) {
+  switch (v) {
+    case ScoreFunc::Softmax: return "softmax";
+    case ScoreFunc::Sigmoid: return "sigmoid";
+  }
+  return "?";
+}
+
+const char* to_string(RoutingPolicy v) {
+  switch (v) {
+    case RoutingPolicy::TopK: return "topk";
+    case RoutingPolicy::RandomTop2: return "random_top2";
+    case RoutingPolicy::Sinkhorn: return "sinkhorn";
+    case RoutingPolicy::ExpertChoice: return "expert_choice";
+  }
+  return "?";
+}
+
+const char* to_string(NoiseType v) {
+  switch (v) {
+    case NoiseType::None: return "none";
+    case NoiseType::Jitter: return "jitter";
+    case NoiseType::Gaussian: return "gaussian";
+    case NoiseType::Learned: return "learned";
+  }
+  return "?";
+}
+
+const char* to_string(DropPolicy v) {
+  switch (v) {
+    case DropPolicy::Position: return "position";
+    case DropPolicy::Probs: return "probs";
+  }
+  return "?";
+}
+
+const char* to_string(AuxLossType v) {
+  switch (v) {
+    case AuxLossType::Global: return "global";
+    case AuxLossType::Sequence: return "sequence";
+  }
+  return "?";
+}
+
+namespace {
+
+// Shortest text that reads back to the same double (so messages show what the user wrote).
+std::string num(double v) {
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
+}
+
+// `!(v >= lo)` rather than `v < lo` so that NaN fails every check.
+void require_ge(const char* key, double v, double lo) {
+  if (!(v >= lo)) MOELAB_FAIL(key, " = ", num(v), " must be >= ", num(lo));
+}
+void require_gt(const char* key, double v, double lo) {
+  if (!(v > lo)) MOELAB_FAIL(key, " = ", num(v), " must be > ", num(lo));
+}
+
+}  // namespace
+
+void MoEConfig::validate() const {
+  if (experts < 1) MOELAB_FAIL("model.experts = ", experts, " must be >= 1");
+  if (top_k < 1) MOELAB_FAIL("model.top_k = ", top_k, " must be >= 1");
+  if (top_k > experts)
+    MOELAB_FAIL("model.top_k = ", top_k, " must be <= model.experts = ", experts);
+  if (d_model < 1) MOELAB_FAIL("model.d_model = ", d_model, " must be > 0");
+  if (d_expert < 1) MOELAB_FAIL("model.d_expert = ", d_expert, " must be > 0");
+  if (shared_experts < 0) MOELAB_FAIL("model.shared_experts = ", shared_experts, " must be >= 0");
+  if (shared_gate && shared_experts == 0)
+    MOELAB_FAIL("model.shared_gate = true needs model.shared_experts >= 1 (it gates their output)");
+  if (!(expert_dropout >= 0.0 && expert_dropout < 1.0))
+    MOELAB_FAIL("model.expert_dropout = ", num(expert_dropout), " must be in [0, 1)");
+
+  const RouterConfig& r = router;
+  require_gt("router.score_scale", r.score_scale, 0.0);
+  require_gt("router.random_top2_threshold", r.random_top2_threshold, 0.0);
+  require_ge("router.noise_eps", r.noise_eps, 0.0);
+  require_ge("router.aux_alpha", r.aux_alpha, 0.0);
+  require_ge("router.z_loss", r.z_loss, 0.0);
+  require_ge("router.importance_weight", r.importance_weight, 0.0);
+  require_ge("router.load_weight", r.load_weight, 0.0);
+  require_ge("router.capacity_factor", r.capacity_factor, 0.0);
+  require_ge("router.bias_update_rate", r.bias_update_rate, 0.0);
+  require_gt("router.sinkhorn_tol", r.sinkhorn_tol, 0.0);
+  if (r.sinkhorn_max_iters < 1)
+    MOELAB_FAIL("router.sinkhorn_max_iters = ", r.sinkhorn_max_iters, " must be >= 1");
+  if (r.policy == RoutingPolicy::RandomTop2 && top_k != 2)
+    MOELAB_FAIL("router.policy = random_top2 requires model.top_k = 2 (got ", top_k, ")");
+  // Expert choice sizes each expert's pick by C = cf * T / E: cf = 0 would pick nothing.
+  if (r.policy == RoutingPolicy::ExpertChoice && !(r.capacity_factor > 0.0))
+    MOELAB_FAIL("router.policy = expert_choice needs router.capacity_factor > 0 (got ",
+                num(r.capacity_factor), ")");
+  // Padding to capacity is meaningless when dropless (there is no capacity to pad to).
+  if (r.pad_to_capacity && r.capacity_factor == 0.0)
+    MOELAB_FAIL("router.pad_to_capacity = true needs router.capacity_factor > 0 (0 = dropless)");
+}
+
+}  // namespace moelab

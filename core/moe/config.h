@@ -1,0 +1,59 @@
+// moelab: the MoE layer's configuration, one field per config key of DESIGN.md.
+//
+// Every field here maps 1:1 to an INI key ([model] or [router]); core/io/config.cpp parses and
+// validates them (accepted values, ranges) and MoEConfig::validate() re-checks the invariants
+// that the layer itself relies on, so a programmatic caller gets the same clear errors.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace moelab {
+
+enum class ScoreFunc { Softmax, Sigmoid };                         // router.score
+enum class RoutingPolicy { TopK, RandomTop2, Sinkhorn, ExpertChoice };  // router.policy
+enum class NoiseType { None, Jitter, Gaussian, Learned };         // router.noise
+enum class DropPolicy { Position, Probs };                         // router.drop_policy
+enum class AuxLossType { Global, Sequence };                       // router.aux_loss_type
+
+const char* to_string(ScoreFunc v);
+const char* to_string(RoutingPolicy v);
+const char* to_string(NoiseType v);
+const char* to_string(DropPolicy v);
+const char* to_string(AuxLossType v);
+
+struct RouterConfig {
+  ScoreFunc score = ScoreFunc::Softmax;          // router.score
+  bool normalize = true;                         // router.normalize: renormalise the top-k gates
+  double score_scale = 1.0;                      // router.score_scale: gates *= this (DeepSeek-V3)
+  RoutingPolicy policy = RoutingPolicy::TopK;    // router.policy
+  double random_top2_threshold = 0.5;            // router.random_top2_threshold (tau), see router.cpp
+  NoiseType noise = NoiseType::None;             // router.noise (training only)
+  double noise_eps = 1e-2;                       // router.noise_eps: jitter eps / Gaussian sigma
+  double aux_alpha = 0.0;                        // router.aux_alpha: Switch load-balancing weight
+  AuxLossType aux_loss_type = AuxLossType::Global;  // router.aux_loss_type
+  double z_loss = 0.0;                           // router.z_loss: ST-MoE router z-loss weight beta
+  double importance_weight = 0.0;                // router.importance_weight: Shazeer CV^2(importance)
+  double load_weight = 0.0;                      // router.load_weight: Shazeer CV^2(load)
+  double capacity_factor = 0.0;                  // router.capacity_factor: 0 = dropless
+  DropPolicy drop_policy = DropPolicy::Position; // router.drop_policy
+  bool pad_to_capacity = false;                  // router.pad_to_capacity
+  double bias_update_rate = 0.0;                 // router.bias_update_rate: 0 = no aux-free bias
+  int sinkhorn_max_iters = 100;                  // router.sinkhorn_max_iters
+  double sinkhorn_tol = 1e-4;                    // router.sinkhorn_tol
+};
+
+struct MoEConfig {
+  int64_t d_model = 64;          // model.d_model (D)
+  int64_t experts = 8;           // model.experts (E)
+  int64_t top_k = 2;             // model.top_k (K)
+  int64_t d_expert = 128;        // model.d_expert (F)
+  int64_t shared_experts = 0;    // model.shared_experts: always-on experts, width d_expert each
+  bool shared_gate = false;      // model.shared_gate: sigmoid gate on the shared output (Qwen2-MoE)
+  double expert_dropout = 0.0;   // model.expert_dropout: dropout on the expert hidden (training)
+  RouterConfig router;
+
+  // Throws moelab::Error naming the offending key when the combination is invalid.
+  void validate() const;
+};
+
+}  // namespace moelab

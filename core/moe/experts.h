@@ -1,0 +1,46 @@
+// moelab: a group of SwiGLU expert MLPs computed as grouped GEMMs over expert-sorted rows.
+//
+//   for expert e and its rows X_e [R_e, D]:  H_e = silu(X_e W1g_e) * (X_e W1u_e),  Y_e = H_e W2_e
+//   W1 [E, D, 2F] holds [gate | up] side by side, W2 [E, F, D].
+// Expert dropout (Switch: higher dropout inside experts) applies to H in training only.
+// The shared (always-on) experts of DeepSeek-MoE are the same class with E = 1 and every token
+// as its rows. Parameter gradients accumulate (+=); activation gradients overwrite.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/backend.h"
+
+namespace moelab {
+
+struct ExpertsCache {
+  std::vector<int64_t> offsets;  // [E+1] row ranges per expert
+  Tensor x;                      // [R,D] expert-sorted input rows
+  Tensor ab;                     // [R,2F] X W1
+  Tensor h;                      // [R,F] swiglu(ab), after dropout when training
+  bool dropout = false;
+  uint64_t dropout_seed = 0;
+};
+
+class SwiGLUExperts {
+ public:
+  SwiGLUExperts(Backend& backend, int64_t experts, int64_t d_model, int64_t d_hidden, DType dtype);
+  Tensor& w1() { return w1_; }
+  Tensor& w2() { return w2_; }
+  Tensor& dw1() { return dw1_; }
+  Tensor& dw2() { return dw2_; }
+
+  // x [R,D] rows sorted by expert with `offsets` [E+1]; returns y [R,D].
+  Tensor forward(const Tensor& x, const std::vector<int64_t>& offsets, double dropout_rate,
+                 uint64_t dropout_seed, ExpertsCache& cache);
+  // dy [R,D] -> dx [R,D] (overwrite); dW1, dW2 accumulate.
+  void backward(const ExpertsCache& cache, const Tensor& dy, double dropout_rate, const Tensor& dx);
+
+ private:
+  Backend& b_;
+  int64_t E_, D_, F_;
+  DType dtype_;
+  Tensor w1_, w2_, dw1_, dw2_;
+};
+
+}  // namespace moelab

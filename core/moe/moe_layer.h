@@ -1,0 +1,90 @@
+// moelab: the MoE layer = router -> dispatch -> experts -> combine (+ shared experts).
+//
+//   y = sum_{kept assignments a of token t} g_a * Expert_{e(a)}(x_t)  [+ sigmoid(x w_sg) * Shared(x)]
+//
+// Explicit forward/backward (llm.c style): forward keeps what backward needs in MoECache;
+// backward(dy) overwrites dx and accumulates (+=) every parameter gradient, including the
+// gradients of the weighted router losses (so the objective is  <dy, y> + losses.weighted).
+// A dropped assignment contributes zero; the token still reaches the next layer through the
+// residual connection, which belongs to the caller.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/moe/config.h"
+#include "core/moe/dispatcher.h"
+#include "core/moe/experts.h"
+#include "core/moe/router.h"
+
+namespace moelab {
+
+// A named parameter and its gradient (gradients accumulate until zero_grad()).
+struct ParamRef {
+  std::string name;
+  Tensor value;
+  Tensor grad;
+};
+
+struct MoEForwardArgs {
+  bool training = false;  // noise, random top-2 draws, Sinkhorn selection and dropout
+  int64_t seq_len = 0;    // tokens per sequence, for the sequence-level aux loss (0 = T)
+  uint64_t seed = 0;      // per-call randomness; derive from (run seed, layer, step)
+};
+
+struct MoEOutput {
+  Tensor y;             // [T,D] model dtype
+  RouterLosses losses;  // un-scaled values and the weighted sum added to the objective
+  RouterStats stats;
+  int64_t capacity = 0;     // C used (0 = dropless)
+  int sinkhorn_iters = 0;
+};
+
+class MoELayer {
+ public:
+  // dtype: the model dtype (f32 or f64 on the CPU); the router runs in f64 when dtype is f64,
+  // in f32 otherwise.
+  MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype);
+
+  // Normal(0, scale / sqrt(fan_in)) for every weight, deterministic from seed.
+  void init(uint64_t seed, double scale);
+  std::vector<ParamRef> params();
+  void zero_grad();
+
+  MoEOutput forward(const Tensor& x, const MoEForwardArgs& args);
+  void backward(const Tensor& dy, const Tensor& dx);
+  // After the optimizer step: aux-loss-free bias update from the last forward's counts.
+  void update_bias();
+
+  const MoEConfig& config() const { return cfg_; }
+  Router& router() { return router_; }
+  const RouterState& last_routing() const { return cache_.route; }
+  const DispatchPlan& last_plan() const { return cache_.plan; }
+
+ private:
+  struct MoECache {
+    MoEForwardArgs args;
+    Tensor x;             // [T,D]
+    RouterState route;
+    DispatchPlan plan;
+    Tensor gates;         // [A] gates in the model dtype (the combine weights)
+    ExpertsCache experts;
+    Tensor yp;            // [R,D] expert outputs, expert-sorted
+    ExpertsCache shared;
+    Tensor ys;            // [T,D] shared-expert output (before its gate)
+    Tensor shared_gate;   // [T,1] sigmoid(x w_sg)
+  };
+
+  Backend& b_;
+  MoEConfig cfg_;
+  DType dtype_;
+  Router router_;
+  std::unique_ptr<Dispatcher> dispatcher_;
+  SwiGLUExperts experts_;
+  std::unique_ptr<SwiGLUExperts> shared_;
+  Tensor w_shared_gate_, dw_shared_gate_;  // [D,1]
+  MoECache cache_;
+};
+
+}  // namespace moelab

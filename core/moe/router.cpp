@@ -1,0 +1,265 @@
+// moelab: router forward/backward. Formulas and sources are in BACKGROUND.md sections 2-4; the
+// per-op math is documented at each op in core/backend.h. Conventions chosen where published
+// systems disagree are noted inline.
+#include "core/moe/router.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/rng.h"
+
+namespace moelab {
+namespace {
+
+// Purposes of the per-call random streams, so that each draw is independent.
+enum : uint64_t { kJitterStream = 1, kNoiseStream = 2, kTop2Stream = 3 };
+
+bool noisy_logits(const MoEConfig& cfg, bool training) {
+  return training && (cfg.router.noise == NoiseType::Gaussian || cfg.router.noise == NoiseType::Learned);
+}
+
+// Shazeer's CV^2 of a count vector (value only: counts carry no gradient).
+double cv2_of_counts(const std::vector<int64_t>& c) {
+  double m = 0, v = 0;
+  for (int64_t x : c) m += double(x);
+  m /= double(c.size());
+  if (m == 0) return 0;
+  for (int64_t x : c) v += (double(x) - m) * (double(x) - m);
+  return v / double(c.size()) / (m * m);
+}
+
+}  // namespace
+
+Router::Router(Backend& backend, const MoEConfig& cfg, DType router_dtype)
+    : b_(backend), cfg_(cfg), dtype_(router_dtype) {
+  cfg_.validate();
+  MOELAB_CHECK(router_dtype == DType::F32 || router_dtype == DType::F64,
+               "router dtype must be f32 or f64, got ", to_string(router_dtype));
+  const int64_t D = cfg.d_model, E = cfg.experts;
+  p_.w_router = b_.zeros(Shape{D, E}, dtype_);
+  p_.dw_router = b_.zeros(Shape{D, E}, dtype_);
+  if (cfg.router.noise == NoiseType::Learned) {
+    p_.w_noise = b_.zeros(Shape{D, E}, dtype_);
+    p_.dw_noise = b_.zeros(Shape{D, E}, dtype_);
+  }
+  p_.bias = b_.zeros(Shape{E}, DType::F32);
+}
+
+int64_t Router::capacity_for(const MoEConfig& cfg, int64_t tokens) {
+  const double cf = cfg.router.capacity_factor;
+  const double E = double(cfg.experts), K = double(cfg.top_k);
+  if (cfg.router.policy == RoutingPolicy::ExpertChoice) {
+    // Zhou et al. 2022: C = c * T / E, c = the average experts per token; cf = 0 means c = K.
+    const double c = cf > 0 ? cf : K;
+    const int64_t C = int64_t(std::ceil(c * double(tokens) / E - 1e-9));
+    return std::clamp<int64_t>(C, 1, tokens);
+  }
+  if (cf <= 0) return 0;  // dropless
+  return int64_t(std::ceil(cf * double(tokens) * K / E - 1e-9));  // C = ceil(cf * T * K / E)
+}
+
+RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uint64_t seed) {
+  const RouterConfig& rc = cfg_.router;
+  const int64_t T = x.dim(0), E = cfg_.experts, K = cfg_.top_k;
+  MOELAB_CHECK(x.ndim() == 2 && x.dim(1) == cfg_.d_model, "router: input is ", x.describe(),
+               ", expected [tokens, d_model = ", cfg_.d_model, "]");
+  MOELAB_CHECK(T >= 1, "router: no tokens");
+  RouterState st;
+  st.training = training;
+  st.seed = seed;
+  st.expert_choice = rc.policy == RoutingPolicy::ExpertChoice;
+
+  // Router input in the router dtype (Switch "selective precision"); jitter in training only.
+  Tensor x_in = x;
+  if (x.dtype() != dtype_) {
+    x_in = b_.empty(x.shape(), dtype_);
+    b_.cast(x, x_in);
+  }
+  if (training && rc.noise == NoiseType::Jitter) {
+    st.x_r = b_.empty(x.shape(), dtype_);
+    b_.jitter_forward(x_in, rc.noise_eps, rng::derive(seed, kJitterStream), st.x_r);
+  } else {
+    st.x_r = x_in;
+  }
+
+  st.clean = b_.empty(Shape{T, E}, dtype_);
+  b_.gemm(false, false, 1.0, st.x_r, p_.w_router, 0.0, st.clean);
+  if (noisy_logits(cfg_, training)) {
+    st.logits = b_.empty(Shape{T, E}, dtype_);
+    if (rc.noise == NoiseType::Learned) {  // Shazeer: H = x W_g + N(0,1) softplus(x W_noise)
+      st.noise_raw = b_.empty(Shape{T, E}, dtype_);
+      st.noise_std = b_.empty(Shape{T, E}, dtype_);
+      b_.gemm(false, false, 1.0, st.x_r, p_.w_noise, 0.0, st.noise_raw);
+      b_.softplus_forward(st.noise_raw, st.noise_std);
+    }
+    b_.noisy_logits_forward(st.clean, st.noise_std, rc.noise_eps, rng::derive(seed, kNoiseStream),
+                            st.logits);
+  } else {
+    st.logits = st.clean;
+  }
+
+  // Scores. Sinkhorn's gates come from softmax (K > 1) or sigmoid (K = 1) of the raw logits
+  // (Megatron-Core); expert choice always uses softmax (Zhou et al.).
+  st.score = rc.score;
+  st.normalize = rc.normalize;
+  if (rc.policy == RoutingPolicy::Sinkhorn) {
+    st.score = K == 1 ? ScoreFunc::Sigmoid : ScoreFunc::Softmax;
+    st.normalize = K > 1 && rc.normalize;
+  }
+  st.scores = b_.empty(Shape{T, E}, dtype_);
+  if (st.score == ScoreFunc::Softmax) {
+    b_.softmax_forward(st.logits, st.scores);
+    st.dist = st.scores;
+  } else {
+    b_.sigmoid_forward(st.logits, st.scores);
+    st.dist = b_.empty(Shape{T, E}, dtype_);  // DeepSeek-V3: P from s / sum_j s
+    b_.row_normalize_forward(st.scores, st.dist);
+  }
+
+  // Selection.
+  st.capacity = capacity_for(cfg_, T);
+  if (st.expert_choice) {
+    const int64_t C = st.capacity;
+    st.idx = b_.empty(Shape{E, C}, DType::I32);
+    b_.expert_choice(st.scores, st.idx);
+    st.keep = b_.empty(Shape{E, C}, DType::I32);
+    b_.fill(st.keep, 1);
+    Tensor scores_t = b_.empty(Shape{E, T}, dtype_);
+    b_.transpose(st.scores, scores_t);
+    st.gates = b_.empty(Shape{E, C}, dtype_);  // g[e,c] = S[token, e], no renormalisation
+    b_.gates_forward(scores_t, st.idx, false, rc.score_scale, st.gates);
+  } else {
+    Tensor select_from = st.scores;
+    if (rc.policy == RoutingPolicy::Sinkhorn && training) {
+      // BASE layers / Megatron: balanced assignment by Sinkhorn in training, no gradient
+      // through selection; evaluation selects by the plain scores.
+      select_from = b_.empty(Shape{T, E}, dtype_);
+      st.sinkhorn_iters = b_.sinkhorn(st.logits, rc.sinkhorn_tol, rc.sinkhorn_max_iters, select_from);
+    }
+    st.idx = b_.empty(Shape{T, K}, DType::I32);
+    b_.topk(select_from, rc.bias_update_rate > 0 ? p_.bias : Tensor(), st.idx);
+    st.gates = b_.empty(Shape{T, K}, dtype_);
+    b_.gates_forward(st.scores, st.idx, st.normalize, rc.score_scale, st.gates);
+    st.keep = b_.empty(Shape{T, K}, DType::I32);
+    b_.fill(st.keep, 1);
+    if (rc.policy == RoutingPolicy::RandomTop2 && training)
+      b_.random_top2_mask(st.gates, rc.random_top2_threshold, rng::derive(seed, kTop2Stream), st.keep);
+    if (st.capacity > 0)
+      b_.capacity_mask(st.idx, st.gates, E, st.capacity, rc.drop_policy, st.keep);
+  }
+
+  // Statistics and losses (values un-scaled; BACKGROUND.md sections 3 and 6).
+  st.stats = b_.router_stats(st.logits, st.dist, st.idx, st.keep, st.expert_choice, E);
+  RouterLosses& L = st.losses;
+  const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
+  if (!st.expert_choice) {
+    L.aux = b_.aux_loss_forward(st.dist, st.idx, aux_seq);
+    L.importance = b_.cv2_loss_forward(st.gates, st.idx, E);
+  } else {
+    // Expert choice: E * sum_i f_i P_i with f_i = c_i / sum c (logged; balanced by construction).
+    double total = 0;
+    for (int64_t c : st.stats.routed) total += double(c);
+    for (int64_t e = 0; e < E; ++e)
+      L.aux += double(E) * double(st.stats.routed[e]) / total * st.stats.mean_prob[e];
+  }
+  L.z = b_.z_loss_forward(st.logits);
+  if (rc.load_weight > 0 && noisy_logits(cfg_, training))
+    L.load = b_.load_loss_forward(st.clean, st.logits, st.noise_std, rc.noise_eps, K);
+  else
+    L.load = cv2_of_counts(st.stats.routed);
+  L.weighted = rc.aux_alpha * L.aux + rc.z_loss * L.z + rc.importance_weight * L.importance +
+               rc.load_weight * L.load;
+  return st;
+}
+
+void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgates,
+                      int64_t seq_len, const Tensor& dx) {
+  const RouterConfig& rc = cfg_.router;
+  const int64_t T = x.dim(0), E = cfg_.experts, K = cfg_.top_k;
+  MOELAB_CHECK(dgates.shape() == st.gates.shape() && dgates.dtype() == dtype_,
+               "router backward: dgates is ", dgates.describe(), ", expected ",
+               st.gates.describe());
+
+  // d objective / d gates, plus Shazeer's importance loss (its gradient flows through gates).
+  Tensor dg = b_.empty(dgates.shape(), dtype_);
+  b_.copy(dgates, dg);
+  if (rc.importance_weight > 0 && !st.expert_choice)
+    b_.cv2_loss_backward(st.gates, st.idx, E, rc.importance_weight, dg);
+
+  Tensor dscores = b_.empty(Shape{T, E}, dtype_);
+  if (st.expert_choice) {
+    Tensor scores_t = b_.empty(Shape{E, T}, dtype_), dscores_t = b_.empty(Shape{E, T}, dtype_);
+    b_.transpose(st.scores, scores_t);
+    b_.gates_backward(scores_t, st.idx, dg, false, rc.score_scale, dscores_t);
+    b_.transpose(dscores_t, dscores);
+  } else {
+    b_.gates_backward(st.scores, st.idx, dg, st.normalize, rc.score_scale, dscores);
+  }
+
+  // Switch load-balancing loss: the gradient flows through P only (counts are constants).
+  if (rc.aux_alpha > 0 && !st.expert_choice) {
+    const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
+    if (st.score == ScoreFunc::Softmax) {
+      b_.aux_loss_backward(st.dist, st.idx, aux_seq, rc.aux_alpha, dscores);
+    } else {
+      Tensor ddist = b_.zeros(Shape{T, E}, dtype_), dtmp = b_.empty(Shape{T, E}, dtype_);
+      b_.aux_loss_backward(st.dist, st.idx, aux_seq, rc.aux_alpha, ddist);
+      b_.row_normalize_backward(st.scores, ddist, dtmp);
+      b_.axpy(1.0, dtmp, dscores);
+    }
+  }
+
+  Tensor dlogits = b_.empty(Shape{T, E}, dtype_);
+  if (st.score == ScoreFunc::Softmax) b_.softmax_backward(st.scores, dscores, dlogits);
+  else b_.sigmoid_backward(st.scores, dscores, dlogits);
+  if (rc.z_loss > 0) b_.z_loss_backward(st.logits, rc.z_loss, dlogits);
+
+  // Through the noise to the clean logits (and the learned noise scale).
+  Tensor dclean = dlogits, dstd;
+  if (noisy_logits(cfg_, st.training)) {
+    const bool learned = rc.noise == NoiseType::Learned;
+    Tensor dclean_load, dstd_load;
+    if (rc.load_weight > 0) {
+      dclean_load = b_.zeros(Shape{T, E}, dtype_);
+      if (learned) dstd_load = b_.zeros(Shape{T, E}, dtype_);
+      b_.load_loss_backward(st.clean, st.logits, st.noise_std, rc.noise_eps, K, rc.load_weight,
+                            dclean_load, dstd_load, dlogits);
+    }
+    dclean = b_.empty(Shape{T, E}, dtype_);
+    if (learned) dstd = b_.empty(Shape{T, E}, dtype_);
+    b_.noisy_logits_backward(dlogits, st.noise_std, rng::derive(st.seed, kNoiseStream), dclean, dstd);
+    if (dclean_load.defined()) b_.axpy(1.0, dclean_load, dclean);
+    if (dstd_load.defined()) b_.axpy(1.0, dstd_load, dstd);
+  }
+
+  b_.gemm(true, false, 1.0, st.x_r, dclean, 1.0, p_.dw_router);  // dW_r += x_r^T dclean
+  Tensor dx_r = b_.empty(Shape{T, cfg_.d_model}, dtype_);
+  b_.gemm(false, true, 1.0, dclean, p_.w_router, 0.0, dx_r);     // dx_r = dclean W_r^T
+  if (dstd.defined()) {
+    Tensor draw = b_.empty(Shape{T, E}, dtype_);
+    b_.softplus_backward(st.noise_raw, dstd, draw);
+    b_.gemm(true, false, 1.0, st.x_r, draw, 1.0, p_.dw_noise);
+    b_.gemm(false, true, 1.0, draw, p_.w_noise, 1.0, dx_r);
+  }
+  if (st.training && rc.noise == NoiseType::Jitter)
+    b_.jitter_backward(dx_r, rc.noise_eps, rng::derive(st.seed, kJitterStream), dx_r);
+  if (dx.dtype() == dtype_) b_.copy(dx_r, dx);
+  else b_.cast(dx_r, dx);
+}
+
+void Router::update_bias(const RouterStats& stats) {
+  const double u = cfg_.router.bias_update_rate;
+  if (u <= 0) return;
+  std::vector<float> b = b_.to_vector<float>(p_.bias);
+  double mean = 0;
+  for (int64_t c : stats.routed) mean += double(c);
+  mean /= double(stats.routed.size());
+  for (size_t e = 0; e < b.size(); ++e) {
+    const double diff = mean - double(stats.routed[e]);
+    b[e] += float(u * double((diff > 0) - (diff < 0)));  // b_i += u sign(mean(c) - c_i)
+  }
+  Tensor host = Tensor(std::shared_ptr<void>(), b.data(), p_.bias.shape(), DType::F32, Device::CPU);
+  b_.copy(host, p_.bias);
+}
+
+}  // namespace moelab

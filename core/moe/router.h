@@ -1,0 +1,86 @@
+// moelab: the MoE router (Megatron-Core's split: scores -> selection -> capacity -> losses).
+//
+// The router always runs in fp32 (f64 when the model is f64, for gradient checks), whatever the
+// model dtype: its input is cast up and its gate weights are cast back for the combine.
+// Parameter gradients accumulate (+=); the returned dx overwrites.
+//
+// Dimension letters: T tokens, D width, E experts, K top-k, C capacity, A assignments
+// (T*K for token choice, E*C for expert choice).
+#pragma once
+#include <cstdint>
+
+#include "core/backend.h"
+#include "core/moe/config.h"
+
+namespace moelab {
+
+// Un-scaled router loss values (what the run log records) and the weighted sum that the layer
+// adds to the training objective.
+struct RouterLosses {
+  double aux = 0;         // E * sum_i f_i P_i (1 at perfect balance)
+  double z = 0;           // mean_t logsumexp(l_t)^2
+  double importance = 0;  // CV(importance)^2
+  double load = 0;        // CV(load)^2 (smooth estimator with noise, counts otherwise)
+  double weighted = 0;    // aux_alpha aux + z_loss z + importance_weight imp + load_weight load
+};
+
+struct RouterParams {
+  Tensor w_router;  // [D,E] router dtype
+  Tensor w_noise;   // [D,E] router dtype, learned noisy top-k only
+  Tensor bias;      // [E] f32, aux-loss-free balancing (selection only, no gradient)
+  Tensor dw_router, dw_noise;
+};
+
+// Everything the backward pass needs, plus the routing result. Shapes in comments.
+struct RouterState {
+  bool training = false;
+  bool expert_choice = false;
+  ScoreFunc score = ScoreFunc::Softmax;  // effective score function (Sinkhorn may override)
+  bool normalize = true;                 // effective top-k renormalisation
+  int64_t capacity = 0;                  // C (0 = dropless)
+  int sinkhorn_iters = 0;
+  uint64_t seed = 0;                     // base seed of this call's noise draws
+  Tensor x_r;        // [T,D] router input in router dtype (after jitter)
+  Tensor clean;      // [T,E] x_r W_r
+  Tensor noise_raw;  // [T,E] x_r W_noise (learned noise)
+  Tensor noise_std;  // [T,E] softplus(noise_raw)
+  Tensor logits;     // [T,E] the logits that feed the scores (noisy in training)
+  Tensor scores;     // [T,E] softmax or sigmoid of logits
+  Tensor dist;       // [T,E] distribution for P_i and stats (scores, or row-normalised sigmoid)
+  Tensor idx;        // i32 [T,K] experts (token choice) or [E,C] tokens (expert choice)
+  Tensor keep;       // i32, same shape as idx: 1 = assignment kept
+  Tensor gates;      // [T,K] or [E,C] router dtype; the flat [A] gate vector of the combine
+  RouterLosses losses;
+  RouterStats stats;
+};
+
+class Router {
+ public:
+  Router(Backend& backend, const MoEConfig& cfg, DType router_dtype);
+  RouterParams& params() { return p_; }
+  DType dtype() const { return dtype_; }
+
+  // x [T,D] in any float dtype. seq_len splits T for the sequence-level aux loss (0 = global).
+  // seed: the draws of this call (noise, random top-2); derive it from (run seed, layer, step).
+  RouterState forward(const Tensor& x, bool training, int64_t seq_len, uint64_t seed);
+  // dgates: gradient of the objective w.r.t. st.gates (router dtype, same shape). Adds the
+  // router-loss gradients with their config weights. Writes dx [T,D] (x's dtype, overwrite),
+  // accumulates dw_router / dw_noise.
+  void backward(const RouterState& st, const Tensor& x, const Tensor& dgates, int64_t seq_len,
+                const Tensor& dx);
+  // DeepSeek-V3 aux-loss-free balancing, after the optimizer step:
+  //   b_i <- b_i + u * sign(mean(c) - c_i), c = routed counts of the last call.
+  void update_bias(const RouterStats& stats);
+
+  // Capacity C = ceil(cf * T * K / E) (token choice) or ceil(cf * T / E) (expert choice, with
+  // cf = 0 read as K so that compute matches top-K). 0 = dropless.
+  static int64_t capacity_for(const MoEConfig& cfg, int64_t tokens);
+
+ private:
+  Backend& b_;
+  MoEConfig cfg_;
+  DType dtype_;
+  RouterParams p_;
+};
+
+}  // namespace moelab

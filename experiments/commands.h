@@ -1,0 +1,36 @@
+// moelab: the subcommands behind the `moelab` binary (experiments/moelab.cpp parses the command
+// line, loads and validates the config, and calls one of these).
+//
+// Each run_* returns the process exit code (0 = success) and may throw moelab::Error, which
+// main() prints as `moelab: error: <message>` with exit code 2. run_train and run_crosscheck get
+// one resolved run (RunConfig::sweep is empty): main() expands a [sweep] and calls once per run.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/io/config.h"
+
+// `moelab train` options that are not config keys. out and backend are already applied to the
+// config (log.out, train.backend); they are repeated here so a command can tell that they came
+// from the command line. resume is an existing checkpoint path, or empty.
+struct TrainCliOptions {
+  std::string out, backend, resume;
+};
+
+// `moelab generate --checkpoint PATH [--prompt TEXT] [--tokens N]`.
+struct GenerateCliOptions {
+  std::string checkpoint;  // an existing checkpoint path
+  std::string prompt;      // may be empty
+  int64_t tokens = 200;    // tokens to sample, >= 1
+};
+
+// `moelab bench [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]`.
+struct BenchCliOptions {
+  std::string backend;  // already applied to the config (train.backend)
+  int64_t iters = 20;   // timed iterations per measurement, >= 1
+};
+
+int run_train(const moelab::RunConfig& cfg, const TrainCliOptions& opts);  // experiments/train_cmd.cpp
+int run_crosscheck(const moelab::RunConfig& cfg);                          // experiments/other_cmds.cpp
+int run_generate(const GenerateCliOptions& opts);                          // experiments/other_cmds.cpp
+int run_bench(const moelab::RunConfig& cfg, const BenchCliOptions& opts);  // experiments/other_cmds.cpp

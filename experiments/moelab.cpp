@@ -1,0 +1,276 @@
+// moelab: the command line (contract in docs DESIGN.md, "Command line").
+//
+//   moelab train      --config FILE [--set section.key=value ...] [--out PATH.h5]
+//                     [--backend cpu|cuda] [--resume CHECKPOINT]
+//   moelab crosscheck --config FILE [--set ...]
+//   moelab generate   --checkpoint PATH [--prompt TEXT] [--tokens N]
+//   moelab bench      [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
+//   moelab config     [--config FILE] [--set ...] [--get KEY] [--keys]
+//
+// Exit codes: 0 success; 2 usage or config error (`moelab: error: <message>` on stderr);
+// 1 any other failure. --out and --backend are applied as the last overrides (log.out,
+// train.backend), so the resolved config, and the HDF5 `config` attribute, show them.
+#include <boost/program_options.hpp>
+#include <filesystem>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/check.h"
+#include "core/io/config.h"
+#include "experiments/commands.h"
+
+namespace po = boost::program_options;
+using moelab::Error;
+using moelab::RunConfig;
+
+namespace {
+
+const char* kUsage =
+    "usage: moelab <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  train       train a model from a config, writing the HDF5 run log\n"
+    "  crosscheck  compare the CUDA backend against the CPU reference\n"
+    "  generate    sample text from a checkpoint\n"
+    "  bench       GPU performance benchmarks\n"
+    "  config      print the resolved config as INI, one key, or the table of keys\n"
+    "  help [CMD]  this text, or the options of CMD\n"
+    "\n"
+    "'moelab CMD --help' lists the options of CMD.\n";
+
+struct Command {
+  std::string name;
+  std::string synopsis;  // one usage line, shown by --help
+  po::options_description options;
+};
+
+void add_config_options(po::options_description& d) {
+  d.add_options()("config", po::value<std::string>()->value_name("FILE"), "INI config file")(
+      "set", po::value<std::vector<std::string>>()->composing()->value_name("SECTION.KEY=VALUE"),
+      "override one config key (repeatable); sweep.SECTION.KEY=v1,v2 sets a sweep axis");
+}
+
+// Parses argv[2..]; returns false when --help was printed.
+bool parse(Command& cmd, int argc, char** argv, po::variables_map& vm) {
+  cmd.options.add_options()("help,h", "show this help");
+  // Stray words are collected, then reported by name (Boost's own message does not name them).
+  po::options_description hidden;
+  hidden.add_options()("stray", po::value<std::vector<std::string>>());
+  po::options_description all;
+  all.add(cmd.options).add(hidden);
+  po::positional_options_description pos;
+  pos.add("stray", -1);
+  try {
+    po::store(po::command_line_parser(argc - 1, argv + 1).options(all).positional(pos).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    MOELAB_FAIL(cmd.name, ": ", e.what(), " (see 'moelab ", cmd.name, " --help')");
+  }
+  if (vm.count("stray"))
+    MOELAB_FAIL(cmd.name, ": unexpected argument '", vm["stray"].as<std::vector<std::string>>()[0],
+                "' (see 'moelab ", cmd.name, " --help')");
+  if (vm.count("help")) {
+    std::cout << "usage: " << cmd.synopsis << "\n\n" << cmd.options << "\n";
+    return false;
+  }
+  return true;
+}
+
+std::string opt(const po::variables_map& vm, const char* name) {
+  return vm.count(name) ? vm[name].as<std::string>() : std::string();
+}
+
+// Loads --config/--set plus the command-line keys that map to config keys.
+RunConfig load(const Command& cmd, const po::variables_map& vm, bool config_required,
+               const std::vector<std::string>& extra_sets) {
+  std::string path = opt(vm, "config");
+  if (config_required && path.empty())
+    MOELAB_FAIL(cmd.name, ": --config FILE is required (for example experiments/configs/quickstart.ini)");
+  std::vector<std::string> sets;
+  if (vm.count("set")) sets = vm["set"].as<std::vector<std::string>>();
+  sets.insert(sets.end(), extra_sets.begin(), extra_sets.end());
+  return moelab::load_config(path, sets);
+}
+
+// --backend is checked here so that its error names --backend, not the train.backend it sets.
+void check_backend_name(const Command& cmd, const std::string& backend) {
+  if (!backend.empty() && backend != "cpu" && backend != "cuda")
+    MOELAB_FAIL(cmd.name, ": --backend '", backend, "' is not one of cpu|cuda");
+}
+
+// Refuses before any work starts, rather than after the data is loaded.
+void check_backend(const RunConfig& cfg) {
+  if (!moelab::backend_available(cfg.train.backend))
+    MOELAB_FAIL("backend '", cfg.train.backend, "' is not available here: ",
+                cfg.train.backend == "cuda"
+                    ? "this moelab was built without CUDA (CMake MOELAB_CUDA, needs nvcc) or no "
+                      "CUDA device is visible"
+                    : "not compiled in",
+                "; use --backend cpu");
+}
+
+int cmd_train(int argc, char** argv) {
+  Command cmd{"train",
+              "moelab train --config FILE [--set section.key=value ...] [--out PATH.h5] "
+              "[--backend cpu|cuda] [--resume CHECKPOINT]",
+              po::options_description("train options")};
+  add_config_options(cmd.options);
+  cmd.options.add_options()("out", po::value<std::string>()->value_name("PATH.h5"),
+                            "HDF5 run log (overrides log.out)")(
+      "backend", po::value<std::string>()->value_name("cpu|cuda"),
+      "compute backend (overrides train.backend)")(
+      "resume", po::value<std::string>()->value_name("CHECKPOINT"),
+      "continue from a checkpoint (a step_NNNNNN path inside log.checkpoint_dir)");
+  po::variables_map vm;
+  if (!parse(cmd, argc, argv, vm)) return 0;
+
+  TrainCliOptions cli{opt(vm, "out"), opt(vm, "backend"), opt(vm, "resume")};
+  check_backend_name(cmd, cli.backend);
+  std::vector<std::string> extra;
+  if (vm.count("out")) extra.push_back("log.out=" + cli.out);
+  if (vm.count("backend")) extra.push_back("train.backend=" + cli.backend);
+  RunConfig cfg = load(cmd, vm, /*config_required=*/true, extra);
+
+  if (!cli.resume.empty() && !std::filesystem::exists(cli.resume))
+    MOELAB_FAIL("train: --resume '", cli.resume, "': no such checkpoint");
+  if (!cli.resume.empty() && !cfg.sweep.empty())
+    MOELAB_FAIL("train: --resume cannot be combined with a [sweep] (which run would it resume?)");
+
+  std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
+  for (const moelab::SweepRun& run : runs) check_backend(run.config);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    if (runs.size() > 1)
+      std::cout << "moelab: sweep run " << i + 1 << "/" << runs.size() << " '" << runs[i].name
+                << "' -> " << runs[i].config.log.out << std::endl;
+    TrainCliOptions run_cli = cli;
+    run_cli.out = runs[i].config.log.out;
+    int rc = run_train(runs[i].config, run_cli);
+    if (rc != 0) return rc;
+  }
+  return 0;
+}
+
+int cmd_crosscheck(int argc, char** argv) {
+  Command cmd{"crosscheck", "moelab crosscheck --config FILE [--set section.key=value ...]",
+              po::options_description("crosscheck options")};
+  add_config_options(cmd.options);
+  po::variables_map vm;
+  if (!parse(cmd, argc, argv, vm)) return 0;
+  RunConfig cfg = load(cmd, vm, /*config_required=*/true, {});
+  for (const moelab::SweepRun& run : moelab::expand_sweep(cfg)) {
+    int rc = run_crosscheck(run.config);
+    if (rc != 0) return rc;
+  }
+  return 0;
+}
+
+int cmd_generate(int argc, char** argv) {
+  Command cmd{"generate", "moelab generate --checkpoint PATH [--prompt TEXT] [--tokens N]",
+              po::options_description("generate options")};
+  cmd.options.add_options()("checkpoint", po::value<std::string>()->value_name("PATH"),
+                            "checkpoint to sample from")(
+      "prompt", po::value<std::string>()->value_name("TEXT"), "text to continue (default empty)")(
+      "tokens", po::value<int64_t>()->value_name("N"), "tokens to generate (default 200)");
+  po::variables_map vm;
+  if (!parse(cmd, argc, argv, vm)) return 0;
+  GenerateCliOptions g;
+  g.checkpoint = opt(vm, "checkpoint");
+  g.prompt = opt(vm, "prompt");
+  if (vm.count("tokens")) g.tokens = vm["tokens"].as<int64_t>();
+  if (g.checkpoint.empty()) MOELAB_FAIL("generate: --checkpoint PATH is required");
+  if (!std::filesystem::exists(g.checkpoint))
+    MOELAB_FAIL("generate: --checkpoint '", g.checkpoint, "': no such checkpoint");
+  if (g.tokens < 1) MOELAB_FAIL("generate: --tokens = ", g.tokens, " must be >= 1");
+  return run_generate(g);
+}
+
+int cmd_bench(int argc, char** argv) {
+  Command cmd{"bench",
+              "moelab bench [--config FILE] [--set section.key=value ...] [--backend cpu|cuda] "
+              "[--iters N]",
+              po::options_description("bench options")};
+  add_config_options(cmd.options);
+  cmd.options.add_options()("backend", po::value<std::string>()->value_name("cpu|cuda"),
+                            "compute backend (overrides train.backend)")(
+      "iters", po::value<int64_t>()->value_name("N"), "timed iterations (default 20)");
+  po::variables_map vm;
+  if (!parse(cmd, argc, argv, vm)) return 0;
+  BenchCliOptions b;
+  b.backend = opt(vm, "backend");
+  check_backend_name(cmd, b.backend);
+  if (vm.count("iters")) b.iters = vm["iters"].as<int64_t>();
+  if (b.iters < 1) MOELAB_FAIL("bench: --iters = ", b.iters, " must be >= 1");
+  std::vector<std::string> extra;
+  if (!b.backend.empty()) extra.push_back("train.backend=" + b.backend);
+  RunConfig cfg = load(cmd, vm, /*config_required=*/false, extra);
+  for (const moelab::SweepRun& run : moelab::expand_sweep(cfg)) check_backend(run.config);
+  return run_bench(cfg, b);
+}
+
+int cmd_config(int argc, char** argv) {
+  Command cmd{"config", "moelab config [--config FILE] [--set section.key=value ...] [--get KEY] [--keys]",
+              po::options_description("config options")};
+  add_config_options(cmd.options);
+  cmd.options.add_options()("get", po::value<std::string>()->value_name("KEY"),
+                            "print only this key's resolved value (e.g. log.out)")(
+      "keys", "print every key with its default, accepted values and meaning (Markdown)");
+  po::variables_map vm;
+  if (!parse(cmd, argc, argv, vm)) return 0;
+  if (vm.count("keys")) {
+    std::cout << moelab::config_keys_markdown();
+    return 0;
+  }
+  RunConfig cfg = load(cmd, vm, /*config_required=*/false, {});
+  if (vm.count("get")) {
+    std::cout << moelab::get_value(cfg, opt(vm, "get")) << "\n";
+    return 0;
+  }
+  std::cout << moelab::to_ini(cfg);
+  if (!cfg.sweep.empty()) {
+    std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
+    std::cout << "\n# sweep: " << runs.size() << " runs\n";
+    for (const moelab::SweepRun& r : runs) std::cout << "#   " << r.name << " -> " << r.config.log.out << "\n";
+  }
+  return 0;
+}
+
+int dispatch(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  std::string sub = argv[1];
+  if (sub == "help" || sub == "--help" || sub == "-h") {
+    if (sub == "help" && argc > 2) {
+      // `moelab help train` = `moelab train --help`.
+      char help_flag[] = "--help";
+      char* args[] = {argv[0], argv[2], help_flag};
+      return dispatch(3, args);
+    }
+    std::cout << kUsage;
+    return 0;
+  }
+  if (sub == "train") return cmd_train(argc, argv);
+  if (sub == "crosscheck") return cmd_crosscheck(argc, argv);
+  if (sub == "generate") return cmd_generate(argc, argv);
+  if (sub == "bench") return cmd_bench(argc, argv);
+  if (sub == "config") return cmd_config(argc, argv);
+  MOELAB_FAIL("unknown command '", sub,
+              "' (commands: train, crosscheck, generate, bench, config, help)");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return dispatch(argc, argv);
+  } catch (const Error& e) {
+    std::cerr << "moelab: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "moelab: error: " << e.what() << "\n";
+    return 1;
+  }
+}
