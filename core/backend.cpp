@@ -24,7 +24,10 @@ const char* to_string(Op op) {
       "unpermute_backward",
       "aux_loss_forward", "aux_loss_backward", "z_loss_forward", "z_loss_backward",
       "cv2_loss_forward", "cv2_loss_backward", "load_loss_forward", "load_loss_backward",
-      "router_stats"};
+      "router_stats",
+      "scale", "sum_squares", "embedding_forward", "embedding_backward", "rmsnorm_forward",
+      "rmsnorm_backward", "rope_forward", "rope_backward", "attention_forward",
+      "attention_backward", "cross_entropy_forward", "cross_entropy_backward", "adamw"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(Op::kCount), "Op names out of sync");
   return names[size_t(op)];
 }
@@ -677,6 +680,193 @@ RouterStats Backend::router_stats(const Tensor& logits, const Tensor& probs, con
                " columns, experts = ", experts);
   require(Op::RouterStats, logits.dtype());
   return router_stats_impl(logits, probs, idx, keep, expert_choice, experts);
+}
+
+// ---- transformer ops -----------------------------------------------------------------------
+
+void Backend::scale(const Tensor& x, double alpha) {
+  Checker c{*this, Op::Scale};
+  c.on_device(x, "x");
+  c.floating(x, "x");
+  require(Op::Scale, x.dtype());
+  scale_impl(x, alpha);
+}
+
+double Backend::sum_squares(const Tensor& x) {
+  Checker c{*this, Op::SumSquares};
+  c.on_device(x, "x");
+  c.floating(x, "x");
+  require(Op::SumSquares, x.dtype());
+  return sum_squares_impl(x);
+}
+
+void Backend::embedding_forward(const Tensor& tokens, const Tensor& table, const Tensor& out) {
+  Checker c{*this, Op::EmbeddingForward};
+  c.rank(tokens, "tokens", 1);
+  c.dtype(tokens, "tokens", DType::I32);
+  c.rank(table, "table", 2);
+  c.floating(table, "table");
+  c.shape(out, "out", Shape{tokens.dim(0), table.dim(1)});
+  c.dtype(out, "out", table.dtype());
+  require(Op::EmbeddingForward, table.dtype());
+  embedding_forward_impl(tokens, table, out);
+}
+
+void Backend::embedding_backward(const Tensor& tokens, const Tensor& dout, const Tensor& dtable) {
+  Checker c{*this, Op::EmbeddingBackward};
+  c.rank(tokens, "tokens", 1);
+  c.dtype(tokens, "tokens", DType::I32);
+  c.rank(dtable, "dtable", 2);
+  c.floating(dtable, "dtable");
+  c.shape(dout, "dout", Shape{tokens.dim(0), dtable.dim(1)});
+  c.dtype(dout, "dout", dtable.dtype());
+  require(Op::EmbeddingBackward, dtable.dtype());
+  embedding_backward_impl(tokens, dout, dtable);
+}
+
+void Backend::rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, const Tensor& y,
+                              const Tensor& rstd) {
+  Checker c{*this, Op::RmsNormForward};
+  c.rank(x, "x", 2);
+  c.floating(x, "x");
+  c.shape(w, "w", Shape{x.dim(1)});
+  c.dtype(w, "w", x.dtype());
+  c.same(x, "x", y, "y");
+  c.shape(rstd, "rstd", Shape{x.dim(0)});
+  c.dtype(rstd, "rstd", x.dtype());
+  MOELAB_CHECK(eps > 0, "rmsnorm_forward: eps ", eps, " must be > 0");
+  require(Op::RmsNormForward, x.dtype());
+  rmsnorm_forward_impl(x, w, eps, y, rstd);
+}
+
+void Backend::rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd,
+                               const Tensor& dy, const Tensor& dx, const Tensor& dw) {
+  Checker c{*this, Op::RmsNormBackward};
+  c.rank(x, "x", 2);
+  c.floating(x, "x");
+  c.shape(w, "w", Shape{x.dim(1)});
+  c.dtype(w, "w", x.dtype());
+  c.same(w, "w", dw, "dw");
+  c.shape(rstd, "rstd", Shape{x.dim(0)});
+  c.dtype(rstd, "rstd", x.dtype());
+  c.same(x, "x", dy, "dy");
+  c.same(x, "x", dx, "dx");
+  require(Op::RmsNormBackward, x.dtype());
+  rmsnorm_backward_impl(x, w, rstd, dy, dx, dw);
+}
+
+namespace {
+void check_rope(const Checker& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta,
+                const Tensor& y) {
+  c.rank(x, "x", 2);
+  c.floating(x, "x");
+  c.same(x, "x", y, "y");
+  MOELAB_CHECK(heads >= 1 && x.dim(1) % heads == 0 && (x.dim(1) / heads) % 2 == 0,
+               to_string(c.op), ": width ", x.dim(1), " must split into ", heads,
+               " heads of even width");
+  MOELAB_CHECK(seq_len >= 1 && x.dim(0) % seq_len == 0, to_string(c.op), ": seq_len ", seq_len,
+               " must divide the token count ", x.dim(0));
+  MOELAB_CHECK(theta > 0, to_string(c.op), ": theta must be > 0");
+}
+
+void check_attention(const Checker& c, const Tensor& q, const Tensor& k, const Tensor& v,
+                     int64_t heads, int64_t kv_heads, int64_t seq_len, const Tensor& probs) {
+  c.rank(q, "q", 2);
+  c.floating(q, "q");
+  MOELAB_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, to_string(c.op), ": heads ",
+               heads, " must be a multiple of kv_heads ", kv_heads);
+  MOELAB_CHECK(q.dim(1) % heads == 0, to_string(c.op), ": q width ", q.dim(1),
+               " does not split into ", heads, " heads");
+  const int64_t dh = q.dim(1) / heads, T = q.dim(0);
+  MOELAB_CHECK(seq_len >= 1 && T % seq_len == 0, to_string(c.op), ": seq_len ", seq_len,
+               " must divide the token count ", T);
+  c.shape(k, "k", Shape{T, kv_heads * dh});
+  c.dtype(k, "k", q.dtype());
+  c.same(k, "k", v, "v");
+  c.shape(probs, "probs", Shape{T / seq_len * heads, seq_len, seq_len});
+  c.dtype(probs, "probs", q.dtype());
+}
+}  // namespace
+
+void Backend::rope_forward(const Tensor& x, int64_t heads, int64_t seq_len, double theta,
+                           const Tensor& y) {
+  Checker c{*this, Op::RopeForward};
+  check_rope(c, x, heads, seq_len, theta, y);
+  require(Op::RopeForward, x.dtype());
+  rope_impl(x, heads, seq_len, theta, false, y);
+}
+
+void Backend::rope_backward(const Tensor& dy, int64_t heads, int64_t seq_len, double theta,
+                            const Tensor& dx) {
+  Checker c{*this, Op::RopeBackward};
+  check_rope(c, dy, heads, seq_len, theta, dx);
+  require(Op::RopeBackward, dy.dtype());
+  rope_impl(dy, heads, seq_len, theta, true, dx);
+}
+
+void Backend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
+                                int64_t kv_heads, int64_t seq_len, const Tensor& out,
+                                const Tensor& probs) {
+  Checker c{*this, Op::AttentionForward};
+  check_attention(c, q, k, v, heads, kv_heads, seq_len, probs);
+  c.same(q, "q", out, "out");
+  require(Op::AttentionForward, q.dtype());
+  attention_forward_impl(q, k, v, heads, kv_heads, seq_len, out, probs);
+}
+
+void Backend::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& probs, const Tensor& dout, int64_t heads,
+                                 int64_t kv_heads, int64_t seq_len, const Tensor& dq,
+                                 const Tensor& dk, const Tensor& dv) {
+  Checker c{*this, Op::AttentionBackward};
+  check_attention(c, q, k, v, heads, kv_heads, seq_len, probs);
+  c.same(q, "q", dout, "dout");
+  c.same(q, "q", dq, "dq");
+  c.same(k, "k", dk, "dk");
+  c.same(v, "v", dv, "dv");
+  require(Op::AttentionBackward, q.dtype());
+  attention_backward_impl(q, k, v, probs, dout, heads, kv_heads, seq_len, dq, dk, dv);
+}
+
+double Backend::cross_entropy_forward(const Tensor& logits, const Tensor& targets) {
+  Checker c{*this, Op::CrossEntropyForward};
+  c.rank(logits, "logits", 2);
+  c.floating(logits, "logits");
+  c.shape(targets, "targets", Shape{logits.dim(0)});
+  c.dtype(targets, "targets", DType::I32);
+  require(Op::CrossEntropyForward, logits.dtype());
+  return cross_entropy_forward_impl(logits, targets);
+}
+
+void Backend::cross_entropy_backward(const Tensor& logits, const Tensor& targets, double scale,
+                                     const Tensor& dlogits) {
+  Checker c{*this, Op::CrossEntropyBackward};
+  c.rank(logits, "logits", 2);
+  c.floating(logits, "logits");
+  c.shape(targets, "targets", Shape{logits.dim(0)});
+  c.dtype(targets, "targets", DType::I32);
+  c.same(logits, "logits", dlogits, "dlogits");
+  require(Op::CrossEntropyBackward, logits.dtype());
+  cross_entropy_backward_impl(logits, targets, scale, dlogits);
+}
+
+void Backend::adamw(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                    double lr, double beta1, double beta2, double eps, double weight_decay,
+                    int64_t step) {
+  Checker c{*this, Op::AdamW};
+  c.on_device(param, "param");
+  c.floating(param, "param");
+  c.shape(grad, "grad", param.shape());
+  c.floating(grad, "grad");
+  const DType state = param.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  c.shape(m, "m", param.shape());
+  c.dtype(m, "m", state);
+  c.same(m, "m", v, "v");
+  MOELAB_CHECK(step >= 1, "adamw: step ", step, " must be >= 1");
+  MOELAB_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps > 0,
+               "adamw: needs 0 <= beta < 1 and eps > 0");
+  require(Op::AdamW, param.dtype());
+  adamw_impl(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step);
 }
 
 }  // namespace moelab

@@ -40,6 +40,9 @@ enum class Op {
   AuxLossForward, AuxLossBackward, ZLossForward, ZLossBackward,
   Cv2LossForward, Cv2LossBackward, LoadLossForward, LoadLossBackward,
   RouterStats,
+  Scale, SumSquares, EmbeddingForward, EmbeddingBackward, RmsNormForward, RmsNormBackward,
+  RopeForward, RopeBackward, AttentionForward, AttentionBackward,
+  CrossEntropyForward, CrossEntropyBackward, AdamW,
   kCount
 };
 const char* to_string(Op op);
@@ -207,6 +210,48 @@ class Backend {
   RouterStats router_stats(const Tensor& logits, const Tensor& probs, const Tensor& idx,
                            const Tensor& keep, bool expert_choice, int64_t experts);
 
+  // ---- transformer ops (S sequence length, B = T / S sequences, H heads, Hkv kv heads,
+  //      Dh head width, V vocabulary) --------------------------------------------------------
+  void scale(const Tensor& x, double alpha);  // x *= alpha (in place)
+  double sum_squares(const Tensor& x);       // sum x^2, accumulated in f64
+  // out[t] = table[tokens[t]]; tokens i32 [T], table [V,D], out [T,D].
+  void embedding_forward(const Tensor& tokens, const Tensor& table, const Tensor& out);
+  // dtable[tokens[t]] += dout[t] (accumulates).
+  void embedding_backward(const Tensor& tokens, const Tensor& dout, const Tensor& dtable);
+  // RMSNorm (Zhang & Sennrich 2019): y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps).
+  // x, y [T,D], w [D], rstd [T] (saved for backward).
+  void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, const Tensor& y,
+                       const Tensor& rstd);
+  // dx overwrites, dw accumulates.
+  void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
+                        const Tensor& dx, const Tensor& dw);
+  // Rotary embeddings (Su et al. 2021), rotate-half pairing (i, i + Dh/2) as in Llama/Mixtral:
+  // position p = t mod S, angle p * theta^(-2i/Dh). x, y [T, heads * Dh].
+  void rope_forward(const Tensor& x, int64_t heads, int64_t seq_len, double theta,
+                    const Tensor& y);
+  // The inverse rotation (the transpose): dx = R^T dy.
+  void rope_backward(const Tensor& dy, int64_t heads, int64_t seq_len, double theta,
+                     const Tensor& dx);
+  // Causal softmax attention with grouped-query heads (head h reads kv head h / (H / Hkv)),
+  // scale 1/sqrt(Dh). q [T, H*Dh], k, v [T, Hkv*Dh], out [T, H*Dh]; probs [B*H, S, S] saved.
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
+                         int64_t kv_heads, int64_t seq_len, const Tensor& out,
+                         const Tensor& probs);
+  // dq, dk, dv overwrite.
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& probs,
+                          const Tensor& dout, int64_t heads, int64_t kv_heads, int64_t seq_len,
+                          const Tensor& dq, const Tensor& dk, const Tensor& dv);
+  // Mean cross-entropy in nats: -(1/T) sum_t log softmax(logits_t)[targets_t]. logits [T,V].
+  double cross_entropy_forward(const Tensor& logits, const Tensor& targets);
+  // dlogits = scale * (softmax(logits) - onehot(targets)) / T (overwrite).
+  void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double scale,
+                              const Tensor& dlogits);
+  // AdamW (Loshchilov & Hutter 2019), bias-corrected, decoupled weight decay:
+  //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)
+  // m, v: f32 (the fp32 optimizer state), or f64 when the parameter is f64. step counts from 1.
+  void adamw(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, double lr,
+             double beta1, double beta2, double eps, double weight_decay, int64_t step);
+
  protected:
   virtual void* alloc_bytes(size_t bytes) = 0;
   virtual void free_bytes(void* p) = 0;
@@ -296,6 +341,31 @@ class Backend {
   virtual RouterStats router_stats_impl(const Tensor& logits, const Tensor& probs,
                                         const Tensor& idx, const Tensor& keep,
                                         bool expert_choice, int64_t experts) = 0;
+  virtual void scale_impl(const Tensor& x, double alpha) = 0;
+  virtual double sum_squares_impl(const Tensor& x) = 0;
+  virtual void embedding_forward_impl(const Tensor& tokens, const Tensor& table,
+                                      const Tensor& out) = 0;
+  virtual void embedding_backward_impl(const Tensor& tokens, const Tensor& dout,
+                                       const Tensor& dtable) = 0;
+  virtual void rmsnorm_forward_impl(const Tensor& x, const Tensor& w, double eps,
+                                    const Tensor& y, const Tensor& rstd) = 0;
+  virtual void rmsnorm_backward_impl(const Tensor& x, const Tensor& w, const Tensor& rstd,
+                                     const Tensor& dy, const Tensor& dx, const Tensor& dw) = 0;
+  virtual void rope_impl(const Tensor& x, int64_t heads, int64_t seq_len, double theta,
+                         bool inverse, const Tensor& y) = 0;
+  virtual void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      int64_t heads, int64_t kv_heads, int64_t seq_len,
+                                      const Tensor& out, const Tensor& probs) = 0;
+  virtual void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& probs, const Tensor& dout, int64_t heads,
+                                       int64_t kv_heads, int64_t seq_len, const Tensor& dq,
+                                       const Tensor& dk, const Tensor& dv) = 0;
+  virtual double cross_entropy_forward_impl(const Tensor& logits, const Tensor& targets) = 0;
+  virtual void cross_entropy_backward_impl(const Tensor& logits, const Tensor& targets,
+                                           double scale, const Tensor& dlogits) = 0;
+  virtual void adamw_impl(const Tensor& param, const Tensor& grad, const Tensor& m,
+                          const Tensor& v, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int64_t step) = 0;
 
  private:
   void require(Op op, DType dtype) const;

@@ -15,6 +15,7 @@
 // from the command line. resume is an existing checkpoint path, or empty.
 struct TrainCliOptions {
   std::string out, backend, resume;
+  std::string sweep_name;  // the run's name inside a sweep ("" = no sweep)
 };
 
 // `moelab generate --checkpoint PATH [--prompt TEXT] [--tokens N]`.
@@ -22,6 +23,10 @@ struct GenerateCliOptions {
   std::string checkpoint;  // an existing checkpoint path
   std::string prompt;      // may be empty
   int64_t tokens = 200;    // tokens to sample, >= 1
+  double temperature = 0.8; // > 0; logits are divided by it
+  int64_t top_k = 40;       // sample among the k most likely bytes; 0 = all
+  uint64_t seed = 1;        // sampling seed
+  std::string backend;      // "" = cpu
 };
 
 // `moelab bench [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]`.

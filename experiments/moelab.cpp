@@ -12,6 +12,8 @@
 // train.backend), so the resolved config, and the HDF5 `config` attribute, show them.
 #include <boost/program_options.hpp>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -111,6 +113,27 @@ void check_backend(const RunConfig& cfg) {
                 "; use --backend cpu");
 }
 
+// sweep.json beside the run logs: which file holds which grid point (analysis/ reads it).
+// Rewritten after every finished run, so an interrupted sweep still indexes what it produced.
+void write_sweep_index(const RunConfig& base, const std::vector<moelab::SweepRun>& runs, size_t done) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(runs.front().config.log.out).parent_path();
+  std::ostringstream js;
+  js << "{\n  \"axes\": [";
+  for (size_t a = 0; a < base.sweep.size(); ++a) js << (a ? ", " : "") << '"' << base.sweep[a].key << '"';
+  js << "],\n  \"runs\": [\n";
+  for (size_t i = 0; i < done; ++i) {
+    js << "    {\"file\": \"" << fs::path(runs[i].config.log.out).filename().string() << "\", \"name\": \""
+       << runs[i].name << "\", \"values\": {";
+    for (size_t a = 0; a < base.sweep.size(); ++a)
+      js << (a ? ", " : "") << '"' << base.sweep[a].key << "\": \"" << moelab::get_value(runs[i].config, base.sweep[a].key) << '"';
+    js << "}}" << (i + 1 < done ? "," : "") << "\n";
+  }
+  js << "  ]\n}\n";
+  const fs::path path = (dir.empty() ? fs::path(".") : dir) / "sweep.json";
+  std::ofstream(path) << js.str();
+}
+
 int cmd_train(int argc, char** argv) {
   Command cmd{"train",
               "moelab train --config FILE [--set section.key=value ...] [--out PATH.h5] "
@@ -146,8 +169,10 @@ int cmd_train(int argc, char** argv) {
                 << "' -> " << runs[i].config.log.out << std::endl;
     TrainCliOptions run_cli = cli;
     run_cli.out = runs[i].config.log.out;
+    if (runs.size() > 1) run_cli.sweep_name = runs[i].name;
     int rc = run_train(runs[i].config, run_cli);
     if (rc != 0) return rc;
+    if (runs.size() > 1) write_sweep_index(cfg, runs, i + 1);
   }
   return 0;
 }
@@ -172,7 +197,10 @@ int cmd_generate(int argc, char** argv) {
   cmd.options.add_options()("checkpoint", po::value<std::string>()->value_name("PATH"),
                             "checkpoint to sample from")(
       "prompt", po::value<std::string>()->value_name("TEXT"), "text to continue (default empty)")(
-      "tokens", po::value<int64_t>()->value_name("N"), "tokens to generate (default 200)");
+      "tokens", po::value<int64_t>()->value_name("N"), "tokens to generate (default 200)")(
+      "temperature", po::value<double>()->value_name("T"), "sampling temperature > 0 (default 0.8)")(
+      "top-k", po::value<int64_t>()->value_name("K"), "sample among the K most likely bytes, 0 = all (default 40)")(
+      "seed", po::value<uint64_t>()->value_name("S"), "sampling seed (default 1)");
   po::variables_map vm;
   if (!parse(cmd, argc, argv, vm)) return 0;
   GenerateCliOptions g;
@@ -183,6 +211,11 @@ int cmd_generate(int argc, char** argv) {
   if (!std::filesystem::exists(g.checkpoint))
     MOELAB_FAIL("generate: --checkpoint '", g.checkpoint, "': no such checkpoint");
   if (g.tokens < 1) MOELAB_FAIL("generate: --tokens = ", g.tokens, " must be >= 1");
+  if (vm.count("temperature")) g.temperature = vm["temperature"].as<double>();
+  if (vm.count("top-k")) g.top_k = vm["top-k"].as<int64_t>();
+  if (vm.count("seed")) g.seed = vm["seed"].as<uint64_t>();
+  if (!(g.temperature > 0)) MOELAB_FAIL("generate: --temperature = ", g.temperature, " must be > 0");
+  if (g.top_k < 0) MOELAB_FAIL("generate: --top-k = ", g.top_k, " must be >= 0");
   return run_generate(g);
 }
 

@@ -8,10 +8,6 @@ int run_crosscheck(const moelab::RunConfig&) {
   MOELAB_FAIL("crosscheck is not available yet: it needs the CUDA backend (issue 5)");
 }
 
-int run_generate(const GenerateCliOptions&) {
-  MOELAB_FAIL("generate is not available yet: it needs training and checkpoints (issue 3)");
-}
-
 int run_bench(const moelab::RunConfig&, const BenchCliOptions&) {
   MOELAB_FAIL("bench is not available yet: it needs the CUDA backend (issue 5)");
 }

@@ -810,6 +810,213 @@ class CpuBackend final : public Backend {
       return st;
     });
   }
+
+  // ---- transformer ops -------------------------------------------------------------------
+
+  void scale_impl(const Tensor& x, double alpha) override {
+    elementwise(x, x, [&](double v, int64_t) { return v * alpha; });
+  }
+
+  double sum_squares_impl(const Tensor& x) override {
+    return dispatch_float_r<double>(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      double s = 0;
+      for (int64_t i = 0; i < x.numel(); ++i) s += double(x.ptr<T>()[i]) * x.ptr<T>()[i];
+      return s;
+    });
+  }
+
+  void embedding_forward_impl(const Tensor& tokens, const Tensor& table, const Tensor& out) override {
+    dispatch_float(table.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t V = table.dim(0), D = table.dim(1);
+      for (int64_t t = 0; t < tokens.dim(0); ++t) {
+        const int32_t id = tokens.ptr<int32_t>()[t];
+        MOELAB_CHECK(id >= 0 && id < V, "embedding: token ", id, " outside the vocabulary [0, ", V, ")");
+        std::copy_n(table.ptr<T>() + id * D, D, out.ptr<T>() + t * D);
+      }
+    });
+  }
+
+  void embedding_backward_impl(const Tensor& tokens, const Tensor& dout, const Tensor& dtable) override {
+    dispatch_float(dtable.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t D = dtable.dim(1);
+      for (int64_t t = 0; t < tokens.dim(0); ++t) {
+        const int32_t id = tokens.ptr<int32_t>()[t];
+        for (int64_t d = 0; d < D; ++d) dtable.ptr<T>()[id * D + d] += dout.ptr<T>()[t * D + d];
+      }
+    });
+  }
+
+  void rmsnorm_forward_impl(const Tensor& x, const Tensor& w, double eps, const Tensor& y,
+                            const Tensor& rstd) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = x.dim(0), D = x.dim(1);
+      for (int64_t t = 0; t < R; ++t) {
+        const T* xr = x.ptr<T>() + t * D;
+        double ss = 0;
+        for (int64_t d = 0; d < D; ++d) ss += double(xr[d]) * xr[d];
+        const double r = 1.0 / std::sqrt(ss / double(D) + eps);
+        rstd.ptr<T>()[t] = T(r);
+        for (int64_t d = 0; d < D; ++d) y.ptr<T>()[t * D + d] = T(xr[d] * r * w.ptr<T>()[d]);
+      }
+    });
+  }
+
+  void rmsnorm_backward_impl(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
+                             const Tensor& dx, const Tensor& dw) override {
+    // y_d = x_d r w_d, r = (mean x^2 + eps)^(-1/2):  dx_d = r (w_d dy_d - x_d r^2 mean_j(w_j dy_j x_j)).
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = x.dim(0), D = x.dim(1);
+      for (int64_t t = 0; t < R; ++t) {
+        const T *xr = x.ptr<T>() + t * D, *dyr = dy.ptr<T>() + t * D;
+        const double r = rstd.ptr<T>()[t];
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          dot += double(w.ptr<T>()[d]) * dyr[d] * xr[d];
+          dw.ptr<T>()[d] += T(double(dyr[d]) * xr[d] * r);
+        }
+        for (int64_t d = 0; d < D; ++d)
+          dx.ptr<T>()[t * D + d] = T(r * (double(w.ptr<T>()[d]) * dyr[d] - xr[d] * r * r * dot / double(D)));
+      }
+    });
+  }
+
+  void rope_impl(const Tensor& x, int64_t heads, int64_t seq_len, double theta, bool inverse,
+                 const Tensor& y) override {
+    dispatch_float(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = x.dim(0), W = x.dim(1), dh = W / heads, half = dh / 2;
+      for (int64_t t = 0; t < R; ++t) {
+        const double pos = double(t % seq_len);
+        for (int64_t i = 0; i < half; ++i) {
+          const double ang = pos * std::pow(theta, -2.0 * double(i) / double(dh));
+          const double c = std::cos(ang), sn = inverse ? -std::sin(ang) : std::sin(ang);
+          for (int64_t h = 0; h < heads; ++h) {
+            const int64_t o = t * W + h * dh + i;
+            const double a = x.ptr<T>()[o], b = x.ptr<T>()[o + half];
+            y.ptr<T>()[o] = T(a * c - b * sn);
+            y.ptr<T>()[o + half] = T(a * sn + b * c);
+          }
+        }
+      }
+    });
+  }
+
+  template <class T>
+  using StridedMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+                                Eigen::OuterStride<>>;
+
+  void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
+                              int64_t Hkv, int64_t S, const Tensor& out,
+                              const Tensor& probs) override {
+    dispatch_float(q.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t B = q.dim(0) / S, dh = q.dim(1) / H, Wq = q.dim(1), Wk = k.dim(1);
+      const T scale = T(1.0 / std::sqrt(double(dh)));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t g = h / (H / Hkv);
+          StridedMap<T> Q(q.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
+          StridedMap<T> K(k.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
+          StridedMap<T> V(v.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
+          StridedMap<T> O(out.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
+          MatMap<T> P(probs.ptr<T>() + (b * H + h) * S * S, S, S);
+          P.noalias() = scale * Q * K.transpose();
+          for (int64_t i = 0; i < S; ++i) {  // causal softmax over keys j <= i
+            double m = -std::numeric_limits<double>::infinity(), z = 0;
+            for (int64_t j = 0; j <= i; ++j) m = std::max(m, double(P(i, j)));
+            for (int64_t j = 0; j <= i; ++j) z += std::exp(double(P(i, j)) - m);
+            for (int64_t j = 0; j < S; ++j) P(i, j) = j <= i ? T(std::exp(double(P(i, j)) - m) / z) : T(0);
+          }
+          O.noalias() = P * V;
+        }
+    });
+  }
+
+  void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& probs,
+                               const Tensor& dout, int64_t H, int64_t Hkv, int64_t S,
+                               const Tensor& dq, const Tensor& dk, const Tensor& dv) override {
+    dispatch_float(q.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t B = q.dim(0) / S, dh = q.dim(1) / H, Wq = q.dim(1), Wk = k.dim(1);
+      const T scale = T(1.0 / std::sqrt(double(dh)));
+      std::fill_n(dk.ptr<T>(), dk.numel(), T(0));
+      std::fill_n(dv.ptr<T>(), dv.numel(), T(0));
+      Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> dP(S, S);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t g = h / (H / Hkv);
+          StridedMap<T> Q(q.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
+          StridedMap<T> K(k.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
+          StridedMap<T> V(v.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
+          StridedMap<T> dO(dout.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
+          StridedMap<T> dQ(dq.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
+          StridedMap<T> dK(dk.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
+          StridedMap<T> dV(dv.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
+          MatMap<T> P(probs.ptr<T>() + (b * H + h) * S * S, S, S);
+          dV.noalias() += P.transpose() * dO;  // O = P V
+          dP.noalias() = dO * V.transpose();
+          for (int64_t i = 0; i < S; ++i) {    // softmax backward, row by row
+            double dot = 0;
+            for (int64_t j = 0; j <= i; ++j) dot += double(P(i, j)) * dP(i, j);
+            for (int64_t j = 0; j < S; ++j) dP(i, j) = j <= i ? T(P(i, j) * (dP(i, j) - dot)) : T(0);
+          }
+          dQ.noalias() = scale * dP * K;     // scores = scale Q K^T
+          dK.noalias() += scale * dP.transpose() * Q;
+        }
+    });
+  }
+
+  double cross_entropy_forward_impl(const Tensor& logits, const Tensor& targets) override {
+    return dispatch_float_r<double>(logits.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = logits.dim(0), V = logits.dim(1);
+      double total = 0;
+      for (int64_t t = 0; t < R; ++t) {
+        const int32_t y = targets.ptr<int32_t>()[t];
+        MOELAB_CHECK(y >= 0 && y < V, "cross_entropy: target ", y, " outside [0, ", V, ")");
+        const T* l = logits.ptr<T>() + t * V;
+        total += logsumexp_row(l, V) - double(l[y]);
+      }
+      return total / double(R);
+    });
+  }
+
+  void cross_entropy_backward_impl(const Tensor& logits, const Tensor& targets, double scale,
+                                   const Tensor& dlogits) override {
+    dispatch_float(logits.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t R = logits.dim(0), V = logits.dim(1);
+      for (int64_t t = 0; t < R; ++t) {
+        const T* l = logits.ptr<T>() + t * V;
+        const double lse = logsumexp_row(l, V), c = scale / double(R);
+        for (int64_t j = 0; j < V; ++j) dlogits.ptr<T>()[t * V + j] = T(c * std::exp(double(l[j]) - lse));
+        dlogits.ptr<T>()[t * V + targets.ptr<int32_t>()[t]] -= T(c);
+      }
+    });
+  }
+
+  void adamw_impl(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  double lr, double b1, double b2, double eps, double wd, int64_t step) override {
+    dispatch_float(param.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      using S = std::conditional_t<std::is_same_v<T, double>, double, float>;  // state type
+      const double c1 = 1.0 - std::pow(b1, double(step)), c2 = 1.0 - std::pow(b2, double(step));
+      T* p = param.ptr<T>();
+      S *mm = m.ptr<S>(), *vv = v.ptr<S>();
+      for (int64_t i = 0; i < param.numel(); ++i) {
+        const double g = load(grad, i);
+        mm[i] = S(b1 * mm[i] + (1.0 - b1) * g);
+        vv[i] = S(b2 * vv[i] + (1.0 - b2) * g * g);
+        const double upd = (double(mm[i]) / c1) / (std::sqrt(double(vv[i]) / c2) + eps) + wd * double(p[i]);
+        p[i] = T(double(p[i]) - lr * upd);
+      }
+    });
+  }
 };
 
 }  // namespace

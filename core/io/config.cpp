@@ -210,8 +210,11 @@ std::vector<ConfigKey> build_keys() {
   k.push_back(int_key<int64_t>("model.top_k", FIELD(moe.top_k), 1,
                                "experts per token k (<= experts)"));
   k.push_back(int_key<int64_t>("model.d_expert", FIELD(moe.d_expert), 1, "expert hidden width F"));
-  k.push_back(int_key<int64_t>("model.moe_every", FIELD(model.moe_every), 1,
-                               "every Nth block has an MoE FFN, the others a dense FFN (1 = all)"));
+  k.push_back(int_key<int64_t>("model.moe_every", FIELD(model.moe_every), 0,
+                               "block i has an MoE FFN when i % moe_every == moe_every - 1, the "
+                               "others a dense FFN (1 = all MoE, 2 = GShard alternation, 0 = dense model)"));
+  k.push_back(int_key<int64_t>("model.d_ff", FIELD(model.d_ff), 0,
+                               "dense FFN hidden width; 0 = top_k * d_expert (same active parameters)"));
   k.push_back(int_key<int64_t>("model.shared_experts", FIELD(moe.shared_experts), 0,
                                "always-on shared experts of width d_expert (DeepSeek-MoE)"));
   k.push_back(bool_key("model.shared_gate", FIELD(moe.shared_gate),
@@ -235,7 +238,7 @@ std::vector<ConfigKey> build_keys() {
                        "gates are multiplied by this (DeepSeek-V3 routed scaling factor)"));
   k.push_back(enum_key("router.policy", FIELD(moe.router.policy),
                        std::vector{RP::TopK, RP::RandomTop2, RP::Sinkhorn, RP::ExpertChoice},
-                       "routing policy (random_top2 needs top_k = 2, expert_choice needs capacity_factor > 0)"));
+                       "routing policy (random_top2 needs top_k = 2; expert_choice takes C = capacity_factor * T / E, capacity_factor 0 meaning top_k)"));
   k.push_back(real_key("router.random_top2_threshold", FIELD(moe.router.random_top2_threshold),
                        gt(0), "tau: keep the 2nd expert with probability min(1, g2 / tau)"));
   k.push_back(enum_key("router.noise", FIELD(moe.router.noise),
@@ -416,10 +419,17 @@ void set_axis(RunConfig& cfg, const std::string& axis_key, const std::string& li
     cfg.sweep.push_back(std::move(axis));
 }
 
+void load_stream(RunConfig& cfg, std::istream& in, const std::string& path);
+
 void load_file(RunConfig& cfg, const std::string& path) {
-  const std::string origin = " (in file " + path + ")";
   std::ifstream in(path);
   if (!in) MOELAB_FAIL("config: cannot open config file '", path, "'");
+  load_stream(cfg, in, path);
+}
+
+// Parses INI text from `in`; `path` names its origin in messages.
+void load_stream(RunConfig& cfg, std::istream& in, const std::string& path) {
+  const std::string origin = " (in file " + path + ")";
 
   po::options_description schema;
   for (const ConfigKey& k : config_keys())
@@ -492,6 +502,17 @@ void finalize(RunConfig& cfg) {
                 m.heads);
   if (m.kv_heads > m.heads || m.heads % m.kv_heads != 0)
     MOELAB_FAIL("config: model.kv_heads = ", m.kv_heads, " must divide model.heads = ", m.heads);
+  if ((cfg.moe.d_model / m.heads) % 2 != 0)
+    MOELAB_FAIL("config: model.d_model / model.heads = ", cfg.moe.d_model / m.heads,
+                " must be even (rotary embeddings rotate pairs of dimensions)");
+}
+
+RunConfig config_from_text(const std::string& ini, const std::string& origin) {
+  RunConfig cfg;
+  std::istringstream in(ini);
+  load_stream(cfg, in, origin);
+  finalize(cfg);
+  return cfg;
 }
 
 RunConfig load_config(const std::string& path, const std::vector<std::string>& set_overrides) {

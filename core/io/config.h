@@ -26,7 +26,9 @@ struct ModelConfig {
   int64_t heads = 4;             // model.heads: attention heads (d_model % heads == 0)
   int64_t kv_heads = 0;          // model.kv_heads: grouped-query KV heads; 0 = same as heads
                                  // (load_config/expand_sweep resolve 0 to heads)
-  int64_t moe_every = 2;         // model.moe_every: every Nth block has an MoE FFN (1 = all)
+  int64_t moe_every = 2;         // model.moe_every: block i is MoE when i % N == N - 1 (1 = all,
+                                 // 0 = dense model)
+  int64_t d_ff = 0;              // model.d_ff: dense FFN width; 0 = top_k * d_expert
   int64_t vocab = 256;           // model.vocab: byte-level by default
   bool tie_embeddings = true;    // model.tie_embeddings: output head shares the embedding
   double init_scale = 1.0;       // model.init_scale: multiplies the default init std
@@ -91,6 +93,10 @@ struct RunConfig {
 // checked here and the base is returned unresolved (call expand_sweep).
 // Throws moelab::Error naming the key, the value, the accepted values and the origin.
 RunConfig load_config(const std::string& path, const std::vector<std::string>& set_overrides = {});
+
+// Parses resolved INI text (what to_ini writes, e.g. a checkpoint's config); `origin` names it
+// in error messages. No sweep expansion.
+RunConfig config_from_text(const std::string& ini, const std::string& origin = "checkpoint config");
 
 // Applies one "section.key=value" override (same rules as --set); useful in code and tests.
 void apply_override(RunConfig& cfg, const std::string& assignment);

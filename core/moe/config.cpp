@@ -104,10 +104,27 @@ void MoEConfig::validate() const {
     MOELAB_FAIL("router.sinkhorn_max_iters = ", r.sinkhorn_max_iters, " must be >= 1");
   if (r.policy == RoutingPolicy::RandomTop2 && top_k != 2)
     MOELAB_FAIL("router.policy = random_top2 requires model.top_k = 2 (got ", top_k, ")");
-  // Expert choice sizes each expert's pick by C = cf * T / E: cf = 0 would pick nothing.
-  if (r.policy == RoutingPolicy::ExpertChoice && !(r.capacity_factor > 0.0))
-    MOELAB_FAIL("router.policy = expert_choice needs router.capacity_factor > 0 (got ",
-                num(r.capacity_factor), ")");
+  const bool expert_choice = r.policy == RoutingPolicy::ExpertChoice;
+  if (expert_choice && r.score != ScoreFunc::Softmax)
+    MOELAB_FAIL("router.policy = expert_choice uses softmax scores (Zhou et al. 2022); "
+                "set router.score = softmax");
+  // Token-choice balancing losses have no meaning when experts pick tokens (balanced by
+  // construction): refuse rather than silently ignore the weight.
+  if (expert_choice && (r.aux_alpha > 0 || r.importance_weight > 0 || r.load_weight > 0))
+    MOELAB_FAIL("router.aux_alpha / importance_weight / load_weight must be 0 with router.policy = "
+                "expert_choice (it is balanced by construction)");
+  if (r.bias_update_rate > 0 && r.policy != RoutingPolicy::TopK && r.policy != RoutingPolicy::RandomTop2)
+    MOELAB_FAIL("router.bias_update_rate > 0 (aux-loss-free balancing) needs router.policy = topk "
+                "or random_top2, got ", to_string(r.policy));
+  // Shazeer's smooth load estimator needs noise (it is a probability over the noise draw) and a
+  // k-th largest competitor among the other experts.
+  if (r.load_weight > 0 && r.noise != NoiseType::Gaussian && r.noise != NoiseType::Learned)
+    MOELAB_FAIL("router.load_weight > 0 needs router.noise = gaussian or learned (the smooth load "
+                "estimator is a probability over the noise), got ", to_string(r.noise));
+  if (r.load_weight > 0 && r.noise == NoiseType::Gaussian && !(r.noise_eps > 0))
+    MOELAB_FAIL("router.load_weight > 0 with router.noise = gaussian needs router.noise_eps > 0");
+  if (r.load_weight > 0 && top_k >= experts)
+    MOELAB_FAIL("router.load_weight > 0 needs model.top_k < model.experts");
   // Padding to capacity is meaningless when dropless (there is no capacity to pad to).
   if (r.pad_to_capacity && r.capacity_factor == 0.0)
     MOELAB_FAIL("router.pad_to_capacity = true needs router.capacity_factor > 0 (0 = dropless)");

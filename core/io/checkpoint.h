@@ -1,0 +1,139 @@
+// moelab: the checkpoint container. A file of named CPU tensors, word blobs (RNG state, data
+// position, ...) and string metadata, independent of the model: the trainer decides what goes in.
+//
+// Guarantees
+//   - Bit-exact: tensors are stored as their raw bytes (f64, f32, bf16, i32), blobs as raw
+//     64-bit words, metadata as raw strings; reading gives back exactly what was written.
+//   - Verified: CheckpointReader reads the whole file and refuses, with a message that names the
+//     file, a wrong magic ("not a moelab checkpoint"), a newer format version, a truncated file
+//     ("is truncated (expected N bytes, found M)"), a flipped byte ("checksum mismatch in tensor
+//     'layer0.w1'") and a tensor of another shape or dtype than the caller expects (the message
+//     names the tensor and both shapes/dtypes).
+//   - Atomic: CheckpointWriter::write(path) creates the parent folders, writes `path.tmp` in the
+//     same folder, fsyncs it, rename()s it over `path` (atomic on POSIX) and fsyncs the folder.
+//     A crash or an I/O error mid-write never touches an existing `path`; on error the tmp file
+//     is removed and moelab::Error names the path.
+//
+// File format, version 1. All integers little-endian; "hash" is FNV-1a 64 (fnv1a64 below:
+// h = 0xcbf29ce484222325; for each byte b: h ^= b; h *= 0x100000001b3).
+//
+//   header, 32 bytes (this layout is frozen across format versions):
+//     0  char[8]  magic "MOELABCK"
+//     8  u32      format version (1)
+//    12  u32      header size in bytes (32)
+//    16  u64      total file size in bytes (lets a truncated file be told apart from a corrupt one)
+//    24  u64      hash of bytes [0, 24)
+//   entries, back to back, each:
+//     0  u8       kind: 1 tensor, 2 blob, 3 meta
+//     1  u8       dtype (tensors): 0 f64, 1 f32, 2 bf16, 3 i32; 255 for blobs and meta
+//     2  u8       ndim (tensors, 0..4); 0 otherwise
+//     3  u8       reserved, 0
+//     4  u32      name length in bytes (1..65536)
+//     8  i64[4]   shape, unused dimensions 0
+//    40  u64      payload length in bytes (tensors: numel * dtype size; blobs: 8 * words;
+//                 meta: the value's length)
+//    48  name bytes (UTF-8, not NUL-terminated), then payload bytes
+//        then u64 hash of the entry's header, name and payload
+//   trailer, 24 bytes:
+//     0  char[8]  "CKPT_END"
+//     8  u64      number of entries
+//    16  u64      hash of every byte of the file before this field
+//
+// Tensors and blobs share one namespace of names (has(), names()); meta keys have their own.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace moelab {
+
+constexpr char kCheckpointMagic[8] = {'M', 'O', 'E', 'L', 'A', 'B', 'C', 'K'};
+constexpr uint32_t kCheckpointVersion = 1;
+constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull;
+
+// FNV-1a 64 of `n` bytes, continuing from `h` (pass a previous result to hash in pieces).
+uint64_t fnv1a64(const void* data, size_t n, uint64_t h = kFnvOffset);
+
+class CheckpointWriter {
+ public:
+  // String metadata (config text, step, model shape, ...). Setting a key again replaces it.
+  void set_meta(const std::string& key, const std::string& value);
+  // A CPU tensor; its bytes are copied now. Throws if the name is taken or the tensor is not on
+  // the CPU.
+  void add_tensor(const std::string& name, const Tensor& host_tensor);
+  // 64-bit words (RNG state, data position, ...). Throws if the name is taken.
+  void add_blob(const std::string& name, const std::vector<uint64_t>& words);
+  // Writes everything added so far to `path` atomically (see above). May be called again.
+  void write(const std::string& path) const;
+
+ private:
+  struct Entry {
+    uint8_t kind = 0;
+    DType dtype = DType::F32;
+    Shape shape;
+    std::string name;
+    std::vector<char> payload;
+  };
+  std::vector<Entry> entries_;               // tensors and blobs, in insertion order
+  std::map<std::string, std::string> meta_;  // written after them, sorted by key
+};
+
+class CheckpointReader {
+ public:
+  // Reads and verifies the whole file; throws moelab::Error naming the file on any defect.
+  explicit CheckpointReader(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  // The value of a meta key; throws naming the key and the file if absent.
+  std::string meta(const std::string& key) const;
+  bool has_meta(const std::string& key) const;
+  std::vector<std::string> meta_keys() const;  // sorted
+
+  // Whether a tensor or blob of that name exists.
+  bool has(const std::string& name) const;
+  bool is_tensor(const std::string& name) const;
+  // Tensor and blob names, in the order they were added.
+  std::vector<std::string> names() const;
+
+  // A new CPU tensor with the stored bytes. Throws, naming the tensor, the file and both
+  // shapes/dtypes, if the stored tensor's shape or dtype is not the expected one; throws naming
+  // the tensor and the file if it is absent or is a blob.
+  Tensor tensor(const std::string& name, Shape expected_shape, DType expected_dtype) const;
+  // The stored shape/dtype of a tensor, for callers that discover rather than expect.
+  Shape tensor_shape(const std::string& name) const;
+  DType tensor_dtype(const std::string& name) const;
+  // The words of a blob; throws naming it and the file if absent or a tensor.
+  std::vector<uint64_t> blob(const std::string& name) const;
+
+ private:
+  struct Entry {
+    uint8_t kind = 0;
+    DType dtype = DType::F32;
+    Shape shape;
+    std::string name;
+    size_t offset = 0;  // of the payload in bytes_
+    size_t length = 0;
+  };
+  const Entry& find(const std::string& name, const char* wanted) const;
+
+  std::string path_;
+  std::vector<char> bytes_;
+  std::vector<Entry> entries_;
+  std::map<std::string, size_t> index_;  // name -> entries_ index
+  std::map<std::string, std::string> meta_;
+};
+
+// dir + "/step_%06lld.ckpt" (no doubled '/' when dir ends with one). Throws if step < 0.
+std::string checkpoint_path(const std::string& dir, int64_t step);
+// The checkpoint of the highest step in `dir`: regular files named step_<6+ digits>.ckpt
+// (so stale `.tmp` files are ignored). "" if there is none or `dir` does not exist.
+std::string latest_checkpoint(const std::string& dir);
+// The step in a checkpoint's file name: the digits after the last "step_" in the name (DESIGN.md:
+// the name contains the zero-padded step). Throws naming the path if there is none.
+int64_t checkpoint_step(const std::string& path);
+
+}  // namespace moelab

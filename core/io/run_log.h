@@ -1,0 +1,117 @@
+// moelab: the HDF5 run log (DESIGN.md "HDF5 run log"; every path is documented in
+// docs/run-log.md).
+//
+// One RunLog writes one file: training curves (/train), evaluation curves (/eval) and, per MoE
+// layer and per logged step, every router statistic (/router/layer_XX), plus an expert x
+// category count matrix per layer at every evaluation. Steps and counts are int64, values
+// float64. N = logged training rows, M = logged evaluation rows, E = experts,
+// C = categories (category_names).
+//
+// Invariants:
+//   - every dataset under /train and every per-step dataset under /router has length N;
+//     /eval/* and /router/layer_XX/category_counts have length M (aligned with /eval/step);
+//   - the file at `path` is always a complete HDF5 file, whatever moment the process dies at
+//     (SIGKILL, power loss after the rename reached the disk).
+//
+// Crash-safety design ("write a new file, then rename"): all rows live in memory. A flush
+// writes a complete new file to `path + ".tmp"`, closes it, fsync()s it, rename()s it over
+// `path` (atomic on POSIX: a reader or a crash sees the old file or the new one, never a mix)
+// and fsync()s the folder. The constructor already writes a valid file with zero rows, so a
+// run killed before its first flush still leaves a readable log. A kill during a flush leaves
+// the previous complete file plus a stale `path.tmp`, which the next flush overwrites.
+// Cost: memory holds the whole log, and each flush rewrites it, O(rows so far) bytes, so a
+// run writes about N^2 / (2 * flush_every) row-writes in total. A row is
+// 40 + L * (24 E + 96) bytes (L MoE layers): 500 steps, 2 layers, 8 experts is 0.3 MB; a
+// rewrite of a 10 MB file takes about 80 ms here. Pick flush_every so that N / flush_every
+// stays in the hundreds for long runs.
+//
+// Flushes happen after every flush_every-th log_train() call; eval rows are written at the
+// next flush (or by flush() / the destructor). Errors (bad path, inconsistent rows) throw
+// moelab::Error naming the file.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/moe/router.h"
+
+namespace moelab {
+
+struct RunLogInfo {
+  std::string config_ini;                   // root attribute config: the resolved INI text
+  std::string backend;                      // root attribute backend ("cpu", "cuda")
+  std::string moelab_version;               // root attribute moelab_version
+  std::vector<int> moe_layers;              // transformer block indices with an MoE FFN, in the
+                                            // order of TrainRow::layers; group /router/layer_XX
+  int64_t experts = 0;                      // E
+  std::vector<std::string> category_names;  // C names of category_counts' last axis (may be
+                                            // empty: then no category_counts are written)
+  int64_t flush_every = 1;                  // flush after every flush_every-th train row (>= 1)
+  std::string sweep_name;                   // optional root attribute sweep_name ("" = none)
+  // Resume: >= 0 keeps the rows of an existing log at `path` whose step <= resume_step (train
+  // and eval) and appends after them; the layout (layers, E, C) must match. A missing file
+  // starts a new log. -1 (default): start a new file, replacing any old one.
+  int64_t resume_step = -1;
+};
+
+struct LayerRouterRow {
+  RouterStats stats;     // routed/kept/mean_prob [E], scalars as in core/backend.h
+  RouterLosses losses;   // un-scaled aux, z, importance, load and the weighted sum
+  int64_t capacity = 0;  // expert capacity C of this step (0 = dropless)
+};
+
+struct TrainRow {
+  int64_t step = 0;                    // strictly increasing across calls
+  double loss = 0;                     // language-model loss only (nats per token)
+  double lr = 0;
+  double grad_norm = 0;                // global gradient norm before clipping
+  double tokens_per_sec = 0;
+  std::vector<LayerRouterRow> layers;  // one per MoE layer, in RunLogInfo::moe_layers order
+};
+
+struct EvalRow {
+  int64_t step = 0;  // strictly increasing across calls
+  double loss = 0;   // nats per token
+  // per MoE layer: [E * C] row-major expert x category counts of kept assignments over the eval
+  // set. Must be one per layer when C > 0, empty when C == 0.
+  std::vector<std::vector<int64_t>> category_counts;
+  std::optional<double> bits_per_byte;  // /eval/bits_per_byte, written when any row has it
+                                        // (NaN in rows without it)
+};
+
+class RunLog {
+ public:
+  // Validates info, creates the parent folders and writes a valid file with zero rows (or the
+  // kept rows when resuming). Throws moelab::Error naming the path if it cannot.
+  RunLog(const std::string& path, const RunLogInfo& info);
+  ~RunLog();  // flushes; an error there is printed to stderr, never thrown
+  RunLog(RunLog&&) noexcept;
+  RunLog& operator=(RunLog&&) noexcept;
+  RunLog(const RunLog&) = delete;
+  RunLog& operator=(const RunLog&) = delete;
+
+  // Appends one training row; flushes after every flush_every-th call. Throws moelab::Error on
+  // a row that does not match the layout (layer count, E) or a step that does not increase.
+  void log_train(const TrainRow& row);
+  // Appends one evaluation row (written at the next flush). Same checks (category counts E*C).
+  void log_eval(const EvalRow& row);
+  // Writes everything logged so far (atomic replace, see above). A no-op when nothing changed.
+  void flush();
+
+  const std::string& path() const;
+  int64_t train_rows() const;          // N logged so far (in memory)
+  int64_t eval_rows() const;           // M logged so far (in memory)
+  int64_t flushed_train_rows() const;  // N of the file on disk
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// "layer_07": the group name of transformer block `layer` under /router.
+std::string run_log_layer_name(int layer);
+
+}  // namespace moelab

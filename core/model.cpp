@@ -1,0 +1,260 @@
+// moelab: transformer LM forward/backward, composed from backend ops only.
+#include "core/model.h"
+
+#include <cmath>
+
+#include "core/rng.h"
+
+namespace moelab {
+
+void LMConfig::validate() const {
+  moe.validate();
+  if (vocab < 2) MOELAB_FAIL("model.vocab = ", vocab, " must be >= 2");
+  if (layers < 1) MOELAB_FAIL("model.layers = ", layers, " must be >= 1");
+  if (heads < 1 || d_model % heads != 0)
+    MOELAB_FAIL("model.heads = ", heads, " must divide model.d_model = ", d_model);
+  if ((d_model / heads) % 2 != 0)
+    MOELAB_FAIL("model.d_model / model.heads = ", d_model / heads,
+                " must be even (rotary embeddings rotate pairs)");
+  if (kv_heads < 1 || heads % kv_heads != 0)
+    MOELAB_FAIL("model.kv_heads = ", kv_heads, " must divide model.heads = ", heads);
+  if (moe_every < 0) MOELAB_FAIL("model.moe_every = ", moe_every, " must be >= 0 (0 = dense)");
+}
+
+// One transformer block: parameters, their gradients and the activations of the last forward.
+struct TransformerLM::Block {
+  bool is_moe = false;
+  Tensor attn_norm, wq, wk, wv, wo, ffn_norm;      // [D], [D,H*Dh], [D,Hkv*Dh] x2, [H*Dh,D], [D]
+  Tensor dattn_norm, dwq, dwk, dwv, dwo, dffn_norm;
+  std::unique_ptr<SwiGLUExperts> dense;            // E = 1 when the FFN is dense
+  std::unique_ptr<MoELayer> moe;
+  // Activations (shapes for T tokens):
+  Tensor x_in;        // [T,D] block input
+  Tensor n1, rstd1;   // [T,D], [T] attention-norm output and its 1/rms
+  Tensor q, k, v;     // [T,H*Dh] after RoPE, [T,Hkv*Dh] after RoPE, [T,Hkv*Dh]
+  Tensor att, probs;  // [T,H*Dh] attention output, [B*H,S,S]
+  Tensor x_mid;       // [T,D] after the attention residual
+  Tensor n2, rstd2;   // [T,D], [T]
+  ExpertsCache dense_cache;
+};
+
+TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype)
+    : b_(backend), cfg_(cfg), dtype_(dtype) {
+  cfg_.validate();
+  MOELAB_CHECK(cfg.moe.d_model == cfg.d_model, "model: MoE d_model ", cfg.moe.d_model,
+               " != model d_model ", cfg.d_model);
+  const int64_t D = cfg.d_model, V = cfg.vocab, dh = D / cfg.heads;
+  auto z = [&](Shape s) { return b_.zeros(s, dtype_); };
+  embed_ = z({V, D});
+  dembed_ = z({V, D});
+  final_norm_ = z({D});
+  dfinal_norm_ = z({D});
+  if (!cfg.tie_embeddings) {
+    head_ = z({D, V});
+    dhead_ = z({D, V});
+  }
+  for (int64_t i = 0; i < cfg.layers; ++i) {
+    auto blk = std::make_unique<Block>();
+    blk->is_moe = cfg.is_moe_block(i);
+    blk->attn_norm = z({D});
+    blk->dattn_norm = z({D});
+    blk->wq = z({D, cfg.heads * dh});
+    blk->dwq = z({D, cfg.heads * dh});
+    blk->wk = z({D, cfg.kv_heads * dh});
+    blk->dwk = z({D, cfg.kv_heads * dh});
+    blk->wv = z({D, cfg.kv_heads * dh});
+    blk->dwv = z({D, cfg.kv_heads * dh});
+    blk->wo = z({cfg.heads * dh, D});
+    blk->dwo = z({cfg.heads * dh, D});
+    blk->ffn_norm = z({D});
+    blk->dffn_norm = z({D});
+    if (blk->is_moe) blk->moe = std::make_unique<MoELayer>(b_, cfg.moe, dtype_);
+    else blk->dense = std::make_unique<SwiGLUExperts>(b_, 1, D, cfg.dense_width(), dtype_);
+    blocks_.push_back(std::move(blk));
+  }
+}
+
+TransformerLM::~TransformerLM() = default;
+
+std::vector<ParamRef> TransformerLM::params() {
+  std::vector<ParamRef> ps{{"embed", embed_, dembed_}};
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& bk = *blocks_[i];
+    const std::string p = "block" + std::to_string(i) + ".";
+    ps.push_back({p + "attn_norm", bk.attn_norm, bk.dattn_norm});
+    ps.push_back({p + "wq", bk.wq, bk.dwq});
+    ps.push_back({p + "wk", bk.wk, bk.dwk});
+    ps.push_back({p + "wv", bk.wv, bk.dwv});
+    ps.push_back({p + "wo", bk.wo, bk.dwo});
+    ps.push_back({p + "ffn_norm", bk.ffn_norm, bk.dffn_norm});
+    if (bk.moe) {
+      for (ParamRef& r : bk.moe->params()) ps.push_back({p + "moe." + r.name, r.value, r.grad});
+    } else {
+      ps.push_back({p + "ffn.w1", bk.dense->w1(), bk.dense->dw1()});
+      ps.push_back({p + "ffn.w2", bk.dense->w2(), bk.dense->dw2()});
+    }
+  }
+  ps.push_back({"final_norm", final_norm_, dfinal_norm_});
+  if (head_.defined()) ps.push_back({"head", head_, dhead_});
+  return ps;
+}
+
+void TransformerLM::init(uint64_t seed) {
+  // Norm weights 1; embeddings N(0, (0.02 s)^2); every other matrix N(0, (s / sqrt(fan_in))^2),
+  // with the residual-branch outputs (wo, FFN w2) further scaled by 1/sqrt(2 layers) (GPT-2).
+  // s = model.init_scale. Each tensor draws from its own stream, derived from its name's index.
+  const double s = cfg_.init_scale, resid = 1.0 / std::sqrt(2.0 * double(cfg_.layers));
+  uint64_t tag = 0;
+  for (ParamRef& p : params()) {
+    const uint64_t stream = rng::derive(seed, ++tag);
+    std::vector<double> v(static_cast<size_t>(p.value.numel()));
+    const bool is_norm = p.value.ndim() == 1;
+    const bool is_bias = p.name.find("bias") != std::string::npos;
+    double std = 0;
+    if (p.name == "embed") std = 0.02 * s;
+    else if (!is_norm && !is_bias) {
+      std = s / std::sqrt(double(p.value.dim(p.value.ndim() - 2)));
+      const bool out_proj = p.name.ends_with(".wo") || p.name.ends_with("w2");
+      if (out_proj) std *= resid;
+    }
+    for (size_t i = 0; i < v.size(); ++i) v[i] = is_norm ? 1.0 : std * rng::normal(stream, i);
+    b_.copy(host_tensor(v, p.value.shape(), p.value.dtype()), p.value);
+  }
+}
+
+void TransformerLM::zero_grad() {
+  for (ParamRef& p : params()) b_.fill(p.grad, 0.0);
+}
+
+std::vector<int> TransformerLM::moe_blocks() const {
+  std::vector<int> out;
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    if (blocks_[i]->is_moe) out.push_back(int(i));
+  return out;
+}
+
+MoELayer& TransformerLM::moe_layer(size_t i) {
+  size_t n = 0;
+  for (auto& bk : blocks_)
+    if (bk->is_moe && n++ == i) return *bk->moe;
+  MOELAB_FAIL("model: no MoE layer number ", i);
+}
+
+const Tensor& TransformerLM::logits() const { return logits_; }
+
+LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, int64_t seq_len,
+                                 bool training, uint64_t seed) {
+  const int64_t T = tokens.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
+  const int64_t dh = D / H;
+  MOELAB_CHECK(seq_len >= 1 && T % seq_len == 0, "model: ", T, " tokens do not split into sequences of ",
+               seq_len);
+  MOELAB_CHECK(targets.numel() == T, "model: ", targets.numel(), " targets for ", T, " tokens");
+  tokens_ = tokens;
+  targets_ = targets;
+  seq_len_ = seq_len;
+  auto e = [&](Shape s) { return b_.empty(s, dtype_); };
+
+  Tensor x = e({T, D});
+  b_.embedding_forward(tokens, embed_, x);
+  LMForward out;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& bk = *blocks_[i];
+    bk.x_in = x;
+    bk.n1 = e({T, D});
+    bk.rstd1 = e({T});
+    b_.rmsnorm_forward(x, bk.attn_norm, cfg_.norm_eps, bk.n1, bk.rstd1);
+    Tensor q = e({T, H * dh}), k = e({T, Hkv * dh});
+    bk.v = e({T, Hkv * dh});
+    b_.gemm(false, false, 1.0, bk.n1, bk.wq, 0.0, q);
+    b_.gemm(false, false, 1.0, bk.n1, bk.wk, 0.0, k);
+    b_.gemm(false, false, 1.0, bk.n1, bk.wv, 0.0, bk.v);
+    bk.q = e({T, H * dh});
+    bk.k = e({T, Hkv * dh});
+    b_.rope_forward(q, H, seq_len, cfg_.rope_theta, bk.q);
+    b_.rope_forward(k, Hkv, seq_len, cfg_.rope_theta, bk.k);
+    bk.att = e({T, H * dh});
+    bk.probs = e({T / seq_len * H, seq_len, seq_len});
+    b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.probs);
+    bk.x_mid = e({T, D});
+    b_.copy(x, bk.x_mid);
+    b_.gemm(false, false, 1.0, bk.att, bk.wo, 1.0, bk.x_mid);  // x_mid = x + att Wo
+
+    bk.n2 = e({T, D});
+    bk.rstd2 = e({T});
+    b_.rmsnorm_forward(bk.x_mid, bk.ffn_norm, cfg_.norm_eps, bk.n2, bk.rstd2);
+    Tensor f;
+    if (bk.moe) {
+      MoEOutput mo = bk.moe->forward(bk.n2, {training, seq_len, rng::derive(seed, 100 + i)});
+      f = mo.y;
+      out.router_loss += mo.losses.weighted;
+      out.moe.push_back(std::move(mo));
+    } else {
+      f = bk.dense->forward(bk.n2, {0, T}, 0.0, 0, bk.dense_cache);
+    }
+    Tensor x_out = e({T, D});
+    b_.copy(bk.x_mid, x_out);
+    b_.axpy(1.0, f, x_out);
+    x = x_out;
+  }
+  x_final_ = x;
+  xn_final_ = e({T, D});
+  rstd_final_ = e({T});
+  b_.rmsnorm_forward(x, final_norm_, cfg_.norm_eps, xn_final_, rstd_final_);
+  logits_ = e({T, cfg_.vocab});
+  if (cfg_.tie_embeddings) b_.gemm(false, true, 1.0, xn_final_, embed_, 0.0, logits_);
+  else b_.gemm(false, false, 1.0, xn_final_, head_, 0.0, logits_);
+  out.ce_loss = b_.cross_entropy_forward(logits_, targets);
+  return out;
+}
+
+void TransformerLM::backward() {
+  MOELAB_CHECK(logits_.defined(), "model: backward without a forward");
+  const int64_t T = tokens_.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
+  const int64_t dh = D / H, S = seq_len_;
+  auto e = [&](Shape s) { return b_.empty(s, dtype_); };
+
+  Tensor dlogits = e({T, cfg_.vocab});
+  b_.cross_entropy_backward(logits_, targets_, 1.0, dlogits);
+  Tensor dxn = e({T, D});
+  if (cfg_.tie_embeddings) {
+    b_.gemm(false, false, 1.0, dlogits, embed_, 0.0, dxn);         // dxn = dlogits E
+    b_.gemm(true, false, 1.0, dlogits, xn_final_, 1.0, dembed_);   // dE += dlogits^T xn
+  } else {
+    b_.gemm(false, true, 1.0, dlogits, head_, 0.0, dxn);
+    b_.gemm(true, false, 1.0, xn_final_, dlogits, 1.0, dhead_);
+  }
+  Tensor dx = e({T, D});
+  b_.rmsnorm_backward(x_final_, final_norm_, rstd_final_, dxn, dx, dfinal_norm_);
+
+  Tensor tmp = e({T, D});
+  for (size_t i = blocks_.size(); i-- > 0;) {
+    Block& bk = *blocks_[i];
+    // x_out = x_mid + FFN(n2): dx_mid = dx + d(n2 path).
+    Tensor dn2 = e({T, D});
+    if (bk.moe) bk.moe->backward(dx, dn2);
+    else bk.dense->backward(bk.dense_cache, dx, 0.0, dn2);
+    b_.rmsnorm_backward(bk.x_mid, bk.ffn_norm, bk.rstd2, dn2, tmp, bk.dffn_norm);
+    b_.axpy(1.0, tmp, dx);  // dx is now d x_mid
+
+    // x_mid = x_in + att Wo.
+    Tensor datt = e({T, H * dh});
+    b_.gemm(false, true, 1.0, dx, bk.wo, 0.0, datt);
+    b_.gemm(true, false, 1.0, bk.att, dx, 1.0, bk.dwo);
+    Tensor dq = e({T, H * dh}), dk = e({T, Hkv * dh}), dv = e({T, Hkv * dh});
+    b_.attention_backward(bk.q, bk.k, bk.v, bk.probs, datt, H, Hkv, S, dq, dk, dv);
+    b_.rope_backward(dq, H, S, cfg_.rope_theta, dq);
+    b_.rope_backward(dk, Hkv, S, cfg_.rope_theta, dk);
+    b_.gemm(true, false, 1.0, bk.n1, dq, 1.0, bk.dwq);
+    b_.gemm(true, false, 1.0, bk.n1, dk, 1.0, bk.dwk);
+    b_.gemm(true, false, 1.0, bk.n1, dv, 1.0, bk.dwv);
+    Tensor dn1 = e({T, D});
+    b_.gemm(false, true, 1.0, dq, bk.wq, 0.0, dn1);
+    b_.gemm(false, true, 1.0, dk, bk.wk, 1.0, dn1);
+    b_.gemm(false, true, 1.0, dv, bk.wv, 1.0, dn1);
+    b_.rmsnorm_backward(bk.x_in, bk.attn_norm, bk.rstd1, dn1, tmp, bk.dattn_norm);
+    b_.axpy(1.0, tmp, dx);  // dx is now d x_in
+  }
+  b_.embedding_backward(tokens_, dx, dembed_);
+}
+
+}  // namespace moelab

@@ -1,0 +1,83 @@
+// moelab: the decoder-only MoE language model (Mixtral style), explicit forward and backward.
+//
+//   x0 = embed[tokens]
+//   block i:  x += Wo Attention(RoPE(Wq n), RoPE(Wk n), Wv n),  n = RMSNorm(x)   (causal, GQA)
+//             x += FFN_i(RMSNorm(x)),  FFN_i = MoE layer if block i is an MoE block, else a dense
+//             SwiGLU (GShard alternates: block i is MoE when moe_every > 0 and
+//             i % moe_every == moe_every - 1; moe_every = 0 is a dense model)
+//   logits = RMSNorm(x_L) W_head   (W_head = embed^T when tied)
+//   objective = CE(logits, targets) + sum over MoE blocks of their weighted router losses
+//
+// forward() keeps the activations backward() needs (one Activations struct per block);
+// backward() accumulates (+=) every parameter gradient; call zero_grad() between steps.
+// Dimension letters: T tokens (B sequences of S), D width, H heads, Hkv kv heads, Dh head width,
+// F dense FFN width, V vocabulary.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/moe/moe_layer.h"
+
+namespace moelab {
+
+struct LMConfig {
+  int64_t vocab = 256;
+  int64_t d_model = 64;
+  int64_t layers = 2;
+  int64_t heads = 4;
+  int64_t kv_heads = 4;
+  int64_t moe_every = 1;       // see the header comment; 0 = dense model
+  int64_t d_ff = 0;            // dense FFN width; 0 = top_k * d_expert (equal active params)
+  bool tie_embeddings = true;
+  double init_scale = 1.0;     // multiplies every init std (Switch: 0.1 for stability)
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-5;
+  MoEConfig moe;
+  void validate() const;
+  bool is_moe_block(int64_t i) const { return moe_every > 0 && i % moe_every == moe_every - 1; }
+  int64_t dense_width() const { return d_ff > 0 ? d_ff : moe.top_k * moe.d_expert; }
+};
+
+struct LMForward {
+  double ce_loss = 0;              // mean cross-entropy, nats per token
+  double router_loss = 0;          // sum of the MoE blocks' weighted router losses
+  std::vector<MoEOutput> moe;      // one per MoE block, in block order
+};
+
+class TransformerLM {
+ public:
+  TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype);
+  ~TransformerLM();
+
+  void init(uint64_t seed);
+  std::vector<ParamRef> params();  // stable names and order (checkpoints rely on it)
+  void zero_grad();
+
+  // tokens, targets: i32 [T] on this backend, T = B * seq_len.
+  // training: noise, random routing draws and dropout on; seed drives them.
+  LMForward forward(const Tensor& tokens, const Tensor& targets, int64_t seq_len, bool training,
+                    uint64_t seed);
+  // Logits of the last forward, [T,V] (for sampling).
+  const Tensor& logits() const;
+  void backward();
+
+  const LMConfig& config() const { return cfg_; }
+  std::vector<int> moe_blocks() const;           // block indices with an MoE FFN
+  MoELayer& moe_layer(size_t i);                 // i-th MoE block's layer
+  DType dtype() const { return dtype_; }
+
+ private:
+  struct Block;
+  Backend& b_;
+  LMConfig cfg_;
+  DType dtype_;
+  Tensor embed_, dembed_, final_norm_, dfinal_norm_, head_, dhead_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  // Activations of the last forward.
+  Tensor tokens_, targets_, x_final_, xn_final_, rstd_final_, logits_;
+  int64_t seq_len_ = 0;
+};
+
+}  // namespace moelab

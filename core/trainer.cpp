@@ -1,0 +1,296 @@
+// moelab: the training loop. See trainer.h for the determinism contract.
+#include "core/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <numeric>
+
+#include "core/io/checkpoint.h"
+#include "core/io/data.h"
+#include "core/io/run_log.h"
+#include "core/rng.h"
+
+namespace moelab {
+namespace {
+
+constexpr const char* kVersion = "0.1.0";
+constexpr const char* kCheckpointKind = "moelab-train-state-1";
+enum : uint64_t { kInitStream = 1, kStepStream = 1000000, kEvalStream = 2000000 };
+
+using Clock = std::chrono::steady_clock;
+
+std::string format_duration(double s) {
+  char buf[32];
+  if (s < 60) std::snprintf(buf, sizeof buf, "%.0fs", s);
+  else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(s / 60) % 60);
+  return buf;
+}
+
+// Inputs tokens[:, :S] and targets tokens[:, 1:] of a [B, S+1] batch, on the backend.
+void batch_tensors(Backend& b, const Batch& batch, Tensor& inputs, Tensor& targets) {
+  const int64_t B = batch.batch, S = batch.seq;
+  std::vector<double> in(static_cast<size_t>(B * S)), tg(static_cast<size_t>(B * S));
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t s = 0; s < S; ++s) {
+      in[r * S + s] = batch.tokens[r * (S + 1) + s];
+      tg[r * S + s] = batch.tokens[r * (S + 1) + s + 1];
+    }
+  inputs = b.from_host(host_tensor(in, Shape{B * S}, DType::I32));
+  targets = b.from_host(host_tensor(tg, Shape{B * S}, DType::I32));
+}
+
+// Expert x category counts of the kept assignments of one router call; categories of the
+// input tokens (batch.category[:, :S]).
+void count_categories(Backend& b, const RouterState& rs, const Batch& batch, int64_t E, int64_t C,
+                      std::vector<int64_t>& counts) {
+  const auto idx = b.to_vector<int32_t>(rs.idx), keep = b.to_vector<int32_t>(rs.keep);
+  const int64_t n1 = rs.idx.dim(1), S = batch.seq;
+  for (size_t a = 0; a < idx.size(); ++a) {
+    if (!keep[a]) continue;
+    const int64_t e = rs.expert_choice ? int64_t(a) / n1 : idx[a];
+    const int64_t t = rs.expert_choice ? idx[a] : int64_t(a) / n1;
+    const int64_t cat = batch.category[(t / S) * (S + 1) + t % S];
+    if (cat >= 0 && cat < C && e >= 0 && e < E) ++counts[e * C + cat];
+  }
+}
+
+struct OptimizerState {
+  std::vector<Tensor> m, v;  // fp32 (f64 for f64 params), one pair per parameter
+};
+
+bool decays(const ParamRef& p) { return p.value.ndim() >= 2; }  // no decay on norm weights
+
+}  // namespace
+
+LMConfig lm_config(const RunConfig& cfg) {
+  LMConfig c;
+  c.vocab = cfg.model.vocab;
+  c.d_model = cfg.moe.d_model;
+  c.layers = cfg.model.layers;
+  c.heads = cfg.model.heads;
+  c.kv_heads = cfg.model.kv_heads > 0 ? cfg.model.kv_heads : cfg.model.heads;
+  c.moe_every = cfg.model.moe_every;
+  c.d_ff = cfg.model.d_ff;
+  c.tie_embeddings = cfg.model.tie_embeddings;
+  c.init_scale = cfg.model.init_scale;
+  c.moe = cfg.moe;
+  return c;
+}
+
+double learning_rate(const TrainConfig& t, int64_t step) {
+  if (t.warmup > 0 && step <= t.warmup) return t.lr * double(step) / double(t.warmup);
+  const double span = double(std::max<int64_t>(1, t.steps - t.warmup));
+  const double progress = std::clamp(double(step - t.warmup) / span, 0.0, 1.0);
+  const double floor = t.lr * t.min_lr_ratio;
+  return floor + (t.lr - floor) * 0.5 * (1.0 + std::cos(M_PI * progress));
+}
+
+TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
+  auto backend = make_backend(cfg.train.backend);
+  Backend& b = *backend;
+  const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : DType::F32;
+  const DType state_dtype = dtype == DType::F64 ? DType::F64 : DType::F32;
+  const TrainConfig& tc = cfg.train;
+  const uint64_t seed = tc.seed;
+  const int64_t T = tc.batch * tc.seq, E = cfg.moe.experts;
+
+  auto data = make_data_source(cfg.data, tc.batch, tc.seq, seed, cfg.log.eval_batches);
+  TransformerLM model(b, lm_config(cfg), dtype);
+  model.init(rng::derive(seed, kInitStream));
+  std::vector<ParamRef> params = model.params();
+  OptimizerState opt;
+  for (ParamRef& p : params) {
+    opt.m.push_back(b.zeros(p.value.shape(), state_dtype));
+    opt.v.push_back(b.zeros(p.value.shape(), state_dtype));
+  }
+  const std::vector<int> moe_blocks = model.moe_blocks();
+  auto bias_of = [&](size_t i) -> Tensor& { return model.moe_layer(i).router().params().bias; };
+
+  // ---- resume --------------------------------------------------------------------------
+  int64_t start = 0;
+  if (!opts.resume.empty()) {
+    CheckpointReader ck(opts.resume);
+    MOELAB_CHECK(ck.has_meta("kind") && ck.meta("kind") == kCheckpointKind, "checkpoint ",
+                 opts.resume, " is not a moelab training state (kind '",
+                 ck.has_meta("kind") ? ck.meta("kind") : std::string("none"), "')");
+    for (size_t i = 0; i < params.size(); ++i) {
+      const ParamRef& p = params[i];
+      MOELAB_CHECK(ck.has(p.name), "checkpoint ", opts.resume, " has no tensor '", p.name,
+                   "': it was written by a model of another shape (this config has ",
+                   params.size(), " parameter tensors)");
+      b.copy(ck.tensor(p.name, p.value.shape(), p.value.dtype()), p.value);
+      b.copy(ck.tensor("adam.m." + p.name, p.value.shape(), state_dtype), opt.m[i]);
+      b.copy(ck.tensor("adam.v." + p.name, p.value.shape(), state_dtype), opt.v[i]);
+    }
+    for (size_t i = 0; i < moe_blocks.size(); ++i)
+      b.copy(ck.tensor("router_bias." + std::to_string(moe_blocks[i]), Shape{E}, DType::F32), bias_of(i));
+    data->set_state(ck.blob("data_state"));
+    start = std::stoll(ck.meta("step"));
+    MOELAB_CHECK(start >= 0 && start <= tc.steps, "checkpoint ", opts.resume, " is at step ", start,
+                 ", beyond train.steps = ", tc.steps);
+  }
+
+  // ---- run log ----------------------------------------------------------------------------
+  RunLogInfo info;
+  info.config_ini = to_ini(cfg);
+  info.backend = b.name();
+  info.moelab_version = kVersion;
+  info.moe_layers = moe_blocks;
+  info.experts = E;
+  info.category_names = data->category_names();
+  info.flush_every = cfg.log.flush_every;
+  info.sweep_name = opts.sweep_name;
+  info.resume_step = opts.resume.empty() ? -1 : start;
+  RunLog log(cfg.log.out, info);
+
+  TrainResult res;
+  res.log_path = cfg.log.out;
+  const int64_t C = int64_t(info.category_names.size());
+
+  auto evaluate = [&](int64_t step) {
+    double total = 0;
+    std::vector<std::vector<int64_t>> counts(moe_blocks.size(), std::vector<int64_t>(size_t(E * C), 0));
+    Batch vb;
+    const int64_t n = data->val_batches();
+    for (int64_t i = 0; i < n; ++i) {
+      data->val_batch(i, vb);
+      Tensor in, tg;
+      batch_tensors(b, vb, in, tg);
+      LMForward f = model.forward(in, tg, tc.seq, false, rng::derive(seed, kEvalStream + uint64_t(i)));
+      total += f.ce_loss;
+      for (size_t l = 0; l < moe_blocks.size(); ++l)
+        count_categories(b, model.moe_layer(l).last_routing(), vb, E, C, counts[l]);
+    }
+    EvalRow row;
+    row.step = step;
+    row.loss = n ? total / double(n) : std::nan("");
+    row.bits_per_byte = row.loss / std::log(2.0);
+    row.category_counts = counts;
+    log.log_eval(row);
+    res.eval_steps.push_back(step);
+    res.eval_losses.push_back(row.loss);
+    return row.loss;
+  };
+
+  auto save_checkpoint = [&](int64_t step) {
+    CheckpointWriter w;
+    w.set_meta("kind", kCheckpointKind);
+    w.set_meta("step", std::to_string(step));
+    w.set_meta("config", to_ini(cfg));
+    w.set_meta("moelab_version", kVersion);
+    for (size_t i = 0; i < params.size(); ++i) {
+      w.add_tensor(params[i].name, b.to_host(params[i].value));
+      w.add_tensor("adam.m." + params[i].name, b.to_host(opt.m[i]));
+      w.add_tensor("adam.v." + params[i].name, b.to_host(opt.v[i]));
+    }
+    for (size_t i = 0; i < moe_blocks.size(); ++i)
+      w.add_tensor("router_bias." + std::to_string(moe_blocks[i]), b.to_host(bias_of(i)));
+    w.add_blob("data_state", data->state());
+    const std::string path = checkpoint_path(cfg.log.checkpoint_dir, step);
+    w.write(path);
+    res.last_checkpoint = path;
+  };
+
+  if (!opts.quiet)
+    std::printf("moelab train: %s backend, %s, %lld params, %lld MoE blocks of %lld, %s data, "
+                "%lld steps of %lld tokens -> %s\n",
+                b.name().c_str(), to_string(dtype),
+                (long long)std::accumulate(params.begin(), params.end(), int64_t(0),
+                                           [](int64_t a, const ParamRef& p) { return a + p.value.numel(); }),
+                (long long)moe_blocks.size(), (long long)cfg.model.layers, data->name().c_str(),
+                (long long)tc.steps, (long long)T, cfg.log.out.c_str());
+
+  // ---- the loop ---------------------------------------------------------------------------
+  const auto t_start = Clock::now();
+  double last_val = std::nan(""), window_time = 0;
+  int64_t window_steps = 0;
+  Batch batch;
+  std::vector<double> imb_hist, drop_hist, rms_hist;
+  for (int64_t step = start + 1; step <= tc.steps; ++step) {
+    const auto t0 = Clock::now();
+    const double lr = learning_rate(tc, step);
+    data->next_train(batch);
+    Tensor in, tg;
+    batch_tensors(b, batch, in, tg);
+    LMForward f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
+    model.zero_grad();
+    model.backward();
+
+    double sq = 0;
+    for (ParamRef& p : params) sq += b.sum_squares(p.grad);
+    const double gnorm = std::sqrt(sq);
+    MOELAB_CHECK(std::isfinite(f.ce_loss) && std::isfinite(gnorm), "training diverged at step ",
+                 step, ": loss ", f.ce_loss, ", gradient norm ", gnorm,
+                 " (try a lower train.lr, model.init_scale or router.z_loss > 0)");
+    if (tc.grad_clip > 0 && gnorm > tc.grad_clip)
+      for (ParamRef& p : params) b.scale(p.grad, tc.grad_clip / gnorm);
+    for (size_t i = 0; i < params.size(); ++i)
+      b.adamw(params[i].value, params[i].grad, opt.m[i], opt.v[i], lr, tc.beta1, tc.beta2, 1e-8,
+              decays(params[i]) ? tc.weight_decay : 0.0, step);
+    for (size_t i = 0; i < moe_blocks.size(); ++i) model.moe_layer(i).update_bias();
+    b.synchronize();
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    window_time += dt;
+    ++window_steps;
+
+    res.steps.push_back(step);
+    res.losses.push_back(f.ce_loss);
+    double imb = 0, drop = 0, rms = 0;
+    TrainRow row;
+    row.step = step;
+    row.loss = f.ce_loss;
+    row.lr = lr;
+    row.grad_norm = gnorm;
+    row.tokens_per_sec = double(T) / dt;
+    for (const MoEOutput& mo : f.moe) {
+      row.layers.push_back({mo.stats, mo.losses, mo.capacity});
+      const int64_t routed = std::accumulate(mo.stats.routed.begin(), mo.stats.routed.end(), int64_t(0));
+      const int64_t kept = std::accumulate(mo.stats.kept.begin(), mo.stats.kept.end(), int64_t(0));
+      const int64_t mx = *std::max_element(mo.stats.routed.begin(), mo.stats.routed.end());
+      imb += routed ? double(mx) * double(E) / double(routed) : 0.0;
+      drop += routed ? double(routed - kept) / double(routed) : 0.0;
+      rms += mo.stats.logit_rms;
+    }
+    const double nl = std::max<double>(1.0, double(f.moe.size()));
+    imb_hist.push_back(imb / nl);
+    drop_hist.push_back(drop / nl);
+    rms_hist.push_back(rms / nl);
+    if (cfg.log.every > 0 && (step % cfg.log.every == 0 || step == tc.steps)) log.log_train(row);
+
+    const bool do_eval = cfg.log.eval_every > 0 && (step % cfg.log.eval_every == 0 || step == tc.steps);
+    if (do_eval) last_val = evaluate(step);
+    if (cfg.log.checkpoint_every > 0 && (step % cfg.log.checkpoint_every == 0 || step == tc.steps))
+      save_checkpoint(step);
+
+    if (!opts.quiet && (step == start + 1 || step % std::max<int64_t>(1, cfg.log.every) == 0 ||
+                        step == tc.steps || do_eval)) {
+      const double per_step = window_time / double(window_steps);
+      char val[32] = "   -    ";
+      if (!std::isnan(last_val)) std::snprintf(val, sizeof val, "%.3f bpb", last_val / std::log(2.0));
+      std::printf("step %5lld/%lld | loss %.4f | val %s | lr %.2e | gnorm %.2f | imbalance %.2f | "
+                  "drop %.1f%% | %.0f tok/s | left %s\n",
+                  (long long)step, (long long)tc.steps, f.ce_loss,
+                  val,
+                  lr, gnorm, imb / nl, 100.0 * drop / nl, double(T) / per_step,
+                  format_duration(per_step * double(tc.steps - step)).c_str());
+      std::fflush(stdout);
+    }
+  }
+  log.flush();
+  res.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
+  res.tokens_per_sec = res.seconds > 0 ? double(res.steps.size() * T) / res.seconds : 0;
+  const size_t n = imb_hist.size(), tail = std::max<size_t>(1, n / 10);
+  auto tail_mean = [&](const std::vector<double>& v) {
+    return n ? std::accumulate(v.end() - long(std::min(tail, n)), v.end(), 0.0) / double(std::min(tail, n)) : 0.0;
+  };
+  res.imbalance = tail_mean(imb_hist);
+  res.drop_fraction = tail_mean(drop_hist);
+  res.logit_rms = tail_mean(rms_hist);
+  return res;
+}
+
+}  // namespace moelab

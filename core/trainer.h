@@ -1,0 +1,48 @@
+// moelab: the training loop (AdamW, warm-up + cosine schedule, global-norm clipping, evaluation,
+// HDF5 run log, checkpoints and bit-identical resume).
+//
+// Determinism: every random draw is a counter-based function of (train.seed, step, purpose)
+// (core/rng.h), the data source's position is part of the checkpoint, and the CPU backend's
+// reductions have a fixed order, so the same config and seed give bit-identical losses on the
+// CPU, and a resumed run continues bit-identically.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/io/config.h"
+#include "core/model.h"
+
+namespace moelab {
+
+struct TrainOptions {
+  std::string resume;      // checkpoint path to continue from ("" = fresh run)
+  std::string sweep_name;  // recorded in the log ("" = not part of a sweep)
+  bool quiet = false;      // no progress lines
+};
+
+struct TrainResult {
+  std::vector<int64_t> steps;        // every optimizer step run in this call
+  std::vector<double> losses;        // LM loss (nats per token) at those steps
+  std::vector<int64_t> eval_steps;
+  std::vector<double> eval_losses;   // validation nats per token
+  double seconds = 0;
+  double tokens_per_sec = 0;
+  // Means over the last 10% of steps (at least one), per MoE layer averaged over layers:
+  double imbalance = 0;      // max_i c_i / mean_i c_i of the routed counts
+  double drop_fraction = 0;  // (routed - kept) / routed
+  double logit_rms = 0;
+  std::string log_path;
+  std::string last_checkpoint;
+};
+
+// The model shape of a run config.
+LMConfig lm_config(const RunConfig& cfg);
+
+// Learning rate at optimizer step `step` (1-based): linear warm-up from lr/warmup to lr over
+// `warmup` steps, then cosine decay to lr * min_lr_ratio at train.steps.
+double learning_rate(const TrainConfig& t, int64_t step);
+
+TrainResult train(const RunConfig& cfg, const TrainOptions& opts);
+
+}  // namespace moelab

@@ -1,0 +1,148 @@
+// moelab tests: the transformer ops (embedding, RMSNorm, RoPE, causal attention with GQA,
+// cross-entropy, AdamW) and the whole language model, against finite differences in f64.
+#include "core/model.h"
+#include "test_util.h"
+
+using namespace moelab;
+using namespace moelab::test;
+
+namespace {
+Backend& B() { return cpu(); }
+Tensor like(const Tensor& t) { return B().empty(t.shape(), t.dtype()); }
+}  // namespace
+
+TEST_CASE("grad: rmsnorm (input and weight)", "[grad][model]") {
+  Tensor x = randn(Shape{5, 8}, 1), w = randn(Shape{8}, 2), r = randn(Shape{5, 8}, 3);
+  auto f = [&] {
+    Tensor y = like(x), rs = B().empty(Shape{5}, DType::F64);
+    B().rmsnorm_forward(x, w, 1e-5, y, rs);
+    return dot(y, r);
+  };
+  Tensor y = like(x), rs = B().empty(Shape{5}, DType::F64), dx = like(x), dw = B().zeros(Shape{8}, DType::F64);
+  B().rmsnorm_forward(x, w, 1e-5, y, rs);
+  B().rmsnorm_backward(x, w, rs, r, dx, dw);
+  check_gradient("rmsnorm dx", f, x, dx);
+  check_gradient("rmsnorm dw", f, w, dw);
+}
+
+TEST_CASE("grad: rotary embedding is a rotation (backward = transpose)", "[grad][model]") {
+  Tensor x = randn(Shape{6, 8}, 4), r = randn(Shape{6, 8}, 5);  // 2 heads of width 4, S = 3
+  auto f = [&] { Tensor y = like(x); B().rope_forward(x, 2, 3, 10000.0, y); return dot(y, r); };
+  Tensor dx = like(x);
+  B().rope_backward(r, 2, 3, 10000.0, dx);
+  check_gradient("rope", f, x, dx);
+  // Norm preserving, and position 0 is the identity.
+  Tensor y = like(x);
+  B().rope_forward(x, 2, 3, 10000.0, y);
+  REQUIRE(B().sum_squares(y) == Approx(B().sum_squares(x)).epsilon(1e-12));
+  for (int d = 0; d < 8; ++d) REQUIRE(y.ptr<double>()[d] == x.ptr<double>()[d]);
+}
+
+TEST_CASE("grad: causal attention with grouped-query heads", "[grad][model]") {
+  const int64_t S = 4, B_ = 2, H = 4, Hkv = 2, dh = 3, T = S * B_;
+  Tensor q = randn(Shape{T, H * dh}, 6), k = randn(Shape{T, Hkv * dh}, 7), v = randn(Shape{T, Hkv * dh}, 8);
+  Tensor r = randn(Shape{T, H * dh}, 9);
+  auto f = [&] {
+    Tensor o = like(q), p = B().empty(Shape{B_ * H, S, S}, DType::F64);
+    B().attention_forward(q, k, v, H, Hkv, S, o, p);
+    return dot(o, r);
+  };
+  Tensor o = like(q), p = B().empty(Shape{B_ * H, S, S}, DType::F64);
+  B().attention_forward(q, k, v, H, Hkv, S, o, p);
+  Tensor dq = like(q), dk = like(k), dv = like(v);
+  B().attention_backward(q, k, v, p, r, H, Hkv, S, dq, dk, dv);
+  check_gradient("attention dq", f, q, dq);
+  check_gradient("attention dk", f, k, dk);
+  check_gradient("attention dv", f, v, dv);
+  // Causality: the first token of each sequence attends only to itself.
+  auto pv = host_values(p);
+  REQUIRE(pv[0] == 1.0);
+  REQUIRE(pv[1] == 0.0);
+}
+
+TEST_CASE("grad: cross-entropy and embedding", "[grad][model]") {
+  Tensor l = randn(Shape{6, 5}, 10, 2.0);
+  Tensor y = ints({0, 4, 2, 2, 1, 3}, Shape{6});
+  Tensor dl = like(l);
+  B().cross_entropy_backward(l, y, 1.0, dl);
+  check_gradient("cross_entropy", [&] { return B().cross_entropy_forward(l, y); }, l, dl);
+  // Uniform logits give log V.
+  Tensor u = full(Shape{3, 5}, 0.7);
+  REQUIRE(B().cross_entropy_forward(u, ints({0, 1, 2}, Shape{3})) == Approx(std::log(5.0)).epsilon(1e-12));
+
+  Tensor table = randn(Shape{5, 3}, 11), tok = ints({1, 4, 1, 0}, Shape{4}), r = randn(Shape{4, 3}, 12);
+  auto f = [&] { Tensor o = B().empty(Shape{4, 3}, DType::F64); B().embedding_forward(tok, table, o); return dot(o, r); };
+  Tensor dt = B().zeros(table.shape(), DType::F64);
+  B().embedding_backward(tok, r, dt);
+  check_gradient("embedding", f, table, dt);
+  Tensor bad = ints({7}, Shape{1}), o = B().empty(Shape{1, 3}, DType::F64);
+  REQUIRE_THROWS_WITH(B().embedding_forward(bad, table, o), has_substr("token 7 outside the vocabulary"));
+}
+
+TEST_CASE("adamw: one step by hand, decoupled weight decay", "[model][optim]") {
+  Tensor p = full(Shape{2}, 1.0, DType::F32), g = host_tensor({0.5, -2.0}, Shape{2}, DType::F32);
+  Tensor m = full(Shape{2}, 0.0, DType::F32), v = full(Shape{2}, 0.0, DType::F32);
+  B().adamw(p, g, m, v, 0.1, 0.9, 0.95, 1e-8, 0.01, 1);
+  // Step 1: m_hat = g, v_hat = g^2, update = sign(g) (up to eps) + wd * p.
+  auto pv = host_values(p);
+  REQUIRE(pv[0] == Approx(1.0 - 0.1 * (1.0 + 0.01)).epsilon(1e-6));
+  REQUIRE(pv[1] == Approx(1.0 - 0.1 * (-1.0 + 0.01)).epsilon(1e-6));
+  REQUIRE(host_values(m)[0] == Approx(0.05).epsilon(1e-6));
+  REQUIRE(host_values(v)[1] == Approx(0.05 * 4.0).epsilon(1e-6));
+}
+
+namespace {
+LMConfig tiny_lm(int64_t moe_every, bool tie) {
+  LMConfig c;
+  c.vocab = 11;
+  c.d_model = 8;
+  c.layers = 2;
+  c.heads = 2;
+  c.kv_heads = 1;
+  c.moe_every = moe_every;
+  c.tie_embeddings = tie;
+  c.moe.d_model = 8;
+  c.moe.experts = 4;
+  c.moe.top_k = 2;
+  c.moe.d_expert = 6;
+  c.moe.router.aux_alpha = 0.1;
+  c.moe.router.z_loss = 0.01;
+  return c;
+}
+
+void check_lm(const LMConfig& cfg, uint64_t seed) {
+  TransformerLM lm(B(), cfg, DType::F64);
+  lm.init(seed);
+  const int64_t S = 5, T = 10;
+  std::vector<double> tk, tg;
+  for (int t = 0; t < T; ++t) {
+    tk.push_back(double(rng::bits(seed, t) % 11));
+    tg.push_back(double(rng::bits(seed + 1, t) % 11));
+  }
+  Tensor tokens = host_tensor(tk, Shape{T}, DType::I32), targets = host_tensor(tg, Shape{T}, DType::I32);
+  lm.forward(tokens, targets, S, true, 3);
+  lm.zero_grad();
+  lm.backward();
+  auto f = [&] {
+    LMForward o = lm.forward(tokens, targets, S, true, 3);
+    return o.ce_loss + o.router_loss;
+  };
+  for (ParamRef& p : lm.params()) check_gradient(p.name, f, p.value, p.grad, 1e-5, 1e-8);
+}
+}  // namespace
+
+TEST_CASE("lm grad: MoE every block, tied embeddings, GQA", "[grad][model][lm]") { check_lm(tiny_lm(1, true), 21); }
+
+TEST_CASE("lm grad: GShard alternation (dense, MoE), untied head", "[grad][model][lm]") {
+  check_lm(tiny_lm(2, false), 22);
+}
+
+TEST_CASE("lm: bad model shapes are refused with the key's name", "[model][errors]") {
+  LMConfig c = tiny_lm(1, true);
+  c.heads = 3;
+  REQUIRE_THROWS_WITH(TransformerLM(B(), c, DType::F64), has_substr("model.heads = 3 must divide model.d_model = 8"));
+  c = tiny_lm(1, true);
+  c.kv_heads = 3;
+  c.heads = 4;
+  REQUIRE_THROWS_WITH(TransformerLM(B(), c, DType::F64), has_substr("model.kv_heads"));
+}
