@@ -192,6 +192,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     w.add_blob("data_state", data->state());
     const std::string path = checkpoint_path(cfg.log.checkpoint_dir, step);
     w.write(path);
+    log.flush();  // the log on disk always covers the latest checkpoint (resume keeps its rows)
     res.last_checkpoint = path;
   };
 
