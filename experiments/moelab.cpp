@@ -126,7 +126,9 @@ void write_sweep_index(const RunConfig& base, const std::vector<moelab::SweepRun
     js << "    {\"file\": \"" << fs::path(runs[i].config.log.out).filename().string() << "\", \"name\": \""
        << runs[i].name << "\", \"values\": {";
     for (size_t a = 0; a < base.sweep.size(); ++a)
-      js << (a ? ", " : "") << '"' << base.sweep[a].key << "\": \"" << moelab::get_value(runs[i].config, base.sweep[a].key) << '"';
+      js << (a ? ", " : "") << '"' << base.sweep[a].key << "\": \""
+         << (base.sweep[a].key == "variant" ? runs[i].name : moelab::get_value(runs[i].config, base.sweep[a].key))
+         << '"';
     js << "}}" << (i + 1 < done ? "," : "") << "\n";
   }
   js << "  ]\n}\n";

@@ -79,14 +79,32 @@ void encode_entry_header(char* h, uint8_t kind, uint8_t dtype, const Shape& shap
   put<uint64_t>(h + 40, uint64_t(payload_len));
 }
 
+// fnv1a64 of the same bytes into two running hashes in one pass (the entry's and the file's):
+// two independent multiply chains, so about the speed of one.
+void fnv1a64_2(const void* data, size_t n, uint64_t& a, uint64_t& b) {
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  uint64_t x = a, y = b;
+  for (size_t i = 0; i < n; ++i) {
+    x = (x ^ p[i]) * 0x100000001b3ull;
+    y = (y ^ p[i]) * 0x100000001b3ull;
+  }
+  a = x;
+  b = y;
+}
+
 std::string errno_text(int e) { return std::error_code(e, std::generic_category()).message(); }
 
 // Writes to a file descriptor through a buffer, hashing every byte written.
 class HashedFileWriter {
  public:
   HashedFileWriter(int fd, const std::string& what) : fd_(fd), what_(what) { buf_.reserve(kBuf); }
-  void write(const void* data, size_t n) {
-    hash_ = fnv1a64(data, n, hash_);
+  // Writes n bytes, adding them to the file hash and, if `also` is set, to *also.
+  void write(const void* data, size_t n, uint64_t* also = nullptr) {
+    if (also) {
+      fnv1a64_2(data, n, *also, hash_);
+    } else {
+      hash_ = fnv1a64(data, n, hash_);
+    }
     written_ += n;
     const char* p = static_cast<const char*>(data);
     if (buf_.size() + n <= kBuf) {
@@ -214,8 +232,8 @@ void CheckpointWriter::write(const std::string& path) const {
 
   // Total size, known before writing so the header can record it.
   uint64_t total = kHeaderSize + kTrailerSize;
-  for (const Entry& e : entries_) total += kEntryHeaderSize + e.name.size() + e.payload.size() + 8;
-  for (const auto& [k, v] : meta_) total += kEntryHeaderSize + k.size() + v.size() + 8;
+  for (const Entry& e : entries_) total += kEntryHeaderSize + e.name.size() + e.payload.size() + 16;
+  for (const auto& [k, v] : meta_) total += kEntryHeaderSize + k.size() + v.size() + 16;
 
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -236,13 +254,12 @@ void CheckpointWriter::write(const std::string& path) const {
                            const std::string& name, const char* payload, size_t len) {
       char h[kEntryHeaderSize];
       encode_entry_header(h, kind, dtype, shape, name.size(), len);
-      uint64_t eh = fnv1a64(h, kEntryHeaderSize);
-      eh = fnv1a64(name.data(), name.size(), eh);
-      eh = fnv1a64(payload, len, eh);
-      out.write(h, kEntryHeaderSize);
-      out.write(name.data(), name.size());
-      out.write(payload, len);
-      out.write(&eh, 8);
+      uint64_t head_hash = kFnvOffset, payload_hash = kFnvOffset;
+      out.write(h, kEntryHeaderSize, &head_hash);
+      out.write(name.data(), name.size(), &head_hash);
+      out.write(&head_hash, 8);
+      out.write(payload, len, &payload_hash);
+      out.write(&payload_hash, 8);
       ++count;
     };
     for (const Entry& e : entries_)
@@ -320,20 +337,20 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
   const char* b = bytes_.data();
   const size_t size = bytes_.size();
 
-  // Header: magic, version, header hash, size.
+  // Header: magic, size, header checksum, version, recorded size. The 32-byte header layout is
+  // frozen across versions, so its checksum is checked before the version is trusted.
   if (size == 0) MOELAB_FAIL(ck, " is empty (truncated: expected at least ", kHeaderSize, " bytes)");
   if (std::memcmp(b, kCheckpointMagic, std::min<size_t>(size, 8)) != 0)
     MOELAB_FAIL(ck, " is not a moelab checkpoint (bad magic: the file does not start with "
                 "\"MOELABCK\")");
   if (size < kHeaderSize)
     MOELAB_FAIL(ck, " is truncated (expected at least ", kHeaderSize, " bytes, found ", size, ")");
+  if (get<uint64_t>(b + 24) != fnv1a64(b, 24))
+    MOELAB_FAIL(ck, " is corrupted: checksum mismatch in the file header");
   const uint32_t version = get<uint32_t>(b + 8);
-  const bool header_ok = get<uint64_t>(b + 24) == fnv1a64(b, 24);
   if (version > kCheckpointVersion)
     MOELAB_FAIL(ck, " has format version ", version, ", newer than the version ",
-                kCheckpointVersion, " this moelab reads; use a newer moelab",
-                header_ok ? "" : " (or the header is corrupted: its checksum does not match)");
-  if (!header_ok) MOELAB_FAIL(ck, " is corrupted: checksum mismatch in the header");
+                kCheckpointVersion, " this moelab reads; use a newer moelab");
   if (version < 1) MOELAB_FAIL(ck, " has unsupported format version ", version);
   if (get<uint32_t>(b + 12) != kHeaderSize)
     MOELAB_FAIL(ck, " is corrupted: header size ", get<uint32_t>(b + 12), ", expected ",
@@ -348,33 +365,45 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
     MOELAB_FAIL(ck, " is corrupted: the header records an impossible size of ", expected,
                 " bytes");
 
-  // Entries.
+  // Entries. The whole-file hash is accumulated along the way (payload bytes are hashed into
+  // the entry's and the file's hash in one pass).
+  uint64_t file_hash = fnv1a64(b, kHeaderSize);
   const size_t end = size - kTrailerSize;
   size_t off = kHeaderSize;
+  std::string previous;  // where the last good entry was, for messages about the next one
   while (off < end) {
     const size_t index = entries_.size() + meta_.size();
-    if (end - off < kEntryHeaderSize)
-      MOELAB_FAIL(ck, " is corrupted: entry #", index, " at byte ", off,
-                  " overruns the trailer");
+    const std::string where = "entry #" + std::to_string(index) + " at byte " +
+                              std::to_string(off) +
+                              (previous.empty() ? std::string() : ", after " + previous);
     const char* h = b + off;
-    const uint8_t kind = uint8_t(h[0]), dcode = uint8_t(h[1]), ndim = uint8_t(h[2]);
-    const uint64_t name_len = get<uint32_t>(h + 4);
-    const uint64_t len = get<uint64_t>(h + 40);
-    const size_t room = end - off - kEntryHeaderSize;
-    if (name_len > room || len > room - name_len || room - name_len - len < 8)
-      MOELAB_FAIL(ck, " is corrupted: entry #", index, " at byte ", off, " declares ", name_len,
-                  " name bytes and ", len, " payload bytes, more than the ", room,
-                  " bytes left before the trailer");
-    const std::string name(h + kEntryHeaderSize, size_t(name_len));
-    const char* payload = h + kEntryHeaderSize + name_len;
-    uint64_t eh = fnv1a64(h, kEntryHeaderSize + name_len + len);
-    if (get<uint64_t>(payload + len) != eh)
-      MOELAB_FAIL(ck, " is corrupted: checksum mismatch in ", kind_name(kind), " '",
-                  printable(name), "' (entry #", index, " at byte ", off, ")");
+    const size_t room = end - off;  // bytes left before the trailer
+    if (room < kEntryHeaderSize + 8 ||
+        get<uint32_t>(h + 4) > room - kEntryHeaderSize - 8)
+      MOELAB_FAIL(ck, " is corrupted: an entry runs past the end of the entries (", where, ")");
+    const size_t name_len = get<uint32_t>(h + 4);
+    const size_t head_len = kEntryHeaderSize + name_len;
+    const uint64_t head_hash = fnv1a64(h, head_len);
+    if (get<uint64_t>(h + head_len) != head_hash)
+      MOELAB_FAIL(ck, " is corrupted: checksum mismatch in the header or name of ", where);
+    file_hash = fnv1a64(h, head_len + 8, file_hash);
 
-    // The bytes are as written; anything odd now is a writer bug or a foreign file.
-    const std::string bad = ck + " is corrupted: entry #" + std::to_string(index) + " '" +
-                            printable(name) + "' ";
+    // The entry header is as written now; anything odd is a writer bug or a foreign file.
+    const uint8_t kind = uint8_t(h[0]), dcode = uint8_t(h[1]), ndim = uint8_t(h[2]);
+    const uint64_t len = get<uint64_t>(h + 40);
+    const std::string name(h + kEntryHeaderSize, name_len);
+    const std::string what = std::string(kind_name(kind)) + " '" + printable(name) + "'";
+    const std::string bad = ck + " is corrupted: " + what + " (" + where + ") ";
+    if (len > room - head_len - 8 || room - head_len - 8 - len < 8)
+      MOELAB_FAIL(bad, "declares ", len, " payload bytes, more than the ",
+                  room - head_len - 16, " bytes left");
+    const char* payload = h + head_len + 8;
+    uint64_t payload_hash = kFnvOffset;
+    fnv1a64_2(payload, size_t(len), payload_hash, file_hash);
+    if (get<uint64_t>(payload + len) != payload_hash)
+      MOELAB_FAIL(ck, " is corrupted: checksum mismatch in ", what, " (", where, ")");
+    file_hash = fnv1a64(payload + len, 8, file_hash);
+
     if (name.empty() || name_len > kMaxNameLength) MOELAB_FAIL(bad, "has a bad name length");
     if (kind == kKindMeta) {
       if (meta_.count(name)) MOELAB_FAIL(bad, "is a duplicate meta key");
@@ -404,21 +433,23 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
           MOELAB_FAIL(bad, "holds ", len, " bytes, but ", to_string(e.dtype), e.shape.str(),
                       " needs ", n);
       } else if (len % 8 != 0) {
-        MOELAB_FAIL(bad, "is a blob of ", len, " bytes, not a multiple of 8");
+        MOELAB_FAIL(bad, "has ", len, " bytes, not a multiple of 8");
       }
       index_[name] = entries_.size();
       entries_.push_back(std::move(e));
     } else {
       MOELAB_FAIL(bad, "has unknown kind ", int(kind));
     }
-    off += kEntryHeaderSize + name_len + len + 8;
+    previous = what;
+    off += head_len + 8 + len + 8;
   }
 
   // Trailer.
   const char* t = b + end;
   if (std::memcmp(t, kTrailerMagic, 8) != 0)
     MOELAB_FAIL(ck, " is corrupted: bad trailer (no \"CKPT_END\" at byte ", end, ")");
-  if (get<uint64_t>(t + 16) != fnv1a64(b, size - 8))
+  file_hash = fnv1a64(t, 16, file_hash);
+  if (get<uint64_t>(t + 16) != file_hash)
     MOELAB_FAIL(ck, " is corrupted: whole-file checksum mismatch");
   const uint64_t count = get<uint64_t>(t + 8);
   if (count != entries_.size() + meta_.size())

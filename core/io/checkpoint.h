@@ -17,7 +17,8 @@
 // File format, version 1. All integers little-endian; "hash" is FNV-1a 64 (fnv1a64 below:
 // h = 0xcbf29ce484222325; for each byte b: h ^= b; h *= 0x100000001b3).
 //
-//   header, 32 bytes (this layout is frozen across format versions):
+//   header, 32 bytes (this layout and its hash are frozen across format versions, so a reader
+//   can trust the version field once the hash matches):
 //     0  char[8]  magic "MOELABCK"
 //     8  u32      format version (1)
 //    12  u32      header size in bytes (32)
@@ -32,12 +33,19 @@
 //     8  i64[4]   shape, unused dimensions 0
 //    40  u64      payload length in bytes (tensors: numel * dtype size; blobs: 8 * words;
 //                 meta: the value's length)
-//    48  name bytes (UTF-8, not NUL-terminated), then payload bytes
-//        then u64 hash of the entry's header, name and payload
+//    48  name bytes (UTF-8, not NUL-terminated)
+//        u64 hash of the 48 header bytes and the name (so lengths and name are verified before
+//            they are used, and error messages can trust the name)
+//        payload bytes
+//        u64 hash of the payload
 //   trailer, 24 bytes:
 //     0  char[8]  "CKPT_END"
 //     8  u64      number of entries
 //    16  u64      hash of every byte of the file before this field
+//
+// Entries: tensors and blobs in the order they were added, then meta keys sorted. Reading
+// checks, in order: magic, header hash, version, recorded size against the actual size
+// (truncated / trailing bytes), each entry's header hash and payload hash, the trailer.
 //
 // Tensors and blobs share one namespace of names (has(), names()); meta keys have their own.
 #pragma once

@@ -381,9 +381,56 @@ void set_key(RunConfig& cfg, const std::string& key, const std::string& value,
 
 // `axis_key` = "router.aux_alpha", `list` = "0, 0.001". An empty list removes the axis when
 // `allow_remove` (--set sweep.key= ), else it is an error.
+// A "variant" axis value is "NAME: key=value + key=value ...": one grid point that sets several
+// keys at once (e.g. aux-loss-free routing = policy topk + bias_update_rate + aux_alpha 0).
+struct Variant {
+  std::string name;
+  std::vector<std::string> assignments;  // "section.key=value"
+};
+
+Variant parse_variant(const std::string& item, const std::string& origin) {
+  const size_t colon = item.find(':');
+  if (colon == std::string::npos || trim(item.substr(0, colon)).empty())
+    MOELAB_FAIL("config: sweep.variant value '", item, "' must look like 'NAME: section.key=value + ...'",
+                origin);
+  Variant v{trim(item.substr(0, colon)), {}};
+  std::stringstream ss(item.substr(colon + 1));
+  std::string a;
+  while (std::getline(ss, a, '+')) {
+    a = trim(a);
+    if (a.empty()) MOELAB_FAIL("config: sweep.variant '", v.name, "' has an empty assignment", origin);
+    v.assignments.push_back(a);
+  }
+  return v;
+}
+
 void set_axis(RunConfig& cfg, const std::string& axis_key, const std::string& list,
               const std::string& origin, bool allow_remove) {
   const std::string full = "sweep." + axis_key;
+  if (axis_key == "variant") {
+    auto it = std::find_if(cfg.sweep.begin(), cfg.sweep.end(),
+                           [&](const SweepAxis& a) { return a.key == axis_key; });
+    if (trim(list).empty()) {
+      if (!allow_remove) MOELAB_FAIL("config: ", full, " has no values", origin);
+      if (it != cfg.sweep.end()) cfg.sweep.erase(it);
+      return;
+    }
+    SweepAxis axis{axis_key, {}};
+    std::stringstream ss(list);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      Variant v = parse_variant(trim(item), origin);
+      RunConfig scratch;  // every assignment must name a real key with a valid value
+      for (const std::string& a : v.assignments)
+        with_origin(origin + " (sweep.variant '" + v.name + "')", [&] { apply_override(scratch, a); });
+      std::string canon = v.name + ":";
+      for (size_t i = 0; i < v.assignments.size(); ++i) canon += (i ? " + " : " ") + v.assignments[i];
+      axis.values.push_back(canon);
+    }
+    if (it != cfg.sweep.end()) *it = std::move(axis);
+    else cfg.sweep.push_back(std::move(axis));
+    return;
+  }
   if (axis_key.rfind("sweep.", 0) == 0 || !find_key(axis_key)) {
     std::string hint = suggestion(axis_key);
     MOELAB_FAIL("config: [sweep] key '", axis_key, "' is not a config key", origin, hint,
@@ -563,6 +610,12 @@ std::vector<SweepRun> expand_sweep(const RunConfig& cfg) {
     std::string name;
     for (size_t i = 0; i < idx.size(); ++i) {
       const SweepAxis& a = cfg.sweep[i];
+      if (a.key == "variant") {
+        const Variant v = parse_variant(a.values[idx[i]], " (sweep axis)");
+        for (const std::string& asg : v.assignments) apply_override(run, asg);
+        name += (i ? "_" : "") + sanitize(v.name);
+        continue;
+      }
       const ConfigKey* k = find_key(a.key);
       if (!k) fail_unknown_key(a.key, " (sweep axis)");
       k->set(run, a.values[idx[i]]);
