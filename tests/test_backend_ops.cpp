@@ -1,0 +1,1164 @@
+// moelab tests: the cross-backend op test (ggml's test-backend-ops; DESIGN.md rule 5).
+//
+// Every Backend op, forward and backward, runs on the CUDA backend in f32 and in bf16 and on the
+// CPU reference in f64, on the same inputs: random values drawn from a fresh seed each run (set
+// MOELAB_TEST_SEED to replay one; the seed is printed with every failure), rounded to the GPU
+// dtype first, so that the comparison measures the op and not the rounding of its inputs.
+//
+// Comparison, per output:
+//   - floats: normalised MSE = sum (gpu - cpu)^2 / sum cpu^2 under the dtype's threshold below
+//     (sum cpu^2 == 0: the plain sum of squares); a NaN or Inf on the GPU never passes;
+//   - integers (capacity masks, dispatch rows, counts): exactly;
+//   - expert choices (top-k indices, expert-choice tokens): as sets per row;
+//   - losses and statistics: the scalar's squared relative error against the same threshold.
+// Each GPU output lives between two guard regions filled with a byte pattern; a write outside
+// the output changes them and fails the op. Outputs that an op overwrites start as NaN on the
+// GPU, so an element the kernel forgets to write fails too.
+//
+// One TEST_CASE per op family, tag [gpu]. Without a CUDA device each test WARNs and returns
+// (Catch2 2.13 has no SKIP), so CPU-only CI passes. Each family ends with one report that names
+// the first op that diverged; MOELAB_GPU_REPORT=FILE appends every comparison to FILE as
+// markdown table rows (op, dtype, output, NMSE, threshold, result).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/cpu_backend.h"
+#include "backends/cuda/cuda_backend.h"
+#include "catch_compat.h"
+#include "core/backend.h"
+#include "core/rng.h"
+
+using namespace moelab;
+
+namespace {
+
+// ---- thresholds ------------------------------------------------------------------------------
+// f32: rounding an exact result to f32 alone gives NMSE ~ 2^-48 (~4e-15); fp32 kernels add a
+// few ulps per element, and fp32 accumulation over K terms grows it to ~K * 2^-48 (~1e-12 for
+// the K <= 200 used here). 1e-10 leaves two orders of margin, while one wrong element among
+// a thousand (NMSE ~1e-3) or a wrong expert (~1e-2) fails by seven orders.
+// bf16: 8 significant bits; rounding an exact result to bf16 alone gives NMSE ~ 2^-16 / 12 *
+// ~0.6 (~3e-6, measured on these inputs: 2e-6 .. 5e-6); ops that round an intermediate to the
+// storage dtype (saved attention probabilities, GQA gradient sums) add about as much again.
+// 5e-5 leaves ~10x over that, and a single wrong element among a thousand still fails by
+// more than an order of magnitude.
+constexpr double kNmseF32 = 1e-10;
+constexpr double kNmseBf16 = 5e-5;
+double threshold(DType dt) { return dt == DType::BF16 ? kNmseBf16 : kNmseF32; }
+
+const DType kDtypes[] = {DType::F32, DType::BF16};
+
+uint64_t run_seed() {
+  static const uint64_t seed = [] {
+    if (const char* s = std::getenv("MOELAB_TEST_SEED")) return uint64_t(std::strtoull(s, nullptr, 0));
+    std::random_device rd;
+    const uint64_t t = uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+    return rng::mix64((uint64_t(rd()) << 32) ^ rd() ^ t);
+  }();
+  return seed;
+}
+
+Backend& cpu() {
+  static std::unique_ptr<Backend> b = make_cpu_backend();
+  return *b;
+}
+bool gpu_present() { return cuda_device_count() > 0; }
+// Never destroyed: tearing a cuBLAS handle down after the CUDA runtime has begun its own exit
+// teardown is not safe, and the process is ending anyway.
+Backend& gpu() {
+  static Backend* b = make_cuda_backend().release();
+  return *b;
+}
+
+#define GPU_OR_SKIP()                                                               \
+  do {                                                                              \
+    if (!gpu_present()) {                                                           \
+      WARN("no CUDA device visible: GPU op test skipped");                          \
+      return;                                                                       \
+    }                                                                               \
+  } while (0)
+
+uint64_t hash_str(const std::string& s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (char ch : s) h = (h ^ uint64_t(uint8_t(ch))) * 1099511628211ULL;
+  return h;
+}
+
+std::string fmt(double v) {
+  std::ostringstream os;
+  os.precision(3);
+  os << std::scientific << v;
+  return os.str();
+}
+
+// ---- report ------------------------------------------------------------------------------------
+
+struct Result {
+  std::string op, dtype, output, kind;  // kind: nmse | exact | sets | scalar
+  double nmse = 0, threshold = 0;
+  bool pass = true;
+  std::string note;
+};
+
+// One op family (one TEST_CASE): collects the comparisons and names the first divergence.
+class Family {
+ public:
+  explicit Family(std::string name) : name_(std::move(name)) {}
+  void add(Result r) { results_.push_back(std::move(r)); }
+
+  void finish() {
+    write_report();
+    const Result* first = nullptr;
+    int failed = 0;
+    std::ostringstream all;
+    for (const Result& r : results_)
+      if (!r.pass) {
+        if (!first) first = &r;
+        ++failed;
+        all << "  " << r.op << " (" << r.dtype << ") " << r.output << ": " << describe(r) << "\n";
+      }
+    if (first) {
+      FAIL_CHECK(name_ << ": " << failed << " of " << results_.size()
+                       << " comparisons failed; first diverging op: " << first->op << " ("
+                       << first->dtype << ") output " << first->output << ": " << describe(*first)
+                       << " [seed " << run_seed() << ", rerun with MOELAB_TEST_SEED=" << run_seed()
+                       << "]\n" << all.str());
+    }
+    CHECK(failed == 0);
+    CHECK(!results_.empty());
+  }
+
+ private:
+  static std::string describe(const Result& r) {
+    std::string s;
+    if (r.kind == "exact" || r.kind == "sets")
+      s = r.pass ? "match" : "mismatch";
+    else
+      s = "NMSE " + fmt(r.nmse) + (r.pass ? " <= " : " > ") + fmt(r.threshold);
+    return r.note.empty() ? s : s + " (" + r.note + ")";
+  }
+
+  void write_report() const {
+    const char* path = std::getenv("MOELAB_GPU_REPORT");
+    if (!path) return;
+    std::ofstream f(path, std::ios::app);
+    for (const Result& r : results_) {
+      const bool exact = r.kind == "exact" || r.kind == "sets";
+      f << "| " << name_ << " | " << r.op << " | " << r.dtype << " | " << r.output << " | "
+        << (exact ? (r.kind == "sets" ? "sets per row" : "exact") : fmt(r.nmse)) << " | "
+        << (exact ? "-" : fmt(r.threshold)) << " | " << (r.pass ? "pass" : "FAIL")
+        << (r.note.empty() ? "" : " (" + r.note + ")") << " |\n";
+    }
+  }
+
+  std::string name_;
+  std::vector<Result> results_;
+};
+
+// ---- one op on one dtype --------------------------------------------------------------------------
+
+struct Pair {  // the same input on both backends
+  Tensor c;    // CPU reference (f64, or i32 / f32 where the op fixes the dtype)
+  Tensor g;    // GPU (the case's dtype, or fixed)
+};
+
+struct Out {
+  std::string name;
+  Tensor c, g;     // g is the interior of `full`
+  Tensor full;     // [guard | output | guard] on the GPU, 1-D
+  int64_t guard = 0;
+};
+
+constexpr int64_t kGuard = 64;     // elements of guard on each side
+constexpr uint8_t kGuardByte = 0xA5;
+
+class Case {
+ public:
+  Case(Family& fam, Backend& g, std::string op, DType dt)
+      : gpu(g), dt(dt), fam_(fam), op_(std::move(op)),
+        seed_(rng::derive(run_seed(), hash_str(op_ + to_string(dt)))) {}
+
+  Backend& gpu;
+  const DType dt;
+
+  // Whether the GPU runs `op` in this case's dtype; if not, the call must throw NotSupported
+  // (checked with `gpu_call`) and the case is recorded as such.
+  bool supported(Op op, const std::function<void()>& gpu_call) {
+    if (gpu.supports(op, dt)) return true;
+    bool threw = false;
+    try {
+      gpu_call();
+    } catch (const NotSupported&) {
+      threw = true;
+    }
+    fam_.add(Result{op_, to_string(dt), "-", "exact", 0, 0, threw,
+                    threw ? "not supported: throws NotSupported" : "unsupported but did not throw"});
+    return false;
+  }
+
+  // ---- inputs ----------------------------------------------------------------------------------
+  Pair values(Shape s, const std::vector<double>& v, DType gdt) {
+    Tensor hg = host_tensor(v, s, gdt);
+    const DType cdt = gdt == DType::I32 ? DType::I32 : DType::F64;
+    return Pair{host_tensor(host_values(hg), s, cdt), gpu.from_host(hg)};
+  }
+  Pair values(Shape s, const std::vector<double>& v) { return values(s, v, dt); }
+  Pair gen(Shape s, const std::function<double(int64_t)>& f, DType gdt) {
+    std::vector<double> v(size_t(s.numel()));
+    for (int64_t i = 0; i < s.numel(); ++i) v[size_t(i)] = f(i);
+    return values(s, v, gdt);
+  }
+  Pair randn(Shape s, double scale = 1.0, double shift = 0.0) {
+    const uint64_t sd = next_seed();
+    return gen(s, [&](int64_t i) { return shift + scale * rng::normal(sd, uint64_t(i)); }, dt);
+  }
+  Pair uniform(Shape s, double lo, double hi, DType gdt) {
+    const uint64_t sd = next_seed();
+    return gen(s, [&](int64_t i) { return lo + (hi - lo) * rng::uniform(sd, uint64_t(i)); }, gdt);
+  }
+  Pair uniform(Shape s, double lo, double hi) { return uniform(s, lo, hi, dt); }
+  Pair ints(Shape s, const std::vector<int>& v) {
+    return values(s, std::vector<double>(v.begin(), v.end()), DType::I32);
+  }
+  // A CPU f64 (or i32) result used as the next op's input, rounded to the case's dtype.
+  Pair from_cpu(const Tensor& c) {
+    return values(c.shape(), host_values(c), c.dtype() == DType::I32 ? DType::I32 : dt);
+  }
+  // Row-wise softmax of N(0, scale^2) logits: router-like probabilities.
+  Pair probs(int64_t T, int64_t E, double scale = 1.5) {
+    const uint64_t sd = next_seed();
+    std::vector<double> v(size_t(T * E));
+    for (int64_t t = 0; t < T; ++t) {
+      double m = -1e300, z = 0;
+      for (int64_t e = 0; e < E; ++e) m = std::max(m, v[t * E + e] = scale * rng::normal(sd, uint64_t(t * E + e)));
+      for (int64_t e = 0; e < E; ++e) z += (v[t * E + e] = std::exp(v[t * E + e] - m));
+      for (int64_t e = 0; e < E; ++e) v[t * E + e] /= z;
+    }
+    return values(Shape{T, E}, v);
+  }
+
+  // ---- outputs -----------------------------------------------------------------------------------
+  // Overwritten output: NaN (float) or a sentinel (i32) inside the guards on the GPU.
+  Out out(const std::string& name, Shape s, DType gdt) {
+    const int64_t n = s.numel();
+    std::vector<double> init(size_t(n), gdt == DType::I32 ? -123456789.0
+                                                          : std::numeric_limits<double>::quiet_NaN());
+    return make_out(name, s, gdt, init);
+  }
+  Out out(const std::string& name, Shape s) { return out(name, s, dt); }
+  // Accumulated (or in/out) output: the same initial values on both sides.
+  Out acc(const std::string& name, const Pair& init) {
+    return make_out(name, init.c.shape(), init.g.dtype(), host_values(init.c));
+  }
+  Out acc(const std::string& name, Shape s, double scale = 1.0) { return acc(name, randn(s, scale)); }
+
+  // ---- checks ----------------------------------------------------------------------------------------
+  void close(const Out& o) {
+    std::string note;
+    const bool guards = guards_ok(o, &note);
+    const auto a = gpu_values(o), b = host_values(o.c);
+    double num = 0, den = 0;
+    bool finite = true;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (!std::isfinite(a[i])) finite = false;
+      num += (a[i] - b[i]) * (a[i] - b[i]);
+      den += b[i] * b[i];
+    }
+    const double nmse = finite ? (den > 0 ? num / den : num) : std::numeric_limits<double>::infinity();
+    if (!finite) note = join(note, "non-finite values on the GPU");
+    // A bf16 output (a cast to bf16 from an f32 case) carries bf16 rounding whatever the inputs.
+    const double thr = o.g.dtype() == DType::BF16 ? kNmseBf16 : threshold(dt);
+    fam_.add(Result{op_, to_string(dt), o.name, "nmse", nmse, thr, finite && guards && nmse <= thr, note});
+  }
+
+  void exact(const Out& o) {
+    std::string note;
+    const bool guards = guards_ok(o, &note);
+    const auto a = gpu_values(o), b = host_values(o.c);
+    int64_t bad = 0, first = -1;
+    for (size_t i = 0; i < a.size(); ++i)
+      if (a[i] != b[i]) {
+        if (first < 0) first = int64_t(i);
+        ++bad;
+      }
+    if (bad)
+      note = join(note, std::to_string(bad) + " of " + std::to_string(a.size()) +
+                            " differ, first at " + std::to_string(first) + ": gpu " +
+                            std::to_string(a[first]) + " cpu " + std::to_string(b[first]));
+    fam_.add(Result{op_, to_string(dt), o.name, "exact", 0, 0, guards && bad == 0, note});
+  }
+
+  // Rows of a 2-D index output compared as sets; a row in another order is noted, not failed.
+  void sets(const Out& o) {
+    std::string note;
+    const bool guards = guards_ok(o, &note);
+    auto a = gpu_values(o), b = host_values(o.c);
+    const int64_t rows = o.c.dim(0), k = o.c.dim(1);
+    int64_t bad = 0, reordered = 0, first = -1;
+    for (int64_t r = 0; r < rows; ++r) {
+      auto ra = std::vector<double>(a.begin() + r * k, a.begin() + (r + 1) * k);
+      auto rb = std::vector<double>(b.begin() + r * k, b.begin() + (r + 1) * k);
+      const bool same_order = ra == rb;
+      std::sort(ra.begin(), ra.end());
+      std::sort(rb.begin(), rb.end());
+      if (ra != rb) {
+        if (first < 0) first = r;
+        ++bad;
+      } else if (!same_order) {
+        ++reordered;
+      }
+    }
+    if (bad) note = join(note, std::to_string(bad) + " of " + std::to_string(rows) + " rows differ, first row " + std::to_string(first));
+    if (reordered) note = join(note, std::to_string(reordered) + " rows in another order");
+    fam_.add(Result{op_, to_string(dt), o.name, "sets", 0, 0, guards && bad == 0, note});
+  }
+
+  void scalar(const std::string& name, double g, double c) {
+    const bool finite = std::isfinite(g);
+    const double err = (g - c) * (g - c), nmse = finite ? (c != 0 ? err / (c * c) : err)
+                                                        : std::numeric_limits<double>::infinity();
+    const double thr = threshold(dt);
+    fam_.add(Result{op_, to_string(dt), name, "scalar", nmse, thr, finite && nmse <= thr,
+                    "gpu " + fmt(g) + " cpu " + fmt(c)});
+  }
+
+  void vec(const std::string& name, const std::vector<double>& g, const std::vector<double>& c) {
+    double num = 0, den = 0;
+    bool finite = g.size() == c.size();
+    for (size_t i = 0; finite && i < g.size(); ++i) {
+      if (!std::isfinite(g[i])) finite = false;
+      num += (g[i] - c[i]) * (g[i] - c[i]);
+      den += c[i] * c[i];
+    }
+    const double nmse = finite ? (den > 0 ? num / den : num) : std::numeric_limits<double>::infinity();
+    const double thr = threshold(dt);
+    fam_.add(Result{op_, to_string(dt), name, "nmse", nmse, thr, finite && nmse <= thr, ""});
+  }
+
+  template <class V> void exact_vec(const std::string& name, const V& g, const V& c) {
+    const bool ok = g == c;
+    fam_.add(Result{op_, to_string(dt), name, "exact", 0, 0, ok, ok ? "" : "values differ"});
+  }
+  void exact_value(const std::string& name, int64_t g, int64_t c) {
+    fam_.add(Result{op_, to_string(dt), name, "exact", 0, 0, g == c,
+                    g == c ? "" : "gpu " + std::to_string(g) + " cpu " + std::to_string(c)});
+  }
+
+ private:
+  uint64_t next_seed() { return rng::derive(seed_, ++draws_); }
+
+  static std::string join(const std::string& a, const std::string& b) {
+    return a.empty() ? b : a + "; " + b;
+  }
+
+  Out make_out(const std::string& name, Shape s, DType gdt, const std::vector<double>& init) {
+    const int64_t n = s.numel();
+    Out o;
+    o.name = name;
+    o.guard = kGuard;
+    o.c = host_tensor(init, s, gdt == DType::I32 ? DType::I32 : DType::F64);
+    // Guard pattern over the whole buffer, then the initial values in the interior.
+    Tensor pattern = host_tensor(std::vector<double>(size_t(n + 2 * kGuard), 0.0),
+                                 Shape{n + 2 * kGuard}, gdt);
+    std::memset(pattern.data(), kGuardByte, pattern.nbytes());
+    o.full = gpu.from_host(pattern);
+    o.g = o.full.view_rows(kGuard, kGuard + n).reshape(s);
+    gpu.copy(host_tensor(init, s, gdt), o.g);
+    return o;
+  }
+
+  bool guards_ok(const Out& o, std::string* note) const {
+    Tensor h = gpu.to_host(o.full);
+    const size_t es = dtype_size(h.dtype()), gb = size_t(o.guard) * es;
+    const auto* p = static_cast<const uint8_t*>(h.data());
+    const size_t total = h.nbytes();
+    size_t bad_lo = 0, bad_hi = 0;
+    for (size_t i = 0; i < gb; ++i) {
+      bad_lo += p[i] != kGuardByte;
+      bad_hi += p[total - gb + i] != kGuardByte;
+    }
+    if (bad_lo || bad_hi)
+      *note = "guard bytes overwritten: " + std::to_string(bad_lo) + " before, " +
+              std::to_string(bad_hi) + " after the output";
+    return bad_lo == 0 && bad_hi == 0;
+  }
+
+  std::vector<double> gpu_values(const Out& o) const {
+    Tensor h = gpu.to_host(o.full);
+    const auto all = host_values(h);
+    return std::vector<double>(all.begin() + o.guard, all.end() - o.guard);
+  }
+
+  Family& fam_;
+  std::string op_;
+  uint64_t seed_;
+  uint64_t draws_ = 0;
+};
+
+#define SEED_INFO() INFO("seed " << run_seed() << " (replay with MOELAB_TEST_SEED=" << run_seed() << ")")
+
+// Integer helpers for routing inputs built on the CPU reference.
+Tensor cpu_topk(const Tensor& scores_f64, int64_t k) {
+  Tensor idx = cpu().empty(Shape{scores_f64.dim(0), k}, DType::I32);
+  cpu().topk(scores_f64, Tensor(), idx);
+  return idx;
+}
+
+}  // namespace
+
+// =====================================================================================================
+
+TEST_CASE("gpu ops: fill, cast, axpy, transpose, scale, sum_squares", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("elementwise");
+  Backend& g = gpu();
+  for (DType dt : kDtypes) {
+    {
+      Case k(fam, g, "fill", dt);
+      Out o = k.out("x", Shape{37, 19});
+      cpu().fill(o.c, 0.37);
+      g.fill(o.g, 0.37);
+      k.close(o);
+      Out oi = k.out("x (i32)", Shape{5, 7}, DType::I32);
+      cpu().fill(oi.c, -7);
+      g.fill(oi.g, -7);
+      k.exact(oi);
+    }
+    for (DType to : {DType::F32, DType::BF16, DType::F64, DType::I32}) {
+      Case k(fam, g, std::string("cast to ") + to_string(to), dt);
+      Pair x = k.randn(Shape{23, 31}, 3.0);
+      Out o = k.out("dst", Shape{23, 31}, to);
+      cpu().cast(x.c, o.c);
+      g.cast(x.g, o.g);
+      if (to == DType::I32) k.exact(o);
+      else k.close(o);
+    }
+    {
+      Case k(fam, g, "axpy", dt);
+      Pair x = k.randn(Shape{41, 29});
+      Out y = k.acc("y", Shape{41, 29});
+      if (k.supported(Op::Axpy, [&] { g.axpy(0.7, x.g, y.g); })) {
+        cpu().axpy(0.7, x.c, y.c);
+        g.axpy(0.7, x.g, y.g);
+        k.close(y);
+      }
+    }
+    {
+      Case k(fam, g, "transpose", dt);
+      Pair x = k.randn(Shape{37, 53});
+      Out y = k.out("y", Shape{53, 37});
+      cpu().transpose(x.c, y.c);
+      g.transpose(x.g, y.g);
+      k.close(y);
+    }
+    {
+      Case k(fam, g, "scale", dt);
+      Out x = k.acc("x", Shape{31, 17});
+      cpu().scale(x.c, -1.3);
+      g.scale(x.g, -1.3);
+      k.close(x);
+    }
+    {
+      Case k(fam, g, "sum_squares", dt);
+      Pair x = k.randn(Shape{1000, 7});
+      k.scalar("value", g.sum_squares(x.g), cpu().sum_squares(x.c));
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: gemm", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("gemm");
+  Backend& g = gpu();
+  const int64_t M = 67, N = 45, K = 129;
+  for (DType dt : kDtypes)
+    for (int t = 0; t < 4; ++t)
+      for (double beta : {0.0, 0.5}) {
+        const bool ta = t & 1, tb = t & 2;
+        Case k(fam, g, std::string("gemm ") + (ta ? "T" : "N") + (tb ? "T" : "N") + " beta " + (beta ? "0.5" : "0"), dt);
+        Pair a = k.randn(ta ? Shape{K, M} : Shape{M, K});
+        Pair b = k.randn(tb ? Shape{N, K} : Shape{K, N});
+        Out c = beta ? k.acc("C", Shape{M, N}) : k.out("C", Shape{M, N});  // beta 0 ignores NaN C
+        cpu().gemm(ta, tb, 0.8, a.c, b.c, beta, c.c);
+        g.gemm(ta, tb, 0.8, a.g, b.g, beta, c.g);
+        k.close(c);
+      }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: grouped_gemm and grouped_gemm_wgrad (both cuBLAS paths)", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("grouped_gemm");
+  const std::vector<int64_t> off = {0, 17, 17, 50, 55, 79};  // expert 1 empty
+  const int64_t E = 5, R = 79, Kin = 48, N = 40;
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::PerExpert, GroupedGemmImpl::GroupedBatched}) {
+    auto owned = make_cuda_backend({0, impl});
+    Backend& g = *owned;
+    const std::string tag = impl == GroupedGemmImpl::PerExpert ? " [per-expert]" : " [grouped-batched]";
+    for (DType dt : kDtypes) {
+      for (bool tw : {false, true})
+        for (double beta : {0.0, 0.5}) {
+          Case k(fam, g, std::string("grouped_gemm") + (tw ? " trans_w" : "") + (beta ? " beta 0.5" : "") + tag, dt);
+          Pair x = k.randn(Shape{R, Kin});
+          Pair w = k.randn(tw ? Shape{E, N, Kin} : Shape{E, Kin, N});
+          Out y = beta ? k.acc("Y", Shape{R, N}) : k.out("Y", Shape{R, N});
+          cpu().grouped_gemm(x.c, w.c, off, y.c, tw, beta);
+          g.grouped_gemm(x.g, w.g, off, y.g, tw, beta);
+          k.close(y);
+        }
+      for (double beta : {0.0, 1.0}) {
+        Case k(fam, g, std::string("grouped_gemm_wgrad") + (beta ? " beta 1" : "") + tag, dt);
+        Pair x = k.randn(Shape{R, Kin});
+        Pair dy = k.randn(Shape{R, N});
+        Out dw = beta ? k.acc("dW", Shape{E, Kin, N}) : k.out("dW", Shape{E, Kin, N});
+        cpu().grouped_gemm_wgrad(x.c, dy.c, off, dw.c, beta);
+        g.grouped_gemm_wgrad(x.g, dy.g, off, dw.g, beta);
+        k.close(dw);
+      }
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: swiglu forward and backward", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("swiglu");
+  Backend& g = gpu();
+  for (DType dt : kDtypes) {
+    Case k(fam, g, "swiglu", dt);
+    Pair ab = k.randn(Shape{29, 74}, 2.0);
+    Out h = k.out("H", Shape{29, 37});
+    cpu().swiglu_forward(ab.c, h.c);
+    g.swiglu_forward(ab.g, h.g);
+    k.close(h);
+    Pair dh = k.randn(Shape{29, 37});
+    Out dab = k.out("dAB", Shape{29, 74});
+    cpu().swiglu_backward(ab.c, dh.c, dab.c);
+    g.swiglu_backward(ab.g, dh.g, dab.g);
+    k.close(dab);
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: softmax, sigmoid, softplus, row_normalize, row_scale", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("activations");
+  Backend& g = gpu();
+  for (DType dt : kDtypes) {
+    const Shape s{53, 13};
+    {
+      Case k(fam, g, "softmax", dt);
+      Pair l = k.randn(s, 2.0);
+      Out p = k.out("probs", s);
+      cpu().softmax_forward(l.c, p.c);
+      g.softmax_forward(l.g, p.g);
+      k.close(p);
+      Pair pin = k.from_cpu(p.c), dp = k.randn(s);
+      Out dl = k.out("dlogits", s);
+      cpu().softmax_backward(pin.c, dp.c, dl.c);
+      g.softmax_backward(pin.g, dp.g, dl.g);
+      k.close(dl);
+    }
+    {
+      Case k(fam, g, "softmax (wide rows)", dt);  // rows wider than a warp
+      Pair l = k.randn(Shape{7, 1000}, 3.0);
+      Out p = k.out("probs", Shape{7, 1000});
+      cpu().softmax_forward(l.c, p.c);
+      g.softmax_forward(l.g, p.g);
+      k.close(p);
+    }
+    {
+      Case k(fam, g, "sigmoid", dt);
+      Pair x = k.randn(s, 3.0);
+      Out y = k.out("y", s);
+      cpu().sigmoid_forward(x.c, y.c);
+      g.sigmoid_forward(x.g, y.g);
+      k.close(y);
+      Pair yin = k.from_cpu(y.c), dy = k.randn(s);
+      Out dx = k.out("dx", s);
+      cpu().sigmoid_backward(yin.c, dy.c, dx.c);
+      g.sigmoid_backward(yin.g, dy.g, dx.g);
+      k.close(dx);
+    }
+    {
+      Case k(fam, g, "softplus", dt);
+      Pair x = k.randn(s, 3.0);
+      Out y = k.out("y", s);
+      cpu().softplus_forward(x.c, y.c);
+      g.softplus_forward(x.g, y.g);
+      k.close(y);
+      Pair dy = k.randn(s);
+      Out dx = k.out("dx", s);
+      cpu().softplus_backward(x.c, dy.c, dx.c);
+      g.softplus_backward(x.g, dy.g, dx.g);
+      k.close(dx);
+    }
+    {
+      Case k(fam, g, "row_normalize", dt);
+      Pair x = k.uniform(s, 0.05, 1.0);
+      Out y = k.out("y", s);
+      cpu().row_normalize_forward(x.c, y.c);
+      g.row_normalize_forward(x.g, y.g);
+      k.close(y);
+      Pair dy = k.randn(s);
+      Out dx = k.out("dx", s);
+      cpu().row_normalize_backward(x.c, dy.c, dx.c);
+      g.row_normalize_backward(x.g, dy.g, dx.g);
+      k.close(dx);
+    }
+    {
+      Case k(fam, g, "row_scale", dt);
+      Pair sc = k.randn(Shape{53});
+      Pair x = k.randn(s);
+      Out y = k.out("y", s);
+      cpu().row_scale_forward(sc.c, x.c, y.c);
+      g.row_scale_forward(sc.g, x.g, y.g);
+      k.close(y);
+      Pair dy = k.randn(s);
+      Out ds = k.out("ds", Shape{53}), dx = k.out("dx", s);
+      cpu().row_scale_backward(sc.c, x.c, dy.c, ds.c, dx.c);
+      g.row_scale_backward(sc.g, x.g, dy.g, ds.g, dx.g);
+      k.close(ds);
+      k.close(dx);
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: dropout, jitter, noisy_logits (counter-based RNG)", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("random");
+  Backend& g = gpu();
+  const uint64_t seed = rng::derive(run_seed(), 99);
+  for (DType dt : kDtypes) {
+    const Shape s{61, 24};
+    {
+      Case k(fam, g, "dropout", dt);
+      Pair x = k.randn(s);
+      Out y = k.out("y", s), dx = k.out("dx", s);
+      cpu().dropout_forward(x.c, 0.3, seed, y.c);
+      g.dropout_forward(x.g, 0.3, seed, y.g);
+      k.close(y);
+      cpu().dropout_backward(x.c, 0.3, seed, dx.c);
+      g.dropout_backward(x.g, 0.3, seed, dx.g);
+      k.close(dx);
+    }
+    {
+      Case k(fam, g, "jitter", dt);
+      Pair x = k.randn(s);
+      Out y = k.out("y", s), dx = k.out("dx", s);
+      cpu().jitter_forward(x.c, 0.1, seed, y.c);
+      g.jitter_forward(x.g, 0.1, seed, y.g);
+      k.close(y);
+      cpu().jitter_backward(x.c, 0.1, seed, dx.c);
+      g.jitter_backward(x.g, 0.1, seed, dx.g);
+      k.close(dx);
+    }
+    for (bool learned : {false, true}) {
+      Case k(fam, g, learned ? "noisy_logits (learned std)" : "noisy_logits (sigma)", dt);
+      Pair clean = k.randn(s), sd = k.uniform(s, 0.1, 1.0), dh = k.randn(s);
+      const Tensor std_c = learned ? sd.c : Tensor(), std_g = learned ? sd.g : Tensor();
+      Out h = k.out("h", s);
+      cpu().noisy_logits_forward(clean.c, std_c, 0.5, seed, h.c);
+      g.noisy_logits_forward(clean.g, std_g, 0.5, seed, h.g);
+      k.close(h);
+      Out dclean = k.out("dclean", s), dstd = k.out("dstd", s);
+      cpu().noisy_logits_backward(dh.c, std_c, seed, dclean.c, learned ? dstd.c : Tensor());
+      g.noisy_logits_backward(dh.g, std_g, seed, dclean.g, learned ? dstd.g : Tensor());
+      k.close(dclean);
+      if (learned) k.close(dstd);
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: topk, gates, random_top2_mask", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("selection");
+  Backend& g = gpu();
+  const int64_t T = 97, E = 16;
+  for (DType dt : kDtypes) {
+    for (int64_t K : {1, 2, 4, 16})
+      for (bool with_bias : {false, true}) {
+        Case k(fam, g, "topk k=" + std::to_string(K) + (with_bias ? " bias" : ""), dt);
+        Pair s = k.probs(T, E);
+        Pair bias = k.uniform(Shape{E}, -0.05, 0.05, DType::F32);
+        // The CPU reference takes an f32 bias too (the op fixes its dtype).
+        Tensor bias_c = host_tensor(host_values(bias.c), Shape{E}, DType::F32);
+        Out idx = k.out("idx", Shape{T, K}, DType::I32);
+        cpu().topk(s.c, with_bias ? bias_c : Tensor(), idx.c);
+        g.topk(s.g, with_bias ? bias.g : Tensor(), idx.g);
+        k.sets(idx);
+      }
+    for (bool norm : {true, false}) {
+      Case k(fam, g, std::string("gates") + (norm ? " normalized" : ""), dt);
+      const int64_t K = 3;
+      Pair s = k.probs(T, E);
+      Pair idx = k.from_cpu(cpu_topk(s.c, K));
+      Out gates = k.out("gates", Shape{T, K});
+      cpu().gates_forward(s.c, idx.c, norm, 1.7, gates.c);
+      g.gates_forward(s.g, idx.g, norm, 1.7, gates.g);
+      k.close(gates);
+      Pair dg = k.randn(Shape{T, K});
+      Out ds = k.out("dscores", Shape{T, E});
+      cpu().gates_backward(s.c, idx.c, dg.c, norm, 1.7, ds.c);
+      g.gates_backward(s.g, idx.g, dg.g, norm, 1.7, ds.g);
+      k.close(ds);
+    }
+    {
+      Case k(fam, g, "random_top2_mask", dt);
+      Pair gt = k.uniform(Shape{T, 2}, 0.01, 1.0);
+      Out keep = k.out("keep", Shape{T, 2}, DType::I32);
+      const uint64_t seed = rng::derive(run_seed(), 7);
+      cpu().random_top2_mask(gt.c, 0.4, seed, keep.c);
+      g.random_top2_mask(gt.g, 0.4, seed, keep.g);
+      k.exact(keep);
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: capacity_mask, sinkhorn, expert_choice", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("capacity");
+  Backend& g = gpu();
+  const int64_t T = 100, E = 8, K = 2;
+  for (DType dt : kDtypes) {
+    for (DropPolicy pol : {DropPolicy::Position, DropPolicy::Probs})
+      for (int64_t C : {0, 7, 20, 200}) {
+        Case k(fam, g, std::string("capacity_mask ") + to_string(pol) + " C=" + std::to_string(C), dt);
+        Pair s = k.probs(T, E, 2.0);
+        Pair idx = k.from_cpu(cpu_topk(s.c, K));
+        Pair gates = k.uniform(Shape{T, K}, 0.0, 1.0);
+        // keep: the second choice of every fifth token already dropped (random top-2 style).
+        std::vector<int> kv(size_t(T * K), 1);
+        for (int64_t t = 0; t < T; t += 5) kv[size_t(t * K + 1)] = 0;
+        Out keep = k.acc("keep", k.ints(Shape{T, K}, kv));
+        cpu().capacity_mask(idx.c, gates.c, E, C, pol, keep.c);
+        g.capacity_mask(idx.g, gates.g, E, C, pol, keep.g);
+        k.exact(keep);
+      }
+    for (int64_t rows : {64, 1000}) {
+      Case k(fam, g, "sinkhorn T=" + std::to_string(rows), dt);
+      Pair l = k.randn(Shape{rows, E}, 1.5);
+      Out out = k.out("out", Shape{rows, E});
+      const int ic = cpu().sinkhorn(l.c, 1e-4, 100, out.c);
+      const int ig = g.sinkhorn(l.g, 1e-4, 100, out.g);
+      k.exact_value("iterations", ig, ic);
+      k.close(out);
+    }
+    for (int64_t C : {1, 17, 50}) {
+      Case k(fam, g, "expert_choice C=" + std::to_string(C), dt);
+      Pair s = k.probs(50, 6);
+      Out chosen = k.out("chosen", Shape{6, C}, DType::I32);
+      cpu().expert_choice(s.c, chosen.c);
+      g.expert_choice(s.g, chosen.g);
+      k.sets(chosen);
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: dispatch_plan, permute, unpermute", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("dispatch");
+  Backend& g = gpu();
+  const int64_t T = 41, E = 6, K = 2, D = 24;
+  for (DType dt : kDtypes)
+    for (int variant = 0; variant < 3; ++variant) {  // token choice, padded token choice, expert choice
+      const bool ec = variant == 2;
+      const int64_t pad = variant == 1 ? 12 : 0;
+      const std::string what = ec ? " (expert choice)" : pad ? " (padded)" : "";
+      Case k(fam, g, "dispatch_plan" + what, dt);
+      Pair s = k.probs(T, E, 2.0);
+      Tensor idx_c, keep_c;
+      if (ec) {
+        idx_c = cpu().empty(Shape{E, 9}, DType::I32);
+        cpu().expert_choice(s.c, idx_c);
+        keep_c = host_tensor(std::vector<double>(size_t(E * 9), 1.0), Shape{E, 9}, DType::I32);
+      } else {
+        idx_c = cpu_topk(s.c, K);
+        keep_c = host_tensor(std::vector<double>(size_t(T * K), 1.0), Shape{T, K}, DType::I32);
+        Tensor gates = host_tensor(std::vector<double>(size_t(T * K), 0.5), Shape{T, K}, DType::F64);
+        cpu().capacity_mask(idx_c, gates, E, 12, DropPolicy::Position, keep_c);
+      }
+      Pair idx = k.from_cpu(idx_c), keep = k.from_cpu(keep_c);
+      DispatchPlan pc = cpu().dispatch_plan(idx.c, keep.c, ec, E, pad);
+      DispatchPlan pg = g.dispatch_plan(idx.g, keep.g, ec, E, pad);
+      k.exact_vec("offsets", pg.offsets, pc.offsets);
+      k.exact_vec("row_token", host_values(g.to_host(pg.row_token)), host_values(pc.row_token));
+      k.exact_vec("row_assign", host_values(g.to_host(pg.row_assign)), host_values(pc.row_assign));
+      if (pg.offsets != pc.offsets) continue;
+      const int64_t R = pc.rows(), A = idx_c.numel();
+
+      Case kp(fam, g, "permute" + what, dt);
+      Pair x = kp.randn(Shape{T, D});
+      Out xp = kp.out("xp", Shape{R, D});
+      cpu().permute_forward(x.c, pc, xp.c);
+      g.permute_forward(x.g, pg, xp.g);
+      kp.close(xp);
+      Pair dxp = kp.randn(Shape{R, D});
+      Out dx = kp.out("dx", Shape{T, D});
+      cpu().permute_backward(dxp.c, pc, dx.c);
+      g.permute_backward(dxp.g, pg, dx.g);
+      kp.close(dx);
+
+      Case ku(fam, g, "unpermute" + what, dt);
+      Pair yp = ku.randn(Shape{R, D});
+      Pair gates = ku.uniform(Shape{A}, 0.05, 1.0);
+      Out y = ku.out("y", Shape{T, D});
+      cpu().unpermute_forward(yp.c, pc, gates.c, y.c);
+      g.unpermute_forward(yp.g, pg, gates.g, y.g);
+      ku.close(y);
+      Pair dy = ku.randn(Shape{T, D});
+      Out dyp = ku.out("dyp", Shape{R, D}), dg = ku.out("dgates", Shape{A});
+      cpu().unpermute_backward(dy.c, yp.c, pc, gates.c, dyp.c, dg.c);
+      g.unpermute_backward(dy.g, yp.g, pg, gates.g, dyp.g, dg.g);
+      ku.close(dyp);
+      ku.close(dg);
+    }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: aux, z, cv2 and load losses", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("losses");
+  Backend& g = gpu();
+  const int64_t T = 96, E = 8, K = 2;
+  for (DType dt : kDtypes) {
+    for (int64_t seq : {0, 24}) {
+      Case k(fam, g, seq ? "aux_loss (per sequence)" : "aux_loss", dt);
+      Pair p = k.probs(T, E);
+      Pair idx = k.from_cpu(cpu_topk(p.c, K));
+      k.scalar("value", g.aux_loss_forward(p.g, idx.g, seq), cpu().aux_loss_forward(p.c, idx.c, seq));
+      Out dp = k.acc("dprobs", Shape{T, E}, 0.01);
+      cpu().aux_loss_backward(p.c, idx.c, seq, 0.3, dp.c);
+      g.aux_loss_backward(p.g, idx.g, seq, 0.3, dp.g);
+      k.close(dp);
+    }
+    {
+      Case k(fam, g, "z_loss", dt);
+      Pair l = k.randn(Shape{T, E}, 2.0);
+      k.scalar("value", g.z_loss_forward(l.g), cpu().z_loss_forward(l.c));
+      Out dl = k.acc("dlogits", Shape{T, E}, 0.01);
+      cpu().z_loss_backward(l.c, 0.3, dl.c);
+      g.z_loss_backward(l.g, 0.3, dl.g);
+      k.close(dl);
+    }
+    {
+      Case k(fam, g, "cv2_loss", dt);
+      Pair p = k.probs(T, E);
+      Pair idx = k.from_cpu(cpu_topk(p.c, K));
+      Pair gates = k.uniform(Shape{T, K}, 0.05, 1.0);
+      k.scalar("value", g.cv2_loss_forward(gates.g, idx.g, E), cpu().cv2_loss_forward(gates.c, idx.c, E));
+      Out dg = k.acc("dgates", Shape{T, K}, 0.01);
+      cpu().cv2_loss_backward(gates.c, idx.c, E, 0.3, dg.c);
+      g.cv2_loss_backward(gates.g, idx.g, E, 0.3, dg.g);
+      k.close(dg);
+    }
+    for (bool learned : {false, true}) {
+      Case k(fam, g, learned ? "load_loss (learned std)" : "load_loss (sigma)", dt);
+      const int64_t Tl = 40;
+      Pair clean = k.randn(Shape{Tl, E}), sd = k.uniform(Shape{Tl, E}, 0.2, 1.0);
+      Pair noise = k.randn(Shape{Tl, E}, 0.3);
+      // h = clean + noise, formed on the host and rounded to the dtype.
+      auto hv = host_values(clean.c), nv = host_values(noise.c);
+      for (size_t i = 0; i < hv.size(); ++i) hv[i] += nv[i];
+      Pair h = k.values(Shape{Tl, E}, hv);
+      const Tensor std_c = learned ? sd.c : Tensor(), std_g = learned ? sd.g : Tensor();
+      k.scalar("value", g.load_loss_forward(clean.g, h.g, std_g, 0.5, K),
+               cpu().load_loss_forward(clean.c, h.c, std_c, 0.5, K));
+      Out dclean = k.acc("dclean", Shape{Tl, E}, 0.01), dstd = k.acc("dstd", Shape{Tl, E}, 0.01);
+      Out dh = k.acc("dh", Shape{Tl, E}, 0.01);
+      cpu().load_loss_backward(clean.c, h.c, std_c, 0.5, K, 0.3, dclean.c, learned ? dstd.c : Tensor(), dh.c);
+      g.load_loss_backward(clean.g, h.g, std_g, 0.5, K, 0.3, dclean.g, learned ? dstd.g : Tensor(), dh.g);
+      k.close(dclean);
+      k.close(dh);
+      if (learned) k.close(dstd);
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: router_stats", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("router_stats");
+  Backend& g = gpu();
+  const int64_t T = 77, E = 8;
+  for (DType dt : kDtypes)
+    for (bool ec : {false, true}) {
+      Case k(fam, g, ec ? "router_stats (expert choice)" : "router_stats", dt);
+      Pair l = k.randn(Shape{T, E}, 2.0);
+      Tensor pc = cpu().empty(Shape{T, E}, DType::F64);
+      cpu().softmax_forward(l.c, pc);
+      Pair p = k.from_cpu(pc);
+      Tensor idx_c, keep_c;
+      if (ec) {
+        idx_c = cpu().empty(Shape{E, 12}, DType::I32);
+        cpu().expert_choice(p.c, idx_c);
+        keep_c = host_tensor(std::vector<double>(size_t(E * 12), 1.0), Shape{E, 12}, DType::I32);
+      } else {
+        idx_c = cpu_topk(p.c, 2);
+        keep_c = host_tensor(std::vector<double>(size_t(T * 2), 1.0), Shape{T, 2}, DType::I32);
+        Tensor gates = host_tensor(std::vector<double>(size_t(T * 2), 0.5), Shape{T, 2}, DType::F64);
+        cpu().capacity_mask(idx_c, gates, E, 15, DropPolicy::Position, keep_c);
+      }
+      Pair idx = k.from_cpu(idx_c), keep = k.from_cpu(keep_c);
+      const RouterStats sc = cpu().router_stats(l.c, p.c, idx.c, keep.c, ec, E);
+      const RouterStats sg = g.router_stats(l.g, p.g, idx.g, keep.g, ec, E);
+      k.exact_vec("routed", sg.routed, sc.routed);
+      k.exact_vec("kept", sg.kept, sc.kept);
+      k.exact_value("tokens_unrouted", sg.tokens_unrouted, sc.tokens_unrouted);
+      k.vec("mean_prob", sg.mean_prob, sc.mean_prob);
+      k.scalar("entropy", sg.entropy, sc.entropy);
+      k.scalar("top1_prob", sg.top1_prob, sc.top1_prob);
+      k.scalar("logit_rms", sg.logit_rms, sc.logit_rms);
+      k.scalar("logit_max", sg.logit_max, sc.logit_max);
+    }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: embedding, rmsnorm, rope", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("transformer");
+  Backend& g = gpu();
+  for (DType dt : kDtypes) {
+    {
+      Case k(fam, g, "embedding", dt);
+      const int64_t T = 57, V = 50, D = 24;
+      std::vector<int> tok(static_cast<size_t>(T));
+      for (int64_t t = 0; t < T; ++t) tok[size_t(t)] = int((t * 7 + t / 3) % 23);  // repeats
+      tok[0] = V - 1;
+      Pair tokens = k.ints(Shape{T}, tok);
+      Pair table = k.randn(Shape{V, D});
+      Out out = k.out("out", Shape{T, D});
+      cpu().embedding_forward(tokens.c, table.c, out.c);
+      g.embedding_forward(tokens.g, table.g, out.g);
+      k.close(out);
+      Pair dout = k.randn(Shape{T, D});
+      Out dtable = k.acc("dtable", Shape{V, D}, 0.1);
+      cpu().embedding_backward(tokens.c, dout.c, dtable.c);
+      g.embedding_backward(tokens.g, dout.g, dtable.g);
+      k.close(dtable);
+    }
+    {
+      Case k(fam, g, "rmsnorm", dt);
+      const int64_t T = 45, D = 96;
+      Pair x = k.randn(Shape{T, D}, 2.0), w = k.randn(Shape{D}, 0.3, 1.0);
+      Out y = k.out("y", Shape{T, D}), rstd = k.out("rstd", Shape{T});
+      cpu().rmsnorm_forward(x.c, w.c, 1e-5, y.c, rstd.c);
+      g.rmsnorm_forward(x.g, w.g, 1e-5, y.g, rstd.g);
+      k.close(y);
+      k.close(rstd);
+      Pair r = k.from_cpu(rstd.c), dy = k.randn(Shape{T, D});
+      Out dx = k.out("dx", Shape{T, D}), dw = k.acc("dw", Shape{D}, 0.1);
+      cpu().rmsnorm_backward(x.c, w.c, r.c, dy.c, dx.c, dw.c);
+      g.rmsnorm_backward(x.g, w.g, r.g, dy.g, dx.g, dw.g);
+      k.close(dx);
+      k.close(dw);
+    }
+    {
+      Case k(fam, g, "rope", dt);
+      const int64_t S = 8, T = 24, H = 3, Dh = 16;
+      Pair x = k.randn(Shape{T, H * Dh});
+      Out y = k.out("y", Shape{T, H * Dh}), dx = k.out("dx", Shape{T, H * Dh});
+      cpu().rope_forward(x.c, H, S, 10000.0, y.c);
+      g.rope_forward(x.g, H, S, 10000.0, y.g);
+      k.close(y);
+      cpu().rope_backward(x.c, H, S, 10000.0, dx.c);
+      g.rope_backward(x.g, H, S, 10000.0, dx.g);
+      k.close(dx);
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: causal attention (grouped-query)", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("attention");
+  Backend& g = gpu();
+  const int64_t B = 2, S = 37, Dh = 16;
+  for (DType dt : kDtypes)
+    for (int64_t Hkv : {4, 2, 1}) {
+      const int64_t H = 4, T = B * S;
+      Case k(fam, g, "attention H=4 Hkv=" + std::to_string(Hkv), dt);
+      Pair q = k.randn(Shape{T, H * Dh}), kk = k.randn(Shape{T, Hkv * Dh}), v = k.randn(Shape{T, Hkv * Dh});
+      Out out = k.out("out", Shape{T, H * Dh}), probs = k.out("probs", Shape{B * H, S, S});
+      cpu().attention_forward(q.c, kk.c, v.c, H, Hkv, S, out.c, probs.c);
+      g.attention_forward(q.g, kk.g, v.g, H, Hkv, S, out.g, probs.g);
+      k.close(probs);
+      k.close(out);
+      Pair p = k.from_cpu(probs.c), dout = k.randn(Shape{T, H * Dh});
+      Out dq = k.out("dq", Shape{T, H * Dh}), dk = k.out("dk", Shape{T, Hkv * Dh}),
+          dv = k.out("dv", Shape{T, Hkv * Dh});
+      cpu().attention_backward(q.c, kk.c, v.c, p.c, dout.c, H, Hkv, S, dq.c, dk.c, dv.c);
+      g.attention_backward(q.g, kk.g, v.g, p.g, dout.g, H, Hkv, S, dq.g, dk.g, dv.g);
+      k.close(dq);
+      k.close(dk);
+      k.close(dv);
+    }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: cross_entropy, adamw", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("loss_optim");
+  Backend& g = gpu();
+  for (DType dt : kDtypes) {
+    {
+      Case k(fam, g, "cross_entropy", dt);
+      const int64_t T = 33, V = 997;
+      std::vector<int> y(static_cast<size_t>(T));
+      for (int64_t t = 0; t < T; ++t) y[size_t(t)] = int((t * 131 + 7) % V);
+      Pair logits = k.randn(Shape{T, V}, 2.0);
+      Pair targets = k.ints(Shape{T}, y);
+      k.scalar("value", g.cross_entropy_forward(logits.g, targets.g),
+               cpu().cross_entropy_forward(logits.c, targets.c));
+      Out dl = k.out("dlogits", Shape{T, V});
+      cpu().cross_entropy_backward(logits.c, targets.c, 0.7, dl.c);
+      g.cross_entropy_backward(logits.g, targets.g, 0.7, dl.g);
+      k.close(dl);
+    }
+    {
+      Case k(fam, g, "adamw", dt);
+      const Shape s{37, 29};
+      Out p = k.acc("param", s);
+      Pair grad = k.randn(s, 0.1);
+      // fp32 optimizer state on the GPU, f64 on the CPU reference (the op fixes both).
+      Pair m0 = k.randn(s, 0.01), v0 = k.uniform(s, 1e-5, 1e-3);
+      Out m = k.acc("m", k.values(s, host_values(m0.c), DType::F32));
+      Out v = k.acc("v", k.values(s, host_values(v0.c), DType::F32));
+      cpu().adamw(p.c, grad.c, m.c, v.c, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3);
+      g.adamw(p.g, grad.g, m.g, v.g, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3);
+      k.close(p);
+      k.close(m);
+      k.close(v);
+    }
+  }
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: supports() and NotSupported for other dtypes", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Backend& g = gpu();
+  // Every op is offered in f32 and bf16 (dispatch_plan in i32); f64 and i32 only for fill/cast.
+  for (int i = 0; i < int(Op::kCount); ++i) {
+    const Op op = Op(i);
+    INFO("op " << to_string(op));
+    if (op == Op::DispatchPlan) {
+      CHECK(g.supports(op, DType::I32));
+      continue;
+    }
+    CHECK(g.supports(op, DType::F32));
+    CHECK(g.supports(op, DType::BF16));
+    if (op != Op::Fill && op != Op::Copy && op != Op::Cast) CHECK_FALSE(g.supports(op, DType::F64));
+  }
+  // An unsupported combination throws NotSupported naming the op; it never crashes.
+  Tensor a = g.zeros(Shape{4, 4}, DType::F64), c = g.zeros(Shape{4, 4}, DType::F64);
+  REQUIRE_THROWS_AS(g.gemm(false, false, 1.0, a, a, 0.0, c), NotSupported);
+  REQUIRE_THROWS_WITH(g.softmax_forward(a, c), has_substr("softmax_forward"));
+  // f64 fill and cast are offered, so a crosscheck can move f64 data through the GPU.
+  Tensor f = g.zeros(Shape{3}, DType::F32);
+  g.fill(a, 2.5);
+  g.cast(a.reshape(Shape{16}).view_rows(0, 3), f);
+  CHECK(g.to_vector<float>(f) == std::vector<float>{2.5f, 2.5f, 2.5f});
+}
+
+// ---- grouped-GEMM benchmark (hidden: run with `moelab_gpu_tests "[bench]"`) -----------------------
+// PerExpert (one cublasGemmEx per expert) against GroupedBatched (one cublasGemmGroupedBatchedEx),
+// forward and weight gradient, f32 and bf16, MoE shapes with uneven loads and one empty expert.
+// Milliseconds per call: host wall time over `reps` calls after 3 warm-ups, bracketed by
+// synchronize(), so launch overhead counts (it is what separates the two paths).
+TEST_CASE("gpu bench: grouped GEMM, per-expert vs grouped-batched cuBLAS", "[.][bench][gpu]") {
+  GPU_OR_SKIP();
+  const int reps = 20;
+  auto per = make_cuda_backend({0, GroupedGemmImpl::PerExpert});
+  auto grp = make_cuda_backend({0, GroupedGemmImpl::GroupedBatched});
+  auto offsets = [](int64_t rows, int64_t E) {
+    std::vector<double> w(static_cast<size_t>(E));
+    double sum = 0;
+    for (int64_t e = 0; e < E; ++e)
+      sum += (w[size_t(e)] = (E >= 8 && e == 3) ? 0.0 : 0.25 + 1.5 * rng::uniform(11, uint64_t(e)));
+    std::vector<int64_t> off(static_cast<size_t>(E + 1), 0);
+    for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] = off[size_t(e)] + int64_t(double(rows) * w[size_t(e)] / sum);
+    off[size_t(E)] = rows;
+    return off;
+  };
+  auto random = [](Backend& b, Shape s, DType dt, uint64_t seed) {
+    std::vector<double> v(static_cast<size_t>(s.numel()));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = 0.05 * rng::normal(seed, i);
+    return b.from_host(host_tensor(v, s, dt));
+  };
+  auto time_ms = [&](Backend& b, const std::function<void()>& f) {
+    for (int i = 0; i < 3; ++i) f();
+    b.synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) f();
+    b.synchronize();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
+  };
+  auto nmse = [](const std::vector<double>& a, const std::vector<double>& r) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      num += (a[i] - r[i]) * (a[i] - r[i]);
+      den += r[i] * r[i];
+    }
+    return den > 0 ? num / den : num;
+  };
+  std::printf("| pass | dtype | E | rows | Kin | N | per-expert ms | TFLOP/s | grouped ms | TFLOP/s | NMSE between |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+  struct Shp { int64_t E, rows, kin, n; };
+  const Shp shapes[] = {{8, 16384, 1024, 2048}, {32, 16384, 1024, 2048}, {128, 16384, 1024, 1024},
+                        {64, 4096, 512, 512}, {256, 8192, 512, 256}};
+  for (DType dt : {DType::BF16, DType::F32})
+    for (const Shp& cs : shapes) {
+      const auto off = offsets(cs.rows, cs.E);
+      const double flops = 2.0 * double(cs.rows) * double(cs.kin) * double(cs.n);
+      Tensor x1 = random(*per, Shape{cs.rows, cs.kin}, dt, 1), w1 = random(*per, Shape{cs.E, cs.kin, cs.n}, dt, 2);
+      Tensor x2 = random(*grp, Shape{cs.rows, cs.kin}, dt, 1), w2 = random(*grp, Shape{cs.E, cs.kin, cs.n}, dt, 2);
+      Tensor y1 = per->empty(Shape{cs.rows, cs.n}, dt), y2 = grp->empty(Shape{cs.rows, cs.n}, dt);
+      const double tp = time_ms(*per, [&] { per->grouped_gemm(x1, w1, off, y1, false, 0.0); });
+      const double tg = time_ms(*grp, [&] { grp->grouped_gemm(x2, w2, off, y2, false, 0.0); });
+      std::printf("| fwd | %s | %lld | %lld | %lld | %lld | %.4f | %.1f | %.4f | %.1f | %.1e |\n",
+                  to_string(dt), (long long)cs.E, (long long)cs.rows, (long long)cs.kin, (long long)cs.n,
+                  tp, flops / tp * 1e-9, tg, flops / tg * 1e-9,
+                  nmse(host_values(grp->to_host(y2)), host_values(per->to_host(y1))));
+      Tensor dw1 = per->empty(Shape{cs.E, cs.kin, cs.n}, dt), dw2 = grp->empty(Shape{cs.E, cs.kin, cs.n}, dt);
+      const double tpw = time_ms(*per, [&] { per->grouped_gemm_wgrad(x1, y1, off, dw1, 0.0); });
+      const double tgw = time_ms(*grp, [&] { grp->grouped_gemm_wgrad(x2, y2, off, dw2, 0.0); });
+      std::printf("| wgrad | %s | %lld | %lld | %lld | %lld | %.4f | %.1f | %.4f | %.1f | %.1e |\n",
+                  to_string(dt), (long long)cs.E, (long long)cs.rows, (long long)cs.kin, (long long)cs.n,
+                  tpw, flops / tpw * 1e-9, tgw, flops / tgw * 1e-9,
+                  nmse(host_values(grp->to_host(dw2)), host_values(per->to_host(dw1))));
+      std::fflush(stdout);
+    }
+  SUCCEED();
+}

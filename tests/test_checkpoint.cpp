@@ -1,0 +1,535 @@
+// moelab tests: the checkpoint container (core/io/checkpoint.h).
+//
+// Round trips are compared byte for byte (memcmp), not by value, so NaN payloads, -0 and bf16
+// bit patterns count. Damaged files are made by editing the bytes of a good one; every error is
+// checked by message content, because the message is what the user sees. Files go to
+// temp_directory_path()/moelab_test_checkpoint_<pid>/ and are removed at the end of each test.
+// Tests run as root, so write failures are provoked in root-proof ways: `path.tmp` made a
+// folder (open fails with EISDIR) or a symlink to /dev/full (write fails with ENOSPC).
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "catch_compat.h"
+#include "core/check.h"
+#include "core/io/checkpoint.h"
+#include "core/tensor.h"
+
+namespace fs = std::filesystem;
+using namespace moelab;
+
+namespace {
+
+struct TempDir {
+  fs::path dir;
+  TempDir() {
+    dir = fs::temp_directory_path() / ("moelab_test_checkpoint_" + std::to_string(::getpid()));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+  std::string path(const std::string& name) const { return (dir / name).string(); }
+};
+
+std::vector<char> read_bytes(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+void write_bytes(const std::string& p, const std::vector<char>& b) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(b.data(), std::streamsize(b.size()));
+}
+
+// A CPU tensor of `dtype` whose bytes are exactly `raw` (bit patterns host_tensor would not make).
+Tensor raw_tensor(const void* raw, Shape shape, DType dtype) {
+  Tensor t = host_tensor(std::vector<double>(size_t(shape.numel()), 0.0), shape, dtype);
+  std::memcpy(t.data(), raw, t.nbytes());
+  return t;
+}
+
+bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() && a.nbytes() == b.nbytes() &&
+         std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+}
+
+// The small checkpoint that the damage tests start from.
+struct Sample {
+  Tensor w1, emb, bias, ids;
+  std::vector<uint64_t> rng{0x0123456789abcdefull, 0, ~0ull, 42};
+
+  Sample() {
+    std::vector<double> v(32);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = 0.25 * double(i) - 3.0;
+    w1 = host_tensor(v, {4, 8}, DType::F32);
+    emb = host_tensor(std::vector<double>(v.begin(), v.begin() + 12), {3, 4}, DType::F64);
+    bias = host_tensor(std::vector<double>(v.begin(), v.begin() + 6), {6}, DType::BF16);
+    ids = host_tensor({1, -2, 3, 2147483647}, {2, 2}, DType::I32);
+  }
+  void write(const std::string& path) const {
+    CheckpointWriter w;
+    w.set_meta("step", "20");
+    w.set_meta("model", "layers=2 d_model=8");
+    w.add_tensor("layer0.w1", w1);
+    w.add_tensor("embedding", emb);
+    w.add_blob("rng", rng);
+    w.add_tensor("layer0.bias", bias);
+    w.add_tensor("data.ids", ids);
+    w.write(path);
+  }
+};
+
+// Byte offset of the first occurrence of `needle` in `b` (entry names are stored verbatim).
+size_t find_bytes(const std::vector<char>& b, const std::string& needle) {
+  auto it = std::search(b.begin(), b.end(), needle.begin(), needle.end());
+  REQUIRE(it != b.end());
+  return size_t(it - b.begin());
+}
+
+}  // namespace
+
+TEST_CASE("checkpoint round trip of f64/f32/bf16/i32 tensors, blobs and meta is bit-exact",
+          "[checkpoint]") {
+  TempDir tmp;
+  const std::string path = tmp.path("step_000020.ckpt");
+
+  // Awkward bit patterns: NaN with a payload, -0, infinities, denormals, extremes.
+  uint64_t d_bits[6] = {0x7ff8dead0000beefull, 0x8000000000000000ull, 0x7ff0000000000000ull,
+                        0x0000000000000001ull, 0x3fb999999999999aull, 0xfff0000000000000ull};
+  uint32_t f_bits[8] = {0x7fc00123u, 0x80000000u, 0x00000001u, 0x7f7fffffu,
+                        0xff800000u, 0x3dcccccdu, 0x12345678u, 0xdeadbeefu};
+  uint16_t b_bits[4] = {0x7fc1u, 0x8000u, 0x0001u, 0x3f80u};
+  int32_t i_vals[6] = {0, -1, std::numeric_limits<int32_t>::min(),
+                       std::numeric_limits<int32_t>::max(), 255, -7};
+  const Tensor d = raw_tensor(d_bits, {2, 3}, DType::F64);
+  const Tensor f = raw_tensor(f_bits, {2, 2, 2}, DType::F32);
+  const Tensor b = raw_tensor(b_bits, {4}, DType::BF16);
+  const Tensor i = raw_tensor(i_vals, {1, 2, 3, 1}, DType::I32);
+  const Tensor empty = host_tensor({}, {0, 5}, DType::F32);
+  const std::vector<uint64_t> rng = {0xffffffffffffffffull, 0, 0x8000000000000001ull};
+  const std::string binary_meta("a\0b\n\xff", 5);
+
+  {
+    CheckpointWriter w;
+    w.add_tensor("layer0.w1", d);
+    w.add_tensor("layer0.w2", f);
+    w.add_tensor("norm.bf16", b);
+    w.add_tensor("data.ids", i);
+    w.add_tensor("empty", empty);
+    w.add_blob("rng", rng);
+    w.add_blob("no_words", {});
+    w.set_meta("step", "20");
+    w.set_meta("config", "[model]\nlayers = 2\n");
+    w.set_meta("binary", binary_meta);
+    w.set_meta("step", "21");  // replaces
+    w.write(path);
+  }
+  REQUIRE(fs::exists(path));
+  REQUIRE_FALSE(fs::exists(path + ".tmp"));
+
+  CheckpointReader r(path);
+  CHECK(r.path() == path);
+  CHECK(same_bytes(r.tensor("layer0.w1", {2, 3}, DType::F64), d));
+  CHECK(same_bytes(r.tensor("layer0.w2", {2, 2, 2}, DType::F32), f));
+  CHECK(same_bytes(r.tensor("norm.bf16", {4}, DType::BF16), b));
+  CHECK(same_bytes(r.tensor("data.ids", {1, 2, 3, 1}, DType::I32), i));
+  CHECK(r.tensor("empty", {0, 5}, DType::F32).numel() == 0);
+  CHECK(r.tensor("layer0.w1", {2, 3}, DType::F64).device() == Device::CPU);
+  CHECK(r.blob("rng") == rng);
+  CHECK(r.blob("no_words").empty());
+  CHECK(r.meta("step") == "21");
+  CHECK(r.meta("config") == "[model]\nlayers = 2\n");
+  CHECK(r.meta("binary") == binary_meta);
+  CHECK(r.meta_keys() == std::vector<std::string>{"binary", "config", "step"});
+  CHECK(r.has_meta("config"));
+  CHECK_FALSE(r.has_meta("layer0.w1"));
+  CHECK(r.names() == std::vector<std::string>{"layer0.w1", "layer0.w2", "norm.bf16", "data.ids",
+                                              "empty", "rng", "no_words"});
+  CHECK(r.has("rng"));
+  CHECK(r.has("layer0.w1"));
+  CHECK_FALSE(r.has("step"));  // meta keys are a separate namespace
+  CHECK(r.is_tensor("layer0.w1"));
+  CHECK_FALSE(r.is_tensor("rng"));
+  CHECK(r.tensor_shape("layer0.w2") == Shape{2, 2, 2});
+  CHECK(r.tensor_dtype("norm.bf16") == DType::BF16);
+
+  // Each call returns a fresh copy: writing into one does not change the next.
+  Tensor t1 = r.tensor("layer0.w2", {2, 2, 2}, DType::F32);
+  t1.ptr<float>()[0] = 1.0f;
+  CHECK(same_bytes(r.tensor("layer0.w2", {2, 2, 2}, DType::F32), f));
+}
+
+TEST_CASE("checkpoint writer copies tensor bytes when they are added", "[checkpoint]") {
+  TempDir tmp;
+  const std::string path = tmp.path("c.ckpt");
+  Tensor t = host_tensor({1, 2, 3}, {3}, DType::F32);
+  CheckpointWriter w;
+  w.add_tensor("t", t);
+  t.ptr<float>()[0] = 99.0f;  // after add_tensor: must not reach the file
+  w.write(path);
+  CHECK(host_values(CheckpointReader(path).tensor("t", {3}, DType::F32)) ==
+        std::vector<double>{1, 2, 3});
+
+  // Names are unique across tensors and blobs; set_meta may repeat.
+  REQUIRE_THROWS_WITH(w.add_tensor("t", t), has_substr("duplicate name 't'"));
+  REQUIRE_THROWS_WITH(w.add_blob("t", {1}), has_substr("duplicate name 't'"));
+  REQUIRE_THROWS_AS(w.add_tensor("", t), Error);
+
+  // write() can be called again (a second file with the same content).
+  const std::string again = tmp.path("again.ckpt");
+  w.write(again);
+  CHECK(read_bytes(again) == read_bytes(path));
+}
+
+TEST_CASE("checkpoint write creates the parent folders", "[checkpoint]") {
+  TempDir tmp;
+  const std::string path = tmp.path("runs/quickstart/ckpt/step_000100.ckpt");
+  CheckpointWriter w;
+  w.set_meta("step", "100");
+  w.write(path);
+  CHECK(CheckpointReader(path).meta("step") == "100");
+
+  // A parent that is a file cannot be created: the error names the checkpoint.
+  write_bytes(tmp.path("afile"), {'x'});
+  const std::string bad = tmp.path("afile/sub/step_000001.ckpt");
+  REQUIRE_THROWS_WITH(w.write(bad), has_substr("cannot write checkpoint " + bad));
+}
+
+TEST_CASE("truncated checkpoint is refused with the expected and found sizes", "[checkpoint]") {
+  TempDir tmp;
+  const std::string good = tmp.path("step_000020.ckpt");
+  Sample().write(good);
+  const std::vector<char> bytes = read_bytes(good);
+  const size_t n = bytes.size();
+  const std::string cut = tmp.path("cut_step_000020.ckpt");
+  auto truncate_to = [&](size_t len) {
+    write_bytes(cut, std::vector<char>(bytes.begin(), bytes.begin() + long(len)));
+  };
+
+  SECTION("in the header") {
+    truncate_to(20);
+    REQUIRE_THROWS_WITH(CheckpointReader(cut),
+                        has_substr("checkpoint " + cut + " is truncated (expected at least 32 "
+                                   "bytes, found 20)"));
+    truncate_to(0);
+    REQUIRE_THROWS_WITH(CheckpointReader(cut), has_substr(cut + " is empty"));
+    truncate_to(5);  // a prefix of the magic: still truncated, not "not a checkpoint"
+    REQUIRE_THROWS_WITH(CheckpointReader(cut), has_substr("is truncated"));
+  }
+  SECTION("in the middle of a payload") {
+    const size_t mid = find_bytes(bytes, "layer0.w1") + 9 + 50;  // inside its 128 payload bytes
+    truncate_to(mid);
+    REQUIRE_THROWS_WITH(CheckpointReader(cut),
+                        has_substr("checkpoint " + cut + " is truncated (expected " +
+                                   std::to_string(n) + " bytes, found " + std::to_string(mid) +
+                                   ")"));
+  }
+  SECTION("in the trailer") {
+    for (size_t len : {n - 1, n - 8, n - 20, n - 24}) {
+      truncate_to(len);
+      REQUIRE_THROWS_WITH(CheckpointReader(cut),
+                          has_substr("is truncated (expected " + std::to_string(n) +
+                                     " bytes, found " + std::to_string(len) + ")"));
+    }
+  }
+  SECTION("at every length") {
+    // Shrinking one file in place (no rewrite: ext4 flushes a file rewritten from length 0).
+    truncate_to(n);
+    for (size_t len = n; len-- > 0;) {
+      fs::resize_file(cut, len);
+      INFO("truncated to " << len << " of " << n << " bytes");
+      REQUIRE_THROWS_WITH(CheckpointReader(cut), has_substr(cut) && has_substr("is "));
+    }
+  }
+  SECTION("bytes appended") {
+    std::vector<char> longer = bytes;
+    longer.push_back('\0');
+    write_bytes(cut, longer);
+    REQUIRE_THROWS_WITH(CheckpointReader(cut), has_substr("1 bytes of trailing garbage"));
+  }
+  CHECK_NOTHROW(CheckpointReader(good));
+}
+
+TEST_CASE("a single flipped byte is refused by a checksum", "[checkpoint]") {
+  TempDir tmp;
+  const std::string good = tmp.path("good.ckpt");
+  Sample().write(good);
+  const std::vector<char> bytes = read_bytes(good);
+  const std::string bad = tmp.path("bad.ckpt");
+  auto flip = [&](size_t at, unsigned char mask = 0x01) {
+    std::vector<char> b = bytes;
+    b[at] = char(b[at] ^ mask);
+    write_bytes(bad, b);
+  };
+
+  SECTION("in a tensor payload") {
+    flip(find_bytes(bytes, "layer0.w1") + 9 + 8 + 17);  // name, header hash, payload byte 17
+    REQUIRE_THROWS_WITH(CheckpointReader(bad),
+                        has_substr("checkpoint " + bad) &&
+                            has_substr("checksum mismatch in tensor 'layer0.w1'"));
+  }
+  SECTION("in a tensor's shape") {
+    flip(find_bytes(bytes, "embedding") - 40, 0x02);  // dims[0] of the entry header
+    REQUIRE_THROWS_WITH(CheckpointReader(bad),
+                        has_substr("checksum mismatch in the header or name of entry #1 at byte") &&
+                            has_substr(", after tensor 'layer0.w1'"));
+  }
+  SECTION("in a blob") {
+    flip(find_bytes(bytes, "rng") + 3 + 8 + 5, 0x80);
+    REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("checksum mismatch in blob 'rng'"));
+  }
+  SECTION("in a meta value") {
+    flip(find_bytes(bytes, "layers=2"));
+    REQUIRE_THROWS_WITH(CheckpointReader(bad),
+                        has_substr("checksum mismatch in meta key 'model'"));
+  }
+  SECTION("in the file header") {
+    flip(17);  // the recorded file size
+    REQUIRE_THROWS_WITH(CheckpointReader(bad),
+                        has_substr("checksum mismatch in the file header"));
+    flip(8, 0x80);  // the version: corrupted, not "newer"
+    REQUIRE_THROWS_WITH(CheckpointReader(bad),
+                        has_substr("checksum mismatch in the file header"));
+  }
+  SECTION("in an entry's payload length") {
+    flip(find_bytes(bytes, "rng") - 8, 0x01);  // payload length of the blob
+    REQUIRE_THROWS_WITH(CheckpointReader(bad),
+                        has_substr("checksum mismatch in the header or name of entry #2"));
+  }
+  SECTION("in the trailer") {
+    flip(bytes.size() - 1);
+    REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("whole-file checksum mismatch"));
+    flip(bytes.size() - 16);  // the entry count
+    REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("whole-file checksum mismatch"));
+  }
+  SECTION("anywhere") {
+    // Every byte, two bit positions each, edited in place in one file (fast on any file system).
+    write_bytes(bad, bytes);
+    std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);
+    auto put_byte = [&](size_t at, char c) {
+      f.seekp(std::streamoff(at));
+      f.put(c);
+      f.flush();
+      REQUIRE(f.good());
+    };
+    for (size_t at = 0; at < bytes.size(); ++at) {
+      for (unsigned char mask : {0x01, 0x80}) {
+        put_byte(at, char(bytes[at] ^ mask));
+        INFO("byte " << at << " of " << bytes.size() << " xor " << int(mask));
+        REQUIRE_THROWS_AS(CheckpointReader(bad), Error);
+        REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("checkpoint " + bad));
+        put_byte(at, bytes[at]);
+      }
+    }
+    f.close();
+    CHECK(read_bytes(bad) == bytes);
+    CHECK_NOTHROW(CheckpointReader(bad));
+  }
+}
+
+TEST_CASE("a file that is not a moelab checkpoint is refused", "[checkpoint]") {
+  TempDir tmp;
+  const std::string p = tmp.path("step_000020.ckpt");
+
+  write_bytes(p, std::vector<char>(100, 'x'));
+  REQUIRE_THROWS_WITH(CheckpointReader(p),
+                      has_substr("checkpoint " + p + " is not a moelab checkpoint"));
+
+  std::vector<char> h5(512, '\0');
+  std::memcpy(h5.data(), "\x89HDF\r\n\x1a\n", 8);  // an HDF5 run log is not a checkpoint
+  write_bytes(p, h5);
+  REQUIRE_THROWS_WITH(CheckpointReader(p), has_substr("not a moelab checkpoint"));
+
+  // A good checkpoint with one magic byte changed.
+  Sample().write(p);
+  std::vector<char> b = read_bytes(p);
+  b[0] = 'm';
+  write_bytes(p, b);
+  REQUIRE_THROWS_WITH(CheckpointReader(p), has_substr("not a moelab checkpoint"));
+
+  // Missing file and a folder.
+  const std::string missing = tmp.path("nope/step_000001.ckpt");
+  REQUIRE_THROWS_WITH(CheckpointReader(missing), has_substr("cannot open checkpoint " + missing));
+  REQUIRE_THROWS_WITH(CheckpointReader(tmp.dir.string()), has_substr("checkpoint"));
+}
+
+TEST_CASE("a checkpoint of a newer format version is refused", "[checkpoint]") {
+  TempDir tmp;
+  const std::string p = tmp.path("future.ckpt");
+  Sample().write(p);
+  std::vector<char> b = read_bytes(p);
+  REQUIRE(b.size() > 32);
+  uint32_t v;
+  std::memcpy(&v, b.data() + 8, 4);
+  CHECK(v == kCheckpointVersion);
+
+  // A well-formed header of version 2 (its checksum recomputed).
+  v = kCheckpointVersion + 1;
+  std::memcpy(b.data() + 8, &v, 4);
+  const uint64_t h = fnv1a64(b.data(), 24);
+  std::memcpy(b.data() + 24, &h, 8);
+  write_bytes(p, b);
+  REQUIRE_THROWS_WITH(CheckpointReader(p),
+                      has_substr("checkpoint " + p + " has format version 2, newer than") &&
+                          has_substr("use a newer moelab"));
+
+  // Version 0 does not exist.
+  v = 0;
+  std::memcpy(b.data() + 8, &v, 4);
+  const uint64_t h0 = fnv1a64(b.data(), 24);
+  std::memcpy(b.data() + 24, &h0, 8);
+  write_bytes(p, b);
+  REQUIRE_THROWS_WITH(CheckpointReader(p), has_substr("unsupported format version 0"));
+}
+
+TEST_CASE("a tensor of another shape or dtype is refused naming it and both shapes",
+          "[checkpoint]") {
+  TempDir tmp;
+  const std::string p = tmp.path("runs/x/step_000020.ckpt");
+  Sample().write(p);
+  CheckpointReader r(p);
+
+  REQUIRE_THROWS_WITH(r.tensor("layer0.w1", {4, 16}, DType::F32),
+                      has_substr("checkpoint " + p) && has_substr("tensor 'layer0.w1'") &&
+                          has_substr("f32[4, 8]") && has_substr("expected f32[4, 16]"));
+  REQUIRE_THROWS_WITH(r.tensor("layer0.w1", {4, 8, 1}, DType::F32),
+                      has_substr("f32[4, 8]") && has_substr("expected f32[4, 8, 1]"));
+  REQUIRE_THROWS_WITH(r.tensor("layer0.w1", {4, 8}, DType::BF16),
+                      has_substr("tensor 'layer0.w1' is f32[4, 8], expected bf16[4, 8]"));
+  REQUIRE_THROWS_WITH(r.tensor("embedding", {4, 3}, DType::F64),
+                      has_substr("'embedding' is f64[3, 4], expected f64[4, 3]"));
+  // The good request still works after the refusals.
+  CHECK(same_bytes(r.tensor("layer0.w1", {4, 8}, DType::F32), Sample().w1));
+}
+
+TEST_CASE("a missing tensor, blob or meta key is named with the file", "[checkpoint]") {
+  TempDir tmp;
+  const std::string p = tmp.path("step_000020.ckpt");
+  Sample().write(p);
+  CheckpointReader r(p);
+
+  REQUIRE_THROWS_WITH(r.tensor("layer9.w1", {4, 8}, DType::F32),
+                      has_substr("checkpoint " + p + " has no tensor 'layer9.w1'"));
+  REQUIRE_THROWS_WITH(r.blob("adam.state"), has_substr("has no blob 'adam.state'"));
+  REQUIRE_THROWS_WITH(r.meta("seed"), has_substr("checkpoint " + p + " has no meta key 'seed'"));
+  REQUIRE_THROWS_WITH(r.tensor("rng", {4}, DType::F64),
+                      has_substr("'rng' is a blob, not a tensor"));
+  REQUIRE_THROWS_WITH(r.blob("layer0.w1"), has_substr("'layer0.w1' is a tensor, not a blob"));
+  REQUIRE_THROWS_WITH(r.tensor_shape("nope"), has_substr("has no tensor 'nope'"));
+  CHECK_FALSE(r.has("layer9.w1"));
+}
+
+TEST_CASE("a failed checkpoint write keeps the previous checkpoint intact", "[checkpoint]") {
+  TempDir tmp;
+  const std::string path = tmp.path("ckpt/step_000020.ckpt");
+  const std::string tmp_path = path + ".tmp";
+  Sample().write(path);
+  const std::vector<char> before = read_bytes(path);
+
+  CheckpointWriter next;
+  next.set_meta("step", "40");
+  next.add_tensor("layer0.w1", host_tensor(std::vector<double>(32, 7.0), {4, 8}, DType::F32));
+
+  SECTION("the tmp file cannot be created (it is a folder)") {
+    fs::create_directories(fs::path(tmp_path) / "keep");
+    REQUIRE_THROWS_WITH(next.write(path),
+                        has_substr("cannot write checkpoint " + path) && has_substr(tmp_path));
+    CHECK(fs::is_directory(fs::path(tmp_path) / "keep"));  // not ours: left alone
+  }
+  SECTION("the disk fills up mid-write (tmp is a symlink to /dev/full)") {
+    if (!fs::exists("/dev/full")) {
+      WARN("no /dev/full on this machine; skipped");
+      return;
+    }
+    fs::create_symlink("/dev/full", tmp_path);
+    REQUIRE_THROWS_WITH(next.write(path),
+                        has_substr("cannot write checkpoint " + path) && has_substr("write"));
+    CHECK_FALSE(fs::exists(fs::symlink_status(tmp_path)));  // the tmp entry is removed
+    CHECK(fs::exists("/dev/full"));
+  }
+  SECTION("the rename fails (the target is a non-empty folder)") {
+    const std::string other = tmp.path("ckpt/step_000040.ckpt");
+    fs::create_directories(fs::path(other) / "x");
+    REQUIRE_THROWS_WITH(next.write(other),
+                        has_substr("cannot write checkpoint " + other) && has_substr("rename"));
+    CHECK_FALSE(fs::exists(other + ".tmp"));
+    CHECK(fs::is_directory(fs::path(other) / "x"));
+  }
+  // Whatever failed, the previous checkpoint is byte for byte what it was, and still reads.
+  CHECK(read_bytes(path) == before);
+  CheckpointReader r(path);
+  CHECK(r.meta("step") == "20");
+  CHECK(same_bytes(r.tensor("layer0.w1", {4, 8}, DType::F32), Sample().w1));
+}
+
+TEST_CASE("a stale tmp file from a crashed write is ignored and replaced", "[checkpoint]") {
+  TempDir tmp;
+  const std::string dir = tmp.path("ckpt");
+  Sample().write(checkpoint_path(dir, 20));
+  // A crash mid-write of step 40 left half a file behind.
+  const std::string stale = checkpoint_path(dir, 40) + ".tmp";
+  const std::vector<char> good = read_bytes(checkpoint_path(dir, 20));
+  write_bytes(stale, std::vector<char>(good.begin(), good.begin() + 100));
+
+  CHECK(latest_checkpoint(dir) == checkpoint_path(dir, 20));
+  CHECK(CheckpointReader(latest_checkpoint(dir)).meta("step") == "20");
+
+  CheckpointWriter w;
+  w.set_meta("step", "40");
+  w.write(checkpoint_path(dir, 40));
+  CHECK_FALSE(fs::exists(stale));
+  CHECK(latest_checkpoint(dir) == checkpoint_path(dir, 40));
+  CHECK(CheckpointReader(checkpoint_path(dir, 40)).meta("step") == "40");
+
+  // Overwriting an existing checkpoint replaces it whole.
+  w.set_meta("step", "40b");
+  w.write(checkpoint_path(dir, 40));
+  CHECK(CheckpointReader(checkpoint_path(dir, 40)).meta("step") == "40b");
+}
+
+TEST_CASE("checkpoint_path, latest_checkpoint and checkpoint_step", "[checkpoint]") {
+  CHECK(checkpoint_path("runs/x", 20) == "runs/x/step_000020.ckpt");
+  CHECK(checkpoint_path("runs/x/", 0) == "runs/x/step_000000.ckpt");
+  CHECK(checkpoint_path("runs/x", 1234567) == "runs/x/step_1234567.ckpt");
+  REQUIRE_THROWS_AS(checkpoint_path("runs/x", -1), Error);
+
+  CHECK(checkpoint_step("runs/x/step_000020.ckpt") == 20);
+  CHECK(checkpoint_step("step_1234567.ckpt") == 1234567);
+  CHECK(checkpoint_step("/abs/best_step_000300.ckpt") == 300);
+  CHECK(checkpoint_step("runs/step_5/step_000007.ckpt") == 7);  // the file name, not the folder
+  CHECK(checkpoint_step(checkpoint_path("d", 99)) == 99);
+  REQUIRE_THROWS_WITH(checkpoint_step("runs/x/model.ckpt"),
+                      has_substr("cannot tell the step of checkpoint runs/x/model.ckpt"));
+  REQUIRE_THROWS_AS(checkpoint_step("runs/step_3/final.ckpt"), Error);
+  REQUIRE_THROWS_AS(checkpoint_step("step_.ckpt"), Error);
+
+  TempDir tmp;
+  const std::string dir = tmp.path("ckpt");
+  CHECK(latest_checkpoint(dir).empty());  // does not exist
+  fs::create_directories(dir);
+  CHECK(latest_checkpoint(dir).empty());  // empty
+  CheckpointWriter w;
+  for (int64_t s : {20, 100, 40}) w.write(checkpoint_path(dir, s));
+  // Not checkpoints: a tmp file of a higher step, other names, a folder, too few digits.
+  write_bytes(checkpoint_path(dir, 900) + ".tmp", {'x'});
+  write_bytes(dir + "/step_000800.ckpt.bak", {'x'});
+  write_bytes(dir + "/step_80.ckpt", {'x'});
+  write_bytes(dir + "/notes.txt", {'x'});
+  fs::create_directories(dir + "/step_000999.ckpt");
+  CHECK(latest_checkpoint(dir) == checkpoint_path(dir, 100));
+  CHECK(latest_checkpoint(dir + "/") == checkpoint_path(dir, 100));
+  CHECK(checkpoint_step(latest_checkpoint(dir)) == 100);
+  w.write(checkpoint_path(dir, 1000000));  // 7 digits beats 6
+  CHECK(latest_checkpoint(dir) == checkpoint_path(dir, 1000000));
+}
