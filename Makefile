@@ -58,10 +58,11 @@ test: deps
 	@if [ -f analysis/run_tests.sh ]; then bash analysis/run_tests.sh; fi
 
 run: deps
-	@$(MAKE) --no-print-directory build
+	@$(MAKE) --no-print-directory data build
 	$(MOELAB) train --config $(QUICKSTART)
 	@log="$$($(MOELAB) config --config $(QUICKSTART) --get log.out)"; \
-	if [ -f "$$log" ]; then echo "run log: $$log"; else echo "run log: $$log was not written (this build has no run log yet)"; fi
+	echo "run log: $$log"; \
+	/usr/bin/python3 analysis/report.py "$$log" --out "$${log%.h5}_report"
 
 data: data/brown/cats.txt
 
