@@ -457,8 +457,16 @@ TEST_CASE("config: the quickstart preset loads", "[config]") {
   CHECK(c.moe.d_model == 64);
   CHECK(c.moe.experts == 8);
   CHECK(c.moe.top_k == 2);
-  CHECK(c.train.batch == 8);
-  CHECK(c.train.seq == 64);
-  CHECK(c.train.steps == 50);
+  CHECK(c.data.source == "brown");
   CHECK(c.sweep.empty());
+  // Every preset beside it loads and every grid point of its sweep is valid.
+  int presets = 0;
+  for (const auto& entry : fs::directory_iterator(preset.parent_path())) {
+    if (entry.path().extension() != ".ini") continue;
+    INFO(entry.path().string());
+    std::vector<SweepRun> runs = expand_sweep(load_config(entry.path().string()));
+    CHECK(!runs.empty());
+    ++presets;
+  }
+  CHECK(presets >= 8);
 }

@@ -1,4 +1,8 @@
 // moelab: the CUDA backend's entry points (implemented under backends/cuda/).
+//
+// Plain C++17 (no CUDA types): included by the registry, the tests and the command line, which
+// are compiled by the host compiler. The backend object owns its stream, cuBLAS handle and
+// caching allocator; nothing CUDA-related is global.
 #pragma once
 #include <memory>
 
@@ -8,7 +12,23 @@ namespace moelab {
 
 // Number of visible CUDA devices; 0 when there is no device or no driver (never throws).
 int cuda_device_count();
-// The CUDA backend on the current device. Throws NotSupported until its kernels land.
-std::unique_ptr<Backend> make_cuda_backend();
+
+// How grouped_gemm / grouped_gemm_wgrad run their per-expert GEMMs (both without a per-token
+// host loop; offsets are host values, so neither needs a device->host sync):
+//   PerExpert:      one cublasGemmEx per non-empty expert, all on the backend's stream;
+//   GroupedBatched: one cublasGemmGroupedBatchedEx call (pointer arrays copied to the device);
+//   Auto:           PerExpert when the experts average >= 1024 rows (few large GEMMs: cuBLAS's
+//                   tuned single-GEMM kernels win), else GroupedBatched (many small GEMMs: one
+//                   launch instead of ~8 us of host overhead per expert). Measured on an H200;
+//                   docs/gpu-results.md has the table.
+enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched };
+
+struct CudaBackendOptions {
+  int device = 0;                                        // CUDA device ordinal
+  GroupedGemmImpl grouped_gemm = GroupedGemmImpl::Auto;
+};
+
+// The CUDA backend on `opts.device`. Throws moelab::Error when no device is usable.
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& opts = {});
 
 }  // namespace moelab

@@ -1,0 +1,404 @@
+// moelab CUDA backend: the Backend object. It owns one CUDA stream, one cuBLAS handle, a caching
+// device allocator and pinned staging memory (no globals), answers supports(op, dtype), and
+// forwards every `*_impl` to the launchers in the kernel files (cuda_kernels.cuh lists them).
+//
+// Precision (DESIGN.md): f32 throughout, or bf16 storage with fp32 accumulation (GEMMs in
+// cuBLAS with fp32 compute; kernels load bf16, compute in fp32 or double, round once on store).
+// Router kernels (selection, Sinkhorn, losses, statistics) compute in double whatever the
+// storage, so routing decisions match the CPU reference given the same inputs.
+//
+// Supported: fill, copy, cast for f64, f32, bf16, i32; dispatch_plan for i32 (its index inputs);
+// every other op for f32 and bf16. Anything else answers supports() == false, and the checked
+// entry in core/backend.cpp throws NotSupported naming the op: never a crash.
+#include <cstring>
+
+#include "backends/cuda/cuda_kernels.cuh"
+
+namespace moelab {
+namespace cuda {
+
+// ---- DeviceAllocator -------------------------------------------------------------------------------
+
+size_t DeviceAllocator::round_up(size_t bytes) {
+  const size_t q = bytes < (size_t(1) << 20) ? 512 : (size_t(1) << 20);
+  if (bytes == 0) bytes = 1;
+  return (bytes + q - 1) / q * q;
+}
+
+void* DeviceAllocator::allocate(size_t bytes) {
+  const size_t size = round_up(bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  // Best fit among cached blocks no more than twice the request.
+  auto it = free_.lower_bound(size);
+  if (it != free_.end() && it->first <= 2 * size) {
+    void* p = it->second;
+    const size_t bs = it->first;
+    free_.erase(it);
+    live_[p] = bs;
+    cached_ -= bs;
+    in_use_ += bs;
+    return p;
+  }
+  void* p = nullptr;
+  if (cudaMalloc(&p, size) != cudaSuccess) {
+    cudaGetLastError();  // clear the out-of-memory error, give the cache back, try once more
+    for (auto& kv : free_) cudaFree(kv.second);
+    free_.clear();
+    cached_ = 0;
+    const cudaError_t e = cudaMalloc(&p, size);
+    MOELAB_CHECK(e == cudaSuccess, "cuda: cudaMalloc of ", size, " bytes failed: ",
+                 cudaGetErrorString(e), " (", in_use_, " bytes in use)");
+  }
+  live_[p] = size;
+  in_use_ += size;
+  return p;
+}
+
+void DeviceAllocator::release(void* p) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = live_.find(p);
+  if (it == live_.end()) return;
+  free_.emplace(it->second, p);
+  cached_ += it->second;
+  in_use_ -= it->second;
+  live_.erase(it);
+}
+
+void DeviceAllocator::empty_cache() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& kv : free_) cudaFree(kv.second);
+  free_.clear();
+  cached_ = 0;
+}
+
+DeviceAllocator::~DeviceAllocator() {
+  for (auto& kv : free_) cudaFree(kv.second);
+  // Blocks still live belong to tensors that outlived their backend; they are left alone.
+}
+
+// ---- Ctx ------------------------------------------------------------------------------------------
+
+void* Ctx::staging(size_t bytes) {
+  if (bytes > pinned_bytes_) {
+    if (pinned_) CUDA_CHECK(cudaFreeHost(pinned_));
+    pinned_ = nullptr;
+    const size_t n = bytes > (size_t(64) << 10) ? bytes : (size_t(64) << 10);
+    CUDA_CHECK(cudaMallocHost(&pinned_, n));
+    pinned_bytes_ = n;
+  }
+  return pinned_;
+}
+
+void Ctx::to_host(void* dst, const void* src_dev, size_t bytes) {
+  if (bytes == 0) return;
+  void* p = staging(bytes);
+  CUDA_CHECK(cudaMemcpyAsync(p, src_dev, bytes, cudaMemcpyDeviceToHost, stream));
+  sync();
+  std::memcpy(dst, p, bytes);
+}
+
+void Ctx::to_device_async(void* dst_dev, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  constexpr size_t kSlots = 8;
+  if (ring_.empty()) {
+    ring_.resize(kSlots);
+    for (Slot& s : ring_) CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+  }
+  Slot& s = ring_[ring_next_++ % kSlots];
+  CUDA_CHECK(cudaEventSynchronize(s.done));  // the slot's previous copy has been consumed
+  if (bytes > s.bytes) {
+    if (s.host) CUDA_CHECK(cudaFreeHost(s.host));
+    s.host = nullptr;
+    const size_t n = bytes > 4096 ? bytes : 4096;
+    CUDA_CHECK(cudaMallocHost(&s.host, n));
+    s.bytes = n;
+  }
+  std::memcpy(s.host, src, bytes);
+  CUDA_CHECK(cudaMemcpyAsync(dst_dev, s.host, bytes, cudaMemcpyHostToDevice, stream));
+  CUDA_CHECK(cudaEventRecord(s.done, stream));
+}
+
+void Ctx::release() {
+  for (Slot& s : ring_) {
+    if (s.done) cudaEventDestroy(s.done);
+    if (s.host) cudaFreeHost(s.host);
+  }
+  ring_.clear();
+  if (pinned_) cudaFreeHost(pinned_);
+  pinned_ = nullptr;
+  pinned_bytes_ = 0;
+}
+
+}  // namespace cuda
+
+namespace {
+
+using cuda::Ctx;
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& opts) : opts_(opts) {
+    CUDA_CHECK(cudaSetDevice(opts.device));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.stream, cudaStreamNonBlocking));
+    CUBLAS_CHECK(cublasCreate(&ctx_.blas));
+    CUBLAS_CHECK(cublasSetStream(ctx_.blas, ctx_.stream));
+    CUBLAS_CHECK(cublasSetPointerMode(ctx_.blas, CUBLAS_POINTER_MODE_HOST));
+    ctx_.alloc = &alloc_;
+  }
+
+  ~CudaBackend() override {
+    // No throwing here: report nothing, release everything.
+    cudaStreamSynchronize(ctx_.stream);
+    ctx_.release();
+    if (ctx_.blas) cublasDestroy(ctx_.blas);
+    if (ctx_.stream) cudaStreamDestroy(ctx_.stream);
+  }
+
+  std::string name() const override { return "cuda"; }
+  Device device() const override { return Device::CUDA; }
+  void synchronize() override { ctx_.sync(); }
+
+  bool supports(Op op, DType dt) const override {
+    switch (op) {
+      case Op::Fill: case Op::Copy: case Op::Cast: return true;
+      case Op::DispatchPlan: return dt == DType::I32;
+      default: return dt == DType::F32 || dt == DType::BF16;
+    }
+  }
+
+ protected:
+  void* alloc_bytes(size_t bytes) override { return alloc_.allocate(bytes); }
+  void free_bytes(void* p) override { alloc_.release(p); }
+
+  void copy_bytes(void* dst, bool dst_dev, const void* src, bool src_dev, size_t n) override {
+    if (n == 0) return;
+    if (!dst_dev && !src_dev) {
+      std::memcpy(dst, src, n);
+      return;
+    }
+    const cudaMemcpyKind kind = dst_dev ? (src_dev ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
+                                        : cudaMemcpyDeviceToHost;
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, n, kind, ctx_.stream));
+    ctx_.sync();  // blocking by contract
+  }
+
+  // ---- elementwise and GEMM ----------------------------------------------------------------
+  void fill_impl(const Tensor& x, double v) override { cuda::fill(ctx_, x, v); }
+  void cast_impl(const Tensor& s, const Tensor& d) override { cuda::cast(ctx_, s, d); }
+  void axpy_impl(double a, const Tensor& x, const Tensor& y) override { cuda::axpy(ctx_, a, x, y); }
+  void transpose_impl(const Tensor& x, const Tensor& y) override { cuda::transpose(ctx_, x, y); }
+  void gemm_impl(bool ta, bool tb, double alpha, const Tensor& a, const Tensor& b, double beta,
+                 const Tensor& c) override {
+    cuda::gemm(ctx_, ta, tb, alpha, a, b, beta, c);
+  }
+  void grouped_gemm_impl(const Tensor& x, const Tensor& w, const std::vector<int64_t>& off,
+                         const Tensor& y, bool trans_w, double beta) override {
+    cuda::grouped_gemm(ctx_, opts_.grouped_gemm, x, w, off, y, trans_w, beta);
+  }
+  void grouped_gemm_wgrad_impl(const Tensor& x, const Tensor& dy, const std::vector<int64_t>& off,
+                               const Tensor& dw, double beta) override {
+    cuda::grouped_gemm_wgrad(ctx_, opts_.grouped_gemm, x, dy, off, dw, beta);
+  }
+  void swiglu_forward_impl(const Tensor& ab, const Tensor& h) override {
+    cuda::swiglu_forward(ctx_, ab, h);
+  }
+  void swiglu_backward_impl(const Tensor& ab, const Tensor& dh, const Tensor& dab) override {
+    cuda::swiglu_backward(ctx_, ab, dh, dab);
+  }
+  void softmax_forward_impl(const Tensor& l, const Tensor& p) override {
+    cuda::softmax_forward(ctx_, l, p);
+  }
+  void softmax_backward_impl(const Tensor& p, const Tensor& dp, const Tensor& dl) override {
+    cuda::softmax_backward(ctx_, p, dp, dl);
+  }
+  void sigmoid_forward_impl(const Tensor& x, const Tensor& y) override {
+    cuda::sigmoid_forward(ctx_, x, y);
+  }
+  void sigmoid_backward_impl(const Tensor& y, const Tensor& dy, const Tensor& dx) override {
+    cuda::sigmoid_backward(ctx_, y, dy, dx);
+  }
+  void softplus_forward_impl(const Tensor& x, const Tensor& y) override {
+    cuda::softplus_forward(ctx_, x, y);
+  }
+  void softplus_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& dx) override {
+    cuda::softplus_backward(ctx_, x, dy, dx);
+  }
+  void row_normalize_forward_impl(const Tensor& x, const Tensor& y) override {
+    cuda::row_normalize_forward(ctx_, x, y);
+  }
+  void row_normalize_backward_impl(const Tensor& x, const Tensor& dy, const Tensor& dx) override {
+    cuda::row_normalize_backward(ctx_, x, dy, dx);
+  }
+  void row_scale_forward_impl(const Tensor& s, const Tensor& x, const Tensor& y) override {
+    cuda::row_scale_forward(ctx_, s, x, y);
+  }
+  void row_scale_backward_impl(const Tensor& s, const Tensor& x, const Tensor& dy,
+                               const Tensor& ds, const Tensor& dx) override {
+    cuda::row_scale_backward(ctx_, s, x, dy, ds, dx);
+  }
+  void dropout_forward_impl(const Tensor& x, double p, uint64_t seed, const Tensor& y) override {
+    cuda::dropout(ctx_, x, p, seed, y);
+  }
+  void dropout_backward_impl(const Tensor& dy, double p, uint64_t seed, const Tensor& dx) override {
+    cuda::dropout(ctx_, dy, p, seed, dx);  // the same mask and scale
+  }
+  void jitter_forward_impl(const Tensor& x, double eps, uint64_t seed, const Tensor& y) override {
+    cuda::jitter(ctx_, x, eps, seed, y);
+  }
+  void jitter_backward_impl(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx) override {
+    cuda::jitter(ctx_, dy, eps, seed, dx);  // linear in x: the same multiplier
+  }
+  void noisy_logits_forward_impl(const Tensor& clean, const Tensor& std, double sigma,
+                                 uint64_t seed, const Tensor& h) override {
+    cuda::noisy_logits_forward(ctx_, clean, std, sigma, seed, h);
+  }
+  void noisy_logits_backward_impl(const Tensor& dh, const Tensor& std, uint64_t seed,
+                                  const Tensor& dclean, const Tensor& dstd) override {
+    cuda::noisy_logits_backward(ctx_, dh, std, seed, dclean, dstd);
+  }
+
+  // ---- routing -------------------------------------------------------------------------------
+  void topk_impl(const Tensor& s, const Tensor& bias, const Tensor& idx) override {
+    cuda::topk(ctx_, s, bias, idx);
+  }
+  void gates_forward_impl(const Tensor& s, const Tensor& idx, bool normalize, double scale,
+                          const Tensor& g) override {
+    cuda::gates_forward(ctx_, s, idx, normalize, scale, g);
+  }
+  void gates_backward_impl(const Tensor& s, const Tensor& idx, const Tensor& dg, bool normalize,
+                           double scale, const Tensor& ds) override {
+    cuda::gates_backward(ctx_, s, idx, dg, normalize, scale, ds);
+  }
+  void random_top2_mask_impl(const Tensor& g, double tau, uint64_t seed,
+                             const Tensor& keep) override {
+    cuda::random_top2_mask(ctx_, g, tau, seed, keep);
+  }
+  void capacity_mask_impl(const Tensor& idx, const Tensor& g, int64_t experts, int64_t capacity,
+                          DropPolicy policy, const Tensor& keep) override {
+    cuda::capacity_mask(ctx_, idx, g, experts, capacity, policy, keep);
+  }
+  int sinkhorn_impl(const Tensor& l, double tol, int max_iters, const Tensor& out) override {
+    return cuda::sinkhorn(ctx_, l, tol, max_iters, out);
+  }
+  void expert_choice_impl(const Tensor& s, const Tensor& chosen) override {
+    cuda::expert_choice(ctx_, s, chosen);
+  }
+  DispatchPlan dispatch_plan_impl(const Tensor& idx, const Tensor& keep, bool ec, int64_t experts,
+                                  int64_t pad) override {
+    return cuda::dispatch_plan(
+        ctx_, [this](Shape s, DType d) { return empty(s, d); }, idx, keep, ec, experts, pad);
+  }
+  void permute_forward_impl(const Tensor& x, const DispatchPlan& p, const Tensor& xp) override {
+    cuda::permute_forward(ctx_, x, p, xp);
+  }
+  void permute_backward_impl(const Tensor& dxp, const DispatchPlan& p, const Tensor& dx) override {
+    cuda::permute_backward(ctx_, dxp, p, dx);
+  }
+  void unpermute_forward_impl(const Tensor& yp, const DispatchPlan& p, const Tensor& g,
+                              const Tensor& y) override {
+    cuda::unpermute_forward(ctx_, yp, p, g, y);
+  }
+  void unpermute_backward_impl(const Tensor& dy, const Tensor& yp, const DispatchPlan& p,
+                               const Tensor& g, const Tensor& dyp, const Tensor& dg) override {
+    cuda::unpermute_backward(ctx_, dy, yp, p, g, dyp, dg);
+  }
+
+  // ---- losses and statistics -------------------------------------------------------------------
+  double aux_loss_forward_impl(const Tensor& p, const Tensor& idx, int64_t seq_len) override {
+    return cuda::aux_loss_forward(ctx_, p, idx, seq_len);
+  }
+  void aux_loss_backward_impl(const Tensor& p, const Tensor& idx, int64_t seq_len, double scale,
+                              const Tensor& dp) override {
+    cuda::aux_loss_backward(ctx_, p, idx, seq_len, scale, dp);
+  }
+  double z_loss_forward_impl(const Tensor& l) override { return cuda::z_loss_forward(ctx_, l); }
+  void z_loss_backward_impl(const Tensor& l, double scale, const Tensor& dl) override {
+    cuda::z_loss_backward(ctx_, l, scale, dl);
+  }
+  double cv2_loss_forward_impl(const Tensor& g, const Tensor& idx, int64_t experts) override {
+    return cuda::cv2_loss_forward(ctx_, g, idx, experts);
+  }
+  void cv2_loss_backward_impl(const Tensor& g, const Tensor& idx, int64_t experts, double scale,
+                              const Tensor& dg) override {
+    cuda::cv2_loss_backward(ctx_, g, idx, experts, scale, dg);
+  }
+  double load_loss_forward_impl(const Tensor& clean, const Tensor& h, const Tensor& std,
+                                double sigma, int64_t k) override {
+    return cuda::load_loss_forward(ctx_, clean, h, std, sigma, k);
+  }
+  void load_loss_backward_impl(const Tensor& clean, const Tensor& h, const Tensor& std,
+                               double sigma, int64_t k, double scale, const Tensor& dclean,
+                               const Tensor& dstd, const Tensor& dh) override {
+    cuda::load_loss_backward(ctx_, clean, h, std, sigma, k, scale, dclean, dstd, dh);
+  }
+  RouterStats router_stats_impl(const Tensor& l, const Tensor& p, const Tensor& idx,
+                                const Tensor& keep, bool ec, int64_t experts) override {
+    return cuda::router_stats(ctx_, l, p, idx, keep, ec, experts);
+  }
+
+  // ---- transformer ops -------------------------------------------------------------------------
+  void scale_impl(const Tensor& x, double alpha) override { cuda::mul_scalar(ctx_, x, alpha); }
+  double sum_squares_impl(const Tensor& x) override { return cuda::sum_squares(ctx_, x); }
+  void embedding_forward_impl(const Tensor& tokens, const Tensor& table,
+                              const Tensor& out) override {
+    cuda::embedding_forward(ctx_, tokens, table, out);
+  }
+  void embedding_backward_impl(const Tensor& tokens, const Tensor& dout,
+                               const Tensor& dtable) override {
+    cuda::embedding_backward(ctx_, tokens, dout, dtable);
+  }
+  void rmsnorm_forward_impl(const Tensor& x, const Tensor& w, double eps, const Tensor& y,
+                            const Tensor& rstd) override {
+    cuda::rmsnorm_forward(ctx_, x, w, eps, y, rstd);
+  }
+  void rmsnorm_backward_impl(const Tensor& x, const Tensor& w, const Tensor& rstd,
+                             const Tensor& dy, const Tensor& dx, const Tensor& dw) override {
+    cuda::rmsnorm_backward(ctx_, x, w, rstd, dy, dx, dw);
+  }
+  void rope_impl(const Tensor& x, int64_t heads, int64_t seq_len, double theta, bool inverse,
+                 const Tensor& y) override {
+    cuda::rope(ctx_, x, heads, seq_len, theta, inverse, y);
+  }
+  void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
+                              int64_t kv_heads, int64_t seq_len, const Tensor& out,
+                              const Tensor& probs) override {
+    cuda::attention_forward(ctx_, q, k, v, heads, kv_heads, seq_len, out, probs);
+  }
+  void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& probs, const Tensor& dout, int64_t heads,
+                               int64_t kv_heads, int64_t seq_len, const Tensor& dq,
+                               const Tensor& dk, const Tensor& dv) override {
+    cuda::attention_backward(ctx_, q, k, v, probs, dout, heads, kv_heads, seq_len, dq, dk, dv);
+  }
+  double cross_entropy_forward_impl(const Tensor& logits, const Tensor& targets) override {
+    return cuda::cross_entropy_forward(ctx_, logits, targets);
+  }
+  void cross_entropy_backward_impl(const Tensor& logits, const Tensor& targets, double scale,
+                                   const Tensor& dlogits) override {
+    cuda::cross_entropy_backward(ctx_, logits, targets, scale, dlogits);
+  }
+  void adamw_impl(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  double lr, double beta1, double beta2, double eps, double weight_decay,
+                  int64_t step) override {
+    MOELAB_CHECK(grad.dtype() == DType::F32 || grad.dtype() == DType::BF16,
+                 "adamw: cuda takes f32 or bf16 gradients, got ", to_string(grad.dtype()));
+    cuda::adamw(ctx_, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step);
+  }
+
+ private:
+  CudaBackendOptions opts_;
+  cuda::DeviceAllocator alloc_;  // destroyed last: after the stream and handle
+  Ctx ctx_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& opts) {
+  const int n = cuda_device_count();
+  MOELAB_CHECK(n > 0, "backend cuda: no CUDA device is visible");
+  MOELAB_CHECK(opts.device >= 0 && opts.device < n, "backend cuda: device ", opts.device,
+               " does not exist (", n, " visible)");
+  return std::make_unique<CudaBackend>(opts);
+}
+
+}  // namespace moelab

@@ -1,0 +1,192 @@
+// moelab CUDA backend: GEMMs through cuBLAS (gemm, grouped_gemm, grouped_gemm_wgrad).
+//
+// Row-major mapping: moelab's tensors are row-major, cuBLAS is column-major. A row-major
+// matrix M [r, c] read column-major is M^T with leading dimension c, so the row-major product
+// C = op(A) op(B) is computed as the column-major product C^T = op(B)^T op(A)^T: swap the
+// operands, swap m and n, keep each operand's transpose flag, and pass each row length as its
+// leading dimension.
+//
+// Precision: cublasGemmEx with CUBLAS_COMPUTE_32F for f32 (no TF32: the handle keeps the default
+// math mode) and for bf16 (bf16 in and out, fp32 accumulation, alpha / beta in fp32).
+//
+// Grouped GEMMs (the MoE experts): every non-empty expert is one row-major problem; the list of
+// problems runs either as one cublasGemmEx per problem (PerExpert) or as a single
+// cublasGemmGroupedBatchedEx (GroupedBatched; its pointer arrays are copied to the device, its
+// shape arrays stay on the host), and Auto picks by the mean rows per expert (cuda_backend.h).
+// Offsets are host values, so no path synchronises. An expert with no rows contributes
+// beta * dW[e] to the weight gradient (a scale kernel).
+#include <vector>
+
+#include "backends/cuda/cuda_kernels.cuh"
+
+namespace moelab::cuda {
+namespace {
+
+cudaDataType_t cuda_type(DType dt) {
+  switch (dt) {
+    case DType::F32: return CUDA_R_32F;
+    case DType::BF16: return CUDA_R_16BF;
+    default: throw NotSupported(std::string("cuda gemm: no ") + to_string(dt) + " GEMM");
+  }
+}
+
+int as_int(int64_t v, const char* what) {
+  MOELAB_CHECK(v >= 0 && v <= INT32_MAX, "cuda gemm: ", what, " = ", v, " exceeds cuBLAS's int range");
+  return int(v);
+}
+
+// One row-major problem C [m, n] = alpha op(A) op(B) + beta C, lda / ldb / ldc row lengths.
+struct Problem {
+  bool ta, tb;
+  int64_t m, n, k;
+  const void* a;
+  int64_t lda;
+  const void* b;
+  int64_t ldb;
+  void* c;
+  int64_t ldc;
+};
+
+size_t elem_size(DType dt) { return dtype_size(dt); }
+
+// k == 0: C = beta C (cuBLAS is not asked to handle empty inner dimensions).
+void run_one(Ctx& c, DType dt, const Problem& p, float alpha, float beta) {
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {
+    MOELAB_CHECK(p.ldc == p.n, "cuda gemm: strided C with k = 0");
+    scale(c, dt, p.c, p.m * p.n, beta);
+    return;
+  }
+  const cudaDataType_t ty = cuda_type(dt);
+  CUBLAS_CHECK(cublasGemmEx(c.blas, p.tb ? CUBLAS_OP_T : CUBLAS_OP_N, p.ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                            as_int(p.n, "n"), as_int(p.m, "m"), as_int(p.k, "k"), &alpha, p.b, ty,
+                            as_int(p.ldb, "ldb"), p.a, ty, as_int(p.lda, "lda"), &beta, p.c, ty,
+                            as_int(p.ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// mean_rows: the experts' average row count (Auto's measure of GEMM size).
+void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>& list, float beta,
+              double mean_rows) {
+  // Problems with k == 0 (or nothing to write) never go to the grouped call.
+  std::vector<Problem> real;
+  real.reserve(list.size());
+  for (const Problem& p : list) {
+    if (p.m == 0 || p.n == 0) continue;
+    if (p.k == 0) run_one(c, dt, p, 1.0f, beta);
+    else real.push_back(p);
+  }
+  if (real.empty()) return;
+  if (impl == GroupedGemmImpl::Auto) impl = mean_rows >= 1024 ? GroupedGemmImpl::PerExpert
+                                                             : GroupedGemmImpl::GroupedBatched;
+  if (impl == GroupedGemmImpl::PerExpert || real.size() == 1) {
+    for (const Problem& p : real) run_one(c, dt, p, 1.0f, beta);
+    return;
+  }
+  const int G = int(real.size());
+  std::vector<cublasOperation_t> opa(G), opb(G);
+  std::vector<int> m(G), n(G), k(G), lda(G), ldb(G), ldc(G), size(G, 1);
+  std::vector<float> alpha(G, 1.0f), betas(G, beta);
+  std::vector<void*> ptrs(size_t(3 * G));
+  for (int i = 0; i < G; ++i) {  // column-major view: operands swapped, as in run_one
+    const Problem& p = real[i];
+    opa[i] = p.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    opb[i] = p.ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    m[i] = as_int(p.n, "n");
+    n[i] = as_int(p.m, "m");
+    k[i] = as_int(p.k, "k");
+    lda[i] = as_int(p.ldb, "ldb");
+    ldb[i] = as_int(p.lda, "lda");
+    ldc[i] = as_int(p.ldc, "ldc");
+    ptrs[i] = const_cast<void*>(p.b);
+    ptrs[G + i] = const_cast<void*>(p.a);
+    ptrs[2 * G + i] = p.c;
+  }
+  Buf<void*> dptrs(c, 3 * G);
+  c.to_device_async(dptrs.get(), ptrs.data(), ptrs.size() * sizeof(void*));
+  const cudaDataType_t ty = cuda_type(dt);
+  CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+      c.blas, opa.data(), opb.data(), m.data(), n.data(), k.data(), alpha.data(), dptrs.get(), ty,
+      lda.data(), dptrs.get() + G, ty, ldb.data(), betas.data(), dptrs.get() + 2 * G, ty,
+      ldc.data(), G, size.data(), CUBLAS_COMPUTE_32F));
+}
+
+}  // namespace
+
+void gemm(Ctx& c, bool ta, bool tb, double alpha, const Tensor& a, const Tensor& b, double beta,
+          const Tensor& cm) {
+  const int64_t m = cm.dim(0), n = cm.dim(1), k = ta ? a.dim(0) : a.dim(1);
+  Problem p{ta, tb, m, n, k, a.data(), a.dim(1), b.data(), b.dim(1), cm.data(), n};
+  run_one(c, a.dtype(), p, float(alpha), float(beta));
+}
+
+// Y[rows of e] = X[rows of e] op(W[e]) + beta Y[rows of e].
+void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w,
+                  const std::vector<int64_t>& off, const Tensor& y, bool trans_w, double beta) {
+  const DType dt = x.dtype();
+  const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
+  const size_t es = elem_size(dt);
+  const char* xb = static_cast<const char*>(x.data());
+  const char* wb = static_cast<const char*>(w.data());
+  char* yb = static_cast<char*>(y.data());
+  std::vector<Problem> list;
+  list.reserve(size_t(E));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = off[e], rows = off[e + 1] - off[e];
+    if (rows == 0) continue;
+    list.push_back(Problem{false, trans_w, rows, n, kin, xb + size_t(r0 * kin) * es, kin,
+                           wb + size_t(e * w.dim(1) * w.dim(2)) * es, w.dim(2),
+                           yb + size_t(r0 * n) * es, n});
+  }
+  run_list(c, impl, dt, list, float(beta), list.empty() ? 0.0 : double(x.dim(0)) / double(list.size()));
+}
+
+// dW[e] = X[rows of e]^T dY[rows of e] + beta dW[e]; an expert without rows gets beta dW[e].
+void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& dy,
+                        const std::vector<int64_t>& off, const Tensor& dw, double beta) {
+  const DType dt = x.dtype();
+  const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
+  const size_t es = elem_size(dt);
+  const char* xb = static_cast<const char*>(x.data());
+  const char* db = static_cast<const char*>(dy.data());
+  char* wb = static_cast<char*>(dw.data());
+  std::vector<Problem> list;
+  list.reserve(size_t(E));
+  int64_t nonempty = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = off[e], rows = off[e + 1] - off[e];
+    // rows == 0 is a k == 0 problem: run_list scales dW[e] by beta.
+    list.push_back(Problem{true, false, kin, n, rows, xb + size_t(r0 * kin) * es, kin,
+                           db + size_t(r0 * n) * es, n, wb + size_t(e * kin * n) * es, n});
+    nonempty += rows > 0;
+  }
+  run_list(c, impl, dt, list, float(beta), nonempty ? double(x.dim(0)) / double(nonempty) : 0.0);
+}
+
+void gemm_batched(Ctx& c, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
+                  DType ab_type, const std::vector<const void*>& a, int64_t lda,
+                  const std::vector<const void*>& b, int64_t ldb, double beta, DType c_type,
+                  const std::vector<void*>& cm, int64_t ldc) {
+  const size_t count = cm.size();
+  if (count == 0 || m == 0 || n == 0) return;
+  MOELAB_CHECK(k > 0, "cuda gemm_batched: empty inner dimension");
+  MOELAB_CHECK(a.size() == count && b.size() == count, "cuda gemm_batched: pointer lists differ");
+  // Column-major view: C^T = op(B)^T op(A)^T, so the device array holds B's pointers first.
+  std::vector<void*> ptrs(3 * count);
+  for (size_t i = 0; i < count; ++i) {
+    ptrs[i] = const_cast<void*>(b[i]);
+    ptrs[count + i] = const_cast<void*>(a[i]);
+    ptrs[2 * count + i] = cm[i];
+  }
+  Buf<void*> dptrs(c, int64_t(3 * count));
+  c.to_device_async(dptrs.get(), ptrs.data(), ptrs.size() * sizeof(void*));
+  const float al = float(alpha), be = float(beta);
+  const cudaDataType_t ty = cuda_type(ab_type), cty = cuda_type(c_type);
+  CUBLAS_CHECK(cublasGemmBatchedEx(c.blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                   as_int(n, "n"), as_int(m, "m"), as_int(k, "k"), &al, dptrs.get(),
+                                   ty, as_int(ldb, "ldb"), dptrs.get() + count, ty,
+                                   as_int(lda, "lda"), &be, dptrs.get() + 2 * count, cty,
+                                   as_int(ldc, "ldc"), as_int(int64_t(count), "batch"),
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace moelab::cuda

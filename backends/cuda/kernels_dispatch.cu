@@ -1,0 +1,263 @@
+// moelab CUDA backend: the dispatch permutation (dispatch_plan) and permute / un-permute.
+//
+// dispatch_plan is a counting sort: each kept assignment gets the key of its expert, a stable
+// radix sort groups them by expert in assignment order (token order for token choice), and the
+// per-expert counts come back to the host for the offsets (one synchronisation per plan: the
+// offsets are host data by contract). Padding rows (pad-to-capacity) are token = assignment = -1.
+//
+// The reductions over a token's rows (permute backward, un-permute forward) are deterministic
+// gathers, not atomics: a token -> rows index (CSR) is built by a second stable sort of the rows
+// by token, and each output element sums its rows in ascending row order, the CPU's order.
+// Rows whose token is negative or out of range are treated as padding.
+#include <climits>
+
+#include "backends/cuda/cuda_kernels.cuh"
+
+namespace moelab::cuda {
+namespace {
+
+// ---- dispatch plan -------------------------------------------------------------------------------
+
+__global__ void plan_keys_kernel(const int32_t* ix, const int32_t* kp, int64_t A, int64_t n1,
+                                 bool ec, int64_t E, uint64_t* keys, int32_t* vals,
+                                 int32_t* count /* [E+1]; count[E] = first bad expert */) {
+  MOELAB_GRID_STRIDE(a, A) {
+    uint64_t key = uint64_t(E);
+    if (kp[a]) {
+      const int64_t e = ec ? a / n1 : ix[a];
+      if (e >= 0 && e < E) {
+        key = uint64_t(e);
+        atomicAdd(count + e, 1);
+      } else {
+        atomicCAS(count + E, INT_MIN, int32_t(e));
+      }
+    }
+    keys[a] = key;
+    vals[a] = int32_t(a);
+  }
+}
+
+// Sorted position i (< kept) of expert e goes to row off[e] + (i - start[e]).
+__global__ void plan_rows_kernel(const uint64_t* keys, const int32_t* vals, int64_t kept,
+                                 const int32_t* ix, int64_t n1, bool ec, const int64_t* start,
+                                 const int64_t* off, int32_t* row_token, int32_t* row_assign) {
+  MOELAB_GRID_STRIDE(i, kept) {
+    const int64_t e = int64_t(keys[i]);
+    const int32_t a = vals[i];
+    const int64_t r = off[e] + (i - start[e]);
+    row_token[r] = ec ? ix[a] : int32_t(a / n1);
+    row_assign[r] = a;
+  }
+}
+
+__global__ void fill_i32_kernel(int32_t* p, int64_t n, int32_t v) {
+  MOELAB_GRID_STRIDE(i, n) p[i] = v;
+}
+
+// ---- token -> rows index ---------------------------------------------------------------------------
+
+__global__ void csr_keys_kernel(const int32_t* row_token, int64_t R, int64_t T, uint64_t* keys,
+                                int32_t* vals, int32_t* count) {
+  MOELAB_GRID_STRIDE(r, R) {
+    const int32_t t = row_token[r];
+    const bool ok = t >= 0 && t < T;
+    keys[r] = ok ? uint64_t(t) : uint64_t(T);
+    vals[r] = int32_t(r);
+    if (ok) atomicAdd(count + t, 1);
+  }
+}
+
+// Rows of token t: rows[start[t] .. start[t+1]), ascending.
+struct TokenCsr {
+  Buf<int32_t> rows, start;
+  TokenCsr(Ctx& c, const Tensor& row_token, int64_t T) : rows(c, row_token.numel()), start(c, T + 1) {
+    const int64_t R = row_token.numel();
+    Buf<int32_t> count(c, T + 1);
+    CUDA_CHECK(cudaMemsetAsync(count.get(), 0, size_t(T + 1) * sizeof(int32_t), c.stream));
+    if (R > 0) {
+      Buf<uint64_t> keys(c, R), keys_sorted(c, R);
+      Buf<int32_t> vals(c, R);
+      csr_keys_kernel<<<grid_for(R), kThreads, 0, c.stream>>>(cptr<int32_t>(row_token), R, T,
+                                                              keys.get(), vals.get(), count.get());
+      CUDA_CHECK_LAUNCH();
+      sort_pairs(c, keys.get(), keys_sorted.get(), vals.get(), rows.get(), R,
+                 bits_for(uint64_t(T)));
+    }
+    exclusive_sum(c, count.get(), start.get(), T + 1);
+  }
+};
+
+// ---- permute / un-permute -------------------------------------------------------------------------
+
+template <class T>
+__global__ void permute_fwd_kernel(const T* x, const int32_t* row_token, int64_t R, int64_t D,
+                                   int64_t Tn, T* xp) {
+  MOELAB_GRID_STRIDE(i, R * D) {
+    const int64_t r = i / D, d = i - r * D;
+    const int32_t t = row_token[r];
+    if (t >= 0 && t < Tn) xp[i] = x[int64_t(t) * D + d];
+    else store_f(xp, i, 0.0f);
+  }
+}
+
+// dX[t] = sum of dXp over the rows of t.
+template <class T>
+__global__ void permute_bwd_kernel(const T* dxp, const int32_t* rows, const int32_t* start,
+                                   int64_t Tn, int64_t D, T* dx) {
+  MOELAB_GRID_STRIDE(i, Tn * D) {
+    const int64_t t = i / D, d = i - t * D;
+    float acc = 0.0f;
+    for (int32_t j = start[t]; j < start[t + 1]; ++j) acc += load_f(dxp, int64_t(rows[j]) * D + d);
+    store_f(dx, i, acc);
+  }
+}
+
+// Y[t] = sum over the rows r of t of gates[row_assign[r]] Yp[r].
+template <class T>
+__global__ void unpermute_fwd_kernel(const T* yp, const T* gates, const int32_t* row_assign,
+                                     const int32_t* rows, const int32_t* start, int64_t Tn,
+                                     int64_t D, T* y) {
+  MOELAB_GRID_STRIDE(i, Tn * D) {
+    const int64_t t = i / D, d = i - t * D;
+    float acc = 0.0f;
+    for (int32_t j = start[t]; j < start[t + 1]; ++j) {
+      const int64_t r = rows[j];
+      acc += load_f(gates, row_assign[r]) * load_f(yp, r * D + d);
+    }
+    store_f(y, i, acc);
+  }
+}
+
+// dYp[r] = gates[a] dY[t]; dgates[a] = <dY[t], Yp[r]> (dgates pre-zeroed); one warp per row.
+template <class T>
+__global__ void unpermute_bwd_kernel(const T* dy, const T* yp, const T* gates,
+                                     const int32_t* row_token, const int32_t* row_assign,
+                                     int64_t R, int64_t D, int64_t Tn, T* dyp, T* dgates) {
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= R) return;
+  const int lane = threadIdx.x & 31;
+  const int32_t t = row_token[r];
+  if (t < 0 || t >= Tn) {
+    for (int64_t d = lane; d < D; d += 32) store_f(dyp, r * D + d, 0.0f);
+    return;
+  }
+  const int32_t a = row_assign[r];
+  const float g = load_f(gates, a);
+  float dot = 0.0f;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float v = load_f(dy, int64_t(t) * D + d);
+    dot += v * load_f(yp, r * D + d);
+    store_f(dyp, r * D + d, g * v);
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) store_f(dgates, a, dot);
+}
+
+}  // namespace
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+DispatchPlan dispatch_plan(Ctx& c, const EmptyFn& empty, const Tensor& idx, const Tensor& keep,
+                           bool ec, int64_t E, int64_t pad) {
+  const int64_t n1 = idx.dim(1), A = idx.numel();
+  MOELAB_CHECK(A <= INT32_MAX && E < INT32_MAX, "cuda dispatch_plan: too many assignments");
+  Buf<uint64_t> keys(c, A), keys_sorted(c, A);
+  Buf<int32_t> vals(c, A), vals_sorted(c, A), count(c, E + 1);
+  CUDA_CHECK(cudaMemsetAsync(count.get(), 0, size_t(E) * sizeof(int32_t), c.stream));
+  const int32_t no_error = INT_MIN;
+  c.to_device_async(count.get() + E, &no_error, sizeof(int32_t));
+  if (A > 0) {
+    plan_keys_kernel<<<grid_for(A), kThreads, 0, c.stream>>>(
+        cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, keys.get(), vals.get(), count.get());
+    CUDA_CHECK_LAUNCH();
+    sort_pairs(c, keys.get(), keys_sorted.get(), vals.get(), vals_sorted.get(), A,
+               bits_for(uint64_t(E)));
+  }
+  std::vector<int32_t> cnt(size_t(E + 1));
+  c.to_host(cnt.data(), count.get(), cnt.size() * sizeof(int32_t));
+  MOELAB_CHECK(cnt[E] == INT_MIN, "dispatch_plan: expert index ", cnt[E], " out of range");
+
+  DispatchPlan p;
+  p.offsets.assign(size_t(E + 1), 0);
+  std::vector<int64_t> meta(size_t(2 * E));  // [start (unpadded) | offsets]
+  int64_t kept = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    MOELAB_CHECK(pad == 0 || cnt[e] <= pad, "dispatch_plan: expert ", e, " has ", cnt[e],
+                 " kept assignments, more than pad capacity ", pad);
+    meta[e] = kept;
+    meta[E + e] = p.offsets[e];
+    kept += cnt[e];
+    p.offsets[e + 1] = p.offsets[e] + (pad ? pad : cnt[e]);
+  }
+  const int64_t R = p.rows();
+  p.row_token = empty(Shape{R}, DType::I32);
+  p.row_assign = empty(Shape{R}, DType::I32);
+  if (R > kept) {
+    fill_i32_kernel<<<grid_for(R), kThreads, 0, c.stream>>>(mptr<int32_t>(p.row_token), R, -1);
+    CUDA_CHECK_LAUNCH();
+    fill_i32_kernel<<<grid_for(R), kThreads, 0, c.stream>>>(mptr<int32_t>(p.row_assign), R, -1);
+    CUDA_CHECK_LAUNCH();
+  }
+  if (kept > 0) {
+    Buf<int64_t> dmeta(c, 2 * E);
+    c.to_device_async(dmeta.get(), meta.data(), meta.size() * sizeof(int64_t));
+    plan_rows_kernel<<<grid_for(kept), kThreads, 0, c.stream>>>(
+        keys_sorted.get(), vals_sorted.get(), kept, cptr<int32_t>(idx), n1, ec, dmeta.get(),
+        dmeta.get() + E, mptr<int32_t>(p.row_token), mptr<int32_t>(p.row_assign));
+    CUDA_CHECK_LAUNCH();
+  }
+  return p;
+}
+
+void permute_forward(Ctx& c, const Tensor& x, const DispatchPlan& plan, const Tensor& xp) {
+  const int64_t R = plan.rows(), D = x.dim(1), Tn = x.dim(0);
+  if (R * D == 0) return;
+  dispatch_float(x.dtype(), "permute_forward", [&](auto tag) {
+    using T = decltype(tag);
+    permute_fwd_kernel<T><<<grid_for(R * D), kThreads, 0, c.stream>>>(
+        cptr<T>(x), cptr<int32_t>(plan.row_token), R, D, Tn, mptr<T>(xp));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void permute_backward(Ctx& c, const Tensor& dxp, const DispatchPlan& plan, const Tensor& dx) {
+  const int64_t Tn = dx.dim(0), D = dx.dim(1);
+  if (Tn * D == 0) return;
+  TokenCsr csr(c, plan.row_token, Tn);
+  dispatch_float(dx.dtype(), "permute_backward", [&](auto tag) {
+    using T = decltype(tag);
+    permute_bwd_kernel<T><<<grid_for(Tn * D), kThreads, 0, c.stream>>>(
+        cptr<T>(dxp), csr.rows.get(), csr.start.get(), Tn, D, mptr<T>(dx));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void unpermute_forward(Ctx& c, const Tensor& yp, const DispatchPlan& plan, const Tensor& gates,
+                       const Tensor& y) {
+  const int64_t Tn = y.dim(0), D = y.dim(1);
+  if (Tn * D == 0) return;
+  TokenCsr csr(c, plan.row_token, Tn);
+  dispatch_float(yp.dtype(), "unpermute_forward", [&](auto tag) {
+    using T = decltype(tag);
+    unpermute_fwd_kernel<T><<<grid_for(Tn * D), kThreads, 0, c.stream>>>(
+        cptr<T>(yp), cptr<T>(gates), cptr<int32_t>(plan.row_assign), csr.rows.get(),
+        csr.start.get(), Tn, D, mptr<T>(y));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void unpermute_backward(Ctx& c, const Tensor& dy, const Tensor& yp, const DispatchPlan& plan,
+                        const Tensor& gates, const Tensor& dyp, const Tensor& dgates) {
+  const int64_t R = plan.rows(), D = dy.dim(1), Tn = dy.dim(0);
+  fill(c, dgates, 0.0);
+  if (R == 0) return;
+  dispatch_float(dy.dtype(), "unpermute_backward", [&](auto tag) {
+    using T = decltype(tag);
+    unpermute_bwd_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(
+        cptr<T>(dy), cptr<T>(yp), cptr<T>(gates), cptr<int32_t>(plan.row_token),
+        cptr<int32_t>(plan.row_assign), R, D, Tn, mptr<T>(dyp), mptr<T>(dgates));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace moelab::cuda

@@ -1,0 +1,467 @@
+// moelab CUDA backend: router losses (forward values, backward accumulations) and router
+// statistics. Formulas and sources: core/backend.h and BACKGROUND.md section 3.
+//
+//   aux   L = E sum_i f_i P_i (per sequence when seq_len > 0, averaged)     Switch / Megatron
+//   z     L = (1/T) sum_t logsumexp(l_t)^2                                   ST-MoE
+//   cv2   L = CV(importance)^2, importance_e = sum of the gates routed to e  Shazeer 2017
+//   load  L = CV(load)^2, load_e = sum_t Phi((clean_te - thr_te) / std_te)   Shazeer 2017
+//
+// All arithmetic is in double (the router is small: T x E), every reduction is deterministic
+// (integer atomics for counts; fixed-order partial sums for reals), and the tiny E-sized tails
+// (CV^2 and its gradient, the aux-loss sum) run in one thread in the CPU's order. Forward values
+// come back to the host (one synchronisation); backward passes never synchronise.
+#include <cfloat>
+#include <cmath>
+
+#include "backends/cuda/cuda_kernels.cuh"
+
+namespace moelab::cuda {
+namespace {
+
+// ---- aux loss -------------------------------------------------------------------------------------
+
+// cnt[s, e] = number of assignments of expert e in sequence s (tokens [s S, (s+1) S)).
+__global__ void aux_counts_kernel(const int32_t* idx, int64_t A, int64_t K, int64_t S, int64_t E,
+                                  int32_t* cnt) {
+  MOELAB_GRID_STRIDE(a, A) {
+    const int32_t e = idx[a];
+    if (e >= 0 && e < E) atomicAdd(cnt + (a / K / S) * E + e, 1);
+  }
+}
+
+__global__ void aux_value_kernel(const int32_t* cnt, const double* P, int64_t nseq, int64_t E,
+                                 int64_t S, int64_t K, double* out) {
+  double total = 0.0;
+  for (int64_t s = 0; s < nseq; ++s)
+    for (int64_t e = 0; e < E; ++e)
+      total += double(E) * (double(cnt[s * E + e]) / double(S * K)) * P[s * E + e] / double(S);
+  *out = total / double(nseq);
+}
+
+template <class T>
+__global__ void aux_bwd_kernel(const int32_t* cnt, int64_t R, int64_t E, int64_t S, int64_t K,
+                               int64_t nseq, double scale, T* dprobs) {
+  MOELAB_GRID_STRIDE(i, R * E) {
+    const int64_t t = i / E, e = i - t * E;
+    const double f = double(cnt[(t / S) * E + e]) / double(S * K);
+    store_d(dprobs, i, load_d(dprobs, i) + scale * double(E) * f / double(S) / double(nseq));
+  }
+}
+
+// ---- z-loss -------------------------------------------------------------------------------------
+
+template <class T> __device__ double warp_logsumexp(const T* l, int64_t E, int lane) {
+  double m = -DBL_MAX;
+  for (int64_t e = lane; e < E; e += 32) m = fmax(m, load_d(l, e));
+  m = warp_max(m);
+  double s = 0.0;
+  for (int64_t e = lane; e < E; e += 32) s += exp(load_d(l, e) - m);
+  return m + log(warp_sum(s));
+}
+
+template <class T> __global__ void zloss_rows_kernel(const T* l, int64_t R, int64_t E, double* sq) {
+  const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= R) return;
+  const int lane = threadIdx.x & 31;
+  const double lse = warp_logsumexp(l + t * E, E, lane);
+  if (lane == 0) sq[t] = lse * lse;
+}
+
+// d lse^2 / dl = 2 lse softmax(l); accumulates scale / T of it.
+template <class T>
+__global__ void zloss_bwd_kernel(const T* l, int64_t R, int64_t E, double scale, T* dl) {
+  const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= R) return;
+  const int lane = threadIdx.x & 31;
+  const double lse = warp_logsumexp(l + t * E, E, lane);
+  for (int64_t e = lane; e < E; e += 32) {
+    const int64_t i = t * E + e;
+    store_d(dl, i, load_d(dl, i) + scale * 2.0 * lse * exp(load_d(l, i) - lse) / double(R));
+  }
+}
+
+// ---- CV^2 (importance and load) -------------------------------------------------------------------
+
+// CV^2 = Var(x) / mean(x)^2 (population variance) and d CV^2 / dx_e, exactly the CPU's formula
+// and order. out[0] = value, out[1 + e] = gradient.
+__global__ void cv2_kernel(const double* x, int64_t n, double* out) {
+  double m = 0.0;
+  for (int64_t e = 0; e < n; ++e) m += x[e];
+  m /= double(n);
+  if (m == 0.0) {
+    out[0] = 0.0;
+    for (int64_t e = 0; e < n; ++e) out[1 + e] = 0.0;
+    return;
+  }
+  double v = 0.0;
+  for (int64_t e = 0; e < n; ++e) v += (x[e] - m) * (x[e] - m);
+  v /= double(n);
+  for (int64_t e = 0; e < n; ++e)
+    out[1 + e] = (2.0 / double(n)) * (x[e] - m) / (m * m) - 2.0 * v / (m * m * m) / double(n);
+  out[0] = v / (m * m);
+}
+
+constexpr int kImpChunk = 256;
+
+// partial[chunk, e] = sum of the chunk's gates routed to e, in assignment order.
+template <class T>
+__global__ void importance_partial_kernel(const T* g, const int32_t* idx, int64_t A, int64_t E,
+                                          double* partial) {
+  __shared__ int32_t is[kImpChunk];
+  __shared__ double gs[kImpChunk];
+  const int64_t a0 = int64_t(blockIdx.x) * kImpChunk;
+  const int len = int(A - a0 < kImpChunk ? A - a0 : kImpChunk);
+  if (threadIdx.x < len) {
+    is[threadIdx.x] = idx[a0 + threadIdx.x];
+    gs[threadIdx.x] = load_d(g, a0 + threadIdx.x);
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    double acc = 0.0;
+    for (int j = 0; j < len; ++j)
+      if (is[j] == e) acc += gs[j];
+    partial[int64_t(blockIdx.x) * E + e] = acc;
+  }
+}
+
+template <class T>
+__global__ void cv2_bwd_kernel(const int32_t* idx, int64_t A, int64_t E, const double* grad,
+                               double scale, T* dg) {
+  MOELAB_GRID_STRIDE(a, A) {
+    const int32_t e = idx[a];
+    if (e >= 0 && e < E) store_d(dg, a, load_d(dg, a) + scale * grad[e]);
+  }
+}
+
+// ---- load loss ------------------------------------------------------------------------------------
+
+__device__ __forceinline__ double normal_cdf(double z) { return 0.5 * erfc(-z * 0.7071067811865476); }
+__device__ __forceinline__ double normal_pdf(double z) { return exp(-0.5 * z * z) * 0.3989422804014327; }
+
+// The element after (pv, pi) in the order (value desc, index asc) of row h[0..E).
+template <class T>
+__device__ int next_after(const T* h, int64_t E, double pv, int64_t pi, double* bv) {
+  int best = -1;
+  double b = 0.0;
+  for (int64_t e = 0; e < E; ++e) {
+    const double v = load_d(h, e);
+    if (pi >= 0 && !(v < pv || (v == pv && e > pi))) continue;
+    if (best < 0 || v > b) {
+      best = int(e);
+      b = v;
+    }
+  }
+  *bv = b;
+  return best;
+}
+
+// Per token: o_k-1 and o_k, the k-th and (k+1)-th of h's row in (value desc, index asc) order.
+// The k-th largest of the row excluding e is o_k when e is among the top k, else o_k-1.
+// z[t,e] = (clean - h[thr]) / std, jx = thr, phi = Phi(z).
+template <class T>
+__global__ void load_terms_kernel(const T* clean, const T* h, const T* std, double sigma,
+                                  int64_t R, int64_t E, int64_t k, double* z, int32_t* jx,
+                                  double* phi, int32_t* kth) {
+  MOELAB_GRID_STRIDE(t, R) {
+    const T* hr = h + t * E;
+    double pv = 0.0, va = 0.0, vb = 0.0;
+    int64_t pi = -1;
+    int a = -1, b = -1;
+    for (int64_t j = 0; j <= k; ++j) {
+      double v;
+      const int e = next_after(hr, E, pv, pi, &v);
+      if (j == k - 1) { a = e; va = v; }
+      if (j == k) { b = e; vb = v; }
+      pv = v;
+      pi = e;
+    }
+    kth[2 * t] = a;
+    kth[2 * t + 1] = b;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t i = t * E + e;
+      const double he = load_d(hr, e);
+      const bool in_top = he > va || (he == va && e <= a);
+      const int js = in_top ? b : a;
+      const double thr = in_top ? vb : va;
+      const double s = std ? load_d(std, i) : sigma;
+      const double zz = (load_d(clean, i) - thr) / s;
+      z[i] = zz;
+      jx[i] = js;
+      phi[i] = normal_cdf(zz);
+    }
+  }
+}
+
+// dclean += dz / s, dh[thr] -= dz / s, dstd -= dz z / s with dz = scale g_e pdf(z); per token.
+template <class T>
+__global__ void load_bwd_kernel(const T* std, double sigma, int64_t R, int64_t E,
+                                const double* z, const int32_t* jx, const int32_t* kth,
+                                const double* grad, double scale, T* dclean, T* dstd, T* dh) {
+  MOELAB_GRID_STRIDE(t, R) {
+    const int a = kth[2 * t], b = kth[2 * t + 1];
+    double acc_a = 0.0, acc_b = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t i = t * E + e;
+      const double s = std ? load_d(std, i) : sigma;
+      const double dz = scale * grad[e] * normal_pdf(z[i]);
+      store_d(dclean, i, load_d(dclean, i) + dz / s);
+      if (jx[i] == a) acc_a += dz / s;
+      else acc_b += dz / s;
+      if (dstd) store_d(dstd, i, load_d(dstd, i) - dz * z[i] / s);
+    }
+    store_d(dh, t * E + a, load_d(dh, t * E + a) - acc_a);
+    store_d(dh, t * E + b, load_d(dh, t * E + b) - acc_b);
+  }
+}
+
+// ---- router statistics ----------------------------------------------------------------------------
+
+__global__ void stats_counts_kernel(const int32_t* idx, const int32_t* keep, int64_t A, int64_t n1,
+                                    bool ec, int64_t E, int64_t R, unsigned long long* cnt,
+                                    int32_t* has) {
+  MOELAB_GRID_STRIDE(a, A) {
+    const int64_t e = ec ? a / n1 : idx[a];
+    const int64_t t = ec ? idx[a] : a / n1;
+    if (e < 0 || e >= E) continue;
+    atomicAdd(cnt + e, 1ull);
+    if (keep[a]) {
+      atomicAdd(cnt + E + e, 1ull);
+      if (t >= 0 && t < R) has[t] = 1;
+    }
+  }
+}
+
+__global__ void count_zero_kernel(const int32_t* has, int64_t R, unsigned long long* out) {
+  MOELAB_GRID_STRIDE(t, R) if (!has[t]) atomicAdd(out, 1ull);
+}
+
+// Per token: entropy, max prob, sum l^2, max |l| into rows [0..4) of v [4, R].
+template <class T>
+__global__ void stats_rows_kernel(const T* l, const T* p, int64_t R, int64_t E, double* v) {
+  const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= R) return;
+  const int lane = threadIdx.x & 31;
+  double ent = 0.0, top = 0.0, sq = 0.0, mx = 0.0;
+  for (int64_t e = lane; e < E; e += 32) {
+    const double pv = load_d(p, t * E + e), lv = load_d(l, t * E + e);
+    if (pv > 0) ent -= pv * log(pv);
+    top = fmax(top, pv);
+    sq += lv * lv;
+    mx = fmax(mx, fabs(lv));
+  }
+  ent = warp_sum(ent);
+  top = warp_max(top);
+  sq = warp_sum(sq);
+  mx = warp_max(mx);
+  if (lane == 0) {
+    v[t] = ent;
+    v[R + t] = top;
+    v[2 * R + t] = sq;
+    v[3 * R + t] = mx;
+  }
+}
+
+// Importance [E] of gates [A] routed by idx, deterministic.
+void importance(Ctx& c, const Tensor& gates, const Tensor& idx, int64_t E, double* imp) {
+  const int64_t A = gates.numel();
+  const int64_t chunks = (A + kImpChunk - 1) / kImpChunk;
+  if (chunks == 0) {
+    CUDA_CHECK(cudaMemsetAsync(imp, 0, size_t(E) * sizeof(double), c.stream));
+    return;
+  }
+  Buf<double> partial(c, chunks * E);
+  dispatch_float(gates.dtype(), "cv2_loss", [&](auto tag) {
+    using T = decltype(tag);
+    importance_partial_kernel<T><<<unsigned(chunks), kImpChunk, 0, c.stream>>>(
+        cptr<T>(gates), cptr<int32_t>(idx), A, E, partial.get());
+    CUDA_CHECK_LAUNCH();
+  });
+  column_sums(c, DType::F64, partial.get(), chunks, E, chunks, imp);
+}
+
+// Load terms and CV^2: fills z, jx, kth and res = [value, grad[E]].
+struct LoadTerms {
+  Buf<double> z, res;
+  Buf<int32_t> jx, kth;
+  LoadTerms(Ctx& c, const Tensor& clean, const Tensor& h, const Tensor& std, double sigma,
+            int64_t k)
+      : z(c, clean.numel()), res(c, clean.dim(1) + 1), jx(c, clean.numel()), kth(c, 2 * clean.dim(0)) {
+    const int64_t R = clean.dim(0), E = clean.dim(1);
+    Buf<double> phi(c, R * E), load(c, E);
+    dispatch_float(clean.dtype(), "load_loss", [&](auto tag) {
+      using T = decltype(tag);
+      load_terms_kernel<T><<<grid_for(R, 128), 128, 0, c.stream>>>(
+          cptr<T>(clean), cptr<T>(h), std.defined() ? cptr<T>(std) : nullptr, sigma, R, E, k,
+          z.get(), jx.get(), phi.get(), kth.get());
+      CUDA_CHECK_LAUNCH();
+    });
+    column_sums(c, DType::F64, phi.get(), R, E, R, load.get());
+    cv2_kernel<<<1, 1, 0, c.stream>>>(load.get(), E, res.get());
+    CUDA_CHECK_LAUNCH();
+  }
+};
+
+double scalar_to_host(Ctx& c, const double* d) {
+  double v = 0.0;
+  c.to_host(&v, d, sizeof(double));
+  return v;
+}
+
+}  // namespace
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+double aux_loss_forward(Ctx& c, const Tensor& probs, const Tensor& idx, int64_t seq_len) {
+  const int64_t R = probs.dim(0), E = probs.dim(1), K = idx.dim(1);
+  if (R == 0) return 0.0;
+  const int64_t S = seq_len ? seq_len : R, nseq = R / S;
+  Buf<int32_t> cnt(c, nseq * E);
+  Buf<double> P(c, nseq * E), out(c, 1);
+  CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
+  aux_counts_kernel<<<grid_for(R * K), kThreads, 0, c.stream>>>(cptr<int32_t>(idx), R * K, K, S, E,
+                                                                cnt.get());
+  CUDA_CHECK_LAUNCH();
+  column_sums(c, probs.dtype(), probs.data(), R, E, S, P.get());
+  aux_value_kernel<<<1, 1, 0, c.stream>>>(cnt.get(), P.get(), nseq, E, S, K, out.get());
+  CUDA_CHECK_LAUNCH();
+  return scalar_to_host(c, out.get());
+}
+
+void aux_loss_backward(Ctx& c, const Tensor& probs, const Tensor& idx, int64_t seq_len,
+                       double scale, const Tensor& dprobs) {
+  const int64_t R = probs.dim(0), E = probs.dim(1), K = idx.dim(1);
+  if (R == 0) return;
+  const int64_t S = seq_len ? seq_len : R, nseq = R / S;
+  Buf<int32_t> cnt(c, nseq * E);
+  CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
+  aux_counts_kernel<<<grid_for(R * K), kThreads, 0, c.stream>>>(cptr<int32_t>(idx), R * K, K, S, E,
+                                                                cnt.get());
+  CUDA_CHECK_LAUNCH();
+  dispatch_float(probs.dtype(), "aux_loss_backward", [&](auto tag) {
+    using T = decltype(tag);
+    aux_bwd_kernel<T><<<grid_for(R * E), kThreads, 0, c.stream>>>(cnt.get(), R, E, S, K, nseq,
+                                                                   scale, mptr<T>(dprobs));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+double z_loss_forward(Ctx& c, const Tensor& logits) {
+  const int64_t R = logits.dim(0), E = logits.dim(1);
+  if (R == 0) return 0.0;
+  Buf<double> sq(c, R), out(c, 1);
+  dispatch_float(logits.dtype(), "z_loss_forward", [&](auto tag) {
+    using T = decltype(tag);
+    zloss_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), R, E, sq.get());
+    CUDA_CHECK_LAUNCH();
+  });
+  device_sum(c, sq.get(), R, out.get());
+  return scalar_to_host(c, out.get()) / double(R);
+}
+
+void z_loss_backward(Ctx& c, const Tensor& logits, double scale, const Tensor& dlogits) {
+  const int64_t R = logits.dim(0), E = logits.dim(1);
+  if (R == 0) return;
+  dispatch_float(logits.dtype(), "z_loss_backward", [&](auto tag) {
+    using T = decltype(tag);
+    zloss_bwd_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), R, E, scale,
+                                                                  mptr<T>(dlogits));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+double cv2_loss_forward(Ctx& c, const Tensor& gates, const Tensor& idx, int64_t E) {
+  Buf<double> imp(c, E), res(c, E + 1);
+  importance(c, gates, idx, E, imp.get());
+  cv2_kernel<<<1, 1, 0, c.stream>>>(imp.get(), E, res.get());
+  CUDA_CHECK_LAUNCH();
+  return scalar_to_host(c, res.get());
+}
+
+void cv2_loss_backward(Ctx& c, const Tensor& gates, const Tensor& idx, int64_t E, double scale,
+                       const Tensor& dgates) {
+  const int64_t A = gates.numel();
+  Buf<double> imp(c, E), res(c, E + 1);
+  importance(c, gates, idx, E, imp.get());
+  cv2_kernel<<<1, 1, 0, c.stream>>>(imp.get(), E, res.get());
+  CUDA_CHECK_LAUNCH();
+  if (A == 0) return;
+  dispatch_float(gates.dtype(), "cv2_loss_backward", [&](auto tag) {
+    using T = decltype(tag);
+    cv2_bwd_kernel<T><<<grid_for(A), kThreads, 0, c.stream>>>(cptr<int32_t>(idx), A, E,
+                                                               res.get() + 1, scale, mptr<T>(dgates));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+double load_loss_forward(Ctx& c, const Tensor& clean, const Tensor& h, const Tensor& std,
+                         double sigma, int64_t k) {
+  if (clean.dim(0) == 0) return 0.0;
+  LoadTerms lt(c, clean, h, std, sigma, k);
+  return scalar_to_host(c, lt.res.get());
+}
+
+void load_loss_backward(Ctx& c, const Tensor& clean, const Tensor& h, const Tensor& std,
+                        double sigma, int64_t k, double scale, const Tensor& dclean,
+                        const Tensor& dstd, const Tensor& dh) {
+  const int64_t R = clean.dim(0), E = clean.dim(1);
+  if (R == 0) return;
+  LoadTerms lt(c, clean, h, std, sigma, k);
+  dispatch_float(clean.dtype(), "load_loss_backward", [&](auto tag) {
+    using T = decltype(tag);
+    load_bwd_kernel<T><<<grid_for(R, 128), 128, 0, c.stream>>>(
+        std.defined() ? cptr<T>(std) : nullptr, sigma, R, E, lt.z.get(), lt.jx.get(),
+        lt.kth.get(), lt.res.get() + 1, scale, mptr<T>(dclean),
+        std.defined() ? mptr<T>(dstd) : nullptr, mptr<T>(dh));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+RouterStats router_stats(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                         const Tensor& keep, bool ec, int64_t E) {
+  const int64_t R = logits.dim(0), n1 = idx.dim(1), A = idx.numel();
+  RouterStats st;
+  st.routed.assign(size_t(E), 0);
+  st.kept.assign(size_t(E), 0);
+  st.mean_prob.assign(size_t(E), 0.0);
+  if (R == 0) return st;
+  Buf<unsigned long long> cnt(c, 2 * E + 1);  // routed | kept | unrouted tokens
+  Buf<int32_t> has(c, R);
+  Buf<double> rows(c, 4 * R), res(c, E + 4);  // res: mean_prob sums | ent, top, sq, max
+  CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(2 * E + 1) * sizeof(unsigned long long), c.stream));
+  CUDA_CHECK(cudaMemsetAsync(has.get(), 0, size_t(R) * sizeof(int32_t), c.stream));
+  if (A > 0) {
+    stats_counts_kernel<<<grid_for(A), kThreads, 0, c.stream>>>(
+        cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, R, cnt.get(), has.get());
+    CUDA_CHECK_LAUNCH();
+  }
+  count_zero_kernel<<<grid_for(R), kThreads, 0, c.stream>>>(has.get(), R, cnt.get() + 2 * E);
+  CUDA_CHECK_LAUNCH();
+  dispatch_float(logits.dtype(), "router_stats", [&](auto tag) {
+    using T = decltype(tag);
+    stats_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), cptr<T>(probs),
+                                                                   R, E, rows.get());
+    CUDA_CHECK_LAUNCH();
+  });
+  column_sums(c, probs.dtype(), probs.data(), R, E, R, res.get());
+  device_sum(c, rows.get(), R, res.get() + E);
+  device_sum(c, rows.get() + R, R, res.get() + E + 1);
+  device_sum(c, rows.get() + 2 * R, R, res.get() + E + 2);
+  device_max(c, rows.get() + 3 * R, R, res.get() + E + 3);
+  std::vector<unsigned long long> hc(size_t(2 * E + 1));
+  std::vector<double> hr(size_t(E + 4));
+  c.to_host(hc.data(), cnt.get(), hc.size() * sizeof(unsigned long long));
+  c.to_host(hr.data(), res.get(), hr.size() * sizeof(double));
+  for (int64_t e = 0; e < E; ++e) {
+    st.routed[e] = int64_t(hc[e]);
+    st.kept[e] = int64_t(hc[E + e]);
+    st.mean_prob[e] = hr[e] / double(R);
+  }
+  st.tokens_unrouted = int64_t(hc[2 * E]);
+  st.entropy = hr[E] / double(R);
+  st.top1_prob = hr[E + 1] / double(R);
+  st.logit_rms = std::sqrt(hr[E + 2] / double(R * E));
+  st.logit_max = hr[E + 3];
+  return st;
+}
+
+}  // namespace moelab::cuda
