@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.h"
 #include "catch_compat.h"
 #include "core/check.h"
 #include "core/io/checkpoint.h"
@@ -25,22 +26,10 @@
 
 namespace fs = std::filesystem;
 using namespace moelab;
+using moelab::test::TempDir;
 
 namespace {
 
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    dir = fs::temp_directory_path() / ("moelab_test_checkpoint_" + std::to_string(::getpid()));
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string path(const std::string& name) const { return (dir / name).string(); }
-};
 
 std::vector<char> read_bytes(const std::string& p) {
   std::ifstream f(p, std::ios::binary);

@@ -12,32 +12,17 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.h"
 #include "catch_compat.h"
 #include "core/check.h"
 #include "core/io/config.h"
 
 namespace fs = std::filesystem;
 using namespace moelab;
+using moelab::test::TempDir;
 
 namespace {
 
-// A scratch folder that disappears with the test.
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    dir = fs::temp_directory_path() / ("moelab_test_config_" + std::to_string(::getpid()));
-    fs::create_directories(dir);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string write(const std::string& name, const std::string& text) const {
-    fs::path p = dir / name;
-    std::ofstream(p) << text;
-    return p.string();
-  }
-};
 
 // The message of the moelab::Error that f throws, or "" (and a failed check) if none.
 template <class F>

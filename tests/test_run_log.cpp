@@ -21,30 +21,17 @@
 #include <thread>
 #include <vector>
 
+#include "temp_dir.h"
 #include "catch_compat.h"
 #include "core/check.h"
 #include "core/io/run_log.h"
 
 namespace fs = std::filesystem;
 using namespace moelab;
+using moelab::test::TempDir;
 
 namespace {
 
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    static int counter = 0;
-    dir = fs::temp_directory_path() /
-          ("moelab_test_run_log_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string file(const std::string& name) const { return (dir / name).string(); }
-};
 
 template <class F>
 std::string error_of(F&& f) {
@@ -302,7 +289,7 @@ std::string h5py_check(const std::string& path) {
 
 TEST_CASE("run log: round trip of train, eval and router rows", "[runlog]") {
   TempDir tmp;
-  const std::string path = tmp.file("sub/dir/run.h5");  // parent folders are created
+  const std::string path = tmp.path("sub/dir/run.h5");  // parent folders are created
   const int64_t E = 4, C = 3, N = 10;
   const std::vector<int> layers = {1, 3};
   RunLogInfo info = make_info(E, layers, C, 4);
@@ -390,7 +377,7 @@ TEST_CASE("run log: round trip of train, eval and router rows", "[runlog]") {
 
 TEST_CASE("run log: the file holds exactly the flushed rows between flushes", "[runlog]") {
   TempDir tmp;
-  const std::string path = tmp.file("run.h5");
+  const std::string path = tmp.path("run.h5");
   const int64_t E = 3;
   const std::vector<int> layers = {0};
   RunLog log(path, make_info(E, layers, 0, 3));
@@ -446,7 +433,7 @@ TEST_CASE("run log: a run killed with SIGKILL leaves a readable file", "[runlog]
   // Kill at several moments; the rows grow, so later kills tend to land inside a rewrite.
   for (int delay_ms : {0, 3, 11, 37, 90, 200}) {
     DYNAMIC_SECTION("killed " << delay_ms << " ms after the first rows") {
-      const std::string path = tmp.file("killed_" + std::to_string(delay_ms) + "/run.h5");
+      const std::string path = tmp.path("killed_" + std::to_string(delay_ms) + "/run.h5");
       int fds[2];
       REQUIRE(::pipe(fds) == 0);
       std::fflush(nullptr);
@@ -521,13 +508,13 @@ TEST_CASE("run log: an unwritable path is an error naming the path", "[runlog]")
   TempDir tmp;
   const RunLogInfo info = make_info(2, {1}, 0, 1);
   // A regular file where a folder should be (root ignores permission bits, not this).
-  std::ofstream(tmp.file("a_file")) << "x";
-  const std::string bad = tmp.file("a_file/sub/run.h5");
+  std::ofstream(tmp.path("a_file")) << "x";
+  const std::string bad = tmp.path("a_file/sub/run.h5");
   std::string msg = error_of([&] { RunLog log(bad, info); });
   CHECK_THAT(msg, has_substr(bad));
   CHECK_THAT(msg, has_substr("cannot create folder"));
 
-  const std::string bad2 = tmp.file("a_file/run.h5");
+  const std::string bad2 = tmp.path("a_file/run.h5");
   msg = error_of([&] { RunLog log(bad2, info); });
   CHECK_THAT(msg, has_substr(bad2));
 
@@ -536,14 +523,14 @@ TEST_CASE("run log: an unwritable path is an error naming the path", "[runlog]")
   CHECK_THAT(msg, has_substr(proc));
 
   // A folder in the way of the file itself.
-  fs::create_directories(tmp.file("is_a_dir.h5"));
-  msg = error_of([&] { RunLog log(tmp.file("is_a_dir.h5"), info); });
+  fs::create_directories(tmp.path("is_a_dir.h5"));
+  msg = error_of([&] { RunLog log(tmp.path("is_a_dir.h5"), info); });
   CHECK_THAT(msg, has_substr("is_a_dir.h5"));
 }
 
 TEST_CASE("run log: rows that do not match the layout are refused", "[runlog]") {
   TempDir tmp;
-  const std::string path = tmp.file("run.h5");
+  const std::string path = tmp.path("run.h5");
   CHECK_THAT(error_of([&] { RunLog log(path, make_info(0, {1}, 0, 1)); }),
              has_substr("experts must be >= 1"));
   CHECK_THAT(error_of([&] { RunLog log(path, make_info(2, {1}, 0, 0)); }),
@@ -578,7 +565,7 @@ TEST_CASE("run log: rows that do not match the layout are refused", "[runlog]") 
 
 TEST_CASE("run log: resume keeps the rows up to the resume step", "[runlog]") {
   TempDir tmp;
-  const std::string path = tmp.file("run.h5");
+  const std::string path = tmp.path("run.h5");
   const int64_t E = 2, C = 2;
   const std::vector<int> layers = {1};
   {
@@ -615,13 +602,13 @@ TEST_CASE("run log: resume keeps the rows up to the resume step", "[runlog]") {
   other.resume_step = 5;
   CHECK_THAT(error_of([&] { RunLog log(path, other); }), has_substr("cannot resume from " + path));
   other.resume_step = 0;
-  RunLog fresh(tmp.file("new.h5"), other);
+  RunLog fresh(tmp.path("new.h5"), other);
   CHECK(fresh.train_rows() == 0);
 }
 
 TEST_CASE("run log: a dense model logs an empty /router and no category counts", "[runlog]") {
   TempDir tmp;
-  const std::string path = tmp.file("dense.h5");
+  const std::string path = tmp.path("dense.h5");
   {
     RunLog log(path, make_info(1, {}, 0, 2));
     for (int64_t s = 0; s < 3; ++s) log.log_train(make_row(s, 1, 0));

@@ -5,25 +5,17 @@
 #include <filesystem>
 #include <fstream>
 
+#include "temp_dir.h"
 #include "core/io/checkpoint.h"
 #include "core/trainer.h"
 #include "test_util.h"
 
 using namespace moelab;
+using moelab::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    dir = fs::temp_directory_path() / ("moelab_trainer_" + std::to_string(::getpid()) + "_" +
-                                       std::to_string(rng::bits(uint64_t(time(nullptr)), uint64_t(clock()))));
-    fs::create_directories(dir);
-  }
-  ~TempDir() { fs::remove_all(dir); }
-  std::string path(const std::string& name) const { return (dir / name).string(); }
-};
 
 RunConfig tiny(const TempDir& tmp, std::vector<std::string> extra = {}) {
   std::vector<std::string> sets = {
