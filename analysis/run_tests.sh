@@ -2,7 +2,9 @@
 # Tests of the Python analysis tools, from any directory:
 #   1. pytest over analysis/tests with Debian's interpreter,
 #   2. notebooks/ committed without outputs,
-#   3. every notebook executed headlessly against synthetic logs (a run and a sweep).
+#   3. every notebook executed headlessly against real runs of the moelab binary (a run with
+#      evaluations and a 2-point sweep, made here on the synthetic data source in seconds), or
+#      against synthetic logs when no binary is built (MOELAB_BIN, default build/moelab).
 # Needs /usr/bin/python3 with numpy, h5py, matplotlib, pytest, nbconvert, nbformat, ipykernel
 # (Debian packages; `make deps` installs them). Exit status non-zero on any failure.
 set -euo pipefail
@@ -45,9 +47,39 @@ echo "== pytest (analysis/tests)"
 echo "== notebooks committed without outputs"
 "$PY" analysis/check_notebooks.py
 
-echo "== notebooks executed against synthetic logs"
-"$PY" analysis/make_synthetic_log.py "$TMP/run.h5" --layers 2 --steps 300 --capacity-factor 1.25 >/dev/null
-"$PY" analysis/make_synthetic_log.py --sweep "$TMP/sweep" --steps 200 --capacity-factor 1.25 >/dev/null
+MOELAB_BIN="${MOELAB_BIN:-$REPO/build/moelab}"
+if [[ -x "$MOELAB_BIN" ]]; then
+  echo "== notebooks executed against runs made now by $MOELAB_BIN"
+  cat > "$TMP/tiny.ini" <<INI
+[model]
+d_model = 32
+heads = 2
+experts = 4
+d_expert = 32
+moe_every = 1
+[router]
+aux_alpha = 0.01
+capacity_factor = 1.25
+[train]
+batch = 4
+seq = 32
+steps = 60
+lr = 0.01
+[data]
+source = synthetic
+[log]
+eval_every = 20
+eval_batches = 2
+checkpoint_dir = $TMP/ck
+INI
+  "$MOELAB_BIN" train --config "$TMP/tiny.ini" --out "$TMP/run.h5" >/dev/null
+  "$MOELAB_BIN" train --config "$TMP/tiny.ini" --set sweep.router.aux_alpha=0,0.1 \
+    --out "$TMP/sweep/run.h5" >/dev/null
+else
+  echo "== notebooks executed against synthetic logs (no moelab binary at $MOELAB_BIN)"
+  "$PY" analysis/make_synthetic_log.py "$TMP/run.h5" --layers 2 --steps 300 --capacity-factor 1.25 >/dev/null
+  "$PY" analysis/make_synthetic_log.py --sweep "$TMP/sweep" --steps 200 --capacity-factor 1.25 >/dev/null
+fi
 # A private kernel spec named python3 that is Debian's interpreter: JUPYTER_PATH comes first in
 # Jupyter's search, so no user- or pyenv-installed kernel named python3 can take its place.
 mkdir -p "$TMP/jupyter/kernels/python3"
