@@ -142,6 +142,25 @@ MoELayer& TransformerLM::moe_layer(size_t i) {
 
 const Tensor& TransformerLM::logits() const { return logits_; }
 
+std::vector<std::pair<std::string, Tensor>> TransformerLM::activations() {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& bk = *blocks_[i];
+    const std::string p = "block" + std::to_string(i) + ".";
+    out.insert(out.end(), {{p + "attn_norm", bk.n1}, {p + "q", bk.q}, {p + "k", bk.k},
+                           {p + "v", bk.v}, {p + "attn", bk.att}, {p + "x_mid", bk.x_mid},
+                           {p + "ffn_norm", bk.n2}});
+    if (bk.moe) {
+      const RouterState& rs = bk.moe->last_routing();
+      out.insert(out.end(), {{p + "moe.router.logits", rs.logits}, {p + "moe.router.probs", rs.scores},
+                             {p + "moe.gates", rs.gates}});
+    }
+  }
+  out.push_back({"final_norm", xn_final_});
+  out.push_back({"logits", logits_});
+  return out;
+}
+
 LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, int64_t seq_len,
                                  bool training, uint64_t seed) {
   const int64_t T = tokens.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;

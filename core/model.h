@@ -61,6 +61,10 @@ class TransformerLM {
                     uint64_t seed);
   // Logits of the last forward, [T,V] (for sampling).
   const Tensor& logits() const;
+  // The named activations of the last forward in forward order (for cross-backend checks):
+  // per block attn_norm, q, k (after RoPE), v, attn, x_mid, ffn_norm, and for MoE blocks the
+  // router's logits, probs and gates; then final_norm and logits.
+  std::vector<std::pair<std::string, Tensor>> activations();
   void backward();
 
   const LMConfig& config() const { return cfg_; }

@@ -92,8 +92,10 @@ double learning_rate(const TrainConfig& t, int64_t step) {
 TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
   auto backend = make_backend(cfg.train.backend);
   Backend& b = *backend;
-  const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : DType::F32;
+  const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : cfg.model.dtype == "bf16" ? DType::BF16 : DType::F32;
   const DType state_dtype = dtype == DType::F64 ? DType::F64 : DType::F32;
+  MOELAB_CHECK(b.supports(Op::AttentionForward, dtype), "model.dtype = ", cfg.model.dtype,
+               " is not supported by backend ", b.name(), " (bf16 needs train.backend = cuda)");
   const TrainConfig& tc = cfg.train;
   const uint64_t seed = tc.seed;
   const int64_t T = tc.batch * tc.seq, E = cfg.moe.experts;
@@ -103,10 +105,21 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
   model.init(rng::derive(seed, kInitStream));
   std::vector<ParamRef> params = model.params();
   OptimizerState opt;
-  for (ParamRef& p : params) {
+  // bf16 mixed precision: bf16 parameters are the compute copies of fp32 master weights, which
+  // AdamW updates (fp32 state) and casts back after each step. No loss scaling is needed: bf16
+  // has fp32's exponent range, so small gradients do not underflow as they would in fp16.
+  std::vector<Tensor> master(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const ParamRef& p = params[i];
     opt.m.push_back(b.zeros(p.value.shape(), state_dtype));
     opt.v.push_back(b.zeros(p.value.shape(), state_dtype));
+    if (p.value.dtype() == DType::BF16) {
+      master[i] = b.empty(p.value.shape(), DType::F32);
+      b.cast(p.value, master[i]);
+    }
   }
+  // The full-precision value of parameter i (what AdamW updates and checkpoints store).
+  auto master_of = [&](size_t i) -> Tensor& { return master[i].defined() ? master[i] : params[i].value; };
   const std::vector<int> moe_blocks = model.moe_blocks();
   auto bias_of = [&](size_t i) -> Tensor& { return model.moe_layer(i).router().params().bias; };
 
@@ -122,7 +135,9 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
       MOELAB_CHECK(ck.has(p.name), "checkpoint ", opts.resume, " has no tensor '", p.name,
                    "': it was written by a model of another shape (this config has ",
                    params.size(), " parameter tensors)");
-      b.copy(ck.tensor(p.name, p.value.shape(), p.value.dtype()), p.value);
+      Tensor& w = master_of(i);
+      b.copy(ck.tensor(p.name, w.shape(), w.dtype()), w);
+      if (master[i].defined()) b.cast(master[i], p.value);
       b.copy(ck.tensor("adam.m." + p.name, p.value.shape(), state_dtype), opt.m[i]);
       b.copy(ck.tensor("adam.v." + p.name, p.value.shape(), state_dtype), opt.v[i]);
     }
@@ -183,7 +198,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     w.set_meta("config", to_ini(cfg));
     w.set_meta("moelab_version", kVersion);
     for (size_t i = 0; i < params.size(); ++i) {
-      w.add_tensor(params[i].name, b.to_host(params[i].value));
+      w.add_tensor(params[i].name, b.to_host(master_of(i)));
       w.add_tensor("adam.m." + params[i].name, b.to_host(opt.m[i]));
       w.add_tensor("adam.v." + params[i].name, b.to_host(opt.v[i]));
     }
@@ -229,9 +244,11 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
                  " (try a lower train.lr, model.init_scale or router.z_loss > 0)");
     if (tc.grad_clip > 0 && gnorm > tc.grad_clip)
       for (ParamRef& p : params) b.scale(p.grad, tc.grad_clip / gnorm);
-    for (size_t i = 0; i < params.size(); ++i)
-      b.adamw(params[i].value, params[i].grad, opt.m[i], opt.v[i], lr, tc.beta1, tc.beta2, 1e-8,
+    for (size_t i = 0; i < params.size(); ++i) {
+      b.adamw(master_of(i), params[i].grad, opt.m[i], opt.v[i], lr, tc.beta1, tc.beta2, 1e-8,
               decays(params[i]) ? tc.weight_decay : 0.0, step);
+      if (master[i].defined()) b.cast(master[i], params[i].value);
+    }
     for (size_t i = 0; i < moe_blocks.size(); ++i) model.moe_layer(i).update_bias();
     b.synchronize();
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();

@@ -36,6 +36,10 @@ struct BenchCliOptions {
 };
 
 int run_train(const moelab::RunConfig& cfg, const TrainCliOptions& opts);  // experiments/train_cmd.cpp
-int run_crosscheck(const moelab::RunConfig& cfg);                          // experiments/other_cmds.cpp
+// `moelab crosscheck --config FILE [--set ...] [--out PATH.h5]`.
+struct CrosscheckCliOptions {
+  std::string out = "runs/crosscheck.h5";  // findings (one group per compared dtype)
+};
+int run_crosscheck(const moelab::RunConfig& cfg, const CrosscheckCliOptions& opts);  // experiments/crosscheck_cmd.cpp
 int run_generate(const GenerateCliOptions& opts);                          // experiments/other_cmds.cpp
 int run_bench(const moelab::RunConfig& cfg, const BenchCliOptions& opts);  // experiments/other_cmds.cpp

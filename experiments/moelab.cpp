@@ -151,7 +151,7 @@ int cmd_train(int argc, char** argv) {
   po::variables_map vm;
   if (!parse(cmd, argc, argv, vm)) return 0;
 
-  TrainCliOptions cli{opt(vm, "out"), opt(vm, "backend"), opt(vm, "resume")};
+  TrainCliOptions cli{opt(vm, "out"), opt(vm, "backend"), opt(vm, "resume"), ""};
   check_backend_name(cmd, cli.backend);
   std::vector<std::string> extra;
   if (vm.count("out")) extra.push_back("log.out=" + cli.out);
@@ -180,17 +180,28 @@ int cmd_train(int argc, char** argv) {
 }
 
 int cmd_crosscheck(int argc, char** argv) {
-  Command cmd{"crosscheck", "moelab crosscheck --config FILE [--set section.key=value ...]",
+  Command cmd{"crosscheck", "moelab crosscheck --config FILE [--set section.key=value ...] [--out PATH.h5]",
               po::options_description("crosscheck options")};
   add_config_options(cmd.options);
+  cmd.options.add_options()("out", po::value<std::string>()->value_name("PATH.h5"),
+                            "findings file (default runs/crosscheck.h5; one per sweep run)");
   po::variables_map vm;
   if (!parse(cmd, argc, argv, vm)) return 0;
   RunConfig cfg = load(cmd, vm, /*config_required=*/true, {});
-  for (const moelab::SweepRun& run : moelab::expand_sweep(cfg)) {
-    int rc = run_crosscheck(run.config);
-    if (rc != 0) return rc;
+  CrosscheckCliOptions cc;
+  if (vm.count("out")) cc.out = opt(vm, "out");
+  const std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
+  int worst = 0;
+  for (const moelab::SweepRun& run : runs) {
+    CrosscheckCliOptions per_run = cc;
+    if (runs.size() > 1) {
+      const std::filesystem::path p(cc.out);
+      per_run.out = (p.parent_path() / (p.stem().string() + "_" + run.name + p.extension().string())).string();
+      std::cout << "moelab: crosscheck of sweep run '" << run.name << "'" << std::endl;
+    }
+    worst = std::max(worst, run_crosscheck(run.config, per_run));
   }
-  return 0;
+  return worst;
 }
 
 int cmd_generate(int argc, char** argv) {

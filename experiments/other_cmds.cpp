@@ -4,10 +4,6 @@
 #include "core/check.h"
 #include "experiments/commands.h"
 
-int run_crosscheck(const moelab::RunConfig&) {
-  MOELAB_FAIL("crosscheck is not available yet: it needs the CUDA backend (issue 5)");
-}
-
 int run_bench(const moelab::RunConfig&, const BenchCliOptions&) {
   MOELAB_FAIL("bench is not available yet: it needs the CUDA backend (issue 5)");
 }

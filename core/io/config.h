@@ -33,7 +33,7 @@ struct ModelConfig {
   bool tie_embeddings = true;    // model.tie_embeddings: output head shares the embedding
   double init_scale = 1.0;       // model.init_scale: multiplies the default init std
                                  // (Switch recommends 0.1 for stability)
-  std::string dtype = "f32";     // model.dtype: f32 | f64 (CPU reference precision)
+  std::string dtype = "f32";     // model.dtype: f32 | f64 | bf16 (bf16: CUDA only)
 };
 
 // [train]
