@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "temp_dir.h"
+#include "test_util.h"
 #include "catch_compat.h"
 #include "core/check.h"
 #include "core/io/config.h"
@@ -20,21 +21,10 @@
 namespace fs = std::filesystem;
 using namespace moelab;
 using moelab::test::TempDir;
+using moelab::test::error_of;
 
 namespace {
 
-
-// The message of the moelab::Error that f throws, or "" (and a failed check) if none.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL_CHECK("expected a moelab::Error");
-  return "";
-}
 
 bool has(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "temp_dir.h"
+#include "test_util.h"
 #include "catch_compat.h"
 #include "core/check.h"
 #include "core/io/run_log.h"
@@ -29,20 +30,10 @@
 namespace fs = std::filesystem;
 using namespace moelab;
 using moelab::test::TempDir;
+using moelab::test::error_of;
 
 namespace {
 
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL_CHECK("expected a moelab::Error");
-  return "";
-}
 
 RunLogInfo make_info(int64_t experts, std::vector<int> layers, int64_t categories,
                      int64_t flush_every) {

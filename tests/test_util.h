@@ -39,6 +39,18 @@ inline double dot(const Tensor& a, const Tensor& b) {
   return s;
 }
 
+// The message of the moelab::Error that f throws, or "" (and a failed check) if none.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  FAIL_CHECK("expected a moelab::Error");
+  return "";
+}
+
 inline Tensor clone(const Tensor& t) { return host_tensor(host_values(t), t.shape(), t.dtype()); }
 
 // Central finite differences of the scalar objective f() with respect to every entry of x
