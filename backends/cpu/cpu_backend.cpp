@@ -950,20 +950,25 @@ class CpuBackend final : public Backend {
   using StridedMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
                                 Eigen::OuterStride<>>;
 
+  // The [S, Dh] slice of head `head` of sequence b in a [T, heads*Dh] tensor.
+  template <class T>
+  static StridedMap<T> head_view(const Tensor& t, int64_t b, int64_t head, int64_t S, int64_t dh) {
+    const int64_t W = t.dim(1);
+    return StridedMap<T>(t.ptr<T>() + b * S * W + head * dh, S, dh, Eigen::OuterStride<>(W));
+  }
+
   void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
                               int64_t Hkv, int64_t S, const Tensor& out,
                               const Tensor& probs) override {
     dispatch_float(q.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      const int64_t B = q.dim(0) / S, dh = q.dim(1) / H, Wq = q.dim(1), Wk = k.dim(1);
+      const int64_t B = q.dim(0) / S, dh = q.dim(1) / H;
       const T scale = T(1.0 / std::sqrt(double(dh)));
       for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < H; ++h) {
-          const int64_t g = h / (H / Hkv);
-          StridedMap<T> Q(q.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
-          StridedMap<T> K(k.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
-          StridedMap<T> V(v.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
-          StridedMap<T> O(out.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
+          const int64_t g = h / (H / Hkv);  // the kv head this query head reads
+          auto Q = head_view<T>(q, b, h, S, dh), K = head_view<T>(k, b, g, S, dh);
+          auto V = head_view<T>(v, b, g, S, dh), O = head_view<T>(out, b, h, S, dh);
           MatMap<T> P(probs.ptr<T>() + (b * H + h) * S * S, S, S);
           P.noalias() = scale * Q * K.transpose();
           for (int64_t i = 0; i < S; ++i) {  // causal softmax over keys j <= i
@@ -982,7 +987,7 @@ class CpuBackend final : public Backend {
                                const Tensor& dq, const Tensor& dk, const Tensor& dv) override {
     dispatch_float(q.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      const int64_t B = q.dim(0) / S, dh = q.dim(1) / H, Wq = q.dim(1), Wk = k.dim(1);
+      const int64_t B = q.dim(0) / S, dh = q.dim(1) / H;
       const T scale = T(1.0 / std::sqrt(double(dh)));
       std::fill_n(dk.ptr<T>(), dk.numel(), T(0));
       std::fill_n(dv.ptr<T>(), dv.numel(), T(0));
@@ -990,13 +995,10 @@ class CpuBackend final : public Backend {
       for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < H; ++h) {
           const int64_t g = h / (H / Hkv);
-          StridedMap<T> Q(q.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
-          StridedMap<T> K(k.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
-          StridedMap<T> V(v.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
-          StridedMap<T> dO(dout.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
-          StridedMap<T> dQ(dq.ptr<T>() + b * S * Wq + h * dh, S, dh, Eigen::OuterStride<>(Wq));
-          StridedMap<T> dK(dk.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
-          StridedMap<T> dV(dv.ptr<T>() + b * S * Wk + g * dh, S, dh, Eigen::OuterStride<>(Wk));
+          auto Q = head_view<T>(q, b, h, S, dh), K = head_view<T>(k, b, g, S, dh);
+          auto V = head_view<T>(v, b, g, S, dh), dO = head_view<T>(dout, b, h, S, dh);
+          auto dQ = head_view<T>(dq, b, h, S, dh), dK = head_view<T>(dk, b, g, S, dh);
+          auto dV = head_view<T>(dv, b, g, S, dh);
           MatMap<T> P(probs.ptr<T>() + (b * H + h) * S * S, S, S);
           dV.noalias() += P.transpose() * dO;  // O = P V
           dP.noalias() = dO * V.transpose();
