@@ -42,4 +42,4 @@ struct CrosscheckCliOptions {
 };
 int run_crosscheck(const moelab::RunConfig& cfg, const CrosscheckCliOptions& opts);  // experiments/crosscheck_cmd.cpp
 int run_generate(const GenerateCliOptions& opts);                          // experiments/other_cmds.cpp
-int run_bench(const moelab::RunConfig& cfg, const BenchCliOptions& opts);  // experiments/other_cmds.cpp
+int run_bench(const moelab::RunConfig& cfg, const BenchCliOptions& opts);  // experiments/bench_cmd.cpp

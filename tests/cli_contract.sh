@@ -62,6 +62,7 @@ expect_ok "train tiny" train --config "$tmp/tiny.ini"
 [ -f "$tmp/tiny.h5" ] && [ -f "$tmp/ckpt/step_000002.ckpt" ] && passes=$((passes + 1)) || {
   echo "FAIL: train did not write its log and checkpoint"; fails=$((fails + 1)); }
 expect_ok "resume" train --config "$tmp/tiny.ini" --resume "$tmp/ckpt/step_000002.ckpt"
+expect_ok "bench" bench --config "$tmp/tiny.ini" --iters 2
 expect_ok "generate" generate --checkpoint "$tmp/ckpt/step_000004.ckpt" --prompt "ab" --tokens 5
 head -c 100 "$tmp/ckpt/step_000004.ckpt" > "$tmp/cut.ckpt"
 expect_fail "truncated checkpoint refused" "truncated" generate --checkpoint "$tmp/cut.ckpt"
