@@ -406,34 +406,28 @@ Variant parse_variant(const std::string& item, const std::string& origin) {
   return v;
 }
 
+// The canonical value of one [sweep] item: a variant's "NAME: k=v + k=v" (every assignment
+// checked on a scratch config), or a key's value in the spelling to_ini writes.
+std::string canonical_axis_value(const std::string& axis_key, const std::string& item,
+                                 const std::string& origin) {
+  RunConfig scratch;
+  if (axis_key == "variant") {
+    Variant v = parse_variant(item, origin);
+    for (const std::string& a : v.assignments)
+      with_origin(origin + " (sweep.variant '" + v.name + "')", [&] { apply_override(scratch, a); });
+    std::string canon = v.name + ":";
+    for (size_t i = 0; i < v.assignments.size(); ++i) canon += (i ? " + " : " ") + v.assignments[i];
+    return canon;
+  }
+  const ConfigKey& k = *find_key(axis_key);
+  with_origin(origin, [&] { k.set(scratch, item); });
+  return k.get(scratch);
+}
+
 void set_axis(RunConfig& cfg, const std::string& axis_key, const std::string& list,
               const std::string& origin, bool allow_remove) {
   const std::string full = "sweep." + axis_key;
-  if (axis_key == "variant") {
-    auto it = std::find_if(cfg.sweep.begin(), cfg.sweep.end(),
-                           [&](const SweepAxis& a) { return a.key == axis_key; });
-    if (trim(list).empty()) {
-      if (!allow_remove) MOELAB_FAIL("config: ", full, " has no values", origin);
-      if (it != cfg.sweep.end()) cfg.sweep.erase(it);
-      return;
-    }
-    SweepAxis axis{axis_key, {}};
-    std::stringstream ss(list);
-    std::string item;
-    while (std::getline(ss, item, ',')) {
-      Variant v = parse_variant(trim(item), origin);
-      RunConfig scratch;  // every assignment must name a real key with a valid value
-      for (const std::string& a : v.assignments)
-        with_origin(origin + " (sweep.variant '" + v.name + "')", [&] { apply_override(scratch, a); });
-      std::string canon = v.name + ":";
-      for (size_t i = 0; i < v.assignments.size(); ++i) canon += (i ? " + " : " ") + v.assignments[i];
-      axis.values.push_back(canon);
-    }
-    if (it != cfg.sweep.end()) *it = std::move(axis);
-    else cfg.sweep.push_back(std::move(axis));
-    return;
-  }
-  if (axis_key.rfind("sweep.", 0) == 0 || !find_key(axis_key)) {
+  if (axis_key != "variant" && (axis_key.rfind("sweep.", 0) == 0 || !find_key(axis_key))) {
     std::string hint = suggestion(axis_key);
     MOELAB_FAIL("config: [sweep] key '", axis_key, "' is not a config key", origin, hint,
                 "; write full keys like router.aux_alpha = 0, 0.01");
@@ -449,15 +443,12 @@ void set_axis(RunConfig& cfg, const std::string& axis_key, const std::string& li
   if (trim(list).back() == ',')
     MOELAB_FAIL("config: ", full, " = '", list, "' has an empty value", origin);
   SweepAxis axis{axis_key, {}};
-  const ConfigKey& k = *find_key(axis_key);
   std::stringstream ss(list);
   std::string item;
   while (std::getline(ss, item, ',')) {
     item = trim(item);
     if (item.empty()) MOELAB_FAIL("config: ", full, " = '", list, "' has an empty value", origin);
-    RunConfig scratch;  // parse for the check and the canonical spelling only
-    with_origin(origin, [&] { k.set(scratch, item); });
-    std::string canon = k.get(scratch);
+    std::string canon = canonical_axis_value(axis_key, item, origin);
     if (std::find(axis.values.begin(), axis.values.end(), canon) != axis.values.end())
       MOELAB_FAIL("config: ", full, " lists ", canon, " twice", origin);
     axis.values.push_back(canon);
