@@ -11,6 +11,13 @@ struct Error : std::runtime_error {
   using runtime_error::runtime_error;
 };
 
+// A usage or configuration error: a bad command line, config key or value, or a combination of
+// them that is refused before any work starts. main() exits 2 for these (the README's contract)
+// and 1 for every other failure (I/O, divergence, out of memory, ...).
+struct UsageError : Error {
+  using Error::Error;
+};
+
 // Thrown when a backend does not implement an op (ggml: "not supported", never a crash).
 struct NotSupported : Error {
   using Error::Error;
@@ -34,5 +41,7 @@ std::string concat(Args&&... args) {
       throw ::moelab::Error(::moelab::detail::concat(__FILE__, ":", __LINE__, ": ", __VA_ARGS__)); \
   } while (0)
 
-// MOELAB_FAIL(parts...): user-facing error without a source location (config, CLI, files).
+// MOELAB_FAIL(parts...): user-facing error without a source location (files, runtime).
 #define MOELAB_FAIL(...) throw ::moelab::Error(::moelab::detail::concat(__VA_ARGS__))
+// MOELAB_USAGE_FAIL(parts...): a usage/config error (exit code 2), no source location.
+#define MOELAB_USAGE_FAIL(...) throw ::moelab::UsageError(::moelab::detail::concat(__VA_ARGS__))

@@ -7,11 +7,15 @@
 #include <cstdio>
 #include <filesystem>
 #include <numeric>
+#include <optional>
+#include <set>
 
 #include "core/io/checkpoint.h"
 #include "core/io/data.h"
 #include "core/io/run_log.h"
+#include "core/io/output_file.h"
 #include "core/rng.h"
+#include "core/run_identity.h"
 
 namespace moelab {
 namespace {
@@ -90,6 +94,7 @@ double learning_rate(const TrainConfig& t, int64_t step) {
 }
 
 TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
+  preflight_check(cfg);
   auto backend = make_backend(cfg.train.backend);
   Backend& b = *backend;
   const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : cfg.model.dtype == "bf16" ? DType::BF16 : DType::F32;
@@ -101,6 +106,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
   const int64_t T = tc.batch * tc.seq, E = cfg.moe.experts;
 
   auto data = make_data_source(cfg.data, tc.batch, tc.seq, seed, cfg.log.eval_batches);
+  check_eval_data(cfg, *data);
   TransformerLM model(b, lm_config(cfg), dtype);
   model.init(rng::derive(seed, kInitStream));
   std::vector<ParamRef> params = model.params();
@@ -125,11 +131,30 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
 
   // ---- resume --------------------------------------------------------------------------
   int64_t start = 0;
+  std::string run_id = new_run_id();
+  std::vector<std::string> resume_changes;  // "step N: key: before -> after"
   if (!opts.resume.empty()) {
     CheckpointReader ck(opts.resume);
-    MOELAB_CHECK(ck.has_meta("kind") && ck.meta("kind") == kCheckpointKind, "checkpoint ",
-                 opts.resume, " is not a moelab training state (kind '",
-                 ck.has_meta("kind") ? ck.meta("kind") : std::string("none"), "')");
+    if (!ck.has_meta("kind") || ck.meta("kind") != kCheckpointKind)
+      MOELAB_USAGE_FAIL("--resume ", opts.resume, " is not a moelab training state (kind '",
+                        ck.has_meta("kind") ? ck.meta("kind") : std::string("none"), "')");
+    if (!ck.has_meta("run_id") || !ck.has_meta("config"))
+      MOELAB_USAGE_FAIL("--resume ", opts.resume, " has no run id or config (written by moelab "
+                        "before 0.2), so it cannot be checked against this run; start a new run");
+    run_id = ck.meta("run_id");
+    start = std::stoll(ck.meta("step"));
+    // The whole model-defining config must match (every differing key is named), then the
+    // exact set of stored tensors (so no stored tensor is silently ignored).
+    for (const ConfigChange& c : check_resume_config(config_from_text(ck.meta("config"), opts.resume), cfg, opts.resume))
+      resume_changes.push_back("step " + std::to_string(start) + ": " + c.key + ": " + c.before + " -> " + c.after);
+    std::set<std::string> expected = {"data_state"};
+    for (const ParamRef& p : params)
+      for (const char* prefix : {"", "adam.m.", "adam.v."}) expected.insert(prefix + p.name);
+    for (int blk : moe_blocks) expected.insert("router_bias." + std::to_string(blk));
+    for (const std::string& name : ck.names())
+      if (!expected.count(name))
+        MOELAB_USAGE_FAIL("--resume ", opts.resume, " holds tensor '", name, "', which this model "
+                          "does not have: it was written by another model");
     for (size_t i = 0; i < params.size(); ++i) {
       const ParamRef& p = params[i];
       MOELAB_CHECK(ck.has(p.name), "checkpoint ", opts.resume, " has no tensor '", p.name,
@@ -144,7 +169,6 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     for (size_t i = 0; i < moe_blocks.size(); ++i)
       b.copy(ck.tensor("router_bias." + std::to_string(moe_blocks[i]), Shape{E}, DType::F32), bias_of(i));
     data->set_state(ck.blob("data_state"));
-    start = std::stoll(ck.meta("step"));
     MOELAB_CHECK(start >= 0 && start <= tc.steps, "checkpoint ", opts.resume, " is at step ", start,
                  ", beyond train.steps = ", tc.steps);
   }
@@ -160,7 +184,16 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
   info.flush_every = cfg.log.flush_every;
   info.sweep_name = opts.sweep_name;
   info.resume_step = opts.resume.empty() ? -1 : start;
+  info.overwrite = opts.overwrite;
+  info.run_id = run_id;
+  info.resume_changes = resume_changes;
+  if (!opts.quiet)
+    for (const std::string& c : resume_changes) std::printf("moelab train: resume changes %s\n", c.c_str());
+  // Checked before the log is created, claimed after: a refusal of either leaves nothing behind.
+  std::optional<CheckpointFolder> ckpt_folder;
+  if (cfg.log.checkpoint_every > 0) ckpt_folder.emplace(checkpoint_dir_of(cfg), run_id, opts.overwrite);
   RunLog log(cfg.log.out, info);
+  if (ckpt_folder) ckpt_folder->claim();
 
   TrainResult res;
   res.log_path = cfg.log.out;
@@ -197,6 +230,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     w.set_meta("step", std::to_string(step));
     w.set_meta("config", to_ini(cfg));
     w.set_meta("moelab_version", kVersion);
+    w.set_meta("run_id", run_id);
     for (size_t i = 0; i < params.size(); ++i) {
       w.add_tensor(params[i].name, b.to_host(master_of(i)));
       w.add_tensor("adam.m." + params[i].name, b.to_host(opt.m[i]));
@@ -205,9 +239,13 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     for (size_t i = 0; i < moe_blocks.size(); ++i)
       w.add_tensor("router_bias." + std::to_string(moe_blocks[i]), b.to_host(bias_of(i)));
     w.add_blob("data_state", data->state());
-    const std::string path = checkpoint_path(cfg.log.checkpoint_dir, step);
+    // The log first: the log on disk must always cover the latest checkpoint, because a resume
+    // keeps the log's rows up to the checkpoint's step and recomputes only what comes after.
+    // (Checkpoint first, then a failed flush, would lose the rows in between for good.)
+    log.flush();
+    ckpt_folder->before_write();
+    const std::string path = checkpoint_path(ckpt_folder->dir(), step);
     w.write(path);
-    log.flush();  // the log on disk always covers the latest checkpoint (resume keeps its rows)
     res.last_checkpoint = path;
   };
 

@@ -12,6 +12,7 @@
 
 #include "core/io/config.h"
 #include "core/model.h"
+#include "core/preflight.h"  // train() runs preflight_check and check_eval_data first
 
 namespace moelab {
 
@@ -19,6 +20,8 @@ struct TrainOptions {
   std::string resume;      // checkpoint path to continue from ("" = fresh run)
   std::string sweep_name;  // recorded in the log ("" = not part of a sweep)
   bool quiet = false;      // no progress lines
+  bool overwrite = false;  // replace an existing log (at its first flush) and another run's
+                           // checkpoints in the folder (at the first checkpoint)
 };
 
 struct TrainResult {

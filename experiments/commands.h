@@ -16,6 +16,7 @@
 struct TrainCliOptions {
   std::string out, backend, resume;
   std::string sweep_name;  // the run's name inside a sweep ("" = no sweep)
+  bool overwrite = false;  // --overwrite: replace existing logs / another run's checkpoints
 };
 
 // `moelab generate --checkpoint PATH [--prompt TEXT] [--tokens N]`.

@@ -240,6 +240,7 @@ void write_h5(const std::string& path, const std::string& config, const std::str
 
 int run_crosscheck(const RunConfig& cfg, const CrosscheckCliOptions& opts) {
   MOELAB_CHECK(backend_available("cuda"), "crosscheck needs the CUDA backend and a visible device");
+  preflight_check(cfg);  // absurd sizes are refused before anything is allocated
   auto cpu = make_backend("cpu");
   auto gpu = make_backend("cuda");
   const TrainConfig& tc = cfg.train;

@@ -1,15 +1,16 @@
 // moelab: the command line (contract in docs DESIGN.md, "Command line").
 //
 //   moelab train      --config FILE [--set section.key=value ...] [--out PATH.h5]
-//                     [--backend cpu|cuda] [--resume CHECKPOINT]
+//                     [--backend cpu|cuda] [--resume CHECKPOINT | --overwrite]
 //   moelab crosscheck --config FILE [--set ...]
 //   moelab generate   --checkpoint PATH [--prompt TEXT] [--tokens N]
 //   moelab bench      [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
 //   moelab config     [--config FILE] [--set ...] [--get KEY] [--keys]
 //
-// Exit codes: 0 success; 2 usage or config error (`moelab: error: <message>` on stderr);
-// 1 any other failure. --out and --backend are applied as the last overrides (log.out,
-// train.backend), so the resolved config, and the HDF5 `config` attribute, show them.
+// Exit codes: 0 success; 2 usage or config error (moelab::UsageError; `moelab: error: <message>`
+// on stderr); 1 any other failure (I/O, divergence, out of memory, a refused resume, ...).
+// --out and --backend are applied as the last overrides (log.out, train.backend), so the
+// resolved config, and the HDF5 `config` attribute, show them.
 #include <boost/program_options.hpp>
 #include <filesystem>
 #include <fstream>
@@ -21,6 +22,8 @@
 #include "core/backend.h"
 #include "core/check.h"
 #include "core/io/config.h"
+#include "core/io/fault.h"
+#include "core/io/output_file.h"
 #include "experiments/commands.h"
 
 namespace po = boost::program_options;
@@ -68,10 +71,10 @@ bool parse(Command& cmd, int argc, char** argv, po::variables_map& vm) {
     po::store(po::command_line_parser(argc - 1, argv + 1).options(all).positional(pos).run(), vm);
     po::notify(vm);
   } catch (const po::error& e) {
-    MOELAB_FAIL(cmd.name, ": ", e.what(), " (see 'moelab ", cmd.name, " --help')");
+    MOELAB_USAGE_FAIL(cmd.name, ": ", e.what(), " (see 'moelab ", cmd.name, " --help')");
   }
   if (vm.count("stray"))
-    MOELAB_FAIL(cmd.name, ": unexpected argument '", vm["stray"].as<std::vector<std::string>>()[0],
+    MOELAB_USAGE_FAIL(cmd.name, ": unexpected argument '", vm["stray"].as<std::vector<std::string>>()[0],
                 "' (see 'moelab ", cmd.name, " --help')");
   if (vm.count("help")) {
     std::cout << "usage: " << cmd.synopsis << "\n\n" << cmd.options << "\n";
@@ -89,7 +92,7 @@ RunConfig load(const Command& cmd, const po::variables_map& vm, bool config_requ
                const std::vector<std::string>& extra_sets) {
   std::string path = opt(vm, "config");
   if (config_required && path.empty())
-    MOELAB_FAIL(cmd.name, ": --config FILE is required (for example experiments/configs/quickstart.ini)");
+    MOELAB_USAGE_FAIL(cmd.name, ": --config FILE is required (for example experiments/configs/quickstart.ini)");
   std::vector<std::string> sets;
   if (vm.count("set")) sets = vm["set"].as<std::vector<std::string>>();
   sets.insert(sets.end(), extra_sets.begin(), extra_sets.end());
@@ -99,13 +102,13 @@ RunConfig load(const Command& cmd, const po::variables_map& vm, bool config_requ
 // --backend is checked here so that its error names --backend, not the train.backend it sets.
 void check_backend_name(const Command& cmd, const std::string& backend) {
   if (!backend.empty() && backend != "cpu" && backend != "cuda")
-    MOELAB_FAIL(cmd.name, ": --backend '", backend, "' is not one of cpu|cuda");
+    MOELAB_USAGE_FAIL(cmd.name, ": --backend '", backend, "' is not one of cpu|cuda");
 }
 
 // Refuses before any work starts, rather than after the data is loaded.
 void check_backend(const RunConfig& cfg) {
   if (!moelab::backend_available(cfg.train.backend))
-    MOELAB_FAIL("backend '", cfg.train.backend, "' is not available here: ",
+    MOELAB_USAGE_FAIL("backend '", cfg.train.backend, "' is not available here: ",
                 cfg.train.backend == "cuda"
                     ? "this moelab was built without CUDA (CMake MOELAB_CUDA, needs nvcc) or no "
                       "CUDA device is visible"
@@ -113,11 +116,45 @@ void check_backend(const RunConfig& cfg) {
                 "; use --backend cpu");
 }
 
+std::filesystem::path sweep_index_path(const std::vector<moelab::SweepRun>& runs) {
+  const std::filesystem::path dir = std::filesystem::path(runs.front().config.log.out).parent_path();
+  return (dir.empty() ? std::filesystem::path(".") : dir) / "sweep.json";
+}
+
+// Before any run starts: every output must be writable without destroying something. Each log
+// target must be a regular file (or a link to one, written through); an existing log is
+// refused unless --overwrite (a sweep is refused before its first run if any of its logs, or
+// its sweep.json, exists), so a rerun can never wipe a finished log at startup.
+void check_outputs(const std::vector<moelab::SweepRun>& runs, const TrainCliOptions& cli) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> existing;
+  for (const moelab::SweepRun& run : runs) {
+    const std::string target = moelab::resolve_output_target(run.config.log.out, "--out (log.out)");
+    std::error_code ec;
+    if (fs::exists(target, ec)) existing.push_back(run.config.log.out);
+  }
+  if (runs.size() > 1) {
+    const std::string index = sweep_index_path(runs).string();
+    moelab::resolve_output_target(index, "sweep index");
+    std::error_code ec;
+    if (fs::exists(index, ec)) existing.push_back(index);
+  }
+  if (existing.empty() || cli.overwrite || !cli.resume.empty()) return;
+  std::string list;
+  for (size_t i = 0; i < existing.size() && i < 5; ++i) list += "\n  " + existing[i];
+  if (existing.size() > 5) list += "\n  ... and " + std::to_string(existing.size() - 5) + " more";
+  MOELAB_USAGE_FAIL("train: ", existing.size() == 1 ? "this output exists" : "these outputs exist",
+                    ", and a new run would replace ", existing.size() == 1 ? "it" : "them", ":", list,
+                    "\npass --overwrite to replace ", existing.size() == 1 ? "it" : "them",
+                    " (each log only at its run's first flush), --resume CHECKPOINT to continue a run, "
+                    "or choose another --out");
+}
+
 // sweep.json beside the run logs: which file holds which grid point (analysis/ reads it).
-// Rewritten after every finished run, so an interrupted sweep still indexes what it produced.
+// Rewritten after every finished run, so an interrupted sweep still indexes what it produced;
+// written to a tmp file and renamed, so a failed write keeps the previous index.
 void write_sweep_index(const RunConfig& base, const std::vector<moelab::SweepRun>& runs, size_t done) {
   namespace fs = std::filesystem;
-  const fs::path dir = fs::path(runs.front().config.log.out).parent_path();
   std::ostringstream js;
   js << "{\n  \"axes\": [";
   for (size_t a = 0; a < base.sweep.size(); ++a) js << (a ? ", " : "") << '"' << base.sweep[a].key << '"';
@@ -132,14 +169,27 @@ void write_sweep_index(const RunConfig& base, const std::vector<moelab::SweepRun
     js << "}}" << (i + 1 < done ? "," : "") << "\n";
   }
   js << "  ]\n}\n";
-  const fs::path path = (dir.empty() ? fs::path(".") : dir) / "sweep.json";
-  std::ofstream(path) << js.str();
+  const std::string path = moelab::resolve_output_target(sweep_index_path(runs).string(), "sweep index");
+  const std::string tmp = path + ".tmp";
+  moelab::fault::point("sweep.index");
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << js.str();
+    out.flush();
+    if (!out) {
+      out.close();
+      std::remove(tmp.c_str());
+      MOELAB_FAIL("sweep index ", path, ": cannot write ", tmp, " (is the disk full?)");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    MOELAB_FAIL("sweep index ", path, ": cannot rename ", tmp, " over it");
 }
 
 int cmd_train(int argc, char** argv) {
   Command cmd{"train",
               "moelab train --config FILE [--set section.key=value ...] [--out PATH.h5] "
-              "[--backend cpu|cuda] [--resume CHECKPOINT]",
+              "[--backend cpu|cuda] [--resume CHECKPOINT | --overwrite]",
               po::options_description("train options")};
   add_config_options(cmd.options);
   cmd.options.add_options()("out", po::value<std::string>()->value_name("PATH.h5"),
@@ -147,11 +197,14 @@ int cmd_train(int argc, char** argv) {
       "backend", po::value<std::string>()->value_name("cpu|cuda"),
       "compute backend (overrides train.backend)")(
       "resume", po::value<std::string>()->value_name("CHECKPOINT"),
-      "continue from a checkpoint (a step_NNNNNN path inside log.checkpoint_dir)");
+      "continue from a checkpoint (a step_NNNNNN path inside log.checkpoint_dir)")(
+      "overwrite",
+      "replace an existing log (kept until this run's first flush) and another run's checkpoints "
+      "in the checkpoint folder (kept until this run's first checkpoint)");
   po::variables_map vm;
   if (!parse(cmd, argc, argv, vm)) return 0;
 
-  TrainCliOptions cli{opt(vm, "out"), opt(vm, "backend"), opt(vm, "resume"), ""};
+  TrainCliOptions cli{opt(vm, "out"), opt(vm, "backend"), opt(vm, "resume"), "", vm.count("overwrite") > 0};
   check_backend_name(cmd, cli.backend);
   std::vector<std::string> extra;
   if (vm.count("out")) extra.push_back("log.out=" + cli.out);
@@ -159,12 +212,16 @@ int cmd_train(int argc, char** argv) {
   RunConfig cfg = load(cmd, vm, /*config_required=*/true, extra);
 
   if (!cli.resume.empty() && !std::filesystem::exists(cli.resume))
-    MOELAB_FAIL("train: --resume '", cli.resume, "': no such checkpoint");
+    MOELAB_USAGE_FAIL("train: --resume '", cli.resume, "': no such checkpoint");
   if (!cli.resume.empty() && !cfg.sweep.empty())
-    MOELAB_FAIL("train: --resume cannot be combined with a [sweep] (which run would it resume?)");
+    MOELAB_USAGE_FAIL("train: --resume cannot be combined with a [sweep] (which run would it resume?)");
 
+  if (cli.overwrite && !cli.resume.empty())
+    MOELAB_USAGE_FAIL("train: --overwrite and --resume contradict each other (a resume continues "
+                      "its log, it never replaces it)");
   std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
   for (const moelab::SweepRun& run : runs) check_backend(run.config);
+  check_outputs(runs, cli);
   for (size_t i = 0; i < runs.size(); ++i) {
     if (runs.size() > 1)
       std::cout << "moelab: sweep run " << i + 1 << "/" << runs.size() << " '" << runs[i].name
@@ -220,15 +277,15 @@ int cmd_generate(int argc, char** argv) {
   g.checkpoint = opt(vm, "checkpoint");
   g.prompt = opt(vm, "prompt");
   if (vm.count("tokens")) g.tokens = vm["tokens"].as<int64_t>();
-  if (g.checkpoint.empty()) MOELAB_FAIL("generate: --checkpoint PATH is required");
+  if (g.checkpoint.empty()) MOELAB_USAGE_FAIL("generate: --checkpoint PATH is required");
   if (!std::filesystem::exists(g.checkpoint))
-    MOELAB_FAIL("generate: --checkpoint '", g.checkpoint, "': no such checkpoint");
-  if (g.tokens < 1) MOELAB_FAIL("generate: --tokens = ", g.tokens, " must be >= 1");
+    MOELAB_USAGE_FAIL("generate: --checkpoint '", g.checkpoint, "': no such checkpoint");
+  if (g.tokens < 1) MOELAB_USAGE_FAIL("generate: --tokens = ", g.tokens, " must be >= 1");
   if (vm.count("temperature")) g.temperature = vm["temperature"].as<double>();
   if (vm.count("top-k")) g.top_k = vm["top-k"].as<int64_t>();
   if (vm.count("seed")) g.seed = vm["seed"].as<uint64_t>();
-  if (!(g.temperature > 0)) MOELAB_FAIL("generate: --temperature = ", g.temperature, " must be > 0");
-  if (g.top_k < 0) MOELAB_FAIL("generate: --top-k = ", g.top_k, " must be >= 0");
+  if (!(g.temperature > 0)) MOELAB_USAGE_FAIL("generate: --temperature = ", g.temperature, " must be > 0");
+  if (g.top_k < 0) MOELAB_USAGE_FAIL("generate: --top-k = ", g.top_k, " must be >= 0");
   return run_generate(g);
 }
 
@@ -247,7 +304,7 @@ int cmd_bench(int argc, char** argv) {
   b.backend = opt(vm, "backend");
   check_backend_name(cmd, b.backend);
   if (vm.count("iters")) b.iters = vm["iters"].as<int64_t>();
-  if (b.iters < 1) MOELAB_FAIL("bench: --iters = ", b.iters, " must be >= 1");
+  if (b.iters < 1) MOELAB_USAGE_FAIL("bench: --iters = ", b.iters, " must be >= 1");
   std::vector<std::string> extra;
   if (!b.backend.empty()) extra.push_back("train.backend=" + b.backend);
   RunConfig cfg = load(cmd, vm, /*config_required=*/false, extra);
@@ -303,7 +360,7 @@ int dispatch(int argc, char** argv) {
   if (sub == "generate") return cmd_generate(argc, argv);
   if (sub == "bench") return cmd_bench(argc, argv);
   if (sub == "config") return cmd_config(argc, argv);
-  MOELAB_FAIL("unknown command '", sub,
+  MOELAB_USAGE_FAIL("unknown command '", sub,
               "' (commands: train, crosscheck, generate, bench, config, help)");
 }
 
@@ -312,9 +369,13 @@ int dispatch(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return dispatch(argc, argv);
-  } catch (const Error& e) {
+  } catch (const moelab::UsageError& e) {
     std::cerr << "moelab: error: " << e.what() << "\n";
     return 2;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "moelab: error: out of memory (std::bad_alloc) outside any sized allocation "
+                 "moelab checks; reduce the model or batch size\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "moelab: error: " << e.what() << "\n";
     return 1;

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "core/io/checkpoint.h"
 #include "core/rng.h"
@@ -15,6 +16,7 @@ int run_train(const RunConfig& cfg, const TrainCliOptions& opts) {
   TrainOptions to;
   to.resume = opts.resume;
   to.sweep_name = opts.sweep_name;
+  to.overwrite = opts.overwrite;
   TrainResult r = train(cfg, to);
   const double val = r.eval_losses.empty() ? std::nan("") : r.eval_losses.back();
   std::printf("summary: %lld steps in %.1f s (%.0f tok/s) | final loss %.4f nats | val %.4f nats/byte "
@@ -27,20 +29,61 @@ int run_train(const RunConfig& cfg, const TrainCliOptions& opts) {
   return 0;
 }
 
+// Writes n raw bytes to stdout and flushes them, so that a pipe or an interrupted run still gets
+// everything produced so far (NUL bytes included: printf("%s") stopped at the first one).
+static void emit(const char* bytes, size_t n) {
+  if ((n && std::fwrite(bytes, 1, n, stdout) != n) || std::fflush(stdout) != 0)
+    MOELAB_FAIL("generate: cannot write to standard output");
+}
+
 int run_generate(const GenerateCliOptions& g) {
   CheckpointReader ck(g.checkpoint);
   MOELAB_CHECK(ck.has_meta("config"), "checkpoint ", g.checkpoint, " carries no config");
   RunConfig cfg = config_from_text(ck.meta("config"));
+  {
+    RunConfig one = cfg;  // generation runs one sequence; this only checks the sizes for overflow
+    one.train.batch = 1;
+    (void)estimate_memory(one);
+  }
   auto backend = make_backend(g.backend.empty() ? "cpu" : g.backend);
   Backend& b = *backend;
   const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : DType::F32;
   TransformerLM model(b, lm_config(cfg), dtype);
-  for (ParamRef& p : model.params()) b.copy(ck.tensor(p.name, p.value.shape(), p.value.dtype()), p.value);
+
+  // The checkpoint's tensors must be exactly this model's parameters, plus the trainer's AdamW
+  // state (adam.*) and one router bias per MoE block: anything else was written by another model.
+  std::vector<ParamRef> params = model.params();
+  const std::vector<int> moe_blocks = model.moe_blocks();
+  std::set<std::string> expected;
+  for (const ParamRef& p : params) expected.insert(p.name);
+  for (int blk : moe_blocks) expected.insert("router_bias." + std::to_string(blk));
+  for (const std::string& name : ck.names()) {
+    if (!ck.is_tensor(name) || name.rfind("adam.", 0) == 0 || expected.count(name)) continue;
+    MOELAB_FAIL("checkpoint ", g.checkpoint, " has tensor '", name,
+                "' that the model of its config does not have: it was written by another model");
+  }
+  for (const ParamRef& p : params) {
+    if (!ck.has(p.name))
+      MOELAB_FAIL("checkpoint ", g.checkpoint, " has no tensor '", p.name,
+                  "': it was written by another model than its config describes");
+    b.copy(ck.tensor(p.name, p.value.shape(), p.value.dtype()), p.value);
+  }
+  // The aux-loss-free routing bias (router.bias_update_rate > 0) is part of the trained model:
+  // without it routing, and so the output, differs from the model that was trained.
+  for (size_t i = 0; i < moe_blocks.size(); ++i) {
+    const std::string name = "router_bias." + std::to_string(moe_blocks[i]);
+    Tensor& bias = model.moe_layer(i).router().params().bias;
+    if (ck.has(name))
+      b.copy(ck.tensor(name, bias.shape(), DType::F32), bias);
+    else if (cfg.moe.router.bias_update_rate > 0)
+      MOELAB_FAIL("checkpoint ", g.checkpoint, " has no tensor '", name,
+                  "', the router bias its config (router.bias_update_rate > 0) routes with");
+  }
 
   std::vector<int32_t> ctx(g.prompt.begin(), g.prompt.end());
   for (auto& c : ctx) c = int32_t(uint8_t(c));
   if (ctx.empty()) ctx.push_back('\n');
-  std::string out = g.prompt;
+  emit(g.prompt.data(), g.prompt.size());
   const int64_t window = cfg.train.seq, V = cfg.model.vocab;
   for (int64_t i = 0; i < g.tokens; ++i) {
     const int64_t n = std::min<int64_t>(window, int64_t(ctx.size()));
@@ -62,8 +105,9 @@ int run_generate(const GenerateCliOptions& g) {
       if (u <= acc) { pick = c.second; break; }
     }
     ctx.push_back(pick);
-    out.push_back(char(pick));
+    const char byte = char(pick);
+    emit(&byte, 1);
   }
-  std::printf("%s\n", out.c_str());
+  emit("\n", 1);
   return 0;
 }

@@ -1,5 +1,7 @@
 // moelab: the checkpoint container (format documented in checkpoint.h).
 #include "core/io/checkpoint.h"
+#include "core/io/fault.h"
+#include "core/io/output_file.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -134,6 +136,7 @@ class HashedFileWriter {
  private:
   static constexpr size_t kBuf = 1 << 20;
   void raw_write(const char* p, size_t n) {
+    if (n > 0) fault::point("ckpt.write");
     while (n > 0) {
       const ssize_t w = ::write(fd_, p, n);
       if (w < 0) {
@@ -235,7 +238,9 @@ void CheckpointWriter::write(const std::string& path) const {
   for (const Entry& e : entries_) total += kEntryHeaderSize + e.name.size() + e.payload.size() + 16;
   for (const auto& [k, v] : meta_) total += kEntryHeaderSize + k.size() + v.size() + 16;
 
-  const std::string tmp = path + ".tmp";
+  const std::string written = resolve_output_target(path, "checkpoint");
+  const std::string tmp = written + ".tmp";
+  fault::point("ckpt.open");
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) MOELAB_FAIL(what, ": cannot create ", tmp, ": ", errno_text(errno));
   bool fd_open = true;
@@ -277,10 +282,13 @@ void CheckpointWriter::write(const std::string& path) const {
     MOELAB_CHECK(out.written() == total, "checkpoint writer: wrote ", out.written(),
                  " bytes, computed ", total);
 
+    fault::point("ckpt.fsync");
     if (::fsync(fd) != 0) MOELAB_FAIL(what, ": fsync of ", tmp, " failed: ", errno_text(errno));
+    fault::point("ckpt.close");
     fd_open = false;
     if (::close(fd) != 0) MOELAB_FAIL(what, ": close of ", tmp, " failed: ", errno_text(errno));
-    if (::rename(tmp.c_str(), path.c_str()) != 0)
+    fault::point("ckpt.rename");
+    if (::rename(tmp.c_str(), written.c_str()) != 0)
       MOELAB_FAIL(what, ": rename of ", tmp, " failed: ", errno_text(errno));
   } catch (...) {
     if (fd_open) ::close(fd);

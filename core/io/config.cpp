@@ -54,9 +54,9 @@ T parse_int(const std::string& key, const std::string& text, const std::string& 
   T v{};
   auto r = std::from_chars(text.data(), text.data() + text.size(), v);
   if (r.ec == std::errc::result_out_of_range)
-    MOELAB_FAIL("config: ", key, " = '", text, "' is out of range (accepted: ", accepted, ")");
+    MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' is out of range (accepted: ", accepted, ")");
   if (text.empty() || r.ec != std::errc() || r.ptr != text.data() + text.size())
-    MOELAB_FAIL("config: ", key, " = '", text, "' is not an integer (accepted: ", accepted, ")");
+    MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' is not an integer (accepted: ", accepted, ")");
   return v;
 }
 
@@ -65,7 +65,7 @@ double parse_double(const std::string& key, const std::string& text, const std::
   auto r = std::from_chars(text.data(), text.data() + text.size(), v);
   if (text.empty() || r.ec != std::errc() || r.ptr != text.data() + text.size() ||
       !std::isfinite(v))
-    MOELAB_FAIL("config: ", key, " = '", text, "' is not a finite number (accepted: ", accepted,
+    MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' is not a finite number (accepted: ", accepted,
                 ")");
   return v;
 }
@@ -75,7 +75,7 @@ bool parse_bool(const std::string& key, const std::string& text) {
   std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
   if (t == "true" || t == "1" || t == "yes") return true;
   if (t == "false" || t == "0" || t == "no") return false;
-  MOELAB_FAIL("config: ", key, " = '", text, "' is not a bool (true|false|1|0|yes|no)");
+  MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' is not a bool (true|false|1|0|yes|no)");
 }
 
 std::string join(const std::vector<std::string>& v, const std::string& sep) {
@@ -99,7 +99,7 @@ ConfigKey int_key(std::string key, Acc acc, T lo, std::string help, T hi = std::
   k.get = [acc](const RunConfig& c) { return fmt_int(acc(c)); };
   k.set = [acc, key, accepted, range, lo, hi](RunConfig& c, const std::string& text) {
     T v = parse_int<T>(key, text, accepted);
-    if (v < lo || v > hi) MOELAB_FAIL("config: ", key, " = ", text, " must be ", range);
+    if (v < lo || v > hi) MOELAB_USAGE_FAIL("config: ", key, " = ", text, " must be ", range);
     acc(c) = v;
   };
   return k;
@@ -133,7 +133,7 @@ ConfigKey real_key(std::string key, Acc acc, Range range, std::string help) {
   k.get = [acc](const RunConfig& c) { return fmt_double(acc(c)); };
   k.set = [acc, key, accepted, range](RunConfig& c, const std::string& text) {
     double v = parse_double(key, text, accepted);
-    if (!range.contains(v)) MOELAB_FAIL("config: ", key, " = ", text, " must be ", range.text());
+    if (!range.contains(v)) MOELAB_USAGE_FAIL("config: ", key, " = ", text, " must be ", range.text());
     acc(c) = v;
   };
   return k;
@@ -161,7 +161,7 @@ ConfigKey enum_key(std::string key, Acc acc, std::vector<E> values, std::string 
         acc(c) = v;
         return;
       }
-    MOELAB_FAIL("config: ", key, " = '", text, "' is not one of ", accepted);
+    MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' is not one of ", accepted);
   };
   return k;
 }
@@ -174,7 +174,7 @@ ConfigKey choice_key(std::string key, Acc acc, std::vector<std::string> choices,
   k.get = [acc](const RunConfig& c) { return std::string(acc(c)); };
   k.set = [acc, key, accepted, choices](RunConfig& c, const std::string& text) {
     if (std::find(choices.begin(), choices.end(), text) == choices.end())
-      MOELAB_FAIL("config: ", key, " = '", text, "' is not one of ", accepted);
+      MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' is not one of ", accepted);
     acc(c) = text;
   };
   return k;
@@ -183,14 +183,16 @@ ConfigKey choice_key(std::string key, Acc acc, std::vector<std::string> choices,
 // A free string (a path). Rejects what to_ini could not write back: the INI reader strips
 // '#' comments and surrounding spaces, and a value is one line.
 template <class Acc>
-ConfigKey path_key(std::string key, Acc acc, std::string help) {
-  std::string accepted = "non-empty path without '#'";
+ConfigKey path_key(std::string key, Acc acc, std::string help, bool allow_empty = false) {
+  std::string accepted = allow_empty ? "path without '#' (empty allowed)" : "non-empty path without '#'";
   ConfigKey k{key, accepted, std::move(help), nullptr, nullptr};
   k.get = [acc](const RunConfig& c) { return std::string(acc(c)); };
-  k.set = [acc, key, accepted](RunConfig& c, const std::string& text) {
-    if (text.empty() || text.find_first_of("#\r\n") != std::string::npos || trim(text) != text)
-      MOELAB_FAIL("config: ", key, " = '", text,
-                  "' must be a non-empty path without '#', line breaks or surrounding spaces");
+  k.set = [acc, key, accepted, allow_empty](RunConfig& c, const std::string& text) {
+    if ((text.empty() && !allow_empty) || text.find_first_of("#\r\n") != std::string::npos ||
+        trim(text) != text)
+      MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' must be a ",
+                        allow_empty ? "" : "non-empty ",
+                        "path without '#', line breaks or surrounding spaces");
     acc(c) = text;
   };
   return k;
@@ -269,8 +271,9 @@ std::vector<ConfigKey> build_keys() {
                        "every expert computes exactly C rows; needs capacity_factor > 0"));
   k.push_back(real_key("router.bias_update_rate", FIELD(moe.router.bias_update_rate), ge(0),
                        "aux-loss-free bias step u (DeepSeek-V3); 0 = off"));
+  // Upper bounds on the loop counts: an absurd value ran for hours with no progress line.
   k.push_back(int_key<int>("router.sinkhorn_max_iters", FIELD(moe.router.sinkhorn_max_iters), 1,
-                           "Sinkhorn iteration cap"));
+                           "Sinkhorn iteration cap", 10000));
   k.push_back(real_key("router.sinkhorn_tol", FIELD(moe.router.sinkhorn_tol), gt(0),
                        "Sinkhorn stops when mean |delta d1| < tol"));
   // [train]
@@ -306,11 +309,14 @@ std::vector<ConfigKey> build_keys() {
   k.push_back(int_key<int64_t>("log.eval_every", FIELD(log.eval_every), 0,
                                "evaluate every N steps; 0 = never"));
   k.push_back(int_key<int64_t>("log.eval_batches", FIELD(log.eval_batches), 1,
-                               "validation batches per evaluation"));
+                               "validation batches per evaluation (Brown: at most what its "
+                               "validation text holds)", 10000));
   k.push_back(int_key<int64_t>("log.checkpoint_every", FIELD(log.checkpoint_every), 0,
                                "checkpoint every N steps; 0 = never"));
   k.push_back(path_key("log.checkpoint_dir", FIELD(log.checkpoint_dir),
-                       "checkpoints go here, named step_NNNNNN"));
+                       "checkpoints go here, named step_NNNNNN; empty = beside log.out, "
+                       "<out without .h5>_checkpoints (one folder per run)",
+                       /*allow_empty=*/true));
   k.push_back(path_key("log.out", FIELD(log.out), "HDF5 run log (--out overrides)"));
   k.push_back(int_key<int64_t>("log.flush_every", FIELD(log.flush_every), 1,
                                "flush the HDF5 log every N steps"));
@@ -356,12 +362,12 @@ std::string suggestion(const std::string& key) {
 [[noreturn]] void fail_unknown_key(const std::string& key, const std::string& origin) {
   size_t dot = key.find('.');
   if (dot == std::string::npos)
-    MOELAB_FAIL("config: key '", key, "' is outside any [section]", origin, suggestion(key));
+    MOELAB_USAGE_FAIL("config: key '", key, "' is outside any [section]", origin, suggestion(key));
   std::string section = key.substr(0, dot);
   if (std::find(std::begin(kSections), std::end(kSections), section) == std::end(kSections))
-    MOELAB_FAIL("config: unknown section '[", section, "]' in key '", key, "'", origin,
+    MOELAB_USAGE_FAIL("config: unknown section '[", section, "]' in key '", key, "'", origin,
                 suggestion(key), "; sections are model, router, train, data, log, sweep");
-  MOELAB_FAIL("config: unknown key '", key, "'", origin, suggestion(key));
+  MOELAB_USAGE_FAIL("config: unknown key '", key, "'", origin, suggestion(key));
 }
 
 // Runs `f`, appending `origin` to any moelab::Error it throws.
@@ -370,7 +376,7 @@ void with_origin(const std::string& origin, F&& f) {
   try {
     f();
   } catch (const Error& e) {
-    throw Error(std::string(e.what()) + origin);
+    throw UsageError(std::string(e.what()) + origin);
   }
 }
 
@@ -393,14 +399,14 @@ struct Variant {
 Variant parse_variant(const std::string& item, const std::string& origin) {
   const size_t colon = item.find(':');
   if (colon == std::string::npos || trim(item.substr(0, colon)).empty())
-    MOELAB_FAIL("config: sweep.variant value '", item, "' must look like 'NAME: section.key=value + ...'",
+    MOELAB_USAGE_FAIL("config: sweep.variant value '", item, "' must look like 'NAME: section.key=value + ...'",
                 origin);
   Variant v{trim(item.substr(0, colon)), {}};
   std::stringstream ss(item.substr(colon + 1));
   std::string a;
   while (std::getline(ss, a, '+')) {
     a = trim(a);
-    if (a.empty()) MOELAB_FAIL("config: sweep.variant '", v.name, "' has an empty assignment", origin);
+    if (a.empty()) MOELAB_USAGE_FAIL("config: sweep.variant '", v.name, "' has an empty assignment", origin);
     v.assignments.push_back(a);
   }
   return v;
@@ -429,28 +435,28 @@ void set_axis(RunConfig& cfg, const std::string& axis_key, const std::string& li
   const std::string full = "sweep." + axis_key;
   if (axis_key != "variant" && (axis_key.rfind("sweep.", 0) == 0 || !find_key(axis_key))) {
     std::string hint = suggestion(axis_key);
-    MOELAB_FAIL("config: [sweep] key '", axis_key, "' is not a config key", origin, hint,
+    MOELAB_USAGE_FAIL("config: [sweep] key '", axis_key, "' is not a config key", origin, hint,
                 "; write full keys like router.aux_alpha = 0, 0.01");
   }
   auto it = std::find_if(cfg.sweep.begin(), cfg.sweep.end(),
                          [&](const SweepAxis& a) { return a.key == axis_key; });
   if (trim(list).empty()) {
-    if (!allow_remove) MOELAB_FAIL("config: ", full, " has no values", origin);
+    if (!allow_remove) MOELAB_USAGE_FAIL("config: ", full, " has no values", origin);
     if (it != cfg.sweep.end()) cfg.sweep.erase(it);
     return;
   }
   // getline drops a trailing empty field, so a trailing comma is caught here.
   if (trim(list).back() == ',')
-    MOELAB_FAIL("config: ", full, " = '", list, "' has an empty value", origin);
+    MOELAB_USAGE_FAIL("config: ", full, " = '", list, "' has an empty value", origin);
   SweepAxis axis{axis_key, {}};
   std::stringstream ss(list);
   std::string item;
   while (std::getline(ss, item, ',')) {
     item = trim(item);
-    if (item.empty()) MOELAB_FAIL("config: ", full, " = '", list, "' has an empty value", origin);
+    if (item.empty()) MOELAB_USAGE_FAIL("config: ", full, " = '", list, "' has an empty value", origin);
     std::string canon = canonical_axis_value(axis_key, item, origin);
     if (std::find(axis.values.begin(), axis.values.end(), canon) != axis.values.end())
-      MOELAB_FAIL("config: ", full, " lists ", canon, " twice", origin);
+      MOELAB_USAGE_FAIL("config: ", full, " lists ", canon, " twice", origin);
     axis.values.push_back(canon);
   }
   if (it != cfg.sweep.end())
@@ -462,9 +468,18 @@ void set_axis(RunConfig& cfg, const std::string& axis_key, const std::string& li
 void load_stream(RunConfig& cfg, std::istream& in, const std::string& path);
 
 void load_file(RunConfig& cfg, const std::string& path) {
+  // A directory opens as an empty stream (it read as "all defaults"), and a FIFO or device would
+  // block or never end: only a regular file (or a link to one) is a config file.
+  std::error_code ec;
+  const auto st = std::filesystem::status(path, ec);
+  if (std::filesystem::exists(st) && !std::filesystem::is_regular_file(st))
+    MOELAB_USAGE_FAIL("config: config file '", path, "' is ",
+                      std::filesystem::is_directory(st) ? "a directory" : "not a regular file",
+                      "; give the path of an INI file");
   std::ifstream in(path);
-  if (!in) MOELAB_FAIL("config: cannot open config file '", path, "'");
+  if (!in) MOELAB_USAGE_FAIL("config: cannot open config file '", path, "'");
   load_stream(cfg, in, path);
+  if (in.bad()) MOELAB_USAGE_FAIL("config: cannot read config file '", path, "'");
 }
 
 // Parses INI text from `in`; `path` names its origin in messages.
@@ -479,14 +494,14 @@ void load_stream(RunConfig& cfg, std::istream& in, const std::string& path) {
     // allow_unregistered so that [sweep] lines and unknown keys reach us with their names.
     parsed = po::parse_config_file(in, schema, /*allow_unregistered=*/true);
   } catch (const po::error& e) {
-    MOELAB_FAIL("config: ", e.what(), origin);
+    MOELAB_USAGE_FAIL("config: ", e.what(), origin);
   }
 
   std::set<std::string> seen;
   for (const po::option& opt : parsed.options) {
     const std::string& key = opt.string_key;
     std::string value = opt.value.empty() ? "" : opt.value.front();
-    if (!seen.insert(key).second) MOELAB_FAIL("config: key '", key, "' is given twice", origin);
+    if (!seen.insert(key).second) MOELAB_USAGE_FAIL("config: key '", key, "' is given twice", origin);
     if (key.rfind("sweep.", 0) == 0)
       set_axis(cfg, key.substr(6), value, " (in [sweep], file " + path + ")",
                /*allow_remove=*/false);
@@ -500,11 +515,11 @@ std::string apply_set(RunConfig& cfg, const std::string& assignment) {
   const std::string origin = " (in --set " + assignment + ")";
   size_t eq = assignment.find('=');
   if (eq == std::string::npos)
-    MOELAB_FAIL("config: --set '", assignment, "' has no '=': write --set section.key=value");
+    MOELAB_USAGE_FAIL("config: --set '", assignment, "' has no '=': write --set section.key=value");
   std::string key = trim(assignment.substr(0, eq));
   std::string value = trim(assignment.substr(eq + 1));
   if (key.find('.') == std::string::npos)
-    MOELAB_FAIL("config: --set '", assignment, "' has no 'section.' in its key: write --set ",
+    MOELAB_USAGE_FAIL("config: --set '", assignment, "' has no 'section.' in its key: write --set ",
                 "section.key=value", suggestion(key));
   if (key.rfind("sweep.", 0) == 0)
     set_axis(cfg, key.substr(6), value, origin, /*allow_remove=*/true);
@@ -535,15 +550,15 @@ void finalize(RunConfig& cfg) {
   try {
     cfg.moe.validate();
   } catch (const Error& e) {
-    throw Error(std::string("config: ") + e.what());
+    throw UsageError(std::string("config: ") + e.what());
   }
   if (cfg.moe.d_model % m.heads != 0)
-    MOELAB_FAIL("config: model.d_model = ", cfg.moe.d_model, " must be a multiple of model.heads = ",
+    MOELAB_USAGE_FAIL("config: model.d_model = ", cfg.moe.d_model, " must be a multiple of model.heads = ",
                 m.heads);
   if (m.kv_heads > m.heads || m.heads % m.kv_heads != 0)
-    MOELAB_FAIL("config: model.kv_heads = ", m.kv_heads, " must divide model.heads = ", m.heads);
+    MOELAB_USAGE_FAIL("config: model.kv_heads = ", m.kv_heads, " must divide model.heads = ", m.heads);
   if ((cfg.moe.d_model / m.heads) % 2 != 0)
-    MOELAB_FAIL("config: model.d_model / model.heads = ", cfg.moe.d_model / m.heads,
+    MOELAB_USAGE_FAIL("config: model.d_model / model.heads = ", cfg.moe.d_model / m.heads,
                 " must be even (rotary embeddings rotate pairs of dimensions)");
 }
 
@@ -567,7 +582,7 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& s
   for (const auto& [key, a] : plain_sets)
     for (const SweepAxis& axis : cfg.sweep)
       if (axis.key == key)
-        MOELAB_FAIL("config: --set ", a, " conflicts with the [sweep] axis ", key,
+        MOELAB_USAGE_FAIL("config: --set ", a, " conflicts with the [sweep] axis ", key,
                     "; change the axis with --set sweep.", key, "=v1,v2 or remove it with --set sweep.",
                     key, "=");
   if (cfg.sweep.empty())
@@ -593,16 +608,18 @@ std::vector<SweepRun> expand_sweep(const RunConfig& cfg) {
     labels.push_back(same > 1 ? a.key : shortk);
   }
   for (const SweepAxis& a : cfg.sweep)
-    if (a.values.empty()) MOELAB_FAIL("config: sweep.", a.key, " has no values");
+    if (a.values.empty()) MOELAB_USAGE_FAIL("config: sweep.", a.key, " has no values");
 
   std::vector<SweepRun> runs;
+  std::vector<std::string> described;  // per run, its grid point as written (before sanitising)
   std::vector<size_t> idx(cfg.sweep.size(), 0);
   const std::filesystem::path out(cfg.log.out);
   for (;;) {
     RunConfig run = base;
-    std::string name;
+    std::string name, raw;
     for (size_t i = 0; i < idx.size(); ++i) {
       const SweepAxis& a = cfg.sweep[i];
+      raw += std::string(i ? ", " : "") + a.key + " = " + a.values[idx[i]];
       if (a.key == "variant") {
         const Variant v = parse_variant(a.values[idx[i]], " (sweep axis)");
         for (const std::string& asg : v.assignments) apply_override(run, asg);
@@ -614,16 +631,25 @@ std::vector<SweepRun> expand_sweep(const RunConfig& cfg) {
       k->set(run, a.values[idx[i]]);
       name += (i ? "_" : "") + labels[i] + "=" + sanitize(a.values[idx[i]]);
     }
+    // Two grid points with one name would write one log, the second over the first.
+    for (size_t j = 0; j < runs.size(); ++j)
+      if (runs[j].name == name)
+        MOELAB_USAGE_FAIL("config: sweep runs '", described[j], "' and '", raw,
+                          "' have the same name '", name,
+                          "' (equal, or equal after replacing characters other than letters, "
+                          "digits and . - + by _), so both would write the same log; rename one");
+    described.push_back(raw);
     try {
       finalize(run);
     } catch (const Error& e) {
       std::string msg = e.what();
       if (msg.rfind("config: ", 0) == 0) msg = msg.substr(8);
-      MOELAB_FAIL("config: sweep run '", name, "': ", msg);
+      MOELAB_USAGE_FAIL("config: sweep run '", name, "': ", msg);
     }
     run.log.out = (out.parent_path() / (out.stem().string() + "_" + name + out.extension().string()))
                       .string();
-    run.log.checkpoint_dir = (std::filesystem::path(cfg.log.checkpoint_dir) / name).string();
+    if (!cfg.log.checkpoint_dir.empty())  // empty: derived from the per-run log.out
+      run.log.checkpoint_dir = (std::filesystem::path(cfg.log.checkpoint_dir) / name).string();
     runs.push_back({name, std::move(run)});
     // Odometer increment, last axis fastest.
     size_t i = idx.size();
@@ -652,11 +678,17 @@ std::string to_ini(const RunConfig& cfg) {
   return os.str();
 }
 
+std::string checkpoint_dir_of(const RunConfig& cfg) {
+  if (!cfg.log.checkpoint_dir.empty()) return cfg.log.checkpoint_dir;
+  const std::filesystem::path out(cfg.log.out);
+  return (out.parent_path() / (out.stem().string() + "_checkpoints")).string();
+}
+
 std::string get_value(const RunConfig& cfg, const std::string& key) {
   if (key.rfind("sweep.", 0) == 0) {
     for (const SweepAxis& a : cfg.sweep)
       if ("sweep." + a.key == key) return join(a.values, ", ");
-    MOELAB_FAIL("config: no sweep axis '", key.substr(6), "'");
+    MOELAB_USAGE_FAIL("config: no sweep axis '", key.substr(6), "'");
   }
   const ConfigKey* k = find_key(key);
   if (!k) fail_unknown_key(key, "");

@@ -67,7 +67,7 @@ struct LogConfig {
   int64_t eval_every = 50;                       // log.eval_every: 0 = never
   int64_t eval_batches = 4;                      // log.eval_batches: batches per evaluation
   int64_t checkpoint_every = 0;                  // log.checkpoint_every: 0 = never
-  std::string checkpoint_dir = "runs/checkpoints";  // log.checkpoint_dir
+  std::string checkpoint_dir;                    // log.checkpoint_dir; "" = checkpoint_dir_of()
   std::string out = "runs/moelab.h5";            // log.out: HDF5 run log (--out overrides)
   int64_t flush_every = 10;                      // log.flush_every: flush the log every N steps
 };
@@ -120,6 +120,11 @@ std::string to_ini(const RunConfig& cfg);
 
 // Reads one key as text (the form to_ini writes); throws on an unknown key.
 std::string get_value(const RunConfig& cfg, const std::string& key);
+
+// The checkpoint folder of a run: log.checkpoint_dir, or when that is empty (the default) the
+// folder beside log.out named after it: "runs/x.h5" -> "runs/x_checkpoints". Deriving it from
+// the log keeps two runs with different --out from sharing (and overwriting) checkpoints.
+std::string checkpoint_dir_of(const RunConfig& cfg);
 
 // The key table, in to_ini order.
 struct ConfigKey {

@@ -10,6 +10,7 @@
 #include <unordered_map>
 
 #include "core/check.h"
+#include "core/preflight.h"
 #include "core/rng.h"
 
 namespace moelab {
@@ -46,6 +47,8 @@ DataSource::DataSource(int64_t batch, int64_t seq, uint64_t seed)
     : batch_(batch), seq_(seq), seed_(seed) {
   MOELAB_CHECK(batch >= 1, "data: batch must be >= 1 (got ", batch, ")");
   MOELAB_CHECK(seq >= 1, "data: seq must be >= 1 (got ", seq, ")");
+  // shape() sizes batches as batch * (seq + 1): refuse what int64 cannot hold.
+  (void)checked_mul(batch, checked_add(seq, 1, "train.seq + 1"), "train.batch * (train.seq + 1)");
 }
 
 uint64_t DataSource::train_stream() const { return rng::derive(seed_, kTrainTag); }
@@ -263,9 +266,10 @@ SyntheticSource::SyntheticSource(int64_t sources, int64_t alphabet, int64_t batc
   MOELAB_CHECK(K_ >= 1, "data.synthetic_sources must be >= 1 (got ", K_, ")");
   MOELAB_CHECK(A_ >= 2, "data.synthetic_alphabet must be >= 2 (got ", A_, ")");
   MOELAB_CHECK(eval_batches >= 0, "log.eval_batches must be >= 0 (got ", eval_batches, ")");
-  if (K_ * A_ > 256)
-    MOELAB_FAIL("data.synthetic_sources * data.synthetic_alphabet = ", K_, " * ", A_, " = ",
-                K_ * A_, " exceeds the 256 byte tokens; lower one of them");
+  // K > 256 / A, not K * A > 256: the product overflowed for huge values (then SIGSEGV).
+  if (K_ > 256 / A_)
+    MOELAB_USAGE_FAIL("config: data.synthetic_sources * data.synthetic_alphabet = ", K_, " * ", A_,
+                      " exceeds the 256 byte tokens; lower one of them");
   base_ = K_ * A_ <= 224 ? 32 : 0;
   degree_ = std::min<int64_t>(A_, std::max<int64_t>(2, A_ / 4));
   mean_segment_ = std::max(1.0, double(seq) / 4.0);

@@ -17,6 +17,8 @@
 #include <set>
 
 #include "core/check.h"
+#include "core/io/fault.h"
+#include "core/io/output_file.h"
 
 namespace fs = std::filesystem;
 
@@ -57,6 +59,7 @@ void write_dataset(H5::Group& g, const std::string& name, const std::vector<hsiz
   for (hsize_t d : dims) n *= d;
   MOELAB_CHECK(n == data.size(), "run log dataset ", name, ": ", data.size(),
                " values for shape of ", n);
+  fault::point("log.hdf5");
   H5::DataSpace space(int(dims.size()), dims.data());
   H5::DataSet ds = g.createDataSet(name, file_type(T{}), space);
   if (n > 0) ds.write(data.data(), mem_type(T{}));
@@ -69,6 +72,7 @@ H5::StrType vlen_utf8() {
 }
 
 void write_string_attr(H5::H5Object& obj, const std::string& name, const std::string& value) {
+  fault::point("log.hdf5");
   H5::StrType t = vlen_utf8();
   H5::Attribute a = obj.createAttribute(name, t, H5::DataSpace(H5S_SCALAR));
   a.write(t, value);
@@ -76,6 +80,7 @@ void write_string_attr(H5::H5Object& obj, const std::string& name, const std::st
 
 void write_strings_attr(H5::H5Object& obj, const std::string& name,
                         const std::vector<std::string>& values) {
+  fault::point("log.hdf5");
   H5::StrType t = vlen_utf8();
   hsize_t n = values.size();
   H5::Attribute a = obj.createAttribute(name, t, H5::DataSpace(1, &n));
@@ -85,11 +90,13 @@ void write_strings_attr(H5::H5Object& obj, const std::string& name,
 }
 
 void write_i64_attr(H5::H5Object& obj, const std::string& name, int64_t v) {
+  fault::point("log.hdf5");
   H5::Attribute a = obj.createAttribute(name, H5::PredType::STD_I64LE, H5::DataSpace(H5S_SCALAR));
   a.write(H5::PredType::NATIVE_INT64, &v);
 }
 
 void write_i64s_attr(H5::H5Object& obj, const std::string& name, const std::vector<int64_t>& v) {
+  fault::point("log.hdf5");
   hsize_t n = v.size();
   H5::Attribute a = obj.createAttribute(name, H5::PredType::STD_I64LE, H5::DataSpace(1, &n));
   if (n > 0) a.write(H5::PredType::NATIVE_INT64, v.data());
@@ -112,17 +119,37 @@ std::vector<T> read_dataset(const H5::Group& g, const std::string& name, int ran
   return out;
 }
 
-void fsync_path(const std::string& p, bool directory) {
-  int fd = ::open(p.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
-  if (fd < 0) {
-    if (directory) return;  // best effort: some file systems refuse to open folders
-    MOELAB_FAIL("run log ", p, ": cannot open for fsync: ", std::strerror(errno));
-  }
-  int rc = ::fsync(fd);
-  int err = errno;
+std::string read_string_attr(const H5::H5Object& obj, const std::string& name) {
+  H5::Attribute a = obj.openAttribute(name);
+  std::string v;
+  a.read(a.getStrType(), v);
+  return v;
+}
+
+std::vector<std::string> read_strings_attr(const H5::H5Object& obj, const std::string& name) {
+  H5::Attribute a = obj.openAttribute(name);
+  H5::DataSpace space = a.getSpace();
+  MOELAB_CHECK(space.getSimpleExtentNdims() == 1, "attribute ", name, " is not a list");
+  hsize_t n = 0;
+  space.getSimpleExtentDims(&n);
+  std::vector<char*> ptrs(n, nullptr);
+  H5::StrType t = vlen_utf8();
+  if (n) a.read(t, ptrs.data());
+  std::vector<std::string> out;
+  for (char* p : ptrs) out.emplace_back(p ? p : "");
+  if (n) H5Dvlen_reclaim(t.getId(), space.getId(), H5P_DEFAULT, ptrs.data());
+  return out;
+}
+
+// Makes a rename in `dir` durable. Best effort: some file systems cannot open or fsync a folder.
+void fsync_folder(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  const int rc = ::fsync(fd);
+  const int err = errno;
   ::close(fd);
-  if (rc != 0 && !(directory && (err == EINVAL || err == EBADF)))
-    MOELAB_FAIL("run log ", p, ": fsync failed: ", std::strerror(err));
+  if (rc != 0 && err != EINVAL && err != EBADF && err != EROFS)
+    MOELAB_FAIL("run log: fsync of folder ", dir, " failed: ", std::strerror(err));
 }
 
 }  // namespace
@@ -139,8 +166,11 @@ struct LayerColumns {
 };
 
 struct RunLog::Impl {
-  std::string path;
+  std::string path;    // as the user gave it (messages)
+  std::string target;  // the file written: path, or the final target of its symlink chain
+  OutputLock lock;     // one writer per target
   RunLogInfo info;
+  std::vector<std::string> resume_changes;  // root attribute: the old log's, then this run's
   int64_t E = 0, C = 0;
   // /train, [N]
   std::vector<int64_t> step;
@@ -153,20 +183,73 @@ struct RunLog::Impl {
   int64_t since_flush = 0;           // train rows logged since the last flush
   int64_t flushed_n = 0;
   bool dirty = true;
+  bool failed = false;  // a flush failed: the file on disk is the last good one; stop writing
+  bool logged = false;  // any row logged by this RunLog (an existing file is replaced, or
+                        // trimmed to the resume step, only once this run has something to add)
 
   int64_t n() const { return int64_t(step.size()); }
   int64_t m() const { return int64_t(eval_step.size()); }
 
   void write_file(const std::string& file) const;
+  void write_contents(H5::H5File& f) const;
+  void read_back(const std::string& file) const;
   void load(const std::string& file, int64_t resume_step);
   void flush();
 };
 
+// HDF5 never touches the disk here. The file is built in memory (the core driver, no backing
+// store) and its image is written with plain write()/fsync(), every status checked. Why: when
+// HDF5 itself writes to a disk that fills up, the failure surfaces in destructors (which only
+// print), the library keeps a half-closed file with dirty metadata, and the process later dies
+// with SIGSEGV when HDF5 tries again at exit. In memory, every HDF5 call either succeeds or
+// throws H5::Exception, and the I/O errors are ours to report.
 void RunLog::Impl::write_file(const std::string& file) const {
-  const hsize_t N = hsize_t(n()), M = hsize_t(m()), HE = hsize_t(E), HC = hsize_t(C);
-  H5::H5File f(file, H5F_ACC_TRUNC);
+  std::vector<char> image;
+  {
+    fault::point("log.hdf5");
+    H5::FileAccPropList fapl;
+    fapl.setCore(1 << 20, /*backing_store=*/false);
+    H5::H5File f(file, H5F_ACC_TRUNC, H5::FileCreatPropList::DEFAULT, fapl);
+    write_contents(f);
+    f.flush(H5F_SCOPE_GLOBAL);
+    const ssize_t size = H5Fget_file_image(f.getId(), nullptr, 0);
+    MOELAB_CHECK(size > 0, "HDF5 could not report the size of the file image");
+    image.resize(size_t(size));
+    MOELAB_CHECK(H5Fget_file_image(f.getId(), image.data(), image.size()) == size,
+                 "HDF5 could not copy the file image");
+    f.close();
+  }
+  fault::point("log.write");
+  const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) MOELAB_FAIL("cannot create ", file, ": ", std::strerror(errno));
+  const char* p = image.data();
+  size_t left = image.size();
+  while (left > 0) {
+    const ssize_t w = ::write(fd, p, left);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      const int err = w < 0 ? errno : ENOSPC;
+      ::close(fd);
+      MOELAB_FAIL("writing ", file, " failed after ", image.size() - left, " of ", image.size(),
+                  " bytes: ", std::strerror(err));
+    }
+    p += w;
+    left -= size_t(w);
+  }
+  fault::point("log.fsync");
+  if (::fsync(fd) != 0) {
+    const int err = errno;
+    ::close(fd);
+    MOELAB_FAIL("fsync of ", file, " failed: ", std::strerror(err));
+  }
+  if (::close(fd) != 0) MOELAB_FAIL("close of ", file, " failed: ", std::strerror(errno));
+}
 
+void RunLog::Impl::write_contents(H5::H5File& f) const {
+  const hsize_t N = hsize_t(n()), M = hsize_t(m()), HE = hsize_t(E), HC = hsize_t(C);
   write_string_attr(f, "config", info.config_ini);
+  if (!info.run_id.empty()) write_string_attr(f, "run_id", info.run_id);
+  if (!resume_changes.empty()) write_strings_attr(f, "resume_changes", resume_changes);
   write_string_attr(f, "moelab_version", info.moelab_version);
   write_string_attr(f, "backend", info.backend);
   if (!info.category_names.empty()) write_strings_attr(f, "category_names", info.category_names);
@@ -215,31 +298,49 @@ void RunLog::Impl::write_file(const std::string& file) const {
       write_strings_attr(cc, "category_names", info.category_names);
     }
   }
+}
+
+// Reopens a freshly written file and checks that its row counts and last step are the ones in
+// memory: a file that HDF5 could not complete is never renamed over the previous good log.
+void RunLog::Impl::read_back(const std::string& file) const {
+  fault::point("log.verify");
+  H5::H5File f(file, H5F_ACC_RDONLY);
+  std::vector<hsize_t> d;
+  const auto steps = read_dataset<int64_t>(f.openGroup("/train"), "step", 1, d);
+  const auto evals = read_dataset<int64_t>(f.openGroup("/eval"), "step", 1, d);
+  MOELAB_CHECK(steps == step && evals == eval_step, "the written file holds ", steps.size(),
+               " train rows and ", evals.size(), " eval rows, expected ", step.size(), " and ",
+               eval_step.size());
+  MOELAB_CHECK(f.openGroup("/router").getNumObjs() == hsize_t(layers.size()),
+               "the written file lacks router groups");
   f.close();
 }
 
 void RunLog::Impl::flush() {
   if (!dirty) return;
-  const std::string tmp = path + ".tmp";
-  {
-    // Plain open first: a clear errno message for an unwritable folder.
-    std::FILE* probe = std::fopen(tmp.c_str(), "wb");
-    if (!probe)
-      MOELAB_FAIL("run log ", path, ": cannot create ", tmp, ": ", std::strerror(errno));
-    std::fclose(probe);
-  }
+  if (failed)
+    MOELAB_FAIL("run log ", path, ": an earlier flush failed; the file keeps the rows of the last "
+                "good flush (", flushed_n, " train rows)");
+  const std::string tmp = target + ".tmp";
   try {
-    H5Quiet quiet;
-    write_file(tmp);
-  } catch (const H5::Exception& e) {
-    MOELAB_FAIL("run log ", path, ": writing ", tmp, " failed in HDF5 ", e.getFuncName(), ": ",
-                e.getDetailMsg());
+    try {
+      H5Quiet quiet;
+      write_file(tmp);
+      read_back(tmp);
+    } catch (const H5::Exception& e) {
+      MOELAB_FAIL("HDF5 ", e.getFuncName(), " failed while writing ", tmp, ": ", e.getDetailMsg());
+    }
+    fault::point("log.rename");
+    if (std::rename(tmp.c_str(), target.c_str()) != 0)
+      MOELAB_FAIL("cannot rename ", tmp, " over it: ", std::strerror(errno));
+  } catch (const Error& e) {
+    ::unlink(tmp.c_str());  // ours; the previous good log at `target` is untouched
+    failed = true;
+    MOELAB_FAIL("run log ", path, ": flush failed, the file keeps the rows of the last good flush (",
+                flushed_n, " train rows): ", e.what());
   }
-  fsync_path(tmp, false);
-  if (std::rename(tmp.c_str(), path.c_str()) != 0)
-    MOELAB_FAIL("run log ", path, ": cannot rename ", tmp, " over it: ", std::strerror(errno));
-  fs::path parent = fs::path(path).parent_path();
-  fsync_path(parent.empty() ? "." : parent.string(), true);
+  fs::path parent = fs::path(target).parent_path();
+  fsync_folder(parent.empty() ? "." : parent.string());
   flushed_n = n();
   since_flush = 0;
   dirty = false;
@@ -250,6 +351,14 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
   try {
     H5Quiet quiet;
     H5::H5File f(file, H5F_ACC_RDONLY);
+    // The log must be this run's: rows of another run would be spliced under this run's config.
+    const std::string old_id = f.attrExists("run_id") ? read_string_attr(f, "run_id") : std::string();
+    if (old_id != info.run_id)
+      MOELAB_FAIL("it belongs to ", old_id.empty() ? std::string("a run without a run id (older moelab)")
+                                                   : "run " + old_id,
+                  ", the checkpoint to run ", info.run_id,
+                  "; resume into the log of the run the checkpoint came from, or give a new --out");
+    if (f.attrExists("resume_changes")) resume_changes = read_strings_attr(f, "resume_changes");
     std::vector<hsize_t> d;
     H5::Group tg = f.openGroup("/train");
     step = read_dataset<int64_t>(tg, "step", 1, d);
@@ -371,7 +480,8 @@ RunLog::RunLog(const std::string& path, const RunLogInfo& info) : impl_(std::mak
   }
   s.layers.resize(info.moe_layers.size());
 
-  fs::path parent = fs::path(path).parent_path();
+  s.target = resolve_output_target(path, "run log");
+  fs::path parent = fs::path(s.target).parent_path();
   if (!parent.empty()) {
     std::error_code ec;
     fs::create_directories(parent, ec);
@@ -379,12 +489,26 @@ RunLog::RunLog(const std::string& path, const RunLogInfo& info) : impl_(std::mak
       MOELAB_FAIL("run log ", path, ": cannot create folder ", parent.string(), ": ",
                   ec.message());
   }
-  if (info.resume_step >= 0 && fs::exists(path)) s.load(path, info.resume_step);
-  s.flush();  // a valid file exists from the start (zero rows, or the kept rows on resume)
+  s.lock = OutputLock(s.target, "run log");
+  // Never destroy an existing log implicitly. Resume keeps its rows up to the checkpoint's step;
+  // overwrite replaces it, but only at the first flush of this run, so a run that fails before
+  // writing anything leaves the old log as it was.
+  std::error_code ec;
+  const bool exists = fs::exists(s.target, ec);
+  if (info.resume_step >= 0 && exists) {
+    s.load(s.target, info.resume_step);
+  } else if (exists && !info.overwrite) {
+    MOELAB_USAGE_FAIL("run log ", path, " exists; pass --overwrite to replace it (at this run's "
+                      "first flush), --resume to continue its run, or choose another --out");
+  }
+  s.resume_changes.insert(s.resume_changes.end(), info.resume_changes.begin(), info.resume_changes.end());
+  // A new file is written at once (zero rows): the name is taken, and a run killed before its
+  // first flush still leaves a readable log. An existing one waits for this run's first flush.
+  if (!exists) s.flush();
 }
 
 RunLog::~RunLog() {
-  if (!impl_) return;
+  if (!impl_ || impl_->failed || !impl_->logged) return;
   try {
     impl_->flush();
   } catch (const std::exception& e) {
@@ -395,7 +519,7 @@ RunLog::~RunLog() {
 RunLog::RunLog(RunLog&&) noexcept = default;
 RunLog& RunLog::operator=(RunLog&& other) noexcept {
   if (this != &other) {
-    if (impl_) {
+    if (impl_ && !impl_->failed && impl_->logged) {
       try {
         impl_->flush();
       } catch (const std::exception& e) {
@@ -453,6 +577,7 @@ void RunLog::log_train(const TrainRow& row) {
     c.tokens_unrouted.push_back(r.stats.tokens_unrouted);
   }
   s.dirty = true;
+  s.logged = true;
   if (++s.since_flush >= s.info.flush_every) s.flush();
 }
 
@@ -491,6 +616,7 @@ void RunLog::log_eval(const EvalRow& row) {
       dst.insert(dst.end(), row.category_counts[l].begin(), row.category_counts[l].end());
     }
   s.dirty = true;
+  s.logged = true;
 }
 
 void RunLog::flush() {

@@ -14,11 +14,19 @@
 //     (SIGKILL, power loss after the rename reached the disk).
 //
 // Crash-safety design ("write a new file, then rename"): all rows live in memory. A flush
-// writes a complete new file to `path + ".tmp"`, closes it, fsync()s it, rename()s it over
-// `path` (atomic on POSIX: a reader or a crash sees the old file or the new one, never a mix)
-// and fsync()s the folder. The constructor already writes a valid file with zero rows, so a
-// run killed before its first flush still leaves a readable log. A kill during a flush leaves
-// the previous complete file plus a stale `path.tmp`, which the next flush overwrites.
+// writes a complete new file to `path + ".tmp"`, flushes and closes it with every HDF5 status
+// checked, fsync()s it, reads its row counts back, rename()s it over `path` (atomic on POSIX: a
+// reader or a crash sees the old file or the new one, never a mix) and fsync()s the folder. A
+// failed flush (disk full, I/O error) removes the tmp file, keeps the previous good log, throws
+// moelab::Error and refuses every later flush (the destructor does not retry). For a new `path`
+// the constructor already writes a valid file with zero rows, so a run killed before its first
+// flush still leaves a readable log; an existing file (resume, overwrite) is left as it is
+// until the first flush. A kill during a flush leaves the previous complete file plus a stale
+// `path.tmp`, which the next flush overwrites.
+//
+// Output rules (core/io/output_file.h): a symlink `path` is written through to its target; a
+// device, FIFO, socket or folder is refused; `path + ".lock"` (flock) keeps a second writer out
+// and names the pid of the first.
 // Cost: memory holds the whole log, and each flush rewrites it, O(rows so far) bytes, so a
 // run writes about N^2 / (2 * flush_every) row-writes in total. A row is
 // 40 + L * (24 E + 96) bytes (L MoE layers): 500 steps, 2 layers, 8 experts is 0.3 MB; a
@@ -52,9 +60,15 @@ struct RunLogInfo {
   int64_t flush_every = 1;                  // flush after every flush_every-th train row (>= 1)
   std::string sweep_name;                   // optional root attribute sweep_name ("" = none)
   // Resume: >= 0 keeps the rows of an existing log at `path` whose step <= resume_step (train
-  // and eval) and appends after them; the layout (layers, E, C) must match. A missing file
-  // starts a new log. -1 (default): start a new file, replacing any old one.
+  // and eval) and appends after them; the layout (layers, E, C) and run_id must match. A missing
+  // file starts a new log. -1 (default): a new log.
   int64_t resume_step = -1;
+  // An existing file at `path` (not resuming) is refused (moelab::UsageError) unless overwrite;
+  // with overwrite it stays untouched until this log's first flush replaces it.
+  bool overwrite = false;
+  std::string run_id;                       // root attribute run_id ("" = none)
+  std::vector<std::string> resume_changes;  // appended to root attribute resume_changes: the
+                                            // config keys a resume changed, one line each
 };
 
 struct LayerRouterRow {
@@ -84,10 +98,13 @@ struct EvalRow {
 
 class RunLog {
  public:
-  // Validates info, creates the parent folders and writes a valid file with zero rows (or the
-  // kept rows when resuming). Throws moelab::Error naming the path if it cannot.
+  // Validates info, resolves and locks the target, creates the parent folders and, for a new
+  // file, writes a valid file with zero rows. Throws moelab::Error naming the path if it cannot
+  // (moelab::UsageError for an existing log without overwrite or resume, or a non-regular target).
   RunLog(const std::string& path, const RunLogInfo& info);
-  ~RunLog();  // flushes; an error there is printed to stderr, never thrown
+  // Flushes the rows not yet on disk; does nothing when this RunLog logged no row (an existing
+  // file stays as it was) or a flush failed. An error here is printed to stderr, never thrown.
+  ~RunLog();
   RunLog(RunLog&&) noexcept;
   RunLog& operator=(RunLog&&) noexcept;
   RunLog(const RunLog&) = delete;

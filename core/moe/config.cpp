@@ -68,26 +68,26 @@ std::string num(double v) {
 
 // `!(v >= lo)` rather than `v < lo` so that NaN fails every check.
 void require_ge(const char* key, double v, double lo) {
-  if (!(v >= lo)) MOELAB_FAIL(key, " = ", num(v), " must be >= ", num(lo));
+  if (!(v >= lo)) MOELAB_USAGE_FAIL(key, " = ", num(v), " must be >= ", num(lo));
 }
 void require_gt(const char* key, double v, double lo) {
-  if (!(v > lo)) MOELAB_FAIL(key, " = ", num(v), " must be > ", num(lo));
+  if (!(v > lo)) MOELAB_USAGE_FAIL(key, " = ", num(v), " must be > ", num(lo));
 }
 
 }  // namespace
 
 void MoEConfig::validate() const {
-  if (experts < 1) MOELAB_FAIL("model.experts = ", experts, " must be >= 1");
-  if (top_k < 1) MOELAB_FAIL("model.top_k = ", top_k, " must be >= 1");
+  if (experts < 1) MOELAB_USAGE_FAIL("model.experts = ", experts, " must be >= 1");
+  if (top_k < 1) MOELAB_USAGE_FAIL("model.top_k = ", top_k, " must be >= 1");
   if (top_k > experts)
-    MOELAB_FAIL("model.top_k = ", top_k, " must be <= model.experts = ", experts);
-  if (d_model < 1) MOELAB_FAIL("model.d_model = ", d_model, " must be > 0");
-  if (d_expert < 1) MOELAB_FAIL("model.d_expert = ", d_expert, " must be > 0");
-  if (shared_experts < 0) MOELAB_FAIL("model.shared_experts = ", shared_experts, " must be >= 0");
+    MOELAB_USAGE_FAIL("model.top_k = ", top_k, " must be <= model.experts = ", experts);
+  if (d_model < 1) MOELAB_USAGE_FAIL("model.d_model = ", d_model, " must be > 0");
+  if (d_expert < 1) MOELAB_USAGE_FAIL("model.d_expert = ", d_expert, " must be > 0");
+  if (shared_experts < 0) MOELAB_USAGE_FAIL("model.shared_experts = ", shared_experts, " must be >= 0");
   if (shared_gate && shared_experts == 0)
-    MOELAB_FAIL("model.shared_gate = true needs model.shared_experts >= 1 (it gates their output)");
+    MOELAB_USAGE_FAIL("model.shared_gate = true needs model.shared_experts >= 1 (it gates their output)");
   if (!(expert_dropout >= 0.0 && expert_dropout < 1.0))
-    MOELAB_FAIL("model.expert_dropout = ", num(expert_dropout), " must be in [0, 1)");
+    MOELAB_USAGE_FAIL("model.expert_dropout = ", num(expert_dropout), " must be in [0, 1)");
 
   const RouterConfig& r = router;
   require_gt("router.score_scale", r.score_scale, 0.0);
@@ -101,33 +101,33 @@ void MoEConfig::validate() const {
   require_ge("router.bias_update_rate", r.bias_update_rate, 0.0);
   require_gt("router.sinkhorn_tol", r.sinkhorn_tol, 0.0);
   if (r.sinkhorn_max_iters < 1)
-    MOELAB_FAIL("router.sinkhorn_max_iters = ", r.sinkhorn_max_iters, " must be >= 1");
+    MOELAB_USAGE_FAIL("router.sinkhorn_max_iters = ", r.sinkhorn_max_iters, " must be >= 1");
   if (r.policy == RoutingPolicy::RandomTop2 && top_k != 2)
-    MOELAB_FAIL("router.policy = random_top2 requires model.top_k = 2 (got ", top_k, ")");
+    MOELAB_USAGE_FAIL("router.policy = random_top2 requires model.top_k = 2 (got ", top_k, ")");
   const bool expert_choice = r.policy == RoutingPolicy::ExpertChoice;
   if (expert_choice && r.score != ScoreFunc::Softmax)
-    MOELAB_FAIL("router.policy = expert_choice uses softmax scores (Zhou et al. 2022); "
+    MOELAB_USAGE_FAIL("router.policy = expert_choice uses softmax scores (Zhou et al. 2022); "
                 "set router.score = softmax");
   // Token-choice balancing losses have no meaning when experts pick tokens (balanced by
   // construction): refuse rather than silently ignore the weight.
   if (expert_choice && (r.aux_alpha > 0 || r.importance_weight > 0 || r.load_weight > 0))
-    MOELAB_FAIL("router.aux_alpha / importance_weight / load_weight must be 0 with router.policy = "
+    MOELAB_USAGE_FAIL("router.aux_alpha / importance_weight / load_weight must be 0 with router.policy = "
                 "expert_choice (it is balanced by construction)");
   if (r.bias_update_rate > 0 && r.policy != RoutingPolicy::TopK && r.policy != RoutingPolicy::RandomTop2)
-    MOELAB_FAIL("router.bias_update_rate > 0 (aux-loss-free balancing) needs router.policy = topk "
+    MOELAB_USAGE_FAIL("router.bias_update_rate > 0 (aux-loss-free balancing) needs router.policy = topk "
                 "or random_top2, got ", to_string(r.policy));
   // Shazeer's smooth load estimator needs noise (it is a probability over the noise draw) and a
   // k-th largest competitor among the other experts.
   if (r.load_weight > 0 && r.noise != NoiseType::Gaussian && r.noise != NoiseType::Learned)
-    MOELAB_FAIL("router.load_weight > 0 needs router.noise = gaussian or learned (the smooth load "
+    MOELAB_USAGE_FAIL("router.load_weight > 0 needs router.noise = gaussian or learned (the smooth load "
                 "estimator is a probability over the noise), got ", to_string(r.noise));
   if (r.load_weight > 0 && r.noise == NoiseType::Gaussian && !(r.noise_eps > 0))
-    MOELAB_FAIL("router.load_weight > 0 with router.noise = gaussian needs router.noise_eps > 0");
+    MOELAB_USAGE_FAIL("router.load_weight > 0 with router.noise = gaussian needs router.noise_eps > 0");
   if (r.load_weight > 0 && top_k >= experts)
-    MOELAB_FAIL("router.load_weight > 0 needs model.top_k < model.experts");
+    MOELAB_USAGE_FAIL("router.load_weight > 0 needs model.top_k < model.experts");
   // Padding to capacity is meaningless when dropless (there is no capacity to pad to).
   if (r.pad_to_capacity && r.capacity_factor == 0.0)
-    MOELAB_FAIL("router.pad_to_capacity = true needs router.capacity_factor > 0 (0 = dropless)");
+    MOELAB_USAGE_FAIL("router.pad_to_capacity = true needs router.capacity_factor > 0 (0 = dropless)");
 }
 
 }  // namespace moelab

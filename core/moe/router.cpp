@@ -51,11 +51,14 @@ int64_t Router::capacity_for(const MoEConfig& cfg, int64_t tokens) {
   if (cfg.router.policy == RoutingPolicy::ExpertChoice) {
     // Zhou et al. 2022: C = c * T / E, c = the average experts per token; cf = 0 means c = K.
     const double c = cf > 0 ? cf : K;
-    const int64_t C = int64_t(std::ceil(c * double(tokens) / E - 1e-9));
-    return std::clamp<int64_t>(C, 1, tokens);
+    // Clamped as a double before the cast: an absurd cf (1e300) would overflow int64.
+    return int64_t(std::clamp(std::ceil(c * double(tokens) / E - 1e-9), 1.0, double(tokens)));
   }
   if (cf <= 0) return 0;  // dropless
-  return int64_t(std::ceil(cf * double(tokens) * K / E - 1e-9));  // C = ceil(cf * T * K / E)
+  // C = ceil(cf * T * K / E), clamped as a double before the cast (cf = 1e300 overflowed int64).
+  // An expert gets at most one assignment per token (top-k picks distinct experts), so C = T
+  // already keeps everything; C >= 1 so that a tiny cf never reads as 0 = dropless.
+  return int64_t(std::clamp(std::ceil(cf * double(tokens) * K / E - 1e-9), 1.0, double(tokens)));
 }
 
 RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uint64_t seed) {

@@ -73,7 +73,7 @@ class Router {
   void update_bias(const RouterStats& stats);
 
   // Capacity C = ceil(cf * T * K / E) (token choice) or ceil(cf * T / E) (expert choice, with
-  // cf = 0 read as K so that compute matches top-K). 0 = dropless.
+  // cf = 0 read as K so that compute matches top-K), clamped to [1, T]. 0 = dropless.
   static int64_t capacity_for(const MoEConfig& cfg, int64_t tokens);
 
  private:
