@@ -80,9 +80,13 @@ test-sanitize: deps
 	ASAN_OPTIONS=$(SAN_ASAN_OPTIONS) UBSAN_OPTIONS=$(SAN_UBSAN_OPTIONS) OMP_NUM_THREADS=1 \
 	  ctest --test-dir $(SAN_DIR) --output-on-failure -L sanitize -j$$(nproc)
 
+# `make run` is the demo, and it works when run again: it passes --overwrite, so a rerun replaces
+# runs/quickstart.h5 (kept until the new run's first flush) and the old run's checkpoints in
+# runs/quickstart_checkpoints (kept until the new run's first checkpoint). A plain
+# `moelab train` refuses an existing log instead.
 run: deps
 	@$(MAKE) --no-print-directory data build
-	$(MOELAB) train --config $(QUICKSTART)
+	$(MOELAB) train --config $(QUICKSTART) --overwrite
 	@log="$$($(MOELAB) config --config $(QUICKSTART) --get log.out)"; \
 	echo "run log: $$log"; \
 	/usr/bin/python3 analysis/report.py "$$log" --out "$${log%.h5}_report"

@@ -40,6 +40,7 @@ int run_train(const moelab::RunConfig& cfg, const TrainCliOptions& opts);  // ex
 // `moelab crosscheck --config FILE [--set ...] [--out PATH.h5]`.
 struct CrosscheckCliOptions {
   std::string out = "runs/crosscheck.h5";  // findings (one group per compared dtype)
+  bool overwrite = false;                  // --overwrite: replace an existing findings file
 };
 int run_crosscheck(const moelab::RunConfig& cfg, const CrosscheckCliOptions& opts);  // experiments/crosscheck_cmd.cpp
 int run_generate(const GenerateCliOptions& opts);                          // experiments/other_cmds.cpp

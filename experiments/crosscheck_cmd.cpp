@@ -18,6 +18,7 @@
 #include <set>
 
 #include "core/io/data.h"
+#include "core/io/output_file.h"
 #include "core/rng.h"
 #include "core/trainer.h"
 #include "experiments/commands.h"
@@ -241,6 +242,13 @@ void write_h5(const std::string& path, const std::string& config, const std::str
 int run_crosscheck(const RunConfig& cfg, const CrosscheckCliOptions& opts) {
   MOELAB_CHECK(backend_available("cuda"), "crosscheck needs the CUDA backend and a visible device");
   preflight_check(cfg);  // absurd sizes are refused before anything is allocated
+  // The findings go to OUT.tmp, renamed over OUT at the end: an existing OUT (refused without
+  // --overwrite) is never touched by a crosscheck that fails halfway.
+  const std::string target = resolve_output_target(opts.out, "crosscheck --out");
+  if (std::filesystem::exists(target) && !opts.overwrite)
+    MOELAB_USAGE_FAIL("crosscheck --out ", opts.out, " exists; pass --overwrite to replace it or choose another --out");
+  const std::string tmp_out = target + ".tmp";
+  std::filesystem::remove(tmp_out);
   auto cpu = make_backend("cpu");
   auto gpu = make_backend("cuda");
   const TrainConfig& tc = cfg.train;
@@ -366,8 +374,10 @@ int run_crosscheck(const RunConfig& cfg, const CrosscheckCliOptions& opts) {
     std::printf("%s %s: %d of %zu comparisons beyond tolerance, %d wide flips\n", passed ? "PASS" : "FAIL",
                 to_string(tol.dtype), failed, cs.size(), wide);
     all_passed = all_passed && passed;
-    write_h5(opts.out, to_ini(cfg), to_string(tol.dtype), cs, flips, passed);
+    write_h5(tmp_out, to_ini(cfg), to_string(tol.dtype), cs, flips, passed);
   }
+  if (std::rename(tmp_out.c_str(), target.c_str()) != 0)
+    MOELAB_FAIL("crosscheck: cannot rename ", tmp_out, " over ", target);
   std::printf("\nfindings: %s\n", opts.out.c_str());
   return all_passed ? 0 : 1;
 }

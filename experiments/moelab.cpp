@@ -2,13 +2,13 @@
 //
 //   moelab train      --config FILE [--set section.key=value ...] [--out PATH.h5]
 //                     [--backend cpu|cuda] [--resume CHECKPOINT | --overwrite]
-//   moelab crosscheck --config FILE [--set ...]
+//   moelab crosscheck --config FILE [--set ...] [--out PATH.h5] [--overwrite]
 //   moelab generate   --checkpoint PATH [--prompt TEXT] [--tokens N]
 //   moelab bench      [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
 //   moelab config     [--config FILE] [--set ...] [--get KEY] [--keys]
 //
 // Exit codes: 0 success; 2 usage or config error (moelab::UsageError; `moelab: error: <message>`
-// on stderr); 1 any other failure (I/O, divergence, out of memory, a refused resume, ...).
+// on stderr); 1 any other failure (I/O, disk full, divergence, out of memory, ...).
 // --out and --backend are applied as the last overrides (log.out, train.backend), so the
 // resolved config, and the HDF5 `config` attribute, show them.
 #include <boost/program_options.hpp>
@@ -237,16 +237,18 @@ int cmd_train(int argc, char** argv) {
 }
 
 int cmd_crosscheck(int argc, char** argv) {
-  Command cmd{"crosscheck", "moelab crosscheck --config FILE [--set section.key=value ...] [--out PATH.h5]",
+  Command cmd{"crosscheck", "moelab crosscheck --config FILE [--set section.key=value ...] [--out PATH.h5] [--overwrite]",
               po::options_description("crosscheck options")};
   add_config_options(cmd.options);
   cmd.options.add_options()("out", po::value<std::string>()->value_name("PATH.h5"),
-                            "findings file (default runs/crosscheck.h5; one per sweep run)");
+                            "findings file (default runs/crosscheck.h5; one per sweep run)")(
+      "overwrite", "replace an existing findings file");
   po::variables_map vm;
   if (!parse(cmd, argc, argv, vm)) return 0;
   RunConfig cfg = load(cmd, vm, /*config_required=*/true, {});
   CrosscheckCliOptions cc;
   if (vm.count("out")) cc.out = opt(vm, "out");
+  cc.overwrite = vm.count("overwrite") > 0;
   const std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
   int worst = 0;
   for (const moelab::SweepRun& run : runs) {

@@ -68,5 +68,48 @@ head -c 100 "$tmp/ckpt/step_000004.ckpt" > "$tmp/cut.ckpt"
 expect_fail "truncated checkpoint refused" "truncated" generate --checkpoint "$tmp/cut.ckpt"
 expect_fail "resume needs an existing checkpoint" "no such checkpoint" train --config "$tmp/tiny.ini" --resume "$tmp/none.ckpt"
 
+# Nothing lost (issue 8): exit codes, reruns, sweeps, locks, disk full, non-regular outputs.
+# expect_rc NAME RC PATTERN ARGS...: exit code exactly RC and PATTERN in the output.
+expect_rc() {
+  local name=$1 want=$2 pattern=$3; shift 3
+  local out rc
+  out=$("$moelab" "$@" 2>&1); rc=$?
+  if [ $rc -eq "$want" ] && grep -qE -- "$pattern" <<<"$out"; then passes=$((passes + 1)); else
+    echo "FAIL: $name (exit $rc, want $want): expected /$pattern/ in:"; echo "$out" | head -5; fails=$((fails + 1)); fi
+}
+cp "$tmp/tiny.h5" "$tmp/tiny.before"
+expect_rc "a rerun on the same --out is refused (usage, exit 2)" 2 "tiny\.h5 *$" train --config "$tmp/tiny.ini"
+cmp -s "$tmp/tiny.h5" "$tmp/tiny.before" && passes=$((passes + 1)) || { echo "FAIL: the refused rerun changed the log"; fails=$((fails + 1)); }
+expect_rc "--overwrite with --resume is a contradiction" 2 "contradict" train --config "$tmp/tiny.ini" --overwrite --resume "$tmp/ckpt/step_000002.ckpt"
+expect_ok "--overwrite replaces the log (make run twice)" train --config "$tmp/tiny.ini" --overwrite
+expect_rc "a resume with another seed names the key" 2 "train\.seed: checkpoint 1234, this run 5" \
+  train --config "$tmp/tiny.ini" --resume "$tmp/ckpt/step_000002.ckpt" --set train.seed=5
+# A sweep is refused before its first run when any of its logs exists.
+printf '[sweep]\nrouter.aux_alpha = 0, 0.01\n' > "$tmp/sweep_axis.ini"
+cat "$tmp/tiny.ini" "$tmp/sweep_axis.ini" > "$tmp/sweep.ini"
+mkdir -p "$tmp/sw" && echo keep > "$tmp/sw/s_aux_alpha=0.01.h5"
+expect_rc "a sweep with an existing log is refused before it runs" 2 "s_aux_alpha=0\.01\.h5" \
+  train --config "$tmp/sweep.ini" --out "$tmp/sw/s.h5" --set log.checkpoint_every=0
+[ ! -e "$tmp/sw/s_aux_alpha=0.h5" ] && [ "$(cat "$tmp/sw/s_aux_alpha=0.01.h5")" = keep ] && passes=$((passes + 1)) || {
+  echo "FAIL: the refused sweep ran or touched a log"; fails=$((fails + 1)); }
+# Runtime failures exit 1: a disk that fills up (a file size limit) while the log is flushed.
+( trap '' XFSZ; ulimit -f 40; "$moelab" train --config "$tmp/tiny.ini" --out "$tmp/full.h5" --set train.steps=300 \
+    --set log.checkpoint_every=0 --set log.eval_every=0 --set log.flush_every=5 >"$tmp/full.out" 2>&1 ); rc=$?
+if [ $rc -eq 1 ] && grep -q "flush failed, the file keeps the rows of the last good flush" "$tmp/full.out" &&
+   [ ! -e "$tmp/full.h5.tmp" ]; then passes=$((passes + 1)); else
+  echo "FAIL: disk full: exit $rc"; tail -3 "$tmp/full.out"; fails=$((fails + 1)); fi
+# A second writer of one log is refused and names the first (which is still running).
+"$moelab" train --config "$tmp/tiny.ini" --out "$tmp/busy.h5" --set train.steps=100000 --set log.checkpoint_every=0 >/dev/null 2>&1 &
+busy=$!
+for _ in $(seq 50); do [ -e "$tmp/busy.h5.lock" ] && break; sleep 0.1; done
+expect_rc "a concurrent writer is refused, naming the other process" 1 "being written by another moelab process \(pid $busy" \
+  train --config "$tmp/tiny.ini" --out "$tmp/busy.h5" --overwrite --set log.checkpoint_every=0
+kill $busy 2>/dev/null; wait $busy 2>/dev/null
+mkfifo "$tmp/fifo.h5"
+expect_rc "a FIFO as --out is refused" 2 "is a FIFO" train --config "$tmp/tiny.ini" --out "$tmp/fifo.h5"
+# Messages never carry the build machine's absolute source paths.
+out=$("$moelab" generate --checkpoint "$tmp/cut.ckpt" 2>&1)
+grep -q "$(cd "$(dirname "$0")/.." && pwd)" <<<"$out" && { echo "FAIL: absolute source path in: $out"; fails=$((fails + 1)); } || passes=$((passes + 1))
+
 echo "$passes passed, $fails failed"
 [ $fails -eq 0 ]
