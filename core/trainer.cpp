@@ -204,7 +204,18 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     std::vector<std::vector<int64_t>> counts(moe_blocks.size(), std::vector<int64_t>(size_t(E * C), 0));
     Batch vb;
     const int64_t n = data->val_batches();
+    MOELAB_CHECK(n > 0, "evaluation without validation batches (check_eval_data refuses this at startup)");
+    const auto t_eval = Clock::now();
+    auto last_line = t_eval;
     for (int64_t i = 0; i < n; ++i) {
+      // A long evaluation says where it is, so a big eval set never looks like a hang.
+      const auto now = Clock::now();
+      if (!opts.quiet && std::chrono::duration<double>(now - last_line).count() >= 5.0) {
+        std::printf("eval at step %lld: batch %lld/%lld (%s)\n", (long long)step, (long long)i,
+                    (long long)n, format_duration(std::chrono::duration<double>(now - t_eval).count()).c_str());
+        std::fflush(stdout);
+        last_line = now;
+      }
       data->val_batch(i, vb);
       Tensor in, tg;
       batch_tensors(b, vb, in, tg);
@@ -215,7 +226,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     }
     EvalRow row;
     row.step = step;
-    row.loss = n ? total / double(n) : std::nan("");
+    row.loss = total / double(n);
     row.bits_per_byte = row.loss / std::log(2.0);
     row.category_counts = counts;
     log.log_eval(row);

@@ -18,12 +18,15 @@ int run_train(const RunConfig& cfg, const TrainCliOptions& opts) {
   to.sweep_name = opts.sweep_name;
   to.overwrite = opts.overwrite;
   TrainResult r = train(cfg, to);
-  const double val = r.eval_losses.empty() ? std::nan("") : r.eval_losses.back();
-  std::printf("summary: %lld steps in %.1f s (%.0f tok/s) | final loss %.4f nats | val %.4f nats/byte "
-              "= %.3f bits/byte | imbalance %.2f | drop %.1f%% | logit rms %.2f\n",
+  char val[80] = "val - (log.eval_every = 0)";
+  if (!r.eval_losses.empty())
+    std::snprintf(val, sizeof val, "val %.4f nats/byte = %.3f bits/byte", r.eval_losses.back(),
+                  r.eval_losses.back() / std::log(2.0));
+  std::printf("summary: %lld steps in %.1f s (%.0f tok/s) | final loss %.4f nats | %s | imbalance %.2f | "
+              "drop %.1f%% | logit rms %.2f\n",
               (long long)r.steps.size(), r.seconds, r.tokens_per_sec,
-              r.losses.empty() ? std::nan("") : r.losses.back(), val, val / std::log(2.0),
-              r.imbalance, 100.0 * r.drop_fraction, r.logit_rms);
+              r.losses.empty() ? std::nan("") : r.losses.back(), val, r.imbalance,
+              100.0 * r.drop_fraction, r.logit_rms);
   std::printf("log: %s\n", r.log_path.c_str());
   if (!r.last_checkpoint.empty()) std::printf("checkpoint: %s\n", r.last_checkpoint.c_str());
   return 0;

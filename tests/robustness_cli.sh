@@ -48,27 +48,28 @@ seq = 16
 [log]
 eval_every = 2
 eval_batches = 1
-checkpoint_every = 2
-checkpoint_dir = $tmp/ckpt
 out = $tmp/tiny.h5
 INI
 
 # ---- 7: --config must be a regular file (a directory read as "all defaults") ----
 mkdir -p "$tmp/confdir"
-expect_exit 2 "directory as --config" "'$tmp/confdir' is a directory" train --config "$tmp/confdir" --out "$tmp/d.h5"
-expect_exit 2 "device as --config" "'/dev/null' is not a regular file" train --config /dev/null --out "$tmp/d.h5"
-[ -e "$tmp/d.h5" ] && fail "a refused config still wrote its log" || passes=$((passes + 1))
+expect_exit 2 "directory as --config" "'$tmp/confdir' is a directory" train --config "$tmp/confdir" --out "$tmp/d1.h5"
+expect_exit 2 "device as --config" "'/dev/null' is not a regular file" train --config /dev/null --out "$tmp/d2.h5"
+ls "$tmp"/d*.h5 >/dev/null 2>&1 && fail "a refused config still wrote its log" || passes=$((passes + 1))
 
 # ---- 8: absurd sizes exit 2 naming the keys (SIGSEGV / SIGABRT before) ----
+# Each run its own --out, so that one wrongly accepted run does not make the next fail.
 expect_exit 2 "synthetic sources x alphabet overflow" "data\.synthetic_sources.*data\.synthetic_alphabet" \
-  train --config "$tmp/tiny.ini" --set data.synthetic_sources=4611686018427387904 --set data.synthetic_alphabet=4
-expect_exit 2 "a million layers" "model\.layers = 1000000" train --config "$tmp/tiny.ini" --set model.layers=1000000
+  train --config "$tmp/tiny.ini" --out "$tmp/refused1.h5" \
+  --set data.synthetic_sources=4611686018427387904 --set data.synthetic_alphabet=4
+expect_exit 2 "a million layers" "model\.layers = 1000000" \
+  train --config "$tmp/tiny.ini" --out "$tmp/refused2.h5" --set model.layers=1000000
 expect_exit 2 "batch x seq overflow" "train\.batch = 4611686018427387904, train\.seq = 4" \
-  train --config "$tmp/tiny.ini" --set train.batch=4611686018427387904 --set train.seq=4
+  train --config "$tmp/tiny.ini" --out "$tmp/refused3.h5" \
+  --set train.batch=4611686018427387904 --set train.seq=4
 expect_exit 2 "bench: a million layers" "model\.layers = 1000000" bench --config "$tmp/tiny.ini" --set model.layers=1000000
 MOELAB_MEMORY_LIMIT_BYTES=1000 expect_exit 2 "memory limit override" "more than the 1000 B available \(MOELAB_MEMORY_LIMIT_BYTES\)" \
-  train --config "$tmp/tiny.ini"
-[ -e "$tmp/tiny.h5" ] && fail "a refused run still wrote its log" || passes=$((passes + 1))
+  train --config "$tmp/tiny.ini" --out "$tmp/refused4.h5"
 
 # ---- 9: evaluation without validation data (NaN losses and exit 0 before) ----
 mkdir -p "$tmp/brown"
@@ -76,12 +77,15 @@ para=$'\n\n\tThe/at jury/nn further/rbr said/vbd it/pps did/dod find/vb that/cs 
 for f in ca01 ca02 cb01; do printf '%s%s%s' "$para" "$para" "$para" > "$tmp/brown/$f"; done
 expect_exit 2 "partial Brown corpus, no validation file" \
   "log\.eval_every = 2 .*data\.path = '$tmp/brown' has 3 files.*data\.val_fraction = 0\.1.*Set log\.eval_every = 0" \
-  train --config "$tmp/tiny.ini" --set data.source=brown --set data.path="$tmp/brown" --set train.seq=8
+  train --config "$tmp/tiny.ini" --out "$tmp/refused5.h5" --set data.source=brown --set data.path="$tmp/brown" \
+  --set train.seq=8
 expect_exit 2 "val_fraction = 0" "data\.val_fraction = 0 holds no file" \
-  train --config "$tmp/tiny.ini" --set data.source=brown --set data.path="$tmp/brown" --set train.seq=8 --set data.val_fraction=0
+  train --config "$tmp/tiny.ini" --out "$tmp/refused6.h5" --set data.source=brown --set data.path="$tmp/brown" \
+  --set train.seq=8 --set data.val_fraction=0
+ls "$tmp"/refused*.h5 >/dev/null 2>&1 && fail "a refused run still wrote its log:" "$tmp"/refused*.h5 || passes=$((passes + 1))
 expect_exit 0 "the same corpus without evaluation trains" "summary" \
   train --config "$tmp/tiny.ini" --set data.source=brown --set data.path="$tmp/brown" --set train.seq=8 \
-  --set log.eval_every=0 --set log.checkpoint_every=0 --out "$tmp/brown.h5"
+  --set log.eval_every=0 --out "$tmp/brown.h5"
 
 # ---- 11: loop-count bounds; error locations without the build path ----
 expect_exit 2 "sinkhorn_max_iters bound" "router\.sinkhorn_max_iters = 100000000 must be in \[1, 10000\]" \
@@ -97,7 +101,8 @@ else
 fi
 
 # ---- 10: generate writes raw bytes as it samples them ----
-if "$moelab" train --config "$tmp/tiny.ini" > "$tmp/train.log" 2>&1; then passes=$((passes + 1)); else
+if "$moelab" train --config "$tmp/tiny.ini" --set log.checkpoint_every=2 --set log.checkpoint_dir="$tmp/ckpt" \
+  > "$tmp/train.log" 2>&1; then passes=$((passes + 1)); else
   fail "train tiny:"; tail -5 "$tmp/train.log"; fi
 ckpt=$tmp/ckpt/step_000002.ckpt
 # Near-uniform sampling over 256 bytes: 3000 of them hold NULs (printf("%s") stopped at the first).

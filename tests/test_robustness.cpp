@@ -259,7 +259,7 @@ TEST_CASE("robustness: generate routes with the checkpoint's aux-loss-free route
 
 // ---- 11b: capacity is clamped before the cast to int64 -----------------------------------------
 
-TEST_CASE("robustness: capacity is clamped to [1, T] before the cast to int64", "[robustness]") {
+TEST_CASE("robustness: capacity is clamped between 1 and T before the cast to int64", "[robustness]") {
   MoEConfig c;
   c.experts = 4;
   c.top_k = 2;

@@ -709,7 +709,9 @@ std::string config_keys_markdown() {
   std::ostringstream os;
   os << "| key | default | accepted | meaning |\n|---|---|---|---|\n";
   for (const ConfigKey& k : config_keys()) {
-    os << "| `" << k.key << "` | `" << k.get(defaults) << "` | " << md_cell(k.accepted) << " | "
+    const std::string def = k.get(defaults);
+    os << "| `" << k.key << "` | " << (def.empty() ? std::string("(empty)") : "`" + def + "`") << " | "
+       << md_cell(k.accepted) << " | "
        << md_cell(k.help) << " |\n";
   }
   return os.str();
