@@ -1,51 +1,100 @@
-// moelab: the token dispatcher (Megatron-Core's split): permute tokens into expert-sorted rows,
-// and combine (un-permute, weight by the gate, sum) after the experts.
+// moelab: the token dispatcher (Megatron-Core's split): bring every kept assignment's token row
+// to the rank that owns its expert, and bring the expert outputs back. The combine (un-permute,
+// weight by the gate, sum) always happens on the source rank, in MoELayer.
 //
-// The interface hides where experts live. LocalDispatcher keeps all experts on this backend; an
-// all-to-all dispatcher for expert parallelism implements the same four calls, exchanging rows
-// through a Communicator between permute and the expert GEMMs (and back before the combine).
+//   forward:  x --dispatch--> expert input rows --experts--> expert output rows --gather_back-->
+//             rows in send order --combine (MoELayer)--> y
+//   backward: the same steps reversed (gather_back_backward, experts backward, dispatch_backward).
+//
+// LocalDispatcher keeps all experts on this backend (the exchanges are identities).
+// AllToAllDispatcher shards the experts over the ranks of an expert-parallel communicator:
+// rank r owns experts [r E/ep, (r+1) E/ep), and token rows travel by a variable all-to-all.
 // Activation gradients overwrite.
 #pragma once
+#include <vector>
+
 #include "core/backend.h"
 
 namespace moelab {
 
+class Communicator;
+
+// The layout of one dispatch.
+//   send: this rank's kept assignments grouped by (global) expert; since experts are sharded
+//         contiguously, the rows for rank r are one block (send_rows[r] rows, in rank order).
+//   receive: the rows this rank's experts compute come from every source rank, recv_rows[s]
+//         from rank s (each block expert-sorted); regroup reorders them expert-major, and
+//         expert_offsets [E_local + 1] delimit each local expert's rows in that order.
+struct DispatchLayout {
+  DispatchPlan send;
+  std::vector<int64_t> send_rows, recv_rows;  // [ep]
+  DispatchPlan regroup;                       // row_token[j] = received row of expert row j
+                                              // (undefined for the local dispatcher)
+  std::vector<int64_t> expert_offsets;        // [E_local + 1]
+  std::vector<int64_t> count_matrix;          // [ep * E] kept rows per (source rank, expert)
+};
+
 class Dispatcher {
  public:
   virtual ~Dispatcher() = default;
-  // The row layout for this call's kept assignments (see DispatchPlan).
-  virtual DispatchPlan plan(const Tensor& idx, const Tensor& keep, bool expert_choice,
-                            int64_t pad_capacity) = 0;
-  // x [T,D] -> xp [R,D] expert-sorted rows (of this rank's experts).
-  virtual Tensor dispatch(const Tensor& x, const DispatchPlan& plan) = 0;
-  // yp [R,D], gates [A] -> y [T,D] = sum over a token's rows of gate * row.
-  virtual Tensor combine(const Tensor& yp, const DispatchPlan& plan, const Tensor& gates,
-                         int64_t tokens) = 0;
-  // Backward of combine: dy [T,D] -> dyp [R,D] and dgates [A].
-  virtual void combine_backward(const Tensor& dy, const Tensor& yp, const DispatchPlan& plan,
-                                const Tensor& gates, const Tensor& dyp, const Tensor& dgates) = 0;
-  // Backward of dispatch: dxp [R,D] -> dx [T,D].
-  virtual void dispatch_backward(const Tensor& dxp, const DispatchPlan& plan, const Tensor& dx) = 0;
-  // How many experts this rank computes (all of them for the local dispatcher).
+  // Collective for all-to-all dispatchers. pad_capacity > 0 pads every expert to that many rows.
+  virtual DispatchLayout plan(const Tensor& idx, const Tensor& keep, bool expert_choice,
+                              int64_t pad_capacity) = 0;
+  // x [T,D] -> the expert input rows [R_in, D] (layout.expert_offsets).
+  virtual Tensor dispatch(const Tensor& x, const DispatchLayout& layout) = 0;
+  // Expert output rows [R_in, D] -> rows in send order [layout.send.rows(), D].
+  virtual Tensor gather_back(const Tensor& ye, const DispatchLayout& layout) = 0;
+  // Backward of gather_back: d(send-order rows) -> d(expert output rows).
+  virtual Tensor gather_back_backward(const Tensor& dys, const DispatchLayout& layout) = 0;
+  // Backward of dispatch: d(expert input rows) -> dx [T,D].
+  virtual void dispatch_backward(const Tensor& dxe, const DispatchLayout& layout,
+                                 const Tensor& dx) = 0;
   virtual int64_t local_experts() const = 0;
+  virtual int64_t first_expert() const = 0;  // global index of this rank's first expert
 };
 
 class LocalDispatcher final : public Dispatcher {
  public:
   LocalDispatcher(Backend& backend, int64_t experts) : b_(backend), experts_(experts) {}
-  DispatchPlan plan(const Tensor& idx, const Tensor& keep, bool expert_choice,
-                    int64_t pad_capacity) override;
-  Tensor dispatch(const Tensor& x, const DispatchPlan& plan) override;
-  Tensor combine(const Tensor& yp, const DispatchPlan& plan, const Tensor& gates,
-                 int64_t tokens) override;
-  void combine_backward(const Tensor& dy, const Tensor& yp, const DispatchPlan& plan,
-                        const Tensor& gates, const Tensor& dyp, const Tensor& dgates) override;
-  void dispatch_backward(const Tensor& dxp, const DispatchPlan& plan, const Tensor& dx) override;
+  DispatchLayout plan(const Tensor& idx, const Tensor& keep, bool expert_choice,
+                      int64_t pad_capacity) override;
+  Tensor dispatch(const Tensor& x, const DispatchLayout& layout) override;
+  Tensor gather_back(const Tensor& ye, const DispatchLayout&) override { return ye; }
+  Tensor gather_back_backward(const Tensor& dys, const DispatchLayout&) override { return dys; }
+  void dispatch_backward(const Tensor& dxe, const DispatchLayout& layout, const Tensor& dx) override;
   int64_t local_experts() const override { return experts_; }
+  int64_t first_expert() const override { return 0; }
 
  private:
   Backend& b_;
   int64_t experts_;
+};
+
+// Expert parallelism over `ep` (its size divides the expert count). Bytes moved per call are
+// recorded for the run log (sent_bytes/received_bytes, forward and backward together).
+class AllToAllDispatcher final : public Dispatcher {
+ public:
+  AllToAllDispatcher(Backend& backend, Communicator& ep, int64_t experts);
+  DispatchLayout plan(const Tensor& idx, const Tensor& keep, bool expert_choice,
+                      int64_t pad_capacity) override;
+  Tensor dispatch(const Tensor& x, const DispatchLayout& layout) override;
+  Tensor gather_back(const Tensor& ye, const DispatchLayout& layout) override;
+  Tensor gather_back_backward(const Tensor& dys, const DispatchLayout& layout) override;
+  void dispatch_backward(const Tensor& dxe, const DispatchLayout& layout, const Tensor& dx) override;
+  int64_t local_experts() const override { return local_; }
+  int64_t first_expert() const override;
+
+  int64_t sent_bytes() const { return sent_bytes_; }
+  int64_t received_bytes() const { return received_bytes_; }
+
+ private:
+  // rows [sum send_rows] of `send` -> a new [sum recv_rows, D] tensor (and counts the bytes).
+  Tensor exchange(const Tensor& send, const std::vector<int64_t>& send_rows,
+                  const std::vector<int64_t>& recv_rows);
+  Backend& b_;
+  Communicator& ep_;
+  int64_t experts_, local_;
+  int64_t sent_bytes_ = 0, received_bytes_ = 0;
 };
 
 }  // namespace moelab

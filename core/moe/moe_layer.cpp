@@ -20,13 +20,16 @@ Tensor as_dtype(Backend& b, const Tensor& src, DType dt) {
 }
 }  // namespace
 
-MoELayer::MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype)
+MoELayer::MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype,
+                   std::unique_ptr<Dispatcher> dispatcher, Communicator* batch_group)
     : b_(backend),
       cfg_(cfg),
       dtype_(dtype),
       router_(backend, cfg, router_dtype_for(dtype)),
-      dispatcher_(std::make_unique<LocalDispatcher>(backend, cfg.experts)),
-      experts_(backend, cfg.experts, cfg.d_model, cfg.d_expert, dtype) {
+      dispatcher_(dispatcher ? std::move(dispatcher)
+                             : std::make_unique<LocalDispatcher>(backend, cfg.experts)),
+      experts_(backend, dispatcher_->local_experts(), cfg.d_model, cfg.d_expert, dtype) {
+  router_.set_batch_group(batch_group);
   if (cfg.shared_experts > 0) {
     shared_ = std::make_unique<SwiGLUExperts>(backend, 1, cfg.d_model,
                                               cfg.shared_experts * cfg.d_expert, dtype);
@@ -59,7 +62,11 @@ void MoELayer::init(uint64_t seed, double scale) {
     const double std = scale / std::sqrt(double(fan_in));
     const uint64_t s = rng::derive(seed, ++tag);
     std::vector<double> v(size_t(p.value.numel()));
-    for (size_t i = 0; i < v.size(); ++i) v[i] = std * rng::normal(s, i);
+    // Sharded experts: this rank's slice of the all-experts stream.
+    const uint64_t first = p.name.rfind("experts.", 0) == 0
+                               ? uint64_t(dispatcher_->first_expert()) * uint64_t(v.size() / size_t(p.value.dim(0)))
+                               : 0;
+    for (size_t i = 0; i < v.size(); ++i) v[i] = std * rng::normal(s, first + i);
     b_.copy(host_tensor(v, p.value.shape(), p.value.dtype()), p.value);
   }
 }
@@ -81,13 +88,16 @@ MoEOutput MoELayer::forward(const Tensor& x, const MoEForwardArgs& args) {
   const RouterState& st = c.route;
 
   const int64_t pad = cfg_.router.pad_to_capacity ? st.capacity : 0;
-  c.plan = dispatcher_->plan(st.idx, st.keep, st.expert_choice, pad);
-  Tensor xp = dispatcher_->dispatch(x, c.plan);
+  c.layout = dispatcher_->plan(st.idx, st.keep, st.expert_choice, pad);
+  Tensor xe = dispatcher_->dispatch(x, c.layout);
   const double p_drop = args.training ? cfg_.expert_dropout : 0.0;
-  c.yp = experts_.forward(xp, c.plan.offsets, p_drop,
-                          rng::derive(args.seed, kExpertDropoutStream), c.experts);
+  Tensor ye = experts_.forward(xe, c.layout.expert_offsets, p_drop,
+                               rng::derive(args.seed, kExpertDropoutStream), c.experts);
+  c.yp = dispatcher_->gather_back(ye, c.layout);
+  // Combine on the source rank: y[t] = sum over t's kept assignments of gate * expert output.
   c.gates = as_dtype(b_, st.gates, dtype_).reshape(Shape{st.gates.numel()});
-  Tensor y = dispatcher_->combine(c.yp, c.plan, c.gates, T);
+  Tensor y = b_.empty(Shape{T, cfg_.d_model}, dtype_);
+  b_.unpermute_forward(c.yp, c.layout.send, c.gates, y);
 
   if (shared_) {
     c.ys = shared_->forward(x, {0, T}, p_drop, rng::derive(args.seed, kSharedDropoutStream),
@@ -125,10 +135,11 @@ void MoELayer::backward(const Tensor& dy, const Tensor& dx) {
 
   // Routed experts: combine -> experts -> dispatch, back to token order.
   Tensor dyp = b_.empty(c.yp.shape(), dtype_), dgates = b_.empty(c.gates.shape(), dtype_);
-  dispatcher_->combine_backward(dy, c.yp, c.plan, c.gates, dyp, dgates);
-  Tensor dxp = b_.empty(dyp.shape(), dtype_);
-  experts_.backward(c.experts, dyp, p_drop, dxp);
-  dispatcher_->dispatch_backward(dxp, c.plan, dx);
+  b_.unpermute_backward(dy, c.yp, c.layout.send, c.gates, dyp, dgates);
+  Tensor dye = dispatcher_->gather_back_backward(dyp, c.layout);
+  Tensor dxe = b_.empty(dye.shape(), dtype_);
+  experts_.backward(c.experts, dye, p_drop, dxe);
+  dispatcher_->dispatch_backward(dxe, c.layout, dx);
 
   // Router: gradient through the gates plus the router losses.
   const RouterState& st = c.route;

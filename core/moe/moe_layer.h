@@ -44,10 +44,17 @@ struct MoEOutput {
 class MoELayer {
  public:
   // dtype: the model dtype (f32 or f64 on the CPU); the router runs in f64 when dtype is f64,
-  // in f32 otherwise.
-  MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype);
+  // in f32 otherwise. The dispatcher decides where experts live: by default a LocalDispatcher
+  // (all E experts here); an AllToAllDispatcher shards them over expert-parallel ranks, and
+  // this layer then holds only its E / ep experts (parameter "experts.w1" is [E/ep, D, 2F]).
+  // batch_group: the ranks that share one batch (see Router::set_batch_group); null = this
+  // call's tokens are the whole batch.
+  MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype,
+           std::unique_ptr<Dispatcher> dispatcher = nullptr, Communicator* batch_group = nullptr);
 
-  // Normal(0, scale / sqrt(fan_in)) for every weight, deterministic from seed.
+  // Normal(0, scale / sqrt(fan_in)) for every weight, deterministic from seed. Element i of a
+  // weight is draw i of its stream, counted over all E experts, so a rank holding experts
+  // [e0, e1) gets exactly those experts' values of the single-rank initialisation.
   void init(uint64_t seed, double scale);
   std::vector<ParamRef> params();
   void zero_grad();
@@ -60,17 +67,19 @@ class MoELayer {
   const MoEConfig& config() const { return cfg_; }
   Router& router() { return router_; }
   const RouterState& last_routing() const { return cache_.route; }
-  const DispatchPlan& last_plan() const { return cache_.plan; }
+  const DispatchPlan& last_plan() const { return cache_.layout.send; }
+  const DispatchLayout& last_layout() const { return cache_.layout; }
+  Dispatcher& dispatcher() { return *dispatcher_; }
 
  private:
   struct MoECache {
     MoEForwardArgs args;
     Tensor x;             // [T,D]
     RouterState route;
-    DispatchPlan plan;
+    DispatchLayout layout;
     Tensor gates;         // [A] gates in the model dtype (the combine weights)
     ExpertsCache experts;
-    Tensor yp;            // [R,D] expert outputs, expert-sorted
+    Tensor yp;            // [R,D] expert outputs back on this rank, in send (expert-sorted) order
     ExpertsCache shared;
     Tensor ys;            // [T,D] shared-expert output (before its gate)
     Tensor shared_gate;   // [T,1] sigmoid(x w_sg)

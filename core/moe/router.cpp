@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/comm.h"
 #include "core/rng.h"
 
 namespace moelab {
@@ -152,7 +153,12 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   }
 
   // Statistics and losses (values un-scaled; BACKGROUND.md sections 3 and 6).
+  st.batch_tokens = T;
   st.stats = b_.router_stats(st.logits, st.dist, st.idx, st.keep, st.expert_choice, E);
+  if (group_) {
+    reduce_over_group(st, seq_len);
+    return st;
+  }
   RouterLosses& L = st.losses;
   const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
   if (!st.expert_choice) {
@@ -200,13 +206,31 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
   }
 
   // Switch load-balancing loss: the gradient flows through P only (counts are constants).
+  // With a batch group, this rank's tokens carry the share T / T_batch of the batch's loss.
+  const double share = double(T) / double(st.batch_tokens);
   if (rc.aux_alpha > 0 && !st.expert_choice) {
     const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
+    auto add_aux_grad = [&](const Tensor& d) {
+      if (group_ && aux_seq == 0) {
+        // dL/dp_t,i = alpha E f_i / T_batch with the batch's f_i = routed_i / (T_batch K):
+        // one row, broadcast to every token by a rank-1 GEMM (ones [T,1] x g [1,E]).
+        std::vector<double> g(static_cast<size_t>(E), 0.0);
+        for (int64_t e = 0; e < E; ++e)
+          g[e] = rc.aux_alpha * double(E) * double(st.stats.routed[e]) /
+                 (double(st.batch_tokens) * double(K)) / double(st.batch_tokens);
+        Tensor gt = b_.from_host(host_tensor(g, Shape{1, E}, dtype_));
+        Tensor ones = b_.empty(Shape{T, 1}, dtype_);
+        b_.fill(ones, 1.0);
+        b_.gemm(false, false, 1.0, ones, gt, 1.0, d);
+      } else {  // local, or per sequence (whole sequences live on one rank)
+        b_.aux_loss_backward(st.dist, st.idx, aux_seq, rc.aux_alpha * share, d);
+      }
+    };
     if (st.score == ScoreFunc::Softmax) {
-      b_.aux_loss_backward(st.dist, st.idx, aux_seq, rc.aux_alpha, dscores);
+      add_aux_grad(dscores);
     } else {
       Tensor ddist = b_.zeros(Shape{T, E}, dtype_), dtmp = b_.empty(Shape{T, E}, dtype_);
-      b_.aux_loss_backward(st.dist, st.idx, aux_seq, rc.aux_alpha, ddist);
+      add_aux_grad(ddist);
       b_.row_normalize_backward(st.scores, ddist, dtmp);
       b_.axpy(1.0, dtmp, dscores);
     }
@@ -215,7 +239,7 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
   Tensor dlogits = b_.empty(Shape{T, E}, dtype_);
   if (st.score == ScoreFunc::Softmax) b_.softmax_backward(st.scores, dscores, dlogits);
   else b_.sigmoid_backward(st.scores, dscores, dlogits);
-  if (rc.z_loss > 0) b_.z_loss_backward(st.logits, rc.z_loss, dlogits);
+  if (rc.z_loss > 0) b_.z_loss_backward(st.logits, rc.z_loss * share, dlogits);
 
   // Through the noise to the clean logits (and the learned noise scale).
   Tensor dclean = dlogits, dstd;
@@ -248,6 +272,77 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
     b_.jitter_backward(dx_r, rc.noise_eps, rng::derive(st.seed, kJitterStream), dx_r);
   if (dx.dtype() == dtype_) b_.copy(dx_r, dx);
   else b_.cast(dx_r, dx);
+}
+
+void Router::check_batch_group(const MoEConfig& cfg) {
+  const RouterConfig& rc = cfg.router;
+  if (rc.policy == RoutingPolicy::ExpertChoice || rc.policy == RoutingPolicy::Sinkhorn)
+    MOELAB_USAGE_FAIL("router.policy = ", rc.policy == RoutingPolicy::Sinkhorn ? "sinkhorn" : "expert_choice",
+                      " is not supported with expert or data parallelism yet: its selection couples "
+                      "the tokens of the whole batch (every expert's top-C tokens, or Sinkhorn's "
+                      "column sums), which would need a selection across ranks");
+  if (rc.importance_weight > 0 || rc.load_weight > 0)
+    MOELAB_USAGE_FAIL("router.importance_weight and router.load_weight (Shazeer's CV^2 losses) are not "
+                      "supported with expert or data parallelism yet: their batch statistics are not "
+                      "reduced across ranks");
+  if (rc.noise != NoiseType::None || rc.policy == RoutingPolicy::RandomTop2 || cfg.expert_dropout > 0)
+    MOELAB_USAGE_FAIL("router.noise, router.policy = random_top2 and model.expert_dropout are not "
+                      "supported with expert or data parallelism yet: their random draws are keyed "
+                      "by the position within a rank's tokens, not the global token position");
+}
+
+void Router::set_batch_group(Communicator* group) {
+  if (group) check_batch_group(cfg_);
+  group_ = group;
+}
+
+// The batch's statistics and losses from every rank's local ones. Local values are exact sums
+// or token means of this rank's T tokens, so the batch's are token-weighted sums over ranks
+// (the communicator adds in rank order: every rank gets the same bits).
+void Router::reduce_over_group(RouterState& st, int64_t seq_len) {
+  const RouterConfig& rc = cfg_.router;
+  const int64_t E = cfg_.experts, K = cfg_.top_k, T = st.scores.dim(0);
+  RouterStats& s = st.stats;
+  std::vector<double> v;  // [T, routed E, kept E, P*T E, entropy*T, top1*T, rms^2*T, unrouted,
+                          //  z*T, aux_seq*T]
+  v.push_back(double(T));
+  for (int64_t c : s.routed) v.push_back(double(c));
+  for (int64_t c : s.kept) v.push_back(double(c));
+  for (double p : s.mean_prob) v.push_back(p * double(T));
+  v.push_back(s.entropy * double(T));
+  v.push_back(s.top1_prob * double(T));
+  v.push_back(s.logit_rms * s.logit_rms * double(T));
+  v.push_back(double(s.tokens_unrouted));
+  v.push_back(b_.z_loss_forward(st.logits) * double(T));
+  const bool seq_aux = rc.aux_loss_type == AuxLossType::Sequence && seq_len > 0;
+  v.push_back(seq_aux ? b_.aux_loss_forward(st.dist, st.idx, seq_len) * double(T) : 0.0);
+  group_->all_reduce_host(v, ReduceOp::Sum);
+  std::vector<double> mx = {s.logit_max};
+  group_->all_reduce_host(mx, ReduceOp::Max);
+
+  size_t at = 0;
+  const double Tg = v[at++];
+  st.batch_tokens = int64_t(Tg);
+  for (int64_t e = 0; e < E; ++e) s.routed[e] = int64_t(v[at++]);
+  for (int64_t e = 0; e < E; ++e) s.kept[e] = int64_t(v[at++]);
+  for (int64_t e = 0; e < E; ++e) s.mean_prob[e] = v[at++] / Tg;
+  s.entropy = v[at++] / Tg;
+  s.top1_prob = v[at++] / Tg;
+  s.logit_rms = std::sqrt(v[at++] / Tg);
+  s.tokens_unrouted = int64_t(v[at++]);
+  s.logit_max = mx[0];
+  RouterLosses& L = st.losses;
+  L = RouterLosses{};
+  L.z = v[at++] / Tg;
+  const double aux_seq_sum = v[at++];
+  if (seq_aux) {
+    L.aux = aux_seq_sum / Tg;
+  } else {  // Switch / Megatron: E sum_i f_i P_i, f_i = routed_i / (T K)
+    for (int64_t e = 0; e < E; ++e)
+      L.aux += double(E) * double(s.routed[e]) / (Tg * double(K)) * s.mean_prob[e];
+  }
+  L.load = cv2_of_counts(s.routed);  // logged only (load_weight is refused with a group)
+  L.weighted = rc.aux_alpha * L.aux + rc.z_loss * L.z;
 }
 
 void Router::update_bias(const RouterStats& stats) {

@@ -14,6 +14,8 @@
 
 namespace moelab {
 
+class Communicator;
+
 // Un-scaled router loss values (what the run log records) and the weighted sum that the layer
 // adds to the training objective.
 struct RouterLosses {
@@ -34,6 +36,7 @@ struct RouterParams {
 // Everything the backward pass needs, plus the routing result. Shapes in comments.
 struct RouterState {
   bool training = false;
+  int64_t batch_tokens = 0;  // T of the whole batch (T of this call without a batch group)
   bool expert_choice = false;
   ScoreFunc score = ScoreFunc::Softmax;  // effective score function (Sinkhorn may override)
   bool normalize = true;                 // effective top-k renormalisation
@@ -60,6 +63,17 @@ class Router {
   RouterParams& params() { return p_; }
   DType dtype() const { return dtype_; }
 
+  // The ranks whose tokens make up one batch (expert and data parallelism: the global batch is
+  // split over them). When set, the statistics, the counts the losses use and the losses are
+  // those of the whole batch (Megatron-Core's global-batch aux loss): counts and probability
+  // sums are all-reduced over `group` before the losses are formed, and the loss gradients are
+  // scaled by this rank's share of the tokens, so that the sum over ranks of every gradient is
+  // the single-rank gradient. Policies whose selection couples tokens across the batch
+  // (expert choice, Sinkhorn) and the Shazeer losses are refused (check_batch_group).
+  void set_batch_group(Communicator* group);
+  // Throws moelab::UsageError naming the keys when `cfg` cannot run with a batch group.
+  static void check_batch_group(const MoEConfig& cfg);
+
   // x [T,D] in any float dtype. seq_len splits T for the sequence-level aux loss (0 = global).
   // seed: the draws of this call (noise, random top-2); derive it from (run seed, layer, step).
   RouterState forward(const Tensor& x, bool training, int64_t seq_len, uint64_t seed);
@@ -77,10 +91,14 @@ class Router {
   static int64_t capacity_for(const MoEConfig& cfg, int64_t tokens);
 
  private:
+  // Replaces st's local statistics and losses by the batch's (group_ set).
+  void reduce_over_group(RouterState& st, int64_t seq_len);
+
   Backend& b_;
   MoEConfig cfg_;
   DType dtype_;
   RouterParams p_;
+  Communicator* group_ = nullptr;
 };
 
 }  // namespace moelab
