@@ -38,7 +38,8 @@ struct TransformerLM::Block {
   ExpertsCache dense_cache;
 };
 
-TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype)
+TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype,
+                             const ParallelContext* parallel)
     : b_(backend), cfg_(cfg), dtype_(dtype) {
   cfg_.validate();
   MOELAB_CHECK(cfg.moe.d_model == cfg.d_model, "model: MoE d_model ", cfg.moe.d_model,
@@ -68,8 +69,20 @@ TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype)
     blk->dwo = z({cfg.heads * dh, D});
     blk->ffn_norm = z({D});
     blk->dffn_norm = z({D});
-    if (blk->is_moe) blk->moe = std::make_unique<MoELayer>(b_, cfg.moe, dtype_);
-    else blk->dense = std::make_unique<SwiGLUExperts>(b_, 1, D, cfg.dense_width(), dtype_);
+    if (blk->is_moe && parallel && parallel->distributed()) {
+      // Experts sharded over the ep group; the router's batch is the world's tokens, and the
+      // trainer averages gradients over the world (loss_grad_weight = world).
+      std::unique_ptr<Dispatcher> d;
+      if (parallel->ep > 1) {
+        d = std::make_unique<AllToAllDispatcher>(b_, *parallel->ep_comm, cfg.moe.experts);
+        first_expert_ = d->first_expert();
+      }
+      blk->moe = std::make_unique<MoELayer>(b_, cfg.moe, dtype_, std::move(d), parallel->world_comm,
+                                            double(parallel->world));
+    } else if (blk->is_moe) {
+      blk->moe = std::make_unique<MoELayer>(b_, cfg.moe, dtype_);
+    }
+    if (!blk->is_moe) blk->dense = std::make_unique<SwiGLUExperts>(b_, 1, D, cfg.dense_width(), dtype_);
     blocks_.push_back(std::move(blk));
   }
 }
@@ -117,7 +130,12 @@ void TransformerLM::init(uint64_t seed) {
       const bool out_proj = p.name.ends_with(".wo") || p.name.ends_with("w2");
       if (out_proj) std *= resid;
     }
-    for (size_t i = 0; i < v.size(); ++i) v[i] = is_norm ? 1.0 : std * rng::normal(stream, i);
+    // Sharded experts draw their slice of the all-experts stream, so every layout gets the
+    // single-rank initialisation.
+    const uint64_t first = p.name.find(".moe.experts.") != std::string::npos
+                               ? uint64_t(first_expert_) * uint64_t(v.size() / size_t(p.value.dim(0)))
+                               : 0;
+    for (size_t i = 0; i < v.size(); ++i) v[i] = is_norm ? 1.0 : std * rng::normal(stream, first + i);
     b_.copy(host_tensor(v, p.value.shape(), p.value.dtype()), p.value);
   }
 }

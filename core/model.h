@@ -19,6 +19,7 @@
 
 #include "core/backend.h"
 #include "core/moe/moe_layer.h"
+#include "core/parallel.h"
 
 namespace moelab {
 
@@ -48,7 +49,10 @@ struct LMForward {
 
 class TransformerLM {
  public:
-  TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype);
+  // parallel: this rank's context in a distributed run (null or one rank: everything local).
+  // Then the MoE blocks hold only this rank's experts and route the world's batch.
+  TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype,
+                const ParallelContext* parallel = nullptr);
   ~TransformerLM();
 
   void init(uint64_t seed);
@@ -82,6 +86,7 @@ class TransformerLM {
   // Activations of the last forward.
   Tensor tokens_, targets_, x_final_, xn_final_, rstd_final_, logits_;
   int64_t seq_len_ = 0;
+  int64_t first_expert_ = 0;  // global index of this rank's first expert (expert parallelism)
 };
 
 }  // namespace moelab

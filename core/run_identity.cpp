@@ -25,7 +25,8 @@ bool resume_may_change(const std::string& key) {
       "train.weight_decay", "train.grad_clip", "train.beta1",    "train.beta2",
       "train.backend", "router.aux_alpha", "router.aux_loss_type", "router.z_loss",
       "router.importance_weight", "router.load_weight", "router.bias_update_rate", "data.path"};
-  return safe.count(key) || key.rfind("log.", 0) == 0;
+  // parallel.*: a checkpoint holds whole tensors, so it loads at any layout that divides it.
+  return safe.count(key) || key.rfind("log.", 0) == 0 || key.rfind("parallel.", 0) == 0;
 }
 
 std::vector<ConfigChange> check_resume_config(const RunConfig& saved, const RunConfig& now,

@@ -10,6 +10,7 @@
 #include <optional>
 #include <set>
 
+#include "core/comm_sim.h"
 #include "core/io/checkpoint.h"
 #include "core/io/data.h"
 #include "core/io/run_log.h"
@@ -93,8 +94,49 @@ double learning_rate(const TrainConfig& t, int64_t step) {
   return floor + (t.lr - floor) * 0.5 * (1.0 + std::cos(M_PI * progress));
 }
 
-TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
-  preflight_check(cfg);
+namespace {
+
+// The rows [part * B/parts, (part+1) * B/parts) of a batch of B whole sequences: the share of
+// one rank of a data-parallel run (every rank reads the same global batch and keeps its part,
+// so the data each token sees does not depend on the layout).
+Batch slice_batch(const Batch& full, int part, int parts) {
+  if (parts == 1) return full;
+  Batch b = full;
+  const int64_t per = full.batch / parts, row = full.seq + 1;
+  b.batch = per;
+  b.tokens.assign(full.tokens.begin() + part * per * row, full.tokens.begin() + (part + 1) * per * row);
+  if (!full.category.empty())
+    b.category.assign(full.category.begin() + part * per * row, full.category.begin() + (part + 1) * per * row);
+  return b;
+}
+
+bool is_expert_param(const std::string& name) { return name.find(".moe.experts.") != std::string::npos; }
+
+// One all-reduce (sum) of many tensors through one flat buffer: the gradients of one reduction
+// group travel in a single collective.
+void all_reduce_flat(Backend& b, Communicator& comm, const std::vector<Tensor*>& ts) {
+  if (ts.empty()) return;
+  int64_t n = 0;
+  for (const Tensor* t : ts) n += t->numel();
+  Tensor flat = b.empty(Shape{n}, ts.front()->dtype());
+  int64_t at = 0;
+  for (const Tensor* t : ts) {
+    b.copy(*t, flat.view_rows(at, at + t->numel()).reshape(t->shape()));
+    at += t->numel();
+  }
+  comm.all_reduce(flat, ReduceOp::Sum);
+  at = 0;
+  for (Tensor* t : ts) {
+    b.copy(flat.view_rows(at, at + t->numel()).reshape(t->shape()), *t);
+    at += t->numel();
+  }
+}
+
+TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const ParallelContext* par) {
+  const bool dist = par && par->distributed();
+  const int W = dist ? par->world : 1, rank = dist ? par->rank : 0, ep = dist ? par->ep : 1;
+  const bool lead = rank == 0;
+  const bool quiet = opts.quiet || !lead;
   auto backend = make_backend(cfg.train.backend);
   Backend& b = *backend;
   const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : cfg.model.dtype == "bf16" ? DType::BF16 : DType::F32;
@@ -103,11 +145,12 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
                " is not supported by backend ", b.name(), " (bf16 needs train.backend = cuda)");
   const TrainConfig& tc = cfg.train;
   const uint64_t seed = tc.seed;
-  const int64_t T = tc.batch * tc.seq, E = cfg.moe.experts;
+  // T: this rank's tokens per step; the batch's are T * W.
+  const int64_t T = tc.batch / W * tc.seq, E = cfg.moe.experts;
 
   auto data = make_data_source(cfg.data, tc.batch, tc.seq, seed, cfg.log.eval_batches);
   check_eval_data(cfg, *data);
-  TransformerLM model(b, lm_config(cfg), dtype);
+  TransformerLM model(b, lm_config(cfg), dtype, par);
   model.init(rng::derive(seed, kInitStream));
   std::vector<ParamRef> params = model.params();
   OptimizerState opt;
@@ -128,6 +171,20 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
   auto master_of = [&](size_t i) -> Tensor& { return master[i].defined() ? master[i] : params[i].value; };
   const std::vector<int> moe_blocks = model.moe_blocks();
   auto bias_of = [&](size_t i) -> Tensor& { return model.moe_layer(i).router().params().bias; };
+  // Expert tensors are sharded over the ep group: checkpoints hold whole tensors [E, ...], this
+  // rank the rows [e0, e0 + E/ep).
+  const int64_t e0 = dist ? int64_t(par->ep_rank()) * (E / ep) : 0;
+  auto whole_shape = [&](const Tensor& t, const std::string& name) {
+    if (!is_expert_param(name) || ep == 1) return t.shape();
+    Shape s = t.shape();
+    s.dims[0] *= ep;
+    return s;
+  };
+  auto read_param = [&](const CheckpointReader& ck, const std::string& key, const std::string& name,
+                        const Tensor& dst) {
+    Tensor whole = ck.tensor(key, whole_shape(dst, name), dst.dtype());
+    b.copy(is_expert_param(name) && ep > 1 ? whole.view_rows(e0, e0 + dst.dim(0)) : whole, dst);
+  };
 
   // ---- resume --------------------------------------------------------------------------
   int64_t start = 0;
@@ -160,11 +217,10 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
       MOELAB_CHECK(ck.has(p.name), "checkpoint ", opts.resume, " has no tensor '", p.name,
                    "': it was written by a model of another shape (this config has ",
                    params.size(), " parameter tensors)");
-      Tensor& w = master_of(i);
-      b.copy(ck.tensor(p.name, w.shape(), w.dtype()), w);
+      read_param(ck, p.name, p.name, master_of(i));
       if (master[i].defined()) b.cast(master[i], p.value);
-      b.copy(ck.tensor("adam.m." + p.name, p.value.shape(), state_dtype), opt.m[i]);
-      b.copy(ck.tensor("adam.v." + p.name, p.value.shape(), state_dtype), opt.v[i]);
+      read_param(ck, "adam.m." + p.name, p.name, opt.m[i]);
+      read_param(ck, "adam.v." + p.name, p.name, opt.v[i]);
     }
     for (size_t i = 0; i < moe_blocks.size(); ++i)
       b.copy(ck.tensor("router_bias." + std::to_string(moe_blocks[i]), Shape{E}, DType::F32), bias_of(i));
@@ -187,12 +243,14 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
   info.overwrite = opts.overwrite;
   info.run_id = run_id;
   info.resume_changes = resume_changes;
-  if (!opts.quiet)
+  if (!quiet)
     for (const std::string& c : resume_changes) std::printf("moelab train: resume changes %s\n", c.c_str());
-  // Checked before the log is created, claimed after: a refusal of either leaves nothing behind.
+  // Rank 0 writes the log and the checkpoints. Checked before the log is created, claimed
+  // after: a refusal of either leaves nothing behind.
   std::optional<CheckpointFolder> ckpt_folder;
-  if (cfg.log.checkpoint_every > 0) ckpt_folder.emplace(checkpoint_dir_of(cfg), run_id, opts.overwrite);
-  RunLog log(cfg.log.out, info);
+  if (lead && cfg.log.checkpoint_every > 0) ckpt_folder.emplace(checkpoint_dir_of(cfg), run_id, opts.overwrite);
+  std::optional<RunLog> log;
+  if (lead) log.emplace(cfg.log.out, info);
   if (ckpt_folder) ckpt_folder->claim();
 
   TrainResult res;
@@ -210,13 +268,14 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     for (int64_t i = 0; i < n; ++i) {
       // A long evaluation says where it is, so a big eval set never looks like a hang.
       const auto now = Clock::now();
-      if (!opts.quiet && std::chrono::duration<double>(now - last_line).count() >= 5.0) {
+      if (!quiet && std::chrono::duration<double>(now - last_line).count() >= 5.0) {
         std::printf("eval at step %lld: batch %lld/%lld (%s)\n", (long long)step, (long long)i,
                     (long long)n, format_duration(std::chrono::duration<double>(now - t_eval).count()).c_str());
         std::fflush(stdout);
         last_line = now;
       }
       data->val_batch(i, vb);
+      vb = slice_batch(vb, rank, W);
       Tensor in, tg;
       batch_tensors(b, vb, in, tg);
       LMForward f = model.forward(in, tg, tc.seq, false, rng::derive(seed, kEvalStream + uint64_t(i)));
@@ -224,12 +283,22 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
       for (size_t l = 0; l < moe_blocks.size(); ++l)
         count_categories(b, model.moe_layer(l).last_routing(), vb, E, C, counts[l]);
     }
+    if (dist) {  // the batch's mean loss and the counts of all its tokens
+      std::vector<double> v = {total};
+      for (const auto& layer : counts)
+        for (int64_t c : layer) v.push_back(double(c));
+      par->world_comm->all_reduce_host(v, ReduceOp::Sum);
+      total = v[0] / double(W);
+      size_t at = 1;
+      for (auto& layer : counts)
+        for (int64_t& c : layer) c = int64_t(v[at++]);
+    }
     EvalRow row;
     row.step = step;
     row.loss = total / double(n);
     row.bits_per_byte = row.loss / std::log(2.0);
     row.category_counts = counts;
-    log.log_eval(row);
+    if (log) log->log_eval(row);
     res.eval_steps.push_back(step);
     res.eval_losses.push_back(row.loss);
     return row.loss;
@@ -242,32 +311,44 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     w.set_meta("config", to_ini(cfg));
     w.set_meta("moelab_version", kVersion);
     w.set_meta("run_id", run_id);
+    // Whole tensors: sharded experts are gathered over the ep group (a collective, so every
+    // rank takes part; only rank 0 writes).
+    auto whole = [&](const Tensor& t, const std::string& name) {
+      if (!is_expert_param(name) || ep == 1) return b.to_host(t);
+      Tensor all = b.empty(whole_shape(t, name), t.dtype());
+      par->ep_comm->all_gather(t, all);
+      return b.to_host(all);
+    };
     for (size_t i = 0; i < params.size(); ++i) {
-      w.add_tensor(params[i].name, b.to_host(master_of(i)));
-      w.add_tensor("adam.m." + params[i].name, b.to_host(opt.m[i]));
-      w.add_tensor("adam.v." + params[i].name, b.to_host(opt.v[i]));
+      w.add_tensor(params[i].name, whole(master_of(i), params[i].name));
+      w.add_tensor("adam.m." + params[i].name, whole(opt.m[i], params[i].name));
+      w.add_tensor("adam.v." + params[i].name, whole(opt.v[i], params[i].name));
     }
+    if (!lead) return;
     for (size_t i = 0; i < moe_blocks.size(); ++i)
       w.add_tensor("router_bias." + std::to_string(moe_blocks[i]), b.to_host(bias_of(i)));
     w.add_blob("data_state", data->state());
     // The log first: the log on disk must always cover the latest checkpoint, because a resume
     // keeps the log's rows up to the checkpoint's step and recomputes only what comes after.
     // (Checkpoint first, then a failed flush, would lose the rows in between for good.)
-    log.flush();
+    log->flush();
     ckpt_folder->before_write();
     const std::string path = checkpoint_path(ckpt_folder->dir(), step);
     w.write(path);
     res.last_checkpoint = path;
   };
 
-  if (!opts.quiet)
+  if (!quiet)
     std::printf("moelab train: %s backend, %s, %lld params, %lld MoE blocks of %lld, %s data, "
                 "%lld steps of %lld tokens -> %s\n",
                 b.name().c_str(), to_string(dtype),
                 (long long)std::accumulate(params.begin(), params.end(), int64_t(0),
                                            [](int64_t a, const ParamRef& p) { return a + p.value.numel(); }),
                 (long long)moe_blocks.size(), (long long)cfg.model.layers, data->name().c_str(),
-                (long long)tc.steps, (long long)T, cfg.log.out.c_str());
+                (long long)tc.steps, (long long)(T * W), cfg.log.out.c_str());
+  if (!quiet && dist)
+    std::printf("moelab train: %d ranks (parallel.ep = %d x parallel.dp = %d, %s), %lld sequences per rank\n",
+                W, ep, par->dp, par->world_comm->kind().c_str(), (long long)(tc.batch / W));
 
   // ---- the loop ---------------------------------------------------------------------------
   const auto t_start = Clock::now();
@@ -280,14 +361,35 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     const double lr = learning_rate(tc, step);
     data->next_train(batch);
     Tensor in, tg;
-    batch_tensors(b, batch, in, tg);
+    batch_tensors(b, slice_batch(batch, rank, W), in, tg);
     LMForward f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
     model.zero_grad();
     model.backward();
 
     double sq = 0;
-    for (ParamRef& p : params) sq += b.sum_squares(p.grad);
+    if (dist) {
+      // Data parallelism: the objective is the mean over ranks of their losses, so gradients
+      // are summed (replicated parameters over the world, experts over their expert-dp group:
+      // the all-to-all already summed the ep group's tokens into them) and divided by W.
+      std::vector<Tensor*> replicated, experts;
+      for (ParamRef& p : params) (is_expert_param(p.name) ? experts : replicated).push_back(&p.grad);
+      all_reduce_flat(b, *par->world_comm, replicated);
+      if (par->dp > 1) all_reduce_flat(b, *par->expert_dp_comm, experts);
+      for (ParamRef& p : params) b.scale(p.grad, 1.0 / double(W));
+      // The global norm: replicated gradients are equal everywhere, expert shards add up.
+      std::vector<double> parts = {0.0, 0.0};
+      for (ParamRef& p : params) parts[is_expert_param(p.name)] += b.sum_squares(p.grad);
+      std::vector<double> shard = {parts[1]};
+      if (ep > 1) par->ep_comm->all_reduce_host(shard, ReduceOp::Sum);
+      sq = parts[0] + shard[0];
+      std::vector<double> loss = {f.ce_loss};
+      par->world_comm->all_reduce_host(loss, ReduceOp::Sum);
+      f.ce_loss = loss[0] / double(W);
+    } else {
+      for (ParamRef& p : params) sq += b.sum_squares(p.grad);
+    }
     const double gnorm = std::sqrt(sq);
+    if (opts.on_gradients) opts.on_gradients(rank, ep, dist ? par->dp : 1, step, params);
     MOELAB_CHECK(std::isfinite(f.ce_loss) && std::isfinite(gnorm), "training diverged at step ",
                  step, ": loss ", f.ce_loss, ", gradient norm ", gnorm,
                  " (try a lower train.lr, model.init_scale or router.z_loss > 0)");
@@ -312,7 +414,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     row.loss = f.ce_loss;
     row.lr = lr;
     row.grad_norm = gnorm;
-    row.tokens_per_sec = double(T) / dt;
+    row.tokens_per_sec = double(T * W) / dt;
     for (const MoEOutput& mo : f.moe) {
       row.layers.push_back({mo.stats, mo.losses, mo.capacity});
       const int64_t routed = std::accumulate(mo.stats.routed.begin(), mo.stats.routed.end(), int64_t(0));
@@ -326,14 +428,14 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
     imb_hist.push_back(imb / nl);
     drop_hist.push_back(drop / nl);
     rms_hist.push_back(rms / nl);
-    if (cfg.log.every > 0 && (step % cfg.log.every == 0 || step == tc.steps)) log.log_train(row);
+    if (log && cfg.log.every > 0 && (step % cfg.log.every == 0 || step == tc.steps)) log->log_train(row);
 
     const bool do_eval = cfg.log.eval_every > 0 && (step % cfg.log.eval_every == 0 || step == tc.steps);
     if (do_eval) last_val = evaluate(step);
     if (cfg.log.checkpoint_every > 0 && (step % cfg.log.checkpoint_every == 0 || step == tc.steps))
       save_checkpoint(step);
 
-    if (!opts.quiet && (step == start + 1 || step % std::max<int64_t>(1, cfg.log.every) == 0 ||
+    if (!quiet && (step == start + 1 || step % std::max<int64_t>(1, cfg.log.every) == 0 ||
                         step == tc.steps || do_eval)) {
       const double per_step = window_time / double(window_steps);
       char val[32] = "   -    ";
@@ -342,14 +444,14 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
                   "drop %.1f%% | %.0f tok/s | left %s\n",
                   (long long)step, (long long)tc.steps, f.ce_loss,
                   val,
-                  lr, gnorm, imb / nl, 100.0 * drop / nl, double(T) / per_step,
+                  lr, gnorm, imb / nl, 100.0 * drop / nl, double(T * W) / per_step,
                   format_duration(per_step * double(tc.steps - step)).c_str());
       std::fflush(stdout);
     }
   }
-  log.flush();
+  if (log) log->flush();
   res.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
-  res.tokens_per_sec = res.seconds > 0 ? double(res.steps.size() * T) / res.seconds : 0;
+  res.tokens_per_sec = res.seconds > 0 ? double(res.steps.size() * T * W) / res.seconds : 0;
   const size_t n = imb_hist.size(), tail = std::max<size_t>(1, n / 10);
   auto tail_mean = [&](const std::vector<double>& v) {
     return n ? std::accumulate(v.end() - long(std::min(tail, n)), v.end(), 0.0) / double(std::min(tail, n)) : 0.0;
@@ -358,6 +460,25 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
   res.drop_fraction = tail_mean(drop_hist);
   res.logit_rms = tail_mean(rms_hist);
   return res;
+}
+
+}  // namespace
+
+TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
+  preflight_check(cfg);
+  const ParallelConfig& pc = cfg.parallel;
+  if (pc.world() == 1) return train_rank(cfg, opts, nullptr);
+  if (cfg.train.backend != "cpu")
+    MOELAB_USAGE_FAIL("parallel.ep x parallel.dp = ", pc.world(), " ranks on train.backend = ",
+                      cfg.train.backend, " is not available yet: use train.backend = cpu (simulated ranks)");
+  // Simulated ranks: one thread per rank, one CPU backend each (OpenMP single-threaded per rank).
+  TrainResult result;
+  run_ranks(int(pc.world()), [&](int rank, Communicator& comm) {
+    ParallelContext ctx = ParallelContext::make(comm, int(pc.ep), int(pc.dp));
+    TrainResult r = train_rank(cfg, opts, &ctx);
+    if (rank == 0) result = std::move(r);
+  });
+  return result;
 }
 
 }  // namespace moelab

@@ -7,6 +7,7 @@
 // CPU, and a resumed run continues bit-identically.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,10 @@ struct TrainOptions {
   std::string resume;      // checkpoint path to continue from ("" = fresh run)
   std::string sweep_name;  // recorded in the log ("" = not part of a sweep)
   bool quiet = false;      // no progress lines
+  // Called on every rank after each step's gradients are complete (reduced over the ranks,
+  // before clipping), with the rank and the parallel layout (world rank, ep, dp; 0, 1, 1 on one
+  // rank). For tests and diagnostics; it must not change the gradients.
+  std::function<void(int rank, int ep, int dp, int64_t step, std::vector<ParamRef>& params)> on_gradients;
   bool overwrite = false;  // replace an existing log (at its first flush) and another run's
                            // checkpoints in the folder (at the first checkpoint)
 };

@@ -331,13 +331,16 @@ TEST_CASE("config: to_ini round-trips through load_config", "[config]") {
     if (s == "router.policy=random_top2") s = "router.policy=topk";
   }
   RunConfig changed_k = load_config("", other);
+  // The parallel layout needs a router without per-rank random draws: a third config.
+  RunConfig changed_par = load_config("", {"parallel.ep=2", "parallel.dp=2"});
   // Together they really change every key (so the round trip covers them all).
   const RunConfig defaults;
   for (const ConfigKey& k : config_keys()) {
     INFO(k.key);
-    CHECK((k.get(changed) != k.get(defaults) || k.get(changed_k) != k.get(defaults)));
+    CHECK((k.get(changed) != k.get(defaults) || k.get(changed_k) != k.get(defaults) ||
+           k.get(changed_par) != k.get(defaults)));
   }
-  for (const RunConfig& c : {load_config(""), changed, changed_k}) {
+  for (const RunConfig& c : {load_config(""), changed, changed_k, changed_par}) {
     std::string ini = to_ini(c);
     RunConfig back = load_config(tmp.write("rt.ini", ini));
     CHECK(to_ini(back) == ini);

@@ -156,6 +156,8 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
   Device device() const override { return Device::CUDA; }
+  cudaStream_t stream() const { return ctx_.stream; }
+  int ordinal() const { return opts_.device; }
   void synchronize() override { ctx_.sync(); }
 
   bool supports(Op op, DType dt) const override {
@@ -392,6 +394,18 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
+
+void* cuda_backend_stream(Backend& b) {
+  auto* c = dynamic_cast<CudaBackend*>(&b);
+  MOELAB_CHECK(c != nullptr, "cuda_backend_stream: backend '", b.name(), "' is not the CUDA backend");
+  return c->stream();
+}
+
+int cuda_backend_device(Backend& b) {
+  auto* c = dynamic_cast<CudaBackend*>(&b);
+  MOELAB_CHECK(c != nullptr, "cuda_backend_device: backend '", b.name(), "' is not the CUDA backend");
+  return c->ordinal();
+}
 
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& opts) {
   const int n = cuda_device_count();

@@ -31,4 +31,12 @@ struct CudaBackendOptions {
 // The CUDA backend on `opts.device`. Throws moelab::Error when no device is usable.
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& opts = {});
 
+// The cudaStream_t (as void*) that every op of the CUDA backend `b` runs on, and its device
+// ordinal; for libraries that enqueue work of their own in the backend's order (NCCL,
+// backends/cuda/nccl_comm.h). The backend's ops do not call cudaSetDevice: a thread that uses a
+// backend of another device than its current one sets the device first (creating the backend
+// in that thread does it). Throw moelab::Error when `b` is not the CUDA backend.
+void* cuda_backend_stream(Backend& b);
+int cuda_backend_device(Backend& b);
+
 }  // namespace moelab

@@ -6,6 +6,7 @@
 // Every error message starts with "config: " and names the key; the origin (file or --set) is
 // appended where it is known.
 #include "core/io/config.h"
+#include "core/moe/router.h"
 
 #include <algorithm>
 #include <boost/program_options.hpp>
@@ -25,7 +26,7 @@ namespace po = boost::program_options;
 namespace moelab {
 namespace {
 
-constexpr const char* kSections[] = {"model", "router", "train", "data", "log", "sweep"};
+constexpr const char* kSections[] = {"model", "router", "train", "data", "log", "parallel", "sweep"};
 
 std::string trim(const std::string& s) {
   const char* ws = " \t\r\n";
@@ -320,6 +321,13 @@ std::vector<ConfigKey> build_keys() {
   k.push_back(path_key("log.out", FIELD(log.out), "HDF5 run log (--out overrides)"));
   k.push_back(int_key<int64_t>("log.flush_every", FIELD(log.flush_every), 1,
                                "flush the HDF5 log every N steps"));
+  // [parallel]
+  k.push_back(int_key<int64_t>("parallel.ep", FIELD(parallel.ep), 1,
+                               "expert-parallel ranks: experts sharded over them, tokens exchanged "
+                               "by all-to-all; divides model.experts", int64_t(4096)));
+  k.push_back(int_key<int64_t>("parallel.dp", FIELD(parallel.dp), 1,
+                               "data-parallel replicas of each expert shard; world = ep * dp ranks "
+                               "(cpu: simulated ranks, one thread each; cuda: one GPU each)", int64_t(4096)));
   return k;
 }
 
@@ -366,7 +374,7 @@ std::string suggestion(const std::string& key) {
   std::string section = key.substr(0, dot);
   if (std::find(std::begin(kSections), std::end(kSections), section) == std::end(kSections))
     MOELAB_USAGE_FAIL("config: unknown section '[", section, "]' in key '", key, "'", origin,
-                suggestion(key), "; sections are model, router, train, data, log, sweep");
+                suggestion(key), "; sections are model, router, train, data, log, parallel, sweep");
   MOELAB_USAGE_FAIL("config: unknown key '", key, "'", origin, suggestion(key));
 }
 
@@ -557,6 +565,20 @@ void finalize(RunConfig& cfg) {
                 m.heads);
   if (m.kv_heads > m.heads || m.heads % m.kv_heads != 0)
     MOELAB_USAGE_FAIL("config: model.kv_heads = ", m.kv_heads, " must divide model.heads = ", m.heads);
+  const ParallelConfig& par = cfg.parallel;
+  if (cfg.moe.experts % par.ep != 0)
+    MOELAB_USAGE_FAIL("config: parallel.ep = ", par.ep, " must divide model.experts = ", cfg.moe.experts,
+                      " (every rank holds experts / ep experts)");
+  if (par.world() > 1) {
+    if (cfg.train.batch % par.world() != 0)
+      MOELAB_USAGE_FAIL("config: train.batch = ", cfg.train.batch, " must be divisible by parallel.ep x parallel.dp = ",
+                        par.ep, " x ", par.dp, " = ", par.world(), " (the batch is split, whole sequences, over the ranks)");
+    try {
+      Router::check_batch_group(cfg.moe);
+    } catch (const Error& e) {
+      MOELAB_USAGE_FAIL("config: parallel.ep x parallel.dp = ", par.world(), " ranks: ", e.what());
+    }
+  }
   if ((cfg.moe.d_model / m.heads) % 2 != 0)
     MOELAB_USAGE_FAIL("config: model.d_model / model.heads = ", cfg.moe.d_model / m.heads,
                 " must be even (rotary embeddings rotate pairs of dimensions)");

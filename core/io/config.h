@@ -72,6 +72,15 @@ struct LogConfig {
   int64_t flush_every = 10;                      // log.flush_every: flush the log every N steps
 };
 
+// [parallel]: the ranks of one run. world = ep * dp ranks, rank = dp_index * ep + ep_index.
+// The global batch (train.batch sequences) is split, whole sequences, over all ranks; experts
+// are sharded over the ep ranks of an expert-parallel group and replicated over dp such groups.
+struct ParallelConfig {
+  int64_t ep = 1;  // parallel.ep: expert-parallel ranks (divides model.experts)
+  int64_t dp = 1;  // parallel.dp: data-parallel replicas of each expert shard
+  int64_t world() const { return ep * dp; }
+};
+
 // One [sweep] line: `key = v1, v2, ...`; values are kept in canonical text form.
 struct SweepAxis {
   std::string key;                  // e.g. "router.aux_alpha"
@@ -84,6 +93,7 @@ struct RunConfig {
   TrainConfig train;
   DataConfig data;
   LogConfig log;
+  ParallelConfig parallel;
   std::vector<SweepAxis> sweep;  // [sweep], in file order (then --set order)
 };
 

@@ -21,7 +21,8 @@ Tensor as_dtype(Backend& b, const Tensor& src, DType dt) {
 }  // namespace
 
 MoELayer::MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype,
-                   std::unique_ptr<Dispatcher> dispatcher, Communicator* batch_group)
+                   std::unique_ptr<Dispatcher> dispatcher, Communicator* batch_group,
+                   double loss_grad_weight)
     : b_(backend),
       cfg_(cfg),
       dtype_(dtype),
@@ -29,7 +30,7 @@ MoELayer::MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype,
       dispatcher_(dispatcher ? std::move(dispatcher)
                              : std::make_unique<LocalDispatcher>(backend, cfg.experts)),
       experts_(backend, dispatcher_->local_experts(), cfg.d_model, cfg.d_expert, dtype) {
-  router_.set_batch_group(batch_group);
+  router_.set_batch_group(batch_group, loss_grad_weight);
   if (cfg.shared_experts > 0) {
     shared_ = std::make_unique<SwiGLUExperts>(backend, 1, cfg.d_model,
                                               cfg.shared_experts * cfg.d_expert, dtype);

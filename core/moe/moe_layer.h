@@ -48,9 +48,10 @@ class MoELayer {
   // (all E experts here); an AllToAllDispatcher shards them over expert-parallel ranks, and
   // this layer then holds only its E / ep experts (parameter "experts.w1" is [E/ep, D, 2F]).
   // batch_group: the ranks that share one batch (see Router::set_batch_group); null = this
-  // call's tokens are the whole batch.
+  // call's tokens are the whole batch. loss_grad_weight: see Router::set_batch_group.
   MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype,
-           std::unique_ptr<Dispatcher> dispatcher = nullptr, Communicator* batch_group = nullptr);
+           std::unique_ptr<Dispatcher> dispatcher = nullptr, Communicator* batch_group = nullptr,
+           double loss_grad_weight = 1.0);
 
   // Normal(0, scale / sqrt(fan_in)) for every weight, deterministic from seed. Element i of a
   // weight is draw i of its stream, counted over all E experts, so a rank holding experts

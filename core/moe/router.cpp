@@ -207,7 +207,7 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
 
   // Switch load-balancing loss: the gradient flows through P only (counts are constants).
   // With a batch group, this rank's tokens carry the share T / T_batch of the batch's loss.
-  const double share = double(T) / double(st.batch_tokens);
+  const double share = double(T) / double(st.batch_tokens) * group_weight_;
   if (rc.aux_alpha > 0 && !st.expert_choice) {
     const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
     auto add_aux_grad = [&](const Tensor& d) {
@@ -216,7 +216,7 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
         // one row, broadcast to every token by a rank-1 GEMM (ones [T,1] x g [1,E]).
         std::vector<double> g(static_cast<size_t>(E), 0.0);
         for (int64_t e = 0; e < E; ++e)
-          g[e] = rc.aux_alpha * double(E) * double(st.stats.routed[e]) /
+          g[e] = rc.aux_alpha * group_weight_ * double(E) * double(st.stats.routed[e]) /
                  (double(st.batch_tokens) * double(K)) / double(st.batch_tokens);
         Tensor gt = b_.from_host(host_tensor(g, Shape{1, E}, dtype_));
         Tensor ones = b_.empty(Shape{T, 1}, dtype_);
@@ -291,9 +291,10 @@ void Router::check_batch_group(const MoEConfig& cfg) {
                       "by the position within a rank's tokens, not the global token position");
 }
 
-void Router::set_batch_group(Communicator* group) {
+void Router::set_batch_group(Communicator* group, double loss_grad_weight) {
   if (group) check_batch_group(cfg_);
   group_ = group;
+  group_weight_ = group ? loss_grad_weight : 1.0;
 }
 
 // The batch's statistics and losses from every rank's local ones. Local values are exact sums

@@ -70,7 +70,10 @@ class Router {
   // scaled by this rank's share of the tokens, so that the sum over ranks of every gradient is
   // the single-rank gradient. Policies whose selection couples tokens across the batch
   // (expert choice, Sinkhorn) and the Shazeer losses are refused (check_batch_group).
-  void set_batch_group(Communicator* group);
+  // loss_grad_weight multiplies this rank's router-loss gradients: 1 when the caller sums the
+  // ranks' gradients (the layer test), the number of ranks W when it averages them (the
+  // trainer's data-parallel mean), so that either way the batch's loss enters once.
+  void set_batch_group(Communicator* group, double loss_grad_weight = 1.0);
   // Throws moelab::UsageError naming the keys when `cfg` cannot run with a batch group.
   static void check_batch_group(const MoEConfig& cfg);
 
@@ -99,6 +102,7 @@ class Router {
   DType dtype_;
   RouterParams p_;
   Communicator* group_ = nullptr;
+  double group_weight_ = 1.0;
 };
 
 }  // namespace moelab
