@@ -242,6 +242,9 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   info.resume_step = opts.resume.empty() ? -1 : start;
   info.overwrite = opts.overwrite;
   info.run_id = run_id;
+  info.ranks = W;
+  info.parallel_ep = ep;
+  info.parallel_dp = dist ? par->dp : 1;
   info.resume_changes = resume_changes;
   if (!quiet)
     for (const std::string& c : resume_changes) std::printf("moelab train: resume changes %s\n", c.c_str());
@@ -350,6 +353,30 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     std::printf("moelab train: %d ranks (parallel.ep = %d x parallel.dp = %d, %s), %lld sequences per rank\n",
                 W, ep, par->dp, par->world_comm->kind().c_str(), (long long)(tc.batch / W));
 
+  // Communication counters of this rank: the all-to-all dispatchers' (every MoE layer) and the
+  // gradient all-reduce's.
+  struct CommTotals {
+    int64_t sent = 0, recv = 0;
+    double seconds = 0;
+  };
+  double reduce_seconds = 0;
+  std::vector<AllToAllDispatcher*> a2a;
+  for (size_t i = 0; i < moe_blocks.size(); ++i)
+    if (auto* d = dynamic_cast<AllToAllDispatcher*>(&model.moe_layer(i).dispatcher())) {
+      d->time_with_sync(b.device() != Device::CPU);
+      a2a.push_back(d);
+    }
+  auto comm_totals = [&] {
+    CommTotals t;
+    t.seconds = reduce_seconds;
+    for (const AllToAllDispatcher* d : a2a) {
+      t.sent += d->sent_bytes();
+      t.recv += d->received_bytes();
+      t.seconds += d->comm_seconds();
+    }
+    return t;
+  };
+
   // ---- the loop ---------------------------------------------------------------------------
   const auto t_start = Clock::now();
   double last_val = std::nan(""), window_time = 0;
@@ -360,6 +387,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     const auto t0 = Clock::now();
     const double lr = learning_rate(tc, step);
     data->next_train(batch);
+    const CommTotals comm_before = comm_totals();
     Tensor in, tg;
     batch_tensors(b, slice_batch(batch, rank, W), in, tg);
     LMForward f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
@@ -373,8 +401,11 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       // the all-to-all already summed the ep group's tokens into them) and divided by W.
       std::vector<Tensor*> replicated, experts;
       for (ParamRef& p : params) (is_expert_param(p.name) ? experts : replicated).push_back(&p.grad);
+      const auto t_reduce = Clock::now();
       all_reduce_flat(b, *par->world_comm, replicated);
       if (par->dp > 1) all_reduce_flat(b, *par->expert_dp_comm, experts);
+      b.synchronize();
+      reduce_seconds += std::chrono::duration<double>(Clock::now() - t_reduce).count();
       for (ParamRef& p : params) b.scale(p.grad, 1.0 / double(W));
       // The global norm: replicated gradients are equal everywhere, expert shards add up.
       std::vector<double> parts = {0.0, 0.0};
@@ -389,7 +420,15 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       for (ParamRef& p : params) sq += b.sum_squares(p.grad);
     }
     const double gnorm = std::sqrt(sq);
-    if (opts.on_gradients) opts.on_gradients(rank, ep, dist ? par->dp : 1, step, params);
+    // This step's communication, per rank (gathered to every rank; rank 0 logs it).
+    std::vector<int64_t> rank_comm;
+    if (dist) {
+      const CommTotals now = comm_totals();
+      rank_comm = par->world_comm->all_gather_host(
+          {now.sent - comm_before.sent, now.recv - comm_before.recv,
+           int64_t(1e9 * (now.seconds - comm_before.seconds))});
+    }
+    if (opts.on_gradients) opts.on_gradients(StepView{rank, ep, dist ? par->dp : 1, step, params, model});
     MOELAB_CHECK(std::isfinite(f.ce_loss) && std::isfinite(gnorm), "training diverged at step ",
                  step, ": loss ", f.ce_loss, ", gradient norm ", gnorm,
                  " (try a lower train.lr, model.init_scale or router.z_loss > 0)");
@@ -415,6 +454,11 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     row.lr = lr;
     row.grad_norm = gnorm;
     row.tokens_per_sec = double(T * W) / dt;
+    for (int r = 0; r < (dist ? W : 0); ++r) {
+      row.rank_sent_bytes.push_back(rank_comm[size_t(3 * r)]);
+      row.rank_recv_bytes.push_back(rank_comm[size_t(3 * r + 1)]);
+      row.rank_comm_seconds.push_back(1e-9 * double(rank_comm[size_t(3 * r + 2)]));
+    }
     for (const MoEOutput& mo : f.moe) {
       row.layers.push_back({mo.stats, mo.losses, mo.capacity});
       const int64_t routed = std::accumulate(mo.stats.routed.begin(), mo.stats.routed.end(), int64_t(0));

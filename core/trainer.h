@@ -17,14 +17,23 @@
 
 namespace moelab {
 
+// What TrainOptions::on_gradients sees: the rank, its layout (0, 1, 1 on one rank), the step,
+// the parameters with their reduced gradients, and the model (its MoE layers' last routing and
+// dispatch layout are this step's training forward).
+struct StepView {
+  int rank = 0, ep = 1, dp = 1;
+  int64_t step = 0;
+  std::vector<ParamRef>& params;
+  TransformerLM& model;
+};
+
 struct TrainOptions {
   std::string resume;      // checkpoint path to continue from ("" = fresh run)
   std::string sweep_name;  // recorded in the log ("" = not part of a sweep)
   bool quiet = false;      // no progress lines
   // Called on every rank after each step's gradients are complete (reduced over the ranks,
-  // before clipping), with the rank and the parallel layout (world rank, ep, dp; 0, 1, 1 on one
-  // rank). For tests and diagnostics; it must not change the gradients.
-  std::function<void(int rank, int ep, int dp, int64_t step, std::vector<ParamRef>& params)> on_gradients;
+  // before clipping). For tests and diagnostics; it must not change anything.
+  std::function<void(const StepView&)> on_gradients;
   bool overwrite = false;  // replace an existing log (at its first flush) and another run's
                            // checkpoints in the folder (at the first checkpoint)
 };

@@ -9,6 +9,8 @@
 #include <map>
 #include <mutex>
 
+#include <H5Cpp.h>
+
 #include "catch_compat.h"
 #include "core/io/checkpoint.h"
 #include "core/io/config.h"
@@ -41,10 +43,11 @@ std::map<std::string, std::vector<double>> step_gradients(const RunConfig& cfg, 
   TrainOptions o;
   o.quiet = true;
   o.overwrite = true;
-  o.on_gradients = [&](int rank, int ep, int, int64_t step, std::vector<ParamRef>& params) {
-    if (step != 1) return;
+  o.on_gradients = [&](const StepView& v) {
+    const int rank = v.rank, ep = v.ep;
+    if (v.step != 1) return;
     std::lock_guard<std::mutex> lock(mu);
-    for (ParamRef& p : params) {
+    for (ParamRef& p : v.params) {
       std::vector<double> v = host_values(p.grad);  // CPU backend: the grads are host tensors
       if (is_expert(p.name)) {
         CHECK(p.value.dim(0) == experts / ep);  // only this rank's experts
@@ -150,6 +153,66 @@ TEST_CASE("parallel train: a checkpoint of ep 4 x dp 2 resumes at ep 2 and on on
     REQUIRE(resumed.losses.size() == 1);
     CHECK(std::abs(resumed.losses[0] - full.losses[3]) <= 1e-12 * full.losses[3]);
   }
+}
+
+TEST_CASE("parallel train: the log holds every rank's all-to-all bytes, as the count matrices imply", "[parallel]") {
+  TempDir tmp("parlog");
+  const int ep = 4, dp = 2, W = ep * dp;
+  RunConfig cfg = config(tmp, "log", {"train.steps=3", "parallel.ep=4", "parallel.dp=2"});
+  // implied[step][rank]: every row a rank sends to another rank's experts goes there and comes
+  // back, in the forward and again in the backward; likewise the rows its experts receive.
+  std::vector<std::vector<int64_t>> implied(3, std::vector<int64_t>(W, 0));
+  std::mutex mu;
+  TrainOptions o;
+  o.quiet = true;
+  o.on_gradients = [&](const StepView& v) {
+    int64_t bytes = 0;
+    const int me = v.rank % ep;
+    for (size_t l = 0; l < v.model.moe_blocks().size(); ++l) {
+      const auto& m = v.model.moe_layer(l).last_layout().count_matrix;  // [ep, E]
+      const int64_t E = int64_t(m.size()) / ep, El = E / ep;
+      for (int r = 0; r < ep; ++r)
+        for (int64_t j = 0; j < El; ++j)
+          if (r != me) bytes += m[size_t(me * E + r * El + j)] + m[size_t(r * E + me * El + j)];
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    implied[size_t(v.step - 1)][size_t(v.rank)] = 2 * bytes * 16 * int64_t(sizeof(float));  // D = 16, f32
+  };
+  train(cfg, o);
+  H5::H5File f(tmp.path("log.h5"), H5F_ACC_RDONLY);
+  H5::DataSet d = f.openDataSet("/parallel/a2a_sent_bytes");
+  hsize_t dims[2];
+  d.getSpace().getSimpleExtentDims(dims);
+  REQUIRE(dims[0] == 3);
+  REQUIRE(dims[1] == hsize_t(W));
+  std::vector<int64_t> sent(3 * W), recv(3 * W);
+  d.read(sent.data(), H5::PredType::NATIVE_INT64);
+  f.openDataSet("/parallel/a2a_recv_bytes").read(recv.data(), H5::PredType::NATIVE_INT64);
+  int64_t total_sent = 0, total_recv = 0;
+  for (int s = 0; s < 3; ++s)
+    for (int r = 0; r < W; ++r) {
+      INFO("step " << s + 1 << " rank " << r);
+      CHECK(sent[size_t(s * W + r)] == implied[size_t(s)][size_t(r)]);
+      CHECK(sent[size_t(s * W + r)] > 0);
+      total_sent += sent[size_t(s * W + r)];
+      total_recv += recv[size_t(s * W + r)];
+    }
+  CHECK(total_sent == total_recv);  // what one rank sends another receives
+}
+
+TEST_CASE("parallel train: a rank that dies stops the others with its name; the log stays readable", "[parallel][errors]") {
+  TempDir tmp("pardie");
+  RunConfig cfg = config(tmp, "die", {"train.steps=6", "parallel.ep=2", "parallel.dp=2"});
+  TrainOptions o;
+  o.quiet = true;
+  o.on_gradients = [](const StepView& v) {
+    if (v.rank == 2 && v.step == 4) throw Error("simulated failure of this rank");
+  };
+  CHECK_THROWS_WITH(train(cfg, o), has_substr("rank 2: simulated failure of this rank"));
+  H5::H5File f(tmp.path("die.h5"), H5F_ACC_RDONLY);
+  hsize_t n = 0;
+  f.openDataSet("/train/step").getSpace().getSimpleExtentDims(&n);
+  CHECK(n >= 3);  // flushed every step; steps 1-3 are whole
 }
 
 TEST_CASE("parallel train: bad layouts and unsupported routers are refused at startup by name", "[parallel][errors]") {

@@ -180,6 +180,9 @@ struct RunLog::Impl {
   std::vector<double> eval_loss, eval_bpb;
   bool any_bpb = false;
   std::vector<LayerColumns> layers;  // one per info.moe_layers
+  // /parallel, [N * ranks] (ranks > 1 only)
+  std::vector<int64_t> rank_sent, rank_recv;
+  std::vector<double> rank_comm;
   int64_t since_flush = 0;           // train rows logged since the last flush
   int64_t flushed_n = 0;
   bool dirty = true;
@@ -266,6 +269,16 @@ void RunLog::Impl::write_contents(H5::H5File& f) const {
   write_dataset(tg, "lr", {N}, lr);
   write_dataset(tg, "grad_norm", {N}, grad_norm);
   write_dataset(tg, "tokens_per_sec", {N}, tokens_per_sec);
+
+  if (info.ranks > 1) {
+    write_i64_attr(f, "parallel_ep", info.parallel_ep);
+    write_i64_attr(f, "parallel_dp", info.parallel_dp);
+    const hsize_t W = hsize_t(info.ranks);
+    H5::Group pg = f.createGroup("/parallel");
+    write_dataset(pg, "a2a_sent_bytes", {N, W}, rank_sent);
+    write_dataset(pg, "a2a_recv_bytes", {N, W}, rank_recv);
+    write_dataset(pg, "comm_seconds", {N, W}, rank_comm);
+  }
 
   H5::Group eg = f.createGroup("/eval");
   write_dataset(eg, "step", {M}, eval_step);
@@ -378,6 +391,24 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
     grad_norm = series(tg, "grad_norm", N0);
     tokens_per_sec = series(tg, "tokens_per_sec", N0);
 
+    // Per-rank rows: kept when the old log has the same number of ranks; a resume at another
+    // layout (checkpoints reshard) fills the old rows with -1 bytes and NaN seconds.
+    if (info.ranks > 1) {
+      const size_t W = size_t(info.ranks);
+      if (f.nameExists("/parallel")) {
+        H5::Group pg = f.openGroup("/parallel");
+        rank_sent = read_dataset<int64_t>(pg, "a2a_sent_bytes", 2, d);
+        const bool same = d[0] == N0 && d[1] == W;
+        rank_recv = read_dataset<int64_t>(pg, "a2a_recv_bytes", 2, d);
+        rank_comm = read_dataset<double>(pg, "comm_seconds", 2, d);
+        if (!same) rank_sent.clear();
+      }
+      if (rank_sent.size() != N0 * W) {
+        rank_sent.assign(N0 * W, -1);
+        rank_recv.assign(N0 * W, -1);
+        rank_comm.assign(N0 * W, std::numeric_limits<double>::quiet_NaN());
+      }
+    }
     H5::Group eg = f.openGroup("/eval");
     eval_step = read_dataset<int64_t>(eg, "step", 1, d);
     const size_t M0 = eval_step.size();
@@ -444,6 +475,11 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
   const size_t e = size_t(E);
   step.resize(keep_n);
   for (auto* v : {&loss, &lr, &grad_norm, &tokens_per_sec}) v->resize(keep_n);
+  if (info.ranks > 1) {
+    rank_sent.resize(keep_n * size_t(info.ranks));
+    rank_recv.resize(keep_n * size_t(info.ranks));
+    rank_comm.resize(keep_n * size_t(info.ranks));
+  }
   eval_step.resize(keep_m);
   eval_loss.resize(keep_m);
   eval_bpb.resize(keep_m);
@@ -550,6 +586,15 @@ void RunLog::log_train(const TrainRow& row) {
                   " entries, expected E = ", e);
   }
 
+  if (s.info.ranks > 1) {
+    const size_t W = size_t(s.info.ranks);
+    if (row.rank_sent_bytes.size() != W || row.rank_recv_bytes.size() != W || row.rank_comm_seconds.size() != W)
+      MOELAB_FAIL("run log ", s.path, ": train row at step ", row.step, " has ", row.rank_sent_bytes.size(),
+                  " per-rank entries, expected ", W, " (RunLogInfo::ranks)");
+    s.rank_sent.insert(s.rank_sent.end(), row.rank_sent_bytes.begin(), row.rank_sent_bytes.end());
+    s.rank_recv.insert(s.rank_recv.end(), row.rank_recv_bytes.begin(), row.rank_recv_bytes.end());
+    s.rank_comm.insert(s.rank_comm.end(), row.rank_comm_seconds.begin(), row.rank_comm_seconds.end());
+  }
   s.step.push_back(row.step);
   s.loss.push_back(row.loss);
   s.lr.push_back(row.lr);

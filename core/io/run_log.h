@@ -67,6 +67,8 @@ struct RunLogInfo {
   // with overwrite it stays untouched until this log's first flush replaces it.
   bool overwrite = false;
   std::string run_id;                       // root attribute run_id ("" = none)
+  int64_t ranks = 1;                        // > 1: /parallel/* per-rank datasets [N, ranks]
+  int64_t parallel_ep = 1, parallel_dp = 1; // root attributes parallel_ep, parallel_dp
   std::vector<std::string> resume_changes;  // appended to root attribute resume_changes: the
                                             // config keys a resume changed, one line each
 };
@@ -84,6 +86,11 @@ struct TrainRow {
   double grad_norm = 0;                // global gradient norm before clipping
   double tokens_per_sec = 0;
   std::vector<LayerRouterRow> layers;  // one per MoE layer, in RunLogInfo::moe_layers order
+  // Parallel runs (RunLogInfo::ranks > 1), one entry per rank: all-to-all bytes this rank sent to
+  // and received from other ranks in this step (every MoE layer, forward and backward), and the
+  // wall seconds it spent in communication (all-to-all and gradient all-reduce).
+  std::vector<int64_t> rank_sent_bytes, rank_recv_bytes;
+  std::vector<double> rank_comm_seconds;
 };
 
 struct EvalRow {

@@ -1,6 +1,7 @@
 // moelab: dispatchers (see dispatcher.h).
 #include "core/moe/dispatcher.h"
 
+#include <chrono>
 #include <numeric>
 
 #include "core/comm.h"
@@ -84,7 +85,11 @@ Tensor AllToAllDispatcher::exchange(const Tensor& send, const std::vector<int64_
   const int64_t D = send.dim(1);
   const int64_t R = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t(0));
   Tensor recv = b_.empty(Shape{R, D}, send.dtype());
+  if (sync_) b_.synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
   ep_.all_to_all_v(send, send_rows, recv, recv_rows);
+  if (sync_) b_.synchronize();
+  comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const int64_t row_bytes = D * int64_t(dtype_size(send.dtype()));
   for (int r = 0; r < ep_.size(); ++r) {
     if (r == ep_.rank()) continue;  // rows a rank keeps do not cross a link

@@ -84,8 +84,14 @@ class AllToAllDispatcher final : public Dispatcher {
   int64_t local_experts() const override { return local_; }
   int64_t first_expert() const override;
 
+  // Totals since construction (callers take differences per step).
   int64_t sent_bytes() const { return sent_bytes_; }
   int64_t received_bytes() const { return received_bytes_; }
+  // Wall seconds inside the all-to-all calls (waiting for peers included); with
+  // time_with_sync, the backend is synchronised before and after each call, so that on a GPU
+  // the figure is the exchange's and not the launch's (it costs two synchronisations a call).
+  double comm_seconds() const { return comm_seconds_; }
+  void time_with_sync(bool on) { sync_ = on; }
 
  private:
   // rows [sum send_rows] of `send` -> a new [sum recv_rows, D] tensor (and counts the bytes).
@@ -95,6 +101,8 @@ class AllToAllDispatcher final : public Dispatcher {
   Communicator& ep_;
   int64_t experts_, local_;
   int64_t sent_bytes_ = 0, received_bytes_ = 0;
+  double comm_seconds_ = 0;
+  bool sync_ = false;
 };
 
 }  // namespace moelab
