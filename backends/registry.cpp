@@ -1,31 +1,110 @@
-// moelab: backend registry. The only place that knows which backends were compiled in.
+// moelab: backend registry and run environments (see registry.h). The only place that knows
+// which backends (and whether NCCL) were compiled in.
+#include "backends/registry.h"
+
+#include <mutex>
+#include <numeric>
+#include <thread>
+
 #include "backends/cpu/cpu_backend.h"
-#include "core/backend.h"
+#include "core/comm_sim.h"
 #if MOELAB_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
+#endif
+#if MOELAB_HAVE_NCCL
+#include "backends/cuda/nccl_comm.h"
 #endif
 
 namespace moelab {
 
+int cuda_devices() {
+#if MOELAB_HAVE_CUDA
+  return cuda_device_count();
+#else
+  return 0;
+#endif
+}
+
 bool backend_available(const std::string& name) {
   if (name == "cpu") return true;
-#if MOELAB_HAVE_CUDA
-  if (name == "cuda") return cuda_device_count() > 0;
-#endif
+  if (name == "cuda") return cuda_devices() > 0;
   return false;
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& name) {
+std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
   if (name == "cpu") return make_cpu_backend();
   if (name == "cuda") {
 #if MOELAB_HAVE_CUDA
     MOELAB_CHECK(cuda_device_count() > 0, "backend cuda: no CUDA device is visible");
-    return make_cuda_backend();
+    CudaBackendOptions o;
+    o.device = device;
+    return make_cuda_backend(o);
 #else
+    (void)device;
     MOELAB_FAIL("backend cuda: this moelab was built without CUDA (MOELAB_CUDA=OFF or no nvcc)");
 #endif
   }
   MOELAB_FAIL("unknown backend '", name, "' (accepted: cpu|cuda)");
+}
+
+namespace {
+#if MOELAB_HAVE_NCCL
+// One thread per GPU over an NCCL world made in this process; the first failure (in time) is
+// rethrown naming its rank: the others fail because of it, and their errors name it too.
+void run_nccl_world(int ranks, const std::function<void(int, Communicator&)>& fn) {
+  const int gpus = cuda_device_count();
+  if (ranks > gpus)
+    MOELAB_USAGE_FAIL("parallel.ep x parallel.dp = ", ranks, " ranks need ", ranks, " GPUs (one per rank), but ",
+                      gpus, gpus == 1 ? " is" : " are", " visible; lower parallel.ep / parallel.dp or use more GPUs");
+  std::vector<int> devices(static_cast<size_t>(ranks), 0);
+  std::iota(devices.begin(), devices.end(), 0);
+  auto comms = make_nccl_world_single_process(devices);
+  std::mutex mu;
+  int first = -1;
+  std::string first_error;
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        fn(r, *comms[size_t(r)]);
+        return;
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (first < 0) {
+          first = r;
+          first_error = e.what();
+        }
+      }
+      comms[size_t(r)]->abort("rank " + std::to_string(r) + " failed");
+    });
+  for (auto& t : threads) t.join();
+  if (first >= 0) MOELAB_FAIL("rank ", first, ": ", first_error);
+}
+#endif
+}  // namespace
+
+RunEnvironment default_environment(const RunConfig& cfg) {
+  RunEnvironment env;
+  const std::string name = cfg.train.backend;
+  env.make_backend = [name](int rank) { return make_backend(name, name == "cuda" ? rank : 0); };
+  if (name == "cuda" && cfg.parallel.world() > 1) {
+#if MOELAB_HAVE_NCCL
+    env.run_world = run_nccl_world;
+    env.bind = [](Communicator& world, Backend& backend) {
+      static_cast<NcclCommunicator&>(world).bind_backend(backend);
+    };
+#else
+    env.run_world = [](int, const std::function<void(int, Communicator&)>&) {
+      MOELAB_USAGE_FAIL("parallel.ep x parallel.dp > 1 on train.backend = cuda needs NCCL, and this moelab "
+                        "was built without it (nccl.h / libnccl not found at configure time)");
+    };
+#endif
+  }
+  return env;
+}
+
+TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
+  return train(cfg, opts, default_environment(cfg));
 }
 
 }  // namespace moelab

@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "core/moe/config.h"
+#include "core/drop_policy.h"
 #include "core/tensor.h"
 
 namespace moelab {
@@ -371,10 +371,8 @@ class Backend {
   void require(Op op, DType dtype) const;
 };
 
-// "cpu" always; "cuda" where moelab was built with MOELAB_CUDA and a device is present.
-std::unique_ptr<Backend> make_backend(const std::string& name);
-// Whether a backend can be made here (compiled in and, for cuda, a device present).
-bool backend_available(const std::string& name);
+// Making a backend by name is the registry's job (backends/registry.h): core/ composes ops on
+// whatever backend it is given and links without any backend.
 
 template <class T> std::vector<T> Backend::to_vector(const Tensor& src) {
   MOELAB_CHECK(src.dtype() == dtype_of<T>(), "to_vector: dtype ", to_string(src.dtype()));

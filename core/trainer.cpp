@@ -132,13 +132,12 @@ void all_reduce_flat(Backend& b, Communicator& comm, const std::vector<Tensor*>&
   }
 }
 
-TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const ParallelContext* par) {
+TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const ParallelContext* par,
+                       Backend& b) {
   const bool dist = par && par->distributed();
   const int W = dist ? par->world : 1, rank = dist ? par->rank : 0, ep = dist ? par->ep : 1;
   const bool lead = rank == 0;
   const bool quiet = opts.quiet || !lead;
-  auto backend = make_backend(cfg.train.backend);
-  Backend& b = *backend;
   const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : cfg.model.dtype == "bf16" ? DType::BF16 : DType::F32;
   const DType state_dtype = dtype == DType::F64 ? DType::F64 : DType::F32;
   MOELAB_CHECK(b.supports(Op::AttentionForward, dtype), "model.dtype = ", cfg.model.dtype,
@@ -508,20 +507,26 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
 
 }  // namespace
 
-TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
+TrainResult train(const RunConfig& cfg, const TrainOptions& opts, const RunEnvironment& env) {
+  MOELAB_CHECK(env.make_backend, "train: the run environment has no backend factory");
   preflight_check(cfg);
   const ParallelConfig& pc = cfg.parallel;
-  if (pc.world() == 1) return train_rank(cfg, opts, nullptr);
-  if (cfg.train.backend != "cpu")
-    MOELAB_USAGE_FAIL("parallel.ep x parallel.dp = ", pc.world(), " ranks on train.backend = ",
-                      cfg.train.backend, " is not available yet: use train.backend = cpu (simulated ranks)");
-  // Simulated ranks: one thread per rank, one CPU backend each (OpenMP single-threaded per rank).
+  if (pc.world() == 1) {
+    auto backend = env.make_backend(0);
+    return train_rank(cfg, opts, nullptr, *backend);
+  }
+  // One thread per rank, each with its own backend (simulated ranks: a CPU backend with one
+  // OpenMP thread; NCCL: the GPU of its rank).
   TrainResult result;
-  run_ranks(int(pc.world()), [&](int rank, Communicator& comm) {
-    ParallelContext ctx = ParallelContext::make(comm, int(pc.ep), int(pc.dp));
-    TrainResult r = train_rank(cfg, opts, &ctx);
+  auto per_rank = [&](int rank, Communicator& world) {
+    auto backend = env.make_backend(rank);
+    if (env.bind) env.bind(world, *backend);
+    ParallelContext ctx = ParallelContext::make(world, int(pc.ep), int(pc.dp));
+    TrainResult r = train_rank(cfg, opts, &ctx, *backend);
     if (rank == 0) result = std::move(r);
-  });
+  };
+  if (env.run_world) env.run_world(int(pc.world()), per_rank);
+  else run_ranks(int(pc.world()), per_rank);
   return result;
 }
 

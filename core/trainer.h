@@ -60,6 +60,22 @@ LMConfig lm_config(const RunConfig& cfg);
 // `warmup` steps, then cosine decay to lr * min_lr_ratio at train.steps.
 double learning_rate(const TrainConfig& t, int64_t step);
 
-TrainResult train(const RunConfig& cfg, const TrainOptions& opts);
+// Where a run's backends and, for several ranks, its communicators come from. The command line
+// builds it from the backend registry (backends/registry.h default_environment); core/ knows
+// neither the backends nor NCCL, so the core library links alone.
+struct RunEnvironment {
+  // The backend of `rank` (for a CUDA rank: the GPU it runs on). Required.
+  std::function<std::unique_ptr<Backend>(int rank)> make_backend;
+  // Runs fn(rank, world) once per rank of a world of `ranks` ranks, joins them, and rethrows the
+  // first failure as moelab::Error "rank R: ...". Empty: simulated ranks (core/comm_sim.h).
+  std::function<void(int ranks, const std::function<void(int rank, Communicator& world)>& fn)> run_world;
+  // Called on every rank with its world and its backend before any collective (NCCL binds the
+  // backend's stream here). Optional.
+  std::function<void(Communicator& world, Backend& backend)> bind;
+};
+
+// Trains `cfg` (parallel.ep x parallel.dp ranks when that is more than one). Throws
+// moelab::UsageError for a refused config or resume, moelab::Error for failures while running.
+TrainResult train(const RunConfig& cfg, const TrainOptions& opts, const RunEnvironment& env);
 
 }  // namespace moelab

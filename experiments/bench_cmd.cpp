@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 
+#include "backends/registry.h"
 #include "core/rng.h"
 #include "core/trainer.h"
 #include "experiments/commands.h"

@@ -17,6 +17,7 @@
 #include <map>
 #include <set>
 
+#include "backends/registry.h"
 #include "core/io/data.h"
 #include "core/io/output_file.h"
 #include "core/rng.h"

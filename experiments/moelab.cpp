@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/registry.h"
 #include "core/backend.h"
 #include "core/check.h"
 #include "core/io/config.h"

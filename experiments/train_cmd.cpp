@@ -5,6 +5,7 @@
 #include <fstream>
 #include <set>
 
+#include "backends/registry.h"
 #include "core/io/checkpoint.h"
 #include "core/rng.h"
 #include "core/trainer.h"

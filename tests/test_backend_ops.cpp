@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "backends/cpu/cpu_backend.h"
+#include "core/moe/config.h"
 #include "backends/cuda/cuda_backend.h"
 #include "catch_compat.h"
 #include "core/backend.h"

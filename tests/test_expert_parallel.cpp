@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 
+#include "backends/registry.h"
 #include "core/comm.h"
 #include "core/comm_sim.h"
 #include "core/moe/moe_layer.h"

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <random>
 
+#include "backends/registry.h"
 #include "catch_compat.h"
 #include "core/io/checkpoint.h"
 #include "core/io/config.h"

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "backends/registry.h"
 #include "catch_compat.h"
 #include "core/io/checkpoint.h"
 #include "core/io/config.h"

@@ -11,6 +11,7 @@
 
 #include <H5Cpp.h>
 
+#include "backends/registry.h"
 #include "catch_compat.h"
 #include "core/io/checkpoint.h"
 #include "core/io/config.h"

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/registry.h"
 #include "core/io/checkpoint.h"
 #include "core/io/data.h"
 #include "core/moe/router.h"

@@ -2,6 +2,7 @@
 // errors for bad shapes, dtypes and unsupported ops).
 #include <cstring>
 
+#include "backends/registry.h"
 #include "test_util.h"
 
 using namespace moelab;

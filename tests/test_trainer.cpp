@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "backends/registry.h"
 #include "temp_dir.h"
 #include "core/io/checkpoint.h"
 #include "core/trainer.h"

@@ -638,12 +638,19 @@ class NcclComm final : public NcclCommunicator {
   void poll(ncclComm_t c, const char* what, Clock::time_point t0, Clock::time_point& next_disk_check) {
     ncclResult_t st = ncclSuccess;
     const ncclResult_t q = ncclCommGetAsyncError(c, &st);
-    if (q != ncclSuccess) fail_nccl(q, what);
-    if (st != ncclSuccess && st != ncclInProgress) fail_nccl(st, what);
-    if (abort_requested_ || own_failed()) fail(detail::concat(where(), ": this rank was aborted: ", own_reason()), false);
     const int me = world_rank();
     int who = -1;
     std::string why;
+    if (q != ncclSuccess || (st != ncclSuccess && st != ncclInProgress)) {
+      // NCCL noticed something (often a peer that went away): name the peer when we can.
+      const ncclResult_t e = q != ncclSuccess ? q : st;
+      if (world_->peer_failed(me, who, why) || world_->peer_failed_on_disk(me, who, why))
+        fail(detail::concat(where(), ": ", name_world_rank(who), " failed: ", why, " (NCCL: ", ncclGetErrorString(e),
+                            "); the communicator was aborted"),
+             false);
+      fail_nccl(e, what);
+    }
+    if (abort_requested_ || own_failed()) fail(detail::concat(where(), ": this rank was aborted: ", own_reason()), false);
     const auto now = Clock::now();
     bool peer = world_->peer_failed(me, who, why);
     if (!peer && now >= next_disk_check) {

@@ -4,6 +4,7 @@
 // validates them (accepted values, ranges) and MoEConfig::validate() re-checks the invariants
 // that the layer itself relies on, so a programmatic caller gets the same clear errors.
 #pragma once
+#include "core/drop_policy.h"
 #include <cstdint>
 #include <string>
 
@@ -12,7 +13,8 @@ namespace moelab {
 enum class ScoreFunc { Softmax, Sigmoid };                         // router.score
 enum class RoutingPolicy { TopK, RandomTop2, Sinkhorn, ExpertChoice };  // router.policy
 enum class NoiseType { None, Jitter, Gaussian, Learned };         // router.noise
-enum class DropPolicy { Position, Probs };                         // router.drop_policy
+// DropPolicy (router.drop_policy) is in core/drop_policy.h, below the backend interface that
+// takes it.
 enum class AuxLossType { Global, Sequence };                       // router.aux_loss_type
 
 const char* to_string(ScoreFunc v);
