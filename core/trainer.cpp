@@ -356,7 +356,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   // gradient all-reduce's.
   struct CommTotals {
     int64_t sent = 0, recv = 0;
-    double seconds = 0;
+    double seconds = 0, a2a_seconds = 0;
   };
   double reduce_seconds = 0;
   std::vector<AllToAllDispatcher*> a2a;
@@ -372,6 +372,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       t.sent += d->sent_bytes();
       t.recv += d->received_bytes();
       t.seconds += d->comm_seconds();
+      t.a2a_seconds += d->comm_seconds();
     }
     return t;
   };
@@ -425,9 +426,10 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       const CommTotals now = comm_totals();
       rank_comm = par->world_comm->all_gather_host(
           {now.sent - comm_before.sent, now.recv - comm_before.recv,
-           int64_t(1e9 * (now.seconds - comm_before.seconds))});
+           int64_t(1e9 * (now.seconds - comm_before.seconds)),
+           int64_t(1e9 * (now.a2a_seconds - comm_before.a2a_seconds))});
     }
-    if (opts.on_gradients) opts.on_gradients(StepView{rank, ep, dist ? par->dp : 1, step, params, model});
+    if (opts.on_gradients) opts.on_gradients(StepView{rank, ep, dist ? par->dp : 1, step, params, model, b});
     MOELAB_CHECK(std::isfinite(f.ce_loss) && std::isfinite(gnorm), "training diverged at step ",
                  step, ": loss ", f.ce_loss, ", gradient norm ", gnorm,
                  " (try a lower train.lr, model.init_scale or router.z_loss > 0)");
@@ -454,9 +456,10 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     row.grad_norm = gnorm;
     row.tokens_per_sec = double(T * W) / dt;
     for (int r = 0; r < (dist ? W : 0); ++r) {
-      row.rank_sent_bytes.push_back(rank_comm[size_t(3 * r)]);
-      row.rank_recv_bytes.push_back(rank_comm[size_t(3 * r + 1)]);
-      row.rank_comm_seconds.push_back(1e-9 * double(rank_comm[size_t(3 * r + 2)]));
+      row.rank_sent_bytes.push_back(rank_comm[size_t(4 * r)]);
+      row.rank_recv_bytes.push_back(rank_comm[size_t(4 * r + 1)]);
+      row.rank_comm_seconds.push_back(1e-9 * double(rank_comm[size_t(4 * r + 2)]));
+      row.rank_a2a_seconds.push_back(1e-9 * double(rank_comm[size_t(4 * r + 3)]));
     }
     for (const MoEOutput& mo : f.moe) {
       row.layers.push_back({mo.stats, mo.losses, mo.capacity});

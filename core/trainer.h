@@ -25,6 +25,7 @@ struct StepView {
   int64_t step = 0;
   std::vector<ParamRef>& params;
   TransformerLM& model;
+  Backend& backend;  // where params live (to_host to read them)
 };
 
 struct TrainOptions {

@@ -415,7 +415,7 @@ TEST_CASE("comm sim: a rank that never arrives ends in a timeout naming it", "[c
   CHECK_THAT(err2, has_substr("rank 1 (world rank 3) never arrived"));
 }
 
-TEST_CASE("comm sim: run_ranks gives each rank one OpenMP thread; abort marks the rank", "[comm]") {
+TEST_CASE("comm sim: run_ranks gives each rank one OpenMP thread, abort() names the rank", "[comm]") {
 #ifdef _OPENMP
   auto threads = on_ranks<int>(2, [](int, Communicator&) { return omp_get_max_threads(); });
   CHECK(threads == std::vector<int>{1, 1});

@@ -241,7 +241,7 @@ TEST_CASE("nccl: split (reversed order, singletons, no color), collectives insid
   }
 }
 
-TEST_CASE("nccl: a failing rank stops its peer with an error naming it; a timeout names the collective", "[gpu][nccl]") {
+TEST_CASE("nccl: a failing rank stops its peer with an error naming it, a timeout names the collective", "[gpu][nccl]") {
   TWO_GPUS_OR_SKIP();
   {
     // Rank 1 fails before the all_reduce that rank 0 is already waiting in.
@@ -392,7 +392,7 @@ TEST_CASE("nccl child: file rendezvous", "[.][nccl_child]") {
   comm->barrier();
 }
 
-TEST_CASE("nccl: two processes meet through an id file; a process that exits is named", "[gpu][nccl]") {
+TEST_CASE("nccl: two processes meet through an id file, a process that exits is named", "[gpu][nccl]") {
   TWO_GPUS_OR_SKIP();
   char exe[4096] = {};
   const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
@@ -444,7 +444,7 @@ TEST_CASE("nccl: two processes meet through an id file; a process that exits is 
 
 // ---- benchmark (hidden: moelab_gpu_tests "[bench]" or "[nccl]") ------------------------------
 
-TEST_CASE("nccl bench: all_to_all_v vs a plain ncclSend/ncclRecv group; all_reduce", "[.][bench][nccl]") {
+TEST_CASE("nccl bench: all_to_all_v vs a plain ncclSend/ncclRecv group, and all_reduce", "[.][bench][nccl]") {
   TWO_GPUS_OR_SKIP();
   const int warm = 5, iters = 20;
   const int64_t mbs[] = {1, 4, 16, 64, 256};

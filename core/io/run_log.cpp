@@ -182,7 +182,7 @@ struct RunLog::Impl {
   std::vector<LayerColumns> layers;  // one per info.moe_layers
   // /parallel, [N * ranks] (ranks > 1 only)
   std::vector<int64_t> rank_sent, rank_recv;
-  std::vector<double> rank_comm;
+  std::vector<double> rank_comm, rank_a2a;
   int64_t since_flush = 0;           // train rows logged since the last flush
   int64_t flushed_n = 0;
   bool dirty = true;
@@ -278,6 +278,7 @@ void RunLog::Impl::write_contents(H5::H5File& f) const {
     write_dataset(pg, "a2a_sent_bytes", {N, W}, rank_sent);
     write_dataset(pg, "a2a_recv_bytes", {N, W}, rank_recv);
     write_dataset(pg, "comm_seconds", {N, W}, rank_comm);
+    write_dataset(pg, "a2a_seconds", {N, W}, rank_a2a);
   }
 
   H5::Group eg = f.createGroup("/eval");
@@ -401,12 +402,14 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
         const bool same = d[0] == N0 && d[1] == W;
         rank_recv = read_dataset<int64_t>(pg, "a2a_recv_bytes", 2, d);
         rank_comm = read_dataset<double>(pg, "comm_seconds", 2, d);
+        rank_a2a = read_dataset<double>(pg, "a2a_seconds", 2, d);
         if (!same) rank_sent.clear();
       }
       if (rank_sent.size() != N0 * W) {
         rank_sent.assign(N0 * W, -1);
         rank_recv.assign(N0 * W, -1);
         rank_comm.assign(N0 * W, std::numeric_limits<double>::quiet_NaN());
+        rank_a2a.assign(N0 * W, std::numeric_limits<double>::quiet_NaN());
       }
     }
     H5::Group eg = f.openGroup("/eval");
@@ -479,6 +482,7 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
     rank_sent.resize(keep_n * size_t(info.ranks));
     rank_recv.resize(keep_n * size_t(info.ranks));
     rank_comm.resize(keep_n * size_t(info.ranks));
+    rank_a2a.resize(keep_n * size_t(info.ranks));
   }
   eval_step.resize(keep_m);
   eval_loss.resize(keep_m);
@@ -588,12 +592,14 @@ void RunLog::log_train(const TrainRow& row) {
 
   if (s.info.ranks > 1) {
     const size_t W = size_t(s.info.ranks);
-    if (row.rank_sent_bytes.size() != W || row.rank_recv_bytes.size() != W || row.rank_comm_seconds.size() != W)
+    if (row.rank_sent_bytes.size() != W || row.rank_recv_bytes.size() != W ||
+        row.rank_comm_seconds.size() != W || row.rank_a2a_seconds.size() != W)
       MOELAB_FAIL("run log ", s.path, ": train row at step ", row.step, " has ", row.rank_sent_bytes.size(),
                   " per-rank entries, expected ", W, " (RunLogInfo::ranks)");
     s.rank_sent.insert(s.rank_sent.end(), row.rank_sent_bytes.begin(), row.rank_sent_bytes.end());
     s.rank_recv.insert(s.rank_recv.end(), row.rank_recv_bytes.begin(), row.rank_recv_bytes.end());
     s.rank_comm.insert(s.rank_comm.end(), row.rank_comm_seconds.begin(), row.rank_comm_seconds.end());
+    s.rank_a2a.insert(s.rank_a2a.end(), row.rank_a2a_seconds.begin(), row.rank_a2a_seconds.end());
   }
   s.step.push_back(row.step);
   s.loss.push_back(row.loss);

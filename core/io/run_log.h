@@ -88,9 +88,11 @@ struct TrainRow {
   std::vector<LayerRouterRow> layers;  // one per MoE layer, in RunLogInfo::moe_layers order
   // Parallel runs (RunLogInfo::ranks > 1), one entry per rank: all-to-all bytes this rank sent to
   // and received from other ranks in this step (every MoE layer, forward and backward), and the
-  // wall seconds it spent in communication (all-to-all and gradient all-reduce).
+  // wall seconds it spent in communication (all-to-all and gradient all-reduce), and the
+  // all-to-all's part of them.
   std::vector<int64_t> rank_sent_bytes, rank_recv_bytes;
   std::vector<double> rank_comm_seconds;
+  std::vector<double> rank_a2a_seconds;  // the all-to-all part of rank_comm_seconds
 };
 
 struct EvalRow {

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# moelab on two GPUs of one host (issue 9): the equivalence tests, the NCCL peer bandwidth, the
+# 300-step Brown curves at 1 GPU / ep=2 / dp=2, and throughput at a fixed per-GPU batch.
+# Usage (on the GPU machine, from the repository root): parallel_h200x2.sh INSTALL_DIR OUT_DIR
+# INSTALL_DIR: a relocatable install with moelab_gpu_tests copied beside moelab. Needs data/brown.
+set -u
+inst=$(readlink -f "$1"); out=$(readlink -f "$2"); mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0   # NVLink multicast must stay off on these machines
+M="$inst/moelab"
+log() { echo "== $*" | tee -a "$out/summary.txt"; }
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | tee -a "$out/summary.txt"
+
+log "gpu tests (op test, NCCL communicator, parallel equivalence)"
+timeout -k 10 240 "$inst/moelab_gpu_tests" --success "[parallel]" 2>&1 | grep -E "warning|WARN|relative|largest|passed|failed|FAILED" | tee -a "$out/summary.txt"
+timeout -k 10 240 "$inst/moelab_gpu_tests" 2>&1 | tail -3 | tee -a "$out/summary.txt"
+log "NCCL all-to-all vs send/recv bandwidth"
+timeout -k 10 120 "$inst/moelab_gpu_tests" "[.bench]" 2>&1 | tail -25 | tee -a "$out/summary.txt"
+
+log "Brown, 300 steps, f32: one GPU, ep=2, dp=2 (same global batch 16 x 128)"
+for layout in "1gpu:" "ep2:--set parallel.ep=2" "dp2:--set parallel.dp=2"; do
+  name=${layout%%:*}; sets=${layout#*:}
+  timeout -k 10 150 "$M" train --config experiments/configs/brown_small.ini --backend cuda --set train.steps=300 \
+    --set log.eval_every=50 --set log.checkpoint_every=0 $sets --out "$out/brown_$name.h5" --overwrite \
+    > "$out/brown_$name.txt" 2>&1
+  echo "$name: rc=$? $(grep summary "$out/brown_$name.txt")" | tee -a "$out/summary.txt"
+done
+
+log "throughput, bf16, 4 layers d 1024, 8 experts x 4096 top-2, 32 x 512 tokens per GPU, 30 steps"
+T="--set model.layers=4 --set model.d_model=1024 --set model.heads=8 --set model.experts=8 --set model.top_k=2
+   --set model.d_expert=4096 --set model.moe_every=1 --set model.dtype=bf16 --set train.seq=512 --set train.steps=30
+   --set train.warmup=5 --set train.lr=1e-4 --set log.eval_every=0 --set log.checkpoint_every=0 --set log.flush_every=30
+   --set data.source=synthetic --set router.aux_alpha=0.01"
+for layout in "1gpu:--set train.batch=32" "dp2:--set train.batch=64 --set parallel.dp=2" "ep2:--set train.batch=64 --set parallel.ep=2"; do
+  name=${layout%%:*}; sets=${layout#*:}
+  timeout -k 10 200 "$M" train --config experiments/configs/brown_small.ini --backend cuda $T $sets \
+    --out "$out/tput_$name.h5" --overwrite > "$out/tput_$name.txt" 2>&1
+  echo "$name: rc=$? $(tail -1 "$out/tput_$name.txt" | cut -c1-150)" | tee -a "$out/summary.txt"
+done
+/usr/bin/env python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
+import sys, h5py, numpy as np
+out = sys.argv[1]
+base = None
+print("| layout | GPUs | tokens/s (median, steps 11-30) | per GPU | scaling vs 1 GPU | comm share of step | a2a GB/s per rank |")
+print("|---|---|---|---|---|---|---|")
+for name, gpus in (("1gpu", 1), ("dp2", 2), ("ep2", 2)):
+    try:
+        f = h5py.File(f"{out}/tput_{name}.h5", "r")
+    except OSError as e:
+        print(f"| {name} | {gpus} | (no log: {e}) |"); continue
+    tps = f["train/tokens_per_sec"][10:]
+    med = float(np.median(tps))
+    if base is None: base = med
+    share, gbs = "-", "-"
+    if "parallel" in f:
+        steps = f["train/step"][10:]
+        step_s = np.median(32 * 512 * gpus / tps)
+        comm = np.median(f["parallel/comm_seconds"][10:], axis=0)
+        share = f"{float(np.mean(comm)) / step_s:.1%}"
+        sent = np.median(f["parallel/a2a_sent_bytes"][10:], axis=0)
+        a2a = np.median(f["parallel/a2a_seconds"][10:], axis=0)
+        if sent.max() > 0: gbs = f"{float(np.mean(sent)) / float(np.mean(a2a)) / 1e9:.1f}"
+    print(f"| {name} | {gpus} | {med:,.0f} | {med / gpus:,.0f} | {med / base:.2f}x | {share} | {gbs} |")
+PY
+ls -la "$out"
