@@ -103,6 +103,43 @@ RunEnvironment default_environment(const RunConfig& cfg) {
   return env;
 }
 
+std::optional<ProcessRank> process_rank_from_env() {
+#if MOELAB_HAVE_NCCL
+  if (auto l = launch_rank_from_env()) return ProcessRank{l->rank, l->world, l->local_rank, l->source};
+#endif
+  return std::nullopt;
+}
+
+RunEnvironment process_environment(const RunConfig& cfg, int rank, int world, const std::string& id_file,
+                                   int device) {
+  if (cfg.train.backend != "cuda")
+    MOELAB_USAGE_FAIL("one process per rank (--rank/--world or a launcher's variables) needs train.backend = cuda; "
+                      "simulated CPU ranks run as threads of one process");
+  if (world != cfg.parallel.world())
+    MOELAB_USAGE_FAIL("the launch has ", world, " ranks but parallel.ep x parallel.dp = ", cfg.parallel.ep, " x ",
+                      cfg.parallel.dp, " = ", cfg.parallel.world());
+#if MOELAB_HAVE_NCCL
+  RunEnvironment env;
+  env.make_backend = [device](int) { return make_backend("cuda", device); };
+  auto comm = std::shared_ptr<NcclCommunicator>(make_nccl_comm_from_file(rank, world, id_file, device));
+  env.run_world = [comm, rank](int, const std::function<void(int, Communicator&)>& fn) {
+    try {
+      fn(rank, *comm);
+    } catch (const std::exception& e) {
+      comm->abort(e.what());  // the other processes stop with an error naming this rank
+      throw;
+    }
+  };
+  env.bind = [](Communicator& world_comm, Backend& backend) {
+    static_cast<NcclCommunicator&>(world_comm).bind_backend(backend);
+  };
+  return env;
+#else
+  (void)rank, (void)id_file, (void)device;
+  MOELAB_USAGE_FAIL("one process per rank needs NCCL, and this moelab was built without it");
+#endif
+}
+
 TrainResult train(const RunConfig& cfg, const TrainOptions& opts) {
   return train(cfg, opts, default_environment(cfg));
 }

@@ -8,6 +8,9 @@
 #include <cstdint>
 #include <string>
 
+#include <optional>
+
+#include "backends/registry.h"
 #include "core/io/config.h"
 
 // `moelab train` options that are not config keys. out and backend are already applied to the
@@ -17,6 +20,8 @@ struct TrainCliOptions {
   std::string out, backend, resume;
   std::string sweep_name;  // the run's name inside a sweep ("" = no sweep)
   bool overwrite = false;  // --overwrite: replace existing logs / another run's checkpoints
+  std::optional<moelab::ProcessRank> process;  // one process per GPU: this process's rank
+  std::string nccl_id;                         // ... and the NCCL id file
 };
 
 // `moelab generate --checkpoint PATH [--prompt TEXT] [--tokens N]`.

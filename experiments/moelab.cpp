@@ -201,11 +201,38 @@ int cmd_train(int argc, char** argv) {
       "continue from a checkpoint (a step_NNNNNN path inside log.checkpoint_dir)")(
       "overwrite",
       "replace an existing log (kept until this run's first flush) and another run's checkpoints "
-      "in the checkpoint folder (kept until this run's first checkpoint)");
+      "in the checkpoint folder (kept until this run's first checkpoint)")(
+      "rank", po::value<int>()->value_name("R"),
+      "one process per GPU: this process is rank R (else from mpirun/srun variables)")(
+      "world", po::value<int>()->value_name("W"), "one process per GPU: W processes in all")(
+      "nccl-id", po::value<std::string>()->value_name("FILE"),
+      "one process per GPU: the file through which rank 0 shares the NCCL id (fresh per launch, "
+      "on a file system all ranks see; default runs/nccl_id.<launcher job id>)");
   po::variables_map vm;
   if (!parse(cmd, argc, argv, vm)) return 0;
 
   TrainCliOptions cli{opt(vm, "out"), opt(vm, "backend"), opt(vm, "resume"), "", vm.count("overwrite") > 0};
+  // One process per GPU: --rank/--world, or a launcher's variables.
+  if (vm.count("rank") != vm.count("world"))
+    MOELAB_USAGE_FAIL("train: --rank and --world go together");
+  if (vm.count("rank")) {
+    cli.process = moelab::ProcessRank{vm["rank"].as<int>(), vm["world"].as<int>(), -1, "--rank/--world"};
+    if (cli.process->world < 1 || cli.process->rank < 0 || cli.process->rank >= cli.process->world)
+      MOELAB_USAGE_FAIL("train: --rank ", cli.process->rank, " must be in [0, --world = ", cli.process->world, ")");
+  } else {
+    cli.process = moelab::process_rank_from_env();
+  }
+  if (cli.process) {
+    cli.nccl_id = opt(vm, "nccl-id");
+    if (cli.nccl_id.empty()) {
+      const char* job = std::getenv("SLURM_JOB_ID");
+      if (!job) job = std::getenv("OMPI_MCA_ess_base_jobid");
+      if (!job) MOELAB_USAGE_FAIL("train: one process per GPU needs --nccl-id FILE (no launcher job id to name one)");
+      cli.nccl_id = std::string("runs/nccl_id.") + job;
+    }
+  } else if (vm.count("nccl-id")) {
+    MOELAB_USAGE_FAIL("train: --nccl-id is for one process per GPU (with --rank/--world or a launcher)");
+  }
   check_backend_name(cmd, cli.backend);
   std::vector<std::string> extra;
   if (vm.count("out")) extra.push_back("log.out=" + cli.out);
@@ -222,7 +249,10 @@ int cmd_train(int argc, char** argv) {
                       "its log, it never replaces it)");
   std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
   for (const moelab::SweepRun& run : runs) check_backend(run.config);
-  check_outputs(runs, cli);
+  if (cli.process && runs.size() > 1)
+    MOELAB_USAGE_FAIL("train: one process per GPU runs one config, not a [sweep] (launch each grid point)");
+  // Rank 0 alone writes, so it alone checks (the others would see the log it just created).
+  if (!cli.process || cli.process->rank == 0) check_outputs(runs, cli);
   for (size_t i = 0; i < runs.size(); ++i) {
     if (runs.size() > 1)
       std::cout << "moelab: sweep run " << i + 1 << "/" << runs.size() << " '" << runs[i].name

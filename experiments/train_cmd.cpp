@@ -18,7 +18,19 @@ int run_train(const RunConfig& cfg, const TrainCliOptions& opts) {
   to.resume = opts.resume;
   to.sweep_name = opts.sweep_name;
   to.overwrite = opts.overwrite;
-  TrainResult r = train(cfg, to);
+  RunEnvironment env;
+  if (opts.process) {
+    // One process per GPU: the node-local rank picks the GPU (else the rank, modulo the GPUs).
+    const int gpus = std::max(1, cuda_devices()), p = opts.process->local_rank;
+    const int device = (p >= 0 ? p : opts.process->rank) % gpus;
+    std::printf("moelab train: rank %d of %d (%s) on GPU %d, NCCL id file %s\n", opts.process->rank,
+                opts.process->world, opts.process->source.c_str(), device, opts.nccl_id.c_str());
+    env = process_environment(cfg, opts.process->rank, opts.process->world, opts.nccl_id, device);
+  } else {
+    env = default_environment(cfg);
+  }
+  TrainResult r = train(cfg, to, env);
+  if (opts.process && opts.process->rank != 0) return 0;  // rank 0 reports
   char val[80] = "val - (log.eval_every = 0)";
   if (!r.eval_losses.empty())
     std::snprintf(val, sizeof val, "val %.4f nats/byte = %.3f bits/byte", r.eval_losses.back(),

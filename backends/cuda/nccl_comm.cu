@@ -596,7 +596,7 @@ class NcclComm final : public NcclCommunicator {
     if (abort_requested_ || own_failed()) fail(detail::concat(where(), ": this rank was aborted: ", own_reason()), false);
     int who = -1;
     std::string why;
-    if (world_->peer_failed(me, who, why) || world_->peer_failed_on_disk(me, who, why))
+    if (world_->peer_failed(me, who, why))  // (the files of a file launch: polled while waiting)
       fail(detail::concat(where(), ": ", name_world_rank(who), " failed: ", why, "; the communicator was aborted"), false);
   }
   bool own_failed() {

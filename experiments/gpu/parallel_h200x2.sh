@@ -25,6 +25,22 @@ for layout in "1gpu:" "ep2:--set parallel.ep=2" "dp2:--set parallel.dp=2"; do
   echo "$name: rc=$? $(grep summary "$out/brown_$name.txt")" | tee -a "$out/summary.txt"
 done
 
+log "one process per GPU (--rank/--world, NCCL id through a file), ep=2, 50 Brown steps"
+rm -f "$out/nccl.id"
+for r in 0 1; do
+  timeout -k 10 150 "$M" train --config experiments/configs/brown_small.ini --backend cuda --set train.steps=50 \
+    --set log.eval_every=50 --set log.checkpoint_every=0 --set parallel.ep=2 --rank $r --world 2 \
+    --nccl-id "$out/nccl.id" --out "$out/proc_ep2.h5" --overwrite > "$out/proc_rank$r.txt" 2>&1 &
+done
+wait
+/usr/bin/env python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
+import sys, h5py, numpy as np
+out = sys.argv[1]
+a = h5py.File(f"{out}/proc_ep2.h5", "r")["train/loss"][:]
+b = h5py.File(f"{out}/brown_ep2.h5", "r")["train/loss"][:50]
+print(f"processes vs threads, ep=2, 50 steps: max |loss difference| = {np.max(np.abs(a - b)):.3e} ({len(a)} steps)")
+PY
+
 log "throughput, bf16, 4 layers d 1024, 8 experts x 4096 top-2, 32 x 512 tokens per GPU, 30 steps"
 T="--set model.layers=4 --set model.d_model=1024 --set model.heads=8 --set model.experts=8 --set model.top_k=2
    --set model.d_expert=4096 --set model.moe_every=1 --set model.dtype=bf16 --set train.seq=512 --set train.steps=30
