@@ -180,10 +180,13 @@ TEST_CASE("nccl: every collective on 2 GPUs equals the simulated ranks bit for b
   TWO_GPUS_OR_SKIP();
   INFO("NCCL " << nccl_version());
   const auto sim = sim_suite();
-  for (NcclOptions::Sum mode : {NcclOptions::Sum::Auto, NcclOptions::Sum::RankOrder}) {
-    CAPTURE(int(mode));
+  struct Mode { NcclOptions::Sum sum; bool blocking; };
+  for (const Mode mode : {Mode{NcclOptions::Sum::Auto, false}, Mode{NcclOptions::Sum::RankOrder, false},
+                          Mode{NcclOptions::Sum::Auto, true}}) {
+    CAPTURE(int(mode.sum), mode.blocking);
     NcclOptions opts;
-    opts.sum = mode;
+    opts.sum = mode.sum;
+    opts.blocking = mode.blocking;
     std::vector<std::vector<Bytes>> got;
     const auto err = on_gpus<std::vector<Bytes>>(got, [](int r, NcclCommunicator& c, Backend& be) {
       const Io io{[&](const Tensor& h) { return be.from_host(h); }, [&](const Tensor& t) { return be.to_host(t); }};
@@ -208,87 +211,108 @@ TEST_CASE("nccl: split (reversed order, singletons, no color), collectives insid
     double rev_sum = 0, single_sum = 0;
     bool none_null = false;
   };
-  std::vector<Got> got;
-  const auto err = on_gpus<Got>(got, [](int r, NcclCommunicator& world, Backend& be) {
-    Got g;
-    auto rev = world.split(0, -r);     // both ranks, in reverse order
-    auto single = world.split(r, 0);   // {0}, {1}
-    auto none = world.split(r == 1 ? -1 : 0, 0);
-    g.none_null = none == nullptr;
-    g.rev_rank = rev->rank();
-    g.rev_world_rank = static_cast<NcclCommunicator&>(*rev).world_rank();
-    g.single_size = single->size();
-    g.rev_members = rev->all_gather_host({int64_t(r)});
-    Tensor t = be.from_host(host_tensor({double(r + 1)}, Shape{1}, DType::F32));
-    rev->all_reduce(t, ReduceOp::Sum);
-    g.rev_sum = host_values(be.to_host(t))[0];
-    single->all_reduce(t, ReduceOp::Sum);
-    g.single_sum = host_values(be.to_host(t))[0];
-    if (none) none->barrier();
-    world.barrier();
-    return g;
-  });
-  REQUIRE(err == std::vector<std::string>{"", ""});
-  for (int r = 0; r < 2; ++r) {
-    CAPTURE(r);
-    CHECK(got[size_t(r)].rev_rank == 1 - r);
-    CHECK(got[size_t(r)].rev_world_rank == r);
-    CHECK(got[size_t(r)].rev_members == std::vector<int64_t>{1, 0});
-    CHECK(got[size_t(r)].rev_sum == 3.0);
-    CHECK(got[size_t(r)].single_sum == 3.0);
-    CHECK(got[size_t(r)].single_size == 1);
-    CHECK(got[size_t(r)].none_null == (r == 1));
+  for (bool blocking : {false, true}) {
+    CAPTURE(blocking);
+    NcclOptions opts;
+    opts.blocking = blocking;
+    std::vector<Got> got;
+    const auto err = on_gpus<Got>(
+        got,
+        [](int r, NcclCommunicator& world, Backend& be) {
+          Got g;
+          auto rev = world.split(0, -r);    // both ranks, in reverse order
+          auto single = world.split(r, 0);  // {0}, {1}
+          auto none = world.split(r == 1 ? -1 : 0, 0);
+          g.none_null = none == nullptr;
+          g.rev_rank = rev->rank();
+          g.rev_world_rank = static_cast<NcclCommunicator&>(*rev).world_rank();
+          g.single_size = single->size();
+          g.rev_members = rev->all_gather_host({int64_t(r)});
+          Tensor t = be.from_host(host_tensor({double(r + 1)}, Shape{1}, DType::F32));
+          rev->all_reduce(t, ReduceOp::Sum);
+          g.rev_sum = host_values(be.to_host(t))[0];
+          single->all_reduce(t, ReduceOp::Sum);
+          g.single_sum = host_values(be.to_host(t))[0];
+          if (none) none->barrier();
+          world.barrier();
+          return g;
+        },
+        opts);
+    REQUIRE(err == std::vector<std::string>{"", ""});
+    for (int r = 0; r < 2; ++r) {
+      CAPTURE(r);
+      CHECK(got[size_t(r)].rev_rank == 1 - r);
+      CHECK(got[size_t(r)].rev_world_rank == r);
+      CHECK(got[size_t(r)].rev_members == std::vector<int64_t>{1, 0});
+      CHECK(got[size_t(r)].rev_sum == 3.0);
+      CHECK(got[size_t(r)].single_sum == 3.0);
+      CHECK(got[size_t(r)].single_size == 1);
+      CHECK(got[size_t(r)].none_null == (r == 1));
+    }
   }
 }
 
-TEST_CASE("nccl: a failing rank stops its peer with an error naming it, a timeout names the collective", "[gpu][nccl]") {
+TEST_CASE("nccl: a failing rank stops its peer with an error naming it, a timeout names the collective",
+          "[gpu][nccl]") {
   TWO_GPUS_OR_SKIP();
-  {
-    // Rank 1 fails before the all_reduce that rank 0 is already waiting in.
-    NcclOptions opts;
-    opts.timeout_s = 60;
-    std::vector<int> unused;
-    const auto t0 = std::chrono::steady_clock::now();
-    const auto err = on_gpus<int>(unused, [](int r, NcclCommunicator& c, Backend& be) {
-      Tensor t = be.from_host(host_tensor({1.0}, Shape{1}, DType::F32));
-      c.barrier();
-      if (r == 1) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(300));
-        throw Error("boom: bad batch");
-      }
-      c.all_reduce(t, ReduceOp::Sum);
-      return 0;
-    }, opts);
-    CHECK(seconds_since(t0) < 30);
-    CHECK(err[1] == "boom: bad batch");
-    CHECK_THAT(err[0], has_substr("nccl all_reduce on rank 0 of 2 (device 0): rank 1 failed: boom: bad batch"));
-  }
-  {
-    // Rank 1 never calls: rank 0's barrier ends after the timeout.
-    NcclOptions opts;
-    opts.timeout_s = 2;
-    std::vector<int> unused;
-    std::atomic<bool> done{false};
-    const auto t0 = std::chrono::steady_clock::now();
-    const auto err = on_gpus<int>(unused, [&](int r, NcclCommunicator& c, Backend&) {
-      if (r == 1) {
-        while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-        return 0;
-      }
-      try {
-        c.barrier();
-      } catch (...) {
-        done = true;
-        throw;
-      }
-      done = true;
-      return 0;
-    }, opts);
-    const double dt = seconds_since(t0);
-    CHECK(dt >= 2);
-    CHECK(dt < 30);
-    CHECK_THAT(err[0], has_substr("nccl barrier on rank 0 of 2 (device 0): barrier did not complete within 2 s"));
-    CHECK(err[1].empty());
+  for (bool blocking : {false, true}) {
+    CAPTURE(blocking);
+    {
+      // Rank 1 fails before the all_reduce that rank 0 is already waiting in.
+      NcclOptions opts;
+      opts.blocking = blocking;
+      opts.timeout_s = 60;
+      std::vector<int> unused;
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto err = on_gpus<int>(
+          unused,
+          [](int r, NcclCommunicator& c, Backend& be) {
+            Tensor t = be.from_host(host_tensor({1.0}, Shape{1}, DType::F32));
+            c.barrier();
+            if (r == 1) {
+              std::this_thread::sleep_for(std::chrono::milliseconds(300));
+              throw Error("boom: bad batch");
+            }
+            c.all_reduce(t, ReduceOp::Sum);
+            return 0;
+          },
+          opts);
+      CHECK(seconds_since(t0) < 30);
+      CHECK(err[1] == "boom: bad batch");
+      CHECK_THAT(err[0], has_substr("nccl all_reduce on rank 0 of 2 (device 0): rank 1 failed: boom: bad batch"));
+    }
+    {
+      // Rank 1 never calls: rank 0's barrier ends after the timeout.
+      NcclOptions opts;
+      opts.blocking = blocking;
+      opts.timeout_s = 2;
+      std::vector<int> unused;
+      std::atomic<bool> done{false};
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto err = on_gpus<int>(
+          unused,
+          [&](int r, NcclCommunicator& c, Backend&) {
+            if (r == 1) {
+              while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+              return 0;
+            }
+            try {
+              c.barrier();
+            } catch (...) {
+              done = true;
+              throw;
+            }
+            done = true;
+            return 0;
+          },
+          opts);
+      const double dt = seconds_since(t0);
+      CHECK(dt >= 2);
+      CHECK(dt < 30);
+      CHECK_THAT(err[0], has_substr("nccl barrier on rank 0 of 2 (device 0): "));
+      CHECK_THAT(err[0], has_substr(" did not complete within 2 s: a peer did not take part"));
+      CHECK(err[1].empty());
+    }
   }
   {
     // After both failures, a fresh world works.
@@ -357,6 +381,7 @@ TEST_CASE("nccl child: file rendezvous", "[.][nccl_child]") {
   REQUIRE(l.has_value());
   NcclOptions opts;
   opts.timeout_s = 60;
+  opts.blocking = std::getenv("MOELAB_NCCL_CHILD_BLOCKING") != nullptr;
   auto comm = make_nccl_comm_from_file(l->rank, l->world, file, l->rank, opts);
   auto be = make_cuda_backend({l->rank});
   comm->bind_backend(*be);
@@ -398,9 +423,10 @@ TEST_CASE("nccl: two processes meet through an id file, a process that exits is 
   const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
   REQUIRE(len > 0);
   test::TempDir dir("nccl_file");
-  for (const char* mode : {"ok", "die"}) {
+  for (const char* mode : {"ok", "die", "ok blocking", "die blocking"}) {
     CAPTURE(mode);
-    const std::string id_file = dir.path(std::string("id_") + mode);
+    const bool blocking = std::strstr(mode, "blocking") != nullptr;
+    const std::string id_file = dir.path(std::string("id_") + (blocking ? "b" : "") + mode[0]);
     pid_t pids[2] = {0, 0};
     for (int r = 0; r < 2; ++r) {
       std::vector<std::string> env;
@@ -408,7 +434,8 @@ TEST_CASE("nccl: two processes meet through an id file, a process that exits is 
         if (std::strncmp(*e, "OMPI_", 5) != 0 && std::strncmp(*e, "MOELAB_NCCL_CHILD_", 18) != 0) env.emplace_back(*e);
       env.push_back("OMPI_COMM_WORLD_RANK=" + std::to_string(r));
       env.push_back("OMPI_COMM_WORLD_SIZE=2");
-      env.push_back(std::string("MOELAB_NCCL_CHILD_MODE=") + mode);
+      env.push_back(std::string("MOELAB_NCCL_CHILD_MODE=") + (mode[0] == 'o' ? "ok" : "die"));
+      if (blocking) env.push_back("MOELAB_NCCL_CHILD_BLOCKING=1");
       env.push_back("MOELAB_NCCL_CHILD_FILE=" + id_file);
       env.push_back("NCCL_NVLS_ENABLE=0");
       std::vector<char*> envp;
@@ -448,7 +475,13 @@ TEST_CASE("nccl bench: all_to_all_v vs a plain ncclSend/ncclRecv group, and all_
   TWO_GPUS_OR_SKIP();
   const int warm = 5, iters = 20;
   const int64_t mbs[] = {1, 4, 16, 64, 256};
-  auto comms = make_nccl_world_single_process({0, 1});  // first: it sets NCCL_NVLS_ENABLE=0
+  // Three worlds: non-blocking (the default), blocking, and rank-order sums.
+  NcclOptions bl_opts, ord_opts;
+  bl_opts.blocking = true;
+  ord_opts.sum = NcclOptions::Sum::RankOrder;
+  auto nb = make_nccl_world_single_process({0, 1});  // first: it sets NCCL_NVLS_ENABLE=0
+  auto bl = make_nccl_world_single_process({0, 1}, bl_opts);
+  auto ord = make_nccl_world_single_process({0, 1}, ord_opts);
   // Plain NCCL comms for the baseline (blocking, as a user of raw NCCL would have them).
   ncclComm_t raw[2];
   const int devs[2] = {0, 1};
@@ -458,28 +491,30 @@ TEST_CASE("nccl bench: all_to_all_v vs a plain ncclSend/ncclRecv group, and all_
     cudaGetDeviceProperties(&p, d);
     std::printf("device %d: %s\n", d, p.name);
   }
-  std::printf("NCCL %d, NCCL_NVLS_ENABLE=%s; per call: max over the 2 ranks of CUDA-event time, median of %d after %d warm-ups\n",
-              nccl_version(), std::getenv("NCCL_NVLS_ENABLE"), iters, warm);
-  std::printf("S = bytes each rank sends (half to itself, half to the peer); GB/s = S / time\n\n");
-  std::printf("| S per rank | all_to_all_v ms | GB/s | send/recv group ms | GB/s | ratio | all_reduce f32 ms | busbw GB/s | rank-order ms | busbw GB/s |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
-  // t[kind][iter][rank]
-  enum { kA2a, kRaw, kAr, kArOrd, kKinds };
+  std::printf("NCCL %d, NCCL_NVLS_ENABLE=%s, NCCL_RUNTIME_CONNECT=%s; per call: max over the 2 ranks of the CUDA-event "
+              "time from before the call to after its return, median of %d after %d warm-ups\n",
+              nccl_version(), std::getenv("NCCL_NVLS_ENABLE"), std::getenv("NCCL_RUNTIME_CONNECT"), iters, warm);
+  std::printf("S = bytes each rank sends (half to itself, half to the peer); GB/s = S / time; all_reduce busbw = S / "
+              "time for 2 ranks\n\n");
+  std::printf("| S per rank | a2a_v ms | GB/s | a2a_v blocking ms | GB/s | send/recv group ms | GB/s | all_reduce f32 ms | "
+              "busbw | blocking ms | busbw | rank-order ms | busbw |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  enum { kA2a, kA2aBl, kRaw, kAr, kArBl, kArOrd, kKinds };
   for (int64_t mb : mbs) {
     const int64_t bytes = mb << 20;
+    // t[kind][iter][rank]
     std::vector<std::vector<std::vector<float>>> t(kKinds, std::vector<std::vector<float>>(iters, std::vector<float>(2, 0.f)));
     std::barrier sync(2);
     std::vector<std::thread> th;
     for (int r = 0; r < 2; ++r)
       th.emplace_back([&, r] {
         auto be = make_cuda_backend({r});
-        comms[size_t(r)]->bind_backend(*be);
-        NcclCommunicator& c = *comms[size_t(r)];
+        for (auto* w : {&nb, &bl, &ord}) (*w)[size_t(r)]->bind_backend(*be);
         auto stream = static_cast<cudaStream_t>(cuda_backend_stream(*be));
         const int64_t rows = bytes / 4 / 256;  // f32 rows of 256
         Tensor send = be->zeros(Shape{rows, 256}, DType::F32), recv = be->zeros(Shape{rows, 256}, DType::F32);
         const std::vector<int64_t> split{rows / 2, rows - rows / 2};
-        const std::vector<int64_t> rsplit = c.exchange_counts(split);
+        const std::vector<int64_t> rsplit = nb[size_t(r)]->exchange_counts(split);
         Tensor grad = be->zeros(Shape{bytes / 4}, DType::F32);
         cudaEvent_t e0, e1;
         cudaEventCreate(&e0);
@@ -496,7 +531,8 @@ TEST_CASE("nccl bench: all_to_all_v vs a plain ncclSend/ncclRecv group, and all_
             if (i >= warm) t[size_t(kind)][size_t(i - warm)][size_t(r)] = ms;
           }
         };
-        timed(kA2a, [&] { c.all_to_all_v(send, split, recv, rsplit); });
+        timed(kA2a, [&] { nb[size_t(r)]->all_to_all_v(send, split, recv, rsplit); });
+        timed(kA2aBl, [&] { bl[size_t(r)]->all_to_all_v(send, split, recv, rsplit); });
         timed(kRaw, [&] {
           const size_t half = size_t(split[0]) * 256 * 4;
           ncclGroupStart();
@@ -507,53 +543,29 @@ TEST_CASE("nccl bench: all_to_all_v vs a plain ncclSend/ncclRecv group, and all_
           }
           ncclGroupEnd();
         });
-        timed(kAr, [&] { c.all_reduce(grad, ReduceOp::Sum); });
+        timed(kAr, [&] { nb[size_t(r)]->all_reduce(grad, ReduceOp::Sum); });
+        timed(kArBl, [&] { bl[size_t(r)]->all_reduce(grad, ReduceOp::Sum); });
+        timed(kArOrd, [&] { ord[size_t(r)]->all_reduce(grad, ReduceOp::Sum); });
         cudaEventDestroy(e0);
         cudaEventDestroy(e1);
         be->synchronize();
       });
     for (auto& x : th) x.join();
-    th.clear();
-    {  // the rank-order all_reduce on a second world (NcclOptions::Sum::RankOrder)
-      NcclOptions o;
-      o.sum = NcclOptions::Sum::RankOrder;
-      auto ord = make_nccl_world_single_process({0, 1}, o);
-      for (int r = 0; r < 2; ++r)
-        th.emplace_back([&, r] {
-          auto be = make_cuda_backend({r});
-          ord[size_t(r)]->bind_backend(*be);
-          auto stream = static_cast<cudaStream_t>(cuda_backend_stream(*be));
-          Tensor grad = be->zeros(Shape{bytes / 4}, DType::F32);
-          cudaEvent_t e0, e1;
-          cudaEventCreate(&e0);
-          cudaEventCreate(&e1);
-          for (int i = 0; i < warm + iters; ++i) {
-            sync.arrive_and_wait();
-            cudaEventRecord(e0, stream);
-            ord[size_t(r)]->all_reduce(grad, ReduceOp::Sum);
-            cudaEventRecord(e1, stream);
-            cudaEventSynchronize(e1);
-            float ms = 0;
-            cudaEventElapsedTime(&ms, e0, e1);
-            if (i >= warm) t[kArOrd][size_t(i - warm)][size_t(r)] = ms;
-          }
-          cudaEventDestroy(e0);
-          cudaEventDestroy(e1);
-          ord[size_t(r)].reset();
-        });
-      for (auto& x : th) x.join();
-    }
     auto median_ms = [&](int kind) {
       std::vector<float> v;
       for (int i = 0; i < iters; ++i) v.push_back(std::max(t[size_t(kind)][size_t(i)][0], t[size_t(kind)][size_t(i)][1]));
       std::sort(v.begin(), v.end());
       return double(v[v.size() / 2]);
     };
-    const double a = median_ms(kA2a), b = median_ms(kRaw), ar = median_ms(kAr), ao = median_ms(kArOrd);
     const double gb = double(bytes) / 1e9;
-    // all_reduce bus bandwidth (nccl-tests): S * 2 (n-1)/n / t = S / t for 2 ranks.
-    std::printf("| %lld MiB | %.3f | %.1f | %.3f | %.1f | %.2f | %.3f | %.1f | %.3f | %.1f |\n", (long long)mb, a,
-                gb / (a * 1e-3), b, gb / (b * 1e-3), a / b, ar, gb / (ar * 1e-3), ao, gb / (ao * 1e-3));
+    auto cell = [&](int kind) {
+      const double ms = median_ms(kind);
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), "%.3f | %.1f", ms, gb / (ms * 1e-3));
+      return std::string(buf);
+    };
+    std::printf("| %lld MiB | %s | %s | %s | %s | %s | %s |\n", (long long)mb, cell(kA2a).c_str(), cell(kA2aBl).c_str(),
+                cell(kRaw).c_str(), cell(kAr).c_str(), cell(kArBl).c_str(), cell(kArOrd).c_str());
     std::fflush(stdout);
   }
   std::vector<std::thread> th;  // both ranks' teardown at once (ncclCommDestroy is an intra-node collective)
@@ -561,7 +573,9 @@ TEST_CASE("nccl bench: all_to_all_v vs a plain ncclSend/ncclRecv group, and all_
     th.emplace_back([&, r] {
       cudaSetDevice(r);
       ncclCommDestroy(raw[r]);
-      comms[size_t(r)].reset();
+      nb[size_t(r)].reset();
+      bl[size_t(r)].reset();
+      ord[size_t(r)].reset();
     });
   for (auto& x : th) x.join();
   SUCCEED();

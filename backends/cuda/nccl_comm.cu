@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -90,15 +91,19 @@ struct DeviceGuard {
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 };
 
-ncclConfig_t nonblocking_config(const char* name) {
+ncclConfig_t make_config(const char* name, bool blocking) {
   ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
-  cfg.blocking = 0;
+  cfg.blocking = blocking ? 1 : 0;
   cfg.commName = name;
   return cfg;
 }
 
-// NVLink multicast must stay off (it can take a shared host's GPUs out of service): set before
-// NCCL first reads its environment, whatever the caller had.
+// The environment NCCL reads once, at its first initialisation in the process:
+//   - NVLink multicast must stay off (it can take a shared host's GPUs out of service):
+//     NCCL_NVLS_ENABLE=0 whatever the caller had;
+//   - NCCL_RUNTIME_CONNECT=0 unless the caller set it: rings and trees are connected during
+//     initialisation (which has a timeout here), not by the first collective that uses them
+//     (which, on a blocking communicator, could wait without end for a peer that has gone).
 void nvls_off() {
   static std::once_flag once;
   std::call_once(once, [] {
@@ -106,11 +111,41 @@ void nvls_off() {
     if (v != nullptr && std::strcmp(v, "0") != 0)
       std::fprintf(stderr, "moelab: NCCL_NVLS_ENABLE=%s overridden to 0 (NVLink multicast stays off)\n", v);
     setenv("NCCL_NVLS_ENABLE", "0", 1);
+    setenv("NCCL_RUNTIME_CONNECT", "0", 0);
   });
   const char* v = std::getenv("NCCL_NVLS_ENABLE");
   MOELAB_CHECK(v != nullptr && std::strcmp(v, "0") == 0,
                "NCCL_NVLS_ENABLE was changed to '", v ? v : "", "' after moelab set it to 0; refused");
 }
+
+// A call on a helper thread (on `device`) that the caller can stop waiting for: a blocking NCCL
+// call cannot be polled, so the caller watches the clock and the peers meanwhile.
+struct HelperCall {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  ncclResult_t result = ncclSuccess;
+
+  static std::shared_ptr<HelperCall> start(int device, std::function<ncclResult_t()> fn) {
+    auto st = std::make_shared<HelperCall>();
+    std::thread([st, device, fn = std::move(fn)] {
+      cudaSetDevice(device);
+      const ncclResult_t r = fn();
+      {
+        std::lock_guard<std::mutex> lk(st->mu);
+        st->result = r;
+        st->done = true;
+      }
+      st->cv.notify_all();
+    }).detach();
+    return st;
+  }
+  // True once the call has returned (then `result` holds its value); waits up to `seconds`.
+  bool wait_for(double seconds) {
+    std::unique_lock<std::mutex> lk(mu);
+    return cv.wait_for(lk, std::chrono::duration<double>(seconds), [&] { return done; });
+  }
+};
 
 // ncclCommAbort on a helper thread, waited for at most `seconds`: recent NCCL versions
 // synchronise the ranks of a node even in an abort, so it can block when a peer never aborts.
@@ -118,23 +153,7 @@ void nvls_off() {
 bool abort_bounded(ncclComm_t comm, int device, double seconds) noexcept {
   if (comm == nullptr) return true;
   try {
-    struct State {
-      std::mutex mu;
-      std::condition_variable cv;
-      bool done = false;
-    };
-    auto st = std::make_shared<State>();
-    std::thread([comm, device, st] {
-      cudaSetDevice(device);
-      ncclCommAbort(comm);
-      {
-        std::lock_guard<std::mutex> lk(st->mu);
-        st->done = true;
-      }
-      st->cv.notify_all();
-    }).detach();
-    std::unique_lock<std::mutex> lk(st->mu);
-    return st->cv.wait_for(lk, std::chrono::duration<double>(seconds), [&] { return st->done; });
+    return HelperCall::start(device, [comm] { return ncclCommAbort(comm); })->wait_for(seconds);
   } catch (...) {
     return false;
   }
@@ -219,7 +238,8 @@ struct NcclWorld {
     ncclComm_t comm;
     int device;
   };
-  std::vector<Finalizing> finalizing;
+  std::vector<Finalizing> finalizing;  // non-blocking communicators, ncclCommFinalize called
+  std::vector<Finalizing> to_destroy;  // blocking communicators
 
   std::string rank_file(int r) const { return id_file + ".rank" + std::to_string(r); }
   std::string failed_file(int r) const { return rank_file(r) + ".failed"; }
@@ -287,6 +307,16 @@ NcclWorld::~NcclWorld() {
       abort_bounded(f.comm, f.device, 10);
     }
   }
+  // Blocking communicators: ncclCommDestroy (an intra-node collective) of all at once.
+  std::vector<std::shared_ptr<HelperCall>> calls;
+  for (Finalizing& f : to_destroy) {
+    ncclComm_t c = f.comm;
+    calls.push_back(HelperCall::start(f.device, [c] { return ncclCommDestroy(c); }));
+  }
+  for (auto& c : calls) {
+    const double left = std::chrono::duration<double>(deadline - Clock::now()).count();
+    if (!c->wait_for(std::max(left, 0.1))) break;  // left behind: the process is ending its use of NCCL
+  }
   if (!id_file.empty() && my_rank >= 0) std::remove(rank_file(my_rank).c_str());
   if (prev >= 0) cudaSetDevice(prev);
 }
@@ -321,6 +351,9 @@ class NcclComm final : public NcclCommunicator {
       // a failure the peers may never finalise, so abort.
       if (world_->any_failed()) {
         abort_bounded(comm_, device_, 10);
+      } else if (opts_.blocking) {
+        std::lock_guard<std::mutex> lk(world_->mu);
+        world_->to_destroy.push_back({comm_, device_});
       } else {
         const ncclResult_t r = ncclCommFinalize(comm_);
         if (r == ncclSuccess || r == ncclInProgress) {
@@ -514,11 +547,23 @@ class NcclComm final : public NcclCommunicator {
     std::unique_ptr<NcclComm> child;
     {
       Scope s(*this, "split");
-      ncclConfig_t cfg = nonblocking_config("moelab split");
       ncclComm_t nc = nullptr;
-      const ncclResult_t r = ncclCommSplit(comm_, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &nc, &cfg);
-      if (r != ncclSuccess && r != ncclInProgress) fail_nccl(r, "ncclCommSplit");
-      ready(comm_, "ncclCommSplit");
+      ncclComm_t parent = comm_;
+      const int c = color < 0 ? NCCL_SPLIT_NOCOLOR : color;
+      if (opts_.blocking) {
+        auto nc_box = std::make_shared<ncclComm_t>(nullptr);
+        const bool blocking = true;
+        blocking_call("ncclCommSplit", [parent, c, key, nc_box, blocking] {
+          ncclConfig_t cfg = make_config("moelab split", blocking);
+          return ncclCommSplit(parent, c, key, nc_box.get(), &cfg);
+        });
+        nc = *nc_box;
+      } else {
+        ncclConfig_t cfg = make_config("moelab split", false);
+        const ncclResult_t r = ncclCommSplit(parent, c, key, &nc, &cfg);
+        if (r != ncclSuccess && r != ncclInProgress) fail_nccl(r, "ncclCommSplit");
+        ready(comm_, "ncclCommSplit");
+      }
       if (nc == nullptr) return nullptr;
       try {
         ready(nc, "ncclCommSplit (new communicator)");
@@ -536,6 +581,8 @@ class NcclComm final : public NcclCommunicator {
       child = std::make_unique<NcclComm>(nc, device_, nrank, nsize, world_, std::move(placeholder), opts_, false);
       child->stream_ = stream_;
     }
+    // Blocking: connect every pair of the new communicator now (see warm_up).
+    if (opts_.blocking) child->warm_up();
     // The world ranks of the new communicator's members, for messages.
     const std::vector<int64_t> wr = child->all_gather_host({int64_t(world_rank())});
     for (size_t i = 0; i < wr.size(); ++i) child->world_ranks_[i] = int(wr[i]);
@@ -558,7 +605,61 @@ class NcclComm final : public NcclCommunicator {
     }
   }
 
+  // Blocking communicators: one byte to and from every peer (ncclSend/ncclRecv connect all the
+  // point-to-point channels of a pair on its first use) and a barrier, under blocking_call.
+  // Afterwards no enqueue waits for a peer: rings and trees were connected at initialisation
+  // (NCCL_RUNTIME_CONNECT=0), so a peer that fails later is noticed by wait().
+  void warm_up() {
+    Scope s(*this, "warm-up");
+    if (size_ == 1) return;
+    char* buf = static_cast<char*>(scratch(size_t(2 * size_)));
+    ncclComm_t c = comm_;
+    const int n = size_, me = rank_;
+    cudaStream_t st = stream_;
+    blocking_call("warm-up ncclSend/ncclRecv", [c, n, me, buf, st] {
+      ncclResult_t first = ncclGroupStart();
+      for (int r = 0; r < n; ++r) {
+        if (r == me) continue;
+        const ncclResult_t a = ncclSend(buf + r, 1, ncclUint8, r, c, st);
+        const ncclResult_t b = ncclRecv(buf + n + r, 1, ncclUint8, r, c, st);
+        if (first == ncclSuccess) first = a != ncclSuccess ? a : b;
+      }
+      const ncclResult_t end = ncclGroupEnd();
+      return first != ncclSuccess ? first : end;
+    });
+    wait();
+    blocking_call("warm-up ncclAllReduce", [c, buf, st] { return ncclAllReduce(buf, buf, 1, ncclUint8, ncclSum, c, st); });
+    wait();
+  }
+
  private:
+  // Blocking mode: runs fn (a blocking NCCL call on comm_) on a helper thread while this thread
+  // polls the peers' failure state and the clock; a failure aborts comm_ (which ends the call)
+  // and throws. Returns when fn returned ncclSuccess.
+  void blocking_call(const char* what, std::function<ncclResult_t()> fn) {
+    auto call = HelperCall::start(device_, std::move(fn));
+    const auto t0 = Clock::now();
+    auto next = t0;
+    while (!call->wait_for(0.001)) {
+      int who = -1;
+      std::string why;
+      const int me = world_rank();
+      const auto now = Clock::now();
+      bool peer = world_->peer_failed(me, who, why);
+      if (!peer && now >= next) {
+        peer = world_->peer_failed_on_disk(me, who, why);
+        next = now + std::chrono::milliseconds(100);
+      }
+      if (abort_requested_ || own_failed()) fail(detail::concat(where(), ": this rank was aborted: ", own_reason()), false);
+      if (peer) fail(detail::concat(where(), ": ", name_world_rank(who), " failed: ", why, "; the communicator was aborted"), false);
+      if (std::chrono::duration<double>(now - t0).count() > opts_.timeout_s)
+        fail(detail::concat(where(), ": ", what, " did not complete within ", opts_.timeout_s,
+                            " s: a peer did not take part; the communicator was aborted"),
+             true);
+    }
+    if (call->result != ncclSuccess) fail_nccl(call->result, what);
+  }
+
   // One call: this communicator's lock, its device, and a usable state.
   struct Scope {
     Scope(NcclComm& c, const char* op) : lock(c.call_mu_), dev(c.device_) {
@@ -828,7 +929,7 @@ std::vector<std::unique_ptr<NcclCommunicator>> make_nccl_world_single_process(co
   ncclResult_t r = ncclGetUniqueId(&id);
   MOELAB_CHECK(r == ncclSuccess, "nccl world: ncclGetUniqueId failed: ", ncclGetErrorString(r));
   std::vector<ncclComm_t> comms(size_t(n), nullptr);
-  ncclConfig_t cfg = nonblocking_config("moelab world");
+  ncclConfig_t cfg = make_config("moelab world", opts.blocking);
   ncclResult_t first = ncclGroupStart();
   for (int i = 0; i < n; ++i) {
     cudaSetDevice(devices[size_t(i)]);
@@ -848,6 +949,22 @@ std::vector<std::unique_ptr<NcclCommunicator>> make_nccl_world_single_process(co
   std::vector<std::unique_ptr<NcclCommunicator>> out;
   for (int i = 0; i < n; ++i)
     out.push_back(std::make_unique<NcclComm>(comms[size_t(i)], devices[size_t(i)], i, n, world, ranks, opts, true));
+  if (opts.blocking && n > 1) {  // every rank at once (connection setup pairs them)
+    std::vector<std::string> errors(static_cast<size_t>(n));
+    std::vector<std::thread> th;
+    for (int i = 0; i < n; ++i)
+      th.emplace_back([&, i] {
+        try {
+          static_cast<NcclComm&>(*out[size_t(i)]).warm_up();
+        } catch (const std::exception& e) {
+          errors[size_t(i)] = e.what();
+          out[size_t(i)]->abort(e.what());
+        }
+      });
+    for (auto& t : th) t.join();
+    for (int i = 0; i < n; ++i)
+      if (!errors[size_t(i)].empty()) MOELAB_FAIL("nccl world: rank ", i, ": ", errors[size_t(i)]);
+  }
   return out;
 }
 
@@ -892,9 +1009,23 @@ std::unique_ptr<NcclCommunicator> make_nccl_comm_from_file(int rank, int world, 
     }
   }
   ncclComm_t comm = nullptr;
-  {
+  if (opts.blocking) {  // a blocking init cannot be polled: on a helper thread, with the timeout
+    auto box = std::make_shared<ncclComm_t>(nullptr);
+    auto call = HelperCall::start(device, [box, world, id, rank] {
+      ncclConfig_t cfg = make_config("moelab world", true);
+      return ncclCommInitRankConfig(box.get(), world, id, rank, &cfg);
+    });
+    if (!call->wait_for(opts.timeout_s))
+      MOELAB_FAIL(who, ": NCCL initialisation did not complete within ", opts.timeout_s,
+                  " s (a rank that never joined? a stale id file from an earlier launch?)");
+    if (call->result != ncclSuccess) {
+      abort_bounded(*box, device, 10);
+      MOELAB_FAIL(who, ": ncclCommInitRankConfig failed: ", ncclGetErrorString(call->result));
+    }
+    comm = *box;
+  } else {
     DeviceGuard g(device);
-    ncclConfig_t cfg = nonblocking_config("moelab world");
+    ncclConfig_t cfg = make_config("moelab world", false);
     const ncclResult_t r = ncclCommInitRankConfig(&comm, world, id, rank, &cfg);
     if (r != ncclSuccess && r != ncclInProgress) {
       abort_bounded(comm, device, 10);
@@ -911,7 +1042,9 @@ std::unique_ptr<NcclCommunicator> make_nccl_comm_from_file(int rank, int world, 
   if (rank == 0) std::remove(id_file.c_str());
   std::vector<int> ranks(static_cast<size_t>(world));
   for (int i = 0; i < world; ++i) ranks[size_t(i)] = i;
-  return std::make_unique<NcclComm>(comm, device, rank, world, w, ranks, opts, true);
+  auto out = std::make_unique<NcclComm>(comm, device, rank, world, w, ranks, opts, true);
+  if (opts.blocking) out->warm_up();
+  return out;
 }
 
 std::optional<LaunchRank> launch_rank_from_env() {

@@ -15,9 +15,10 @@
 // the device: the host polls the stream, NCCL's asynchronous error state and the peers' failure
 // state until then. So a collective never hangs: a peer that failed (abort(), an exception in
 // another rank thread, a process that exited) or a wait longer than the timeout ends in
-// moelab::Error naming the rank (or, when NCCL cannot tell which, the ranks and the collective)
-// after ncclCommAbort. The communicators are non-blocking NCCL communicators (ncclConfig_t
-// blocking = 0) for this reason.
+// moelab::Error naming the rank (or, when NCCL cannot tell which, the collective) after
+// ncclCommAbort. The communicators are non-blocking NCCL communicators (ncclConfig_t blocking =
+// 0) by default, so that no NCCL call can wait for a peer out of sight of that watch;
+// NcclOptions::blocking trades that for less time per call (see there).
 //
 // Reductions: bit-identical on every rank; float sums add in rank order as core/comm.h requires:
 // for 2 ranks ncclAllReduce gives x0 + x1 (one addition, commutative), for more ranks (or
@@ -54,6 +55,15 @@ struct NcclOptions {
   // Float sums (see above): Auto = ncclAllReduce for 2 ranks, gather + rank-order sum for more.
   enum class Sum { Auto, Native, RankOrder };
   Sum sum = Sum::Auto;
+  // Blocking NCCL communicators. On a non-blocking one (the default) NCCL 2.28 starts a thread
+  // for every call, ~0.1 ms per collective (docs/gpu-results.md); blocking ones save that. Their
+  // one hazard, a blocking NCCL call that waits for a peer (initialisation, ncclCommSplit, the
+  // first connection of a pair), is covered: those calls run on a helper thread under the same
+  // watch (timeout, failed peers), and each new communicator connects every pair at once
+  // (one byte each way, and rings and trees at initialisation: NCCL_RUNTIME_CONNECT=0 unless
+  // set otherwise). What stays uncovered: a peer that dies inside NCCL's own connection code
+  // later, e.g. with NCCL_RUNTIME_CONNECT=1 set by the user.
+  bool blocking = false;
 };
 
 class NcclCommunicator : public Communicator {

@@ -4,17 +4,19 @@
 # Usage (on the GPU machine, from the repository root): parallel_h200x2.sh INSTALL_DIR OUT_DIR
 # INSTALL_DIR: a relocatable install with moelab_gpu_tests copied beside moelab. Needs data/brown.
 set -u
-inst=$(readlink -f "$1"); out=$(readlink -f "$2"); mkdir -p "$out"
+inst=$(readlink -f "$1"); final=$(readlink -f "$2"); mkdir -p "$final"
+out=$(mktemp -d)   # everything goes here; $final gets the summary, the Brown logs and one archive
+trap 'cp "$out/summary.txt" "$out"/brown_*.h5 "$final"/ 2>/dev/null; tar czf "$final/all_logs.tgz" -C "$out" . ; rm -rf "$out"' EXIT
 export NCCL_NVLS_ENABLE=0   # NVLink multicast must stay off on these machines
 M="$inst/moelab"
 log() { echo "== $*" | tee -a "$out/summary.txt"; }
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | tee -a "$out/summary.txt"
 
 log "gpu tests (op test, NCCL communicator, parallel equivalence)"
-timeout -k 10 240 "$inst/moelab_gpu_tests" --success "[parallel]" 2>&1 | grep -E "warning|WARN|relative|largest|passed|failed|FAILED" | tee -a "$out/summary.txt"
+timeout -k 10 240 "$inst/moelab_gpu_tests" "[parallel]" 2>&1 | grep -E "warning|WARN|relative|largest|passed|failed|FAILED" | tee -a "$out/summary.txt"
 timeout -k 10 240 "$inst/moelab_gpu_tests" 2>&1 | tail -3 | tee -a "$out/summary.txt"
 log "NCCL all-to-all vs send/recv bandwidth"
-timeout -k 10 120 "$inst/moelab_gpu_tests" "[.bench]" 2>&1 | tail -25 | tee -a "$out/summary.txt"
+timeout -k 10 120 "$inst/moelab_gpu_tests" "[bench][nccl]" 2>&1 | tail -25 | tee -a "$out/summary.txt"
 
 log "Brown, 300 steps, f32: one GPU, ep=2, dp=2 (same global batch 16 x 128)"
 for layout in "1gpu:" "ep2:--set parallel.ep=2" "dp2:--set parallel.dp=2"; do
@@ -46,9 +48,11 @@ T="--set model.layers=4 --set model.d_model=1024 --set model.heads=8 --set model
    --set model.d_expert=4096 --set model.moe_every=1 --set model.dtype=bf16 --set train.seq=512 --set train.steps=30
    --set train.warmup=5 --set train.lr=1e-4 --set log.eval_every=0 --set log.checkpoint_every=0 --set log.flush_every=30
    --set data.source=synthetic --set router.aux_alpha=0.01"
-for layout in "1gpu:--set train.batch=32" "dp2:--set train.batch=64 --set parallel.dp=2" "ep2:--set train.batch=64 --set parallel.ep=2"; do
+for layout in "1gpu:--set train.batch=32" "dp2:--set train.batch=64 --set parallel.dp=2" \
+              "ep2:--set train.batch=64 --set parallel.ep=2" "ep2_nonblocking:--set train.batch=64 --set parallel.ep=2"; do
   name=${layout%%:*}; sets=${layout#*:}
-  timeout -k 10 200 "$M" train --config experiments/configs/brown_small.ini --backend cuda $T $sets \
+  case $name in *nonblocking) export MOELAB_NCCL_BLOCKING=0 ;; *) export MOELAB_NCCL_BLOCKING=1 ;; esac
+  timeout -k 10 150 "$M" train --config experiments/configs/brown_small.ini --backend cuda $T $sets \
     --out "$out/tput_$name.h5" --overwrite > "$out/tput_$name.txt" 2>&1
   echo "$name: rc=$? $(tail -1 "$out/tput_$name.txt" | cut -c1-150)" | tee -a "$out/summary.txt"
 done
@@ -58,7 +62,7 @@ out = sys.argv[1]
 base = None
 print("| layout | GPUs | tokens/s (median, steps 11-30) | per GPU | scaling vs 1 GPU | comm share of step | a2a GB/s per rank |")
 print("|---|---|---|---|---|---|---|")
-for name, gpus in (("1gpu", 1), ("dp2", 2), ("ep2", 2)):
+for name, gpus in (("1gpu", 1), ("dp2", 2), ("ep2", 2), ("ep2_nonblocking", 2)):
     try:
         f = h5py.File(f"{out}/tput_{name}.h5", "r")
     except OSError as e:
@@ -77,4 +81,4 @@ for name, gpus in (("1gpu", 1), ("dp2", 2), ("ep2", 2)):
         if sent.max() > 0: gbs = f"{float(np.mean(sent)) / float(np.mean(a2a)) / 1e9:.1f}"
     print(f"| {name} | {gpus} | {med:,.0f} | {med / gpus:,.0f} | {med / base:.2f}x | {share} | {gbs} |")
 PY
-ls -la "$out"
+ls -la "$out" | tail -n +2 | awk '{print $5, $9}' >> "$out/summary.txt"
