@@ -112,23 +112,30 @@ Batch slice_batch(const Batch& full, int part, int parts) {
 
 bool is_expert_param(const std::string& name) { return name.find(".moe.experts.") != std::string::npos; }
 
-// One all-reduce (sum) of many tensors through one flat buffer: the gradients of one reduction
-// group travel in a single collective.
+// One all-reduce (sum) of many tensors through one flat buffer per dtype (bf16 models keep the
+// router in fp32): the gradients of one reduction group travel in one collective per dtype.
 void all_reduce_flat(Backend& b, Communicator& comm, const std::vector<Tensor*>& ts) {
-  if (ts.empty()) return;
-  int64_t n = 0;
-  for (const Tensor* t : ts) n += t->numel();
-  Tensor flat = b.empty(Shape{n}, ts.front()->dtype());
-  int64_t at = 0;
-  for (const Tensor* t : ts) {
-    b.copy(*t, flat.view_rows(at, at + t->numel()).reshape(t->shape()));
-    at += t->numel();
-  }
-  comm.all_reduce(flat, ReduceOp::Sum);
-  at = 0;
-  for (Tensor* t : ts) {
-    b.copy(flat.view_rows(at, at + t->numel()).reshape(t->shape()), *t);
-    at += t->numel();
+  for (DType dt : {DType::F64, DType::F32, DType::BF16}) {
+    std::vector<Tensor*> same;
+    int64_t n = 0;
+    for (Tensor* t : ts)
+      if (t->dtype() == dt) {
+        same.push_back(t);
+        n += t->numel();
+      }
+    if (same.empty()) continue;
+    Tensor flat = b.empty(Shape{n}, dt);
+    int64_t at = 0;
+    for (const Tensor* t : same) {
+      b.copy(*t, flat.view_rows(at, at + t->numel()).reshape(t->shape()));
+      at += t->numel();
+    }
+    comm.all_reduce(flat, ReduceOp::Sum);
+    at = 0;
+    for (Tensor* t : same) {
+      b.copy(flat.view_rows(at, at + t->numel()).reshape(t->shape()), *t);
+      at += t->numel();
+    }
   }
 }
 
