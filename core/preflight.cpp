@@ -104,7 +104,7 @@ MemoryEstimate estimate_memory(const RunConfig& cfg) {
   const ModelConfig& m = cfg.model;
   const MoEConfig& moe = cfg.moe;
   const int64_t heads = m.heads, kv = m.kv_heads > 0 ? m.kv_heads : m.heads;
-  const bool bf16 = m.dtype == "bf16", f64 = m.dtype == "f64";
+  const bool bf16 = m.dtype == DType::BF16, f64 = m.dtype == DType::F64;
   const Q e = Sizer::lit(f64 ? 8 : bf16 ? 2 : 4), s = Sizer::lit(f64 ? 8 : 4), r = s;
 
   const Q V = z.key("model.vocab", m.vocab), D = z.key("model.d_model", moe.d_model);

@@ -145,9 +145,9 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   const int W = dist ? par->world : 1, rank = dist ? par->rank : 0, ep = dist ? par->ep : 1;
   const bool lead = rank == 0;
   const bool quiet = opts.quiet || !lead;
-  const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : cfg.model.dtype == "bf16" ? DType::BF16 : DType::F32;
+  const DType dtype = cfg.model.dtype;
   const DType state_dtype = dtype == DType::F64 ? DType::F64 : DType::F32;
-  MOELAB_CHECK(b.supports(Op::AttentionForward, dtype), "model.dtype = ", cfg.model.dtype,
+  MOELAB_CHECK(b.supports(Op::AttentionForward, dtype), "model.dtype = ", to_string(cfg.model.dtype),
                " is not supported by backend ", b.name(), " (bf16 needs train.backend = cuda)");
   const TrainConfig& tc = cfg.train;
   const uint64_t seed = tc.seed;

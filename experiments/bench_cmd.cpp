@@ -26,6 +26,13 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int run_bench(const RunConfig& cfg_in, const BenchCliOptions& opts) {
+  // Nothing silently ignored: bench times one rank's step; a parallel layout is measured by
+  // training it (tokens/s per step and /parallel communication in the run log).
+  for (const SweepRun& run : expand_sweep(cfg_in))
+    if (run.config.parallel.world() > 1)
+      MOELAB_USAGE_FAIL("bench: parallel.ep x parallel.dp = ", run.config.parallel.world(),
+                        " is not benchmarked by `moelab bench` yet; run `moelab train` with the same keys "
+                        "(the log records tokens/s and the per-rank communication, docs/run-log.md)");
   std::printf("%-28s %-7s %-5s %7s %10s %10s %10s %10s %12s\n", "run", "backend", "dtype", "tokens",
               "fwd ms", "bwd ms", "adamw ms", "step ms", "tokens/s");
   // Absurd sizes are refused before any run starts (core/preflight.h).
@@ -34,8 +41,8 @@ int run_bench(const RunConfig& cfg_in, const BenchCliOptions& opts) {
     const RunConfig& cfg = run.config;
     auto backend = make_backend(cfg.train.backend);
     Backend& b = *backend;
-    const DType dt = cfg.model.dtype == "f64" ? DType::F64 : cfg.model.dtype == "bf16" ? DType::BF16 : DType::F32;
-    MOELAB_CHECK(b.supports(Op::AttentionForward, dt), "bench: model.dtype = ", cfg.model.dtype,
+    const DType dt = cfg.model.dtype;
+    MOELAB_CHECK(b.supports(Op::AttentionForward, dt), "bench: model.dtype = ", to_string(cfg.model.dtype),
                  " is not supported by backend ", b.name());
     const int64_t S = cfg.train.seq, T = cfg.train.batch * S;
     TransformerLM model(b, lm_config(cfg), dt);
@@ -82,7 +89,7 @@ int run_bench(const RunConfig& cfg_in, const BenchCliOptions& opts) {
     }
     const double st = median(step);
     std::printf("%-28s %-7s %-5s %7lld %10.3f %10.3f %10.3f %10.3f %12.0f\n", run.name.c_str(),
-                b.name().c_str(), cfg.model.dtype.c_str(), (long long)T, median(fwd), median(bwd),
+                b.name().c_str(), to_string(cfg.model.dtype), (long long)T, median(fwd), median(bwd),
                 median(opt), st, double(T) / (st / 1000.0));
     std::fflush(stdout);
   }

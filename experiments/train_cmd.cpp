@@ -63,7 +63,8 @@ int run_generate(const GenerateCliOptions& g) {
   }
   auto backend = make_backend(g.backend.empty() ? "cpu" : g.backend);
   Backend& b = *backend;
-  const DType dtype = cfg.model.dtype == "f64" ? DType::F64 : DType::F32;
+  // bf16 runs keep fp32 master weights, which the checkpoint holds: sample in f32 on the CPU.
+  const DType dtype = cfg.model.dtype == DType::F64 ? DType::F64 : DType::F32;
   TransformerLM model(b, lm_config(cfg), dtype);
 
   // The checkpoint's tensors must be exactly this model's parameters, plus the trainer's AdamW

@@ -59,7 +59,7 @@ TEST_CASE("config: defaults without a file", "[config]") {
   CHECK(c.model.kv_heads == 4);  // 0 resolves to heads
   CHECK(c.model.moe_every == 2);
   CHECK(c.model.vocab == 256);
-  CHECK(c.model.dtype == "f32");
+  CHECK(c.model.dtype == DType::F32);
   CHECK(c.moe.d_model == 64);
   CHECK(c.moe.experts == 8);
   CHECK(c.moe.top_k == 2);

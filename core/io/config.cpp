@@ -229,7 +229,7 @@ std::vector<ConfigKey> build_keys() {
                        "output projection shares the token embedding"));
   k.push_back(real_key("model.init_scale", FIELD(model.init_scale), gt(0),
                        "multiplies the default init std (Switch: 0.1 for stability)"));
-  k.push_back(choice_key("model.dtype", FIELD(model.dtype), {"f32", "f64", "bf16"},
+  k.push_back(enum_key("model.dtype", FIELD(model.dtype), std::vector<DType>{DType::F32, DType::F64, DType::BF16},
                          "parameter/activation precision: f64 (CPU checks), f32, bf16 (CUDA: bf16 "
                          "storage, fp32 accumulation, fp32 master weights and optimizer state); "
                          "the router is fp32 or better always"));

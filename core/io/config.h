@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/moe/config.h"
+#include "core/tensor.h"
 
 namespace moelab {
 
@@ -33,7 +34,8 @@ struct ModelConfig {
   bool tie_embeddings = true;    // model.tie_embeddings: output head shares the embedding
   double init_scale = 1.0;       // model.init_scale: multiplies the default init std
                                  // (Switch recommends 0.1 for stability)
-  std::string dtype = "f32";     // model.dtype: f32 | f64 | bf16 (bf16: CUDA only)
+  DType dtype = DType::F32;      // model.dtype: f32 | f64 | bf16 (bf16: CUDA only); parsed once,
+                                 // here, from its to_string() spelling
 };
 
 // [train]
