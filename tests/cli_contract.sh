@@ -38,15 +38,8 @@ printf '[data]\nsource = brown\npath = %s/nothing\n' "$tmp" > "$tmp/brown.ini"
 expect_fail "brown missing says make data" "make data" train --config "$tmp/brown.ini" --out "$tmp/b.h5"
 
 # End to end: train 4 steps with a checkpoint, resume, generate.
-cat > "$tmp/tiny.ini" <<INI
-[model]
-layers = 2
-d_model = 16
-heads = 2
-experts = 4
-top_k = 2
-d_expert = 16
-moe_every = 1
+cat "$(dirname "${BASH_SOURCE[0]}")/tiny_model.ini" > "$tmp/tiny.ini"
+cat >> "$tmp/tiny.ini" <<INI
 [train]
 steps = 4
 batch = 2

@@ -7,6 +7,7 @@
 # a failure prints the seed and the round, and the round's kill.
 set -u
 moelab=$(readlink -f "$1"); rounds=${2:-12}; seed=${MOELAB_FAULT_SEED:-11}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 py=/usr/bin/python3
 $py -c 'import h5py' 2>/dev/null || { echo "FAIL: $py with h5py is needed (make deps installs python3-h5py)"; exit 1; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -14,15 +15,8 @@ cd "$tmp"
 state=$seed
 rand() { state=$(( (state * 1103515245 + 12345) % 2147483648 )); echo $(( state / 65536 % $1 )); }
 
-cat > run.ini <<INI
-[model]
-layers = 2
-d_model = 16
-heads = 2
-experts = 4
-top_k = 2
-d_expert = 16
-moe_every = 1
+cat "$here/tiny_model.ini" > run.ini
+cat >> run.ini <<INI
 [router]
 aux_alpha = 0.01
 bias_update_rate = 0.001

@@ -20,15 +20,8 @@ run() {
   fi
 }
 
-cat > "$tmp/tiny.ini" <<INI
-[model]
-layers = 2
-d_model = 16
-heads = 2
-experts = 4
-top_k = 2
-d_expert = 16
-moe_every = 1
+cat "$(dirname "${BASH_SOURCE[0]}")/tiny_model.ini" > "$tmp/tiny.ini"
+cat >> "$tmp/tiny.ini" <<INI
 [train]
 steps = 4
 batch = 2
