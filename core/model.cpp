@@ -77,7 +77,10 @@ TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype,
         d = std::make_unique<AllToAllDispatcher>(b_, *parallel->ep_comm, cfg.moe.experts);
         first_expert_ = d->first_expert();
       }
-      blk->moe = std::make_unique<MoELayer>(b_, cfg.moe, dtype_, std::move(d), parallel->world_comm,
+      // router.balance_scope = micro_batch: each rank's router balances its own tokens.
+      const bool batch_scope = cfg.moe.router.balance_scope == BalanceScope::Batch;
+      blk->moe = std::make_unique<MoELayer>(b_, cfg.moe, dtype_, std::move(d),
+                                            batch_scope ? parallel->world_comm : nullptr,
                                             double(parallel->world));
     } else if (blk->is_moe) {
       blk->moe = std::make_unique<MoELayer>(b_, cfg.moe, dtype_);

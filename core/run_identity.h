@@ -24,7 +24,7 @@ struct ConfigChange {
 // is or which data and random draws it sees: the learning-rate schedule and optimizer
 // (train.steps, lr, warmup, min_lr_ratio, weight_decay, grad_clip, beta1, beta2), the router's
 // loss weights and bias step (router.aux_alpha, aux_loss_type, z_loss, importance_weight,
-// load_weight, bias_update_rate), the backend, the corpus location (data.path), every log.*
+// load_weight, bias_update_rate, balance_scope), the micro-batching (train.grad_accum), the backend, the corpus location (data.path), every log.*
 // key and the parallel layout (parallel.ep, parallel.dp: checkpoints hold whole tensors).
 bool resume_may_change(const std::string& key);
 

@@ -110,6 +110,55 @@ Batch slice_batch(const Batch& full, int part, int parts) {
   return b;
 }
 
+// Token-weighted sums of router statistics and losses: several router calls (micro-batches,
+// ranks) merged into the statistics of their union. Counts add; means are weighted by tokens;
+// the logit maximum is the maximum.
+struct StatsSum {
+  std::vector<double> v;  // [T, routed E, kept E, P*T E, entropy*T, top1*T, rms^2*T, unrouted,
+                          //  aux*T, z*T, importance*T, load*T, weighted*T]
+  double logit_max = 0;
+  int64_t capacity = 0;
+  void add(const MoEOutput& o, int64_t tokens) {
+    const RouterStats& s = o.stats;
+    const double t = double(tokens);
+    std::vector<double> x = {t};
+    for (int64_t c : s.routed) x.push_back(double(c));
+    for (int64_t c : s.kept) x.push_back(double(c));
+    for (double p : s.mean_prob) x.push_back(p * t);
+    for (double y : {s.entropy, s.top1_prob, s.logit_rms * s.logit_rms}) x.push_back(y * t);
+    x.push_back(double(s.tokens_unrouted));
+    for (double y : {o.losses.aux, o.losses.z, o.losses.importance, o.losses.load, o.losses.weighted})
+      x.push_back(y * t);
+    if (v.empty()) v.assign(x.size(), 0.0);
+    for (size_t i = 0; i < x.size(); ++i) v[i] += x[i];
+    logit_max = std::max(logit_max, s.logit_max);
+    capacity = o.capacity;
+  }
+  void reduce(Communicator& world) {
+    world.all_reduce_host(v, ReduceOp::Sum);
+    std::vector<double> mx = {logit_max};
+    world.all_reduce_host(mx, ReduceOp::Max);
+    logit_max = mx[0];
+  }
+  void result(MoEOutput& o) const {
+    RouterStats& s = o.stats;
+    const size_t E = s.routed.size();
+    size_t at = 0;
+    const double t = v[at++];
+    for (size_t e = 0; e < E; ++e) s.routed[e] = int64_t(v[at++]);
+    for (size_t e = 0; e < E; ++e) s.kept[e] = int64_t(v[at++]);
+    for (size_t e = 0; e < E; ++e) s.mean_prob[e] = v[at++] / t;
+    s.entropy = v[at++] / t;
+    s.top1_prob = v[at++] / t;
+    s.logit_rms = std::sqrt(v[at++] / t);
+    s.tokens_unrouted = int64_t(v[at++]);
+    s.logit_max = logit_max;
+    for (double* y : {&o.losses.aux, &o.losses.z, &o.losses.importance, &o.losses.load, &o.losses.weighted})
+      *y = v[at++] / t;
+    o.capacity = capacity;
+  }
+};
+
 bool is_expert_param(const std::string& name) { return name.find(".moe.experts.") != std::string::npos; }
 
 // One all-reduce (sum) of many tensors through one flat buffer per dtype (bf16 models keep the
@@ -395,11 +444,32 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     const double lr = learning_rate(tc, step);
     data->next_train(batch);
     const CommTotals comm_before = comm_totals();
-    Tensor in, tg;
-    batch_tensors(b, slice_batch(batch, rank, W), in, tg);
-    LMForward f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
+    // This rank's share of the batch, in A micro-batches whose gradients add up (backward
+    // accumulates) before one update; the objective is the mean over ranks and micro-batches.
+    const int64_t A = tc.grad_accum;
+    const Batch share = slice_batch(batch, rank, W);
     model.zero_grad();
-    model.backward();
+    LMForward f;
+    std::vector<StatsSum> step_stats(moe_blocks.size());
+    double ce_sum = 0;
+    for (int64_t m = 0; m < A; ++m) {
+      Tensor in, tg;
+      batch_tensors(b, slice_batch(share, int(m), int(A)), in, tg);
+      f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
+      model.backward();
+      ce_sum += f.ce_loss;
+      for (size_t l = 0; l < f.moe.size(); ++l) step_stats[l].add(f.moe[l], T / A);
+    }
+    f.ce_loss = ce_sum / double(A);
+    // The statistics of the step's whole batch: already so with router.balance_scope = batch
+    // (the router reduced them over the ranks); merged over micro-batches and ranks otherwise.
+    if (cfg.moe.router.balance_scope == BalanceScope::MicroBatch)
+      for (size_t l = 0; l < f.moe.size(); ++l) {
+        if (dist) step_stats[l].reduce(*par->world_comm);
+        step_stats[l].result(f.moe[l]);
+      }
+    if (!dist && A > 1)
+      for (ParamRef& p : params) b.scale(p.grad, 1.0 / double(A));
 
     double sq = 0;
     if (dist) {
@@ -413,7 +483,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       if (par->dp > 1) all_reduce_flat(b, *par->expert_dp_comm, experts);
       b.synchronize();
       reduce_seconds += std::chrono::duration<double>(Clock::now() - t_reduce).count();
-      for (ParamRef& p : params) b.scale(p.grad, 1.0 / double(W));
+      for (ParamRef& p : params) b.scale(p.grad, 1.0 / double(W * A));
       // The global norm: replicated gradients are equal everywhere, expert shards add up.
       std::vector<double> parts = {0.0, 0.0};
       for (ParamRef& p : params) parts[is_expert_param(p.name)] += b.sum_squares(p.grad);
@@ -447,7 +517,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
               decays(params[i]) ? tc.weight_decay : 0.0, step);
       if (master[i].defined()) b.cast(master[i], params[i].value);
     }
-    for (size_t i = 0; i < moe_blocks.size(); ++i) model.moe_layer(i).update_bias();
+    for (size_t i = 0; i < moe_blocks.size(); ++i) model.moe_layer(i).update_bias(f.moe[i].stats);
     b.synchronize();
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     window_time += dt;

@@ -166,11 +166,50 @@ TEST_CASE("parallel train: a rank that dies stops the others with its name; the 
   CHECK(n >= 3);  // flushed every step; steps 1-3 are whole
 }
 
+TEST_CASE("parallel train: train.grad_accum on one rank reproduces the ranks' batch (balance_scope = micro_batch)", "[parallel][accum]") {
+  // Four micro-batches on one rank and four ranks (ep 2 x dp 2, or dp 4) see the same four
+  // slices of the batch, each balancing its own tokens: the same loss and gradients (f64), and
+  // the same next steps (the aux-loss-free bias moves by the merged counts of the step).
+  TempDir tmp("accum");
+  const std::vector<std::string> base = {"model.dtype=f64", "router.balance_scope=micro_batch",
+                                         "router.bias_update_rate=0.01"};
+  std::vector<std::string> a = base;
+  a.push_back("train.grad_accum=4");
+  TrainResult ref_r;
+  const auto ref = step_gradients(config(tmp, "accum", a), 8, &ref_r);
+  for (const auto& layout : std::vector<std::vector<std::string>>{{"parallel.ep=2", "parallel.dp=2"}, {"parallel.dp=4"}}) {
+    INFO(layout.front());
+    std::vector<std::string> sets = base;
+    sets.insert(sets.end(), layout.begin(), layout.end());
+    TrainResult r;
+    const auto got = step_gradients(config(tmp, "l" + std::to_string(layout.size()), sets), 8, &r);
+    CHECK(std::abs(r.losses[0] - ref_r.losses[0]) <= 1e-12 * ref_r.losses[0]);
+    for (const auto& [name, g] : ref) {
+      INFO("gradient of " << name);
+      CHECK(rel_diff(got.at(name), g) <= 1e-12);
+    }
+  }
+  // Three steps: the bias update and the logged (merged) statistics agree too.
+  TrainOptions o;
+  o.quiet = true;
+  a.push_back("train.steps=3");
+  const TrainResult one = train(config(tmp, "accum3", a), o);
+  std::vector<std::string> w = base;
+  w.insert(w.end(), {"parallel.ep=2", "parallel.dp=2", "train.steps=3"});
+  const TrainResult four = train(config(tmp, "ranks3", w), o);
+  REQUIRE(four.losses.size() == 3);
+  for (size_t i = 0; i < 3; ++i) CHECK(std::abs(four.losses[i] - one.losses[i]) <= 1e-12 * one.losses[i]);
+  CHECK(std::abs(four.imbalance - one.imbalance) <= 1e-12);
+  // Accumulation with batch-wide balancing is refused by name.
+  CHECK_THROWS_WITH(config(tmp, "bad", {"train.grad_accum=2"}),
+                    has_substr("train.grad_accum = 2 needs router.balance_scope = micro_batch"));
+}
+
 TEST_CASE("parallel train: bad layouts and unsupported routers are refused at startup by name", "[parallel][errors]") {
   TempDir tmp("parbad");
   CHECK_THROWS_WITH(config(tmp, "a", {"parallel.ep=3"}), has_substr("parallel.ep = 3 must divide model.experts = 8"));
   CHECK_THROWS_WITH(config(tmp, "b", {"parallel.ep=4", "parallel.dp=3"}),
-                    has_substr("train.batch = 16 must be divisible by parallel.ep x parallel.dp = 4 x 3 = 12"));
+                    has_substr("train.batch = 16 must be divisible by parallel.ep x parallel.dp x train.grad_accum = 4 x 3 x 1 = 12"));
   CHECK_THROWS_WITH(config(tmp, "c", {"parallel.ep=2", "router.policy=sinkhorn"}), has_substr("sinkhorn"));
   CHECK_THROWS_WITH(config(tmp, "d", {"parallel.dp=2", "router.noise=jitter"}), has_substr("router.noise"));
   CHECK_THROWS_WITH(config(tmp, "e", {"parallel.ep=2", "router.importance_weight=0.1"}),

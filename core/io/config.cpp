@@ -257,6 +257,11 @@ std::vector<ConfigKey> build_keys() {
   k.push_back(enum_key("router.aux_loss_type", FIELD(moe.router.aux_loss_type),
                        std::vector{AuxLossType::Global, AuxLossType::Sequence},
                        "aux loss over the whole batch or per sequence (DeepSeek)"));
+  k.push_back(enum_key("router.balance_scope", FIELD(moe.router.balance_scope),
+                       std::vector{BalanceScope::Batch, BalanceScope::MicroBatch},
+                       "tokens the balancing counts, z-loss and statistics cover: the step's whole "
+                       "batch across ranks (Megatron's global-batch aux loss) or each router call's "
+                       "own (one rank's share, one train.grad_accum micro-batch)"));
   k.push_back(real_key("router.z_loss", FIELD(moe.router.z_loss), ge(0),
                        "router z-loss weight beta (ST-MoE, about 1e-3)"));
   k.push_back(real_key("router.importance_weight", FIELD(moe.router.importance_weight), ge(0),
@@ -280,6 +285,10 @@ std::vector<ConfigKey> build_keys() {
   // [train]
   k.push_back(int_key<int64_t>("train.steps", FIELD(train.steps), 1, "optimizer steps"));
   k.push_back(int_key<int64_t>("train.batch", FIELD(train.batch), 1, "sequences per step"));
+  k.push_back(int_key<int64_t>("train.grad_accum", FIELD(train.grad_accum), 1,
+                               "micro-batches per step: gradients of batch / grad_accum sequences "
+                               "each, summed before the update (one GPU reproduces a multi-GPU batch)",
+                               int64_t(65536)));
   k.push_back(int_key<int64_t>("train.seq", FIELD(train.seq), 1,
                                "tokens per sequence; T = batch * seq tokens per router call"));
   k.push_back(real_key("train.lr", FIELD(train.lr), gt(0), "peak learning rate"));
@@ -569,10 +578,16 @@ void finalize(RunConfig& cfg) {
   if (cfg.moe.experts % par.ep != 0)
     MOELAB_USAGE_FAIL("config: parallel.ep = ", par.ep, " must divide model.experts = ", cfg.moe.experts,
                       " (every rank holds experts / ep experts)");
+  const int64_t accum = cfg.train.grad_accum;
+  if (cfg.train.batch % (par.world() * accum) != 0)
+    MOELAB_USAGE_FAIL("config: train.batch = ", cfg.train.batch, " must be divisible by parallel.ep x parallel.dp x ",
+                      "train.grad_accum = ", par.ep, " x ", par.dp, " x ", accum, " = ", par.world() * accum,
+                      " (every rank's micro-batch holds whole sequences)");
+  if (accum > 1 && cfg.moe.router.balance_scope == BalanceScope::Batch)
+    MOELAB_USAGE_FAIL("config: train.grad_accum = ", accum, " needs router.balance_scope = micro_batch: with "
+                      "router.balance_scope = batch a micro-batch's balancing loss would need the counts "
+                      "of the micro-batches after it");
   if (par.world() > 1) {
-    if (cfg.train.batch % par.world() != 0)
-      MOELAB_USAGE_FAIL("config: train.batch = ", cfg.train.batch, " must be divisible by parallel.ep x parallel.dp = ",
-                        par.ep, " x ", par.dp, " = ", par.world(), " (the batch is split, whole sequences, over the ranks)");
     try {
       Router::check_batch_group(cfg.moe);
     } catch (const Error& e) {

@@ -42,6 +42,7 @@ struct ModelConfig {
 struct TrainConfig {
   int64_t steps = 100;           // train.steps: optimizer steps
   int64_t batch = 8;             // train.batch: sequences per step
+  int64_t grad_accum = 1;        // train.grad_accum: micro-batches per step
   int64_t seq = 64;              // train.seq: tokens per sequence (T = batch * seq)
   double lr = 3e-4;              // train.lr: peak learning rate
   int64_t warmup = 10;           // train.warmup: linear warm-up steps

@@ -49,6 +49,14 @@ const char* to_string(DropPolicy v) {
   return "?";
 }
 
+const char* to_string(BalanceScope v) {
+  switch (v) {
+    case BalanceScope::Batch: return "batch";
+    case BalanceScope::MicroBatch: return "micro_batch";
+  }
+  return "?";
+}
+
 const char* to_string(AuxLossType v) {
   switch (v) {
     case AuxLossType::Global: return "global";

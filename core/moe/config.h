@@ -16,12 +16,14 @@ enum class NoiseType { None, Jitter, Gaussian, Learned };         // router.nois
 // DropPolicy (router.drop_policy) is in core/drop_policy.h, below the backend interface that
 // takes it.
 enum class AuxLossType { Global, Sequence };                       // router.aux_loss_type
+enum class BalanceScope { Batch, MicroBatch };                     // router.balance_scope
 
 const char* to_string(ScoreFunc v);
 const char* to_string(RoutingPolicy v);
 const char* to_string(NoiseType v);
 const char* to_string(DropPolicy v);
 const char* to_string(AuxLossType v);
+const char* to_string(BalanceScope v);
 
 struct RouterConfig {
   ScoreFunc score = ScoreFunc::Softmax;          // router.score
@@ -33,6 +35,11 @@ struct RouterConfig {
   double noise_eps = 1e-2;                       // router.noise_eps: jitter eps / Gaussian sigma
   double aux_alpha = 0.0;                        // router.aux_alpha: Switch load-balancing weight
   AuxLossType aux_loss_type = AuxLossType::Global;  // router.aux_loss_type
+  // router.balance_scope: the tokens whose counts the balancing losses, the z-loss mean and the
+  // statistics cover: the step's whole batch across ranks (Megatron-Core's global-batch aux
+  // loss), or each router call's own tokens (one rank's share, one gradient-accumulation
+  // micro-batch: GShard's per-group losses). The same on one rank without accumulation.
+  BalanceScope balance_scope = BalanceScope::Batch;
   double z_loss = 0.0;                           // router.z_loss: ST-MoE router z-loss weight beta
   double importance_weight = 0.0;                // router.importance_weight: Shazeer CV^2(importance)
   double load_weight = 0.0;                      // router.load_weight: Shazeer CV^2(load)

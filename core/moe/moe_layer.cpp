@@ -166,5 +166,6 @@ void MoELayer::backward(const Tensor& dy, const Tensor& dx) {
 }
 
 void MoELayer::update_bias() { router_.update_bias(cache_.route.stats); }
+void MoELayer::update_bias(const RouterStats& step_stats) { router_.update_bias(step_stats); }
 
 }  // namespace moelab

@@ -64,6 +64,8 @@ class MoELayer {
   void backward(const Tensor& dy, const Tensor& dx);
   // After the optimizer step: aux-loss-free bias update from the last forward's counts.
   void update_bias();
+  // The same from given counts (the step's, merged over micro-batches and ranks).
+  void update_bias(const RouterStats& step_stats);
 
   const MoEConfig& config() const { return cfg_; }
   Router& router() { return router_; }
