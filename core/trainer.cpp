@@ -525,6 +525,12 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
 
     res.steps.push_back(step);
     res.losses.push_back(f.ce_loss);
+    res.step_seconds.push_back(dt);
+    if (dist) {
+      double most = 0;
+      for (int r = 0; r < W; ++r) most = std::max(most, 1e-9 * double(rank_comm[size_t(4 * r + 2)]));
+      res.comm_seconds.push_back(most);
+    }
     double imb = 0, drop = 0, rms = 0;
     TrainRow row;
     row.step = step;

@@ -50,6 +50,8 @@ struct TrainResult {
   double imbalance = 0;      // max_i c_i / mean_i c_i of the routed counts
   double drop_fraction = 0;  // (routed - kept) / routed
   double logit_rms = 0;
+  std::vector<double> step_seconds;   // wall time of each step run in this call (rank 0's)
+  std::vector<double> comm_seconds;   // per step, the most any rank spent communicating (ranks > 1)
   std::string log_path;
   std::string last_checkpoint;
 };

@@ -18,6 +18,14 @@ expect_fail() {
     echo "FAIL: $name (exit $rc): expected /$pattern/ in:"; echo "$out" | head -5; fails=$((fails + 1))
   fi
 }
+# expect_rc NAME RC PATTERN ARGS...: exit code exactly RC and PATTERN in the output.
+expect_rc() {
+  local name=$1 want=$2 pattern=$3; shift 3
+  local out rc
+  out=$("$moelab" "$@" 2>&1); rc=$?
+  if [ $rc -eq "$want" ] && grep -qE -- "$pattern" <<<"$out"; then passes=$((passes + 1)); else
+    echo "FAIL: $name (exit $rc, want $want): expected /$pattern/ in:"; echo "$out" | head -5; fails=$((fails + 1)); fi
+}
 expect_ok() {
   local name=$1; shift
   local out
@@ -56,20 +64,13 @@ expect_ok "train tiny" train --config "$tmp/tiny.ini"
   echo "FAIL: train did not write its log and checkpoint"; fails=$((fails + 1)); }
 expect_ok "resume" train --config "$tmp/tiny.ini" --resume "$tmp/ckpt/step_000002.ckpt"
 expect_ok "bench" bench --config "$tmp/tiny.ini" --iters 2
+expect_rc "bench at ep 2 x dp 2 (simulated ranks) reports communication" 0 "ep 2 x dp 2, comm" bench --config "$tmp/tiny.ini" --iters 2 --set parallel.ep=2 --set parallel.dp=2 --set train.batch=4
 expect_ok "generate" generate --checkpoint "$tmp/ckpt/step_000004.ckpt" --prompt "ab" --tokens 5
 head -c 100 "$tmp/ckpt/step_000004.ckpt" > "$tmp/cut.ckpt"
 expect_fail "truncated checkpoint refused" "truncated" generate --checkpoint "$tmp/cut.ckpt"
 expect_fail "resume needs an existing checkpoint" "no such checkpoint" train --config "$tmp/tiny.ini" --resume "$tmp/none.ckpt"
 
 # Nothing lost (issue 8): exit codes, reruns, sweeps, locks, disk full, non-regular outputs.
-# expect_rc NAME RC PATTERN ARGS...: exit code exactly RC and PATTERN in the output.
-expect_rc() {
-  local name=$1 want=$2 pattern=$3; shift 3
-  local out rc
-  out=$("$moelab" "$@" 2>&1); rc=$?
-  if [ $rc -eq "$want" ] && grep -qE -- "$pattern" <<<"$out"; then passes=$((passes + 1)); else
-    echo "FAIL: $name (exit $rc, want $want): expected /$pattern/ in:"; echo "$out" | head -5; fails=$((fails + 1)); fi
-}
 cp "$tmp/tiny.h5" "$tmp/tiny.before"
 expect_rc "a rerun on the same --out is refused (usage, exit 2)" 2 "tiny\.h5 *$" train --config "$tmp/tiny.ini"
 cmp -s "$tmp/tiny.h5" "$tmp/tiny.before" && passes=$((passes + 1)) || { echo "FAIL: the refused rerun changed the log"; fails=$((fails + 1)); }
