@@ -200,6 +200,27 @@ TEST_CASE("parallel train: train.grad_accum on one rank reproduces the ranks' ba
   REQUIRE(four.losses.size() == 3);
   for (size_t i = 0; i < 3; ++i) CHECK(std::abs(four.losses[i] - one.losses[i]) <= 1e-12 * one.losses[i]);
   CHECK(std::abs(four.imbalance - one.imbalance) <= 1e-12);
+  // Routers that couple a call's tokens (expert choice, Sinkhorn), the Shazeer losses and router
+  // noise run per call with micro_batch scope: four ranks still equal four micro-batches.
+  for (const auto& router : std::vector<std::vector<std::string>>{
+           {"router.policy=expert_choice", "router.aux_alpha=0", "router.bias_update_rate=0"},
+           {"router.policy=sinkhorn", "router.bias_update_rate=0"},
+           {"router.noise=gaussian", "router.importance_weight=0.1", "router.load_weight=0.1"},
+           {"router.policy=random_top2", "router.noise=jitter"}}) {
+    INFO(router.front());
+    std::vector<std::string> one_rank = {"model.dtype=f64", "router.balance_scope=micro_batch", "train.grad_accum=4"};
+    one_rank.insert(one_rank.end(), router.begin(), router.end());
+    std::vector<std::string> ranks = {"model.dtype=f64", "router.balance_scope=micro_batch", "parallel.ep=2", "parallel.dp=2"};
+    ranks.insert(ranks.end(), router.begin(), router.end());
+    TrainResult r1, r4;
+    const auto g1 = step_gradients(config(tmp, "r1", one_rank), 8, &r1);
+    const auto g4 = step_gradients(config(tmp, "r4", ranks), 8, &r4);
+    CHECK(std::abs(r4.losses[0] - r1.losses[0]) <= 1e-12 * r1.losses[0]);
+    for (const auto& [name, g] : g1) {
+      INFO("gradient of " << name);
+      CHECK(rel_diff(g4.at(name), g) <= 1e-12);
+    }
+  }
   // Accumulation with batch-wide balancing is refused by name.
   CHECK_THROWS_WITH(config(tmp, "bad", {"train.grad_accum=2"}),
                     has_substr("train.grad_accum = 2 needs router.balance_scope = micro_batch"));
@@ -211,6 +232,8 @@ TEST_CASE("parallel train: bad layouts and unsupported routers are refused at st
   CHECK_THROWS_WITH(config(tmp, "b", {"parallel.ep=4", "parallel.dp=3"}),
                     has_substr("train.batch = 16 must be divisible by parallel.ep x parallel.dp x train.grad_accum = 4 x 3 x 1 = 12"));
   CHECK_THROWS_WITH(config(tmp, "c", {"parallel.ep=2", "router.policy=sinkhorn"}), has_substr("sinkhorn"));
+  CHECK_THROWS_WITH(config(tmp, "f", {"parallel.ep=2", "router.balance_scope=micro_batch", "model.expert_dropout=0.1"}),
+                    has_substr("model.expert_dropout = 0.1 with parallel.ep = 2"));
   CHECK_THROWS_WITH(config(tmp, "d", {"parallel.dp=2", "router.noise=jitter"}), has_substr("router.noise"));
   CHECK_THROWS_WITH(config(tmp, "e", {"parallel.ep=2", "router.importance_weight=0.1"}),
                     has_substr("router.importance_weight"));

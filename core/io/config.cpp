@@ -587,13 +587,22 @@ void finalize(RunConfig& cfg) {
     MOELAB_USAGE_FAIL("config: train.grad_accum = ", accum, " needs router.balance_scope = micro_batch: with "
                       "router.balance_scope = batch a micro-batch's balancing loss would need the counts "
                       "of the micro-batches after it");
-  if (par.world() > 1) {
+  // With router.balance_scope = batch the router balances the whole batch across ranks, which
+  // some routers cannot do yet. With micro_batch every router call is on its own, as with
+  // grad_accum micro-batches; only expert dropout stays refused under expert parallelism (its
+  // draws are keyed by the expert-sorted row, and a rank's rows hold other ranks' tokens).
+  if (par.world() > 1 && cfg.moe.router.balance_scope == BalanceScope::Batch) {
     try {
       Router::check_batch_group(cfg.moe);
     } catch (const Error& e) {
-      MOELAB_USAGE_FAIL("config: parallel.ep x parallel.dp = ", par.world(), " ranks: ", e.what());
+      MOELAB_USAGE_FAIL("config: parallel.ep x parallel.dp = ", par.world(), " ranks: ", e.what(),
+                        " (router.balance_scope = micro_batch runs it per rank)");
     }
   }
+  if (par.ep > 1 && cfg.moe.expert_dropout > 0)
+    MOELAB_USAGE_FAIL("config: model.expert_dropout = ", cfg.moe.expert_dropout, " with parallel.ep = ", par.ep,
+                      " is not supported yet: dropout draws are keyed by the expert-sorted row, which "
+                      "differs between layouts");
   if ((cfg.moe.d_model / m.heads) % 2 != 0)
     MOELAB_USAGE_FAIL("config: model.d_model / model.heads = ", cfg.moe.d_model / m.heads,
                 " must be even (rotary embeddings rotate pairs of dimensions)");
