@@ -363,27 +363,27 @@ void Backend::dropout_backward(const Tensor& dy, double p, uint64_t seed, const 
   dropout_backward_impl(dy, p, seed, dx);
 }
 
-void Backend::jitter_forward(const Tensor& x, double eps, uint64_t seed, const Tensor& y) {
+void Backend::jitter_forward(const Tensor& x, double eps, uint64_t seed, const Tensor& y, uint64_t offset) {
   Checker c{*this, Op::JitterForward};
   c.on_device(x, "x");
   c.floating(x, "x");
   c.same(x, "x", y, "y");
   MOELAB_CHECK(eps >= 0 && eps < 1, "jitter_forward: eps ", eps, " must be in [0, 1)");
   require(Op::JitterForward, x.dtype());
-  jitter_forward_impl(x, eps, seed, y);
+  jitter_forward_impl(x, eps, seed, y, offset);
 }
 
-void Backend::jitter_backward(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx) {
+void Backend::jitter_backward(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx, uint64_t offset) {
   Checker c{*this, Op::JitterBackward};
   c.on_device(dy, "dy");
   c.floating(dy, "dy");
   c.same(dy, "dy", dx, "dx");
   require(Op::JitterBackward, dy.dtype());
-  jitter_backward_impl(dy, eps, seed, dx);
+  jitter_backward_impl(dy, eps, seed, dx, offset);
 }
 
 void Backend::noisy_logits_forward(const Tensor& clean, const Tensor& std, double sigma,
-                                   uint64_t seed, const Tensor& h) {
+                                   uint64_t seed, const Tensor& h, uint64_t offset) {
   Checker c{*this, Op::NoisyLogitsForward};
   c.rank(clean, "clean", 2);
   c.floating(clean, "clean");
@@ -391,11 +391,11 @@ void Backend::noisy_logits_forward(const Tensor& clean, const Tensor& std, doubl
   c.same(clean, "clean", h, "h");
   MOELAB_CHECK(sigma >= 0, "noisy_logits_forward: sigma ", sigma, " must be >= 0");
   require(Op::NoisyLogitsForward, clean.dtype());
-  noisy_logits_forward_impl(clean, std, sigma, seed, h);
+  noisy_logits_forward_impl(clean, std, sigma, seed, h, offset);
 }
 
 void Backend::noisy_logits_backward(const Tensor& dh, const Tensor& std, uint64_t seed,
-                                    const Tensor& dclean, const Tensor& dstd) {
+                                    const Tensor& dclean, const Tensor& dstd, uint64_t offset) {
   Checker c{*this, Op::NoisyLogitsBackward};
   c.rank(dh, "dh", 2);
   c.floating(dh, "dh");
@@ -405,7 +405,7 @@ void Backend::noisy_logits_backward(const Tensor& dh, const Tensor& std, uint64_
     c.same(dh, "dh", dstd, "dstd");
   }
   require(Op::NoisyLogitsBackward, dh.dtype());
-  noisy_logits_backward_impl(dh, std, seed, dclean, dstd);
+  noisy_logits_backward_impl(dh, std, seed, dclean, dstd, offset);
 }
 
 // ---- routing -------------------------------------------------------------------------------
@@ -443,7 +443,7 @@ void Backend::gates_backward(const Tensor& scores, const Tensor& idx, const Tens
 }
 
 void Backend::random_top2_mask(const Tensor& gates, double tau, uint64_t seed,
-                               const Tensor& keep) {
+                               const Tensor& keep, uint64_t offset) {
   Checker c{*this, Op::RandomTop2Mask};
   c.rank(gates, "gates", 2);
   c.floating(gates, "gates");
@@ -453,7 +453,7 @@ void Backend::random_top2_mask(const Tensor& gates, double tau, uint64_t seed,
   c.shape(keep, "keep", gates.shape());
   c.dtype(keep, "keep", DType::I32);
   require(Op::RandomTop2Mask, gates.dtype());
-  random_top2_mask_impl(gates, tau, seed, keep);
+  random_top2_mask_impl(gates, tau, seed, keep, offset);
 }
 
 void Backend::capacity_mask(const Tensor& idx, const Tensor& gates, int64_t experts,

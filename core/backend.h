@@ -130,16 +130,19 @@ class Backend {
   // Inverted dropout with a counter-based mask: Y = X * m / (1 - p), m_i = [u(seed,i) >= p].
   void dropout_forward(const Tensor& x, double p, uint64_t seed, const Tensor& y);
   void dropout_backward(const Tensor& dy, double p, uint64_t seed, const Tensor& dx);
-  // Input jitter (Switch): Y = X * u, u_i ~ U[1-eps, 1+eps] from (seed, i).
-  void jitter_forward(const Tensor& x, double eps, uint64_t seed, const Tensor& y);
-  void jitter_backward(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx);
-  // Noisy logits: H = clean + n * std, n_i ~ N(0,1) from (seed, i); std [T,E] is a tensor
-  // (Shazeer's learned softplus(x W_noise)) or, when undefined, the constant sigma (Gaussian).
+  // Input jitter (Switch): Y = X * u, u_i ~ U[1-eps, 1+eps] from (seed, offset + i).
+  // offset (here and in the noise and random top-2 ops): the counter of element 0. A rank whose
+  // tokens start at global token t0 passes t0 * (row width), so that its draws are the
+  // single-rank draws of its tokens: randomness keyed by the global token position.
+  void jitter_forward(const Tensor& x, double eps, uint64_t seed, const Tensor& y, uint64_t offset = 0);
+  void jitter_backward(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx, uint64_t offset = 0);
+  // Noisy logits: H = clean + n * std, n_i ~ N(0,1) from (seed, offset + i); std [T,E] is a
+  // tensor (Shazeer's learned softplus(x W_noise)) or, when undefined, the constant sigma.
   void noisy_logits_forward(const Tensor& clean, const Tensor& std, double sigma, uint64_t seed,
-                            const Tensor& h);
+                            const Tensor& h, uint64_t offset = 0);
   // dclean = dH; dstd = dH * n (dstd only when std is defined).
   void noisy_logits_backward(const Tensor& dh, const Tensor& std, uint64_t seed,
-                             const Tensor& dclean, const Tensor& dstd);
+                             const Tensor& dclean, const Tensor& dstd, uint64_t offset = 0);
 
   // ---- routing (no gradient through selection) ----------------------------------------------
   // idx [T,K] = the K largest of scores + bias per row (bias [E] f32, optional: undefined = 0),
@@ -150,9 +153,10 @@ class Backend {
                      const Tensor& gates);
   void gates_backward(const Tensor& scores, const Tensor& idx, const Tensor& dgates,
                       bool normalize, double scale, const Tensor& dscores);
-  // GShard random top-2: keep[t,0] = 1; keep[t,1] = [u(seed,t) < min(1, g2 / tau)] where
-  // g2 = gates[t,1] / (gates[t,0] + gates[t,1]). keep i32 [T,2].
-  void random_top2_mask(const Tensor& gates, double tau, uint64_t seed, const Tensor& keep);
+  // GShard random top-2: keep[t,0] = 1; keep[t,1] = [u(seed, offset + t) < min(1, g2 / tau)]
+  // where g2 = gates[t,1] / (gates[t,0] + gates[t,1]). keep i32 [T,2].
+  void random_top2_mask(const Tensor& gates, double tau, uint64_t seed, const Tensor& keep,
+                        uint64_t offset = 0);
   // Expert capacity C: among assignments with keep == 1, each expert keeps at most C
   // (policy Position: the first C in token order; Probs: the C with the largest gate, ties to
   // the lower token). Clears keep of the rest. idx, keep i32 [T,K]; gates [T,K].
@@ -290,20 +294,21 @@ class Backend {
   virtual void dropout_backward_impl(const Tensor& dy, double p, uint64_t seed,
                                      const Tensor& dx) = 0;
   virtual void jitter_forward_impl(const Tensor& x, double eps, uint64_t seed,
-                                   const Tensor& y) = 0;
+                                   const Tensor& y, uint64_t offset) = 0;
   virtual void jitter_backward_impl(const Tensor& dy, double eps, uint64_t seed,
-                                    const Tensor& dx) = 0;
+                                    const Tensor& dx, uint64_t offset) = 0;
   virtual void noisy_logits_forward_impl(const Tensor& clean, const Tensor& std, double sigma,
-                                         uint64_t seed, const Tensor& h) = 0;
+                                         uint64_t seed, const Tensor& h, uint64_t offset) = 0;
   virtual void noisy_logits_backward_impl(const Tensor& dh, const Tensor& std, uint64_t seed,
-                                          const Tensor& dclean, const Tensor& dstd) = 0;
+                                          const Tensor& dclean, const Tensor& dstd,
+                                          uint64_t offset) = 0;
   virtual void topk_impl(const Tensor& scores, const Tensor& bias, const Tensor& idx) = 0;
   virtual void gates_forward_impl(const Tensor& scores, const Tensor& idx, bool normalize,
                                   double scale, const Tensor& gates) = 0;
   virtual void gates_backward_impl(const Tensor& scores, const Tensor& idx, const Tensor& dgates,
                                    bool normalize, double scale, const Tensor& dscores) = 0;
   virtual void random_top2_mask_impl(const Tensor& gates, double tau, uint64_t seed,
-                                     const Tensor& keep) = 0;
+                                     const Tensor& keep, uint64_t offset) = 0;
   virtual void capacity_mask_impl(const Tensor& idx, const Tensor& gates, int64_t experts,
                                    int64_t capacity, DropPolicy policy, const Tensor& keep) = 0;
   virtual int sinkhorn_impl(const Tensor& logits, double tol, int max_iters,

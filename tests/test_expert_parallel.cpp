@@ -176,6 +176,30 @@ TEST_CASE("expert parallel: sequence-level aux loss, sigmoid scores, shared expe
   check_equivalent("shared experts", c, 41);
 }
 
+TEST_CASE("expert parallel: router noise and random top-2 draw by global token position", "[ep]") {
+  // The ops: a slice of tokens with offset t0 * width draws exactly the rows of the whole call.
+  Backend& b = cpu();
+  const int64_t T = 12, D = 5, t0 = 7;
+  Tensor x = randn(Shape{T, D}, 3), y = b.empty(x.shape(), DType::F64);
+  b.jitter_forward(x, 0.1, 99, y);
+  Tensor part = host_tensor(rows(host_values(x), D, t0, T), Shape{T - t0, D}, DType::F64);
+  Tensor yp = b.empty(part.shape(), DType::F64);
+  b.jitter_forward(part, 0.1, 99, yp, uint64_t(t0 * D));
+  CHECK(host_values(yp) == rows(host_values(y), D, t0, T));
+  b.noisy_logits_forward(x, Tensor(), 0.5, 98, y);
+  b.noisy_logits_forward(part, Tensor(), 0.5, 98, yp, uint64_t(t0 * D));
+  CHECK(host_values(yp) == rows(host_values(y), D, t0, T));
+  // The layer: jitter + Gaussian logit noise, and random top-2, equal the single rank.
+  MoEConfig c = ep_config();
+  c.router.noise = NoiseType::Jitter;
+  check_equivalent("jitter", c, 61);
+  c.router.noise = NoiseType::Gaussian;
+  check_equivalent("gaussian noise", c, 62);
+  c = ep_config();
+  c.router.policy = RoutingPolicy::RandomTop2;
+  check_equivalent("random top-2", c, 63);
+}
+
 TEST_CASE("expert parallel: capacity is per source rank (each rank's own T), as in Megatron-Core", "[ep]") {
   // With capacity, a rank drops from its own tokens with C = ceil(cf * T_rank * k / E), before
   // the exchange. So the forward output of a rank's tokens is the single-rank layer's output on
@@ -209,7 +233,7 @@ TEST_CASE("expert parallel: what it cannot do yet is refused by name", "[ep]") {
   for (auto set : std::vector<std::function<void(MoEConfig&)>>{
            [](MoEConfig& c) { c.router.policy = RoutingPolicy::ExpertChoice; c.router.aux_alpha = 0; c.router.z_loss = 0; },
            [](MoEConfig& c) { c.router.policy = RoutingPolicy::Sinkhorn; },
-           [](MoEConfig& c) { c.router.noise = NoiseType::Jitter; },
+           [](MoEConfig& c) { c.expert_dropout = 0.1; },
            [](MoEConfig& c) { c.router.importance_weight = 0.1; }}) {
     MoEConfig c = ep_config();
     set(c);

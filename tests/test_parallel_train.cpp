@@ -60,6 +60,7 @@ TEST_CASE("parallel train: one step equals the single rank (sigmoid + aux-free b
   check_layouts("sigmoid, bias", {"router.score=sigmoid", "router.bias_update_rate=0.01", "model.top_k=3"});
   check_layouts("sequence aux", {"router.aux_loss_type=sequence"});
   check_layouts("shared experts", {"model.shared_experts=1", "model.shared_gate=true", "router.normalize=false"});
+  check_layouts("noise, random top-2", {"router.noise=gaussian", "router.policy=random_top2"});
 }
 
 TEST_CASE("parallel train: 20 steps in f32 with clipping give the single rank's losses", "[parallel]") {
@@ -234,7 +235,7 @@ TEST_CASE("parallel train: bad layouts and unsupported routers are refused at st
   CHECK_THROWS_WITH(config(tmp, "c", {"parallel.ep=2", "router.policy=sinkhorn"}), has_substr("sinkhorn"));
   CHECK_THROWS_WITH(config(tmp, "f", {"parallel.ep=2", "router.balance_scope=micro_batch", "model.expert_dropout=0.1"}),
                     has_substr("model.expert_dropout = 0.1 with parallel.ep = 2"));
-  CHECK_THROWS_WITH(config(tmp, "d", {"parallel.dp=2", "router.noise=jitter"}), has_substr("router.noise"));
+  CHECK_THROWS_WITH(config(tmp, "d", {"parallel.dp=2", "model.expert_dropout=0.1"}), has_substr("model.expert_dropout"));
   CHECK_THROWS_WITH(config(tmp, "e", {"parallel.ep=2", "router.importance_weight=0.1"}),
                     has_substr("router.importance_weight"));
 }

@@ -368,32 +368,34 @@ class CpuBackend final : public Backend {
   void dropout_backward_impl(const Tensor& dy, double p, uint64_t seed, const Tensor& dx) override {
     dropout_forward_impl(dy, p, seed, dx);  // the same mask and scale
   }
-  void jitter_forward_impl(const Tensor& x, double eps, uint64_t seed, const Tensor& y) override {
+  void jitter_forward_impl(const Tensor& x, double eps, uint64_t seed, const Tensor& y,
+                           uint64_t offset) override {
     elementwise(x, y, [&](double v, int64_t i) {
-      return v * (1.0 - eps + 2.0 * eps * rng::uniform(seed, uint64_t(i)));
+      return v * (1.0 - eps + 2.0 * eps * rng::uniform(seed, offset + uint64_t(i)));
     });
   }
-  void jitter_backward_impl(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx) override {
-    jitter_forward_impl(dy, eps, seed, dx);  // linear in x: the same multiplier
+  void jitter_backward_impl(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx,
+                            uint64_t offset) override {
+    jitter_forward_impl(dy, eps, seed, dx, offset);  // linear in x: the same multiplier
   }
 
   void noisy_logits_forward_impl(const Tensor& clean, const Tensor& std, double sigma,
-                                 uint64_t seed, const Tensor& h) override {
+                                 uint64_t seed, const Tensor& h, uint64_t offset) override {
     dispatch_float(clean.dtype(), [&](auto tag) {
       using T = decltype(tag);
       for (int64_t i = 0; i < clean.numel(); ++i) {
         const double s = std.defined() ? double(std.ptr<T>()[i]) : sigma;
-        h.ptr<T>()[i] = T(clean.ptr<T>()[i] + rng::normal(seed, uint64_t(i)) * s);
+        h.ptr<T>()[i] = T(clean.ptr<T>()[i] + rng::normal(seed, offset + uint64_t(i)) * s);
       }
     });
   }
   void noisy_logits_backward_impl(const Tensor& dh, const Tensor& std, uint64_t seed,
-                                  const Tensor& dclean, const Tensor& dstd) override {
+                                  const Tensor& dclean, const Tensor& dstd, uint64_t offset) override {
     dispatch_float(dh.dtype(), [&](auto tag) {
       using T = decltype(tag);
       for (int64_t i = 0; i < dh.numel(); ++i) {
         dclean.ptr<T>()[i] = dh.ptr<T>()[i];
-        if (std.defined()) dstd.ptr<T>()[i] = T(dh.ptr<T>()[i] * rng::normal(seed, uint64_t(i)));
+        if (std.defined()) dstd.ptr<T>()[i] = T(dh.ptr<T>()[i] * rng::normal(seed, offset + uint64_t(i)));
       }
     });
   }
@@ -464,14 +466,14 @@ class CpuBackend final : public Backend {
   }
 
   void random_top2_mask_impl(const Tensor& gates, double tau, uint64_t seed,
-                             const Tensor& keep) override {
+                             const Tensor& keep, uint64_t offset) override {
     dispatch_float(gates.dtype(), [&](auto tag) {
       using T = decltype(tag);
       for (int64_t t = 0; t < gates.dim(0); ++t) {
         const double g1 = gates.ptr<T>()[2 * t], g2 = gates.ptr<T>()[2 * t + 1];
         const double g2n = g1 + g2 > 0 ? g2 / (g1 + g2) : 0.0;
         keep.ptr<int32_t>()[2 * t] = 1;
-        keep.ptr<int32_t>()[2 * t + 1] = rng::uniform(seed, uint64_t(t)) < std::min(1.0, g2n / tau);
+        keep.ptr<int32_t>()[2 * t + 1] = rng::uniform(seed, offset + uint64_t(t)) < std::min(1.0, g2n / tau);
       }
     });
   }

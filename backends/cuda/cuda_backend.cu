@@ -244,19 +244,21 @@ class CudaBackend final : public Backend {
   void dropout_backward_impl(const Tensor& dy, double p, uint64_t seed, const Tensor& dx) override {
     cuda::dropout(ctx_, dy, p, seed, dx);  // the same mask and scale
   }
-  void jitter_forward_impl(const Tensor& x, double eps, uint64_t seed, const Tensor& y) override {
-    cuda::jitter(ctx_, x, eps, seed, y);
+  void jitter_forward_impl(const Tensor& x, double eps, uint64_t seed, const Tensor& y,
+                           uint64_t offset) override {
+    cuda::jitter(ctx_, x, eps, seed, y, offset);
   }
-  void jitter_backward_impl(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx) override {
-    cuda::jitter(ctx_, dy, eps, seed, dx);  // linear in x: the same multiplier
+  void jitter_backward_impl(const Tensor& dy, double eps, uint64_t seed, const Tensor& dx,
+                            uint64_t offset) override {
+    cuda::jitter(ctx_, dy, eps, seed, dx, offset);  // linear in x: the same multiplier
   }
   void noisy_logits_forward_impl(const Tensor& clean, const Tensor& std, double sigma,
-                                 uint64_t seed, const Tensor& h) override {
-    cuda::noisy_logits_forward(ctx_, clean, std, sigma, seed, h);
+                                 uint64_t seed, const Tensor& h, uint64_t offset) override {
+    cuda::noisy_logits_forward(ctx_, clean, std, sigma, seed, h, offset);
   }
   void noisy_logits_backward_impl(const Tensor& dh, const Tensor& std, uint64_t seed,
-                                  const Tensor& dclean, const Tensor& dstd) override {
-    cuda::noisy_logits_backward(ctx_, dh, std, seed, dclean, dstd);
+                                  const Tensor& dclean, const Tensor& dstd, uint64_t offset) override {
+    cuda::noisy_logits_backward(ctx_, dh, std, seed, dclean, dstd, offset);
   }
 
   // ---- routing -------------------------------------------------------------------------------
@@ -272,8 +274,8 @@ class CudaBackend final : public Backend {
     cuda::gates_backward(ctx_, s, idx, dg, normalize, scale, ds);
   }
   void random_top2_mask_impl(const Tensor& g, double tau, uint64_t seed,
-                             const Tensor& keep) override {
-    cuda::random_top2_mask(ctx_, g, tau, seed, keep);
+                             const Tensor& keep, uint64_t offset) override {
+    cuda::random_top2_mask(ctx_, g, tau, seed, keep, offset);
   }
   void capacity_mask_impl(const Tensor& idx, const Tensor& g, int64_t experts, int64_t capacity,
                           DropPolicy policy, const Tensor& keep) override {

@@ -27,11 +27,12 @@ void sigmoid_backward(Ctx& c, const Tensor& y, const Tensor& dy, const Tensor& d
 void softplus_forward(Ctx& c, const Tensor& x, const Tensor& y);
 void softplus_backward(Ctx& c, const Tensor& x, const Tensor& dy, const Tensor& dx);
 void dropout(Ctx& c, const Tensor& x, double p, uint64_t seed, const Tensor& y);
-void jitter(Ctx& c, const Tensor& x, double eps, uint64_t seed, const Tensor& y);
+// offset: the counter of element 0 (core/backend.h: randomness keyed by global token position).
+void jitter(Ctx& c, const Tensor& x, double eps, uint64_t seed, const Tensor& y, uint64_t offset);
 void noisy_logits_forward(Ctx& c, const Tensor& clean, const Tensor& std, double sigma,
-                          uint64_t seed, const Tensor& h);
+                          uint64_t seed, const Tensor& h, uint64_t offset);
 void noisy_logits_backward(Ctx& c, const Tensor& dh, const Tensor& std, uint64_t seed,
-                           const Tensor& dclean, const Tensor& dstd);
+                           const Tensor& dclean, const Tensor& dstd, uint64_t offset);
 
 // ---- kernels_rows.cu: one warp per row, and deterministic reductions ---------------------------
 void softmax_forward(Ctx& c, const Tensor& l, const Tensor& p);
@@ -77,7 +78,8 @@ void gates_forward(Ctx& c, const Tensor& scores, const Tensor& idx, bool normali
                    const Tensor& gates);
 void gates_backward(Ctx& c, const Tensor& scores, const Tensor& idx, const Tensor& dgates,
                     bool normalize, double scale, const Tensor& dscores);
-void random_top2_mask(Ctx& c, const Tensor& gates, double tau, uint64_t seed, const Tensor& keep);
+void random_top2_mask(Ctx& c, const Tensor& gates, double tau, uint64_t seed, const Tensor& keep,
+                      uint64_t offset);
 void capacity_mask(Ctx& c, const Tensor& idx, const Tensor& gates, int64_t experts,
                    int64_t capacity, DropPolicy policy, const Tensor& keep);
 int sinkhorn(Ctx& c, const Tensor& logits, double tol, int max_iters, const Tensor& out);

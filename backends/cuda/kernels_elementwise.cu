@@ -100,28 +100,30 @@ template <class T> __global__ void dropout_kernel(const T* x, T* y, int64_t n, d
 }
 
 // Y = X * (1 - eps + 2 eps u_i); linear in X, so the backward is the same kernel on dY.
-template <class T> __global__ void jitter_kernel(const T* x, T* y, int64_t n, double eps, uint64_t seed) {
+template <class T>
+__global__ void jitter_kernel(const T* x, T* y, int64_t n, double eps, uint64_t seed, uint64_t offset) {
   MOELAB_GRID_STRIDE(i, n) {
-    store_d(y, i, load_d(x, i) * (1.0 - eps + 2.0 * eps * rng::uniform(seed, uint64_t(i))));
+    store_d(y, i, load_d(x, i) * (1.0 - eps + 2.0 * eps * rng::uniform(seed, offset + uint64_t(i))));
   }
 }
 
 // H = clean + n_i * std_i (std == nullptr: the constant sigma).
 template <class T>
 __global__ void noisy_fwd_kernel(const T* clean, const T* std, double sigma, uint64_t seed, T* h,
-                                 int64_t n) {
+                                 int64_t n, uint64_t offset) {
   MOELAB_GRID_STRIDE(i, n) {
     const double s = std ? load_d(std, i) : sigma;
-    store_d(h, i, load_d(clean, i) + rng::normal(seed, uint64_t(i)) * s);
+    store_d(h, i, load_d(clean, i) + rng::normal(seed, offset + uint64_t(i)) * s);
   }
 }
 
 template <class T>
-__global__ void noisy_bwd_kernel(const T* dh, uint64_t seed, T* dclean, T* dstd, int64_t n) {
+__global__ void noisy_bwd_kernel(const T* dh, uint64_t seed, T* dclean, T* dstd, int64_t n,
+                                 uint64_t offset) {
   MOELAB_GRID_STRIDE(i, n) {
     const double d = load_d(dh, i);
     store_d(dclean, i, d);
-    if (dstd) store_d(dstd, i, d * rng::normal(seed, uint64_t(i)));
+    if (dstd) store_d(dstd, i, d * rng::normal(seed, offset + uint64_t(i)));
   }
 }
 
@@ -257,36 +259,36 @@ void dropout(Ctx& c, const Tensor& x, double p, uint64_t seed, const Tensor& y) 
   });
 }
 
-void jitter(Ctx& c, const Tensor& x, double eps, uint64_t seed, const Tensor& y) {
+void jitter(Ctx& c, const Tensor& x, double eps, uint64_t seed, const Tensor& y, uint64_t offset) {
   const int64_t n = x.numel();
   if (n == 0) return;
   dispatch_float(x.dtype(), "jitter", [&](auto tag) {
     using T = decltype(tag);
-    jitter_kernel<T><<<grid_for(n), kThreads, 0, c.stream>>>(cptr<T>(x), mptr<T>(y), n, eps, seed);
+    jitter_kernel<T><<<grid_for(n), kThreads, 0, c.stream>>>(cptr<T>(x), mptr<T>(y), n, eps, seed, offset);
     CUDA_CHECK_LAUNCH();
   });
 }
 
 void noisy_logits_forward(Ctx& c, const Tensor& clean, const Tensor& std, double sigma,
-                          uint64_t seed, const Tensor& h) {
+                          uint64_t seed, const Tensor& h, uint64_t offset) {
   const int64_t n = clean.numel();
   if (n == 0) return;
   dispatch_float(clean.dtype(), "noisy_logits_forward", [&](auto tag) {
     using T = decltype(tag);
     noisy_fwd_kernel<T><<<grid_for(n), kThreads, 0, c.stream>>>(
-        cptr<T>(clean), std.defined() ? cptr<T>(std) : nullptr, sigma, seed, mptr<T>(h), n);
+        cptr<T>(clean), std.defined() ? cptr<T>(std) : nullptr, sigma, seed, mptr<T>(h), n, offset);
     CUDA_CHECK_LAUNCH();
   });
 }
 
 void noisy_logits_backward(Ctx& c, const Tensor& dh, const Tensor& std, uint64_t seed,
-                           const Tensor& dclean, const Tensor& dstd) {
+                           const Tensor& dclean, const Tensor& dstd, uint64_t offset) {
   const int64_t n = dh.numel();
   if (n == 0) return;
   dispatch_float(dh.dtype(), "noisy_logits_backward", [&](auto tag) {
     using T = decltype(tag);
     noisy_bwd_kernel<T><<<grid_for(n), kThreads, 0, c.stream>>>(
-        cptr<T>(dh), seed, mptr<T>(dclean), std.defined() ? mptr<T>(dstd) : nullptr, n);
+        cptr<T>(dh), seed, mptr<T>(dclean), std.defined() ? mptr<T>(dstd) : nullptr, n, offset);
     CUDA_CHECK_LAUNCH();
   });
 }

@@ -96,12 +96,13 @@ __global__ void gates_bwd_kernel(const T* s, const int32_t* idx, const T* dg, in
 
 // keep[t,0] = 1; keep[t,1] = [u(seed, t) < min(1, g2 / tau)], g2 = gates[t,1] / (g[t,0] + g[t,1]).
 template <class T>
-__global__ void random_top2_kernel(const T* g, int64_t R, double tau, uint64_t seed, int32_t* keep) {
+__global__ void random_top2_kernel(const T* g, int64_t R, double tau, uint64_t seed, int32_t* keep,
+                                   uint64_t offset) {
   MOELAB_GRID_STRIDE(t, R) {
     const double g1 = load_d(g, 2 * t), g2 = load_d(g, 2 * t + 1);
     const double g2n = g1 + g2 > 0 ? g2 / (g1 + g2) : 0.0;
     keep[2 * t] = 1;
-    keep[2 * t + 1] = rng::uniform(seed, uint64_t(t)) < fmin(1.0, g2n / tau) ? 1 : 0;
+    keep[2 * t + 1] = rng::uniform(seed, offset + uint64_t(t)) < fmin(1.0, g2n / tau) ? 1 : 0;
   }
 }
 
@@ -267,13 +268,14 @@ void gates_backward(Ctx& c, const Tensor& scores, const Tensor& idx, const Tenso
   });
 }
 
-void random_top2_mask(Ctx& c, const Tensor& gates, double tau, uint64_t seed, const Tensor& keep) {
+void random_top2_mask(Ctx& c, const Tensor& gates, double tau, uint64_t seed, const Tensor& keep,
+                      uint64_t offset) {
   const int64_t R = gates.dim(0);
   if (R == 0) return;
   dispatch_float(gates.dtype(), "random_top2_mask", [&](auto tag) {
     using T = decltype(tag);
     random_top2_kernel<T><<<grid_for(R), kThreads, 0, c.stream>>>(cptr<T>(gates), R, tau, seed,
-                                                                   mptr<int32_t>(keep));
+                                                                   mptr<int32_t>(keep), offset);
     CUDA_CHECK_LAUNCH();
   });
 }

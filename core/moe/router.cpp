@@ -79,9 +79,17 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
     x_in = b_.empty(x.shape(), dtype_);
     b_.cast(x, x_in);
   }
+  // Random draws are keyed by the global token position: with a batch group, this rank's first
+  // token follows the lower ranks' tokens, so every layout draws the single-rank numbers.
+  const bool draws = training && (rc.noise != NoiseType::None || rc.policy == RoutingPolicy::RandomTop2);
+  if (group_ && draws) {
+    const std::vector<int64_t> sizes = group_->all_gather_host({T});
+    for (int r = 0; r < group_->rank(); ++r) st.token_offset += sizes[size_t(r)];
+  }
+  const uint64_t t0 = uint64_t(st.token_offset);
   if (training && rc.noise == NoiseType::Jitter) {
     st.x_r = b_.empty(x.shape(), dtype_);
-    b_.jitter_forward(x_in, rc.noise_eps, rng::derive(seed, kJitterStream), st.x_r);
+    b_.jitter_forward(x_in, rc.noise_eps, rng::derive(seed, kJitterStream), st.x_r, t0 * uint64_t(cfg_.d_model));
   } else {
     st.x_r = x_in;
   }
@@ -97,7 +105,7 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
       b_.softplus_forward(st.noise_raw, st.noise_std);
     }
     b_.noisy_logits_forward(st.clean, st.noise_std, rc.noise_eps, rng::derive(seed, kNoiseStream),
-                            st.logits);
+                            st.logits, t0 * uint64_t(E));
   } else {
     st.logits = st.clean;
   }
@@ -147,7 +155,7 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
     st.keep = b_.empty(Shape{T, K}, DType::I32);
     b_.fill(st.keep, 1);
     if (rc.policy == RoutingPolicy::RandomTop2 && training)
-      b_.random_top2_mask(st.gates, rc.random_top2_threshold, rng::derive(seed, kTop2Stream), st.keep);
+      b_.random_top2_mask(st.gates, rc.random_top2_threshold, rng::derive(seed, kTop2Stream), st.keep, t0);
     if (st.capacity > 0)
       b_.capacity_mask(st.idx, st.gates, E, st.capacity, rc.drop_policy, st.keep);
   }
@@ -254,7 +262,8 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
     }
     dclean = b_.empty(Shape{T, E}, dtype_);
     if (learned) dstd = b_.empty(Shape{T, E}, dtype_);
-    b_.noisy_logits_backward(dlogits, st.noise_std, rng::derive(st.seed, kNoiseStream), dclean, dstd);
+    b_.noisy_logits_backward(dlogits, st.noise_std, rng::derive(st.seed, kNoiseStream), dclean, dstd,
+                             uint64_t(st.token_offset) * uint64_t(E));
     if (dclean_load.defined()) b_.axpy(1.0, dclean_load, dclean);
     if (dstd_load.defined()) b_.axpy(1.0, dstd_load, dstd);
   }
@@ -269,7 +278,8 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
     b_.gemm(false, true, 1.0, draw, p_.w_noise, 1.0, dx_r);
   }
   if (st.training && rc.noise == NoiseType::Jitter)
-    b_.jitter_backward(dx_r, rc.noise_eps, rng::derive(st.seed, kJitterStream), dx_r);
+    b_.jitter_backward(dx_r, rc.noise_eps, rng::derive(st.seed, kJitterStream), dx_r,
+                       uint64_t(st.token_offset) * uint64_t(cfg_.d_model));
   if (dx.dtype() == dtype_) b_.copy(dx_r, dx);
   else b_.cast(dx_r, dx);
 }
@@ -285,10 +295,9 @@ void Router::check_batch_group(const MoEConfig& cfg) {
     MOELAB_USAGE_FAIL("router.importance_weight and router.load_weight (Shazeer's CV^2 losses) are not "
                       "supported with expert or data parallelism yet: their batch statistics are not "
                       "reduced across ranks");
-  if (rc.noise != NoiseType::None || rc.policy == RoutingPolicy::RandomTop2 || cfg.expert_dropout > 0)
-    MOELAB_USAGE_FAIL("router.noise, router.policy = random_top2 and model.expert_dropout are not "
-                      "supported with expert or data parallelism yet: their random draws are keyed "
-                      "by the position within a rank's tokens, not the global token position");
+  if (cfg.expert_dropout > 0)
+    MOELAB_USAGE_FAIL("model.expert_dropout is not supported with expert or data parallelism yet: its "
+                      "draws are keyed by the expert-sorted row, which differs between layouts");
 }
 
 void Router::set_batch_group(Communicator* group, double loss_grad_weight) {

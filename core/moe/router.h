@@ -37,6 +37,8 @@ struct RouterParams {
 struct RouterState {
   bool training = false;
   int64_t batch_tokens = 0;  // T of the whole batch (T of this call without a batch group)
+  int64_t token_offset = 0;  // global position of this call's first token (batch group: the
+                             // tokens of the lower ranks); keys the random draws
   bool expert_choice = false;
   ScoreFunc score = ScoreFunc::Softmax;  // effective score function (Sinkhorn may override)
   bool normalize = true;                 // effective top-k renormalisation
@@ -68,8 +70,10 @@ class Router {
   // those of the whole batch (Megatron-Core's global-batch aux loss): counts and probability
   // sums are all-reduced over `group` before the losses are formed, and the loss gradients are
   // scaled by this rank's share of the tokens, so that the sum over ranks of every gradient is
-  // the single-rank gradient. Policies whose selection couples tokens across the batch
-  // (expert choice, Sinkhorn) and the Shazeer losses are refused (check_batch_group).
+  // the single-rank gradient; random draws (noise, random top-2) are keyed by the global token
+  // position (the group's ranks hold the batch's tokens in rank order). Policies whose selection
+  // couples tokens across the batch (expert choice, Sinkhorn), the Shazeer losses and expert
+  // dropout are refused (check_batch_group).
   // loss_grad_weight multiplies this rank's router-loss gradients: 1 when the caller sums the
   // ranks' gradients (the layer test), the number of ranks W when it averages them (the
   // trainer's data-parallel mean), so that either way the batch's loss enters once.
