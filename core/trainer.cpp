@@ -110,55 +110,6 @@ Batch slice_batch(const Batch& full, int part, int parts) {
   return b;
 }
 
-// Token-weighted sums of router statistics and losses: several router calls (micro-batches,
-// ranks) merged into the statistics of their union. Counts add; means are weighted by tokens;
-// the logit maximum is the maximum.
-struct StatsSum {
-  std::vector<double> v;  // [T, routed E, kept E, P*T E, entropy*T, top1*T, rms^2*T, unrouted,
-                          //  aux*T, z*T, importance*T, load*T, weighted*T]
-  double logit_max = 0;
-  int64_t capacity = 0;
-  void add(const MoEOutput& o, int64_t tokens) {
-    const RouterStats& s = o.stats;
-    const double t = double(tokens);
-    std::vector<double> x = {t};
-    for (int64_t c : s.routed) x.push_back(double(c));
-    for (int64_t c : s.kept) x.push_back(double(c));
-    for (double p : s.mean_prob) x.push_back(p * t);
-    for (double y : {s.entropy, s.top1_prob, s.logit_rms * s.logit_rms}) x.push_back(y * t);
-    x.push_back(double(s.tokens_unrouted));
-    for (double y : {o.losses.aux, o.losses.z, o.losses.importance, o.losses.load, o.losses.weighted})
-      x.push_back(y * t);
-    if (v.empty()) v.assign(x.size(), 0.0);
-    for (size_t i = 0; i < x.size(); ++i) v[i] += x[i];
-    logit_max = std::max(logit_max, s.logit_max);
-    capacity = o.capacity;
-  }
-  void reduce(Communicator& world) {
-    world.all_reduce_host(v, ReduceOp::Sum);
-    std::vector<double> mx = {logit_max};
-    world.all_reduce_host(mx, ReduceOp::Max);
-    logit_max = mx[0];
-  }
-  void result(MoEOutput& o) const {
-    RouterStats& s = o.stats;
-    const size_t E = s.routed.size();
-    size_t at = 0;
-    const double t = v[at++];
-    for (size_t e = 0; e < E; ++e) s.routed[e] = int64_t(v[at++]);
-    for (size_t e = 0; e < E; ++e) s.kept[e] = int64_t(v[at++]);
-    for (size_t e = 0; e < E; ++e) s.mean_prob[e] = v[at++] / t;
-    s.entropy = v[at++] / t;
-    s.top1_prob = v[at++] / t;
-    s.logit_rms = std::sqrt(v[at++] / t);
-    s.tokens_unrouted = int64_t(v[at++]);
-    s.logit_max = logit_max;
-    for (double* y : {&o.losses.aux, &o.losses.z, &o.losses.importance, &o.losses.load, &o.losses.weighted})
-      *y = v[at++] / t;
-    o.capacity = capacity;
-  }
-};
-
 bool is_expert_param(const std::string& name) { return name.find(".moe.experts.") != std::string::npos; }
 
 // One all-reduce (sum) of many tensors through one flat buffer per dtype (bf16 models keep the
@@ -450,7 +401,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     const Batch share = slice_batch(batch, rank, W);
     model.zero_grad();
     LMForward f;
-    std::vector<StatsSum> step_stats(moe_blocks.size());
+    std::vector<RouterStatsSum> step_stats(moe_blocks.size());
     double ce_sum = 0;
     for (int64_t m = 0; m < A; ++m) {
       Tensor in, tg;
@@ -458,7 +409,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
       model.backward();
       ce_sum += f.ce_loss;
-      for (size_t l = 0; l < f.moe.size(); ++l) step_stats[l].add(f.moe[l], T / A);
+      for (size_t l = 0; l < f.moe.size(); ++l) step_stats[l].add(f.moe[l].stats, f.moe[l].losses, T / A);
     }
     f.ce_loss = ce_sum / double(A);
     // The statistics of the step's whole batch: already so with router.balance_scope = batch
@@ -466,7 +417,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     if (cfg.moe.router.balance_scope == BalanceScope::MicroBatch)
       for (size_t l = 0; l < f.moe.size(); ++l) {
         if (dist) step_stats[l].reduce(*par->world_comm);
-        step_stats[l].result(f.moe[l]);
+        step_stats[l].result(f.moe[l].stats, f.moe[l].losses);
       }
     if (!dist && A > 1)
       for (ParamRef& p : params) b.scale(p.grad, 1.0 / double(A));

@@ -309,48 +309,73 @@ void Router::set_batch_group(Communicator* group, double loss_grad_weight) {
 // The batch's statistics and losses from every rank's local ones. Local values are exact sums
 // or token means of this rank's T tokens, so the batch's are token-weighted sums over ranks
 // (the communicator adds in rank order: every rank gets the same bits).
+void RouterStatsSum::add(const RouterStats& s, const RouterLosses& l, int64_t tokens) {
+  const double t = double(tokens);
+  std::vector<double> x = {t};
+  for (int64_t c : s.routed) x.push_back(double(c));
+  for (int64_t c : s.kept) x.push_back(double(c));
+  for (double p : s.mean_prob) x.push_back(p * t);
+  for (double y : {s.entropy, s.top1_prob, s.logit_rms * s.logit_rms}) x.push_back(y * t);
+  x.push_back(double(s.tokens_unrouted));
+  for (double y : {l.aux, l.z, l.importance, l.load, l.weighted}) x.push_back(y * t);
+  if (v_.empty()) {
+    v_.assign(x.size(), 0.0);
+    logit_max_ = s.logit_max;
+  }
+  MOELAB_CHECK(x.size() == v_.size(), "router statistics of different expert counts cannot be merged");
+  for (size_t i = 0; i < x.size(); ++i) v_[i] += x[i];
+  logit_max_ = std::max(logit_max_, s.logit_max);
+}
+
+void RouterStatsSum::reduce(Communicator& group) {
+  group.all_reduce_host(v_, ReduceOp::Sum);
+  std::vector<double> mx = {logit_max_};
+  group.all_reduce_host(mx, ReduceOp::Max);
+  logit_max_ = mx[0];
+}
+
+int64_t RouterStatsSum::tokens() const { return v_.empty() ? 0 : int64_t(v_[0]); }
+
+void RouterStatsSum::result(RouterStats& s, RouterLosses& l) const {
+  const size_t E = s.routed.size();
+  size_t at = 0;
+  const double t = v_[at++];
+  for (size_t e = 0; e < E; ++e) s.routed[e] = int64_t(v_[at++]);
+  for (size_t e = 0; e < E; ++e) s.kept[e] = int64_t(v_[at++]);
+  for (size_t e = 0; e < E; ++e) s.mean_prob[e] = v_[at++] / t;
+  s.entropy = v_[at++] / t;
+  s.top1_prob = v_[at++] / t;
+  s.logit_rms = std::sqrt(v_[at++] / t);
+  s.tokens_unrouted = int64_t(v_[at++]);
+  s.logit_max = logit_max_;
+  for (double* y : {&l.aux, &l.z, &l.importance, &l.load, &l.weighted}) *y = v_[at++] / t;
+}
+
+// The batch's statistics and losses from every rank's local ones (the communicator adds in
+// rank order: every rank gets the same bits). The aux loss of the whole batch is formed from
+// the reduced counts (Switch / Megatron: E sum_i f_i P_i, f_i = routed_i / (T K)); the
+// sequence-level one is the token-weighted mean of the ranks' (whole sequences per rank).
 void Router::reduce_over_group(RouterState& st, int64_t seq_len) {
   const RouterConfig& rc = cfg_.router;
   const int64_t E = cfg_.experts, K = cfg_.top_k, T = st.scores.dim(0);
-  RouterStats& s = st.stats;
-  std::vector<double> v;  // [T, routed E, kept E, P*T E, entropy*T, top1*T, rms^2*T, unrouted,
-                          //  z*T, aux_seq*T]
-  v.push_back(double(T));
-  for (int64_t c : s.routed) v.push_back(double(c));
-  for (int64_t c : s.kept) v.push_back(double(c));
-  for (double p : s.mean_prob) v.push_back(p * double(T));
-  v.push_back(s.entropy * double(T));
-  v.push_back(s.top1_prob * double(T));
-  v.push_back(s.logit_rms * s.logit_rms * double(T));
-  v.push_back(double(s.tokens_unrouted));
-  v.push_back(b_.z_loss_forward(st.logits) * double(T));
   const bool seq_aux = rc.aux_loss_type == AuxLossType::Sequence && seq_len > 0;
-  v.push_back(seq_aux ? b_.aux_loss_forward(st.dist, st.idx, seq_len) * double(T) : 0.0);
-  group_->all_reduce_host(v, ReduceOp::Sum);
-  std::vector<double> mx = {s.logit_max};
-  group_->all_reduce_host(mx, ReduceOp::Max);
-
-  size_t at = 0;
-  const double Tg = v[at++];
-  st.batch_tokens = int64_t(Tg);
-  for (int64_t e = 0; e < E; ++e) s.routed[e] = int64_t(v[at++]);
-  for (int64_t e = 0; e < E; ++e) s.kept[e] = int64_t(v[at++]);
-  for (int64_t e = 0; e < E; ++e) s.mean_prob[e] = v[at++] / Tg;
-  s.entropy = v[at++] / Tg;
-  s.top1_prob = v[at++] / Tg;
-  s.logit_rms = std::sqrt(v[at++] / Tg);
-  s.tokens_unrouted = int64_t(v[at++]);
-  s.logit_max = mx[0];
+  RouterLosses local;
+  local.z = b_.z_loss_forward(st.logits);
+  local.aux = seq_aux ? b_.aux_loss_forward(st.dist, st.idx, seq_len) : 0.0;
+  RouterStatsSum sum;
+  sum.add(st.stats, local, T);
+  sum.reduce(*group_);
+  st.batch_tokens = sum.tokens();
   RouterLosses& L = st.losses;
   L = RouterLosses{};
-  L.z = v[at++] / Tg;
-  const double aux_seq_sum = v[at++];
-  if (seq_aux) {
-    L.aux = aux_seq_sum / Tg;
-  } else {  // Switch / Megatron: E sum_i f_i P_i, f_i = routed_i / (T K)
+  sum.result(st.stats, L);
+  const RouterStats& s = st.stats;
+  if (!seq_aux) {
+    L.aux = 0;
     for (int64_t e = 0; e < E; ++e)
-      L.aux += double(E) * double(s.routed[e]) / (Tg * double(K)) * s.mean_prob[e];
+      L.aux += double(E) * double(s.routed[e]) / (double(st.batch_tokens) * double(K)) * s.mean_prob[e];
   }
+  L.importance = 0;
   L.load = cv2_of_counts(s.routed);  // logged only (load_weight is refused with a group)
   L.weighted = rc.aux_alpha * L.aux + rc.z_loss * L.z;
 }

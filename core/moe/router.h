@@ -59,6 +59,25 @@ struct RouterState {
   RouterStats stats;
 };
 
+// Token-weighted sums of router statistics and losses, to merge several router calls (ranks,
+// micro-batches) into the statistics of their union: counts add, means are weighted by tokens,
+// the logit maximum is the maximum. The one place such merges happen (the router's batch group,
+// the trainer's micro-batches).
+class RouterStatsSum {
+ public:
+  void add(const RouterStats& s, const RouterLosses& l, int64_t tokens);
+  // Sums over the ranks of `group` (and the maximum of the logit maximum).
+  void reduce(Communicator& group);
+  int64_t tokens() const;
+  // The merged statistics and token-weighted mean losses (s must have E entries per vector).
+  void result(RouterStats& s, RouterLosses& l) const;
+
+ private:
+  std::vector<double> v_;  // [T, routed E, kept E, P*T E, entropy*T, top1*T, rms^2*T, unrouted,
+                           //  aux*T, z*T, importance*T, load*T, weighted*T]
+  double logit_max_ = 0;
+};
+
 class Router {
  public:
   Router(Backend& backend, const MoEConfig& cfg, DType router_dtype);
