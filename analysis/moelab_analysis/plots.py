@@ -526,3 +526,33 @@ def plot_overlay_router(runs: Sequence, out: PathLike) -> Path:
     axes[0, 1].set_ylim(bottom=0)
     fig.suptitle("router statistics across {} runs".format(len(runs)))
     return _save(fig, out)
+
+
+def plot_parallel_comm(run, out: PathLike) -> Optional[Path]:
+    """Per rank and step: all-to-all megabytes sent and seconds spent communicating (runs on
+    several ranks only; None otherwise)."""
+    par = getattr(run, "parallel", {}) or {}
+    if "a2a_sent_bytes" not in par or "comm_seconds" not in par:
+        return None
+    steps = run.train["step"]
+    sent = np.asarray(par["a2a_sent_bytes"], dtype=float)
+    comm = np.asarray(par["comm_seconds"], dtype=float)
+    n = min(len(steps), len(sent), len(comm))
+    if n == 0 or sent.ndim != 2:
+        return None
+    fig, axes = _figure(1, 2, figsize=(11, 4))
+    a1, a2 = axes[0]
+    colors = run_colors(sent.shape[1])
+    for r in range(sent.shape[1]):
+        a1.plot(steps[:n], np.where(sent[:n, r] < 0, np.nan, sent[:n, r] / 1e6), color=colors[r], label="rank {}".format(r))
+        a2.plot(steps[:n], 1e3 * comm[:n, r], color=colors[r], label="rank {}".format(r))
+    a1.set_xlabel("step")
+    a1.set_ylabel("all-to-all MB sent to other ranks")
+    a1.set_title("all-to-all volume per rank")
+    a2.set_xlabel("step")
+    a2.set_ylabel("ms in communication")
+    a2.set_title("communication time per rank")
+    _legend(a1)
+    _legend(a2)
+    fig.suptitle(_title_run(run))
+    return _save(fig, out)

@@ -211,6 +211,9 @@ class Run:
     router: Dict[int, RouterLayer]
     swept: Dict[str, Any] = field(default_factory=dict)    # filled by find_runs / infer_swept
     warnings: List[str] = field(default_factory=list)
+    # /parallel of a run on several ranks (docs/run-log.md): dataset name -> [N, ranks] array
+    # (a2a_sent_bytes, a2a_recv_bytes, comm_seconds, a2a_seconds); empty on one rank.
+    parallel: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def layers(self) -> List[int]:
@@ -480,10 +483,16 @@ def _load_from_group(p: Path, root: h5py.Group, where: str, h5: h5py.File) -> Ru
             _read_categories(p, h5, root, rg, lg, lwhere, layer, evald["step"], notes)
         router[idx] = layer
 
+    parallel: Dict[str, np.ndarray] = {}
+    if "parallel" in root and isinstance(root["parallel"], h5py.Group):
+        for k, ds in root["parallel"].items():
+            v = np.asarray(ds[()])
+            parallel[k] = v[:n] if v.ndim >= 1 and _len0(v) >= n else v
+
     if n == 0:
         _warn("{}: no logged training steps".format(p), notes)
     return Run(path=p, group=where, config_text=config_text, config=config, attrs=attrs,
-               train=train, eval=evald, router=router, warnings=notes)
+               train=train, eval=evald, router=router, warnings=notes, parallel=parallel)
 
 
 def _names_attr(*objs) -> Optional[List[str]]:

@@ -74,6 +74,8 @@ def run_plots(run: Run, out_dir: Path) -> List[Tuple[str, Path]]:
                     plots.plot_expert_load(run, idx, out_dir / "load_layer_{:02d}.png".format(idx))))
         out.append(("Layer {:02d}: kept after capacity".format(idx),
                     plots.plot_kept_load(run, idx, out_dir / "kept_layer_{:02d}.png".format(idx))))
+    out.append(("Communication per rank (all-to-all volume, seconds; runs on several ranks)",
+                plots.plot_parallel_comm(run, out_dir / "parallel_comm.png")))
     out.append(("Expert specialisation over training",
                 plots.plot_specialization_over_time(run, out_dir / "specialization_over_time.png")))
     for idx in run.layers:

@@ -106,3 +106,28 @@ def test_report_killed_run_warns_but_works(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "warning:" in res.stderr and "unequal length" in res.stderr
     assert "Warnings while reading" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_parallel_run_plots_per_rank_communication(tmp_path, synthetic_run):
+    """A run on several ranks has /parallel (docs/run-log.md): the reader exposes it and the
+    report adds the per-rank communication plot; a one-rank run has neither."""
+    import shutil
+    import h5py
+    import numpy as np
+    from moelab_analysis import reader, report
+    path = tmp_path / "par.h5"
+    shutil.copy(synthetic_run, path)
+    with h5py.File(path, "a") as f:
+        n = len(f["train/step"])
+        g = f.create_group("parallel")
+        g["a2a_sent_bytes"] = np.full((n, 4), 1000, dtype=np.int64)
+        g["a2a_recv_bytes"] = np.full((n, 4), 1000, dtype=np.int64)
+        g["comm_seconds"] = np.full((n, 4), 0.002)
+        g["a2a_seconds"] = np.full((n, 4), 0.001)
+    run = reader.load_run(path)
+    assert run.parallel["a2a_sent_bytes"].shape == (n, 4)
+    out = tmp_path / "rep"
+    report.write_report([path], out)
+    assert (out / "parallel_comm.png").exists()
+    assert "Communication per rank" in (out / "report.md").read_text()
+    assert reader.load_run(synthetic_run).parallel == {}
