@@ -19,28 +19,22 @@
 #include "core/io/fault.h"
 #include "core/trainer.h"
 #include "temp_dir.h"
+#include "train_util.h"
 
 using namespace moelab;
 using moelab::test::TempDir;
+using moelab::test::quiet_options;
+using moelab::test::tiny_model_sets;
 namespace fs = std::filesystem;
 
 namespace {
 
 RunConfig config(const TempDir& tmp) {
-  return load_config("", {"model.layers=2", "model.d_model=16", "model.heads=2", "model.experts=4",
-                          "model.top_k=2", "model.d_expert=16", "model.moe_every=1", "train.batch=2",
-                          "train.seq=16", "train.steps=6", "train.lr=0.01", "train.warmup=1",
-                          "router.aux_alpha=0.01", "router.bias_update_rate=0.001",
-                          "log.eval_every=3", "log.eval_batches=1", "log.flush_every=2",
-                          "log.checkpoint_every=2", "log.out=" + tmp.path("run.h5")});
-}
-
-TrainOptions options(std::string resume = "", bool overwrite = false) {
-  TrainOptions o;
-  o.quiet = true;
-  o.resume = std::move(resume);
-  o.overwrite = overwrite;
-  return o;
+  return load_config("", tiny_model_sets({"train.batch=2", "train.seq=16", "train.steps=6",
+                                          "train.lr=0.01", "train.warmup=1", "router.aux_alpha=0.01",
+                                          "router.bias_update_rate=0.001", "log.eval_every=3",
+                                          "log.eval_batches=1", "log.flush_every=2",
+                                          "log.checkpoint_every=2", "log.out=" + tmp.path("run.h5")}));
 }
 
 struct Series {
@@ -77,7 +71,7 @@ bool is_prefix(const std::vector<T>& a, const std::vector<T>& full) {
 int64_t count_hits(const std::string& prefix) {
   TempDir tmp("fault_count");
   fault::arm(prefix, 0);
-  train(config(tmp), options());
+  train(config(tmp), quiet_options());
   const int64_t n = fault::hits(prefix);
   fault::disarm();
   return n;
@@ -87,7 +81,7 @@ int64_t count_hits(const std::string& prefix) {
 
 TEST_CASE("fault injection: a failed write at any point loses nothing, and resume is bit-identical", "[fault][nothing_lost]") {
   TempDir ref_dir("fault_ref");
-  train(config(ref_dir), options());
+  train(config(ref_dir), quiet_options());
   const Series ref = read_log(ref_dir.path("run.h5"));
   REQUIRE(ref.step.size() == 6);
 
@@ -112,7 +106,7 @@ TEST_CASE("fault injection: a failed write at any point loses nothing, and resum
     fault::arm(site, hit);
     std::string error;
     try {
-      train(cfg, options());
+      train(cfg, quiet_options());
     } catch (const Error& e) {
       error = e.what();
     }
@@ -139,7 +133,7 @@ TEST_CASE("fault injection: a failed write at any point loses nothing, and resum
 
     // Resume from the newest checkpoint (or start again when there is none): bit-identical.
     const std::string latest = latest_checkpoint(dir);
-    train(cfg, latest.empty() ? options("", true) : options(latest));
+    train(cfg, latest.empty() ? quiet_options("", true) : quiet_options(latest));
     const Series done = read_log(log);
     CHECK(done.step == ref.step);
     CHECK(done.loss == ref.loss);

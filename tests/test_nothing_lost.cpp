@@ -19,10 +19,13 @@
 #include "core/run_identity.h"
 #include "core/trainer.h"
 #include "temp_dir.h"
+#include "train_util.h"
 #include "test_util.h"
 
 using namespace moelab;
 using moelab::test::TempDir;
+using moelab::test::quiet_options;
+using moelab::test::tiny_model_sets;
 using moelab::test::error_of;
 namespace fs = std::filesystem;
 
@@ -70,21 +73,12 @@ std::string root_attr(const std::string& path, const std::string& name) {
 }
 
 RunConfig tiny(const TempDir& tmp, std::vector<std::string> extra = {}) {
-  std::vector<std::string> sets = {
-      "model.layers=2", "model.d_model=16", "model.heads=2", "model.experts=4", "model.top_k=2",
-      "model.d_expert=16", "model.moe_every=1", "train.batch=2", "train.seq=16", "train.steps=4",
+  std::vector<std::string> sets = tiny_model_sets({
+      "train.batch=2", "train.seq=16", "train.steps=4",
       "train.lr=0.01", "train.warmup=1", "log.eval_every=2", "log.eval_batches=1",
-      "log.flush_every=1", "log.checkpoint_every=2", "log.out=" + tmp.path("run.h5")};
+      "log.flush_every=1", "log.checkpoint_every=2", "log.out=" + tmp.path("run.h5")});
   sets.insert(sets.end(), extra.begin(), extra.end());
   return load_config("", sets);
-}
-
-TrainOptions opts(std::string resume = "", bool overwrite = false) {
-  TrainOptions o;
-  o.quiet = true;
-  o.resume = std::move(resume);
-  o.overwrite = overwrite;
-  return o;
 }
 
 // Limits the size of any file this process writes (as a full disk would), for one scope.
@@ -131,7 +125,7 @@ TEST_CASE("nothing lost 1: a training run whose log cannot be flushed stops with
   RunConfig cfg = tiny(tmp, {"train.steps=200", "log.checkpoint_every=0", "log.eval_every=0",
                              "log.flush_every=5"});
   FileSizeLimit full(40 * 1024);
-  REQUIRE_THROWS_WITH(train(cfg, opts()), has_substr("flush failed"));
+  REQUIRE_THROWS_WITH(train(cfg, quiet_options()), has_substr("flush failed"));
   const auto steps = steps_on_disk(tmp.path("run.h5"));
   REQUIRE(steps.size() >= 5);
   CHECK(steps.size() % 5 == 0);  // whole flushes only
@@ -199,9 +193,9 @@ TEST_CASE("nothing lost 3: an existing log is refused without overwrite, and kep
   }
   // The trainer: a second run on the same --out is refused before it trains, the first log kept.
   RunConfig cfg = tiny(tmp, {"log.out=" + tmp.path("t.h5"), "log.checkpoint_every=0"});
-  train(cfg, opts());
+  train(cfg, quiet_options());
   const auto before = steps_on_disk(tmp.path("t.h5"));
-  CHECK_THROWS_WITH(train(cfg, opts()), has_substr("exists"));
+  CHECK_THROWS_WITH(train(cfg, quiet_options()), has_substr("exists"));
   CHECK(steps_on_disk(tmp.path("t.h5")) == before);
 }
 
@@ -211,21 +205,21 @@ TEST_CASE("nothing lost 4: runs never share a checkpoint folder", "[nothing_lost
   RunConfig a = tiny(tmp, {"log.out=" + tmp.path("a.h5")});
   RunConfig b = tiny(tmp, {"log.out=" + tmp.path("b.h5")});
   CHECK(checkpoint_dir_of(a) == tmp.path("a_checkpoints"));
-  train(a, opts());
-  train(b, opts());
+  train(a, quiet_options());
+  train(b, quiet_options());
   const std::string ck_a = checkpoint_path(tmp.path("a_checkpoints"), 4);
   const std::string ck_b = checkpoint_path(tmp.path("b_checkpoints"), 4);
   const std::string id_a = CheckpointReader(ck_a).meta("run_id");
   CHECK(id_a != CheckpointReader(ck_b).meta("run_id"));
   // An explicit shared folder: the second run is refused at startup, naming the other run.
   RunConfig c = tiny(tmp, {"log.out=" + tmp.path("c.h5"), "log.checkpoint_dir=" + tmp.path("a_checkpoints")});
-  CHECK_THROWS_WITH(train(c, opts()), has_substr("holds 2 checkpoint(s) of another run (run id " + id_a));
+  CHECK_THROWS_WITH(train(c, quiet_options()), has_substr("holds 2 checkpoint(s) of another run (run id " + id_a));
   CHECK(CheckpointReader(ck_a).meta("run_id") == id_a);
   // A folder whose run_id file was removed is judged by its newest checkpoint.
   fs::remove(tmp.path("a_checkpoints/run_id"));
-  CHECK_THROWS_WITH(train(c, opts()), has_substr(id_a));
+  CHECK_THROWS_WITH(train(c, quiet_options()), has_substr(id_a));
   // --overwrite replaces the other run's checkpoints, at the first checkpoint of the new run.
-  train(c, opts("", true));
+  train(c, quiet_options("", true));
   CHECK(CheckpointReader(ck_a).meta("run_id") != id_a);
   // Two folder objects of different runs: the second cannot claim a claimed folder, and the
   // first notices a takeover before it writes.
@@ -253,26 +247,26 @@ TEST_CASE("nothing lost 5: sweep grid points whose names collide are refused", "
 TEST_CASE("nothing lost 6: resume refuses another model, seed or run, names every key, logs safe changes", "[nothing_lost][train]") {
   TempDir tmp;
   RunConfig cfg = tiny(tmp);
-  train(cfg, opts());
+  train(cfg, quiet_options());
   const std::string ck = checkpoint_path(checkpoint_dir_of(cfg), 2);
   const std::string out2 = "log.out=" + tmp.path("r.h5");
   // Fewer layers (the checkpoint's extra tensors would be ignored), another head count with
   // the same width, another seed: refused, each key named with both values.
-  CHECK_THROWS_WITH(train(tiny(tmp, {out2, "model.layers=1"}), opts(ck)), has_substr("model.layers: checkpoint 2, this run 1"));
-  CHECK_THROWS_WITH(train(tiny(tmp, {out2, "model.heads=4"}), opts(ck)), has_substr("model.heads: checkpoint 2, this run 4"));
-  const std::string both = error_of([&] { train(tiny(tmp, {out2, "train.seed=7", "model.top_k=1"}), opts(ck)); });
+  CHECK_THROWS_WITH(train(tiny(tmp, {out2, "model.layers=1"}), quiet_options(ck)), has_substr("model.layers: checkpoint 2, this run 1"));
+  CHECK_THROWS_WITH(train(tiny(tmp, {out2, "model.heads=4"}), quiet_options(ck)), has_substr("model.heads: checkpoint 2, this run 4"));
+  const std::string both = error_of([&] { train(tiny(tmp, {out2, "train.seed=7", "model.top_k=1"}), quiet_options(ck)); });
   CHECK_THAT(both, has_substr("train.seed: checkpoint 1234, this run 7"));
   CHECK_THAT(both, has_substr("model.top_k: checkpoint 2, this run 1"));
   CHECK_THAT(both, has_substr("2 keys differ"));
   // Resume into another run's log: refused, the rows are not spliced.
   RunConfig other = tiny(tmp, {"log.out=" + tmp.path("other.h5")});
-  train(other, opts());
+  train(other, quiet_options());
   const auto other_steps = steps_on_disk(tmp.path("other.h5"));
   RunConfig into_other = tiny(tmp, {"log.out=" + tmp.path("other.h5"), "log.checkpoint_every=0"});
-  CHECK_THROWS_WITH(train(into_other, opts(ck)), has_substr("belongs to run") && has_substr("the checkpoint to run"));
+  CHECK_THROWS_WITH(train(into_other, quiet_options(ck)), has_substr("belongs to run") && has_substr("the checkpoint to run"));
   CHECK(steps_on_disk(tmp.path("other.h5")) == other_steps);
   // Safe changes (schedule, loss weights) are allowed and logged in the log and on stdout.
-  train(tiny(tmp, {"train.lr=0.02", "router.aux_alpha=0.05", "train.steps=5"}), opts(ck));
+  train(tiny(tmp, {"train.lr=0.02", "router.aux_alpha=0.05", "train.steps=5"}), quiet_options(ck));
   const std::string log = tmp.path("run.h5");
   CHECK(steps_on_disk(log) == std::vector<int64_t>{1, 2, 3, 4, 5});
   H5::H5File f(log, H5F_ACC_RDONLY);

@@ -16,28 +16,24 @@
 #include "core/preflight.h"
 #include "core/trainer.h"
 #include "temp_dir.h"
+#include "train_util.h"
 #include "test_util.h"
 
 using namespace moelab;
 using moelab::test::TempDir;
+using moelab::test::quiet_options;
+using moelab::test::tiny_model_sets;
 namespace fs = std::filesystem;
 
 namespace {
 
 RunConfig tiny(const TempDir& tmp, std::vector<std::string> extra = {}) {
-  std::vector<std::string> sets = {
-      "model.layers=2", "model.d_model=16", "model.heads=2", "model.experts=4", "model.top_k=2",
-      "model.d_expert=16", "model.moe_every=1", "train.batch=2", "train.seq=16", "train.steps=2",
+  std::vector<std::string> sets = tiny_model_sets({
+      "train.batch=2", "train.seq=16", "train.steps=2",
       "log.eval_every=2", "log.eval_batches=1", "log.out=" + tmp.path("run.h5"),
-      "log.checkpoint_dir=" + tmp.path("ckpt")};
+      "log.checkpoint_dir=" + tmp.path("ckpt")});
   sets.insert(sets.end(), extra.begin(), extra.end());
   return load_config("", sets);
-}
-
-TrainOptions quiet() {
-  TrainOptions o;
-  o.quiet = true;
-  return o;
 }
 
 // The message of the UsageError f throws ("" and a failed check when it throws nothing else).
@@ -118,20 +114,20 @@ TEST_CASE("robustness: absurd sizes are a UsageError naming the keys, not a cras
   TempDir tmp;
   // batch x seq overflows int64 (it wrapped to a small T before).
   std::string msg = usage_error_of(
-      [&] { train(tiny(tmp, {"train.batch=4611686018427387904", "train.seq=4"}), quiet()); });
+      [&] { train(tiny(tmp, {"train.batch=4611686018427387904", "train.seq=4"}), quiet_options()); });
   CHECK(has(msg, "train.batch = 4611686018427387904"));
   CHECK(has(msg, "train.seq = 4"));
   // A million blocks do not fit in memory (std::bad_alloc / the OOM killer before).
-  msg = usage_error_of([&] { train(tiny(tmp, {"model.layers=1000000"}), quiet()); });
+  msg = usage_error_of([&] { train(tiny(tmp, {"model.layers=1000000"}), quiet_options()); });
   CHECK(has(msg, "model.layers = 1000000"));
   CHECK(has(msg, "MOELAB_MEMORY_LIMIT_BYTES"));
   // The parameter count itself overflows.
-  msg = usage_error_of([&] { train(tiny(tmp, {"model.vocab=4611686018427387904"}), quiet()); });
+  msg = usage_error_of([&] { train(tiny(tmp, {"model.vocab=4611686018427387904"}), quiet_options()); });
   CHECK(has(msg, "model.vocab = 4611686018427387904"));
   // synthetic_sources x synthetic_alphabet overflowed to a small product (SIGSEGV before).
   msg = usage_error_of([&] {
     train(tiny(tmp, {"data.synthetic_sources=4611686018427387904", "data.synthetic_alphabet=4"}),
-          quiet());
+          quiet_options());
   });
   CHECK(has(msg, "data.synthetic_sources"));
   CHECK(has(msg, "data.synthetic_alphabet"));
@@ -171,7 +167,7 @@ TEST_CASE("robustness: MOELAB_MEMORY_LIMIT_BYTES sets the memory limit; a bad va
   {
     ScopedEnv env("MOELAB_MEMORY_LIMIT_BYTES", "100000");
     CHECK(memory_limit_bytes() == 100000);
-    const std::string msg = usage_error_of([&] { train(cfg, quiet()); });
+    const std::string msg = usage_error_of([&] { train(cfg, quiet_options()); });
     CHECK(has(msg, "more than the 97.7 KiB available (MOELAB_MEMORY_LIMIT_BYTES)"));
     CHECK(has(msg, "The largest part is the "));
   }
@@ -189,7 +185,7 @@ TEST_CASE("robustness: evaluation without validation data is refused at startup"
   const std::string brown = "data.path=" + corpus.dir.string();
   // Three files, val_fraction 0.1: no file is validation (NaN eval losses and exit 0 before).
   std::string msg = usage_error_of([&] {
-    train(tiny(tmp, {"data.source=brown", brown, "train.seq=8"}), quiet());
+    train(tiny(tmp, {"data.source=brown", brown, "train.seq=8"}), quiet_options());
   });
   CHECK(has(msg, "log.eval_every = 2"));
   CHECK(has(msg, "data.path = '" + corpus.dir.string() + "' has 3 files"));
@@ -199,17 +195,17 @@ TEST_CASE("robustness: evaluation without validation data is refused at startup"
   CHECK_FALSE(fs::exists(tmp.path("run.h5")));
   // data.val_fraction = 0 holds nothing out.
   msg = usage_error_of([&] {
-    train(tiny(tmp, {"data.source=brown", brown, "train.seq=8", "data.val_fraction=0"}), quiet());
+    train(tiny(tmp, {"data.source=brown", brown, "train.seq=8", "data.val_fraction=0"}), quiet_options());
   });
   CHECK(has(msg, "data.val_fraction = 0 holds no file"));
   // Without evaluation the same data trains; with a validation file it evaluates.
   TrainResult r = train(tiny(tmp, {"data.source=brown", brown, "train.seq=8", "log.eval_every=0",
                                    "log.out=" + tmp.path("no_eval.h5")}),
-                        quiet());
+                        quiet_options());
   CHECK(r.eval_losses.empty());
   r = train(tiny(tmp, {"data.source=brown", brown, "train.seq=8", "data.val_fraction=0.5",
                        "log.out=" + tmp.path("eval.h5")}),
-            quiet());
+            quiet_options());
   REQUIRE(r.eval_losses.size() == 1);
   CHECK(std::isfinite(r.eval_losses[0]));
 }
@@ -223,7 +219,7 @@ TEST_CASE("robustness: generate routes with the checkpoint's aux-loss-free route
   // large a step the loads flip each step and the bias often returns to 0 after an even number.
   train(tiny(tmp, {"router.bias_update_rate=0.5", "train.steps=3", "log.checkpoint_every=3",
                    "log.eval_every=0"}),
-        quiet());
+        quiet_options());
   const std::string ckpt = checkpoint_path(tmp.path("ckpt"), 3);
   // The same checkpoint with every router bias zeroed.
   CheckpointReader in(ckpt);

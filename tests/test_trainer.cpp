@@ -7,32 +7,28 @@
 
 #include "backends/registry.h"
 #include "temp_dir.h"
+#include "train_util.h"
 #include "core/io/checkpoint.h"
 #include "core/trainer.h"
 #include "test_util.h"
 
 using namespace moelab;
 using moelab::test::TempDir;
+using moelab::test::quiet_options;
+using moelab::test::tiny_model_sets;
 namespace fs = std::filesystem;
 
 namespace {
 
 
 RunConfig tiny(const TempDir& tmp, std::vector<std::string> extra = {}) {
-  std::vector<std::string> sets = {
-      "model.layers=2", "model.d_model=16", "model.heads=2", "model.experts=4", "model.top_k=2",
-      "model.d_expert=16", "model.moe_every=1", "train.batch=2", "train.seq=16", "train.steps=6",
+  std::vector<std::string> sets = tiny_model_sets({
+      "train.batch=2", "train.seq=16", "train.steps=6",
       "train.lr=0.01", "train.warmup=2", "log.eval_every=3", "log.eval_batches=1", "log.flush_every=2",
       "router.aux_alpha=0.01", "router.z_loss=0.001", "router.noise=jitter",
-      "log.out=" + tmp.path("run.h5"), "log.checkpoint_dir=" + tmp.path("ckpt")};
+      "log.out=" + tmp.path("run.h5"), "log.checkpoint_dir=" + tmp.path("ckpt")});
   sets.insert(sets.end(), extra.begin(), extra.end());
   return load_config("", sets);
-}
-
-TrainOptions quiet() {
-  TrainOptions o;
-  o.quiet = true;
-  return o;
 }
 
 int64_t dataset_length(const std::string& file, const std::string& path) {
@@ -59,9 +55,9 @@ TEST_CASE("train: learning-rate schedule is warm-up then cosine", "[train]") {
 
 TEST_CASE("train: the same config and seed give bit-identical losses", "[train][determinism]") {
   TempDir tmp;
-  TrainOptions again = quiet();
+  TrainOptions again = quiet_options();
   again.overwrite = true;  // the same --out again
-  TrainResult a = train(tiny(tmp), quiet());
+  TrainResult a = train(tiny(tmp), quiet_options());
   TrainResult b = train(tiny(tmp), again);
   REQUIRE(a.losses.size() == 6);
   REQUIRE(a.losses == b.losses);  // exact, not approximate
@@ -72,12 +68,12 @@ TEST_CASE("train: the same config and seed give bit-identical losses", "[train][
 
 TEST_CASE("train: resume from a checkpoint is bit-identical to an uninterrupted run", "[train][checkpoint]") {
   TempDir tmp;
-  TrainResult full = train(tiny(tmp, {"log.checkpoint_every=3"}), quiet());
+  TrainResult full = train(tiny(tmp, {"log.checkpoint_every=3"}), quiet_options());
   const std::string ck = checkpoint_path(tmp.path("ckpt"), 3);
   REQUIRE(fs::exists(ck));
   REQUIRE(full.last_checkpoint == checkpoint_path(tmp.path("ckpt"), 6));
   // Resume into another log; steps 4..6 must reproduce the uninterrupted losses exactly.
-  TrainOptions o = quiet();
+  TrainOptions o = quiet_options();
   o.resume = ck;
   TrainResult resumed = train(tiny(tmp, {"log.out=" + tmp.path("resumed.h5")}), o);
   REQUIRE(resumed.steps == std::vector<int64_t>{4, 5, 6});
@@ -91,9 +87,9 @@ TEST_CASE("train: resume from a checkpoint is bit-identical to an uninterrupted 
 
 TEST_CASE("train: a checkpoint of another model shape, or a damaged one, is refused", "[train][checkpoint][errors]") {
   TempDir tmp;
-  train(tiny(tmp, {"log.checkpoint_every=3", "train.steps=3"}), quiet());
+  train(tiny(tmp, {"log.checkpoint_every=3", "train.steps=3"}), quiet_options());
   const std::string ck = checkpoint_path(tmp.path("ckpt"), 3);
-  TrainOptions o = quiet();
+  TrainOptions o = quiet_options();
   o.resume = ck;
   // Other shape: wider experts; dense where the checkpoint had MoE. The stored config names the key.
   REQUIRE_THROWS_WITH(train(tiny(tmp, {"model.d_expert=32"}), o),
@@ -109,7 +105,7 @@ TEST_CASE("train: a checkpoint of another model shape, or a damaged one, is refu
 
 TEST_CASE("train: a tiny MoE LM learns the synthetic sources", "[train][learning]") {
   TempDir tmp;
-  TrainResult r = train(tiny(tmp, {"train.steps=40", "train.lr=0.02", "log.eval_every=40"}), quiet());
+  TrainResult r = train(tiny(tmp, {"train.steps=40", "train.lr=0.02", "log.eval_every=40"}), quiet_options());
   // Uniform over 256 bytes is ln 256 = 5.55 nats; after 40 steps of a 2-block width-16 model
   // the validation loss must be clearly below that (measured: 4.04); it is below ln 64 = 4.16,
   // the entropy of a uniform guess over the 4 x 16 symbols the sources use.
