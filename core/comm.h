@@ -34,6 +34,16 @@ class Communicator {
 
   // In place, elementwise over all ranks (f64, f32, bf16 (sum in fp32 on NCCL), i32).
   virtual void all_reduce(const Tensor& t, ReduceOp op) = 0;
+  // all_reduce started without waiting for it, so that it runs beside the caller's next work (the
+  // data-parallel gradient reduction overlapping the backward pass). It sees everything the
+  // caller queued before the call (NCCL: the bound backend's stream; it runs on a stream of its
+  // own); `t` must not be read or written until wait_started() returns. Started reductions
+  // complete in the order started, every other call on this communicator waits for them first,
+  // and errors surface in wait_started() or the next call. Same results as all_reduce. The
+  // default (simulated ranks) reduces at once.
+  virtual void start_all_reduce(const Tensor& t, ReduceOp op) { all_reduce(t, op); }
+  // Until every started reduction is complete (and visible to the caller's later work).
+  virtual void wait_started() {}
   // out [size * in.dim(0), ...] = the ranks' `in` concatenated along dim 0 in rank order.
   virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
   // t = root's t on every rank.

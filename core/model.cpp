@@ -92,27 +92,38 @@ TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype,
 
 TransformerLM::~TransformerLM() = default;
 
-std::vector<ParamRef> TransformerLM::params() {
-  std::vector<ParamRef> ps{{"embed", embed_, dembed_}};
+std::vector<ParamSlot> TransformerLM::param_slots() {
+  std::vector<ParamSlot> ps{{"embed", &embed_, &dembed_}};
   for (size_t i = 0; i < blocks_.size(); ++i) {
     Block& bk = *blocks_[i];
     const std::string p = "block" + std::to_string(i) + ".";
-    ps.push_back({p + "attn_norm", bk.attn_norm, bk.dattn_norm});
-    ps.push_back({p + "wq", bk.wq, bk.dwq});
-    ps.push_back({p + "wk", bk.wk, bk.dwk});
-    ps.push_back({p + "wv", bk.wv, bk.dwv});
-    ps.push_back({p + "wo", bk.wo, bk.dwo});
-    ps.push_back({p + "ffn_norm", bk.ffn_norm, bk.dffn_norm});
+    ps.push_back({p + "attn_norm", &bk.attn_norm, &bk.dattn_norm});
+    ps.push_back({p + "wq", &bk.wq, &bk.dwq});
+    ps.push_back({p + "wk", &bk.wk, &bk.dwk});
+    ps.push_back({p + "wv", &bk.wv, &bk.dwv});
+    ps.push_back({p + "wo", &bk.wo, &bk.dwo});
+    ps.push_back({p + "ffn_norm", &bk.ffn_norm, &bk.dffn_norm});
     if (bk.moe) {
-      for (ParamRef& r : bk.moe->params()) ps.push_back({p + "moe." + r.name, r.value, r.grad});
+      for (ParamSlot& r : bk.moe->param_slots()) ps.push_back({p + "moe." + r.name, r.value, r.grad});
     } else {
-      ps.push_back({p + "ffn.w1", bk.dense->w1(), bk.dense->dw1()});
-      ps.push_back({p + "ffn.w2", bk.dense->w2(), bk.dense->dw2()});
+      ps.push_back({p + "ffn.w1", &bk.dense->w1(), &bk.dense->dw1()});
+      ps.push_back({p + "ffn.w2", &bk.dense->w2(), &bk.dense->dw2()});
     }
   }
-  ps.push_back({"final_norm", final_norm_, dfinal_norm_});
-  if (head_.defined()) ps.push_back({"head", head_, dhead_});
+  ps.push_back({"final_norm", &final_norm_, &dfinal_norm_});
+  if (head_.defined()) ps.push_back({"head", &head_, &dhead_});
   return ps;
+}
+
+std::vector<ParamRef> TransformerLM::params() {
+  std::vector<ParamRef> ps;
+  for (const ParamSlot& s : param_slots()) ps.push_back({s.name, *s.value, *s.grad});
+  return ps;
+}
+
+int TransformerLM::block_of(const std::string& name) {
+  if (!name.starts_with("block")) return -1;
+  return std::stoi(name.substr(5, name.find('.') - 5));
 }
 
 void TransformerLM::init(uint64_t seed) {
@@ -247,7 +258,7 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
   return out;
 }
 
-void TransformerLM::backward() {
+void TransformerLM::backward(const std::function<void(int block)>& block_done) {
   MOELAB_CHECK(logits_.defined(), "model: backward without a forward");
   const int64_t T = tokens_.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
   const int64_t dh = D / H, S = seq_len_;
@@ -292,6 +303,7 @@ void TransformerLM::backward() {
     b_.gemm(false, true, 1.0, dk, bk.wk, 1.0, dn1);
     b_.gemm(false, true, 1.0, dv, bk.wv, 1.0, dn1);
     b_.rmsnorm_backward(bk.x_in, bk.attn_norm, bk.rstd1, dn1, tmp, bk.dattn_norm);
+    if (block_done) block_done(int(i));
     b_.axpy(1.0, tmp, dx);  // dx is now d x_in
   }
   b_.embedding_backward(tokens_, dx, dembed_);

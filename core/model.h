@@ -13,6 +13,7 @@
 // Dimension letters: T tokens (B sequences of S), D width, H heads, Hkv kv heads, Dh head width,
 // F dense FFN width, V vocabulary.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,6 +58,10 @@ class TransformerLM {
 
   void init(uint64_t seed);
   std::vector<ParamRef> params();  // stable names and order (checkpoints rely on it)
+  std::vector<ParamSlot> param_slots();  // params() as slots (ParamStore rebinds the gradients)
+  // The block (0 .. layers-1) whose backward completes parameter `name`'s gradient, or -1 for
+  // the embedding, the final norm and the head (complete only when backward() returns).
+  static int block_of(const std::string& name);
   void zero_grad();
 
   // tokens, targets: i32 [T] on this backend, T = B * seq_len.
@@ -69,7 +74,9 @@ class TransformerLM {
   // per block attn_norm, q, k (after RoPE), v, attn, x_mid, ffn_norm, and for MoE blocks the
   // router's logits, probs and gates; then final_norm and logits.
   std::vector<std::pair<std::string, Tensor>> activations();
-  void backward();
+  // block_done(i), if given, is called once block i's parameter gradients are complete (blocks
+  // in backward order, layers-1 down to 0), so they can be reduced while backward goes on.
+  void backward(const std::function<void(int block)>& block_done = {});
 
   const LMConfig& config() const { return cfg_; }
   std::vector<int> moe_blocks() const;           // block indices with an MoE FFN

@@ -16,6 +16,8 @@ ParallelContext ParallelContext::make(Communicator& world, int ep, int dp) {
   c.world_comm = &world;
   c.ep_comm = world.split(/*color=*/c.dp_rank(), /*key=*/c.ep_rank());
   c.expert_dp_comm = world.split(/*color=*/c.ep_rank(), /*key=*/c.dp_rank());
+  if (c.world > 1) c.grad_world_comm = world.split(/*color=*/0, /*key=*/c.rank);
+  if (dp > 1) c.grad_expert_dp_comm = world.split(/*color=*/c.ep_rank(), /*key=*/c.dp_rank());
   return c;
 }
 

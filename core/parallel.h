@@ -24,6 +24,11 @@ struct ParallelContext {
   Communicator* world_comm = nullptr;             // null for a single-rank run without one
   std::unique_ptr<Communicator> ep_comm;          // size ep
   std::unique_ptr<Communicator> expert_dp_comm;   // size dp
+  // The gradient reduction's own copies of world and expert-dp (the latter only when dp > 1):
+  // the reductions it starts during the backward pass (Communicator::start_all_reduce) run
+  // beside the MoE layers' calls on the groups above, which must not queue behind them.
+  std::unique_ptr<Communicator> grad_world_comm;
+  std::unique_ptr<Communicator> grad_expert_dp_comm;
 
   int ep_rank() const { return rank % ep; }
   int dp_rank() const { return rank / ep; }

@@ -1,6 +1,8 @@
 // moelab: the training loop. See trainer.h for the determinism contract.
 #include "core/trainer.h"
 
+#include "core/param_store.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,6 +17,7 @@
 #include "core/io/data.h"
 #include "core/io/run_log.h"
 #include "core/io/output_file.h"
+#include "core/param_store.h"
 #include "core/rng.h"
 #include "core/run_identity.h"
 
@@ -110,34 +113,7 @@ Batch slice_batch(const Batch& full, int part, int parts) {
   return b;
 }
 
-bool is_expert_param(const std::string& name) { return name.find(".moe.experts.") != std::string::npos; }
-
-// One all-reduce (sum) of many tensors through one flat buffer per dtype (bf16 models keep the
-// router in fp32): the gradients of one reduction group travel in one collective per dtype.
-void all_reduce_flat(Backend& b, Communicator& comm, const std::vector<Tensor*>& ts) {
-  for (DType dt : {DType::F64, DType::F32, DType::BF16}) {
-    std::vector<Tensor*> same;
-    int64_t n = 0;
-    for (Tensor* t : ts)
-      if (t->dtype() == dt) {
-        same.push_back(t);
-        n += t->numel();
-      }
-    if (same.empty()) continue;
-    Tensor flat = b.empty(Shape{n}, dt);
-    int64_t at = 0;
-    for (const Tensor* t : same) {
-      b.copy(*t, flat.view_rows(at, at + t->numel()).reshape(t->shape()));
-      at += t->numel();
-    }
-    comm.all_reduce(flat, ReduceOp::Sum);
-    at = 0;
-    for (Tensor* t : same) {
-      b.copy(flat.view_rows(at, at + t->numel()).reshape(t->shape()), *t);
-      at += t->numel();
-    }
-  }
-}
+bool is_expert_param(const std::string& name) { return grad_group_of(name) == GradGroup::Expert; }
 
 TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const ParallelContext* par,
                        Backend& b) {
@@ -158,7 +134,9 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   check_eval_data(cfg, *data);
   TransformerLM model(b, lm_config(cfg), dtype, par);
   model.init(rng::derive(seed, kInitStream));
-  std::vector<ParamRef> params = model.params();
+  // Gradients live in the store's flat buffers (one per reduction group and dtype).
+  ParamStore store(b, model);
+  std::vector<ParamRef>& params = store.params();
   OptimizerState opt;
   // bf16 mixed precision: bf16 parameters are the compute copies of fp32 master weights, which
   // AdamW updates (fp32 state) and casts back after each step. No loss scaling is needed: bf16
@@ -359,8 +337,13 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     std::printf("moelab train: %d ranks (parallel.ep = %d x parallel.dp = %d, %s), %lld sequences per rank\n",
                 W, ep, par->dp, par->world_comm->kind().c_str(), (long long)(tc.batch / W));
 
+  // Data parallelism: gradients are reduced during the last micro-batch's backward pass.
+  std::optional<GradientReducer> reducer;
+  if (dist) reducer.emplace(store, par->grad_world_comm.get(), par->grad_expert_dp_comm.get());
+
   // Communication counters of this rank: the all-to-all dispatchers' (every MoE layer) and the
-  // gradient all-reduce's.
+  // gradient all-reduce's (the time the step waits for it after the backward pass: what the
+  // overlap did not hide).
   struct CommTotals {
     int64_t sent = 0, recv = 0;
     double seconds = 0, a2a_seconds = 0;
@@ -399,7 +382,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     // accumulates) before one update; the objective is the mean over ranks and micro-batches.
     const int64_t A = tc.grad_accum;
     const Batch share = slice_batch(batch, rank, W);
-    model.zero_grad();
+    store.zero_grads();
     LMForward f;
     std::vector<RouterStatsSum> step_stats(moe_blocks.size());
     double ce_sum = 0;
@@ -407,7 +390,10 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       Tensor in, tg;
       batch_tensors(b, slice_batch(share, int(m), int(A)), in, tg);
       f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
-      model.backward();
+      // The last micro-batch completes the gradients: each block's are reduced as soon as its
+      // backward is done, beside the backward of the blocks below it.
+      if (reducer && m == A - 1) model.backward([&](int block) { reducer->block_done(block); });
+      else model.backward();
       ce_sum += f.ce_loss;
       for (size_t l = 0; l < f.moe.size(); ++l) step_stats[l].add(f.moe[l].stats, f.moe[l].losses, T / A);
     }
@@ -419,33 +405,25 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
         if (dist) step_stats[l].reduce(*par->world_comm);
         step_stats[l].result(f.moe[l].stats, f.moe[l].losses);
       }
-    if (!dist && A > 1)
-      for (ParamRef& p : params) b.scale(p.grad, 1.0 / double(A));
+    if (!dist && A > 1) store.scale_grads(1.0 / double(A));
 
     double sq = 0;
     if (dist) {
       // Data parallelism: the objective is the mean over ranks of their losses, so gradients
       // are summed (replicated parameters over the world, experts over their expert-dp group:
       // the all-to-all already summed the ep group's tokens into them) and divided by W.
-      std::vector<Tensor*> replicated, experts;
-      for (ParamRef& p : params) (is_expert_param(p.name) ? experts : replicated).push_back(&p.grad);
-      const auto t_reduce = Clock::now();
-      all_reduce_flat(b, *par->world_comm, replicated);
-      if (par->dp > 1) all_reduce_flat(b, *par->expert_dp_comm, experts);
-      b.synchronize();
-      reduce_seconds += std::chrono::duration<double>(Clock::now() - t_reduce).count();
-      for (ParamRef& p : params) b.scale(p.grad, 1.0 / double(W * A));
+      reducer->finish();
+      reduce_seconds = reducer->wait_seconds();
+      store.scale_grads(1.0 / double(W * A));
       // The global norm: replicated gradients are equal everywhere, expert shards add up.
-      std::vector<double> parts = {0.0, 0.0};
-      for (ParamRef& p : params) parts[is_expert_param(p.name)] += b.sum_squares(p.grad);
-      std::vector<double> shard = {parts[1]};
+      std::vector<double> shard = {store.sum_squares(GradGroup::Expert)};
       if (ep > 1) par->ep_comm->all_reduce_host(shard, ReduceOp::Sum);
-      sq = parts[0] + shard[0];
+      sq = store.sum_squares(GradGroup::Replicated) + shard[0];
       std::vector<double> loss = {f.ce_loss};
       par->world_comm->all_reduce_host(loss, ReduceOp::Sum);
       f.ce_loss = loss[0] / double(W);
     } else {
-      for (ParamRef& p : params) sq += b.sum_squares(p.grad);
+      sq = store.sum_squares(GradGroup::Replicated) + store.sum_squares(GradGroup::Expert);
     }
     const double gnorm = std::sqrt(sq);
     // This step's communication, per rank (gathered to every rank; rank 0 logs it).
@@ -461,8 +439,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     MOELAB_CHECK(std::isfinite(f.ce_loss) && std::isfinite(gnorm), "training diverged at step ",
                  step, ": loss ", f.ce_loss, ", gradient norm ", gnorm,
                  " (try a lower train.lr, model.init_scale or router.z_loss > 0)");
-    if (tc.grad_clip > 0 && gnorm > tc.grad_clip)
-      for (ParamRef& p : params) b.scale(p.grad, tc.grad_clip / gnorm);
+    if (tc.grad_clip > 0 && gnorm > tc.grad_clip) store.scale_grads(tc.grad_clip / gnorm);
     for (size_t i = 0; i < params.size(); ++i) {
       b.adamw(master_of(i), params[i].grad, opt.m[i], opt.v[i], lr, tc.beta1, tc.beta2, 1e-8,
               decays(params[i]) ? tc.weight_decay : 0.0, step);

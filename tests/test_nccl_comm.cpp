@@ -75,6 +75,7 @@ Bytes bytes_of(const std::vector<T>& v) {
 struct Io {
   std::function<Tensor(const Tensor&)> up;    // host tensor -> a new tensor where the comm works
   std::function<Tensor(const Tensor&)> down;  // that tensor -> a host tensor
+  std::function<void(const Tensor&)> twice;   // t *= 2 where the comm works (NCCL: the backend's stream)
 };
 
 // A fixed sequence of every collective on rank r of a 2-rank communicator; every result as bytes.
@@ -123,6 +124,22 @@ std::vector<Bytes> suite(int r, Communicator& c, const Io& io) {
       out.push_back(bytes_of(io.down(d)));
     }
   }
+  {  // started reductions: they see the work queued before them (t *= 2 on the stream), complete
+     // in wait_started(), or before the next call (all_gather_host below drains the last one).
+    std::vector<Tensor> ts;
+    for (DType dt : {DType::F32, DType::BF16, DType::F64, DType::BF16}) {
+      const int64_t n = dt == DType::F64 ? 1000 : (1 << 20) + 3;
+      ts.push_back(io.up(host_tensor(values(n, dt, 5 + int(ts.size())), Shape{n}, dt)));
+      io.twice(ts.back());
+      c.start_all_reduce(ts.back(), ReduceOp::Sum);
+    }
+    c.wait_started();
+    Tensor last = io.up(host_tensor(values(4096, DType::F32, 9), Shape{4096}, DType::F32));
+    c.start_all_reduce(last, ReduceOp::Max);
+    ts.push_back(last);
+    out.push_back(bytes_of(c.all_gather_host({int64_t(r)})));
+    for (const Tensor& t : ts) out.push_back(bytes_of(io.down(t)));
+  }
   out.push_back(bytes_of(c.all_gather_host({int64_t(r), int64_t(100 + r), int64_t(-r)})));
   std::vector<double> h{r == 0 ? 1e16 : 1.0, double(r), r == 0 ? -2.0 : std::nan("")};
   c.all_reduce_host(h, ReduceOp::Sum);
@@ -165,7 +182,13 @@ std::vector<std::string> on_gpus(std::vector<R>& out, const std::function<R(int,
 std::vector<std::vector<Bytes>> sim_suite() {
   std::vector<std::vector<Bytes>> sim(2);
   const Io host_io{[](const Tensor& h) { return host_tensor(host_values(h), h.shape(), h.dtype()); },
-                   [](const Tensor& t) { return t; }};
+                   [](const Tensor& t) { return t; },
+                   [](const Tensor& t) {
+                     std::vector<double> v = host_values(t);
+                     for (double& x : v) x *= 2;
+                     const Tensor d = host_tensor(v, t.shape(), t.dtype());
+                     std::memcpy(t.data(), d.data(), size_t(t.nbytes()));
+                   }};
   run_ranks(2, [&](int r, Communicator& c) { sim[size_t(r)] = suite(r, c, host_io); });
   return sim;
 }
@@ -189,7 +212,8 @@ TEST_CASE("nccl: every collective on 2 GPUs equals the simulated ranks bit for b
     opts.blocking = mode.blocking;
     std::vector<std::vector<Bytes>> got;
     const auto err = on_gpus<std::vector<Bytes>>(got, [](int r, NcclCommunicator& c, Backend& be) {
-      const Io io{[&](const Tensor& h) { return be.from_host(h); }, [&](const Tensor& t) { return be.to_host(t); }};
+      const Io io{[&](const Tensor& h) { return be.from_host(h); }, [&](const Tensor& t) { return be.to_host(t); },
+                  [&](const Tensor& t) { be.scale(t, 2.0); }};
       return suite(r, c, io);
     }, opts);
     REQUIRE(err == std::vector<std::string>{"", ""});

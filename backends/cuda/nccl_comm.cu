@@ -388,40 +388,88 @@ class NcclComm final : public NcclCommunicator {
   void all_reduce(const Tensor& t, ReduceOp op) override {
     Scope s(*this, "all_reduce");
     check_tensor(t, "t");
+    if (t.numel() == 0 || size_ == 1) return;
+    enqueue_all_reduce(t, op, stream_, scratch(all_reduce_scratch_bytes(t, op)));
+    wait();
+  }
+
+  // On the side stream: it waits for the work queued on stream_ so far (an event), then runs
+  // beside whatever the caller queues next. Reductions on the side stream run in the order
+  // started, so they share one scratch buffer, grown only while none is pending.
+  void start_all_reduce(const Tensor& t, ReduceOp op) override {
+    Scope s(*this, "start_all_reduce", /*drain=*/false);
+    check_tensor(t, "t");
+    if (t.numel() == 0 || size_ == 1) return;
+    if (side_ == nullptr) {
+      CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&side_in_, cudaEventDisableTiming));
+      CUDA_CHECK(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming));
+    }
+    const size_t need = all_reduce_scratch_bytes(t, op);
+    if (need > side_scratch_bytes_ && pending_ > 0) wait_side();
+    void* sc = grow(side_scratch_, side_scratch_bytes_, need);
+    CUDA_CHECK(cudaEventRecord(side_in_, stream_));
+    CUDA_CHECK(cudaStreamWaitEvent(side_, side_in_, 0));
+    enqueue_all_reduce(t, op, side_, sc);
+    ++pending_;
+  }
+
+  void wait_started() override {
+    Scope s(*this, "wait_started", /*drain=*/false);
+    if (pending_ > 0) wait_side();
+  }
+
+  // Bytes of scratch enqueue_all_reduce needs for t.
+  size_t all_reduce_scratch_bytes(const Tensor& t, ReduceOp op) const {
+    const size_t n = size_t(t.numel());
+    if (rank_order_sum(t, op)) return n * dtype_size(t.dtype()) * size_t(size_);
+    if (bf16_via_f32(t, op)) return n * sizeof(float);
+    return 0;
+  }
+  bool float_sum(const Tensor& t, ReduceOp op) const { return op == ReduceOp::Sum && t.dtype() != DType::I32; }
+  bool rank_order_sum(const Tensor& t, ReduceOp op) const {
+    return float_sum(t, op) &&
+           (opts_.sum == NcclOptions::Sum::RankOrder || (opts_.sum == NcclOptions::Sum::Auto && size_ > 2));
+  }
+  // A native bf16 sum of 2 ranks is one addition rounded once (x0 + x1 exactly, then to bf16),
+  // which is what the fp32 sum rounded to bf16 gives (two bf16 values add exactly in fp32 unless
+  // their exponents differ by more than 15, and then the smaller is far below half an ulp of the
+  // larger in bf16): so 2 ranks reduce bf16 natively, at half the traffic; more ranks add in
+  // fp32 (native ring sums would round at every hop).
+  bool bf16_via_f32(const Tensor& t, ReduceOp op) const {
+    return float_sum(t, op) && t.dtype() == DType::BF16 && !rank_order_sum(t, op) && size_ > 2;
+  }
+
+  // Enqueues the reduction of t on stream st with scratch sc (all_reduce_scratch_bytes).
+  void enqueue_all_reduce(const Tensor& t, ReduceOp op, cudaStream_t st, void* sc) {
     const int64_t n = t.numel();
-    if (n == 0 || size_ == 1) return;
-    const bool float_sum = op == ReduceOp::Sum && t.dtype() != DType::I32;
-    const bool rank_order =
-        float_sum && (opts_.sum == NcclOptions::Sum::RankOrder || (opts_.sum == NcclOptions::Sum::Auto && size_ > 2));
     const unsigned grid = cuda::grid_for(n);
-    if (rank_order) {
-      void* parts = scratch(size_t(n) * dtype_size(t.dtype()) * size_t(size_));
-      nccl(ncclAllGather(t.data(), parts, size_t(n), nccl_dtype(t.dtype()), comm_, stream_), "ncclAllGather");
+    if (rank_order_sum(t, op)) {
+      nccl(ncclAllGather(t.data(), sc, size_t(n), nccl_dtype(t.dtype()), comm_, st), "ncclAllGather");
       switch (t.dtype()) {
         case DType::F64:
-          k_sum_ranks<double, double><<<grid, cuda::kThreads, 0, stream_>>>(static_cast<const double*>(parts), t.ptr<double>(), n, size_);
+          k_sum_ranks<double, double><<<grid, cuda::kThreads, 0, st>>>(static_cast<const double*>(sc), t.ptr<double>(), n, size_);
           break;
         case DType::F32:
-          k_sum_ranks<float, float><<<grid, cuda::kThreads, 0, stream_>>>(static_cast<const float*>(parts), t.ptr<float>(), n, size_);
+          k_sum_ranks<float, float><<<grid, cuda::kThreads, 0, st>>>(static_cast<const float*>(sc), t.ptr<float>(), n, size_);
           break;
         default:
-          k_sum_ranks<bf16_t, float><<<grid, cuda::kThreads, 0, stream_>>>(static_cast<const bf16_t*>(parts),
-                                                                             static_cast<bf16_t*>(t.data()), n, size_);
+          k_sum_ranks<bf16_t, float><<<grid, cuda::kThreads, 0, st>>>(static_cast<const bf16_t*>(sc),
+                                                                        static_cast<bf16_t*>(t.data()), n, size_);
       }
       CUDA_CHECK_LAUNCH();
-    } else if (float_sum && t.dtype() == DType::BF16) {  // sum in fp32, round once
-      float* f = static_cast<float*>(scratch(size_t(n) * sizeof(float)));
-      k_bf16_to_f32<<<grid, cuda::kThreads, 0, stream_>>>(static_cast<const bf16_t*>(t.data()), f, n);
+    } else if (bf16_via_f32(t, op)) {  // sum in fp32, round once
+      float* f = static_cast<float*>(sc);
+      k_bf16_to_f32<<<grid, cuda::kThreads, 0, st>>>(static_cast<const bf16_t*>(t.data()), f, n);
       CUDA_CHECK_LAUNCH();
-      nccl(ncclAllReduce(f, f, size_t(n), ncclFloat32, ncclSum, comm_, stream_), "ncclAllReduce");
-      k_f32_to_bf16<<<grid, cuda::kThreads, 0, stream_>>>(f, static_cast<bf16_t*>(t.data()), n);
+      nccl(ncclAllReduce(f, f, size_t(n), ncclFloat32, ncclSum, comm_, st), "ncclAllReduce");
+      k_f32_to_bf16<<<grid, cuda::kThreads, 0, st>>>(f, static_cast<bf16_t*>(t.data()), n);
       CUDA_CHECK_LAUNCH();
     } else {
       nccl(ncclAllReduce(t.data(), t.data(), size_t(n), nccl_dtype(t.dtype()), op == ReduceOp::Sum ? ncclSum : ncclMax,
-                         comm_, stream_),
+                         comm_, st),
            "ncclAllReduce");
     }
-    wait();
   }
 
   void all_gather(const Tensor& in, const Tensor& out) override {
@@ -662,9 +710,12 @@ class NcclComm final : public NcclCommunicator {
 
   // One call: this communicator's lock, its device, and a usable state.
   struct Scope {
-    Scope(NcclComm& c, const char* op) : lock(c.call_mu_), dev(c.device_) {
+    // drain: first wait for the reductions started with start_all_reduce (every other call
+    // runs after them, as NCCL needs calls on one communicator in one order).
+    Scope(NcclComm& c, const char* op, bool drain = true) : lock(c.call_mu_), dev(c.device_) {
       c.op_ = op;
       c.check_usable();
+      if (drain && c.pending_ > 0) c.wait_side();
     }
     std::unique_lock<std::mutex> lock;
     DeviceGuard dev;
@@ -787,13 +838,20 @@ class NcclComm final : public NcclCommunicator {
   }
 
   // Until everything enqueued on the stream so far is complete.
-  void wait() {
-    CUDA_CHECK(cudaEventRecord(done_, stream_));
+  void wait() { wait_stream(stream_, done_); }
+  // Until the started reductions are complete; the bound stream's later work then sees them.
+  void wait_side() {
+    wait_stream(side_, side_done_);
+    pending_ = 0;
+    CUDA_CHECK(cudaStreamWaitEvent(stream_, side_done_, 0));
+  }
+  void wait_stream(cudaStream_t st, cudaEvent_t ev) {
+    CUDA_CHECK(cudaEventRecord(ev, st));
     const auto t0 = Clock::now();
     auto next = t0 + std::chrono::milliseconds(100);
     int64_t spins = 0;
     for (;;) {
-      const cudaError_t q = cudaEventQuery(done_);
+      const cudaError_t q = cudaEventQuery(ev);
       if (q == cudaSuccess) return;
       if (q != cudaErrorNotReady) {
         cudaGetLastError();
@@ -806,16 +864,17 @@ class NcclComm final : public NcclCommunicator {
 
   // Device scratch (grown on demand; every call completes before it returns, so the old
   // buffer is idle when it is replaced).
-  void* scratch(size_t bytes) {
-    if (bytes > scratch_bytes_) {
-      if (scratch_ != nullptr) CUDA_CHECK(cudaFree(scratch_));
-      scratch_ = nullptr;
-      scratch_bytes_ = 0;
+  void* scratch(size_t bytes) { return grow(scratch_, scratch_bytes_, bytes); }
+  static void* grow(void*& buf, size_t& have, size_t bytes) {
+    if (bytes > have || (buf == nullptr && bytes > 0)) {
+      if (buf != nullptr) CUDA_CHECK(cudaFree(buf));
+      buf = nullptr;
+      have = 0;
       const size_t want = std::max(bytes + bytes / 4, size_t(1) << 20);
-      CUDA_CHECK(cudaMalloc(&scratch_, want));
-      scratch_bytes_ = want;
+      CUDA_CHECK(cudaMalloc(&buf, want));
+      have = want;
     }
-    return scratch_;
+    return buf;
   }
   char* pinned(size_t bytes) {
     if (bytes > pinned_bytes_) {
@@ -852,6 +911,13 @@ class NcclComm final : public NcclCommunicator {
     if (scratch_ != nullptr) cudaFree(scratch_);
     if (pinned_ != nullptr) cudaFreeHost(pinned_);
     if (own_stream_ != nullptr) cudaStreamDestroy(own_stream_);
+    if (side_scratch_ != nullptr) cudaFree(side_scratch_);
+    if (side_ != nullptr) cudaStreamDestroy(side_);
+    if (side_in_ != nullptr) cudaEventDestroy(side_in_);
+    if (side_done_ != nullptr) cudaEventDestroy(side_done_);
+    side_scratch_ = nullptr;
+    side_ = nullptr;
+    side_in_ = side_done_ = nullptr;
     done_ = nullptr;
     scratch_ = nullptr;
     pinned_ = nullptr;
@@ -875,6 +941,12 @@ class NcclComm final : public NcclCommunicator {
   size_t scratch_bytes_ = 0;
   void* pinned_ = nullptr;
   size_t pinned_bytes_ = 0;
+  // start_all_reduce: a stream of its own, its scratch, and the reductions not yet waited for.
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t side_in_ = nullptr, side_done_ = nullptr;
+  void* side_scratch_ = nullptr;
+  size_t side_scratch_bytes_ = 0;
+  int pending_ = 0;
 };
 
 // Polls freshly initialised communicators until they are ready (or fail, or time out).

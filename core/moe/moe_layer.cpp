@@ -41,17 +41,23 @@ MoELayer::MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype,
   }
 }
 
-std::vector<ParamRef> MoELayer::params() {
+std::vector<ParamSlot> MoELayer::param_slots() {
   RouterParams& rp = router_.params();
-  std::vector<ParamRef> ps{{"router.w", rp.w_router, rp.dw_router}};
-  if (rp.w_noise.defined()) ps.push_back({"router.w_noise", rp.w_noise, rp.dw_noise});
-  ps.push_back({"experts.w1", experts_.w1(), experts_.dw1()});
-  ps.push_back({"experts.w2", experts_.w2(), experts_.dw2()});
+  std::vector<ParamSlot> ps{{"router.w", &rp.w_router, &rp.dw_router}};
+  if (rp.w_noise.defined()) ps.push_back({"router.w_noise", &rp.w_noise, &rp.dw_noise});
+  ps.push_back({"experts.w1", &experts_.w1(), &experts_.dw1()});
+  ps.push_back({"experts.w2", &experts_.w2(), &experts_.dw2()});
   if (shared_) {
-    ps.push_back({"shared.w1", shared_->w1(), shared_->dw1()});
-    ps.push_back({"shared.w2", shared_->w2(), shared_->dw2()});
-    if (w_shared_gate_.defined()) ps.push_back({"shared.gate", w_shared_gate_, dw_shared_gate_});
+    ps.push_back({"shared.w1", &shared_->w1(), &shared_->dw1()});
+    ps.push_back({"shared.w2", &shared_->w2(), &shared_->dw2()});
+    if (w_shared_gate_.defined()) ps.push_back({"shared.gate", &w_shared_gate_, &dw_shared_gate_});
   }
+  return ps;
+}
+
+std::vector<ParamRef> MoELayer::params() {
+  std::vector<ParamRef> ps;
+  for (const ParamSlot& s : param_slots()) ps.push_back({s.name, *s.value, *s.grad});
   return ps;
 }
 

@@ -27,6 +27,15 @@ struct ParamRef {
   Tensor grad;
 };
 
+// Where a parameter and its gradient live (the owning layer's members): a parameter store may
+// rebind `*grad` to a view of its flat buffer (same shape and dtype), and the layer's backward
+// then accumulates there.
+struct ParamSlot {
+  std::string name;
+  Tensor* value;
+  Tensor* grad;
+};
+
 struct MoEForwardArgs {
   bool training = false;  // noise, random top-2 draws, Sinkhorn selection and dropout
   int64_t seq_len = 0;    // tokens per sequence, for the sequence-level aux loss (0 = T)
@@ -58,6 +67,7 @@ class MoELayer {
   // [e0, e1) gets exactly those experts' values of the single-rank initialisation.
   void init(uint64_t seed, double scale);
   std::vector<ParamRef> params();
+  std::vector<ParamSlot> param_slots();  // params() as slots, same names and order
   void zero_grad();
 
   MoEOutput forward(const Tensor& x, const MoEForwardArgs& args);
