@@ -86,10 +86,23 @@ void GradientReducer::start(int block) {
   }
 }
 
-void GradientReducer::block_done(int block) { start(block); }
+void GradientReducer::block_done(int block) {
+  MOELAB_CHECK(block >= 0 && block < store_.layers() && !started_[size_t(block)],
+               "gradient reducer: block ", block, " reported done twice or out of range");
+  started_[size_t(block)] = true;
+  start(block);
+}
 
-void GradientReducer::finish() {
+void GradientReducer::finish(Backend& compute) {
+  // Blocks whose completion was not reported (a backward without the hook) go now, in
+  // backward order, then the rest.
+  for (int l = store_.layers() - 1; l >= 0; --l)
+    if (!started_[size_t(l)]) start(l);
   start(-1);
+  started_.assign(started_.size(), false);
+  // What the compute stream still has queued is not communication: wait for it first, then
+  // time what is left of the reductions (the part the overlap did not hide).
+  compute.synchronize();
   const auto t0 = std::chrono::steady_clock::now();
   for (Communicator* c : comm_)
     if (c != nullptr) c->wait_started();

@@ -72,17 +72,22 @@ class ParamStore {
 class GradientReducer {
  public:
   GradientReducer(ParamStore& store, Communicator* replicated, Communicator* experts)
-      : store_(store), comm_{replicated, experts} {}
+      : store_(store), comm_{replicated, experts}, started_(size_t(store.layers()), false) {}
   void block_done(int block);
-  // Starts the rest (embedding, final norm, head) and waits for every started reduction.
-  void finish();
-  // Host seconds spent in finish() waiting for the reductions (the part not overlapped).
+  // Starts the blocks not reported done (all of them after a backward without the hook), then
+  // the rest (embedding, final norm, head), and waits for every started reduction. `compute`
+  // (the backend whose work the gradients come from) is synchronised first, so that
+  // wait_seconds() counts only communication.
+  void finish(Backend& compute);
+  // Seconds spent in finish() waiting for the reductions after the compute was done (the part
+  // of the communication that the overlap did not hide), summed over calls.
   double wait_seconds() const { return wait_seconds_; }
 
  private:
   void start(int block);
   ParamStore& store_;
   std::array<Communicator*, 2> comm_;
+  std::vector<bool> started_;  // per block, this step
   double wait_seconds_ = 0;
 };
 

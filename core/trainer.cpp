@@ -392,7 +392,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
       // The last micro-batch completes the gradients: each block's are reduced as soon as its
       // backward is done, beside the backward of the blocks below it.
-      if (reducer && m == A - 1) model.backward([&](int block) { reducer->block_done(block); });
+      if (reducer && m == A - 1 && cfg.parallel.overlap_grad_reduce) model.backward([&](int block) { reducer->block_done(block); });
       else model.backward();
       ce_sum += f.ce_loss;
       for (size_t l = 0; l < f.moe.size(); ++l) step_stats[l].add(f.moe[l].stats, f.moe[l].losses, T / A);
@@ -412,7 +412,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       // Data parallelism: the objective is the mean over ranks of their losses, so gradients
       // are summed (replicated parameters over the world, experts over their expert-dp group:
       // the all-to-all already summed the ep group's tokens into them) and divided by W.
-      reducer->finish();
+      reducer->finish(b);
       reduce_seconds = reducer->wait_seconds();
       store.scale_grads(1.0 / double(W * A));
       // The global norm: replicated gradients are equal everywhere, expert shards add up.

@@ -179,10 +179,26 @@ TEST_CASE("gradient reducer: each block's bucket starts when its backward comple
   REQUIRE(started_when_done == std::vector<size_t>{1, 2, 3});
   REQUIRE(experts.started == std::vector<int64_t>{store.bucket(GradGroup::Expert, 1)[0].numel()});
   REQUIRE(world.waits == 0);
-  reducer.finish();
+  reducer.finish(B());
   REQUIRE(world.waits == 1);
   REQUIRE(experts.waits == 1);
   std::vector<int64_t> want;
   for (int blk : {2, 1, 0, -1}) want.push_back(store.bucket(GradGroup::Replicated, blk)[0].numel());
   REQUIRE(world.started == want);
+
+  // A backward without the hook: finish() starts every bucket, in the same order.
+  world.started.clear();
+  lm.forward(batch.tokens, batch.targets, 5, true, 3);
+  lm.backward();
+  reducer.finish(B());
+  REQUIRE(world.started == want);
+  lm.forward(batch.tokens, batch.targets, 5, true, 3);
+  lm.backward([&](int blk) {
+    if (blk == 1) reducer.block_done(blk);  // a partial report: 2 and 0 follow in finish()
+  });
+  world.started.clear();
+  reducer.finish(B());
+  REQUIRE(world.started == std::vector<int64_t>{want[0], want[2], want[3]});
+  reducer.block_done(0);
+  REQUIRE_THROWS_WITH(reducer.block_done(0), has_substr("block 0 reported done twice"));
 }

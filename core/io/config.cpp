@@ -337,6 +337,9 @@ std::vector<ConfigKey> build_keys() {
   k.push_back(int_key<int64_t>("parallel.dp", FIELD(parallel.dp), 1,
                                "data-parallel replicas of each expert shard; world = ep * dp ranks "
                                "(cpu: simulated ranks, one thread each; cuda: one GPU each)", int64_t(4096)));
+  k.push_back(bool_key("parallel.overlap_grad_reduce", FIELD(parallel.overlap_grad_reduce),
+                       "start each block's gradient all-reduce as soon as its backward is done "
+                       "(false: all after the backward pass; same results, for measuring the overlap)"));
   return k;
 }
 

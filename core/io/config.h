@@ -81,6 +81,7 @@ struct LogConfig {
 struct ParallelConfig {
   int64_t ep = 1;  // parallel.ep: expert-parallel ranks (divides model.experts)
   int64_t dp = 1;  // parallel.dp: data-parallel replicas of each expert shard
+  bool overlap_grad_reduce = true;  // parallel.overlap_grad_reduce: reduce during the backward pass
   int64_t world() const { return ep * dp; }
 };
 
