@@ -127,8 +127,9 @@ std::vector<Bytes> suite(int r, Communicator& c, const Io& io) {
   {  // started reductions: they see the work queued before them (t *= 2 on the stream), complete
      // in wait_started(), or before the next call (all_gather_host below drains the last one).
     std::vector<Tensor> ts;
-    for (DType dt : {DType::F32, DType::BF16, DType::F64, DType::BF16}) {
-      const int64_t n = dt == DType::F64 ? 1000 : (1 << 20) + 3;
+    // (f32 and bf16: what the trainer reduces on GPUs, and what the CUDA backend scales)
+    for (const auto& [dt, n] : std::vector<std::pair<DType, int64_t>>{
+             {DType::F32, (1 << 20) + 3}, {DType::BF16, (1 << 20) + 3}, {DType::F32, 1000}, {DType::BF16, 77}}) {
       ts.push_back(io.up(host_tensor(values(n, dt, 5 + int(ts.size())), Shape{n}, dt)));
       io.twice(ts.back());
       c.start_all_reduce(ts.back(), ReduceOp::Sum);

@@ -55,10 +55,10 @@ PY
 
 fi
 if want tput; then
-log "throughput, bf16, 4 layers d 1024, 8 experts x 4096 top-2, 32 x 512 tokens per GPU, 30 steps"
+log "throughput, bf16, 4 layers d 1024, 8 experts x 4096 top-2, 32 x 512 tokens per GPU, 80 steps"
 T="--set model.layers=4 --set model.d_model=1024 --set model.heads=8 --set model.experts=8 --set model.top_k=2
-   --set model.d_expert=4096 --set model.moe_every=1 --set model.dtype=bf16 --set train.seq=512 --set train.steps=30
-   --set train.warmup=5 --set train.lr=1e-4 --set log.eval_every=0 --set log.checkpoint_every=0 --set log.flush_every=30
+   --set model.d_expert=4096 --set model.moe_every=1 --set model.dtype=bf16 --set train.seq=512 --set train.steps=80
+   --set train.warmup=5 --set train.lr=1e-4 --set log.eval_every=0 --set log.checkpoint_every=0 --set log.flush_every=80
    --set data.source=synthetic --set router.aux_alpha=0.01"
 LAYOUTS=("1gpu:--set train.batch=32" "dp2:--set train.batch=64 --set parallel.dp=2"
          "dp2_no_overlap:--set train.batch=64 --set parallel.dp=2 --set parallel.overlap_grad_reduce=false"
@@ -74,27 +74,37 @@ done
 /usr/bin/env python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
 import sys, h5py, numpy as np
 out = sys.argv[1]
-base = None
-print("| layout | GPUs | tokens/s (median, steps 11-30) | per GPU | scaling vs 1 GPU | comm share of step | a2a GB/s per rank |")
-print("|---|---|---|---|---|---|---|")
+# Per-step tokens/s ramps up over the first ~20 steps and varies +-15% from step to step:
+# medians of steps 41-80, with the interquartile range; the one-GPU baseline is the mean of the
+# two one-GPU runs (first and last in the call).
+FIRST = 40
+rows, med1 = [], []
 for name, gpus in (("1gpu", 1), ("dp2", 2), ("dp2_no_overlap", 2), ("ep2", 2), ("ep2_nonblocking", 2), ("1gpu_again", 1)):
     try:
         f = h5py.File(f"{out}/tput_{name}.h5", "r")
     except OSError as e:
-        print(f"| {name} | {gpus} | (no log: {e}) |"); continue
-    tps = f["train/tokens_per_sec"][10:]
-    med = float(np.median(tps))
-    if base is None: base = med
+        rows.append((name, gpus, None, str(e))); continue
+    tps = f["train/tokens_per_sec"][FIRST:]
+    med = float(np.median(tps)); q1, q3 = np.percentile(tps, [25, 75])
+    if gpus == 1: med1.append(med)
     share, gbs = "-", "-"
     if "parallel" in f:
-        steps = f["train/step"][10:]
         step_s = np.median(32 * 512 * gpus / tps)
-        comm = np.median(f["parallel/comm_seconds"][10:], axis=0)
+        comm = np.median(f["parallel/comm_seconds"][FIRST:], axis=0)
         share = f"{float(np.mean(comm)) / step_s:.1%}"
-        sent = np.median(f["parallel/a2a_sent_bytes"][10:], axis=0)
-        a2a = np.median(f["parallel/a2a_seconds"][10:], axis=0)
+        sent = np.median(f["parallel/a2a_sent_bytes"][FIRST:], axis=0)
+        a2a = np.median(f["parallel/a2a_seconds"][FIRST:], axis=0)
         if sent.max() > 0: gbs = f"{float(np.mean(sent)) / float(np.mean(a2a)) / 1e9:.1f}"
-    print(f"| {name} | {gpus} | {med:,.0f} | {med / gpus:,.0f} | {med / base:.2f}x | {share} | {gbs} |")
+    rows.append((name, gpus, (med, q1, q3, share, gbs), None))
+base = float(np.mean(med1)) if med1 else float("nan")
+print(f"one-GPU baseline: {base:,.0f} tokens/s (mean of {', '.join(f'{m:,.0f}' for m in med1)})")
+print("| layout | GPUs | tokens/s (median, steps 41-80) | IQR | per GPU | scaling vs 1 GPU | comm share of step | a2a GB/s per rank |")
+print("|---|---|---|---|---|---|---|---|")
+for name, gpus, r, err in rows:
+    if r is None:
+        print(f"| {name} | {gpus} | (no log: {err}) |"); continue
+    med, q1, q3, share, gbs = r
+    print(f"| {name} | {gpus} | {med:,.0f} | {q1:,.0f}-{q3:,.0f} | {med / gpus:,.0f} | {med / base:.2f}x | {share} | {gbs} |")
 PY
 fi
 ls -la "$out" | tail -n +2 | awk '{print $5, $9}' >> "$out/summary.txt"
