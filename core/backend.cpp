@@ -3,7 +3,18 @@
 // does not implement throws NotSupported.
 #include "core/backend.h"
 
+#include <chrono>
+
 namespace moelab {
+
+std::shared_ptr<void> Backend::timing_mark() {
+  return std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
+}
+
+double Backend::elapsed_ms(const std::shared_ptr<void>& a, const std::shared_ptr<void>& b) {
+  using TP = std::chrono::steady_clock::time_point;
+  return std::chrono::duration<double, std::milli>(*static_cast<TP*>(b.get()) - *static_cast<TP*>(a.get())).count();
+}
 
 const char* to_string(Op op) {
   static const char* names[] = {

@@ -78,6 +78,19 @@ class Backend {
   virtual bool supports(Op op, DType dtype) const = 0;
   virtual void synchronize() = 0;
 
+  // ---- profiling (core/profile.h; moelab bench's breakdown) ---------------------------------
+  // A point in this backend's queue of work: CUDA records an event on its stream; the default
+  // (CPU, whose ops are synchronous) reads the host clock. elapsed_ms(a, b) after synchronize().
+  virtual std::shared_ptr<void> timing_mark();
+  virtual double elapsed_ms(const std::shared_ptr<void>& a, const std::shared_ptr<void>& b);
+  // Blocking waits of the host for the device so far (device -> host copies included).
+  virtual int64_t host_syncs() const { return 0; }
+  // The most device memory in tensors at once since reset_peak_bytes() (0: not tracked).
+  virtual int64_t peak_bytes() const { return 0; }
+  virtual void reset_peak_bytes() {}
+  // The profiler that ProfileScopes on this backend report to (null: scopes cost nothing).
+  class Profiler* profiler = nullptr;
+
   // ---- memory ----------------------------------------------------------------------------
   Tensor empty(Shape shape, DType dtype);
   Tensor zeros(Shape shape, DType dtype);

@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "core/profile.h"
 #include "core/rng.h"
 
 namespace moelab {
@@ -206,33 +207,51 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
   auto e = [&](Shape s) { return b_.empty(s, dtype_); };
 
   Tensor x = e({T, D});
-  b_.embedding_forward(tokens, embed_, x);
+  {
+    ProfileScope ps(b_, "embedding");
+    b_.embedding_forward(tokens, embed_, x);
+  }
   LMForward out;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     Block& bk = *blocks_[i];
     bk.x_in = x;
     bk.n1 = e({T, D});
     bk.rstd1 = e({T});
-    b_.rmsnorm_forward(x, bk.attn_norm, cfg_.norm_eps, bk.n1, bk.rstd1);
+    {
+      ProfileScope ps(b_, "norms");
+      b_.rmsnorm_forward(x, bk.attn_norm, cfg_.norm_eps, bk.n1, bk.rstd1);
+    }
     Tensor q = e({T, H * dh}), k = e({T, Hkv * dh});
     bk.v = e({T, Hkv * dh});
-    b_.gemm(false, false, 1.0, bk.n1, bk.wq, 0.0, q);
-    b_.gemm(false, false, 1.0, bk.n1, bk.wk, 0.0, k);
-    b_.gemm(false, false, 1.0, bk.n1, bk.wv, 0.0, bk.v);
+    {
+      ProfileScope ps(b_, "attention projections");
+      b_.gemm(false, false, 1.0, bk.n1, bk.wq, 0.0, q);
+      b_.gemm(false, false, 1.0, bk.n1, bk.wk, 0.0, k);
+      b_.gemm(false, false, 1.0, bk.n1, bk.wv, 0.0, bk.v);
+    }
     bk.q = e({T, H * dh});
     bk.k = e({T, Hkv * dh});
-    b_.rope_forward(q, H, seq_len, cfg_.rope_theta, bk.q);
-    b_.rope_forward(k, Hkv, seq_len, cfg_.rope_theta, bk.k);
     bk.att = e({T, H * dh});
     bk.probs = e({T / seq_len * H, seq_len, seq_len});
-    b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.probs);
+    {
+      ProfileScope ps(b_, "attention (rope, scores, softmax, values)");
+      b_.rope_forward(q, H, seq_len, cfg_.rope_theta, bk.q);
+      b_.rope_forward(k, Hkv, seq_len, cfg_.rope_theta, bk.k);
+      b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.probs);
+    }
     bk.x_mid = e({T, D});
-    b_.copy(x, bk.x_mid);
-    b_.gemm(false, false, 1.0, bk.att, bk.wo, 1.0, bk.x_mid);  // x_mid = x + att Wo
+    {
+      ProfileScope ps(b_, "attention projections");
+      b_.copy(x, bk.x_mid);
+      b_.gemm(false, false, 1.0, bk.att, bk.wo, 1.0, bk.x_mid);  // x_mid = x + att Wo
+    }
 
     bk.n2 = e({T, D});
     bk.rstd2 = e({T});
-    b_.rmsnorm_forward(bk.x_mid, bk.ffn_norm, cfg_.norm_eps, bk.n2, bk.rstd2);
+    {
+      ProfileScope ps(b_, "norms");
+      b_.rmsnorm_forward(bk.x_mid, bk.ffn_norm, cfg_.norm_eps, bk.n2, bk.rstd2);
+    }
     Tensor f;
     if (bk.moe) {
       MoEOutput mo = bk.moe->forward(bk.n2, {training, seq_len, rng::derive(seed, 100 + i)});
@@ -240,17 +259,25 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
       out.router_loss += mo.losses.weighted;
       out.moe.push_back(std::move(mo));
     } else {
+      ProfileScope ps(b_, "dense ffn");
       f = bk.dense->forward(bk.n2, {0, T}, 0.0, 0, bk.dense_cache);
     }
     Tensor x_out = e({T, D});
-    b_.copy(bk.x_mid, x_out);
-    b_.axpy(1.0, f, x_out);
+    {
+      ProfileScope ps(b_, "residual");
+      b_.copy(bk.x_mid, x_out);
+      b_.axpy(1.0, f, x_out);
+    }
     x = x_out;
   }
   x_final_ = x;
   xn_final_ = e({T, D});
   rstd_final_ = e({T});
-  b_.rmsnorm_forward(x, final_norm_, cfg_.norm_eps, xn_final_, rstd_final_);
+  {
+    ProfileScope ps(b_, "norms");
+    b_.rmsnorm_forward(x, final_norm_, cfg_.norm_eps, xn_final_, rstd_final_);
+  }
+  ProfileScope ps(b_, "head and loss");
   logits_ = e({T, cfg_.vocab});
   if (cfg_.tie_embeddings) b_.gemm(false, true, 1.0, xn_final_, embed_, 0.0, logits_);
   else b_.gemm(false, false, 1.0, xn_final_, head_, 0.0, logits_);
@@ -265,47 +292,74 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done) {
   auto e = [&](Shape s) { return b_.empty(s, dtype_); };
 
   Tensor dlogits = e({T, cfg_.vocab});
-  b_.cross_entropy_backward(logits_, targets_, 1.0, dlogits);
   Tensor dxn = e({T, D});
-  if (cfg_.tie_embeddings) {
-    b_.gemm(false, false, 1.0, dlogits, embed_, 0.0, dxn);         // dxn = dlogits E
-    b_.gemm(true, false, 1.0, dlogits, xn_final_, 1.0, dembed_);   // dE += dlogits^T xn
-  } else {
-    b_.gemm(false, true, 1.0, dlogits, head_, 0.0, dxn);
-    b_.gemm(true, false, 1.0, xn_final_, dlogits, 1.0, dhead_);
+  {
+    ProfileScope ps(b_, "head and loss");
+    b_.cross_entropy_backward(logits_, targets_, 1.0, dlogits);
+    if (cfg_.tie_embeddings) {
+      b_.gemm(false, false, 1.0, dlogits, embed_, 0.0, dxn);         // dxn = dlogits E
+      b_.gemm(true, false, 1.0, dlogits, xn_final_, 1.0, dembed_);   // dE += dlogits^T xn
+    } else {
+      b_.gemm(false, true, 1.0, dlogits, head_, 0.0, dxn);
+      b_.gemm(true, false, 1.0, xn_final_, dlogits, 1.0, dhead_);
+    }
   }
   Tensor dx = e({T, D});
-  b_.rmsnorm_backward(x_final_, final_norm_, rstd_final_, dxn, dx, dfinal_norm_);
+  {
+    ProfileScope ps(b_, "norms");
+    b_.rmsnorm_backward(x_final_, final_norm_, rstd_final_, dxn, dx, dfinal_norm_);
+  }
 
   Tensor tmp = e({T, D});
   for (size_t i = blocks_.size(); i-- > 0;) {
     Block& bk = *blocks_[i];
     // x_out = x_mid + FFN(n2): dx_mid = dx + d(n2 path).
     Tensor dn2 = e({T, D});
-    if (bk.moe) bk.moe->backward(dx, dn2);
-    else bk.dense->backward(bk.dense_cache, dx, 0.0, dn2);
-    b_.rmsnorm_backward(bk.x_mid, bk.ffn_norm, bk.rstd2, dn2, tmp, bk.dffn_norm);
-    b_.axpy(1.0, tmp, dx);  // dx is now d x_mid
+    if (bk.moe) {
+      bk.moe->backward(dx, dn2);
+    } else {
+      ProfileScope ps(b_, "dense ffn");
+      bk.dense->backward(bk.dense_cache, dx, 0.0, dn2);
+    }
+    {
+      ProfileScope ps(b_, "norms");
+      b_.rmsnorm_backward(bk.x_mid, bk.ffn_norm, bk.rstd2, dn2, tmp, bk.dffn_norm);
+      b_.axpy(1.0, tmp, dx);  // dx is now d x_mid
+    }
 
     // x_mid = x_in + att Wo.
     Tensor datt = e({T, H * dh});
-    b_.gemm(false, true, 1.0, dx, bk.wo, 0.0, datt);
-    b_.gemm(true, false, 1.0, bk.att, dx, 1.0, bk.dwo);
     Tensor dq = e({T, H * dh}), dk = e({T, Hkv * dh}), dv = e({T, Hkv * dh});
-    b_.attention_backward(bk.q, bk.k, bk.v, bk.probs, datt, H, Hkv, S, dq, dk, dv);
-    b_.rope_backward(dq, H, S, cfg_.rope_theta, dq);
-    b_.rope_backward(dk, Hkv, S, cfg_.rope_theta, dk);
-    b_.gemm(true, false, 1.0, bk.n1, dq, 1.0, bk.dwq);
-    b_.gemm(true, false, 1.0, bk.n1, dk, 1.0, bk.dwk);
-    b_.gemm(true, false, 1.0, bk.n1, dv, 1.0, bk.dwv);
+    {
+      ProfileScope ps(b_, "attention projections");
+      b_.gemm(false, true, 1.0, dx, bk.wo, 0.0, datt);
+      b_.gemm(true, false, 1.0, bk.att, dx, 1.0, bk.dwo);
+    }
+    {
+      ProfileScope ps(b_, "attention (rope, scores, softmax, values)");
+      b_.attention_backward(bk.q, bk.k, bk.v, bk.probs, datt, H, Hkv, S, dq, dk, dv);
+      b_.rope_backward(dq, H, S, cfg_.rope_theta, dq);
+      b_.rope_backward(dk, Hkv, S, cfg_.rope_theta, dk);
+    }
     Tensor dn1 = e({T, D});
-    b_.gemm(false, true, 1.0, dq, bk.wq, 0.0, dn1);
-    b_.gemm(false, true, 1.0, dk, bk.wk, 1.0, dn1);
-    b_.gemm(false, true, 1.0, dv, bk.wv, 1.0, dn1);
-    b_.rmsnorm_backward(bk.x_in, bk.attn_norm, bk.rstd1, dn1, tmp, bk.dattn_norm);
+    {
+      ProfileScope ps(b_, "attention projections");
+      b_.gemm(true, false, 1.0, bk.n1, dq, 1.0, bk.dwq);
+      b_.gemm(true, false, 1.0, bk.n1, dk, 1.0, bk.dwk);
+      b_.gemm(true, false, 1.0, bk.n1, dv, 1.0, bk.dwv);
+      b_.gemm(false, true, 1.0, dq, bk.wq, 0.0, dn1);
+      b_.gemm(false, true, 1.0, dk, bk.wk, 1.0, dn1);
+      b_.gemm(false, true, 1.0, dv, bk.wv, 1.0, dn1);
+    }
+    {
+      ProfileScope ps(b_, "norms");
+      b_.rmsnorm_backward(bk.x_in, bk.attn_norm, bk.rstd1, dn1, tmp, bk.dattn_norm);
+    }
     if (block_done) block_done(int(i));
+    ProfileScope ps(b_, "residual");
     b_.axpy(1.0, tmp, dx);  // dx is now d x_in
   }
+  ProfileScope ps(b_, "embedding");
   b_.embedding_backward(tokens_, dx, dembed_);
 }
 

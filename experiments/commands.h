@@ -39,6 +39,8 @@ struct GenerateCliOptions {
 struct BenchCliOptions {
   std::string backend;  // already applied to the config (train.backend)
   int64_t iters = 20;   // timed iterations per measurement, >= 1
+  bool breakdown = false;  // --breakdown: time per phase (core/profile.h) over --iters more steps
+  bool moe_layer = false;  // `bench moe-layer`: the MoE layer alone (forward + backward)
 };
 
 int run_train(const moelab::RunConfig& cfg, const TrainCliOptions& opts);  // experiments/train_cmd.cpp

@@ -4,7 +4,8 @@
 //                     [--backend cpu|cuda] [--resume CHECKPOINT | --overwrite]
 //   moelab crosscheck --config FILE [--set ...] [--out PATH.h5] [--overwrite]
 //   moelab generate   --checkpoint PATH [--prompt TEXT] [--tokens N]
-//   moelab bench      [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
+//   moelab bench      [moe-layer] [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
+//                     [--breakdown]
 //   moelab config     [--config FILE] [--set ...] [--get KEY] [--keys]
 //
 // Exit codes: 0 success; 2 usage or config error (moelab::UsageError; `moelab: error: <message>`
@@ -322,18 +323,30 @@ int cmd_generate(int argc, char** argv) {
   return run_generate(g);
 }
 
-int cmd_bench(int argc, char** argv) {
+int cmd_bench(int argc_in, char** argv_in) {
+  // `moelab bench moe-layer ...`: the MoE layer alone; the word is taken out before parsing.
+  std::vector<char*> args(argv_in, argv_in + argc_in);
+  const bool moe_layer = args.size() > 2 && std::string(args[2]) == "moe-layer";
+  if (moe_layer) args.erase(args.begin() + 2);
+  const int argc = int(args.size());
+  char** argv = args.data();
   Command cmd{"bench",
-              "moelab bench [--config FILE] [--set section.key=value ...] [--backend cpu|cuda] "
-              "[--iters N]",
+              "moelab bench [moe-layer] [--config FILE] [--set section.key=value ...] [--backend cpu|cuda] "
+              "[--iters N] [--breakdown]",
               po::options_description("bench options")};
   add_config_options(cmd.options);
   cmd.options.add_options()("backend", po::value<std::string>()->value_name("cpu|cuda"),
                             "compute backend (overrides train.backend)")(
-      "iters", po::value<int64_t>()->value_name("N"), "timed iterations (default 20)");
+      "iters", po::value<int64_t>()->value_name("N"), "timed iterations (default 20)")(
+      "breakdown", po::bool_switch(),
+      "after the timing, profile --iters more steps and print the median milliseconds per phase "
+      "(router, permute, experts, attention, norms, optimizer, ...; GPU times from CUDA events) "
+      "and the host syncs per step");
   po::variables_map vm;
   if (!parse(cmd, argc, argv, vm)) return 0;
   BenchCliOptions b;
+  b.moe_layer = moe_layer;
+  b.breakdown = vm["breakdown"].as<bool>();
   b.backend = opt(vm, "backend");
   check_backend_name(cmd, b.backend);
   if (vm.count("iters")) b.iters = vm["iters"].as<int64_t>();

@@ -10,6 +10,7 @@
 // Supported: fill, copy, cast for f64, f32, bf16, i32; dispatch_plan for i32 (its index inputs);
 // every other op for f32 and bf16. Anything else answers supports() == false, and the checked
 // entry in core/backend.cpp throws NotSupported naming the op: never a crash.
+#include <algorithm>
 #include <cstring>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -37,6 +38,7 @@ void* DeviceAllocator::allocate(size_t bytes) {
     live_[p] = bs;
     cached_ -= bs;
     in_use_ += bs;
+    peak_ = std::max(peak_, in_use_);
     return p;
   }
   void* p = nullptr;
@@ -51,6 +53,7 @@ void* DeviceAllocator::allocate(size_t bytes) {
   }
   live_[p] = size;
   in_use_ += size;
+  peak_ = std::max(peak_, in_use_);
   return p;
 }
 
@@ -159,6 +162,21 @@ class CudaBackend final : public Backend {
   cudaStream_t stream() const { return ctx_.stream; }
   int ordinal() const { return opts_.device; }
   void synchronize() override { ctx_.sync(); }
+
+  std::shared_ptr<void> timing_mark() override {
+    cudaEvent_t e = nullptr;
+    CUDA_CHECK(cudaEventCreate(&e));
+    CUDA_CHECK(cudaEventRecord(e, ctx_.stream));
+    return std::shared_ptr<void>(e, [](void* p) { cudaEventDestroy(static_cast<cudaEvent_t>(p)); });
+  }
+  double elapsed_ms(const std::shared_ptr<void>& a, const std::shared_ptr<void>& b) override {
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(a.get()), static_cast<cudaEvent_t>(b.get())));
+    return double(ms);
+  }
+  int64_t host_syncs() const override { return ctx_.syncs; }
+  int64_t peak_bytes() const override { return int64_t(alloc_.peak_bytes()); }
+  void reset_peak_bytes() override { alloc_.reset_peak(); }
 
   bool supports(Op op, DType dt) const override {
     switch (op) {

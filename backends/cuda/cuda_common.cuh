@@ -67,13 +67,15 @@ class DeviceAllocator {
   void empty_cache();
   size_t bytes_in_use() const { return in_use_; }
   size_t bytes_cached() const { return cached_; }
+  size_t peak_bytes() const { return peak_; }  // most bytes in use at once since reset_peak()
+  void reset_peak() { peak_ = in_use_; }
 
  private:
   static size_t round_up(size_t bytes);
   std::mutex mu_;
   std::multimap<size_t, void*> free_;           // size class -> block
   std::unordered_map<void*, size_t> live_;      // block -> size class
-  size_t in_use_ = 0, cached_ = 0;
+  size_t in_use_ = 0, cached_ = 0, peak_ = 0;
 };
 
 // What every launcher needs from the backend object.
@@ -84,7 +86,12 @@ struct Ctx {
   // Pinned host memory for small device -> host results (losses, counts). Grows on demand;
   // valid until the next call of staging().
   void* staging(size_t bytes);
-  void sync() { CUDA_CHECK(cudaStreamSynchronize(stream)); }
+  // Every blocking wait for the stream counts as a host sync (moelab bench reports them).
+  void sync() {
+    ++syncs;
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  int64_t syncs = 0;
   // Device -> host copy through the pinned staging buffer; blocks until the data is there.
   void to_host(void* dst, const void* src_dev, size_t bytes);
   // Host -> device copy of a small argument array, stream-ordered. The host bytes are copied

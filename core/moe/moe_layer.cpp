@@ -1,6 +1,8 @@
 // moelab: MoE layer composition (only core composes ops; backends implement them).
 #include "core/moe/moe_layer.h"
 
+#include "core/profile.h"
+
 #include <cmath>
 
 #include "core/rng.h"
@@ -91,21 +93,36 @@ MoEOutput MoELayer::forward(const Tensor& x, const MoEForwardArgs& args) {
   c = MoECache{};
   c.args = args;
   c.x = x;
-  c.route = router_.forward(x, args.training, args.seq_len, rng::derive(args.seed, kRouterStream));
+  {
+    ProfileScope ps(b_, "moe router");
+    c.route = router_.forward(x, args.training, args.seq_len, rng::derive(args.seed, kRouterStream));
+  }
   const RouterState& st = c.route;
 
   const int64_t pad = cfg_.router.pad_to_capacity ? st.capacity : 0;
-  c.layout = dispatcher_->plan(st.idx, st.keep, st.expert_choice, pad);
-  Tensor xe = dispatcher_->dispatch(x, c.layout);
+  Tensor xe;
+  {
+    ProfileScope ps(b_, "moe permute (plan, dispatch)");
+    c.layout = dispatcher_->plan(st.idx, st.keep, st.expert_choice, pad);
+    xe = dispatcher_->dispatch(x, c.layout);
+  }
   const double p_drop = args.training ? cfg_.expert_dropout : 0.0;
-  Tensor ye = experts_.forward(xe, c.layout.expert_offsets, p_drop,
-                               rng::derive(args.seed, kExpertDropoutStream), c.experts);
-  c.yp = dispatcher_->gather_back(ye, c.layout);
+  Tensor ye;
+  {
+    ProfileScope ps(b_, "moe experts (grouped GEMMs, SwiGLU)");
+    ye = experts_.forward(xe, c.layout.expert_offsets, p_drop, rng::derive(args.seed, kExpertDropoutStream),
+                          c.experts);
+  }
   // Combine on the source rank: y[t] = sum over t's kept assignments of gate * expert output.
-  c.gates = as_dtype(b_, st.gates, dtype_).reshape(Shape{st.gates.numel()});
   Tensor y = b_.empty(Shape{T, cfg_.d_model}, dtype_);
-  b_.unpermute_forward(c.yp, c.layout.send, c.gates, y);
+  {
+    ProfileScope ps(b_, "moe unpermute (gather back, combine)");
+    c.yp = dispatcher_->gather_back(ye, c.layout);
+    c.gates = as_dtype(b_, st.gates, dtype_).reshape(Shape{st.gates.numel()});
+    b_.unpermute_forward(c.yp, c.layout.send, c.gates, y);
+  }
 
+  ProfileScope ps(b_, "moe shared experts");
   if (shared_) {
     c.ys = shared_->forward(x, {0, T}, p_drop, rng::derive(args.seed, kSharedDropoutStream),
                             c.shared);
@@ -142,19 +159,33 @@ void MoELayer::backward(const Tensor& dy, const Tensor& dx) {
 
   // Routed experts: combine -> experts -> dispatch, back to token order.
   Tensor dyp = b_.empty(c.yp.shape(), dtype_), dgates = b_.empty(c.gates.shape(), dtype_);
-  b_.unpermute_backward(dy, c.yp, c.layout.send, c.gates, dyp, dgates);
-  Tensor dye = dispatcher_->gather_back_backward(dyp, c.layout);
+  Tensor dye;
+  {
+    ProfileScope ps(b_, "moe unpermute (gather back, combine)");
+    b_.unpermute_backward(dy, c.yp, c.layout.send, c.gates, dyp, dgates);
+    dye = dispatcher_->gather_back_backward(dyp, c.layout);
+  }
   Tensor dxe = b_.empty(dye.shape(), dtype_);
-  experts_.backward(c.experts, dye, p_drop, dxe);
-  dispatcher_->dispatch_backward(dxe, c.layout, dx);
+  {
+    ProfileScope ps(b_, "moe experts (grouped GEMMs, SwiGLU)");
+    experts_.backward(c.experts, dye, p_drop, dxe);
+  }
+  {
+    ProfileScope ps(b_, "moe permute (plan, dispatch)");
+    dispatcher_->dispatch_backward(dxe, c.layout, dx);
+  }
 
   // Router: gradient through the gates plus the router losses.
-  const RouterState& st = c.route;
-  Tensor dgates_r = as_dtype(b_, dgates, router_.dtype()).reshape(st.gates.shape());
-  Tensor dx_router = b_.empty(Shape{T, D}, dtype_);
-  router_.backward(st, c.x, dgates_r, c.args.seq_len, dx_router);
-  b_.axpy(1.0, dx_router, dx);
+  {
+    ProfileScope ps(b_, "moe router");
+    const RouterState& st = c.route;
+    Tensor dgates_r = as_dtype(b_, dgates, router_.dtype()).reshape(st.gates.shape());
+    Tensor dx_router = b_.empty(Shape{T, D}, dtype_);
+    router_.backward(st, c.x, dgates_r, c.args.seq_len, dx_router);
+    b_.axpy(1.0, dx_router, dx);
+  }
 
+  ProfileScope ps(b_, "moe shared experts");
   if (shared_) {
     Tensor dys = dy;
     if (w_shared_gate_.defined()) {
