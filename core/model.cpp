@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "core/init.h"
 #include "core/profile.h"
 #include "core/rng.h"
 
@@ -135,7 +136,6 @@ void TransformerLM::init(uint64_t seed) {
   uint64_t tag = 0;
   for (ParamRef& p : params()) {
     const uint64_t stream = rng::derive(seed, ++tag);
-    std::vector<double> v(static_cast<size_t>(p.value.numel()));
     const bool is_norm = p.value.ndim() == 1;
     const bool is_bias = p.name.find("bias") != std::string::npos;
     double std = 0;
@@ -148,10 +148,10 @@ void TransformerLM::init(uint64_t seed) {
     // Sharded experts draw their slice of the all-experts stream, so every layout gets the
     // single-rank initialisation.
     const uint64_t first = p.name.find(".moe.experts.") != std::string::npos
-                               ? uint64_t(first_expert_) * uint64_t(v.size() / size_t(p.value.dim(0)))
+                               ? uint64_t(first_expert_) * uint64_t(p.value.numel() / p.value.dim(0))
                                : 0;
-    for (size_t i = 0; i < v.size(); ++i) v[i] = is_norm ? 1.0 : std * rng::normal(stream, first + i);
-    b_.copy(host_tensor(v, p.value.shape(), p.value.dtype()), p.value);
+    if (is_norm) b_.fill(p.value, 1.0);
+    else init_normal(b_, p.value, stream, first, std);
   }
 }
 

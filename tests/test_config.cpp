@@ -333,7 +333,8 @@ TEST_CASE("config: to_ini round-trips through load_config", "[config]") {
   RunConfig changed_k = load_config("", other);
   // The parallel layout needs a router without per-rank random draws: a third config.
   RunConfig changed_par = load_config(
-      "", {"parallel.ep=2", "parallel.dp=2", "train.grad_accum=2", "router.balance_scope=micro_batch"});
+      "", {"parallel.ep=2", "parallel.dp=2", "train.grad_accum=2", "router.balance_scope=micro_batch",
+           "parallel.overlap_grad_reduce=false"});
   // Together they really change every key (so the round trip covers them all).
   const RunConfig defaults;
   for (const ConfigKey& k : config_keys()) {

@@ -1,6 +1,7 @@
 // moelab: MoE layer composition (only core composes ops; backends implement them).
 #include "core/moe/moe_layer.h"
 
+#include "core/init.h"
 #include "core/profile.h"
 
 #include <cmath>
@@ -70,13 +71,11 @@ void MoELayer::init(uint64_t seed, double scale) {
     const int64_t fan_in = p.value.dim(p.value.ndim() - 2);
     const double std = scale / std::sqrt(double(fan_in));
     const uint64_t s = rng::derive(seed, ++tag);
-    std::vector<double> v(size_t(p.value.numel()));
     // Sharded experts: this rank's slice of the all-experts stream.
     const uint64_t first = p.name.rfind("experts.", 0) == 0
-                               ? uint64_t(dispatcher_->first_expert()) * uint64_t(v.size() / size_t(p.value.dim(0)))
+                               ? uint64_t(dispatcher_->first_expert()) * uint64_t(p.value.numel() / p.value.dim(0))
                                : 0;
-    for (size_t i = 0; i < v.size(); ++i) v[i] = std * rng::normal(s, first + i);
-    b_.copy(host_tensor(v, p.value.shape(), p.value.dtype()), p.value);
+    init_normal(b_, p.value, s, first, std);
   }
 }
 

@@ -305,15 +305,12 @@ def parse_moelab_bench(text):
 
 
 def parse_moelab_moe_layer(text):
-    """Provisional, for `moelab bench moe-layer` (not written yet): a JSON line with "ms", else
-    the last number followed by 'ms' on the last line that has one."""
-    for j in reversed(_json_lines(text)):
-        if "ms" in j:
-            return float(j["ms"])
+    """The layer's forward + backward ms from `moelab bench moe-layer`'s line
+    ('moe-layer cuda bf16 tokens ... : X ms fwd+bwd (...), experts Y ms = Z TFLOP/s ...')."""
     for line in reversed(text.splitlines()):
-        m = re.findall(r"([0-9]+(?:\.[0-9]+)?)\s*ms\b", line)
+        m = re.search(r"([0-9]+(?:\.[0-9]+)?) ms fwd\+bwd", line)
         if m:
-            return float(m[-1])
+            return float(m.group(1))
     return None
 
 

@@ -17,7 +17,7 @@
 #   PACK=1              put raw/ into raw.tgz (few files to copy back); the report reads either
 #   PYTHON=python3      the Python that has torch
 #   SDPA=default        torch attention kernel: default (PyTorch's choice) | flash | cudnn | efficient
-#   MOELAB_MOE_LAYER=1  also run `moelab bench moe-layer` (see the marked place below)
+#   MOELAB_MOE_LAYER=0  skip `moelab bench moe-layer`
 # Several calls (e.g. CONFIGS="A B", then "C D", ...) can write to different OUT_DIRs; then
 #   python3 experiments/bench/bench_configs.py report OUT1 OUT2 ...   merges them (no torch needed).
 set -u
@@ -97,7 +97,7 @@ for c in $CONFIGS; do
   if want moelab; then
     # shellcheck disable=SC2046  # the --set words are meant to split
     run "moelab_$c" "$T_MOELAB" "$inst/moelab" bench --backend cuda $("${CFG[@]}" moelab-args "$c") \
-      --set model.dtype=bf16 --iters "$ITERS"
+      --set model.dtype=bf16 --iters "$ITERS" --breakdown
   fi
   want eager && run "torch_eager_$c" "$T_EAGER" "${TM[@]}" --config "$c" --sdpa-backend "$SDPA"
   want compile && run "torch_compile_$c" "$T_COMPILE" "${TM[@]}" --config "$c" --sdpa-backend "$SDPA" --compile
@@ -106,16 +106,12 @@ done
 for s in $MOE_SHAPES; do
   want moe && run "moe_torch_eager_$s" "$T_MOE" "${TM[@]}" --moe-layer "$s"
   want moe-compile && run "moe_torch_compile_$s" "$T_MOE" "${TM[@]}" --moe-layer "$s" --compile
-  # ---- moelab's MoE layer alone -------------------------------------------------------------
-  # `moelab bench moe-layer` is being written elsewhere (issue 10). When it exists, run with
-  # MOELAB_MOE_LAYER=1 and adjust this command if its interface differs: the report reads a JSON
-  # line with "ms", or else the last "<number> ms" it prints, as the layer's forward + backward.
-  if want moe && [ "${MOELAB_MOE_LAYER:-0}" = 1 ]; then
+  # moelab's MoE layer alone (`moelab bench moe-layer`; MOELAB_MOE_LAYER=0 skips it)
+  if want moe && [ "${MOELAB_MOE_LAYER:-1}" = 1 ]; then
     # shellcheck disable=SC2046
     run "moe_moelab_$s" "$T_MOE" "$inst/moelab" bench moe-layer --backend cuda \
-      $("${CFG[@]}" moe-moelab-args "$s") --set model.dtype=bf16 --iters "$ITERS"
+      $("${CFG[@]}" moe-moelab-args "$s") --set model.dtype=bf16 --iters "$ITERS" --breakdown
   fi
-  # --------------------------------------------------------------------------------------------
 done
 
 if [ "${PACK:-0}" = 1 ]; then
