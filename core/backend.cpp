@@ -863,7 +863,7 @@ void Backend::cross_entropy_backward(const Tensor& logits, const Tensor& targets
 
 void Backend::adamw(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                     double lr, double beta1, double beta2, double eps, double weight_decay,
-                    int64_t step) {
+                    int64_t step, const Tensor& cast_to) {
   Checker c{*this, Op::AdamW};
   c.on_device(param, "param");
   c.floating(param, "param");
@@ -876,8 +876,13 @@ void Backend::adamw(const Tensor& param, const Tensor& grad, const Tensor& m, co
   MOELAB_CHECK(step >= 1, "adamw: step ", step, " must be >= 1");
   MOELAB_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps > 0,
                "adamw: needs 0 <= beta < 1 and eps > 0");
+  if (cast_to.defined()) {
+    c.on_device(cast_to, "cast_to");
+    c.shape(cast_to, "cast_to", param.shape());
+    c.floating(cast_to, "cast_to");
+  }
   require(Op::AdamW, param.dtype());
-  adamw_impl(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step);
+  adamw_impl(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, cast_to);
 }
 
 }  // namespace moelab

@@ -266,8 +266,11 @@ class Backend {
   // AdamW (Loshchilov & Hutter 2019), bias-corrected, decoupled weight decay:
   //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)
   // m, v: f32 (the fp32 optimizer state), or f64 when the parameter is f64. step counts from 1.
+  // cast_to, when given (the bf16 compute copy of an fp32 master `param`): cast_to = param after
+  // the update, as cast() would, in the same pass where the backend fuses them.
   void adamw(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, double lr,
-             double beta1, double beta2, double eps, double weight_decay, int64_t step);
+             double beta1, double beta2, double eps, double weight_decay, int64_t step,
+             const Tensor& cast_to = Tensor());
 
  protected:
   virtual void* alloc_bytes(size_t bytes) = 0;
@@ -383,7 +386,7 @@ class Backend {
                                            double scale, const Tensor& dlogits) = 0;
   virtual void adamw_impl(const Tensor& param, const Tensor& grad, const Tensor& m,
                           const Tensor& v, double lr, double beta1, double beta2, double eps,
-                          double weight_decay, int64_t step) = 0;
+                          double weight_decay, int64_t step, const Tensor& cast_to) = 0;
 
  private:
   void require(Op op, DType dtype) const;

@@ -14,7 +14,7 @@ Profiler::~Profiler() { b_.profiler = nullptr; }
 
 void Profiler::mark() {
   if (!in_step_) return;
-  marks_.emplace_back(b_.timing_mark(), stack_.empty() ? "other" : stack_.back());
+  marks_.push_back(Mark{b_.timing_mark(), std::chrono::steady_clock::now(), stack_.empty() ? "other" : stack_.back()});
 }
 
 void Profiler::enter(const char* phase) {
@@ -35,18 +35,20 @@ void Profiler::begin_step() {
   mark();
 }
 
-std::map<std::string, double> Profiler::end_step() {
+StepProfile Profiler::end_step() {
   MOELAB_CHECK(in_step_, "profiler: end_step() without begin_step()");
-  const int64_t syncs = b_.host_syncs() - syncs_at_begin_;
+  StepProfile r;
+  r.host_syncs = b_.host_syncs() - syncs_at_begin_;
   mark();
   in_step_ = false;
   b_.synchronize();
-  std::map<std::string, double> ms;
-  for (size_t i = 0; i + 1 < marks_.size(); ++i)
-    ms[marks_[i].second] += b_.elapsed_ms(marks_[i].first, marks_[i + 1].first);
-  ms["host syncs (count)"] = double(syncs);
+  for (size_t i = 0; i + 1 < marks_.size(); ++i) {
+    r.gpu_ms[marks_[i].phase] += b_.elapsed_ms(marks_[i].queue, marks_[i + 1].queue);
+    r.host_ms[marks_[i].phase] +=
+        std::chrono::duration<double, std::milli>(marks_[i + 1].host - marks_[i].host).count();
+  }
   marks_.clear();
-  return ms;
+  return r;
 }
 
 }  // namespace moelab

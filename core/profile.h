@@ -4,8 +4,11 @@
 // stretch of the queue belongs to the innermost open scope, so the phases partition the step.
 // With no profiler attached to the backend (the normal case) a scope costs one pointer test.
 // With one, every scope boundary records a timing mark on the backend's queue (CUDA: an event on
-// its stream, so the times are GPU times; CPU: the host clock), and end_step() reads them back.
+// its stream, so the times are GPU times; CPU: the host clock), and end_step() reads them back,
+// with the host's time in each phase beside (a phase whose host time exceeds its GPU time keeps
+// the GPU waiting: launches, host loops, blocking copies).
 #pragma once
+#include <chrono>
 #include <map>
 #include <memory>
 #include <string>
@@ -14,6 +17,12 @@
 #include "core/backend.h"
 
 namespace moelab {
+
+struct StepProfile {
+  std::map<std::string, double> gpu_ms;   // per phase, on the backend's queue
+  std::map<std::string, double> host_ms;  // per phase, host wall time between the same marks
+  int64_t host_syncs = 0;                 // blocking waits for the device during the step
+};
 
 class Profiler {
  public:
@@ -27,15 +36,19 @@ class Profiler {
   void leave();
   // Starts a step: work queued from now on is timed ("other" outside every scope).
   void begin_step();
-  // Synchronises the backend and returns milliseconds per phase of the step, plus the host
-  // syncs of the step under "host syncs (count)".
-  std::map<std::string, double> end_step();
+  // Synchronises the backend and returns the step's milliseconds per phase.
+  StepProfile end_step();
 
  private:
   void mark();
   Backend& b_;
   std::vector<const char*> stack_;
-  std::vector<std::pair<std::shared_ptr<void>, const char*>> marks_;  // mark, phase from it on
+  struct Mark {
+    std::shared_ptr<void> queue;                  // backend timing mark
+    std::chrono::steady_clock::time_point host;   // host clock at the same moment
+    const char* phase;                            // the phase from here to the next mark
+  };
+  std::vector<Mark> marks_;
   int64_t syncs_at_begin_ = 0;
   bool in_step_ = false;
 };

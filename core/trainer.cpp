@@ -441,9 +441,9 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
                  " (try a lower train.lr, model.init_scale or router.z_loss > 0)");
     if (tc.grad_clip > 0 && gnorm > tc.grad_clip) store.scale_grads(tc.grad_clip / gnorm);
     for (size_t i = 0; i < params.size(); ++i) {
+      // (bf16: the update of the fp32 master and its cast to the bf16 compute copy, one pass)
       b.adamw(master_of(i), params[i].grad, opt.m[i], opt.v[i], lr, tc.beta1, tc.beta2, 1e-8,
-              decays(params[i]) ? tc.weight_decay : 0.0, step);
-      if (master[i].defined()) b.cast(master[i], params[i].value);
+              decays(params[i]) ? tc.weight_decay : 0.0, step, master[i].defined() ? params[i].value : Tensor());
     }
     for (size_t i = 0; i < moe_blocks.size(); ++i) model.moe_layer(i).update_bias(f.moe[i].stats);
     b.synchronize();

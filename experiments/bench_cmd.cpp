@@ -73,29 +73,36 @@ double ms_between(Clock::time_point a, Clock::time_point c) {
   return std::chrono::duration<double, std::milli>(c - a).count();
 }
 
-// Median per phase over profiled steps, printed as a table (ms and share of the step).
-void print_breakdown(const std::vector<std::map<std::string, double>>& steps) {
-  std::map<std::string, std::vector<double>> per;
-  std::vector<double> totals;
-  for (const auto& st : steps) {
-    double total = 0;
-    for (const auto& [k, v] : st) {
-      per[k].push_back(v);
-      if (k != "host syncs (count)") total += v;
+// Median per phase over profiled steps, printed as a table: GPU ms (CUDA events on cuda), its
+// share of the step, and the host's ms in the same phase (host > GPU: the GPU waited for it).
+void print_breakdown(const std::vector<StepProfile>& steps) {
+  std::map<std::string, std::vector<double>> gpu, host;
+  std::vector<double> totals, host_totals, syncs;
+  for (const StepProfile& st : steps) {
+    double total = 0, htotal = 0;
+    for (const auto& [k, v] : st.gpu_ms) {
+      gpu[k].push_back(v);
+      total += v;
+    }
+    for (const auto& [k, v] : st.host_ms) {
+      host[k].push_back(v);
+      htotal += v;
     }
     totals.push_back(total);
+    host_totals.push_back(htotal);
+    syncs.push_back(double(st.host_syncs));
   }
   const double total = median(totals);
   std::vector<std::pair<double, std::string>> rows;
-  for (auto& [k, v] : per)
-    if (k != "host syncs (count)") rows.push_back({median(v), k});
+  for (auto& [k, v] : gpu) rows.push_back({median(v), k});
   std::sort(rows.rbegin(), rows.rend());
-  std::printf("  breakdown (median of %zu profiled steps; time between scope marks: GPU time from CUDA events on cuda):\n", steps.size());
-  std::printf("  %-42s %10s %7s\n", "phase", "ms", "share");
-  for (const auto& [ms, k] : rows) std::printf("  %-42s %10.3f %6.1f%%\n", k.c_str(), ms, 100.0 * ms / total);
-  std::printf("  %-42s %10.3f\n", "step (sum of phases)", total);
-  if (per.count("host syncs (count)"))
-    std::printf("  %-42s %10.0f\n", "host syncs per step", median(per["host syncs (count)"]));
+  std::printf("  breakdown (median of %zu profiled steps; ms between scope marks, device: CUDA events on cuda):\n",
+              steps.size());
+  std::printf("  %-42s %10s %7s %10s\n", "phase", "device ms", "share", "host ms");
+  for (const auto& [ms, k] : rows)
+    std::printf("  %-42s %10.3f %6.1f%% %10.3f\n", k.c_str(), ms, 100.0 * ms / total, median(host[k]));
+  std::printf("  %-42s %10.3f %7s %10.3f\n", "step (sum of phases)", total, "", median(host_totals));
+  std::printf("  %-42s %10.0f\n", "host syncs per step", median(syncs));
   std::fflush(stdout);
 }
 
@@ -166,8 +173,8 @@ void bench_model(const SweepRun& run, const BenchCliOptions& opts) {
     MOELAB_CHECK(std::isfinite(gnorm), "bench: gradient norm ", gnorm);
     for (size_t i = 0; i < params.size(); ++i) {
       const Tensor& w = master[i].defined() ? master[i] : params[i].value;
-      b.adamw(w, params[i].grad, m[i], v[i], 1e-4, 0.9, 0.95, 1e-8, 0.0, step);
-      if (master[i].defined()) b.cast(master[i], params[i].value);
+      b.adamw(w, params[i].grad, m[i], v[i], 1e-4, 0.9, 0.95, 1e-8, 0.0, step,
+              master[i].defined() ? params[i].value : Tensor());
     }
   };
   b.reset_peak_bytes();
@@ -200,7 +207,7 @@ void bench_model(const SweepRun& run, const BenchCliOptions& opts) {
   std::fflush(stdout);
   if (!opts.breakdown) return;
   Profiler prof(b);
-  std::vector<std::map<std::string, double>> steps;
+  std::vector<StepProfile> steps;
   for (int64_t it = 0; it < opts.iters; ++it) {
     prof.begin_step();
     model.forward(tokens, targets, S, true, rng::derive(cfg.train.seed, 2000000 + uint64_t(it)));
@@ -245,7 +252,7 @@ void bench_moe_layer(const SweepRun& run, const BenchCliOptions& opts) {
     b.synchronize();
     if (it >= 3) fwd_bwd.push_back(ms_between(t0, Clock::now()));
   }
-  std::vector<std::map<std::string, double>> steps;
+  std::vector<StepProfile> steps;
   std::vector<double> expert_ms;
   {
     Profiler prof(b);
@@ -253,7 +260,7 @@ void bench_moe_layer(const SweepRun& run, const BenchCliOptions& opts) {
       prof.begin_step();
       one(1000 + it);
       steps.push_back(prof.end_step());
-      expert_ms.push_back(steps.back()["moe experts (grouped GEMMs, SwiGLU)"]);
+      expert_ms.push_back(steps.back().gpu_ms["moe experts (grouped GEMMs, SwiGLU)"]);
     }
   }
   const double F = double(lm.moe.d_expert), flops = 18.0 * double(routed) * double(D) * F;

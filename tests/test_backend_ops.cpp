@@ -1065,6 +1065,24 @@ TEST_CASE("gpu ops: cross_entropy, adamw", "[gpu]") {
       k.close(m);
       k.close(v);
     }
+    {  // the trainer's mixed-precision step: an f32 master, its copy in the case dtype written
+       // in the same pass (cast_to)
+      Case k(fam, g, "adamw (f32 master, cast_to)", dt);
+      const Shape s{37, 29};
+      Pair p0 = k.randn(s);
+      Out p = k.acc("param", k.values(s, host_values(p0.c), DType::F32));
+      Pair grad = k.randn(s, 0.1);
+      Pair m0 = k.randn(s, 0.01), v0 = k.uniform(s, 1e-5, 1e-3);
+      Out m = k.acc("m", k.values(s, host_values(m0.c), DType::F32));
+      Out v = k.acc("v", k.values(s, host_values(v0.c), DType::F32));
+      Out copy = k.out("cast_to", s);
+      cpu().adamw(p.c, grad.c, m.c, v.c, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, copy.c);
+      g.adamw(p.g, grad.g, m.g, v.g, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, copy.g);
+      k.close(p);
+      k.close(m);
+      k.close(v);
+      k.close(copy);
+    }
   }
   fam.finish();
 }

@@ -1045,7 +1045,8 @@ class CpuBackend final : public Backend {
   }
 
   void adamw_impl(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
-                  double lr, double b1, double b2, double eps, double wd, int64_t step) override {
+                  double lr, double b1, double b2, double eps, double wd, int64_t step,
+                  const Tensor& cast_to) override {
     dispatch_float(param.dtype(), [&](auto tag) {
       using T = decltype(tag);
       using S = std::conditional_t<std::is_same_v<T, double>, double, float>;  // state type
@@ -1060,6 +1061,7 @@ class CpuBackend final : public Backend {
         p[i] = T(double(p[i]) - lr * upd);
       }
     });
+    if (cast_to.defined()) cast_impl(param, cast_to);
   }
 };
 

@@ -401,10 +401,10 @@ class CudaBackend final : public Backend {
   }
   void adamw_impl(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step) override {
+                  int64_t step, const Tensor& cast_to) override {
     MOELAB_CHECK(grad.dtype() == DType::F32 || grad.dtype() == DType::BF16,
                  "adamw: cuda takes f32 or bf16 gradients, got ", to_string(grad.dtype()));
-    cuda::adamw(ctx_, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step);
+    cuda::adamw(ctx_, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, cast_to);
   }
 
  private:

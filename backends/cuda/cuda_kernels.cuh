@@ -134,6 +134,7 @@ double cross_entropy_forward(Ctx& c, const Tensor& logits, const Tensor& targets
 void cross_entropy_backward(Ctx& c, const Tensor& logits, const Tensor& targets, double scale,
                             const Tensor& dlogits);
 void adamw(Ctx& c, const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
-           double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step);
+           double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+           const Tensor& cast_to);
 
 }  // namespace moelab::cuda

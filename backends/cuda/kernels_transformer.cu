@@ -12,6 +12,7 @@
 #include <cfloat>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "backends/cuda/cuda_kernels.cuh"
 
@@ -251,19 +252,25 @@ __global__ void ce_bwd_kernel(const T* l, const int32_t* y, int64_t R, int64_t V
 
 // ---- AdamW ---------------------------------------------------------------------------------------------
 
-// m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (m/c1 / (sqrt(v/c2) + eps) + wd p).
-template <class P, class G>
-__global__ void adamw_kernel(P* p, const G* g, float* m, float* v, int64_t n, double lr, double b1,
-                             double b2, double eps, double wd, double c1, double c2) {
+// m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (m/c1 / (sqrt(v/c2) + eps) + wd p), and
+// (C = bf16 or f32) out = p, the compute copy, in the same pass. fp32 arithmetic: the kernel is
+// bound by memory (28 bytes per bf16-mastered parameter) only if it does not run in fp64, which
+// the H200 executes at 1/64 of the fp32 rate for sqrt and division; the result differs from the
+// CPU's f64 arithmetic by rounding only (op test "adamw").
+template <class P, class G, class C>
+__global__ void adamw_kernel(P* p, const G* g, float* m, float* v, C* out, int64_t n, float lr, float b1,
+                             float b2, float eps, float wd, float inv_c1, float inv_c2) {
   MOELAB_GRID_STRIDE(i, n) {
-    const double gi = load_d(g, i);
-    const float mi = float(b1 * double(m[i]) + (1.0 - b1) * gi);
-    const float vi = float(b2 * double(v[i]) + (1.0 - b2) * gi * gi);
+    const float gi = load_f(g, i);
+    const float mi = fmaf(b1, m[i], (1.0f - b1) * gi);
+    const float vi = fmaf(b2, v[i], (1.0f - b2) * gi * gi);
     m[i] = mi;
     v[i] = vi;
-    const double pi = load_d(p, i);
-    const double upd = (double(mi) / c1) / (sqrt(double(vi) / c2) + eps) + wd * pi;
-    store_d(p, i, pi - lr * upd);
+    const float pi = load_f(p, i);
+    const float upd = (mi * inv_c1) / (sqrtf(vi * inv_c2) + eps) + wd * pi;
+    const float np = pi - lr * upd;
+    store_f(p, i, np);
+    if constexpr (!std::is_same_v<C, void>) store_f(out, i, load_f(p, i));
   }
 }
 
@@ -526,7 +533,7 @@ void cross_entropy_backward(Ctx& c, const Tensor& logits, const Tensor& targets,
 }
 
 void adamw(Ctx& c, const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
-           double lr, double b1, double b2, double eps, double wd, int64_t step) {
+           double lr, double b1, double b2, double eps, double wd, int64_t step, const Tensor& cast_to) {
   const int64_t n = param.numel();
   if (n == 0) return;
   MOELAB_CHECK(m.dtype() == DType::F32, "cuda adamw: optimizer state must be f32");
@@ -535,10 +542,21 @@ void adamw(Ctx& c, const Tensor& param, const Tensor& grad, const Tensor& m, con
     using P = decltype(ptag);
     dispatch_float(grad.dtype(), "adamw (grad)", [&](auto gtag) {
       using G = decltype(gtag);
-      adamw_kernel<P, G><<<grid_for(n), kThreads, 0, c.stream>>>(
-          mptr<P>(param), cptr<G>(grad), mptr<float>(m), mptr<float>(v), n, lr, b1, b2, eps, wd,
-          c1, c2);
-      CUDA_CHECK_LAUNCH();
+      auto launch = [&](auto* out) {
+        using C = std::remove_pointer_t<decltype(out)>;
+        adamw_kernel<P, G, C><<<grid_for(n), kThreads, 0, c.stream>>>(
+            mptr<P>(param), cptr<G>(grad), mptr<float>(m), mptr<float>(v), out, n, float(lr), float(b1),
+            float(b2), float(eps), float(wd), float(1.0 / c1), float(1.0 / c2));
+        CUDA_CHECK_LAUNCH();
+      };
+      if (!cast_to.defined()) {
+        launch(static_cast<void*>(nullptr));
+      } else {
+        dispatch_float(cast_to.dtype(), "adamw (cast_to)", [&](auto ctag) {
+          using C = decltype(ctag);
+          launch(mptr<C>(cast_to));
+        });
+      }
     });
   });
 }
