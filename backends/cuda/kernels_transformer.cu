@@ -274,6 +274,36 @@ __global__ void adamw_kernel(P* p, const G* g, float* m, float* v, C* out, int64
   }
 }
 
+// The same, 4 elements per thread with 16-byte loads of the fp32 master and state (the common
+// case: f32 master, bf16 or f32 gradient and copy, 16-byte aligned, n % 4 == 0). The arithmetic
+// is the scalar kernel's, element by element, so the results are the same bits.
+template <class G, class C>
+__global__ void adamw4_kernel(float* p, const G* g, float* m, float* v, C* out, int64_t n4, float lr, float b1,
+                              float b2, float eps, float wd, float inv_c1, float inv_c2) {
+  MOELAB_GRID_STRIDE(j, n4) {
+    float4 pv = reinterpret_cast<float4*>(p)[j], mv = reinterpret_cast<float4*>(m)[j],
+           vv = reinterpret_cast<float4*>(v)[j];
+    float gv[4];
+    for (int q = 0; q < 4; ++q) gv[q] = load_f(g, 4 * j + q);
+    float* pp = &pv.x;
+    float* mp = &mv.x;
+    float* vp = &vv.x;
+    for (int q = 0; q < 4; ++q) {
+      const float mi = fmaf(b1, mp[q], (1.0f - b1) * gv[q]);
+      const float vi = fmaf(b2, vp[q], (1.0f - b2) * gv[q] * gv[q]);
+      mp[q] = mi;
+      vp[q] = vi;
+      const float upd = (mi * inv_c1) / (sqrtf(vi * inv_c2) + eps) + wd * pp[q];
+      pp[q] = pp[q] - lr * upd;
+    }
+    reinterpret_cast<float4*>(p)[j] = pv;
+    reinterpret_cast<float4*>(m)[j] = mv;
+    reinterpret_cast<float4*>(v)[j] = vv;
+    if constexpr (!std::is_same_v<C, void>)
+      for (int q = 0; q < 4; ++q) store_f(out, 4 * j + q, pp[q]);
+  }
+}
+
 // Per-(b, h) operand pointers for the batched attention GEMMs.
 struct HeadPtrs {
   std::vector<const void*> a, b;
@@ -544,6 +574,18 @@ void adamw(Ctx& c, const Tensor& param, const Tensor& grad, const Tensor& m, con
       using G = decltype(gtag);
       auto launch = [&](auto* out) {
         using C = std::remove_pointer_t<decltype(out)>;
+        auto aligned = [](const void* q, size_t bytes) { return reinterpret_cast<uintptr_t>(q) % bytes == 0; };
+        if constexpr (std::is_same_v<P, float>) {
+          const size_t gb = 4 * sizeof(G);
+          if (n % 4 == 0 && aligned(param.data(), 16) && aligned(m.data(), 16) && aligned(v.data(), 16) &&
+              aligned(grad.data(), gb) && (out == nullptr || aligned(out, 4 * sizeof(std::conditional_t<std::is_same_v<C, void>, char, C>)))) {
+            adamw4_kernel<G, C><<<grid_for(n / 4), kThreads, 0, c.stream>>>(
+                mptr<float>(param), cptr<G>(grad), mptr<float>(m), mptr<float>(v), out, n / 4, float(lr),
+                float(b1), float(b2), float(eps), float(wd), float(1.0 / c1), float(1.0 / c2));
+            CUDA_CHECK_LAUNCH();
+            return;
+          }
+        }
         adamw_kernel<P, G, C><<<grid_for(n), kThreads, 0, c.stream>>>(
             mptr<P>(param), cptr<G>(grad), mptr<float>(m), mptr<float>(v), out, n, float(lr), float(b1),
             float(b2), float(eps), float(wd), float(1.0 / c1), float(1.0 / c2));
