@@ -14,6 +14,7 @@ MOELAB     := ./$(BUILD_DIR)/moelab
 
 # Debian 12 packages; `make deps` installs only the missing ones.
 DEPS := build-essential cmake libeigen3-dev libboost-program-options-dev catch2 libhdf5-dev \
+        nlohmann-json3-dev \
         python3-h5py python3-numpy python3-matplotlib python3-pytest jupyter-nbconvert \
         python3-ipykernel
 
