@@ -266,6 +266,8 @@ TEST_CASE("hf config: unsupported architectures and features are refused by name
              has_substr("layer_types containing \"sliding_attention\" is not supported"));
   CHECK_THAT(error_of([] { parse_hf_config(edit(kOlmoe4, {{"clip_qkv", 8.0}}), "c"); }),
              has_substr("OlmoeForCausalLM with clip_qkv = 8.0 is not supported"));
+  CHECK_THAT(error_of([] { parse_hf_config(edit(kMixtral4, {{"quantization_config", {{"quant_method", "gptq"}, {"bits", 4}}}}), "c"); }),
+             has_substr("MixtralForCausalLM with quantization_config (quant_method 'gptq') is not supported"));
   CHECK_THAT(error_of([] { parse_hf_config(edit(kOlmoe4, {{"hidden_act", "gelu"}}), "c"); }),
              has_substr("hidden_act = 'gelu' is not supported"));
   CHECK_THAT(error_of([] { parse_hf_config(edit(kOlmoe4, {{"attention_dropout", 0.1}}), "c"); }),
@@ -320,7 +322,7 @@ TEST_CASE("hf config: missing keys, wrong types and inconsistent values are name
   CHECK_THAT(error_of([] { parse_hf_config(R"({"hidden_size": 1, "hidden_size": 2})", "c"); }),
              has_substr("config.json c: duplicate key 'hidden_size' in the top-level object"));
   CHECK_THAT(error_of([] { parse_hf_config("{\"a\":", "c"); }), has_substr("config.json c is not valid JSON"));
-  CHECK_THAT(error_of([] { parse_hf_config("[1]", "c"); }), has_substr("is a JSON array, expected an object"));
+  CHECK_THAT(error_of([] { parse_hf_config("[1]", "c"); }), has_substr("is an array, expected an object"));
 
   // Files: a missing one is an I/O error (not a usage error).
   TempDir tmp("hf");

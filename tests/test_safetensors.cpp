@@ -375,8 +375,8 @@ TEST_CASE("safetensors refuses a header length larger than the file or absurdly 
 TEST_CASE("safetensors refuses a header that is not JSON or not an object") {
   TempDir tmp("st");
   CHECK_THAT(refusal(tmp, st_bytes("{not json", "")), has_substr("the header is not valid JSON"));
-  CHECK_THAT(refusal(tmp, st_bytes("[]", "")), has_substr("the header is a JSON array, not an object of tensors"));
-  CHECK_THAT(refusal(tmp, st_bytes("\"x\"", "")), has_substr("the header is a JSON string"));
+  CHECK_THAT(refusal(tmp, st_bytes("[]", "")), has_substr("the header is an array, not an object of tensors"));
+  CHECK_THAT(refusal(tmp, st_bytes("\"x\"", "")), has_substr("the header is a string"));
   // NUL bytes as padding are not JSON whitespace (the reference refuses them too).
   CHECK_THAT(refusal(tmp, st_bytes("{" + kA + "}" + std::string(3, '\0'), std::string(8, 'x'), false)),
              has_substr("not valid JSON"));
@@ -388,7 +388,7 @@ TEST_CASE("safetensors refuses a header that is not JSON or not an object") {
              has_substr("nested deeper than 64 levels"));
   // A tensor entry that is not an object.
   CHECK_THAT(refusal(tmp, st_bytes(R"({"a":[1,2]})", "")),
-             has_substr("tensor 'a' is a JSON array ([1,2]), expected an object with dtype, shape and data_offsets"));
+             has_substr("tensor 'a' is an array ([1,2]), expected an object with dtype, shape and data_offsets"));
 }
 
 TEST_CASE("safetensors refuses an unknown dtype") {
@@ -398,7 +398,7 @@ TEST_CASE("safetensors refuses an unknown dtype") {
   CHECK_THAT(refusal(tmp, st_bytes(R"({"w":{"dtype":"f32","shape":[2],"data_offsets":[0,8]}})", std::string(8, 'x'))),
              has_substr("unknown dtype 'f32'"));
   CHECK_THAT(refusal(tmp, st_bytes(R"({"w":{"dtype":4,"shape":[2],"data_offsets":[0,8]}})", std::string(8, 'x'))),
-             has_substr("tensor 'w': dtype is a JSON number (4), expected a string"));
+             has_substr("tensor 'w': dtype is a number (4), expected a string"));
 }
 
 TEST_CASE("safetensors refuses a shape with negative, non-integer or overflowing dimensions") {
@@ -417,7 +417,7 @@ TEST_CASE("safetensors refuses a shape with negative, non-integer or overflowing
   CHECK_THAT(refusal(tmp, st_bytes(R"({"w":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,8]}})", x8)),
              has_substr("is too large (byte count overflows)"));
   CHECK_THAT(refusal(tmp, st_bytes(R"({"w":{"dtype":"F32","shape":2,"data_offsets":[0,8]}})", x8)),
-             has_substr("tensor 'w': shape is a JSON number (2), expected a list of non-negative integers"));
+             has_substr("tensor 'w': shape is a number (2), expected a list of non-negative integers"));
   CHECK_THAT(refusal(tmp, st_bytes(R"({"w":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}})", "xx")),
              has_substr("tensor 'w': F4[3] is 12 bits, not a whole number of bytes"));
 }
@@ -498,9 +498,9 @@ TEST_CASE("safetensors refuses metadata that is not a map of strings") {
   CHECK_THAT(refusal(tmp, st_bytes(R"({"__metadata__":{"format":null},)" + kA + "}", x8)),
              has_substr("__metadata__ key 'format' has a null value"));
   CHECK_THAT(refusal(tmp, st_bytes(R"({"__metadata__":{"x":{"y":"z"}},)" + kA + "}", x8)),
-             has_substr("__metadata__ key 'x' has a object value"));
+             has_substr("__metadata__ key 'x' has an object value"));
   CHECK_THAT(refusal(tmp, st_bytes(R"({"__metadata__":"pt",)" + kA + "}", x8)),
-             has_substr("__metadata__ is a JSON string, expected an object of string values"));
+             has_substr("__metadata__ is a string, expected an object of string values"));
   // null metadata is no metadata (as in the reference).
   SafetensorsReader r(tmp.write("null.safetensors", st_bytes(R"({"__metadata__":null,)" + kA + "}", x8)));
   CHECK_FALSE(r.has_metadata());
@@ -745,6 +745,14 @@ TEST_CASE("sharded safetensors: round trip through model.safetensors.index.json"
   CHECK_THROWS(w2.write(tmp.path("ckpt2")));
   fault::disarm();
   CHECK(fs::is_empty(tmp.path("ckpt2")));
+  CHECK(tmp_files(tmp).empty());
+  // A rename failing after the first one: the error says which files are in place.
+  fault::arm("st.rename", 2);
+  const std::string partial = error_of([&] { w2.write(tmp.path("ckpt3")); });
+  fault::disarm();
+  CHECK_THAT(partial, has_substr("(1 of 3 files were already renamed into place: " + tmp.path("ckpt3") +
+                                 "/model-00001-of-00002.safetensors)"));
+  CHECK(tmp_files(tmp).empty());
 
   // One shard: model.safetensors, no index.
   ShardedSafetensorsWriter one(1000);
@@ -798,9 +806,9 @@ TEST_CASE("sharded safetensors: refuses an index that disagrees with its shards"
   CHECK_THAT(error_of([&] { ShardedSafetensorsReader(index(R"("a": "../s1.safetensors")")); }),
              has_substr("weight_map['a'] = '../s1.safetensors' is not a file name inside the index's folder"));
   CHECK_THAT(error_of([&] { ShardedSafetensorsReader(index(R"("a": "/etc/passwd")")); }), has_substr("is not a file name inside"));
-  CHECK_THAT(error_of([&] { ShardedSafetensorsReader(index(R"("a": 3)")); }), has_substr("weight_map['a'] is a JSON number"));
+  CHECK_THAT(error_of([&] { ShardedSafetensorsReader(index(R"("a": 3)")); }), has_substr("weight_map['a'] is a number"));
   CHECK_THAT(error_of([&] { ShardedSafetensorsReader(tmp.write("i2.json", R"({"weight_map": []})")); }),
-             has_substr("weight_map is a JSON array"));
+             has_substr("weight_map is an array"));
   CHECK_THAT(error_of([&] { ShardedSafetensorsReader(tmp.write("i3.json", R"({"metadata": {}})")); }), has_substr("has no weight_map"));
   CHECK_THAT(error_of([&] { ShardedSafetensorsReader(tmp.write("i4.json", R"({"metadata": {"total_size": -1}, "weight_map": {}})")); }),
              has_substr("metadata.total_size -1 is not a non-negative integer"));

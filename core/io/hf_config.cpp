@@ -198,7 +198,7 @@ HfConfig parse_hf_config(const std::string& text, const std::string& source) {
   } catch (const Error& e) {
     throw UsageError(e.what());  // a defect of the file given, refused before any work
   }
-  if (!j.is_object()) MOELAB_USAGE_FAIL(what, " is a JSON ", json_type(j), ", expected an object");
+  if (!j.is_object()) MOELAB_USAGE_FAIL(what, " is ", a_json_type(j), ", expected an object");
 
   HfConfig c;
   c.source = source;
@@ -340,6 +340,13 @@ HfConfig parse_hf_config(const std::string& text, const std::string& source) {
     for (const nlohmann::json& t : lt)
       if (!t.is_string() || t.get<std::string>() != "full_attention")
         k.refuse("layer_types containing " + dump_short(t), "moelab has only full attention");
+  }
+  if (k.present("quantization_config")) {
+    const nlohmann::json& q = j.at("quantization_config");
+    const std::string method = q.is_object() && q.contains("quant_method") && q.at("quant_method").is_string()
+                                   ? q.at("quant_method").get<std::string>() : std::string("?");
+    k.refuse("quantization_config (quant_method '" + printable_name(method) + "')",
+             "moelab imports unquantized weights only");
   }
   if (olmoe && k.present("clip_qkv"))
     k.refuse("clip_qkv = " + dump_short(j.at("clip_qkv")), "moelab does not clip q, k and v");

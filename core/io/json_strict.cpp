@@ -107,4 +107,8 @@ const char* json_type(const nlohmann::json& v) {
   return v.type_name();
 }
 
+std::string a_json_type(const nlohmann::json& v) {
+  return std::string(v.is_object() || v.is_array() ? "an " : "a ") + json_type(v);
+}
+
 }  // namespace moelab

@@ -35,5 +35,7 @@ std::string printable_name(const std::string& s, size_t max_len = 200);
 
 // JSON's name for the type of `v` ("object", "array", "string", "number", "boolean", "null").
 const char* json_type(const nlohmann::json& v);
+// The same with its article: "an object", "a number", ...
+std::string a_json_type(const nlohmann::json& v);
 
 }  // namespace moelab

@@ -616,7 +616,7 @@ void SafetensorsReader::parse_header(const char* text, size_t n) {
     MOELAB_FAIL(where(d.path[0]), ": the field ", qname(d.key), " appears twice (duplicate key)");
   }
   if (!h.is_object())
-    MOELAB_FAIL(f, ": the header is a JSON ", json_type(h),
+    MOELAB_FAIL(f, ": the header is ", a_json_type(h),
                 ", not an object of tensors (not a safetensors file, or a corrupt one)");
 
   const uint64_t data_len = size_ - 8 - header_len_;
@@ -626,11 +626,11 @@ void SafetensorsReader::parse_header(const char* text, size_t n) {
     if (name == "__metadata__") {
       if (v.is_null()) continue;  // the reference accepts null as "no metadata"
       if (!v.is_object())
-        MOELAB_FAIL(f, ": __metadata__ is a JSON ", json_type(v),
+        MOELAB_FAIL(f, ": __metadata__ is ", a_json_type(v),
                     ", expected an object of string values");
       for (auto m = v.begin(); m != v.end(); ++m) {
         if (!m.value().is_string())
-          MOELAB_FAIL(f, ": __metadata__ key ", qname(m.key()), " has a ", json_type(m.value()),
+          MOELAB_FAIL(f, ": __metadata__ key ", qname(m.key()), " has ", a_json_type(m.value()),
                       " value (", dump_short(m.value()), "); safetensors metadata values must be strings");
         metadata_[m.key()] = m.value().get<std::string>();
       }
@@ -639,7 +639,7 @@ void SafetensorsReader::parse_header(const char* text, size_t n) {
     }
     const std::string w = where(name);
     if (!v.is_object())
-      MOELAB_FAIL(w, " is a JSON ", json_type(v), " (", dump_short(v),
+      MOELAB_FAIL(w, " is ", a_json_type(v), " (", dump_short(v),
                   "), expected an object with dtype, shape and data_offsets");
     for (auto fld = v.begin(); fld != v.end(); ++fld)
       if (fld.key() != "dtype" && fld.key() != "shape" && fld.key() != "data_offsets")
@@ -652,14 +652,14 @@ void SafetensorsReader::parse_header(const char* text, size_t n) {
     t.name = name;
     const nlohmann::json& dt = v["dtype"];
     if (!dt.is_string())
-      MOELAB_FAIL(w, ": dtype is a JSON ", json_type(dt), " (", dump_short(dt),
+      MOELAB_FAIL(w, ": dtype is ", a_json_type(dt), " (", dump_short(dt),
                   "), expected a string such as \"F32\"");
     if (!st_dtype_from_name(dt.get<std::string>(), t.dtype))
       MOELAB_FAIL(w, ": unknown dtype ", qname(dt.get<std::string>()), " (known: ", known_dtypes(), ")");
 
     const nlohmann::json& sh = v["shape"];
     if (!sh.is_array())
-      MOELAB_FAIL(w, ": shape is a JSON ", json_type(sh), " (", dump_short(sh),
+      MOELAB_FAIL(w, ": shape is ", a_json_type(sh), " (", dump_short(sh),
                   "), expected a list of non-negative integers");
     // The element count, multiplied in order and refused at the first overflow (as the
     // reference does, even when a later dimension is 0).
@@ -1003,14 +1003,14 @@ ShardedSafetensorsReader::ShardedSafetensorsReader(const std::string& path) {
       MOELAB_FAIL(what, ": weight_map lists tensor ", qname(d.key), " twice");
     throw;
   }
-  if (!j.is_object()) MOELAB_FAIL(what, " is a JSON ", json_type(j), ", expected an object with weight_map");
+  if (!j.is_object()) MOELAB_FAIL(what, " is ", a_json_type(j), ", expected an object with weight_map");
   if (!j.contains("weight_map")) MOELAB_FAIL(what, " has no weight_map");
   const nlohmann::json& wm = j["weight_map"];
   if (!wm.is_object())
-    MOELAB_FAIL(what, ": weight_map is a JSON ", json_type(wm), ", expected an object {tensor: shard file}");
+    MOELAB_FAIL(what, ": weight_map is ", a_json_type(wm), ", expected an object {tensor: shard file}");
   if (j.contains("metadata")) {
     const nlohmann::json& m = j["metadata"];
-    if (!m.is_null() && !m.is_object()) MOELAB_FAIL(what, ": metadata is a JSON ", json_type(m), ", expected an object");
+    if (!m.is_null() && !m.is_object()) MOELAB_FAIL(what, ": metadata is ", a_json_type(m), ", expected an object");
     if (m.is_object() && m.contains("total_size")) {
       const nlohmann::json& ts = m["total_size"];
       uint64_t u;
@@ -1028,7 +1028,7 @@ ShardedSafetensorsReader::ShardedSafetensorsReader(const std::string& path) {
   std::map<std::string, std::string> first_tensor;  // shard -> a tensor it holds, for messages
   for (auto it = wm.begin(); it != wm.end(); ++it) {
     if (!it.value().is_string())
-      MOELAB_FAIL(what, ": weight_map[", qname(it.key()), "] is a JSON ", json_type(it.value()),
+      MOELAB_FAIL(what, ": weight_map[", qname(it.key()), "] is ", a_json_type(it.value()),
                   ", expected the name of a shard file");
     const std::string shard = it.value().get<std::string>();
     const fs::path sp(shard);
@@ -1213,6 +1213,15 @@ std::vector<std::string> ShardedSafetensorsWriter::write(const std::string& dir,
     }
     for (; committed < staged.size(); ++committed)
       commit_file(staged[committed], targets[committed], overwrite, what);
+  } catch (const Error& e) {
+    for (size_t i = committed; i < staged.size(); ++i) ::unlink(staged[i].c_str());
+    if (committed == 0) throw;
+    std::string done;
+    for (size_t i = 0; i < committed; ++i) {
+      if (i) done += ", ";
+      done += files[i];
+    }
+    MOELAB_FAIL(e.what(), " (", committed, " of ", staged.size(), " files were already renamed into place: ", done, ")");
   } catch (...) {
     for (size_t i = committed; i < staged.size(); ++i) ::unlink(staged[i].c_str());
     throw;
