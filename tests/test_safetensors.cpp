@@ -295,9 +295,29 @@ TEST_CASE("safetensors: to_tensor and copy_into convert dtypes") {
   w.add("rank5", StDType::F32, {1, 1, 1, 1, 2}, r5, 8);
   const float f32[2] = {1.0f + std::ldexp(1.0f, -8), 1.0f + 3 * std::ldexp(1.0f, -8)};
   w.add("f32", StDType::F32, {2}, f32, 8);
+  const uint32_t u32[2] = {7, 4000000000u};
+  w.add("u32", StDType::U32, {2}, u32, sizeof u32);
+  const uint64_t u64[1] = {~0ull};
+  w.add("u64", StDType::U64, {1}, u64, sizeof u64);
+  const int16_t i16[2] = {-32768, 32767};
+  w.add("i16", StDType::I16, {2}, i16, sizeof i16);
+  const int8_t i8[1] = {-128};
+  w.add("i8", StDType::I8, {1}, i8, 1);
+  const uint16_t u16[1] = {65535};
+  w.add("u16", StDType::U16, {1}, u16, 2);
   const std::string p = tmp.path("conv.safetensors");
   w.write(p);
   SafetensorsReader r(p);
+
+  // Integers: exact where they fit, refused by element when they do not fit i32.
+  CHECK(r.to_tensor("u32", DType::F64).ptr<double>()[1] == 4000000000.0);
+  CHECK(r.to_tensor("u64", DType::F32).ptr<float>()[0] == 18446744073709551615.0f);
+  CHECK(r.to_tensor("i16", DType::I32).ptr<int32_t>()[0] == -32768);
+  CHECK(r.to_tensor("i8", DType::F32).ptr<float>()[0] == -128.0f);
+  CHECK(r.to_tensor("u16", DType::BF16).ptr<bf16>()[0].to_float() == 65536.0f);  // 8 bits: rounds up
+  CHECK(r.to_tensor("u16", DType::I32).ptr<int32_t>()[0] == 65535);
+  CHECK_THAT(error_of([&] { r.to_tensor("u32", DType::I32); }), has_substr("element 1 (4000000000) does not fit in i32"));
+  CHECK_THAT(error_of([&] { r.to_tensor("u64", DType::I32); }), has_substr("element 0 (18446744073709551615) does not fit in i32"));
 
   Tensor h = r.to_tensor("f16", DType::F32);
   const float* hf = h.ptr<float>();
@@ -614,6 +634,11 @@ TEST_CASE("safetensors: truncating or corrupting a valid file anywhere gives a c
       bad[i] = char(v);
       exercise(bad);
     }
+  // A header byte deleted or one inserted (the length no longer matches the JSON).
+  for (size_t i = 8; i < header_end; ++i) {
+    exercise(good.substr(0, i) + good.substr(i + 1));
+    exercise(good.substr(0, i) + "\"" + good.substr(i));
+  }
   // Lengths: one past the end, and huge.
   for (uint64_t n : {uint64_t(header_end - 8 + 1), uint64_t(1) << 40, ~uint64_t(0)}) exercise(u64le(n) + good.substr(8));
   INFO("accepted " << accepted << ", refused " << refused);

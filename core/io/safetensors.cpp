@@ -19,6 +19,7 @@
 #include <limits>
 #include <set>
 #include <system_error>
+#include <type_traits>
 
 #include "core/io/fault.h"
 #include "core/io/json_strict.h"
@@ -250,60 +251,78 @@ bf16 double_to_bf16(double d) {
   return bf16::from_float(f);
 }
 
-template <class T> T load(const std::byte* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-
-bool st_is_float(StDType s) {
-  return s == StDType::F64 || s == StDType::F32 || s == StDType::F16 || s == StDType::BF16;
-}
-bool st_is_int(StDType s) {
-  switch (s) {
-    case StDType::BOOL: case StDType::U8: case StDType::I8: case StDType::I16: case StDType::U16:
-    case StDType::I32: case StDType::U32: case StDType::I64: case StDType::U64:
-      return true;
-    default:
-      return false;
+// Calls f(i, value) for the n elements of type S at p (memcpy loads: p need not be aligned).
+template <class S, class F> void each(const std::byte* p, int64_t n, F&& f) {
+  for (int64_t i = 0; i < n; ++i) {
+    S v;
+    std::memcpy(&v, p + size_t(i) * sizeof(S), sizeof(S));
+    f(i, v);
   }
 }
 
-double float_at(const std::byte* p, StDType s, int64_t i) {
+// Conversions to a float type T: from a double, from a float (exact sources: F32, F16, BF16),
+// from an integer; each rounds once (to nearest even).
+template <class T> struct To;
+template <> struct To<double> {
+  static double d(double x) { return x; }
+  static double f(float x) { return x; }
+  template <class I> static double i(I x) { return double(x); }
+};
+template <> struct To<float> {
+  static float d(double x) { return float(x); }
+  static float f(float x) { return x; }
+  template <class I> static float i(I x) { return float(x); }
+};
+template <> struct To<bf16> {
+  static bf16 d(double x) { return double_to_bf16(x); }
+  static bf16 f(float x) { return bf16::from_float(x); }
+  template <class I> static bf16 i(I x) { return double_to_bf16(double(x)); }  // > 2^53: via f64
+};
+
+// Stored floats, integers and BOOL to a float type; false for other source dtypes.
+template <class T> bool to_floats(const std::byte* p, StDType s, int64_t n, T* o) {
   switch (s) {
-    case StDType::F64: return load<double>(p + 8 * i);
-    case StDType::F32: return load<float>(p + 4 * i);
-    case StDType::F16: return half_to_float(load<uint16_t>(p + 2 * i));
-    case StDType::BF16: return bf16{load<uint16_t>(p + 2 * i)}.to_float();
-    default: return 0;
+    case StDType::F64: each<double>(p, n, [o](int64_t i, double v) { o[i] = To<T>::d(v); }); return true;
+    case StDType::F32: each<float>(p, n, [o](int64_t i, float v) { o[i] = To<T>::f(v); }); return true;
+    case StDType::F16: each<uint16_t>(p, n, [o](int64_t i, uint16_t v) { o[i] = To<T>::f(half_to_float(v)); }); return true;
+    case StDType::BF16: each<uint16_t>(p, n, [o](int64_t i, uint16_t v) { o[i] = To<T>::f(bf16{v}.to_float()); }); return true;
+    case StDType::BOOL: each<uint8_t>(p, n, [o](int64_t i, uint8_t v) { o[i] = To<T>::i(int(v != 0)); }); return true;
+    case StDType::U8: each<uint8_t>(p, n, [o](int64_t i, uint8_t v) { o[i] = To<T>::i(v); }); return true;
+    case StDType::I8: each<int8_t>(p, n, [o](int64_t i, int8_t v) { o[i] = To<T>::i(v); }); return true;
+    case StDType::I16: each<int16_t>(p, n, [o](int64_t i, int16_t v) { o[i] = To<T>::i(v); }); return true;
+    case StDType::U16: each<uint16_t>(p, n, [o](int64_t i, uint16_t v) { o[i] = To<T>::i(v); }); return true;
+    case StDType::I32: each<int32_t>(p, n, [o](int64_t i, int32_t v) { o[i] = To<T>::i(v); }); return true;
+    case StDType::U32: each<uint32_t>(p, n, [o](int64_t i, uint32_t v) { o[i] = To<T>::i(v); }); return true;
+    case StDType::I64: each<int64_t>(p, n, [o](int64_t i, int64_t v) { o[i] = To<T>::i(v); }); return true;
+    case StDType::U64: each<uint64_t>(p, n, [o](int64_t i, uint64_t v) { o[i] = To<T>::i(v); }); return true;
+    default: return false;
   }
 }
 
-// Integer element i, exactly (U64 above INT64_MAX is reported through `big`).
-int64_t int_at(const std::byte* p, StDType s, int64_t i, bool& big) {
-  big = false;
-  switch (s) {
-    case StDType::BOOL: return load<uint8_t>(p + i) != 0;
-    case StDType::U8: return load<uint8_t>(p + i);
-    case StDType::I8: return load<int8_t>(p + i);
-    case StDType::I16: return load<int16_t>(p + 2 * i);
-    case StDType::U16: return load<uint16_t>(p + 2 * i);
-    case StDType::I32: return load<int32_t>(p + 4 * i);
-    case StDType::U32: return load<uint32_t>(p + 4 * i);
-    case StDType::I64: return load<int64_t>(p + 8 * i);
-    case StDType::U64: {
-      const uint64_t v = load<uint64_t>(p + 8 * i);
-      big = v > uint64_t(std::numeric_limits<int64_t>::max());
-      return big ? std::numeric_limits<int64_t>::max() : int64_t(v);
+// Stored integers and BOOL to i32, refusing values out of range; false for other dtypes.
+bool to_i32(const std::byte* p, StDType s, int64_t n, int32_t* o, const std::string& who) {
+  auto put = [&](int64_t i, auto v) {
+    using V = decltype(v);
+    if constexpr (std::is_signed_v<V>) {
+      if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+        MOELAB_FAIL(who, ": element ", i, " (", v, ") does not fit in i32");
+    } else {
+      if (uint64_t(v) > uint64_t(std::numeric_limits<int32_t>::max()))
+        MOELAB_FAIL(who, ": element ", i, " (", v, ") does not fit in i32");
     }
-    default: return 0;
+    o[i] = int32_t(v);
+  };
+  switch (s) {
+    case StDType::BOOL: each<uint8_t>(p, n, [o](int64_t i, uint8_t v) { o[i] = v != 0; }); return true;
+    case StDType::U8: each<uint8_t>(p, n, [o](int64_t i, uint8_t v) { o[i] = v; }); return true;
+    case StDType::I8: each<int8_t>(p, n, put); return true;
+    case StDType::I16: each<int16_t>(p, n, put); return true;
+    case StDType::U16: each<uint16_t>(p, n, put); return true;
+    case StDType::U32: each<uint32_t>(p, n, put); return true;
+    case StDType::I64: each<int64_t>(p, n, put); return true;
+    case StDType::U64: each<uint64_t>(p, n, put); return true;
+    default: return false;
   }
-}
-
-double int_as_double(const std::byte* p, StDType s, int64_t i) {
-  if (s == StDType::U64) return double(load<uint64_t>(p + 8 * i));
-  bool big;
-  return double(int_at(p, s, i, big));
 }
 
 // Converts n elements of `src` (stored dtype s) into `dst` (moelab dtype d). `who` names the
@@ -313,62 +332,21 @@ void convert(const std::byte* src, StDType s, int64_t n, void* dst, DType d, con
     if (n) std::memcpy(dst, src, size_t(n) * dtype_size(d));
     return;
   }
-  const bool fl = st_is_float(s), in = st_is_int(s);
-  if (!fl && !in)
-    MOELAB_FAIL(who, ": no conversion from ", to_string(s), " to ", to_string(d),
-                " (moelab converts F64, F32, F16, BF16, integer and BOOL tensors)");
+  bool done = false;
   switch (d) {
-    case DType::F64: {
-      auto* o = static_cast<double*>(dst);
-      for (int64_t i = 0; i < n; ++i) o[i] = fl ? float_at(src, s, i) : int_as_double(src, s, i);
-      return;
-    }
-    case DType::F32: {
-      auto* o = static_cast<float*>(dst);
-      if (s == StDType::F64) {
-        for (int64_t i = 0; i < n; ++i) o[i] = float(load<double>(src + 8 * i));
-      } else if (fl) {  // F16, BF16: exact in float
-        for (int64_t i = 0; i < n; ++i) o[i] = float(float_at(src, s, i));
-      } else if (s == StDType::I64 || s == StDType::U64) {
-        for (int64_t i = 0; i < n; ++i) {
-          if (s == StDType::I64) {
-            o[i] = float(load<int64_t>(src + 8 * i));  // one rounding
-          } else {
-            o[i] = float(load<uint64_t>(src + 8 * i));
-          }
-        }
-      } else {
-        for (int64_t i = 0; i < n; ++i) o[i] = float(int_as_double(src, s, i));  // exact in double
-      }
-      return;
-    }
-    case DType::BF16: {
-      auto* o = static_cast<bf16*>(dst);
-      if (s == StDType::F64) {
-        for (int64_t i = 0; i < n; ++i) o[i] = double_to_bf16(load<double>(src + 8 * i));
-      } else if (fl) {  // F32, F16 (exact in float first)
-        for (int64_t i = 0; i < n; ++i) o[i] = bf16::from_float(float(float_at(src, s, i)));
-      } else {
-        for (int64_t i = 0; i < n; ++i) o[i] = double_to_bf16(int_as_double(src, s, i));
-      }
-      return;
-    }
-    case DType::I32: {
-      if (!in)
+    case DType::F64: done = to_floats(src, s, n, static_cast<double*>(dst)); break;
+    case DType::F32: done = to_floats(src, s, n, static_cast<float*>(dst)); break;
+    case DType::BF16: done = to_floats(src, s, n, static_cast<bf16*>(dst)); break;
+    case DType::I32:
+      done = to_i32(src, s, n, static_cast<int32_t*>(dst), who);
+      if (!done && (s == StDType::F64 || s == StDType::F32 || s == StDType::F16 || s == StDType::BF16))
         MOELAB_FAIL(who, ": no conversion from ", to_string(s),
                     " to i32 (moelab never rounds floats to integers silently)");
-      auto* o = static_cast<int32_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) {
-        bool big;
-        const int64_t v = int_at(src, s, i, big);
-        if (big || v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
-          MOELAB_FAIL(who, ": element ", i, " (", big ? std::to_string(load<uint64_t>(src + 8 * i)) : std::to_string(v),
-                      ") does not fit in i32");
-        o[i] = int32_t(v);
-      }
-      return;
-    }
+      break;
   }
+  if (!done)
+    MOELAB_FAIL(who, ": no conversion from ", to_string(s), " to ", to_string(d),
+                " (moelab converts F64, F32, F16, BF16, integer and BOOL tensors)");
 }
 
 // Shape of the moelab tensor for a stored shape: 0-d becomes [1]; rank > 4 is refused.
