@@ -400,9 +400,11 @@ TEST_CASE("safetensors refuses a header that is not JSON or not an object") {
   // NUL bytes as padding are not JSON whitespace (the reference refuses them too).
   CHECK_THAT(refusal(tmp, st_bytes("{" + kA + "}" + std::string(3, '\0'), std::string(8, 'x'), false)),
              has_substr("not valid JSON"));
-  // Invalid UTF-8 inside a string.
-  CHECK_THAT(refusal(tmp, st_bytes("{\"\xff\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", std::string(4, 'x'))),
-             has_substr("not valid JSON"));
+  // Invalid UTF-8 inside a string; the message escapes the byte rather than print it.
+  const std::string utf8 = refusal(tmp, st_bytes("{\"\xff\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", std::string(4, 'x')));
+  CHECK_THAT(utf8, has_substr("not valid JSON"));
+  CHECK_THAT(utf8, has_substr("ill-formed UTF-8 byte; last read: '\"\\xff'"));
+  CHECK(utf8.find('\xff') == std::string::npos);
   // Nesting is bounded before the parser builds it.
   CHECK_THAT(refusal(tmp, st_bytes("{\"__metadata__\":" + std::string(5000, '[') + std::string(5000, ']') + "}", "")),
              has_substr("nested deeper than 64 levels"));

@@ -85,12 +85,53 @@ nlohmann::json parse_json_strict(std::string_view text, const std::string& what,
   }
 }
 
+bool valid_utf8(std::string_view s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    int len;
+    uint32_t cp;
+    if ((c & 0xe0) == 0xc0) {
+      len = 2;
+      cp = c & 0x1f;
+    } else if ((c & 0xf0) == 0xe0) {
+      len = 3;
+      cp = c & 0x0f;
+    } else if ((c & 0xf8) == 0xf0) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + size_t(len) > n) return false;
+    for (int k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (p[i + k] & 0x3f);
+    }
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+      return false;
+    i += size_t(len);
+  }
+  return true;
+}
+
 std::string printable_name(const std::string& s, size_t max_len) {
+  // Valid UTF-8 stays as it is (names are often non-ASCII); otherwise every byte >= 0x80 is
+  // escaped too, so a message never carries broken UTF-8 to the terminal.
+  const bool utf8 = valid_utf8(s);
   std::string out;
-  const size_t n = std::min(s.size(), max_len);
-  for (size_t i = 0; i < n; ++i) {
+  size_t i = 0;
+  for (; i < s.size(); ++i) {
     const unsigned char c = static_cast<unsigned char>(s[i]);
-    if (c < 0x20 || c == 0x7f) {
+    // Cut at max_len bytes of input, but not inside a UTF-8 sequence.
+    if (i >= max_len && !(utf8 && (c & 0xc0) == 0x80)) break;
+    if (c < 0x20 || c == 0x7f || (c >= 0x80 && !utf8)) {
       char b[8];
       std::snprintf(b, sizeof b, "\\x%02x", c);
       out += b;
@@ -98,7 +139,7 @@ std::string printable_name(const std::string& s, size_t max_len) {
       out += char(c);
     }
   }
-  if (s.size() > max_len) out += "... (" + std::to_string(s.size()) + " bytes)";
+  if (i < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
   return out;
 }
 

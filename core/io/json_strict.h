@@ -29,9 +29,13 @@ struct JsonDuplicateKey : Error {
 // position), for nesting deeper than `max_depth` arrays/objects, and JsonDuplicateKey.
 nlohmann::json parse_json_strict(std::string_view text, const std::string& what, int max_depth = 64);
 
-// `s` for an error message: control bytes and DEL escaped as \xNN, and cut to `max_len` bytes
-// with "..." (names in files can be arbitrarily long).
+// `s` for an error message: control bytes and DEL escaped as \xNN (and every byte >= 0x80 when
+// `s` is not valid UTF-8), cut after about `max_len` bytes with "... (N bytes)" (names in files
+// can be arbitrarily long).
 std::string printable_name(const std::string& s, size_t max_len = 200);
+
+// Valid UTF-8: no overlong forms, surrogates or code points above U+10FFFF.
+bool valid_utf8(std::string_view s);
 
 // JSON's name for the type of `v` ("object", "array", "string", "number", "boolean", "null").
 const char* json_type(const nlohmann::json& v);

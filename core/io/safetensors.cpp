@@ -96,44 +96,6 @@ bool json_uint(const nlohmann::json& v, uint64_t& out) {
   return false;
 }
 
-// Valid UTF-8 (no overlong forms, surrogates or code points above U+10FFFF), as the reference
-// writer (a Rust String) can only produce.
-bool valid_utf8(const std::string& s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const size_t n = s.size();
-  for (size_t i = 0; i < n;) {
-    const unsigned c = p[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    int len;
-    uint32_t cp;
-    if ((c & 0xe0) == 0xc0) {
-      len = 2;
-      cp = c & 0x1f;
-    } else if ((c & 0xf0) == 0xe0) {
-      len = 3;
-      cp = c & 0x0f;
-    } else if ((c & 0xf8) == 0xf0) {
-      len = 4;
-      cp = c & 0x07;
-    } else {
-      return false;
-    }
-    if (i + size_t(len) > n) return false;
-    for (int k = 1; k < len; ++k) {
-      if ((p[i + k] & 0xc0) != 0x80) return false;
-      cp = (cp << 6) | (p[i + k] & 0x3f);
-    }
-    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
-        cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-      return false;
-    i += size_t(len);
-  }
-  return true;
-}
-
 // A JSON string as serde_json writes it (the reference writer): ", \ and control characters
 // escaped (\b \t \n \f \r, others \u00XX in lower-case hex), everything else verbatim.
 void put_json_string(std::string& out, const std::string& s) {
