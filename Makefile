@@ -14,6 +14,7 @@ MOELAB     := ./$(BUILD_DIR)/moelab
 
 # Debian 12 packages; `make deps` installs only the missing ones.
 DEPS := build-essential cmake libeigen3-dev libboost-program-options-dev catch2 libhdf5-dev \
+        nlohmann-json3-dev \
         python3-h5py python3-numpy python3-matplotlib python3-pytest jupyter-nbconvert \
         python3-ipykernel
 
@@ -63,7 +64,8 @@ test: deps
 
 # The trainer, model and CPU backend under AddressSanitizer + UndefinedBehaviorSanitizer: the
 # tests labelled "sanitize" (tests/CMakeLists.txt: the tensor/backend, ops, router, MoE layer,
-# model and trainer cases, and a short CLI train/resume/bench/generate), built in $(SAN_DIR)/
+# model and trainer cases, the safetensors and config.json readers, and a short CLI
+# train/resume/bench/generate), built in $(SAN_DIR)/
 # with -DMOELAB_SANITIZE, CPU only. Debug (-O0 -g): on 2 cores the build takes ~2.5 min and the
 # tests ~30 s; -O1 tests in ~15 s but builds in ~6 min (Eigen), -O2 in ~8 min.
 # Any report fails its test: ASan and LeakSanitizer halt with exit code 1 (halt_on_error), and

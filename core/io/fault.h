@@ -13,7 +13,7 @@
 // how many points a run passes and choose among them. Sites in use: log.create, log.write,
 // log.flush, log.close, log.fsync, log.verify, log.rename (run_log.cpp); ckpt.open, ckpt.write,
 // ckpt.fsync, ckpt.close, ckpt.rename (checkpoint.cpp); ckpt.owner (the folder's run-id file);
-// sweep.index (sweep.json).
+// sweep.index (sweep.json); st.open, st.write, st.fsync, st.rename (safetensors.cpp).
 #pragma once
 #include <cstdint>
 #include <string>
