@@ -85,12 +85,16 @@ std::string Tensor::describe() const {
   return std::string(to_string(dtype_)) + shape_.str() + "@" + to_string(device_);
 }
 
+Tensor host_empty(Shape shape, DType dtype) {
+  const size_t bytes = size_t(shape.numel()) * dtype_size(dtype);
+  std::shared_ptr<char[]> buf(new char[bytes ? bytes : 1]);
+  return Tensor(std::shared_ptr<void>(buf, buf.get()), buf.get(), shape, dtype, Device::CPU);
+}
+
 Tensor host_tensor(const std::vector<double>& values, Shape shape, DType dtype) {
   MOELAB_CHECK(int64_t(values.size()) == shape.numel(), "host_tensor: ", values.size(),
                " values for shape ", shape.str());
-  const size_t bytes = size_t(shape.numel()) * dtype_size(dtype);
-  std::shared_ptr<char[]> buf(new char[bytes ? bytes : 1]);
-  Tensor t(std::shared_ptr<void>(buf, buf.get()), buf.get(), shape, dtype, Device::CPU);
+  Tensor t = host_empty(shape, dtype);
   for (size_t i = 0; i < values.size(); ++i) {
     switch (dtype) {
       case DType::F64: t.ptr<double>()[i] = values[i]; break;

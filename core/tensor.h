@@ -101,6 +101,8 @@ class Tensor {
 // Host helpers: a new CPU tensor of `dtype` holding `values` (converted), and the values of a
 // CPU tensor as doubles. Used for initialisation, tests and logging; not on hot paths.
 Tensor host_tensor(const std::vector<double>& values, Shape shape, DType dtype);
+// An uninitialised host tensor.
+Tensor host_empty(Shape shape, DType dtype);
 std::vector<double> host_values(const Tensor& host);
 
 }  // namespace moelab

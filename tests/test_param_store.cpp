@@ -2,10 +2,12 @@
 // bucketed in backward order, the same gradients as without the store, and the gradient
 // reducer starting each block's reduction during the backward pass.
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <stdexcept>
 
 #include "core/model.h"
+#include "core/init.h"
 #include "core/param_store.h"
 #include "core/rng.h"
 #include "test_util.h"
@@ -201,4 +203,21 @@ TEST_CASE("gradient reducer: each block's bucket starts when its backward comple
   REQUIRE(world.started == std::vector<int64_t>{want[0], want[2], want[3]});
   reducer.block_done(0);
   REQUIRE_THROWS_WITH(reducer.block_done(0), has_substr("block 0 reported done twice"));
+}
+
+TEST_CASE("init_normal: the element-wise draws, across chunk and thread boundaries, in every dtype", "[init]") {
+  // 2^23 + 1001 elements: two chunks, each split over the host's threads.
+  const int64_t n = (int64_t(1) << 23) + 1001;
+  const uint64_t stream = 77, first = 12345;
+  for (DType dt : {DType::F32, DType::BF16, DType::F64}) {
+    CAPTURE(to_string(dt));
+    const int64_t m = dt == DType::F32 ? n : 70001;  // the big case once (time)
+    Tensor t = B().empty(Shape{m}, dt);
+    init_normal(B(), t, stream, first, 0.02);
+    std::vector<double> want(static_cast<size_t>(m));
+    for (int64_t i = 0; i < m; ++i) want[size_t(i)] = 0.02 * rng::normal(stream, first + uint64_t(i));
+    const Tensor ref = host_tensor(want, Shape{m}, dt);
+    REQUIRE(std::memcmp(ref.data(), t.data(), size_t(t.nbytes())) == 0);
+  }
+  REQUIRE_THROWS_WITH(init_normal(B(), B().empty(Shape{4}, DType::I32), 1, 0, 1.0), has_substr("not a floating tensor"));
 }
