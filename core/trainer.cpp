@@ -547,6 +547,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
 TrainResult train(const RunConfig& cfg, const TrainOptions& opts, const RunEnvironment& env) {
   MOELAB_CHECK(env.make_backend, "train: the run environment has no backend factory");
   preflight_check(cfg);
+  check_data_vocab(cfg);  // token ids must fit model.vocab (loads data.tokenizer once, shared)
   const ParallelConfig& pc = cfg.parallel;
   if (pc.world() == 1) {
     auto backend = env.make_backend(0);
