@@ -313,6 +313,7 @@ std::vector<ConfigKey> build_keys() {
                        "Qwen2/3, DeepSeek-V3), a GPT-2 encoder.json (vocab.bpe beside it) or a folder "
                        "holding either (`make data` fetches them into data/tokenizers/); brown only, "
                        "and model.vocab must be at least its vocabulary size"));
+  k.back().accepted = "bytes, or a path without '#'";
   k.push_back(int_key<int64_t>("data.synthetic_sources", FIELD(data.synthetic_sources), 1,
                                "synthetic: K latent sources mixed in the stream"));
   k.push_back(int_key<int64_t>("data.synthetic_alphabet", FIELD(data.synthetic_alphabet), 2,
