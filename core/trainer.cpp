@@ -519,7 +519,10 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
                         step == tc.steps || do_eval)) {
       const double per_step = window_time / double(window_steps);
       char val[32] = "   -    ";
-      if (!std::isnan(last_val)) std::snprintf(val, sizeof val, "%.3f bpb", last_val / std::log(2.0));
+      // bits per byte for bytes; with data.tokenizer the loss is per token (bits per token).
+      if (!std::isnan(last_val))
+        std::snprintf(val, sizeof val, cfg.data.tokenizer == "bytes" ? "%.3f bpb" : "%.3f b/tok",
+                      last_val / std::log(2.0));
       std::printf("step %5lld/%lld | loss %.4f | val %s | lr %.2e | gnorm %.2f | imbalance %.2f | "
                   "drop %.1f%% | %.0f tok/s | left %s\n",
                   (long long)step, (long long)tc.steps, f.ce_loss,

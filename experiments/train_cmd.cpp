@@ -34,7 +34,10 @@ int run_train(const RunConfig& cfg, const TrainCliOptions& opts) {
   if (opts.process && opts.process->rank != 0) return 0;  // rank 0 reports
   char val[80] = "val - (log.eval_every = 0)";
   if (!r.eval_losses.empty())
-    std::snprintf(val, sizeof val, "val %.4f nats/byte = %.3f bits/byte", r.eval_losses.back(),
+    std::snprintf(val, sizeof val,
+                  cfg.data.tokenizer == "bytes" ? "val %.4f nats/byte = %.3f bits/byte"
+                                                : "val %.4f nats/token = %.3f bits/token",
+                  r.eval_losses.back(),
                   r.eval_losses.back() / std::log(2.0));
   std::printf("summary: %lld steps in %.1f s (%.0f tok/s) | final loss %.4f nats | %s | imbalance %.2f | "
               "drop %.1f%% | logit rms %.2f\n",
