@@ -6,6 +6,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <sstream>
 #include <unordered_map>
 
@@ -247,8 +249,34 @@ BrownSource::BrownSource(const std::string& dir, double val_fraction, int64_t ba
     parse_brown_tagged(ss.str(), val ? val_ : train_, path);
     (val ? val_files_ : train_files_).push_back(names[i]);
   }
-  train_tokens_ = tokenize_tagged(train_, tokenizer_.get(), "training");
-  val_tokens_ = tokenize_tagged(val_, tokenizer_.get(), "validation");
+  if (tokenizer_) {
+    // Encoded once per process: sweep runs and simulated ranks build their own source from the
+    // same text. Keyed by the tokenizer and a hash of both texts.
+    static std::mutex mu;
+    static std::map<std::string, std::shared_ptr<const std::pair<TokenStream, TokenStream>>> encoded;
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (const std::string* t : {&train_.text, &val_.text}) {
+      for (char c : *t) h = (h ^ uint8_t(c)) * 0x100000001b3ULL;
+      h = hash_combine(h, t->size());
+    }
+    const std::string key = tokenizer_->origin() + "|" + std::to_string(h);
+    std::shared_ptr<const std::pair<TokenStream, TokenStream>> streams;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (auto it = encoded.find(key); it != encoded.end()) streams = it->second;
+    }
+    if (!streams) {
+      streams = std::make_shared<const std::pair<TokenStream, TokenStream>>(
+          tokenize_tagged(train_, tokenizer_.get(), "training"), tokenize_tagged(val_, tokenizer_.get(), "validation"));
+      std::lock_guard<std::mutex> lock(mu);
+      encoded.emplace(key, streams);
+    }
+    train_tokens_ = streams->first;
+    val_tokens_ = streams->second;
+  } else {
+    train_tokens_ = tokenize_tagged(train_, nullptr, "training");
+    val_tokens_ = tokenize_tagged(val_, nullptr, "validation");
+  }
   const int64_t n = int64_t(train_tokens_.size()), nv = int64_t(val_tokens_.size());
   const char* unit = tokenizer_ ? " tokens" : " bytes";
   if (n < seq + 1)
