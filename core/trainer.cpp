@@ -496,7 +496,10 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
                         step == tc.steps || do_eval)) {
       const double per_step = window_time / double(window_steps);
       char val[32] = "   -    ";
-      if (!std::isnan(last_val)) std::snprintf(val, sizeof val, "%.3f bpb", last_val / std::log(2.0));
+      // bits per byte for bytes; with data.tokenizer the loss is per token (bits per token).
+      if (!std::isnan(last_val))
+        std::snprintf(val, sizeof val, cfg.data.tokenizer == "bytes" ? "%.3f bpb" : "%.3f b/tok",
+                      last_val / std::log(2.0));
       std::printf("step %5lld/%lld | loss %.4f | val %s | lr %.2e | gnorm %.2f | imbalance %.2f | "
                   "drop %.1f%% | %.0f tok/s | left %s\n",
                   (long long)step, (long long)tc.steps, f.ce_loss,
@@ -524,6 +527,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
 TrainResult train(const RunConfig& cfg, const TrainOptions& opts, const RunEnvironment& env) {
   MOELAB_CHECK(env.make_backend, "train: the run environment has no backend factory");
   preflight_check(cfg);
+  check_data_vocab(cfg);  // token ids must fit model.vocab (loads data.tokenizer once, shared)
   const ParallelConfig& pc = cfg.parallel;
   if (pc.world() == 1) {
     auto backend = env.make_backend(0);

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <optional>
 
@@ -44,6 +45,18 @@ struct BenchCliOptions {
 };
 
 int run_train(const moelab::RunConfig& cfg, const TrainCliOptions& opts);  // experiments/train_cmd.cpp
+
+// `moelab tokenize --tokenizer PATH --in FILE... [--out FILE | --out-dir DIR] [--decode]
+// [--invalid-utf8 refuse|replace] [--info]`.
+struct TokenizeCliOptions {
+  std::string tokenizer;            // tokenizer.json, encoder.json (vocab.bpe beside), or a folder
+  std::vector<std::string> inputs;  // texts to encode, or id files to decode
+  std::string out, out_dir;         // one output (default stdout), or one file per input
+  bool decode = false;
+  bool replace_invalid = false;     // invalid UTF-8 -> U+FFFD instead of an error
+  bool info = false;                // print the tokenizer's summary and vocabulary size only
+};
+int run_tokenize(const TokenizeCliOptions& opts);  // experiments/tokenize_cmd.cpp
 // `moelab crosscheck --config FILE [--set ...] [--out PATH.h5]`.
 struct CrosscheckCliOptions {
   std::string out = "runs/crosscheck.h5";  // findings (one group per compared dtype)

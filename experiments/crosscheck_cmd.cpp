@@ -243,6 +243,7 @@ void write_h5(const std::string& path, const std::string& config, const std::str
 int run_crosscheck(const RunConfig& cfg, const CrosscheckCliOptions& opts) {
   MOELAB_CHECK(backend_available("cuda"), "crosscheck needs the CUDA backend and a visible device");
   preflight_check(cfg);  // absurd sizes are refused before anything is allocated
+  check_data_vocab(cfg);
   // The findings go to OUT.tmp, renamed over OUT at the end: an existing OUT (refused without
   // --overwrite) is never touched by a crosscheck that fails halfway.
   const std::string target = resolve_output_target(opts.out, "crosscheck --out");

@@ -7,6 +7,7 @@
 //   moelab bench      [moe-layer] [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
 //                     [--breakdown]
 //   moelab config     [--config FILE] [--set ...] [--get KEY] [--keys]
+//   moelab tokenize   --tokenizer PATH --in FILE... [--out FILE | --out-dir DIR] [--decode]
 //
 // Exit codes: 0 success; 2 usage or config error (moelab::UsageError; `moelab: error: <message>`
 // on stderr); 1 any other failure (I/O, disk full, divergence, out of memory, ...).
@@ -43,6 +44,7 @@ const char* kUsage =
     "  generate    sample text from a checkpoint\n"
     "  bench       GPU performance benchmarks\n"
     "  config      print the resolved config as INI, one key, or the table of keys\n"
+    "  tokenize    encode text to token ids, or decode ids, with a tokenizer.json\n"
     "  help [CMD]  this text, or the options of CMD\n"
     "\n"
     "'moelab CMD --help' lists the options of CMD.\n";
@@ -385,6 +387,42 @@ int cmd_config(int argc, char** argv) {
   return 0;
 }
 
+int cmd_tokenize(int argc, char** argv) {
+  Command cmd{"tokenize",
+              "moelab tokenize --tokenizer PATH --in FILE [--in FILE ...] [--out FILE | --out-dir DIR] "
+              "[--decode] [--invalid-utf8 refuse|replace] [--info]",
+              po::options_description("tokenize options")};
+  cmd.options.add_options()("tokenizer", po::value<std::string>()->value_name("PATH"),
+                            "tokenizer.json, GPT-2's encoder.json (vocab.bpe beside it), or a folder holding them")(
+      "in", po::value<std::vector<std::string>>()->composing()->value_name("FILE"),
+      "a text to encode (with --decode: a file of ids); repeatable")(
+      "out", po::value<std::string>()->value_name("FILE"),
+      "write here instead of stdout (encode: one line of ids per input)")(
+      "out-dir", po::value<std::string>()->value_name("DIR"),
+      "one output per input: DIR/<name>.ids (encode) or DIR/<name>.txt (decode)")(
+      "decode", "decode ids to bytes")(
+      "invalid-utf8", po::value<std::string>()->value_name("refuse|replace"),
+      "invalid UTF-8 in a text: refuse naming the byte offset (default) or replace by U+FFFD")(
+      "info", "print the tokenizer's summary and vocabulary size, then exit");
+  po::variables_map vm;
+  if (!parse(cmd, argc, argv, vm)) return 0;
+  TokenizeCliOptions t;
+  t.tokenizer = opt(vm, "tokenizer");
+  if (t.tokenizer.empty()) MOELAB_USAGE_FAIL("tokenize: --tokenizer PATH is required (for example data/tokenizers/qwen3/tokenizer.json)");
+  if (vm.count("in")) t.inputs = vm["in"].as<std::vector<std::string>>();
+  t.out = opt(vm, "out");
+  t.out_dir = opt(vm, "out-dir");
+  t.decode = vm.count("decode") > 0;
+  t.info = vm.count("info") > 0;
+  const std::string inv = opt(vm, "invalid-utf8");
+  if (!inv.empty() && inv != "refuse" && inv != "replace")
+    MOELAB_USAGE_FAIL("tokenize: --invalid-utf8 '", inv, "' is not one of refuse|replace");
+  t.replace_invalid = inv == "replace";
+  if (!t.out.empty() && !t.out_dir.empty()) MOELAB_USAGE_FAIL("tokenize: give --out or --out-dir, not both");
+  if (t.inputs.empty() && !t.info) MOELAB_USAGE_FAIL("tokenize: --in FILE is required");
+  return run_tokenize(t);
+}
+
 int dispatch(int argc, char** argv) {
   if (argc < 2) {
     std::cerr << kUsage;
@@ -406,8 +444,9 @@ int dispatch(int argc, char** argv) {
   if (sub == "generate") return cmd_generate(argc, argv);
   if (sub == "bench") return cmd_bench(argc, argv);
   if (sub == "config") return cmd_config(argc, argv);
+  if (sub == "tokenize") return cmd_tokenize(argc, argv);
   MOELAB_USAGE_FAIL("unknown command '", sub,
-              "' (commands: train, crosscheck, generate, bench, config, help)");
+              "' (commands: train, crosscheck, generate, bench, config, tokenize, help)");
 }
 
 }  // namespace

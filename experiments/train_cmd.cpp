@@ -7,6 +7,7 @@
 
 #include "backends/registry.h"
 #include "core/io/checkpoint.h"
+#include "core/io/tokenizer.h"
 #include "core/rng.h"
 #include "core/trainer.h"
 #include "experiments/commands.h"
@@ -33,7 +34,10 @@ int run_train(const RunConfig& cfg, const TrainCliOptions& opts) {
   if (opts.process && opts.process->rank != 0) return 0;  // rank 0 reports
   char val[80] = "val - (log.eval_every = 0)";
   if (!r.eval_losses.empty())
-    std::snprintf(val, sizeof val, "val %.4f nats/byte = %.3f bits/byte", r.eval_losses.back(),
+    std::snprintf(val, sizeof val,
+                  cfg.data.tokenizer == "bytes" ? "val %.4f nats/byte = %.3f bits/byte"
+                                                : "val %.4f nats/token = %.3f bits/token",
+                  r.eval_losses.back(),
                   r.eval_losses.back() / std::log(2.0));
   std::printf("summary: %lld steps in %.1f s (%.0f tok/s) | final loss %.4f nats | %s | imbalance %.2f | "
               "drop %.1f%% | logit rms %.2f\n",
@@ -97,9 +101,19 @@ int run_generate(const GenerateCliOptions& g) {
                   "', the router bias its config (router.bias_update_rate > 0) routes with");
   }
 
-  std::vector<int32_t> ctx(g.prompt.begin(), g.prompt.end());
-  for (auto& c : ctx) c = int32_t(uint8_t(c));
-  if (ctx.empty()) ctx.push_back('\n');
+  // Tokens: bytes, or the run's data.tokenizer (the prompt is encoded with it, and each sampled
+  // id is written as the bytes it decodes to; ids that no token has, such as padding rows of a
+  // model.vocab larger than the tokenizer's, are never sampled).
+  std::shared_ptr<const Tokenizer> tok;
+  if (cfg.data.tokenizer != "bytes") tok = Tokenizer::load_shared(cfg.data.tokenizer);
+  std::vector<int32_t> ctx;
+  if (tok) {
+    ctx = tok->encode(g.prompt.empty() ? std::string("\n") : g.prompt);
+  } else {
+    ctx.assign(g.prompt.begin(), g.prompt.end());
+    for (auto& c : ctx) c = int32_t(uint8_t(c));
+    if (ctx.empty()) ctx.push_back('\n');
+  }
   emit(g.prompt.data(), g.prompt.size());
   const int64_t window = cfg.train.seq, V = cfg.model.vocab;
   for (int64_t i = 0; i < g.tokens; ++i) {
@@ -110,9 +124,10 @@ int run_generate(const GenerateCliOptions& g) {
     auto logits = host_values(b.to_host(model.logits()));
     // Temperature and top-k sampling over the last position's logits.
     std::vector<std::pair<double, int>> cand;
-    for (int64_t v = 0; v < V; ++v) cand.push_back({logits[(n - 1) * V + v] / g.temperature, int(v)});
+    for (int64_t v = 0; v < V; ++v)
+      if (!tok || tok->has_id(int32_t(v))) cand.push_back({logits[(n - 1) * V + v] / g.temperature, int(v)});
     std::sort(cand.begin(), cand.end(), [](auto& a, auto& c) { return a.first > c.first; });
-    if (g.top_k > 0 && g.top_k < V) cand.resize(size_t(g.top_k));
+    if (g.top_k > 0 && g.top_k < int64_t(cand.size())) cand.resize(size_t(g.top_k));
     double z = 0;
     for (auto& c : cand) z += std::exp(c.first - cand[0].first);
     double u = rng::uniform(g.seed, uint64_t(i)) * z, acc = 0;
@@ -122,8 +137,13 @@ int run_generate(const GenerateCliOptions& g) {
       if (u <= acc) { pick = c.second; break; }
     }
     ctx.push_back(pick);
-    const char byte = char(pick);
-    emit(&byte, 1);
+    if (tok) {
+      const std::string bytes = tok->decode_token(pick);
+      emit(bytes.data(), bytes.size());
+    } else {
+      const char byte = char(pick);
+      emit(&byte, 1);
+    }
   }
   emit("\n", 1);
   return 0;

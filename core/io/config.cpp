@@ -308,6 +308,12 @@ std::vector<ConfigKey> build_keys() {
   k.push_back(choice_key("data.source", FIELD(data.source), {"brown", "synthetic"},
                          "brown = Brown corpus at data.path (`make data`); synthetic = generated"));
   k.push_back(path_key("data.path", FIELD(data.path), "Brown corpus folder"));
+  k.push_back(path_key("data.tokenizer", FIELD(data.tokenizer),
+                       "bytes = byte-level tokens 0..255; or a tokenizer.json (byte-level BPE: GPT-2, "
+                       "Qwen2/3, DeepSeek-V3), a GPT-2 encoder.json (vocab.bpe beside it) or a folder "
+                       "holding either (`make data` fetches them into data/tokenizers/); brown only, "
+                       "and model.vocab must be at least its vocabulary size"));
+  k.back().accepted = "bytes, or a path without '#'";
   k.push_back(int_key<int64_t>("data.synthetic_sources", FIELD(data.synthetic_sources), 1,
                                "synthetic: K latent sources mixed in the stream"));
   k.push_back(int_key<int64_t>("data.synthetic_alphabet", FIELD(data.synthetic_alphabet), 2,
@@ -606,6 +612,9 @@ void finalize(RunConfig& cfg) {
     MOELAB_USAGE_FAIL("config: model.expert_dropout = ", cfg.moe.expert_dropout, " with parallel.ep = ", par.ep,
                       " is not supported yet: dropout draws are keyed by the expert-sorted row, which "
                       "differs between layouts");
+  if (cfg.data.tokenizer != "bytes" && cfg.data.source != "brown")
+    MOELAB_USAGE_FAIL("config: data.tokenizer = ", cfg.data.tokenizer, " tokenizes the Brown corpus; with data.source = ",
+                      cfg.data.source, " set data.tokenizer = bytes");
   if ((cfg.moe.d_model / m.heads) % 2 != 0)
     MOELAB_USAGE_FAIL("config: model.d_model / model.heads = ", cfg.moe.d_model / m.heads,
                 " must be even (rotary embeddings rotate pairs of dimensions)");

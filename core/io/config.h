@@ -59,6 +59,8 @@ struct TrainConfig {
 struct DataConfig {
   std::string source = "synthetic";  // data.source: brown | synthetic (no download needed)
   std::string path = "data/brown";   // data.path: Brown corpus folder (`make data`)
+  std::string tokenizer = "bytes";   // data.tokenizer: bytes | a tokenizer.json, GPT-2 encoder.json
+                                     // (vocab.bpe beside it) or a folder (core/io/tokenizer.h)
   int64_t synthetic_sources = 4;     // data.synthetic_sources: K latent sources in the mixture
   int64_t synthetic_alphabet = 16;   // data.synthetic_alphabet: symbols per source
   double val_fraction = 0.1;         // data.val_fraction: held out for evaluation

@@ -6,10 +6,13 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <sstream>
 #include <unordered_map>
 
 #include "core/check.h"
+#include "core/io/tokenizer.h"
 #include "core/preflight.h"
 #include "core/rng.h"
 
@@ -193,11 +196,47 @@ std::vector<std::string> brown_files(const std::string& dir) {
   return names;
 }
 
+// ---- Brown: tokens ---------------------------------------------------------------------------
+
+TokenStream tokenize_tagged(const TaggedText& t, const Tokenizer* tokenizer, const std::string& what) {
+  TokenStream out;
+  if (!tokenizer) {
+    out.ids.assign(t.text.begin(), t.text.end());
+    for (auto& id : out.ids) id = int32_t(uint8_t(id));
+    out.category = t.category;
+    return out;
+  }
+  out.ids = tokenizer->encode(t.text);
+  out.category.resize(out.ids.size());
+  size_t pos = 0;
+  for (size_t i = 0; i < out.ids.size(); ++i) {
+    const std::string bytes = tokenizer->decode_token(out.ids[i]);
+    if (bytes.empty() || t.text.compare(pos, bytes.size(), bytes) != 0)
+      MOELAB_FAIL("data.tokenizer = ", tokenizer->origin(), ": its tokens do not spell the ", what,
+                  " text byte for byte (token ", i, " at byte ", pos,
+                  "), so tokens cannot take the categories of the bytes; is its normalizer changing the text?");
+    uint8_t cat = kOther;
+    for (size_t k = pos; k < pos + bytes.size(); ++k)
+      if (t.tag[k] >= 0) {
+        cat = t.category[k];
+        break;
+      }
+    out.category[i] = cat;
+    pos += bytes.size();
+  }
+  if (pos != t.text.size())
+    MOELAB_FAIL("data.tokenizer = ", tokenizer->origin(), ": its tokens cover ", pos, " of the ", t.text.size(),
+                " bytes of the ", what, " text");
+  return out;
+}
+
 // ---- Brown: source ---------------------------------------------------------------------------
 
 BrownSource::BrownSource(const std::string& dir, double val_fraction, int64_t batch, int64_t seq,
-                         uint64_t seed, int64_t eval_batches)
+                         uint64_t seed, int64_t eval_batches, const std::string& tokenizer)
     : DataSource(batch, seq, seed) {
+  // Loaded first, so a bad tokenizer file is reported before the corpus is read.
+  if (tokenizer != "bytes") tokenizer_ = Tokenizer::load_shared(tokenizer);
   MOELAB_CHECK(eval_batches >= 0, "log.eval_batches must be >= 0 (got ", eval_batches, ")");
   const std::vector<std::string> names = brown_files(dir);
   for (size_t i = 0; i < names.size(); ++i) {
@@ -210,14 +249,43 @@ BrownSource::BrownSource(const std::string& dir, double val_fraction, int64_t ba
     parse_brown_tagged(ss.str(), val ? val_ : train_, path);
     (val ? val_files_ : train_files_).push_back(names[i]);
   }
-  const int64_t n = int64_t(train_.size()), nv = int64_t(val_.size());
+  if (tokenizer_) {
+    // Encoded once per process: sweep runs and simulated ranks build their own source from the
+    // same text. Keyed by the tokenizer and a hash of both texts.
+    static std::mutex mu;
+    static std::map<std::string, std::shared_ptr<const std::pair<TokenStream, TokenStream>>> encoded;
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (const std::string* t : {&train_.text, &val_.text}) {
+      for (char c : *t) h = (h ^ uint8_t(c)) * 0x100000001b3ULL;
+      h = hash_combine(h, t->size());
+    }
+    const std::string key = tokenizer_->origin() + "|" + std::to_string(h);
+    std::shared_ptr<const std::pair<TokenStream, TokenStream>> streams;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (auto it = encoded.find(key); it != encoded.end()) streams = it->second;
+    }
+    if (!streams) {
+      streams = std::make_shared<const std::pair<TokenStream, TokenStream>>(
+          tokenize_tagged(train_, tokenizer_.get(), "training"), tokenize_tagged(val_, tokenizer_.get(), "validation"));
+      std::lock_guard<std::mutex> lock(mu);
+      encoded.emplace(key, streams);
+    }
+    train_tokens_ = streams->first;
+    val_tokens_ = streams->second;
+  } else {
+    train_tokens_ = tokenize_tagged(train_, nullptr, "training");
+    val_tokens_ = tokenize_tagged(val_, nullptr, "validation");
+  }
+  const int64_t n = int64_t(train_tokens_.size()), nv = int64_t(val_tokens_.size());
+  const char* unit = tokenizer_ ? " tokens" : " bytes";
   if (n < seq + 1)
-    MOELAB_FAIL("Brown corpus in '", dir, "': training text has ", n,
-                " bytes, fewer than train.seq + 1 = ", seq + 1);
+    MOELAB_FAIL("Brown corpus in '", dir, "': training text has ", n, unit,
+                ", fewer than train.seq + 1 = ", seq + 1);
   if (!val_files_.empty()) {
     if (nv < seq + 1)
-      MOELAB_FAIL("Brown corpus in '", dir, "': validation text has ", nv,
-                  " bytes, fewer than train.seq + 1 = ", seq + 1, " (raise data.val_fraction)");
+      MOELAB_FAIL("Brown corpus in '", dir, "': validation text has ", nv, unit,
+                  ", fewer than train.seq + 1 = ", seq + 1, " (raise data.val_fraction)");
     val_batches_ = std::min<int64_t>(eval_batches, std::max<int64_t>(1, nv / (batch * (seq + 1))));
   }
 }
@@ -225,13 +293,17 @@ BrownSource::BrownSource(const std::string& dir, double val_fraction, int64_t ba
 uint64_t BrownSource::fingerprint() const {
   uint64_t h = hash_combine(kind(), uint64_t(batch_));
   h = hash_combine(h, uint64_t(seq_));
-  return hash_combine(h, uint64_t(train_.size()));
+  h = hash_combine(h, uint64_t(train_tokens_.size()));  // bytes: the text's size, as before tokenizers
+  if (tokenizer_) h = hash_combine(h, uint64_t(tokenizer_->vocab_size()));
+  return h;
 }
 
-void BrownSource::window(const TaggedText& t, int64_t start, Batch& out, int64_t row) const {
+int64_t BrownSource::vocab_size() const { return tokenizer_ ? tokenizer_->vocab_size() : 256; }
+
+void BrownSource::window(const TokenStream& t, int64_t start, Batch& out, int64_t row) const {
   const size_t L = size_t(seq_ + 1), o = size_t(row) * L;
   for (size_t k = 0; k < L; ++k) {
-    out.tokens[o + k] = int32_t((unsigned char)t.text[size_t(start) + k]);
+    out.tokens[o + k] = t.ids[size_t(start) + k];
     out.category[o + k] = int32_t(t.category[size_t(start) + k]);
   }
 }
@@ -239,9 +311,9 @@ void BrownSource::window(const TaggedText& t, int64_t start, Batch& out, int64_t
 void BrownSource::next_train(Batch& out) {
   shape(out);
   const uint64_t stream = train_stream();
-  const uint64_t starts = uint64_t(int64_t(train_.size()) - seq_);  // valid window starts
+  const uint64_t starts = uint64_t(int64_t(train_tokens_.size()) - seq_);  // valid window starts
   for (int64_t b = 0; b < batch_; ++b)
-    window(train_, int64_t(below(rng::bits(stream, counter_ * uint64_t(batch_) + uint64_t(b)), starts)),
+    window(train_tokens_, int64_t(below(rng::bits(stream, counter_ * uint64_t(batch_) + uint64_t(b)), starts)),
            out, b);
   ++counter_;
 }
@@ -250,11 +322,11 @@ void BrownSource::val_batch(int64_t i, Batch& out) const {
   MOELAB_CHECK(i >= 0 && i < val_batches_, "brown: validation batch ", i, " out of range [0, ",
                val_batches_, ")");
   shape(out);
-  const int64_t n = val_batches_ * batch_, last = int64_t(val_.size()) - seq_ - 1;
+  const int64_t n = val_batches_ * batch_, last = int64_t(val_tokens_.size()) - seq_ - 1;
   for (int64_t b = 0; b < batch_; ++b) {
     const int64_t k = i * batch_ + b;
     const int64_t start = int64_t((unsigned __int128)k * uint64_t(last) / uint64_t(std::max<int64_t>(1, n - 1)));
-    window(val_, start, out, b);
+    window(val_tokens_, start, out, b);
   }
 }
 
@@ -387,11 +459,38 @@ void SyntheticSource::val_batch(int64_t i, Batch& out) const {
 
 // ---- factory ---------------------------------------------------------------------------------
 
+int64_t data_vocab_size(const DataConfig& data) {
+  if (data.source == "synthetic") {
+    const int64_t K = data.synthetic_sources, A = data.synthetic_alphabet;
+    if (K > 256 / A) return 256;  // refused by the source itself, naming its keys
+    return (K * A <= 224 ? 32 : 0) + K * A;
+  }
+  if (data.tokenizer == "bytes") return 256;
+  return Tokenizer::load_shared(data.tokenizer)->vocab_size();
+}
+
+void check_data_vocab(const RunConfig& cfg) {
+  const DataConfig& d = cfg.data;
+  const int64_t need = data_vocab_size(d), have = cfg.model.vocab;
+  if (have >= need) return;
+  if (d.source == "synthetic")
+    MOELAB_USAGE_FAIL("config: model.vocab = ", have, " is smaller than the ", need,
+                      " token ids of data.source = synthetic (data.synthetic_sources x data.synthetic_alphabet "
+                      "symbols above byte ", need - d.synthetic_sources * d.synthetic_alphabet,
+                      "); set model.vocab >= ", need);
+  if (d.tokenizer == "bytes")
+    MOELAB_USAGE_FAIL("config: model.vocab = ", have, " is smaller than the 256 byte tokens of data.tokenizer = "
+                      "bytes; set model.vocab >= 256");
+  MOELAB_USAGE_FAIL("config: model.vocab = ", have, " is smaller than the vocabulary of data.tokenizer = ",
+                    d.tokenizer, " (", need, " ids); set model.vocab = ", need,
+                    " (a larger value pads the embedding with rows no token uses)");
+}
+
 std::unique_ptr<DataSource> make_data_source(const DataConfig& data, int64_t batch, int64_t seq,
                                              uint64_t seed, int64_t eval_batches) {
   if (data.source == "brown")
     return std::make_unique<BrownSource>(data.path, data.val_fraction, batch, seq, seed,
-                                         eval_batches);
+                                         eval_batches, data.tokenizer);
   if (data.source == "synthetic")
     return std::make_unique<SyntheticSource>(data.synthetic_sources, data.synthetic_alphabet,
                                              batch, seq, seed, eval_batches);

@@ -47,6 +47,14 @@
 //   floor(k (Nval - seq - 1) / max(1, n - 1)): evenly spaced over all validation files,
 //   independent of the seed, the same on every call.
 //   A missing corpus throws moelab::Error telling the user to run `make data` (with the path).
+//   Tokens (data.tokenizer): `bytes` (the default) makes every byte of the plain text a token
+//   (0..255), as above. A tokenizer file (core/io/tokenizer.h) instead encodes the train text and
+//   the validation text, each as one string, and the windows above are windows of seq+1 TOKENS of
+//   those streams (same draws, counted in tokens). A token's category is the class of its first
+//   byte that belongs to a word (tag >= 0), else "other" (a token of separators only); the
+//   tokens' bytes must concatenate to the text exactly (any tokenizer whose normalizer leaves the
+//   ASCII corpus alone), else the source refuses it. vocab_size() is the tokenizer's; the trainer
+//   refuses a model.vocab below it (check_data_vocab).
 //
 // synthetic: K = data.synthetic_sources first-order Markov chains, source j emitting the bytes
 //   base + j*A .. base + j*A + A - 1 (A = data.synthetic_alphabet; base = 32 when K*A <= 224,
@@ -78,7 +86,7 @@ namespace moelab {
 // One batch: row-major [batch, seq+1]. Inputs are tokens[:, :seq], targets tokens[:, 1:].
 struct Batch {
   int64_t batch = 0, seq = 0;
-  std::vector<int32_t> tokens;    // [batch, seq+1] bytes 0..255
+  std::vector<int32_t> tokens;    // [batch, seq+1] token ids (bytes 0..255 unless data.tokenizer)
   std::vector<int32_t> category;  // [batch, seq+1] category id of each token (category_names)
 };
 
@@ -87,6 +95,9 @@ class DataSource {
   virtual ~DataSource() = default;
   virtual std::string name() const = 0;                        // "brown" | "synthetic"
   virtual std::vector<std::string> category_names() const = 0;
+  // Token ids are in [0, vocab_size()): 256 for bytes, the tokenizer's size, or the synthetic
+  // alphabet's end.
+  virtual int64_t vocab_size() const = 0;
   int64_t batch() const { return batch_; }
   int64_t seq() const { return seq_; }
   // The next training batch; advances the position by one batch.
@@ -145,12 +156,27 @@ bool brown_is_validation(int64_t file_index, double val_fraction);
 // user to run `make data` when there are none.
 std::vector<std::string> brown_files(const std::string& dir);
 
+// A token stream with a category per token.
+struct TokenStream {
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> category;
+  size_t size() const { return ids.size(); }
+};
+class Tokenizer;
+// The bytes of t as tokens (tokenizer null), or t encoded by the tokenizer with the category of
+// each token (see the header comment); `what` names the text in errors.
+TokenStream tokenize_tagged(const TaggedText& t, const Tokenizer* tokenizer, const std::string& what);
+
 class BrownSource : public DataSource {
  public:
+  // tokenizer: data.tokenizer ("bytes" or a path for Tokenizer::load_shared).
   BrownSource(const std::string& dir, double val_fraction, int64_t batch, int64_t seq,
-              uint64_t seed, int64_t eval_batches);
+              uint64_t seed, int64_t eval_batches, const std::string& tokenizer = "bytes");
   std::string name() const override { return "brown"; }
   std::vector<std::string> category_names() const override { return brown_class_names(); }
+  int64_t vocab_size() const override;
+  const TokenStream& train_tokens() const { return train_tokens_; }
+  const TokenStream& val_tokens() const { return val_tokens_; }
   void next_train(Batch& out) override;
   int64_t val_batches() const override { return val_batches_; }
   void val_batch(int64_t i, Batch& out) const override;
@@ -164,8 +190,10 @@ class BrownSource : public DataSource {
   uint64_t fingerprint() const override;
 
  private:
-  void window(const TaggedText& t, int64_t start, Batch& out, int64_t row) const;
+  void window(const TokenStream& t, int64_t start, Batch& out, int64_t row) const;
   TaggedText train_, val_;
+  std::shared_ptr<const Tokenizer> tokenizer_;  // null: bytes
+  TokenStream train_tokens_, val_tokens_;
   std::vector<std::string> train_files_, val_files_;
   int64_t val_batches_ = 0;
 };
@@ -178,6 +206,7 @@ class SyntheticSource : public DataSource {
                   int64_t eval_batches);
   std::string name() const override { return "synthetic"; }
   std::vector<std::string> category_names() const override;
+  int64_t vocab_size() const override { return base_ + K_ * A_; }
   void next_train(Batch& out) override;
   int64_t val_batches() const override { return val_batches_; }
   void val_batch(int64_t i, Batch& out) const override;
@@ -203,6 +232,13 @@ class SyntheticSource : public DataSource {
   std::vector<double> cum_;    // [K, A, degree] cumulative probabilities (last = 1)
   int64_t val_batches_;
 };
+
+// The token range of the data a config describes (256 for bytes, the tokenizer's vocabulary
+// size, or the synthetic alphabet's end), without reading the corpus.
+int64_t data_vocab_size(const DataConfig& data);
+// Refuses (UsageError naming model.vocab and data.tokenizer or data.source) a model.vocab below
+// data_vocab_size(): token ids must index the embedding. A larger model.vocab pads it.
+void check_data_vocab(const RunConfig& cfg);
 
 // data.source "brown" -> BrownSource(data.path, data.val_fraction, ...); "synthetic" ->
 // SyntheticSource(data.synthetic_sources, data.synthetic_alphabet, ...).
