@@ -66,8 +66,8 @@ int run_bench(const RunConfig& cfg_in, const BenchCliOptions& opts) {
   std::printf("%-28s %-7s %-5s %7s %10s %10s %10s %10s %12s\n", "run", "backend", "dtype", "tokens",
               "fwd ms", "bwd ms", "adamw ms", "step ms", "tokens/s");
   // Absurd sizes are refused before any run starts (core/preflight.h).
-  for (const SweepRun& run : expand_sweep(cfg_in)) preflight_check(run.config);
-  for (const SweepRun& run : expand_sweep(cfg_in)) {
+  for (const SweepRun& run : expand_grid(cfg_in)) preflight_check(run.config);
+  for (const SweepRun& run : expand_grid(cfg_in)) {
     const RunConfig& cfg = run.config;
     if (cfg.parallel.world() > 1) {
       bench_parallel(run, opts);
