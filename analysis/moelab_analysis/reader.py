@@ -221,6 +221,7 @@ class Run:
     seed: Optional[int] = None
     index_baseline: Optional[str] = None   # the study's baseline grid point named in sweep.json
     planned_runs: Optional[int] = None     # the runs the study's sweep.json planned
+    index_points: List[str] = field(default_factory=list)  # the study's grid points in grid order
 
     @property
     def layers(self) -> List[int]:
@@ -580,8 +581,10 @@ def _read_sweep_index_full(directory: Path):
         if not isinstance(data, dict):
             break
         seeded = bool(data.get("seeds"))
+        groups = data.get("groups") if isinstance(data.get("groups"), list) else []
         head = {"baseline": data.get("baseline"), "seeds": data.get("seeds") or [],
-                "planned_runs": data.get("planned_runs")}
+                "planned_runs": data.get("planned_runs"),
+                "points": [str(g["point"]) for g in groups if isinstance(g, dict) and "point" in g]}
         runs = data.get("runs")
         if seeded and isinstance(runs, list):
             for item in runs:
@@ -698,6 +701,7 @@ def find_runs(directory: Union[str, Path], pattern: str = "*.h5") -> List[Run]:
             r.point, r.seed = meta[key]["point"], meta[key]["seed"]
         r.index_baseline = head.get("baseline")
         r.planned_runs = head.get("planned_runs")
+        r.index_points = list(head.get("points") or [])
     # A seeded study's seed is no swept value: its runs group by the other keys.
     seeded = bool(head.get("seeds")) or _seeds_repeat_points(runs)
     infer_swept(runs, ignore=("train.seed",) if seeded else None)

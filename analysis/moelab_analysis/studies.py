@@ -118,6 +118,10 @@ def group_study(runs: Sequence[Any], baseline: Optional[str] = None) -> Study:
         by_point[point][seed] = r
         index_baseline = index_baseline or getattr(r, "index_baseline", None)
         planned = planned or getattr(r, "planned_runs", None)
+    # The sweep's grid order when the index gives it (the runs come sorted by swept values).
+    grid = next((list(r.index_points) for r in runs if getattr(r, "index_points", None)), [])
+    first_seen = {p: i for i, p in enumerate(points)}
+    points.sort(key=lambda p: (grid.index(p) if p in grid else len(grid), first_seen[p]))
     study = Study(points=points, runs=by_point, values=values, baseline=baseline or index_baseline,
                   planned_runs=planned, notes=notes)
     if study.baseline is not None and study.baseline not in by_point:

@@ -41,6 +41,17 @@ def test_index_names_points_and_seeds(seeded):
         studies.group_study(runs, baseline="aux_alpha=7")
 
 
+def test_grid_order_comes_from_the_index(tmp_path, seeded):
+    """Points keep the sweep's grid order (sweep.json's groups), not the order of sorted values."""
+    d = tmp_path / "reordered"
+    shutil.copytree(seeded, d)
+    idx = json.loads((d / "sweep.json").read_text())
+    idx["groups"] = idx["groups"][::-1]
+    (d / "sweep.json").write_text(json.dumps(idx))
+    st = studies.group_study(reader.find_runs(d))
+    assert st.points == ["aux_alpha=0.1", "aux_alpha=0.01", "aux_alpha=0"]
+
+
 def test_grouping_without_index_from_train_seed(tmp_path, seeded):
     d = tmp_path / "copy"
     shutil.copytree(seeded, d)
