@@ -1,7 +1,7 @@
 // moelab: the command line (contract in docs DESIGN.md, "Command line").
 //
 //   moelab train      --config FILE [--set section.key=value ...] [--out PATH.h5]
-//                     [--backend cpu|cuda] [--resume CHECKPOINT | --overwrite]
+//                     [--backend cpu|cuda] [--resume CHECKPOINT | --overwrite] [--jobs N]
 //   moelab crosscheck --config FILE [--set ...] [--out PATH.h5] [--overwrite]
 //   moelab generate   --checkpoint PATH [--prompt TEXT] [--tokens N]
 //   moelab bench      [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
@@ -149,7 +149,7 @@ void check_outputs(const std::vector<moelab::SweepRun>& runs, const TrainCliOpti
 int cmd_train(int argc, char** argv) {
   Command cmd{"train",
               "moelab train --config FILE [--set section.key=value ...] [--out PATH.h5] "
-              "[--backend cpu|cuda] [--resume CHECKPOINT | --overwrite]",
+              "[--backend cpu|cuda] [--resume CHECKPOINT | --overwrite] [--jobs N]",
               po::options_description("train options")};
   add_config_options(cmd.options);
   cmd.options.add_options()("out", po::value<std::string>()->value_name("PATH.h5"),
