@@ -236,6 +236,22 @@ def markdown_tables(study: Study, summaries: Dict[int, dict], baseline: Optional
     if baseline is None or len(study.points) < 2:
         return md
     comps = baseline_comparisons(study, summaries, baseline, keys, alpha)
+    # Seed noise: what a comparison of single runs would have to beat.
+    md.append("Seed noise: the seed-to-seed standard deviation of each metric pooled over the grid "
+              "points, and the standard deviation of a single-seed difference from the baseline "
+              "(the paired differences' sd, pooled over the comparisons).")
+    md.append("")
+    md.append(_row(["metric", "pooled sd over seeds", "sd of a one-seed difference"]))
+    md.append("|---|---|---|")
+    for k, header in metrics:
+        by_point = {p: _metric_by_seed(study, summaries, p, k) for p in study.points}
+        ns = stats.noise_summary(by_point)
+        ss = sum(c.test.sd ** 2 * (c.test.n - 1) for c in comps[k] if c.test.n >= 2)
+        dof = sum(c.test.n - 1 for c in comps[k] if c.test.n >= 2)
+        if ns["dof"] == 0 and dof == 0:
+            continue
+        md.append(_row([header, _fmt(k, ns["pooled_sd"]), _fmt(k, math.sqrt(ss / dof) if dof else math.nan)]))
+    md.append("")
     m = len(study.points) - 1
     md.append("{} Differences from the baseline `{}`".format(heading, baseline))
     md.append("")
