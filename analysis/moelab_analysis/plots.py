@@ -581,8 +581,10 @@ def _numeric_axis(ax, xs):
     if pos and max(pos) / min(pos) >= 10:
         if min(vals) <= 0:
             ax.set_xscale("symlog", linthresh=min(pos))
+            ax.set_xlim(min(vals) - 0.3 * min(pos), max(vals) * 1.6)
         else:
             ax.set_xscale("log")
+            ax.set_xlim(min(vals) / 1.6, max(vals) * 1.6)
     ax.set_xticks(vals)
     ax.set_xticklabels(["{:g}".format(v) for v in vals])
 
