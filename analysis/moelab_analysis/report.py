@@ -163,11 +163,14 @@ def write_report(inputs: Sequence[PathLike], out_dir: PathLike, summary_only: bo
         base = study.baseline or study.points[0]
         tables = studies.markdown_tables(study, by_id, baseline=base, alpha=alpha)
         md.extend(tables)
+        command = "analysis/report.py {}{}{}".format(
+            " ".join(str(i) for i in inputs), "" if baseline is None else " --baseline " + baseline,
+            "" if alpha == 0.05 else " --alpha {:g}".format(alpha))
         (out / "tables.md").write_text("# {}\n\nInputs: {}. Final metrics: train bpb and router columns are "
                                        "means over the last {:.0%} of logged steps, val bpb the last evaluation "
-                                       "(see report.md). Made by `analysis/report.py` (moelab_analysis {}).\n\n"
+                                       "(see report.md). Made by `{}` (moelab_analysis {}).\n\n"
                                        .format(title or "seeded study", ", ".join("`{}`".format(i) for i in inputs),
-                                               window_frac, __version__)
+                                               window_frac, command, __version__)
                                        + "\n".join(tables) + "\n")
         md.append("### Across seeds: plots")
         md.append("")
