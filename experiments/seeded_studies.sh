@@ -53,6 +53,7 @@ for s in "${studies[@]}"; do
   /usr/bin/python3 analysis/report.py "$dir" --out "runs/reports/$s" --summary-only --title "$(title "$s")" >/dev/null
   cp "runs/reports/$s/tables.md" "docs/results/seeded/$s.md"
   cp "runs/reports/$s/seeded_comparison.png" "docs/results/seeded/$s.png"
+  [ "$s" != dense_vs_moe ] || cp "runs/reports/$s/seeded_loss.png" "docs/results/seeded/${s}_loss.png"
   for b in $(extra_baselines "$s"); do
     /usr/bin/python3 analysis/report.py "$dir" --out "runs/reports/${s}_vs_$b" --summary-only --baseline "$b" \
       --title "$(title "$s"), against $b" >/dev/null
