@@ -99,7 +99,7 @@ def group_study(runs: Sequence[Any], baseline: Optional[str] = None) -> Study:
     for r in runs:
         point = getattr(r, "point", None)
         seed = getattr(r, "seed", None)
-        if point is None:
+        if not point:  # not indexed, or a study of seeds alone (point "")
             point = _point_label(r.swept)
         if seed is None:
             seed = r.cfg(SEED_KEY)
@@ -215,9 +215,10 @@ def markdown_tables(study: Study, summaries: Dict[int, dict], baseline: Optional
     seeds = study.seeds
     md.append("{} Across seeds".format(heading))
     md.append("")
-    md.append("{} grid points x seeds {} ({} runs{}). Each cell: mean over seeds [{:.0%} t-interval of "
+    md.append("{} grid point{} x seeds {} ({} runs{}). Each cell: mean over seeds [{:.0%} t-interval of "
               "the mean]; n = seeds with a value.".format(
-                  len(study.points), ", ".join(str(s) for s in seeds), study.n_runs,
+                  len(study.points), "" if len(study.points) == 1 else "s", ", ".join(str(s) for s in seeds),
+                  study.n_runs,
                   "" if not study.planned_runs or study.planned_runs == study.n_runs else
                   " of {} planned: the study is incomplete".format(study.planned_runs), level))
     md.append("")

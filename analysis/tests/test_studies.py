@@ -147,3 +147,23 @@ def test_synthetic_seeded_cli(tmp_path):
     res = subprocess.run([sys.executable, script, "--sweep", str(tmp_path / "t"), "--seeds", "1,x"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--seeds must be comma-separated integers" in res.stderr
+
+
+def test_seeds_alone_make_one_point(tmp_path, seeded):
+    """A study of seeds without a [sweep] (moelab writes point "" and no axes): one grid point."""
+    d = tmp_path / "alone"
+    d.mkdir()
+    runs = []
+    for s in [1, 2, 3]:
+        name = "run_aux_alpha=0.01_seed={}.h5".format(s)
+        shutil.copy(seeded / name, d / "x_seed={}.h5".format(s))
+        runs.append({"file": "x_seed={}.h5".format(s), "name": "seed={}".format(s), "point": "", "seed": s, "values": {}})
+    (d / "sweep.json").write_text(json.dumps({"axes": [], "seeds": [1, 2, 3], "baseline": None, "planned_runs": 3,
+                                              "finished_runs": 3, "groups": [{"point": "", "values": {}, "seeds": [1, 2, 3],
+                                                                              "files": [r["file"] for r in runs]}],
+                                              "runs": runs}))
+    st = studies.group_study(reader.find_runs(d))
+    assert st.points == ["base"] and st.seeds == [1, 2, 3]
+    res = run_report(d, "--out", tmp_path / "rep", "--summary-only")
+    assert res.returncode == 0, res.stderr
+    assert "1 grid point x seeds 1, 2, 3 (3 runs)" in (tmp_path / "rep" / "tables.md").read_text()
