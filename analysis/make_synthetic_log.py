@@ -4,7 +4,7 @@
     /usr/bin/python3 analysis/make_synthetic_log.py OUT.h5 [--layers 2 --experts 8 --steps 300
         --capacity-factor 1.25 | --drop-fraction 0.05] [--aux-alpha 0.01] [--categories bytes]
     /usr/bin/python3 analysis/make_synthetic_log.py --sweep DIR [--sweep-key router.aux_alpha
-        --sweep-values 0,0.001,0.01,0.1] [same knobs]
+        --sweep-values 0,0.001,0.01,0.1] [--seeds 1,2,3,4,5 [--baseline 0.01]] [same knobs]
 
 Importable too: `from make_synthetic_log import write_synthetic_run, write_synthetic_sweep`
 (with analysis/ on sys.path); the code lives in moelab_analysis/synthetic.py.
@@ -20,9 +20,10 @@ from moelab_analysis._deps import require_or_exit  # noqa: E402  (standard libra
 if __name__ == "__main__":
     require_or_exit(("numpy", "h5py"))
 
-from moelab_analysis.synthetic import SWEEP_KEYS, write_synthetic_run, write_synthetic_sweep  # noqa: E402,F401
+from moelab_analysis.synthetic import (SWEEP_KEYS, write_synthetic_run, write_synthetic_seeded_sweep,  # noqa: E402,F401
+                                       write_synthetic_sweep)
 
-__all__ = ["write_synthetic_run", "write_synthetic_sweep", "main"]
+__all__ = ["write_synthetic_run", "write_synthetic_sweep", "write_synthetic_seeded_sweep", "main"]
 
 
 def _value(text):
@@ -41,6 +42,11 @@ def main(argv=None):
     ap.add_argument("--sweep-key", default="router.aux_alpha", choices=sorted(SWEEP_KEYS))
     ap.add_argument("--sweep-values", default="0,0.001,0.01,0.1", help="comma-separated values")
     ap.add_argument("--index-name", default="sweep.json", help="sweep index file name ('' for none)")
+    ap.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                    help="a seeded study (moelab train.seeds): every value once per seed, sweep.json with "
+                         "each run's grid point and seed")
+    ap.add_argument("--baseline", default=None, metavar="VALUE",
+                    help="with --seeds: the swept value of the baseline grid point")
     ap.add_argument("--layers", type=int, default=2, help="MoE layers")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
@@ -71,7 +77,21 @@ def main(argv=None):
               categories=None if args.categories == "none" else args.categories,
               moe_every=args.moe_every, backend=args.backend, killed=args.killed)
     try:
-        if args.sweep:
+        if (args.seeds or args.baseline is not None) and not args.sweep:
+            ap.error("--seeds and --baseline go with --sweep DIR")
+        if args.baseline is not None and not args.seeds:
+            ap.error("--baseline needs --seeds")
+        if args.sweep and args.seeds:
+            values = [_value(v) for v in args.sweep_values.split(",") if v.strip()]
+            seeds = [_value(v) for v in args.seeds.split(",") if v.strip()]
+            if not seeds or not all(isinstance(s, int) for s in seeds):
+                ap.error("--seeds must be comma-separated integers")
+            kw.pop(SWEEP_KEYS[args.sweep_key], None)
+            kw.pop("seed", None)
+            paths = write_synthetic_seeded_sweep(args.sweep, key=args.sweep_key, values=values, seeds=seeds,
+                                                 baseline=None if args.baseline is None else _value(args.baseline),
+                                                 **kw)
+        elif args.sweep:
             values = [_value(v) for v in args.sweep_values.split(",") if v.strip()]
             kw.pop(SWEEP_KEYS[args.sweep_key], None)
             paths = write_synthetic_sweep(args.sweep, key=args.sweep_key, values=values,

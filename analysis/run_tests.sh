@@ -3,9 +3,10 @@
 #   1. pytest over analysis/tests with Debian's interpreter,
 #   2. notebooks/ committed without outputs,
 #   3. every notebook executed headlessly against real runs of the moelab binary (a run with
-#      evaluations and a 2-point sweep, made here on the synthetic data source in seconds), or
-#      against synthetic logs when no binary is built (MOELAB_BIN, default build/moelab).
-# Needs /usr/bin/python3 with numpy, h5py, matplotlib, pytest, nbconvert, nbformat, ipykernel
+#      evaluations, a 2-point sweep and a 2-point x 3-seed study, made here on the synthetic data
+#      source in seconds; report.py on the study), or against synthetic logs when no binary is
+#      built (MOELAB_BIN, default build/moelab).
+# Needs /usr/bin/python3 with numpy, h5py, matplotlib, scipy, pytest, nbconvert, nbformat, ipykernel
 # (Debian packages; `make deps` installs them). Exit status non-zero on any failure.
 set -euo pipefail
 
@@ -19,7 +20,7 @@ if [[ ! -x "$PY" ]]; then
 fi
 if ! missing="$("$PY" - <<'PYEOF'
 import importlib, sys
-mods = ["numpy", "h5py", "matplotlib", "pytest", "nbconvert", "nbformat", "nbclient", "ipykernel"]
+mods = ["numpy", "h5py", "matplotlib", "scipy", "pytest", "nbconvert", "nbformat", "nbclient", "ipykernel"]
 miss = []
 for m in mods:
     try:
@@ -32,7 +33,7 @@ PYEOF
 )"; then
   echo "error: $PY lacks Python package(s): $missing" >&2
   echo "       install them with \`make deps\` (Debian: apt-get install python3-numpy python3-h5py" >&2
-  echo "       python3-matplotlib python3-pytest python3-nbconvert python3-nbformat python3-ipykernel)." >&2
+  echo "       python3-matplotlib python3-scipy python3-pytest python3-nbconvert python3-nbformat python3-ipykernel)." >&2
   echo "       The python3 first on PATH ($(command -v python3 || echo none)) is not used." >&2
   exit 1
 fi
@@ -75,10 +76,17 @@ INI
   "$MOELAB_BIN" train --config "$TMP/tiny.ini" --out "$TMP/run.h5" >/dev/null
   "$MOELAB_BIN" train --config "$TMP/tiny.ini" --set sweep.router.aux_alpha=0,0.1 \
     --out "$TMP/sweep/run.h5" >/dev/null
+  # A seeded study (train.seeds): 2 grid points x 3 seeds, sweep.json with the baseline.
+  "$MOELAB_BIN" train --config "$TMP/tiny.ini" --set sweep.router.aux_alpha=0,0.1 --set train.seeds=1,2,3 \
+    --set sweep.baseline=aux_alpha=0 --out "$TMP/seeded/run.h5" >/dev/null
+  "$PY" analysis/report.py "$TMP/seeded" --out "$TMP/seeded_report" --summary-only >/dev/null
+  grep -q "Differences from the baseline \`aux_alpha=0\`" "$TMP/seeded_report/tables.md"
 else
   echo "== notebooks executed against synthetic logs (no moelab binary at $MOELAB_BIN)"
   "$PY" analysis/make_synthetic_log.py "$TMP/run.h5" --layers 2 --steps 300 --capacity-factor 1.25 >/dev/null
   "$PY" analysis/make_synthetic_log.py --sweep "$TMP/sweep" --steps 200 --capacity-factor 1.25 >/dev/null
+  "$PY" analysis/make_synthetic_log.py --sweep "$TMP/seeded" --steps 200 --seeds 1,2,3 --sweep-values 0,0.1 \
+    --baseline 0 >/dev/null
 fi
 # A private kernel spec named python3 that is Debian's interpreter: JUPYTER_PATH comes first in
 # Jupyter's search, so no user- or pyenv-installed kernel named python3 can take its place.
@@ -88,7 +96,7 @@ cat > "$TMP/jupyter/kernels/python3/kernel.json" <<JSON
  "display_name": "Python 3 (Debian)", "language": "python"}
 JSON
 export JUPYTER_PATH="$TMP/jupyter" JUPYTER_RUNTIME_DIR="$TMP/jupyter/runtime" PYDEVD_DISABLE_FILE_VALIDATION=1
-export MOELAB_RUN="$TMP/run.h5" MOELAB_SWEEP="$TMP/sweep" MOELAB_FIG_DIR="$TMP/figs"
+export MOELAB_RUN="$TMP/run.h5" MOELAB_SWEEP="$TMP/sweep" MOELAB_SEEDED_SWEEP="$TMP/seeded" MOELAB_FIG_DIR="$TMP/figs"
 shopt -s nullglob
 notebooks=(notebooks/*.ipynb)
 if (( ${#notebooks[@]} == 0 )); then

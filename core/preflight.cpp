@@ -1,6 +1,7 @@
 // moelab: size, overflow and memory checks before a run starts (see preflight.h).
 #include "core/preflight.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "core/check.h"
@@ -225,6 +227,54 @@ int64_t memory_limit_bytes() {
     if (res.ec == std::errc() && res.ptr == text.data() + text.size() && v > 0) limit = std::min(limit, v);
   }
   return limit;
+}
+
+JobPlan plan_jobs(int64_t runs, int64_t threads_per_run, int64_t cores, int64_t bytes_per_run,
+                  int64_t memory_limit, int64_t requested) {
+  runs = std::max<int64_t>(1, runs);
+  threads_per_run = std::max<int64_t>(1, threads_per_run);
+  cores = std::max<int64_t>(1, cores);
+  bytes_per_run = std::max<int64_t>(1, bytes_per_run);
+  JobPlan plan;
+  const std::string each = "one thread per " + std::string(threads_per_run > 1 ? "simulated rank, " : "run, ") +
+                           std::to_string(threads_per_run) + " per run; about " +
+                           format_bytes(bytes_per_run) + " per run";
+  if (requested > 0) {
+    plan.jobs = std::min(requested, runs);
+    if (plan.jobs > memory_limit / bytes_per_run)
+      MOELAB_USAGE_FAIL("train: --jobs ", requested, ": ", plan.jobs, " runs at once need about ",
+                        format_bytes(plan.jobs > 0 && bytes_per_run <= std::numeric_limits<int64_t>::max() / plan.jobs
+                                         ? plan.jobs * bytes_per_run
+                                         : std::numeric_limits<int64_t>::max()),
+                        " of memory, more than the ", format_bytes(memory_limit),
+                        " available; lower --jobs or leave it out (moelab then chooses)");
+    plan.why = "--jobs " + std::to_string(requested) + " (" + std::to_string(cores) + " cores; " + each + ")";
+    return plan;
+  }
+  const int64_t by_cores = std::max<int64_t>(1, cores / threads_per_run);
+  const int64_t by_memory = std::max<int64_t>(1, memory_limit / 2 / bytes_per_run);
+  plan.jobs = std::min({runs, by_cores, by_memory});
+  plan.why = std::to_string(cores) + " cores / " + std::to_string(threads_per_run) + " thread" +
+             (threads_per_run > 1 ? "s" : "") + " per run = " + std::to_string(by_cores) + "; half of " +
+             format_bytes(memory_limit) + " memory / " + format_bytes(bytes_per_run) + " per run = " +
+             std::to_string(by_memory) + "; " + std::to_string(runs) + " runs";
+  return plan;
+}
+
+int64_t cpu_cores() {
+  int64_t n = 0;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+  if (n <= 0) n = std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()));
+  // cgroup v2 "QUOTA PERIOD" (or "max PERIOD" when unlimited).
+  std::ifstream cg("/sys/fs/cgroup/cpu.max");
+  std::string quota, period;
+  if (cg >> quota >> period && quota != "max") {
+    const double q = std::atof(quota.c_str()), p = std::atof(period.c_str());
+    if (q > 0 && p > 0) n = std::min<int64_t>(n, std::max<int64_t>(1, int64_t(q / p)));
+  }
+  return n;
 }
 
 void preflight_check(const RunConfig& cfg) {

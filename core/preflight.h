@@ -63,6 +63,30 @@ int64_t memory_limit_bytes();
 // UsageError naming the keys responsible. Call before allocating anything.
 void preflight_check(const RunConfig& cfg);
 
+// How many runs of a CPU study (a [sweep] or train.seeds) `moelab train` runs at once. Every run
+// of a study is single-threaded (one OpenMP thread; simulated ranks one thread each, so
+// threads_per_run = parallel.ep x dp) whatever the number of jobs, so that its numbers never
+// depend on it (the last bits of a CPU run change with the OpenMP thread count). Independent
+// runs need no synchronisation and scale with the cores, and at the presets' size (GEMMs of
+// 512 x 64 x 128) one run is faster single-threaded than on Eigen's OpenMP threads (measured on
+// the shared 2-core machine: 25 s vs 139 s for 600 steps), so:
+//   auto (requested = 0): jobs = min(runs, cores / threads_per_run, memory_limit / 2 /
+//                                    bytes_per_run), at least 1;
+//   requested = N:        jobs = min(runs, N), refused (UsageError naming --jobs) when
+//                         jobs * bytes_per_run exceeds memory_limit.
+// bytes_per_run: a run's estimate_memory plus kProcessBytes (corpus, HDF5, the process). The
+// model size enters through it: big runs get fewer jobs. `why` says how the number was chosen.
+struct JobPlan {
+  int64_t jobs = 1;
+  std::string why;
+};
+constexpr int64_t kProcessBytes = int64_t(256) << 20;
+JobPlan plan_jobs(int64_t runs, int64_t threads_per_run, int64_t cores, int64_t bytes_per_run,
+                  int64_t memory_limit, int64_t requested);
+
+// CPUs this process may use: its affinity mask, lowered to a cgroup v2 cpu.max quota if any.
+int64_t cpu_cores();
+
 // Refuses (UsageError naming log.eval_every and data.val_fraction / data.path, saying how to
 // fix it) evaluation when `data` has no validation batches.
 void check_eval_data(const RunConfig& cfg, const DataSource& data);

@@ -281,9 +281,9 @@ void bench_moe_layer(const SweepRun& run, const BenchCliOptions& opts) {
 
 int run_bench(const RunConfig& cfg_in, const BenchCliOptions& opts) {
   // Absurd sizes are refused before any run starts (core/preflight.h).
-  for (const SweepRun& run : expand_sweep(cfg_in)) preflight_check(run.config);
+  for (const SweepRun& run : expand_grid(cfg_in)) preflight_check(run.config);
   if (opts.moe_layer) {
-    for (const SweepRun& run : expand_sweep(cfg_in)) {
+    for (const SweepRun& run : expand_grid(cfg_in)) {
       MOELAB_CHECK(run.config.parallel.world() == 1, "bench moe-layer: runs on one device (parallel.ep x parallel.dp = ",
                    run.config.parallel.world(), ")");
       bench_moe_layer(run, opts);
@@ -292,7 +292,7 @@ int run_bench(const RunConfig& cfg_in, const BenchCliOptions& opts) {
   }
   std::printf("%-28s %-7s %-5s %7s %10s %10s %10s %10s %12s\n", "run", "backend", "dtype", "tokens",
               "fwd ms", "bwd ms", "adamw ms", "step ms", "tokens/s");
-  for (const SweepRun& run : expand_sweep(cfg_in)) {
+  for (const SweepRun& run : expand_grid(cfg_in)) {
     if (run.config.parallel.world() > 1) bench_parallel(run, opts);
     else bench_model(run, opts);
   }

@@ -6,6 +6,7 @@
 // one resolved run (RunConfig::sweep is empty): main() expands a [sweep] and calls once per run.
 #pragma once
 #include <cstdint>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,7 @@ struct TrainCliOptions {
   bool overwrite = false;  // --overwrite: replace existing logs / another run's checkpoints
   std::optional<moelab::ProcessRank> process;  // one process per GPU: this process's rank
   std::string nccl_id;                         // ... and the NCCL id file
+  bool study = false;  // the config is a study (a [sweep] or train.seeds): named runs, sweep.json
 };
 
 // `moelab generate --checkpoint PATH [--prompt TEXT] [--tokens N]`.
@@ -57,6 +59,15 @@ struct TokenizeCliOptions {
   bool info = false;                // print the tokenizer's summary and vocabulary size only
 };
 int run_tokenize(const TokenizeCliOptions& opts);  // experiments/tokenize_cmd.cpp
+// experiments/study_cmd.cpp: the runs of a study (expand_sweep(base)), `jobs` at a time on the CPU
+// (0 = plan_jobs chooses), each single-threaded; sweep.json rewritten after every finished run
+// when write_index. Returns 0, or the exit status of the first run that failed.
+int run_study(const moelab::RunConfig& base, const std::vector<moelab::SweepRun>& runs,
+              const TrainCliOptions& cli, int64_t jobs, bool write_index);
+// sweep.json beside the study's logs; done[i]: run i finished (only those are listed).
+std::filesystem::path sweep_index_path(const std::vector<moelab::SweepRun>& runs);
+void write_sweep_index(const moelab::RunConfig& base, const std::vector<moelab::SweepRun>& runs,
+                       const std::vector<bool>& done);
 // `moelab crosscheck --config FILE [--set ...] [--out PATH.h5]`.
 struct CrosscheckCliOptions {
   std::string out = "runs/crosscheck.h5";  // findings (one group per compared dtype)

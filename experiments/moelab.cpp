@@ -1,7 +1,7 @@
 // moelab: the command line (contract in docs DESIGN.md, "Command line").
 //
 //   moelab train      --config FILE [--set section.key=value ...] [--out PATH.h5]
-//                     [--backend cpu|cuda] [--resume CHECKPOINT | --overwrite]
+//                     [--backend cpu|cuda] [--resume CHECKPOINT | --overwrite] [--jobs N]
 //   moelab crosscheck --config FILE [--set ...] [--out PATH.h5] [--overwrite]
 //   moelab generate   --checkpoint PATH [--prompt TEXT] [--tokens N]
 //   moelab bench      [moe-layer] [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
@@ -120,11 +120,6 @@ void check_backend(const RunConfig& cfg) {
                 "; use --backend cpu");
 }
 
-std::filesystem::path sweep_index_path(const std::vector<moelab::SweepRun>& runs) {
-  const std::filesystem::path dir = std::filesystem::path(runs.front().config.log.out).parent_path();
-  return (dir.empty() ? std::filesystem::path(".") : dir) / "sweep.json";
-}
-
 // Before any run starts: every output must be writable without destroying something. Each log
 // target must be a regular file (or a link to one, written through); an existing log is
 // refused unless --overwrite (a sweep is refused before its first run if any of its logs, or
@@ -137,7 +132,7 @@ void check_outputs(const std::vector<moelab::SweepRun>& runs, const TrainCliOpti
     std::error_code ec;
     if (fs::exists(target, ec)) existing.push_back(run.config.log.out);
   }
-  if (runs.size() > 1) {
+  if (cli.study) {
     const std::string index = sweep_index_path(runs).string();
     moelab::resolve_output_target(index, "sweep index");
     std::error_code ec;
@@ -154,46 +149,10 @@ void check_outputs(const std::vector<moelab::SweepRun>& runs, const TrainCliOpti
                     "or choose another --out");
 }
 
-// sweep.json beside the run logs: which file holds which grid point (analysis/ reads it).
-// Rewritten after every finished run, so an interrupted sweep still indexes what it produced;
-// written to a tmp file and renamed, so a failed write keeps the previous index.
-void write_sweep_index(const RunConfig& base, const std::vector<moelab::SweepRun>& runs, size_t done) {
-  namespace fs = std::filesystem;
-  std::ostringstream js;
-  js << "{\n  \"axes\": [";
-  for (size_t a = 0; a < base.sweep.size(); ++a) js << (a ? ", " : "") << '"' << base.sweep[a].key << '"';
-  js << "],\n  \"runs\": [\n";
-  for (size_t i = 0; i < done; ++i) {
-    js << "    {\"file\": \"" << fs::path(runs[i].config.log.out).filename().string() << "\", \"name\": \""
-       << runs[i].name << "\", \"values\": {";
-    for (size_t a = 0; a < base.sweep.size(); ++a)
-      js << (a ? ", " : "") << '"' << base.sweep[a].key << "\": \""
-         << (base.sweep[a].key == "variant" ? runs[i].name : moelab::get_value(runs[i].config, base.sweep[a].key))
-         << '"';
-    js << "}}" << (i + 1 < done ? "," : "") << "\n";
-  }
-  js << "  ]\n}\n";
-  const std::string path = moelab::resolve_output_target(sweep_index_path(runs).string(), "sweep index");
-  const std::string tmp = path + ".tmp";
-  moelab::fault::point("sweep.index");
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << js.str();
-    out.flush();
-    if (!out) {
-      out.close();
-      std::remove(tmp.c_str());
-      MOELAB_FAIL("sweep index ", path, ": cannot write ", tmp, " (is the disk full?)");
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0)
-    MOELAB_FAIL("sweep index ", path, ": cannot rename ", tmp, " over it");
-}
-
 int cmd_train(int argc, char** argv) {
   Command cmd{"train",
               "moelab train --config FILE [--set section.key=value ...] [--out PATH.h5] "
-              "[--backend cpu|cuda] [--resume CHECKPOINT | --overwrite]",
+              "[--backend cpu|cuda] [--resume CHECKPOINT | --overwrite] [--jobs N]",
               po::options_description("train options")};
   add_config_options(cmd.options);
   cmd.options.add_options()("out", po::value<std::string>()->value_name("PATH.h5"),
@@ -208,6 +167,9 @@ int cmd_train(int argc, char** argv) {
       "rank", po::value<int>()->value_name("R"),
       "one process per GPU: this process is rank R (else from mpirun/srun variables)")(
       "world", po::value<int>()->value_name("W"), "one process per GPU: W processes in all")(
+      "jobs", po::value<int64_t>()->value_name("N"),
+      "a CPU study (a [sweep] or train.seeds): runs at once, each single-threaded (default: "
+      "as many as the cores and memory allow; the choice is printed)")(
       "nccl-id", po::value<std::string>()->value_name("FILE"),
       "one process per GPU: the file through which rank 0 shares the NCCL id (fresh per launch, "
       "on a file system all ranks see; default runs/nccl_id.<launcher job id>)");
@@ -244,30 +206,37 @@ int cmd_train(int argc, char** argv) {
 
   if (!cli.resume.empty() && !std::filesystem::exists(cli.resume))
     MOELAB_USAGE_FAIL("train: --resume '", cli.resume, "': no such checkpoint");
-  if (!cli.resume.empty() && !cfg.sweep.empty())
-    MOELAB_USAGE_FAIL("train: --resume cannot be combined with a [sweep] (which run would it resume?)");
 
   if (cli.overwrite && !cli.resume.empty())
     MOELAB_USAGE_FAIL("train: --overwrite and --resume contradict each other (a resume continues "
                       "its log, it never replaces it)");
   std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
+  cli.study = cfg.is_study();
+  // A study's run is resumed by narrowing the study to it (its grid point, its seed), so that
+  // its name, log and checkpoint folder are the ones it had.
+  if (!cli.resume.empty() && runs.size() > 1)
+    MOELAB_USAGE_FAIL("train: --resume continues one run, and this config has ", runs.size(),
+                      " (a [sweep] or train.seeds); narrow it to the run, e.g. --set "
+                      "sweep.router.aux_alpha=0.01 --set train.seeds=3");
   for (const moelab::SweepRun& run : runs) check_backend(run.config);
-  if (cli.process && runs.size() > 1)
-    MOELAB_USAGE_FAIL("train: one process per GPU runs one config, not a [sweep] (launch each grid point)");
+  if (cli.process && cli.study)
+    MOELAB_USAGE_FAIL("train: one process per GPU runs one config, not a [sweep] or train.seeds (launch each run)");
+  int64_t jobs = 0;
+  if (vm.count("jobs")) {
+    jobs = vm["jobs"].as<int64_t>();
+    if (jobs < 1) MOELAB_USAGE_FAIL("train: --jobs = ", jobs, " must be >= 1");
+    if (!cli.study)
+      MOELAB_USAGE_FAIL("train: --jobs is for a study (a [sweep] or train.seeds); this config is one run");
+    if (jobs > 1 && cfg.train.backend != "cpu")
+      MOELAB_USAGE_FAIL("train: --jobs ", jobs, " runs CPU studies in parallel; a ", cfg.train.backend,
+                        " study runs one run at a time (leave --jobs out)");
+  }
   // Rank 0 alone writes, so it alone checks (the others would see the log it just created).
   if (!cli.process || cli.process->rank == 0) check_outputs(runs, cli);
-  for (size_t i = 0; i < runs.size(); ++i) {
-    if (runs.size() > 1)
-      std::cout << "moelab: sweep run " << i + 1 << "/" << runs.size() << " '" << runs[i].name
-                << "' -> " << runs[i].config.log.out << std::endl;
-    TrainCliOptions run_cli = cli;
-    run_cli.out = runs[i].config.log.out;
-    if (runs.size() > 1) run_cli.sweep_name = runs[i].name;
-    int rc = run_train(runs[i].config, run_cli);
-    if (rc != 0) return rc;
-    if (runs.size() > 1) write_sweep_index(cfg, runs, i + 1);
-  }
-  return 0;
+  if (!cli.study) return run_train(runs.front().config, cli);
+  // A resumed run of a study leaves the study's sweep.json as it is (it lists the finished runs;
+  // rewriting it here would list this one alone).
+  return run_study(cfg, runs, cli, jobs, /*write_index=*/cli.resume.empty());
 }
 
 int cmd_crosscheck(int argc, char** argv) {
@@ -283,7 +252,7 @@ int cmd_crosscheck(int argc, char** argv) {
   CrosscheckCliOptions cc;
   if (vm.count("out")) cc.out = opt(vm, "out");
   cc.overwrite = vm.count("overwrite") > 0;
-  const std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
+  const std::vector<moelab::SweepRun> runs = moelab::expand_grid(cfg);  // seeds do not matter here
   int worst = 0;
   for (const moelab::SweepRun& run : runs) {
     CrosscheckCliOptions per_run = cc;
@@ -356,7 +325,7 @@ int cmd_bench(int argc_in, char** argv_in) {
   std::vector<std::string> extra;
   if (!b.backend.empty()) extra.push_back("train.backend=" + b.backend);
   RunConfig cfg = load(cmd, vm, /*config_required=*/false, extra);
-  for (const moelab::SweepRun& run : moelab::expand_sweep(cfg)) check_backend(run.config);
+  for (const moelab::SweepRun& run : moelab::expand_grid(cfg)) check_backend(run.config);
   return run_bench(cfg, b);
 }
 
@@ -379,9 +348,13 @@ int cmd_config(int argc, char** argv) {
     return 0;
   }
   std::cout << moelab::to_ini(cfg);
-  if (!cfg.sweep.empty()) {
+  if (cfg.is_study()) {
     std::vector<moelab::SweepRun> runs = moelab::expand_sweep(cfg);
-    std::cout << "\n# sweep: " << runs.size() << " runs\n";
+    std::cout << "\n# sweep: " << runs.size() << " runs";
+    if (!cfg.train.seeds.empty())
+      std::cout << " (" << runs.size() / cfg.train.seeds.size() << " grid points x " << cfg.train.seeds.size()
+                << " seeds, seeds outermost)";
+    std::cout << "\n";
     for (const moelab::SweepRun& r : runs) std::cout << "#   " << r.name << " -> " << r.config.log.out << "\n";
   }
   return 0;

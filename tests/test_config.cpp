@@ -332,9 +332,10 @@ TEST_CASE("config: to_ini round-trips through load_config", "[config]") {
   }
   RunConfig changed_k = load_config("", other);
   // The parallel layout needs a router without per-rank random draws: a third config.
+  // ... and train.seeds (which replaces train.seed, so not in the first two).
   RunConfig changed_par = load_config(
       "", {"parallel.ep=2", "parallel.dp=2", "train.grad_accum=2", "router.balance_scope=micro_batch",
-           "parallel.overlap_grad_reduce=false"});
+           "parallel.overlap_grad_reduce=false", "train.seeds=3, 1"});
   // Together they really change every key (so the round trip covers them all).
   const RunConfig defaults;
   for (const ConfigKey& k : config_keys()) {
@@ -366,8 +367,12 @@ TEST_CASE("config: to_ini round-trips through load_config", "[config]") {
     // Built with append: GCC 12 -O2 warns (-Wrestrict, a false positive) on "lit" + string.
     std::string line(1, '\n');
     line.append(k.key, k.key.find('.') + 1).append(" = ");
-    CHECK(has(ini, line));
+    // Of train.seed and train.seeds only the one in effect is written.
+    INFO(k.key);
+    CHECK(has(ini, line) == (k.key != "train.seeds"));
+    CHECK(has(to_ini(changed_par), line) == (k.key != "train.seed"));
   }
+  CHECK(has(to_ini(changed_par), "\nseeds = 3, 1\n"));
 
   // With a sweep the [sweep] section comes last and round-trips too.
   RunConfig swept = load_config("", {"sweep.router.aux_alpha=0, 1e-3", "sweep.model.top_k=1,2"});
@@ -449,4 +454,138 @@ TEST_CASE("config: the quickstart preset loads", "[config]") {
     ++presets;
   }
   CHECK(presets >= 8);
+}
+
+// ---- train.seeds: every grid point once per seed (issue 13) ----
+
+TEST_CASE("config: train.seeds runs every grid point once per seed, seeds outermost", "[config][sweep][seeds]") {
+  TempDir tmp;
+  const std::string path = tmp.write("seeds.ini",
+                                     "[train]\nseeds = 7, 3\n[log]\nout = runs/s.h5\ncheckpoint_dir = ck\n"
+                                     "[sweep]\nrouter.aux_alpha = 0, 0.01\nbaseline = aux_alpha=0.01\n");
+  const RunConfig base = load_config(path);
+  CHECK(base.train.seeds == std::vector<uint64_t>{7, 3});
+  CHECK(base.sweep_baseline == "aux_alpha=0.01");
+  CHECK(base.is_study());
+  const std::vector<SweepRun> runs = expand_sweep(base);
+  REQUIRE(runs.size() == 4);
+  const char* names[] = {"aux_alpha=0_seed=7", "aux_alpha=0.01_seed=7", "aux_alpha=0_seed=3", "aux_alpha=0.01_seed=3"};
+  const char* points[] = {"aux_alpha=0", "aux_alpha=0.01", "aux_alpha=0", "aux_alpha=0.01"};
+  const uint64_t seeds[] = {7, 7, 3, 3};
+  for (size_t i = 0; i < runs.size(); ++i) {
+    INFO(runs[i].name);
+    CHECK(runs[i].name == names[i]);
+    CHECK(runs[i].point == points[i]);  // the grouping: the grid point without its seed
+    CHECK(runs[i].seeded);
+    CHECK(runs[i].config.train.seed == seeds[i]);
+    CHECK(runs[i].config.train.seeds.empty());  // each run is one resolved run
+    CHECK(runs[i].config.sweep.empty());
+    CHECK(runs[i].config.sweep_baseline.empty());
+    CHECK(runs[i].values == std::vector<std::string>{i % 2 ? "0.01" : "0"});
+    // The seed is visible in the log's and the checkpoint folder's names.
+    CHECK(runs[i].config.log.out == std::string("runs/s_") + names[i] + ".h5");
+    CHECK(runs[i].config.log.checkpoint_dir == std::string("ck/") + names[i]);
+    // A run's stored config is a plain single run (what a checkpoint and a resume compare).
+    const std::string ini = to_ini(runs[i].config);
+    CHECK(has(ini, "\nseed = " + std::to_string(seeds[i]) + "\n"));
+    CHECK(!has(ini, "\nseeds = "));
+  }
+  // Seeds alone (no sweep): "seed=S", one grid point.
+  const std::vector<SweepRun> alone = expand_sweep(load_config("", {"train.seeds=5,6", "log.out=r/x.h5"}));
+  REQUIRE(alone.size() == 2);
+  CHECK(alone[0].name == "seed=5");
+  CHECK(alone[1].config.log.out == "r/x_seed=6.h5");
+  CHECK(alone[1].config.train.seed == 6);
+  CHECK(alone[1].point.empty());
+  // One seed is still a study: the seed shows in the name.
+  const std::vector<SweepRun> one = expand_sweep(load_config("", {"train.seeds=9"}));
+  REQUIRE(one.size() == 1);
+  CHECK(one[0].name == "seed=9");
+  // expand_grid (bench, crosscheck): the grid points once, with the first seed.
+  const std::vector<SweepRun> grid = expand_grid(base);
+  REQUIRE(grid.size() == 2);
+  CHECK(grid[1].name == "aux_alpha=0.01");
+  CHECK(grid[1].config.train.seed == 7);
+  CHECK(grid[1].config.log.out == "runs/s_aux_alpha=0.01.h5");
+  CHECK(expand_grid(load_config("", {"train.seeds=4,2"})).front().config.train.seed == 4);
+  // Variants: the point is the variant's name; the values name the variant.
+  const std::vector<SweepRun> var =
+      expand_sweep(load_config("", {"sweep.variant=a: train.lr=0.1, b: train.lr=0.2", "train.seeds=1,2"}));
+  REQUIRE(var.size() == 4);
+  CHECK(var[3].name == "b_seed=2");
+  CHECK(var[3].point == "b");
+  CHECK(var[3].values == std::vector<std::string>{"b"});
+  CHECK(var[3].config.train.lr == 0.2);
+}
+
+TEST_CASE("config: train.seed and train.seeds: the later one wins, both in one file is an error", "[config][seeds]") {
+  TempDir tmp;
+  const std::string seeded = tmp.write("a.ini", "[train]\nseeds = 1, 2\n");
+  const std::string plain = tmp.write("b.ini", "[train]\nseed = 42\n");
+  // --set after the file wins.
+  RunConfig c = load_config(seeded, {"train.seed=5"});
+  CHECK(c.train.seeds.empty());
+  CHECK(c.train.seed == 5);
+  CHECK(!c.is_study());
+  c = load_config(plain, {"train.seeds=8, 9"});
+  CHECK(c.train.seeds == std::vector<uint64_t>{8, 9});
+  CHECK(expand_sweep(c)[1].config.train.seed == 9);
+  // Both in one file: neither is later.
+  CHECK(has(error_of([&] { load_config(tmp.write("c.ini", "[train]\nseed = 1\nseeds = 1, 2\n")); }),
+            "train.seed and train.seeds are both given (in file"));
+  CHECK(has(error_of([&] { load_config(tmp.write("d.ini", "[train]\nseeds = 1, 2\nseed = 1\n")); }),
+            "keep one of them"));
+  // Round trip: only the one in effect is written, so the text loads again.
+  const RunConfig s = load_config(seeded, {"sweep.router.aux_alpha=0,0.1", "sweep.baseline=aux_alpha=0.1"});
+  const std::string ini = to_ini(s);
+  CHECK(has(ini, "\nseeds = 1, 2\n"));
+  CHECK(!has(ini, "\nseed = "));
+  CHECK(has(ini, "[sweep]\nrouter.aux_alpha = 0, 0.1\nbaseline = aux_alpha=0.1\n"));
+  CHECK(to_ini(load_config(tmp.write("rt.ini", ini))) == ini);
+  CHECK(get_value(s, "train.seeds") == "1, 2");
+  CHECK(get_value(s, "sweep.baseline") == "aux_alpha=0.1");
+}
+
+TEST_CASE("config: bad train.seeds are errors naming the key", "[config][seeds]") {
+  TempDir tmp;
+  auto err = [](const std::string& set) { return error_of([&] { load_config("", {set}); }); };
+  CHECK(has(err("train.seeds="), "config: train.seeds is empty: give one or more seeds"));
+  CHECK(has(error_of([&] { load_config(tmp.write("e.ini", "[train]\nseeds =\n")); }), "train.seeds is empty"));
+  CHECK(has(err("train.seeds=1,2,1"), "config: train.seeds lists seed 1 twice"));
+  CHECK(has(err("train.seeds=1, 01"), "config: train.seeds lists seed 1 twice"));
+  CHECK(has(err("train.seeds=1,x"), "config: train.seeds: 'x' is not an integer >= 0"));
+  CHECK(has(err("train.seeds=1.5"), "config: train.seeds: '1.5' is not an integer >= 0"));
+  CHECK(has(err("train.seeds=-1"), "config: train.seeds: '-1' is not an integer >= 0"));
+  CHECK(has(err("train.seeds=1 2"), "config: train.seeds: '1 2' is not an integer >= 0"));
+  CHECK(has(err("train.seeds=99999999999999999999"), "config: train.seeds: '99999999999999999999' is out of range"));
+  CHECK(has(err("train.seeds=1,2,"), "config: train.seeds = '1,2,' has an empty value"));
+  CHECK(has(err("train.seeds=1,,2"), "has an empty value"));
+  CHECK(has(err("train.seeds=1,x"), "(in --set train.seeds=1,x)"));  // and where it came from
+  // Not a sweep axis, not inside a variant; the seed is not swept twice.
+  CHECK(has(err("sweep.train.seeds=1,2"), "train.seeds cannot be a [sweep] axis"));
+  CHECK(has(err("sweep.variant=a: train.seeds=1 + train.lr=0.1"), "sweep.variant 'a' sets train.seeds"));
+  CHECK(has(error_of([] { load_config("", {"sweep.train.seed=1,2", "train.seeds=3,4"}); }),
+            "a [sweep] axis train.seed and train.seeds = 3, 4 both set the seed"));
+  CHECK(has(error_of([] { load_config("", {"sweep.variant=a: train.seed=1, b: train.lr=0.1", "train.seeds=3"}); }),
+            "sweep.variant 'a' sets train.seed, which train.seeds = 3 sets for every run"));
+  // Grid points whose names collide are refused with seeds as without.
+  CHECK(has(error_of([] { load_config("", {"sweep.data.path=a/b,a_b", "train.seeds=1,2"}); }),
+            "have the same name 'path=a_b'"));
+}
+
+TEST_CASE("config: sweep.baseline names a grid point", "[config][sweep][seeds]") {
+  CHECK(load_config("", {"sweep.router.aux_alpha=0,0.01", "sweep.baseline=aux_alpha=0"}).sweep_baseline ==
+        "aux_alpha=0");
+  CHECK(has(error_of([] { load_config("", {"sweep.router.aux_alpha=0,0.01", "sweep.baseline=aux_alpha=1"}); }),
+            "sweep.baseline = 'aux_alpha=1' is not a grid point of this sweep (grid points: aux_alpha=0, aux_alpha=0.01)"));
+  CHECK(has(error_of([] { load_config("", {"sweep.baseline=x"}); }),
+            "sweep.baseline = 'x' names a grid point, but there is no [sweep] axis"));
+  // Removing an axis that the baseline names is caught too; --set sweep.baseline= removes it.
+  CHECK(has(error_of([] {
+              load_config("", {"sweep.router.aux_alpha=0,0.01", "sweep.baseline=aux_alpha=0",
+                               "sweep.router.aux_alpha=0.1,0.2"});
+            }),
+            "is not a grid point"));
+  CHECK(load_config("", {"sweep.router.aux_alpha=0,0.01", "sweep.baseline=aux_alpha=0", "sweep.baseline="})
+            .sweep_baseline.empty());
 }

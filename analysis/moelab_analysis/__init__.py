@@ -9,6 +9,8 @@ Modules:
     metrics    load_imbalance, coefficient_of_variation, drop_fraction, mutual_information,
                source_recovery, bits_per_byte (pure numpy)
     summary    summarize_run: the final numbers of a run (report table, sweep plots)
+    stats      mean_ci, paired_t, holm, compare: statistics over seeds (numpy, scipy)
+    studies    group_study, point_table, baseline_comparisons: seeded studies (train.seeds)
     plots      one PNG per function (matplotlib, Agg canvas, no pyplot state)
     report     write_report: PNGs plus report.md (CLI: analysis/report.py)
     synthetic  write_synthetic_run / write_synthetic_sweep: fake logs that follow the contract
@@ -29,8 +31,11 @@ _LAZY = {
     "drop_fraction": "metrics", "mutual_information": "metrics",
     "source_recovery": "metrics", "bits_per_byte": "metrics",
     "summarize_run": "summary",
+    "mean_ci": "stats", "paired_t": "stats", "holm": "stats",
+    "group_study": "studies",
     "write_report": "report",
     "write_synthetic_run": "synthetic", "write_synthetic_sweep": "synthetic",
+    "write_synthetic_seeded_sweep": "synthetic",
 }
 
 __all__ = sorted(_LAZY)

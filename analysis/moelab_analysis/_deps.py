@@ -1,7 +1,8 @@
 """Interpreter check for the moelab analysis tools (standard library only).
 
-The analysis code needs numpy, h5py and matplotlib. On the project's machines these come
-from Debian packages (python3-numpy, python3-h5py, python3-matplotlib) and are importable
+The analysis code needs numpy, h5py, matplotlib and scipy (the t distribution of the seeded
+statistics). On the project's machines these come from Debian packages (python3-numpy,
+python3-h5py, python3-matplotlib, python3-scipy) and are importable
 only by Debian's interpreter /usr/bin/python3; the `python3` first on PATH may be another
 interpreter (pyenv) without them. This module must stay importable without any third-party
 package so that a wrong interpreter gets a clear message instead of a traceback.
@@ -12,13 +13,14 @@ import importlib
 import sys
 from typing import Callable, Iterable, List, Optional
 
-REQUIRED_MODULES = ("numpy", "h5py", "matplotlib")
+REQUIRED_MODULES = ("numpy", "h5py", "matplotlib", "scipy")
 DEBIAN_PYTHON = "/usr/bin/python3"
 # Debian packages that provide the modules (what `make deps` should apt-get install).
 DEBIAN_PACKAGES = {
     "numpy": "python3-numpy",
     "h5py": "python3-h5py",
     "matplotlib": "python3-matplotlib",
+    "scipy": "python3-scipy",
     "pytest": "python3-pytest",
     "nbconvert": "python3-nbconvert",
     "nbformat": "python3-nbformat",

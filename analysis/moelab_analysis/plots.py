@@ -556,3 +556,175 @@ def plot_parallel_comm(run, out: PathLike) -> Optional[Path]:
     _legend(a2)
     fig.suptitle(_title_run(run))
     return _save(fig, out)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeded studies (studies.py): every grid point over its seeds, with a band
+
+
+def _study_x(study):
+    """x positions of the grid points: the swept value when one numeric key is swept, else 0..G-1;
+    returns (xs, tick labels, numeric, axis label)."""
+    keys = []
+    for p in study.points:
+        keys += [k for k in study.values.get(p, {}) if k not in keys]
+    if len(keys) == 1:
+        vals = [study.values[p].get(keys[0]) for p in study.points]
+        if all(_is_number(v) for v in vals) and len(set(vals)) == len(vals):
+            return [float(v) for v in vals], ["{:g}".format(float(v)) for v in vals], True, keys[0]
+    return list(range(len(study.points))), list(study.points), False, ", ".join(keys) or "grid point"
+
+
+def _numeric_axis(ax, xs):
+    vals = sorted(set(xs))
+    pos = [v for v in vals if v > 0]
+    if pos and max(pos) / min(pos) >= 10:
+        if min(vals) <= 0:
+            ax.set_xscale("symlog", linthresh=min(pos))
+            ax.set_xlim(min(vals) - 0.3 * min(pos), max(vals) * 1.6)
+        else:
+            ax.set_xscale("log")
+            ax.set_xlim(min(vals) / 1.6, max(vals) * 1.6)
+    ax.set_xticks(vals)
+    ax.set_xticklabels(["{:g}".format(v) for v in vals])
+
+
+def plot_seeded_comparison(study, summaries, out: PathLike, baseline: Optional[str] = None,
+                           panels: Sequence[Tuple[str, str]] = SWEEP_PANELS, level: float = 0.95) -> Path:
+    """Final metrics per grid point over seeds: every seed as a dot, the mean with its t-interval
+    (error bar; a shaded band joins the intervals when the swept key is numeric), the baseline
+    drawn as a dashed line at its mean."""
+    from . import stats
+    xs, labels, numeric, xlabel = _study_x(study)
+    ncols = 2
+    nrows = int(math.ceil(len(panels) / ncols))
+    fig, axes = _figure(nrows, ncols, figsize=(11, 3.7 * nrows + 0.4))
+    for i, (key, title) in enumerate(panels):
+        ax = axes[i // ncols, i % ncols]
+        means, los, his = [], [], []
+        for x, p in zip(xs, study.points):
+            vals = [summaries[id(r)].get(key, float("nan")) for _, r in sorted(study.runs[p].items())]
+            finite = [v for v in vals if v is not None and math.isfinite(v)]
+            ci = stats.mean_ci(finite, level)
+            means.append(ci.mean)
+            los.append(ci.lo)
+            his.append(ci.hi)
+            if finite:
+                jitter = (np.linspace(-0.08, 0.08, len(finite)) if not numeric else np.zeros(len(finite)))
+                ax.scatter(np.asarray([x] * len(finite)) + jitter, finite, s=14, color="0.55", zorder=2,
+                           label="one seed" if x == xs[0] else None)
+            if ci.n >= 2:
+                ax.errorbar([x], [ci.mean], yerr=[[ci.mean - ci.lo], [ci.hi - ci.mean]], fmt="o",
+                            color="tab:red" if p == baseline else "tab:blue", ms=6, capsize=4, lw=1.6, zorder=3,
+                            label=("mean, {:.0%} interval".format(level) if x == xs[0] else None))
+            elif ci.n == 1:
+                ax.plot([x], [ci.mean], "o", color="tab:blue", ms=6, zorder=3)
+        if numeric and any(math.isfinite(v) for v in los):
+            order = np.argsort(xs)
+            ax.fill_between(np.asarray(xs)[order], np.asarray(los)[order], np.asarray(his)[order],
+                            color="tab:blue", alpha=0.15, lw=0)
+            ax.plot(np.asarray(xs)[order], np.asarray(means)[order], "-", color="tab:blue", lw=1.2)
+        if baseline in study.points:
+            b = means[study.points.index(baseline)]
+            if math.isfinite(b):
+                ax.axhline(b, color="tab:red", ls="--", lw=1, label="baseline ({})".format(baseline))
+        if not ax.collections and not ax.lines:
+            _no_data(ax, "no data")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if numeric:
+            _numeric_axis(ax, xs)
+        else:
+            ax.set_xticks(xs)
+            ax.set_xticklabels(labels, rotation=20, ha="right")
+        if key == "drop_fraction":
+            ax.set_ylim(bottom=0)
+        if i == 0:
+            _legend(ax, fontsize="small")
+    for j in range(len(panels), nrows * ncols):
+        axes[j // ncols, j % ncols].set_visible(False)
+    fig.suptitle("{} grid points x {} seeds: final metrics, mean and {:.0%} t-interval over seeds".format(
+        len(study.points), len(study.seeds), level))
+    return _save(fig, out)
+
+
+def _band(ax, x, curves, color, label, level):
+    from . import stats
+    mean, lo, hi = stats.band(curves, level)
+    if not mean.size:
+        return
+    x = np.asarray(x)[: mean.size]
+    ax.plot(x, mean, color=color, lw=1.5, label=label)
+    if len(curves) > 1:
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+
+
+def plot_seeded_loss(study, out: PathLike, level: float = 0.95) -> Path:
+    """Training (moving mean) and validation bpb against step: per grid point the mean over
+    seeds with the band of its t-interval."""
+    fig, axes = _figure(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = run_colors(len(study.points))
+    for p, c in zip(study.points, colors):
+        runs = [r for _, r in sorted(study.runs[p].items())]
+        train, val = [], []
+        x_train = x_val = None
+        for r in runs:
+            if r.train["step"].size:
+                y = metrics.bits_per_byte(r.train["loss"], r.bytes_per_token)
+                train.append(smooth(y, auto_window(y.size)))
+                x_train = r.train["step"] if x_train is None or r.train["step"].size < len(x_train) else x_train
+            if r.eval["step"].size:
+                val.append(metrics.bits_per_byte(r.eval["loss"], r.bytes_per_token))
+                x_val = r.eval["step"] if x_val is None or r.eval["step"].size < len(x_val) else x_val
+        label = "{} ({} seeds)".format(p, len(runs))
+        if train:
+            _band(axes[0, 0], x_train, train, c, label, level)
+        if val:
+            _band(axes[0, 1], x_val, val, c, label, level)
+    for ax, title in zip(axes[0], ["training loss (moving mean)", "validation loss"]):
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss (bits per byte)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            _legend(ax, fontsize="small")
+        else:
+            _no_data(ax, "no data")
+    fig.suptitle("loss per grid point: mean over seeds, band = {:.0%} t-interval".format(level))
+    return _save(fig, out)
+
+
+def plot_seeded_router(study, out: PathLike, level: float = 0.95) -> Path:
+    """Load imbalance, drop fraction and logit RMS (means over layers) against step: per grid
+    point the mean over seeds with the band of its t-interval."""
+    fig, axes = _figure(1, 3, figsize=(15, 4.3))
+    panels = [
+        (lambda l: metrics.load_imbalance(l.routed), "max / mean load", "load imbalance"),
+        (lambda l: metrics.drop_fraction(l.routed, l.kept), "fraction dropped", "drop fraction"),
+        (lambda l: l.logit_rms, "RMS", "router logit RMS"),
+    ]
+    colors = run_colors(len(study.points))
+    for p, c in zip(study.points, colors):
+        runs = [r for _, r in sorted(study.runs[p].items())]
+        for ax, (fn, _, _) in zip(axes[0], panels):
+            curves, xs = [], None
+            for r in runs:
+                x, y = _layer_mean(r, fn)
+                if y.size:
+                    curves.append(smooth(y, auto_window(y.size)))
+                    xs = x if xs is None or len(x) < len(xs) else xs
+            if curves:
+                _band(ax, xs, curves, c, p, level)
+    for ax, (_, ylabel, title) in zip(axes[0], panels):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title + " (mean over layers)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            _legend(ax, fontsize="small")
+        else:
+            _no_data(ax, "no data")
+    axes[0, 1].set_ylim(bottom=0)
+    fig.suptitle("router statistics per grid point: mean over seeds, band = {:.0%} t-interval".format(level))
+    return _save(fig, out)

@@ -214,6 +214,14 @@ class Run:
     # /parallel of a run on several ranks (docs/run-log.md): dataset name -> [N, ranks] array
     # (a2a_sent_bytes, a2a_recv_bytes, comm_seconds, a2a_seconds); empty on one rank.
     parallel: Dict[str, np.ndarray] = field(default_factory=dict)
+    # A seeded study's run (moelab train.seeds; from sweep.json, filled by find_runs): its grid
+    # point (the run's name without "_seed=S") and its seed; None otherwise. studies.py groups by
+    # them (and infers them from train.seed when no index names them).
+    point: Optional[str] = None
+    seed: Optional[int] = None
+    index_baseline: Optional[str] = None   # the study's baseline grid point named in sweep.json
+    planned_runs: Optional[int] = None     # the runs the study's sweep.json planned
+    index_points: List[str] = field(default_factory=list)  # the study's grid points in grid order
 
     @property
     def layers(self) -> List[int]:
@@ -552,6 +560,42 @@ def _read_sweep_index(directory: Path) -> Dict[str, Dict[str, Any]]:
         {"a.h5": {...}, "b.h5": {...}}
         [{"file": "a.h5", "values": {...}}, ...]
     """
+    return _read_sweep_index_full(directory)[0]
+
+
+def _read_sweep_index_full(directory: Path):
+    """(file -> swept values, file -> {"point", "seed"} of a seeded study's runs, the index's
+    {"baseline", "seeds", "planned_runs"}). moelab writes, per run, "point" and "seed" (a study
+    with train.seeds lists its seeds under "seeds"; see experiments/study_cmd.cpp)."""
+    values = _read_sweep_index_values(directory)
+    meta: Dict[str, Dict[str, Any]] = {}
+    head: Dict[str, Any] = {}
+    for name in SWEEP_INDEX_NAMES:
+        f = directory / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            break
+        if not isinstance(data, dict):
+            break
+        seeded = bool(data.get("seeds"))
+        groups = data.get("groups") if isinstance(data.get("groups"), list) else []
+        head = {"baseline": data.get("baseline"), "seeds": data.get("seeds") or [],
+                "planned_runs": data.get("planned_runs"),
+                "points": [str(g["point"]) for g in groups if isinstance(g, dict) and "point" in g]}
+        runs = data.get("runs")
+        if seeded and isinstance(runs, list):
+            for item in runs:
+                if isinstance(item, dict) and item.get("file") and "seed" in item:
+                    meta[Path(str(item["file"])).name] = {"point": str(item.get("point", "")),
+                                                          "seed": int(item["seed"])}
+        break
+    return values, meta, head
+
+
+def _read_sweep_index_values(directory: Path) -> Dict[str, Dict[str, Any]]:
     for name in SWEEP_INDEX_NAMES:
         f = directory / name
         if not f.is_file():
@@ -644,7 +688,7 @@ def find_runs(directory: Union[str, Path], pattern: str = "*.h5") -> List[Run]:
         files += sorted(f for f in d.glob("*.hdf5") if f.is_file())
     if not files:
         raise RunLogError("{}: no run logs ({}) in this directory".format(d, pattern))
-    index = _read_sweep_index(d)
+    index, meta, head = _read_sweep_index_full(d)
     runs: List[Run] = []
     for f in files:
         runs.extend(load_all(f))
@@ -653,9 +697,34 @@ def find_runs(directory: Union[str, Path], pattern: str = "*.h5") -> List[Run]:
         vals = index.get(key) or index.get(r.path.name) or index.get(r.group.strip("/"))
         if vals:
             r.swept = {k: (parse_value(v) if isinstance(v, str) else v) for k, v in vals.items()}
-    infer_swept(runs)
-    runs.sort(key=_sort_key)
+        if key in meta:
+            r.point, r.seed = meta[key]["point"], meta[key]["seed"]
+        r.index_baseline = head.get("baseline")
+        r.planned_runs = head.get("planned_runs")
+        r.index_points = list(head.get("points") or [])
+    # A seeded study's seed is no swept value: its runs group by the other keys.
+    seeded = bool(head.get("seeds")) or _seeds_repeat_points(runs)
+    infer_swept(runs, ignore=("train.seed",) if seeded else None)
+    runs.sort(key=lambda r: (_sort_key(r)[0], r.seed if r.seed is not None else _cfg_seed(r), r.name))
     return runs
+
+
+def _cfg_seed(run: Run) -> int:
+    v = run.cfg("train.seed", -1)
+    return v if isinstance(v, int) else -1
+
+
+def _seeds_repeat_points(runs: Sequence[Run]) -> bool:
+    """Without an index: do some runs differ only in train.seed (a seeded study)?"""
+    if len(runs) < 2:
+        return False
+    flats = [{k: v for k, v in r.flat_config.items()
+              if not _NOT_SWEPT_RE.search(k.split(".")[-1]) and not k.startswith("sweep.")} for r in runs]
+    seen = {}
+    for f in flats:
+        rest = tuple(sorted((k, v) for k, v in f.items() if k != "train.seed"))
+        seen.setdefault(rest, set()).add(f.get("train.seed"))
+    return any(len(v) > 1 for v in seen.values())
 
 
 def load_all(path: Union[str, Path]) -> List[Run]:

@@ -6,6 +6,13 @@
 
 report.md links every image by a path relative to itself, and opens with a summary table (see
 summary.py for what "final" means). The command line is analysis/report.py (main() here).
+
+A seeded study (moelab train.seeds: one log per grid point and seed) gets, before the per-run
+table, the statistics of studies.py: per grid point and metric the mean over seeds with its 95%
+t-interval, and per metric the paired differences from a baseline grid point (the study's
+sweep.baseline, or `baseline=`) with t-intervals, p-values, Holm's correction and a "beyond noise"
+verdict; its plots show every grid point's mean with a band across seeds. The same tables go to
+out_dir/tables.md alone (no images), the form docs/results/ keeps.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Dict, List, Optional, Sequence, Tuple, Union  # noqa: E402
 
-from . import __version__, plots  # noqa: E402
+from . import __version__, plots, studies  # noqa: E402
 from .reader import Run, RunLogError, find_runs, infer_swept, load_all  # noqa: E402
 from .summary import SUMMARY_COLUMNS, format_value, summarize_run  # noqa: E402
 
@@ -120,17 +127,29 @@ def _img(caption: str, path: Path, base: Path) -> str:
 
 
 def write_report(inputs: Sequence[PathLike], out_dir: PathLike, summary_only: bool = False,
-                 title: Optional[str] = None, window_frac: float = 0.1) -> Tuple[Path, List[Path]]:
+                 title: Optional[str] = None, window_frac: float = 0.1, baseline: Optional[str] = None,
+                 alpha: float = 0.05) -> Tuple[Path, List[Path]]:
     """Write the plots and out_dir/report.md; return (report path, plot paths).
 
-    Raises RunLogError for unreadable input. summary_only skips the per-run plots of a
-    multi-run report (the comparison plots and the table stay).
+    Raises RunLogError for unreadable input (and a baseline that is no grid point). summary_only
+    skips the per-run plots of a multi-run report (the comparison plots and the tables stay).
+    baseline: the grid point a seeded study is compared with (default: the study's own, else
+    its first grid point); alpha: the family-wise error rate of Holm's correction.
     """
     runs = collect_runs(inputs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summaries = [summarize_run(r, window_frac) for r in runs]
     multi = len(runs) > 1
+    study = None
+    if multi and studies.is_seeded(runs):
+        try:
+            study = studies.group_study(runs, baseline=baseline)
+        except ValueError as exc:
+            raise RunLogError(str(exc)) from exc
+    elif baseline is not None:
+        raise RunLogError("--baseline {!r}: these runs are no seeded study (train.seeds), so there is "
+                          "nothing to compare over seeds".format(baseline))
+    out.mkdir(parents=True, exist_ok=True)
     pngs: List[Path] = []
     md: List[str] = []
     md.append("# moelab report{}".format(": " + title if title else ""))
@@ -139,7 +158,34 @@ def write_report(inputs: Sequence[PathLike], out_dir: PathLike, summary_only: bo
     md.append("Generated {} by `analysis/report.py` (moelab_analysis {}).".format(
         datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), __version__))
     md.append("")
-    md.append("## Summary")
+    if study is not None:
+        by_id = {id(r): sm for r, sm in zip(runs, summaries)}
+        base = study.baseline or study.points[0]
+        tables = studies.markdown_tables(study, by_id, baseline=base, alpha=alpha)
+        md.extend(tables)
+        command = "analysis/report.py {}{}{}".format(
+            " ".join(str(i) for i in inputs), "" if baseline is None else " --baseline " + baseline,
+            "" if alpha == 0.05 else " --alpha {:g}".format(alpha))
+        (out / "tables.md").write_text("# {}\n\nInputs: {}. Final metrics: train bpb and router columns are "
+                                       "means over the last {:.0%} of logged steps, val bpb the last evaluation "
+                                       "(see report.md). Made by `{}` (moelab_analysis {}).\n\n"
+                                       .format(title or "seeded study", ", ".join("`{}`".format(i) for i in inputs),
+                                               window_frac, command, __version__)
+                                       + "\n".join(tables) + "\n")
+        md.append("### Across seeds: plots")
+        md.append("")
+        for caption, path in [
+                ("Final metrics per grid point over seeds",
+                 plots.plot_seeded_comparison(study, by_id, out / "seeded_comparison.png", baseline=base)),
+                ("Loss per grid point, band across seeds", plots.plot_seeded_loss(study, out / "seeded_loss.png")),
+                ("Router statistics per grid point, band across seeds",
+                 plots.plot_seeded_router(study, out / "seeded_router.png"))]:
+            pngs.append(path)
+            md.append("#### " + caption)
+            md.append("")
+            md.append(_img(caption, path, out))
+            md.append("")
+    md.append("## Summary" if study is None else "## Every run")
     md.append("")
     md.extend(_table(runs, summaries))
     md.append("")
@@ -156,7 +202,7 @@ def write_report(inputs: Sequence[PathLike], out_dir: PathLike, summary_only: bo
         md.extend("- `{}`: {}".format(r.name, w) for r, w in notes)
         md.append("")
 
-    if multi:
+    if multi and study is None:  # a seeded study has its own plots (above)
         md.append("## Comparison across runs")
         md.append("")
         for caption, fn, name in [
@@ -210,13 +256,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="with several runs: only the table and comparison plots, no per-run plots")
     ap.add_argument("--window", type=float, default=0.1, metavar="FRAC",
                     help="fraction of the last logged steps averaged for 'final' numbers (default 0.1)")
+    ap.add_argument("--baseline", default=None, metavar="POINT",
+                    help="seeded study: the grid point the others are compared with (default: the "
+                         "study's sweep.baseline, else its first grid point)")
+    ap.add_argument("--alpha", type=float, default=0.05, metavar="A",
+                    help="seeded study: family-wise error rate of Holm's correction (default 0.05)")
     args = ap.parse_args(argv)
     if not 0 < args.window <= 1:
         ap.error("--window must be in (0, 1]")
+    if not 0 < args.alpha < 1:
+        ap.error("--alpha must be in (0, 1)")
     warnings.showwarning = _print_warning
     try:
         report, pngs = write_report(args.inputs, args.out, summary_only=args.summary_only,
-                                    title=args.title, window_frac=args.window)
+                                    title=args.title, window_frac=args.window, baseline=args.baseline,
+                                    alpha=args.alpha)
     except RunLogError as exc:
         sys.stderr.write("error: {}\n".format(exc))
         return 2

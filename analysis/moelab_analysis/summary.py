@@ -29,6 +29,7 @@ SUMMARY_COLUMNS = [
     ("drop_fraction", "drop fraction"),
     ("logit_rms", "logit RMS"),
     ("logit_max", "max |logit|"),
+    ("z_loss", "router z-loss (mean lse^2)"),
 ]
 
 
@@ -47,7 +48,9 @@ def _nanmean(x) -> float:
 
 
 def summarize_run(run, window_frac: float = 0.1) -> Dict[str, Any]:
-    """{steps, train_bpb, val_bpb, imbalance, cv, drop_fraction, logit_rms, logit_max, layers, experts}."""
+    """{steps, train_bpb, val_bpb, imbalance, cv, drop_fraction, logit_rms, logit_max, z_loss, layers,
+    experts}. z_loss is the un-scaled router z-loss, mean_t logsumexp(logits_t)^2, averaged over
+    layers (what router.z_loss penalises)."""
     n = int(run.train["step"].shape[0])
     sl = window(n, window_frac)
     bpt = run.bytes_per_token
@@ -66,6 +69,7 @@ def summarize_run(run, window_frac: float = 0.1) -> Dict[str, Any]:
     cv: List[float] = []
     rms: List[float] = []
     lmax: List[float] = []
+    zl: List[float] = []
     routed_total = 0.0
     kept_total = 0.0
     for layer in run.router.values():
@@ -76,6 +80,7 @@ def summarize_run(run, window_frac: float = 0.1) -> Dict[str, Any]:
         imb.append(_nanmean(metrics.load_imbalance(layer.routed[lsl])))
         cv.append(_nanmean(metrics.coefficient_of_variation(layer.routed[lsl])))
         rms.append(_nanmean(layer.logit_rms[lsl]))
+        zl.append(_nanmean(layer.z_loss[lsl]))
         v = np.asarray(layer.logit_max[lsl], dtype=np.float64)
         v = v[np.isfinite(v)]
         if v.size:
@@ -85,6 +90,7 @@ def summarize_run(run, window_frac: float = 0.1) -> Dict[str, Any]:
     out["imbalance"] = _nanmean(imb)
     out["cv"] = _nanmean(cv)
     out["logit_rms"] = _nanmean(rms)
+    out["z_loss"] = _nanmean(zl)
     out["logit_max"] = max(lmax) if lmax else float("nan")
     out["drop_fraction"] = (1.0 - kept_total / routed_total) if routed_total > 0 else float("nan")
     return out

@@ -308,3 +308,54 @@ def write_synthetic_sweep(
     if index_name:
         (d / index_name).write_text(json.dumps(index, indent=2) + "\n")
     return paths
+
+
+def write_synthetic_seeded_sweep(
+    directory: Union[str, Path],
+    key: str = "router.aux_alpha",
+    values: Iterable[Any] = (0.0, 0.01, 0.1),
+    seeds: Iterable[int] = (1, 2, 3, 4, 5),
+    baseline: Optional[Any] = None,
+    **kwargs: Any,
+) -> List[Path]:
+    """A seeded study as `moelab train` with train.seeds writes it: one run per (value, seed),
+    named run_<leaf>=<value>_seed=<seed>.h5, and sweep.json with each run's grid point and seed,
+    the groups and the baseline (the grid point of `baseline`, a value of `key`). The seed feeds
+    write_synthetic_run's random draws, so the seeds of one grid point differ by noise and the
+    grid points by the stories the knobs tell. Returns the run paths (seeds outermost)."""
+    if key not in SWEEP_KEYS or key == "train.seed":
+        raise ValueError("cannot sweep {!r} over seeds; choose one of {}".format(
+            key, ", ".join(sorted(k for k in SWEEP_KEYS if k != "train.seed"))))
+    values, seeds = list(values), [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds must be distinct")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    leaf = key.split(".")[-1]
+
+    def text(v):
+        return "{:g}".format(v) if isinstance(v, float) else str(v)
+
+    points = ["{}={}".format(leaf, text(v)) for v in values]
+    if baseline is not None and text(baseline) not in [text(v) for v in values]:
+        raise ValueError("baseline {!r} is not one of the values {}".format(baseline, values))
+    paths, runs = [], []
+    for s in seeds:
+        for v, point in zip(values, points):
+            name = "{}_seed={}".format(point, s)
+            kw = dict(kwargs)
+            kw[SWEEP_KEYS[key]] = v
+            kw["seed"] = s
+            paths.append(write_synthetic_run(d / "run_{}.h5".format(name), **kw))
+            runs.append({"file": "run_{}.h5".format(name), "name": name, "point": point, "seed": s,
+                         "values": {key: text(v)}})
+    index = {
+        "axes": [key], "seeds": seeds,
+        "baseline": None if baseline is None else "{}={}".format(leaf, text(baseline)),
+        "planned_runs": len(runs), "finished_runs": len(runs),
+        "groups": [{"point": p, "values": {key: text(v)}, "seeds": seeds,
+                    "files": ["run_{}_seed={}.h5".format(p, s) for s in seeds]} for v, p in zip(values, points)],
+        "runs": runs,
+    }
+    (d / "sweep.json").write_text(json.dumps(index, indent=2) + "\n")
+    return paths

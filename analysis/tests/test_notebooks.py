@@ -38,3 +38,18 @@ def test_check_notebooks_flags_outputs(tmp_path):
     assert "has 1 output(s)" in res.stderr and "execution_count is 3" in res.stderr
     res = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr
+
+
+def test_seeded_study_notebook_clean_and_valid():
+    """The seeded-study notebook: clean, valid, reads MOELAB_SEEDED_SWEEP, else writes a synthetic
+    seeded study, and checks the kernel's interpreter."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(str(REPO / "notebooks" / "seeded_study.ipynb"), as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    source = "\n".join(c.source for c in code)
+    for needed in ["MOELAB_SEEDED_SWEEP", "write_synthetic_seeded_sweep", "_deps.require()",
+                   "stats.compare", "studies.markdown_tables", "plot_seeded_loss"]:
+        assert needed in source

@@ -199,6 +199,50 @@ ConfigKey path_key(std::string key, Acc acc, std::string help, bool allow_empty 
   return k;
 }
 
+// train.seeds: "1, 2, 3". Every item an integer >= 0, none twice, at least one, at most
+// kMaxSeeds (each seed is a whole run per grid point).
+constexpr size_t kMaxSeeds = 1000;
+
+ConfigKey seeds_key() {
+  const std::string key = "train.seeds";
+  const std::string accepted = "comma-separated integers >= 0, each at most once (1 to " +
+                               std::to_string(kMaxSeeds) + " seeds; absent = one run with train.seed)";
+  ConfigKey k{key, accepted,
+              "every grid point runs once per seed, logs named ..._seed=S (replaces train.seed)",
+              nullptr, nullptr};
+  k.get = [](const RunConfig& c) {
+    std::string out;
+    for (size_t i = 0; i < c.train.seeds.size(); ++i) out += (i ? ", " : "") + std::to_string(c.train.seeds[i]);
+    return out;
+  };
+  k.set = [key, accepted](RunConfig& c, const std::string& text) {
+    if (trim(text).empty())
+      MOELAB_USAGE_FAIL("config: ", key, " is empty: give one or more seeds, e.g. ", key,
+                        " = 1, 2, 3 (for one run with one seed leave ", key, " out and set train.seed)");
+    if (trim(text).back() == ',') MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' has an empty value");
+    std::vector<uint64_t> seeds;
+    std::stringstream ss(text);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      item = trim(item);
+      if (item.empty()) MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' has an empty value");
+      uint64_t v = 0;
+      auto r = std::from_chars(item.data(), item.data() + item.size(), v);
+      if (r.ec == std::errc::result_out_of_range)
+        MOELAB_USAGE_FAIL("config: ", key, ": '", item, "' is out of range (accepted: ", accepted, ")");
+      if (r.ec != std::errc() || r.ptr != item.data() + item.size())
+        MOELAB_USAGE_FAIL("config: ", key, ": '", item, "' is not an integer >= 0 (accepted: ", accepted, ")");
+      if (std::find(seeds.begin(), seeds.end(), v) != seeds.end())
+        MOELAB_USAGE_FAIL("config: ", key, " lists seed ", v, " twice (each seed would write the same logs)");
+      seeds.push_back(v);
+      if (seeds.size() > kMaxSeeds)
+        MOELAB_USAGE_FAIL("config: ", key, " lists more than ", kMaxSeeds, " seeds");
+    }
+    c.train.seeds = std::move(seeds);
+  };
+  return k;
+}
+
 std::vector<ConfigKey> build_keys() {
   using RP = RoutingPolicy;
   std::vector<ConfigKey> k;
@@ -293,7 +337,18 @@ std::vector<ConfigKey> build_keys() {
                                "tokens per sequence; T = batch * seq tokens per router call"));
   k.push_back(real_key("train.lr", FIELD(train.lr), gt(0), "peak learning rate"));
   k.push_back(int_key<int64_t>("train.warmup", FIELD(train.warmup), 0, "linear warm-up steps"));
-  k.push_back(int_key<uint64_t>("train.seed", FIELD(train.seed), 0, "random seed"));
+  {
+    // train.seed and train.seeds are two spellings of one setting, and the later one wins:
+    // setting train.seed turns train.seeds off (both in one file is refused in load_stream).
+    ConfigKey seed = int_key<uint64_t>("train.seed", FIELD(train.seed), 0,
+                                       "random seed of a single run (clears train.seeds)");
+    seed.set = [inner = seed.set](RunConfig& c, const std::string& text) {
+      inner(c, text);
+      c.train.seeds.clear();
+    };
+    k.push_back(std::move(seed));
+    k.push_back(seeds_key());
+  }
   k.push_back(real_key("train.weight_decay", FIELD(train.weight_decay), ge(0),
                        "AdamW decoupled weight decay"));
   k.push_back(real_key("train.grad_clip", FIELD(train.grad_clip), ge(0),
@@ -445,8 +500,12 @@ std::string canonical_axis_value(const std::string& axis_key, const std::string&
   RunConfig scratch;
   if (axis_key == "variant") {
     Variant v = parse_variant(item, origin);
-    for (const std::string& a : v.assignments)
+    for (const std::string& a : v.assignments) {
+      if (trim(a.substr(0, a.find('='))) == "train.seeds")
+        MOELAB_USAGE_FAIL("config: sweep.variant '", v.name, "' sets train.seeds", origin,
+                          "; the seeds are the same for every grid point: set train.seeds in [train]");
       with_origin(origin + " (sweep.variant '" + v.name + "')", [&] { apply_override(scratch, a); });
+    }
     std::string canon = v.name + ":";
     for (size_t i = 0; i < v.assignments.size(); ++i) canon += (i ? " + " : " ") + v.assignments[i];
     return canon;
@@ -459,6 +518,20 @@ std::string canonical_axis_value(const std::string& axis_key, const std::string&
 void set_axis(RunConfig& cfg, const std::string& axis_key, const std::string& list,
               const std::string& origin, bool allow_remove) {
   const std::string full = "sweep." + axis_key;
+  if (axis_key == "baseline") {  // not an axis: the grid point the analysis compares with
+    const std::string name = trim(list);
+    if (name.empty() && !allow_remove)
+      MOELAB_USAGE_FAIL("config: sweep.baseline has no value", origin,
+                        "; name a grid point, e.g. baseline = aux_alpha=0.01");
+    if (name.find_first_of("#,\r\n") != std::string::npos)
+      MOELAB_USAGE_FAIL("config: sweep.baseline = '", name, "' is not a grid point name", origin);
+    cfg.sweep_baseline = name;  // checked against the grid in expand_sweep
+    return;
+  }
+  if (axis_key == "train.seeds")
+    MOELAB_USAGE_FAIL("config: train.seeds cannot be a [sweep] axis", origin,
+                      "; it is a list of its own: write train.seeds = 1, 2, 3 in [train] (or --set "
+                      "train.seeds=1,2,3) and every grid point runs once per seed");
   if (axis_key != "variant" && (axis_key.rfind("sweep.", 0) == 0 || !find_key(axis_key))) {
     std::string hint = suggestion(axis_key);
     MOELAB_USAGE_FAIL("config: [sweep] key '", axis_key, "' is not a config key", origin, hint,
@@ -528,6 +601,11 @@ void load_stream(RunConfig& cfg, std::istream& in, const std::string& path) {
     const std::string& key = opt.string_key;
     std::string value = opt.value.empty() ? "" : opt.value.front();
     if (!seen.insert(key).second) MOELAB_USAGE_FAIL("config: key '", key, "' is given twice", origin);
+    // Elsewhere the later of the two wins (a --set after the file); in one file neither is later.
+    if ((key == "train.seed" && seen.count("train.seeds")) || (key == "train.seeds" && seen.count("train.seed")))
+      MOELAB_USAGE_FAIL("config: train.seed and train.seeds are both given", origin,
+                        ": train.seeds runs every grid point once per seed (train.seed taking each "
+                        "value), train.seed runs once; keep one of them");
     if (key.rfind("sweep.", 0) == 0)
       set_axis(cfg, key.substr(6), value, " (in [sweep], file " + path + ")",
                /*allow_remove=*/false);
@@ -643,19 +721,37 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& s
         MOELAB_USAGE_FAIL("config: --set ", a, " conflicts with the [sweep] axis ", key,
                     "; change the axis with --set sweep.", key, "=v1,v2 or remove it with --set sweep.",
                     key, "=");
-  if (cfg.sweep.empty())
+  if (!cfg.is_study() && cfg.sweep_baseline.empty())
     finalize(cfg);
   else
     (void)expand_sweep(cfg);  // checks every grid point now, not halfway through a sweep
   return cfg;
 }
 
-std::vector<SweepRun> expand_sweep(const RunConfig& cfg) {
+namespace {
+
+// One grid point: its name, its values as written (for messages) and its config (finalised,
+// sweep and seeds cleared, train.seed untouched, paths not yet per run).
+struct GridPoint {
+  std::string name, raw;
+  RunConfig config;
+  std::vector<std::string> values;  // per axis (a variant: its name)
+};
+
+std::string assignment_key(const std::string& assignment) {
+  return trim(assignment.substr(0, assignment.find('=')));
+}
+
+// The cartesian product of the axes, first axis slowest; no axes: one point named "".
+std::vector<GridPoint> grid_points(const RunConfig& cfg) {
   RunConfig base = cfg;
   base.sweep.clear();
+  base.sweep_baseline.clear();
+  base.train.seeds.clear();
+  const bool seeded = !cfg.train.seeds.empty();
   if (cfg.sweep.empty()) {
     finalize(base);
-    return {{"base", base}};
+    return {{"", "", base, {}}};
   }
   // Run names use the short key (after the section) unless two axes share it.
   std::vector<std::string> labels;
@@ -665,38 +761,46 @@ std::vector<SweepRun> expand_sweep(const RunConfig& cfg) {
     for (const SweepAxis& b : cfg.sweep) same += b.key.substr(b.key.find('.') + 1) == shortk;
     labels.push_back(same > 1 ? a.key : shortk);
   }
-  for (const SweepAxis& a : cfg.sweep)
+  for (const SweepAxis& a : cfg.sweep) {
     if (a.values.empty()) MOELAB_USAGE_FAIL("config: sweep.", a.key, " has no values");
+    if (seeded && a.key == "train.seed")
+      MOELAB_USAGE_FAIL("config: a [sweep] axis train.seed and train.seeds = ", get_value(cfg, "train.seeds"),
+                        " both set the seed; remove the axis (train.seeds runs every grid point once per seed)");
+  }
 
-  std::vector<SweepRun> runs;
-  std::vector<std::string> described;  // per run, its grid point as written (before sanitising)
+  std::vector<GridPoint> points;
   std::vector<size_t> idx(cfg.sweep.size(), 0);
-  const std::filesystem::path out(cfg.log.out);
   for (;;) {
     RunConfig run = base;
     std::string name, raw;
+    std::vector<std::string> values;
     for (size_t i = 0; i < idx.size(); ++i) {
       const SweepAxis& a = cfg.sweep[i];
       raw += std::string(i ? ", " : "") + a.key + " = " + a.values[idx[i]];
       if (a.key == "variant") {
         const Variant v = parse_variant(a.values[idx[i]], " (sweep axis)");
-        for (const std::string& asg : v.assignments) apply_override(run, asg);
+        for (const std::string& asg : v.assignments) {
+          if (seeded && assignment_key(asg) == "train.seed")
+            MOELAB_USAGE_FAIL("config: sweep.variant '", v.name, "' sets train.seed, which train.seeds = ",
+                              get_value(cfg, "train.seeds"), " sets for every run; remove one of them");
+          apply_override(run, asg);
+        }
         name += (i ? "_" : "") + sanitize(v.name);
+        values.push_back(v.name);
         continue;
       }
       const ConfigKey* k = find_key(a.key);
       if (!k) fail_unknown_key(a.key, " (sweep axis)");
       k->set(run, a.values[idx[i]]);
       name += (i ? "_" : "") + labels[i] + "=" + sanitize(a.values[idx[i]]);
+      values.push_back(a.values[idx[i]]);
     }
     // Two grid points with one name would write one log, the second over the first.
-    for (size_t j = 0; j < runs.size(); ++j)
-      if (runs[j].name == name)
-        MOELAB_USAGE_FAIL("config: sweep runs '", described[j], "' and '", raw,
-                          "' have the same name '", name,
+    for (const GridPoint& p : points)
+      if (p.name == name)
+        MOELAB_USAGE_FAIL("config: sweep runs '", p.raw, "' and '", raw, "' have the same name '", name,
                           "' (equal, or equal after replacing characters other than letters, "
                           "digits and . - + by _), so both would write the same log; rename one");
-    described.push_back(raw);
     try {
       finalize(run);
     } catch (const Error& e) {
@@ -704,15 +808,78 @@ std::vector<SweepRun> expand_sweep(const RunConfig& cfg) {
       if (msg.rfind("config: ", 0) == 0) msg = msg.substr(8);
       MOELAB_USAGE_FAIL("config: sweep run '", name, "': ", msg);
     }
-    run.log.out = (out.parent_path() / (out.stem().string() + "_" + name + out.extension().string()))
-                      .string();
-    if (!cfg.log.checkpoint_dir.empty())  // empty: derived from the per-run log.out
-      run.log.checkpoint_dir = (std::filesystem::path(cfg.log.checkpoint_dir) / name).string();
-    runs.push_back({name, std::move(run)});
+    points.push_back({name, raw, std::move(run), std::move(values)});
     // Odometer increment, last axis fastest.
     size_t i = idx.size();
     while (i > 0 && ++idx[i - 1] == cfg.sweep[i - 1].values.size()) idx[--i] = 0;
     if (i == 0) break;
+  }
+  if (!cfg.sweep_baseline.empty()) {
+    bool found = false;
+    std::string names;
+    for (size_t i = 0; i < points.size(); ++i) {
+      found = found || points[i].name == cfg.sweep_baseline;
+      if (i < 12) names += (i ? ", " : "") + points[i].name;
+    }
+    if (points.size() > 12) names += ", ...";
+    if (!found)
+      MOELAB_USAGE_FAIL("config: sweep.baseline = '", cfg.sweep_baseline,
+                        "' is not a grid point of this sweep (grid points: ", names, ")");
+  }
+  return points;
+}
+
+// A run's per-run paths: log.out "dir/x.h5" -> "dir/x_<name>.h5", checkpoint_dir "d" -> "d/<name>".
+SweepRun make_run(const RunConfig& cfg, const std::string& name, const GridPoint& point, bool seeded,
+                  RunConfig run) {
+  const std::filesystem::path out(cfg.log.out);
+  run.log.out = (out.parent_path() / (out.stem().string() + "_" + name + out.extension().string())).string();
+  if (!cfg.log.checkpoint_dir.empty())  // empty: derived from the per-run log.out
+    run.log.checkpoint_dir = (std::filesystem::path(cfg.log.checkpoint_dir) / name).string();
+  return {name, point.name, seeded, point.values, std::move(run)};
+}
+
+}  // namespace
+
+std::vector<SweepRun> expand_sweep(const RunConfig& cfg) {
+  if (!cfg.sweep_baseline.empty() && cfg.sweep.empty())
+    MOELAB_USAGE_FAIL("config: sweep.baseline = '", cfg.sweep_baseline,
+                      "' names a grid point, but there is no [sweep] axis");
+  std::vector<GridPoint> points = grid_points(cfg);
+  if (!cfg.is_study()) return {{"base", "base", false, {}, points.front().config}};
+  if (cfg.train.seeds.empty()) {
+    std::vector<SweepRun> runs;
+    for (GridPoint& p : points) runs.push_back(make_run(cfg, p.name, p, false, p.config));
+    return runs;
+  }
+  // Seeds outermost. A name is "<point>_seed=<S>" with S digits only, so distinct (point, seed)
+  // pairs have distinct names; the check below still guards every name that reaches a file.
+  std::vector<SweepRun> runs;
+  std::set<std::string> names;
+  for (uint64_t seed : cfg.train.seeds)
+    for (const GridPoint& p : points) {
+      const std::string name = (p.name.empty() ? "" : p.name + "_") + "seed=" + std::to_string(seed);
+      if (!names.insert(name).second)
+        MOELAB_USAGE_FAIL("config: two runs of the study are named '", name, "'; rename a grid point");
+      RunConfig run = p.config;
+      run.train.seed = seed;
+      runs.push_back(make_run(cfg, name, p, true, std::move(run)));
+    }
+  return runs;
+}
+
+std::vector<SweepRun> expand_grid(const RunConfig& cfg) {
+  if (!cfg.is_study()) return expand_sweep(cfg);
+  std::vector<GridPoint> points = grid_points(cfg);
+  std::vector<SweepRun> runs;
+  for (GridPoint& p : points) {
+    RunConfig run = p.config;
+    if (!cfg.train.seeds.empty()) run.train.seed = cfg.train.seeds.front();
+    if (cfg.sweep.empty()) {  // seeds alone: the one config, paths unchanged
+      runs.push_back({"base", "base", false, {}, std::move(run)});
+      continue;
+    }
+    runs.push_back(make_run(cfg, p.name, p, false, std::move(run)));
   }
   return runs;
 }
@@ -721,6 +888,9 @@ std::string to_ini(const RunConfig& cfg) {
   std::ostringstream os;
   std::string section;
   for (const ConfigKey& k : config_keys()) {
+    // Exactly one of train.seed and train.seeds is in effect, and only that one is written
+    // (an empty train.seeds is not a value, and both in one file is refused).
+    if (k.key == (cfg.train.seeds.empty() ? "train.seeds" : "train.seed")) continue;
     size_t dot = k.key.find('.');
     std::string s = k.key.substr(0, dot);
     if (s != section) {
@@ -729,9 +899,10 @@ std::string to_ini(const RunConfig& cfg) {
     }
     os << k.key.substr(dot + 1) << " = " << k.get(cfg) << "\n";
   }
-  if (!cfg.sweep.empty()) {
+  if (!cfg.sweep.empty() || !cfg.sweep_baseline.empty()) {
     os << "\n[sweep]\n";
     for (const SweepAxis& a : cfg.sweep) os << a.key << " = " << join(a.values, ", ") << "\n";
+    if (!cfg.sweep_baseline.empty()) os << "baseline = " << cfg.sweep_baseline << "\n";
   }
   return os.str();
 }
@@ -744,6 +915,7 @@ std::string checkpoint_dir_of(const RunConfig& cfg) {
 
 std::string get_value(const RunConfig& cfg, const std::string& key) {
   if (key.rfind("sweep.", 0) == 0) {
+    if (key == "sweep.baseline") return cfg.sweep_baseline;
     for (const SweepAxis& a : cfg.sweep)
       if ("sweep." + a.key == key) return join(a.values, ", ");
     MOELAB_USAGE_FAIL("config: no sweep axis '", key.substr(6), "'");

@@ -8,7 +8,8 @@
 //     moelab::Error naming the key and the accepted values;
 //   - to_ini(load_config(...)) round-trips: loading its text gives back the same RunConfig;
 //   - [sweep] lines `section.key = v1, v2, ...` are axes; expand_sweep() returns one resolved
-//     RunConfig per grid point (first axis varies slowest), each with an empty sweep.
+//     RunConfig per grid point (first axis varies slowest) and seed (train.seeds, slowest of
+//     all), each with an empty sweep and no seeds.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -46,7 +47,11 @@ struct TrainConfig {
   int64_t seq = 64;              // train.seq: tokens per sequence (T = batch * seq)
   double lr = 3e-4;              // train.lr: peak learning rate
   int64_t warmup = 10;           // train.warmup: linear warm-up steps
-  uint64_t seed = 1234;          // train.seed
+  uint64_t seed = 1234;          // train.seed (one run; see seeds)
+  std::vector<uint64_t> seeds;   // train.seeds: every grid point runs once per seed, train.seed
+                                 // taking each value in turn; empty = one run with train.seed.
+                                 // Setting train.seed clears it, setting it replaces train.seed
+                                 // (both in one file is an error); to_ini prints the one in effect
   double weight_decay = 0.1;     // train.weight_decay: AdamW decoupled decay
   double grad_clip = 1.0;        // train.grad_clip: global-norm clip; 0 = off
   double beta1 = 0.9;            // train.beta1: AdamW
@@ -101,6 +106,10 @@ struct RunConfig {
   LogConfig log;
   ParallelConfig parallel;
   std::vector<SweepAxis> sweep;  // [sweep], in file order (then --set order)
+  std::string sweep_baseline;    // [sweep] baseline = NAME: the grid point the analysis compares
+                                 // the others with (a run name without its seed); "" = none
+  // More than one run, or a seeded one: the runs get names, per-run logs and a sweep.json.
+  bool is_study() const { return !sweep.empty() || !train.seeds.empty(); }
 };
 
 // Loads `path` (empty = defaults only), then applies `set_overrides` ("section.key=value",
@@ -121,14 +130,27 @@ void apply_override(RunConfig& cfg, const std::string& assignment);
 void finalize(RunConfig& cfg);
 
 struct SweepRun {
-  std::string name;   // "base" without a sweep, else e.g. "aux_alpha=0.001_top_k=2"
-  RunConfig config;   // resolved, sweep empty; log.out and log.checkpoint_dir made per-run
+  std::string name;   // "base" for a lone run, else e.g. "aux_alpha=0.001_top_k=2", with
+                      // train.seeds "aux_alpha=0.001_top_k=2_seed=3" (no sweep: "seed=3")
+  std::string point;  // the grid point: name without "_seed=S" ("" for a seeded run without a
+                      // sweep, "base" for a lone run)
+  bool seeded = false;  // from train.seeds; the seed is config.train.seed
+  std::vector<std::string> values;  // per [sweep] axis, this run's value (a variant: its name)
+  RunConfig config;   // resolved, sweep and seeds empty; log.out and log.checkpoint_dir per run
 };
 
-// The cartesian product of the axes, first axis slowest (nested loops in file order).
-// Per run: log.out "dir/x.h5" -> "dir/x_<name>.h5", log.checkpoint_dir "d" -> "d/<name>",
-// so runs never overwrite each other. No sweep: one run named "base", paths unchanged.
+// The cartesian product of the axes, first axis slowest (nested loops in file order), run once
+// per seed of train.seeds with the seeds outermost (the whole grid of the first seed, then of
+// the second, ...: an interrupted study holds complete seeds). Per run: log.out "dir/x.h5" ->
+// "dir/x_<name>.h5", log.checkpoint_dir "d" -> "d/<name>", so runs never overwrite each other.
+// No sweep and no seeds: one run named "base", paths unchanged. Refuses (naming both) two runs
+// whose names collide, and a sweep.baseline that is no grid point.
 std::vector<SweepRun> expand_sweep(const RunConfig& cfg);
+
+// The grid points alone, each once with train.seed = the first of train.seeds (or train.seed):
+// for commands where the seed does not matter (bench, crosscheck). Names and paths are those of
+// expand_sweep without the seed.
+std::vector<SweepRun> expand_grid(const RunConfig& cfg);
 
 // The fully resolved config as INI text: every key, sections in the order model, router,
 // train, data, log, then sweep (only when it has axes). load_config round-trips it.
