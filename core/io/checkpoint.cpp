@@ -313,35 +313,7 @@ void CheckpointWriter::write(const std::string& path) const {
 
 CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
   const std::string ck = "checkpoint " + path;
-  {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) MOELAB_FAIL("cannot open ", ck, ": ", errno_text(errno));
-    struct stat st{};
-    if (::fstat(fd, &st) != 0) {
-      const int e = errno;
-      ::close(fd);
-      MOELAB_FAIL("cannot stat ", ck, ": ", errno_text(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-      ::close(fd);
-      MOELAB_FAIL(ck, " is not a regular file");
-    }
-    bytes_.resize(size_t(st.st_size));
-    size_t got = 0;
-    while (got < bytes_.size()) {
-      const ssize_t r = ::read(fd, bytes_.data() + got, bytes_.size() - got);
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) {
-        const int e = errno;
-        ::close(fd);
-        MOELAB_FAIL("cannot read ", ck, ": ", errno_text(e));
-      }
-      if (r == 0) break;
-      got += size_t(r);
-    }
-    ::close(fd);
-    bytes_.resize(got);
-  }
+  bytes_ = read_regular_file(path, ck);
   const char* b = bytes_.data();
   const size_t size = bytes_.size();
 

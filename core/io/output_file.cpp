@@ -12,12 +12,49 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
+#include <system_error>
 
 #include "core/check.h"
 
 namespace fs = std::filesystem;
 
 namespace moelab {
+
+std::vector<char> read_regular_file(const std::string& path, const std::string& what, uint64_t limit) {
+  auto text = [](int e) { return std::error_code(e, std::generic_category()).message(); };
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) MOELAB_FAIL("cannot open ", what, ": ", text(errno));
+  struct stat st{};
+  if (::fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    MOELAB_FAIL("cannot stat ", what, ": ", text(e));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    MOELAB_FAIL(what, " is not a regular file");
+  }
+  if (uint64_t(st.st_size) > limit) {
+    ::close(fd);
+    MOELAB_FAIL(what, " is ", uint64_t(st.st_size), " bytes, more than the limit of ", limit);
+  }
+  std::vector<char> s(size_t(st.st_size));
+  size_t got = 0;
+  while (got < s.size()) {
+    const ssize_t r = ::read(fd, s.data() + got, s.size() - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) {
+      const int e = errno;
+      ::close(fd);
+      MOELAB_FAIL("cannot read ", what, ": ", text(e));
+    }
+    if (r == 0) break;
+    got += size_t(r);
+  }
+  ::close(fd);
+  s.resize(got);
+  return s;
+}
 
 namespace {
 const char* node_kind(mode_t m) {

@@ -11,9 +11,16 @@
 //   - new_run_id(): the identity stored in every checkpoint and log of one run, so a resume
 //     can refuse a checkpoint folder or a log that belongs to another run.
 #pragma once
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace moelab {
+
+// The whole content of the regular file `path` (read with EINTR retries), named `what` in the
+// errors: cannot open, not a regular file, larger than `limit` bytes, a read error.
+std::vector<char> read_regular_file(const std::string& path, const std::string& what,
+                                    uint64_t limit = UINT64_MAX);
 
 // The path to write for `path`: `path` itself, or the final target of its symlink chain (a
 // relative link is resolved against the link's folder). Throws moelab::UsageError naming `what`

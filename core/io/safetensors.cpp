@@ -870,33 +870,8 @@ void SafetensorsWriter::write(const std::string& path, bool overwrite) const {
 
 namespace {
 std::string read_small_file(const std::string& path, const std::string& what, uint64_t limit) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) MOELAB_FAIL("cannot open ", what, ": ", errno_text(errno));
-  struct stat st{};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    MOELAB_FAIL(what, " is not a regular file");
-  }
-  if (uint64_t(st.st_size) > limit) {
-    ::close(fd);
-    MOELAB_FAIL(what, " is ", uint64_t(st.st_size), " bytes, more than the limit of ", limit);
-  }
-  std::string s(size_t(st.st_size), '\0');
-  size_t got = 0;
-  while (got < s.size()) {
-    const ssize_t r = ::read(fd, s.data() + got, s.size() - got);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      const int e = errno;
-      ::close(fd);
-      MOELAB_FAIL("cannot read ", what, ": ", errno_text(e));
-    }
-    if (r == 0) break;
-    got += size_t(r);
-  }
-  ::close(fd);
-  s.resize(got);
-  return s;
+  const std::vector<char> v = read_regular_file(path, what, limit);
+  return std::string(v.begin(), v.end());
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
