@@ -219,3 +219,12 @@ TEST_CASE("flash attention (emulated): generic kernels, f32 and bf16, any head w
   for (const Shape5& c : {Shape5{2, 45, 4, 1, 64}, Shape5{1, 20, 2, 2, 32}})
     check_case<uint16_t>(c, false, false, 505 + uint64_t(c.Dh));
 }
+
+// Larger shapes (several query and key tiles per block row, groups of 4 heads); hidden because
+// the emulation takes about a minute: `moelab_tests "[flash][slow]"`.
+TEST_CASE("flash attention (emulated): larger shapes", "[.][flash][slow]") {
+  check_case<uint16_t>(Shape5{3, 256, 8, 2, 128}, true, false, 606);
+  check_case<uint16_t>(Shape5{2, 300, 4, 4, 64}, true, false, 607);
+  check_case<uint16_t>(Shape5{1, 200, 8, 2, 128}, false, false, 608);
+  check_case<float>(Shape5{2, 256, 4, 1, 64}, false, false, 609);
+}
