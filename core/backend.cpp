@@ -781,7 +781,7 @@ void check_rope(const Checker& c, const Tensor& x, int64_t heads, int64_t seq_le
 }
 
 void check_attention(const Checker& c, const Tensor& q, const Tensor& k, const Tensor& v,
-                     int64_t heads, int64_t kv_heads, int64_t seq_len, const Tensor& probs) {
+                     int64_t heads, int64_t kv_heads, int64_t seq_len, const Tensor& lse) {
   c.rank(q, "q", 2);
   c.floating(q, "q");
   MOELAB_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, to_string(c.op), ": heads ",
@@ -794,8 +794,8 @@ void check_attention(const Checker& c, const Tensor& q, const Tensor& k, const T
   c.shape(k, "k", Shape{T, kv_heads * dh});
   c.dtype(k, "k", q.dtype());
   c.same(k, "k", v, "v");
-  c.shape(probs, "probs", Shape{T / seq_len * heads, seq_len, seq_len});
-  c.dtype(probs, "probs", q.dtype());
+  c.shape(lse, "lse", Shape{T / seq_len * heads, seq_len});
+  c.dtype(lse, "lse", attention_lse_dtype(q.dtype()));
 }
 }  // namespace
 
@@ -817,26 +817,27 @@ void Backend::rope_backward(const Tensor& dy, int64_t heads, int64_t seq_len, do
 
 void Backend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
                                 int64_t kv_heads, int64_t seq_len, const Tensor& out,
-                                const Tensor& probs) {
+                                const Tensor& lse) {
   Checker c{*this, Op::AttentionForward};
-  check_attention(c, q, k, v, heads, kv_heads, seq_len, probs);
+  check_attention(c, q, k, v, heads, kv_heads, seq_len, lse);
   c.same(q, "q", out, "out");
   require(Op::AttentionForward, q.dtype());
-  attention_forward_impl(q, k, v, heads, kv_heads, seq_len, out, probs);
+  attention_forward_impl(q, k, v, heads, kv_heads, seq_len, out, lse);
 }
 
 void Backend::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                 const Tensor& probs, const Tensor& dout, int64_t heads,
-                                 int64_t kv_heads, int64_t seq_len, const Tensor& dq,
-                                 const Tensor& dk, const Tensor& dv) {
+                                 const Tensor& out, const Tensor& lse, const Tensor& dout,
+                                 int64_t heads, int64_t kv_heads, int64_t seq_len,
+                                 const Tensor& dq, const Tensor& dk, const Tensor& dv) {
   Checker c{*this, Op::AttentionBackward};
-  check_attention(c, q, k, v, heads, kv_heads, seq_len, probs);
+  check_attention(c, q, k, v, heads, kv_heads, seq_len, lse);
+  c.same(q, "q", out, "out");
   c.same(q, "q", dout, "dout");
   c.same(q, "q", dq, "dq");
   c.same(k, "k", dk, "dk");
   c.same(v, "v", dv, "dv");
   require(Op::AttentionBackward, q.dtype());
-  attention_backward_impl(q, k, v, probs, dout, heads, kv_heads, seq_len, dq, dk, dv);
+  attention_backward_impl(q, k, v, out, lse, dout, heads, kv_heads, seq_len, dq, dk, dv);
 }
 
 double Backend::cross_entropy_forward(const Tensor& logits, const Tensor& targets) {

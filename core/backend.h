@@ -250,14 +250,17 @@ class Backend {
   void rope_backward(const Tensor& dy, int64_t heads, int64_t seq_len, double theta,
                      const Tensor& dx);
   // Causal softmax attention with grouped-query heads (head h reads kv head h / (H / Hkv)),
-  // scale 1/sqrt(Dh). q [T, H*Dh], k, v [T, Hkv*Dh], out [T, H*Dh]; probs [B*H, S, S] saved.
+  // scale 1/sqrt(Dh). q [T, H*Dh], k, v [T, Hkv*Dh], out [T, H*Dh]. What forward saves for
+  // backward is the log-sum-exp of each query row, not the [B*H, S, S] probabilities:
+  //   lse[b*H + h, i] = log sum_{j <= i} exp(scale q_i . k_j)   (natural log, scaled scores)
+  // lse is [B*H, S] in attention_lse_dtype(q.dtype()): f32 (f64 when q is f64).
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
-                         int64_t kv_heads, int64_t seq_len, const Tensor& out,
-                         const Tensor& probs);
-  // dq, dk, dv overwrite.
-  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& probs,
-                          const Tensor& dout, int64_t heads, int64_t kv_heads, int64_t seq_len,
-                          const Tensor& dq, const Tensor& dk, const Tensor& dv);
+                         int64_t kv_heads, int64_t seq_len, const Tensor& out, const Tensor& lse);
+  // Backward from forward's out and lse (FlashAttention-2's recomputation: P = exp(scale q k^T
+  // - lse), D = rowsum(dout * out)); dq, dk, dv overwrite.
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                          const Tensor& lse, const Tensor& dout, int64_t heads, int64_t kv_heads,
+                          int64_t seq_len, const Tensor& dq, const Tensor& dk, const Tensor& dv);
   // Mean cross-entropy in nats: -(1/T) sum_t log softmax(logits_t)[targets_t]. logits [T,V].
   double cross_entropy_forward(const Tensor& logits, const Tensor& targets);
   // dlogits = scale * (softmax(logits) - onehot(targets)) / T (overwrite).
@@ -376,11 +379,11 @@ class Backend {
                          bool inverse, const Tensor& y) = 0;
   virtual void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                       int64_t heads, int64_t kv_heads, int64_t seq_len,
-                                      const Tensor& out, const Tensor& probs) = 0;
+                                      const Tensor& out, const Tensor& lse) = 0;
   virtual void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const Tensor& probs, const Tensor& dout, int64_t heads,
-                                       int64_t kv_heads, int64_t seq_len, const Tensor& dq,
-                                       const Tensor& dk, const Tensor& dv) = 0;
+                                       const Tensor& out, const Tensor& lse, const Tensor& dout,
+                                       int64_t heads, int64_t kv_heads, int64_t seq_len,
+                                       const Tensor& dq, const Tensor& dk, const Tensor& dv) = 0;
   virtual double cross_entropy_forward_impl(const Tensor& logits, const Tensor& targets) = 0;
   virtual void cross_entropy_backward_impl(const Tensor& logits, const Tensor& targets,
                                            double scale, const Tensor& dlogits) = 0;
@@ -391,6 +394,10 @@ class Backend {
  private:
   void require(Op op, DType dtype) const;
 };
+
+// The dtype of attention's saved log-sum-exp for inputs of dtype dt: f32, or f64 for f64 inputs
+// (the f64 finite-difference checks need it exact).
+inline DType attention_lse_dtype(DType dt) { return dt == DType::F64 ? DType::F64 : DType::F32; }
 
 // Making a backend by name is the registry's job (backends/registry.h): core/ composes ops on
 // whatever backend it is given and links without any backend.

@@ -34,7 +34,7 @@ struct TransformerLM::Block {
   Tensor x_in;        // [T,D] block input
   Tensor n1, rstd1;   // [T,D], [T] attention-norm output and its 1/rms
   Tensor q, k, v;     // [T,H*Dh] after RoPE, [T,Hkv*Dh] after RoPE, [T,Hkv*Dh]
-  Tensor att, probs;  // [T,H*Dh] attention output, [B*H,S,S]
+  Tensor att, lse;    // [T,H*Dh] attention output, [B*H,S] its log-sum-exp per query row
   Tensor x_mid;       // [T,D] after the attention residual
   Tensor n2, rstd2;   // [T,D], [T]
   ExpertsCache dense_cache;
@@ -232,12 +232,12 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
     bk.q = e({T, H * dh});
     bk.k = e({T, Hkv * dh});
     bk.att = e({T, H * dh});
-    bk.probs = e({T / seq_len * H, seq_len, seq_len});
+    bk.lse = b_.empty({T / seq_len * H, seq_len}, attention_lse_dtype(dtype_));
     {
       ProfileScope ps(b_, "attention (rope, scores, softmax, values)");
       b_.rope_forward(q, H, seq_len, cfg_.rope_theta, bk.q);
       b_.rope_forward(k, Hkv, seq_len, cfg_.rope_theta, bk.k);
-      b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.probs);
+      b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.lse);
     }
     bk.x_mid = e({T, D});
     {
@@ -337,7 +337,7 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done) {
     }
     {
       ProfileScope ps(b_, "attention (rope, scores, softmax, values)");
-      b_.attention_backward(bk.q, bk.k, bk.v, bk.probs, datt, H, Hkv, S, dq, dk, dv);
+      b_.attention_backward(bk.q, bk.k, bk.v, bk.att, bk.lse, datt, H, Hkv, S, dq, dk, dv);
       b_.rope_backward(dq, H, S, cfg_.rope_theta, dq);
       b_.rope_backward(dk, Hkv, S, cfg_.rope_theta, dk);
     }

@@ -166,7 +166,7 @@ MemoryEstimate estimate_memory(const RunConfig& cfg) {
   const std::string ab = "the activation memory";
   const Q attn_act = z.add(ab, z.mul(ab, T, z.add(ab, z.mul(ab, Sizer::lit(6), D),
                                                   z.mul(ab, two, Hkv, dh), two), e),
-                           z.mul(ab, B, H, S, S, e));
+                           z.mul(ab, B, H, S, s));  // attention's saved lse: f32 (f64)
   const int64_t C = Router::capacity_for(moe, T.v);  // clamped to [1, T] (0 = dropless)
   const bool ec = moe.router.policy == RoutingPolicy::ExpertChoice;
   const Q EC = z.mul(ab, E, z.key("router.capacity_factor", C));

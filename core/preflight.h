@@ -14,7 +14,7 @@
 //     + Ld (3 D Fd)                                                dense FFN blocks
 //   weights = P (2e + 2s + [4 for bf16's fp32 master copies])     value, grad, AdamW m and v
 //   activations per block (what forward keeps for backward):
-//       attention  T (6 D + 2 Hkv dh + 2) e + B H S^2 e
+//       attention  T (6 D + 2 Hkv dh + 2) e + B H S s   (s: the saved log-sum-exp, f32 or f64)
 //       MoE FFN    4 T E r + 3 A r + R (2 D + 3 F) e [+ T (3 Fs + D) e with shared experts]
 //       dense FFN  T (3 Fd + D) e
 //   total = weights + (sum over blocks) + (one block again: backward's temporaries)

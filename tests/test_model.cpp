@@ -1,5 +1,7 @@
 // moelab tests: the transformer ops (embedding, RMSNorm, RoPE, causal attention with GQA,
 // cross-entropy, AdamW) and the whole language model, against finite differences in f64.
+#include <algorithm>
+
 #include "core/model.h"
 #include "test_util.h"
 
@@ -43,21 +45,46 @@ TEST_CASE("grad: causal attention with grouped-query heads", "[grad][model]") {
   Tensor q = randn(Shape{T, H * dh}, 6), k = randn(Shape{T, Hkv * dh}, 7), v = randn(Shape{T, Hkv * dh}, 8);
   Tensor r = randn(Shape{T, H * dh}, 9);
   auto f = [&] {
-    Tensor o = like(q), p = B().empty(Shape{B_ * H, S, S}, DType::F64);
-    B().attention_forward(q, k, v, H, Hkv, S, o, p);
+    Tensor o = like(q), l = B().empty(Shape{B_ * H, S}, DType::F64);
+    B().attention_forward(q, k, v, H, Hkv, S, o, l);
     return dot(o, r);
   };
-  Tensor o = like(q), p = B().empty(Shape{B_ * H, S, S}, DType::F64);
-  B().attention_forward(q, k, v, H, Hkv, S, o, p);
+  Tensor o = like(q), lse = B().empty(Shape{B_ * H, S}, DType::F64);
+  B().attention_forward(q, k, v, H, Hkv, S, o, lse);
   Tensor dq = like(q), dk = like(k), dv = like(v);
-  B().attention_backward(q, k, v, p, r, H, Hkv, S, dq, dk, dv);
+  B().attention_backward(q, k, v, o, lse, r, H, Hkv, S, dq, dk, dv);
   check_gradient("attention dq", f, q, dq);
   check_gradient("attention dk", f, k, dk);
   check_gradient("attention dv", f, v, dv);
-  // Causality: the first token of each sequence attends only to itself.
-  auto pv = host_values(p);
-  REQUIRE(pv[0] == 1.0);
-  REQUIRE(pv[1] == 0.0);
+  // Causality: the first token of each sequence attends only to itself, so its output is its
+  // kv head's value row and its lse is its own scaled score.
+  const auto qv = host_values(q), kv = host_values(k), vv = host_values(v), ov = host_values(o);
+  const auto lv = host_values(lse);
+  for (int64_t b = 0; b < B_; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / (H / Hkv), t = b * S;
+      double s = 0;
+      for (int64_t d = 0; d < dh; ++d) {
+        s += qv[size_t(t * H * dh + h * dh + d)] * kv[size_t(t * Hkv * dh + g * dh + d)];
+        REQUIRE(ov[size_t(t * H * dh + h * dh + d)] == Approx(vv[size_t(t * Hkv * dh + g * dh + d)]).epsilon(1e-12));
+      }
+      REQUIRE(lv[size_t((b * H + h) * S)] == Approx(s / std::sqrt(double(dh))).epsilon(1e-12));
+    }
+  // The last row's lse is the log-sum-exp over the whole sequence.
+  {
+    const int64_t b = 1, h = 3, g = h / (H / Hkv), i = S - 1;
+    double m = -1e300, z = 0;
+    std::vector<double> sc;
+    for (int64_t j = 0; j <= i; ++j) {
+      double s = 0;
+      for (int64_t d = 0; d < dh; ++d)
+        s += qv[size_t((b * S + i) * H * dh + h * dh + d)] * kv[size_t((b * S + j) * Hkv * dh + g * dh + d)];
+      sc.push_back(s / std::sqrt(double(dh)));
+      m = std::max(m, sc.back());
+    }
+    for (double s : sc) z += std::exp(s - m);
+    REQUIRE(lv[size_t((b * H + h) * S + i)] == Approx(m + std::log(z)).epsilon(1e-12));
+  }
 }
 
 TEST_CASE("grad: cross-entropy and embedding", "[grad][model]") {

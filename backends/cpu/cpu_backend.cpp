@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <unordered_map>
 
 #include "core/rng.h"
@@ -959,58 +960,77 @@ class CpuBackend final : public Backend {
     return StridedMap<T>(t.ptr<T>() + b * S * W + head * dh, S, dh, Eigen::OuterStride<>(W));
   }
 
+  // The [S, Dh] slice of one head as an f64 matrix (the reference computes attention in f64).
+  template <class T>
+  static Eigen::MatrixXd head_f64(const Tensor& t, int64_t b, int64_t head, int64_t S, int64_t dh) {
+    return head_view<T>(t, b, head, S, dh).template cast<double>();
+  }
+
+  // Forward: scores, causal softmax by rows, P V, all in f64; lse[i] = m + log sum exp(s - m).
   void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
                               int64_t Hkv, int64_t S, const Tensor& out,
-                              const Tensor& probs) override {
+                              const Tensor& lse) override {
     dispatch_float(q.dtype(), [&](auto tag) {
       using T = decltype(tag);
+      using L = std::conditional_t<std::is_same_v<T, double>, double, float>;  // lse dtype
       const int64_t B = q.dim(0) / S, dh = q.dim(1) / H;
-      const T scale = T(1.0 / std::sqrt(double(dh)));
+      const double scale = 1.0 / std::sqrt(double(dh));
+      Eigen::MatrixXd P(S, S);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < H; ++h) {
           const int64_t g = h / (H / Hkv);  // the kv head this query head reads
-          auto Q = head_view<T>(q, b, h, S, dh), K = head_view<T>(k, b, g, S, dh);
-          auto V = head_view<T>(v, b, g, S, dh), O = head_view<T>(out, b, h, S, dh);
-          MatMap<T> P(probs.ptr<T>() + (b * H + h) * S * S, S, S);
+          const Eigen::MatrixXd Q = head_f64<T>(q, b, h, S, dh), K = head_f64<T>(k, b, g, S, dh);
+          const Eigen::MatrixXd V = head_f64<T>(v, b, g, S, dh);
           P.noalias() = scale * Q * K.transpose();
+          L* lrow = lse.ptr<L>() + (b * H + h) * S;
           for (int64_t i = 0; i < S; ++i) {  // causal softmax over keys j <= i
             double m = -std::numeric_limits<double>::infinity(), z = 0;
-            for (int64_t j = 0; j <= i; ++j) m = std::max(m, double(P(i, j)));
-            for (int64_t j = 0; j <= i; ++j) z += std::exp(double(P(i, j)) - m);
-            for (int64_t j = 0; j < S; ++j) P(i, j) = j <= i ? T(std::exp(double(P(i, j)) - m) / z) : T(0);
+            for (int64_t j = 0; j <= i; ++j) m = std::max(m, P(i, j));
+            for (int64_t j = 0; j <= i; ++j) z += std::exp(P(i, j) - m);
+            const double l = m + std::log(z);
+            lrow[i] = L(l);
+            for (int64_t j = 0; j < S; ++j) P(i, j) = j <= i ? std::exp(P(i, j) - l) : 0.0;
           }
-          O.noalias() = P * V;
+          head_view<T>(out, b, h, S, dh) = (P * V).template cast<T>();
         }
     });
   }
 
-  void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& probs,
-                               const Tensor& dout, int64_t H, int64_t Hkv, int64_t S,
-                               const Tensor& dq, const Tensor& dk, const Tensor& dv) override {
+  // Backward from the saved lse, as FlashAttention-2 computes it (in f64): P = exp(scale Q K^T -
+  // lse) on j <= i, dV += P^T dO, dP = dO V^T, D_i = sum_d dO_id O_id (from the given out),
+  // dS = P (dP - D), dQ = scale dS K, dK += scale dS^T Q; a kv head sums over its group.
+  void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& out, const Tensor& lse, const Tensor& dout,
+                               int64_t H, int64_t Hkv, int64_t S, const Tensor& dq,
+                               const Tensor& dk, const Tensor& dv) override {
     dispatch_float(q.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      const int64_t B = q.dim(0) / S, dh = q.dim(1) / H;
-      const T scale = T(1.0 / std::sqrt(double(dh)));
-      std::fill_n(dk.ptr<T>(), dk.numel(), T(0));
-      std::fill_n(dv.ptr<T>(), dv.numel(), T(0));
-      Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> dP(S, S);
+      using L = std::conditional_t<std::is_same_v<T, double>, double, float>;
+      const int64_t B = q.dim(0) / S, dh = q.dim(1) / H, G = H / Hkv;
+      const double scale = 1.0 / std::sqrt(double(dh));
+      Eigen::MatrixXd P(S, S), dP(S, S);
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t g = h / (H / Hkv);
-          auto Q = head_view<T>(q, b, h, S, dh), K = head_view<T>(k, b, g, S, dh);
-          auto V = head_view<T>(v, b, g, S, dh), dO = head_view<T>(dout, b, h, S, dh);
-          auto dQ = head_view<T>(dq, b, h, S, dh), dK = head_view<T>(dk, b, g, S, dh);
-          auto dV = head_view<T>(dv, b, g, S, dh);
-          MatMap<T> P(probs.ptr<T>() + (b * H + h) * S * S, S, S);
-          dV.noalias() += P.transpose() * dO;  // O = P V
-          dP.noalias() = dO * V.transpose();
-          for (int64_t i = 0; i < S; ++i) {    // softmax backward, row by row
-            double dot = 0;
-            for (int64_t j = 0; j <= i; ++j) dot += double(P(i, j)) * dP(i, j);
-            for (int64_t j = 0; j < S; ++j) dP(i, j) = j <= i ? T(P(i, j) * (dP(i, j) - dot)) : T(0);
+        for (int64_t g = 0; g < Hkv; ++g) {
+          const Eigen::MatrixXd K = head_f64<T>(k, b, g, S, dh), V = head_f64<T>(v, b, g, S, dh);
+          Eigen::MatrixXd dK = Eigen::MatrixXd::Zero(S, dh), dV = Eigen::MatrixXd::Zero(S, dh);
+          for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+            const Eigen::MatrixXd Q = head_f64<T>(q, b, h, S, dh), O = head_f64<T>(out, b, h, S, dh);
+            const Eigen::MatrixXd dO = head_f64<T>(dout, b, h, S, dh);
+            const L* lrow = lse.ptr<L>() + (b * H + h) * S;
+            P.noalias() = scale * Q * K.transpose();
+            for (int64_t i = 0; i < S; ++i)
+              for (int64_t j = 0; j < S; ++j) P(i, j) = j <= i ? std::exp(P(i, j) - double(lrow[i])) : 0.0;
+            dV.noalias() += P.transpose() * dO;  // O = P V
+            dP.noalias() = dO * V.transpose();
+            for (int64_t i = 0; i < S; ++i) {    // softmax backward, D_i = dO_i . O_i
+              const double D = dO.row(i).dot(O.row(i));
+              for (int64_t j = 0; j < S; ++j) dP(i, j) = P(i, j) * (dP(i, j) - D);
+            }
+            head_view<T>(dq, b, h, S, dh) = (scale * dP * K).template cast<T>();  // scores = scale Q K^T
+            dK.noalias() += scale * dP.transpose() * Q;
           }
-          dQ.noalias() = scale * dP * K;     // scores = scale Q K^T
-          dK.noalias() += scale * dP.transpose() * Q;
+          head_view<T>(dk, b, g, S, dh) = dK.template cast<T>();
+          head_view<T>(dv, b, g, S, dh) = dV.template cast<T>();
         }
     });
   }

@@ -383,14 +383,14 @@ class CudaBackend final : public Backend {
   }
   void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
                               int64_t kv_heads, int64_t seq_len, const Tensor& out,
-                              const Tensor& probs) override {
-    cuda::attention_forward(ctx_, q, k, v, heads, kv_heads, seq_len, out, probs);
+                              const Tensor& lse) override {
+    cuda::attention_forward(ctx_, q, k, v, heads, kv_heads, seq_len, out, lse);
   }
   void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
-                               const Tensor& probs, const Tensor& dout, int64_t heads,
-                               int64_t kv_heads, int64_t seq_len, const Tensor& dq,
+                               const Tensor& out, const Tensor& lse, const Tensor& dout,
+                               int64_t heads, int64_t kv_heads, int64_t seq_len, const Tensor& dq,
                                const Tensor& dk, const Tensor& dv) override {
-    cuda::attention_backward(ctx_, q, k, v, probs, dout, heads, kv_heads, seq_len, dq, dk, dv);
+    cuda::attention_backward(ctx_, q, k, v, out, lse, dout, heads, kv_heads, seq_len, dq, dk, dv);
   }
   double cross_entropy_forward_impl(const Tensor& logits, const Tensor& targets) override {
     return cuda::cross_entropy_forward(ctx_, logits, targets);

@@ -1,10 +1,8 @@
 // moelab CUDA backend: the transformer ops (scale, sum of squares, embedding, RMSNorm, rotary
-// embeddings, causal grouped-query attention, cross-entropy, AdamW). Semantics: core/backend.h.
+// embeddings, cross-entropy, AdamW). Semantics: core/backend.h. Attention: flash_attention.cu.
 //
 // Precision: storage f32 or bf16, arithmetic fp32 with double where the CPU reference's result
 // depends on it cheaply (sums of squares, RoPE angles, AdamW's update, cross-entropy totals).
-// Attention keeps its scores and score gradients in fp32 scratch (cuBLAS writes fp32 C from bf16
-// operands), so bf16 attention rounds only the saved probabilities and the outputs.
 // Determinism: no floating-point atomics. Embedding backward sums a token's rows in ascending
 // position order after a stable sort; RMSNorm's dw sums rows in fixed chunks.
 // Invalid token ids / targets (the CPU throws) are reported through a device flag read back
@@ -170,40 +168,6 @@ __global__ void rope_kernel(const T* x, int64_t R, int64_t W, int64_t heads, int
   }
 }
 
-// ---- attention -----------------------------------------------------------------------------------------
-
-// Causal softmax of fp32 scores row by row (row r = (b*H + h) * S + i keeps keys j <= i).
-template <class T>
-__global__ void causal_softmax_kernel(const float* s, int64_t rows, int64_t S, T* p) {
-  const int64_t r = warp_row(rows);
-  if (r < 0) return;
-  const int lane = threadIdx.x & 31;
-  const int64_t i = r % S;
-  const float* sr = s + r * S;
-  float m = -INFINITY;
-  for (int64_t j = lane; j <= i; j += 32) m = fmaxf(m, sr[j]);
-  m = warp_max(m);
-  float z = 0.0f;
-  for (int64_t j = lane; j <= i; j += 32) z += expf(sr[j] - m);
-  const float inv = 1.0f / warp_sum(z);
-  for (int64_t j = lane; j < S; j += 32) store_f(p, r * S + j, j <= i ? expf(sr[j] - m) * inv : 0.0f);
-}
-
-// dS = P (dP - sum_j P dP) on the causal part, 0 above the diagonal.
-template <class T>
-__global__ void causal_softmax_bwd_kernel(const T* p, const float* dp, int64_t rows, int64_t S,
-                                          T* ds) {
-  const int64_t r = warp_row(rows);
-  if (r < 0) return;
-  const int lane = threadIdx.x & 31;
-  const int64_t i = r % S;
-  float dot = 0.0f;
-  for (int64_t j = lane; j <= i; j += 32) dot += load_f(p, r * S + j) * dp[r * S + j];
-  dot = warp_sum(dot);
-  for (int64_t j = lane; j < S; j += 32)
-    store_f(ds, r * S + j, j <= i ? load_f(p, r * S + j) * (dp[r * S + j] - dot) : 0.0f);
-}
-
 // ---- cross-entropy ------------------------------------------------------------------------------------
 
 template <class T> __device__ double row_lse(const T* l, int64_t V, int lane) {
@@ -302,19 +266,6 @@ __global__ void adamw4_kernel(float* p, const G* g, float* m, float* v, C* out, 
     if constexpr (!std::is_same_v<C, void>)
       for (int q = 0; q < 4; ++q) store_f(out, 4 * j + q, pp[q]);
   }
-}
-
-// Per-(b, h) operand pointers for the batched attention GEMMs.
-struct HeadPtrs {
-  std::vector<const void*> a, b;
-  std::vector<void*> c;
-};
-
-const char* at(const Tensor& t, int64_t elems) {
-  return static_cast<const char*>(t.data()) + size_t(elems) * dtype_size(t.dtype());
-}
-char* at_mut(const Tensor& t, int64_t elems) {
-  return static_cast<char*>(t.data()) + size_t(elems) * dtype_size(t.dtype());
 }
 
 }  // namespace
@@ -430,101 +381,6 @@ void rope(Ctx& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta,
                                                                      mptr<T>(y));
     CUDA_CHECK_LAUNCH();
   });
-}
-
-void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
-                       int64_t Hkv, int64_t S, const Tensor& out, const Tensor& probs) {
-  const int64_t Tn = q.dim(0), B = Tn / S, dh = q.dim(1) / H, Wq = q.dim(1), Wk = k.dim(1);
-  const int64_t G = H / Hkv, n = B * H;
-  if (n == 0 || dh == 0) return;
-  const DType dt = q.dtype();
-  Buf<float> scores(c, n * S * S);
-  HeadPtrs qk, pv;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t g = h / G, bh = b * H + h;
-      qk.a.push_back(at(q, b * S * Wq + h * dh));
-      qk.b.push_back(at(k, b * S * Wk + g * dh));
-      qk.c.push_back(scores.get() + bh * S * S);
-      pv.a.push_back(at(probs, bh * S * S));
-      pv.b.push_back(at(v, b * S * Wk + g * dh));
-      pv.c.push_back(at_mut(out, b * S * Wq + h * dh));
-    }
-  // scores = Q K^T / sqrt(Dh) in fp32; P = causal softmax; O = P V.
-  gemm_batched(c, false, true, S, S, dh, 1.0 / std::sqrt(double(dh)), dt, qk.a, Wq, qk.b, Wk, 0.0,
-               DType::F32, qk.c, S);
-  dispatch_float(dt, "attention_forward", [&](auto tag) {
-    using T = decltype(tag);
-    causal_softmax_kernel<T><<<grid_rows(n * S), kThreads, 0, c.stream>>>(scores.get(), n * S, S,
-                                                                           mptr<T>(probs));
-    CUDA_CHECK_LAUNCH();
-  });
-  gemm_batched(c, false, false, S, dh, S, 1.0, dt, pv.a, S, pv.b, Wk, 0.0, dt, pv.c, Wq);
-}
-
-void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v,
-                        const Tensor& probs, const Tensor& dout, int64_t H, int64_t Hkv,
-                        int64_t S, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
-  const int64_t Tn = q.dim(0), B = Tn / S, dh = q.dim(1) / H, Wq = q.dim(1), Wk = k.dim(1);
-  const int64_t G = H / Hkv, n = B * H;
-  if (n == 0 || dh == 0) return;
-  const DType dt = q.dtype();
-  const double scale = 1.0 / std::sqrt(double(dh));
-  Buf<float> dp(c, n * S * S);
-  Buf<char> ds_buf(c, n * S * S * int64_t(dtype_size(dt)));
-  char* ds = ds_buf.get();
-  const size_t es = dtype_size(dt);
-  // dP = dO V^T (fp32), dS = softmax backward (storage dtype), dQ = scale dS K.
-  HeadPtrs dov, dsk;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t g = h / G, bh = b * H + h;
-      dov.a.push_back(at(dout, b * S * Wq + h * dh));
-      dov.b.push_back(at(v, b * S * Wk + g * dh));
-      dov.c.push_back(dp.get() + bh * S * S);
-      dsk.a.push_back(ds + size_t(bh * S * S) * es);
-      dsk.b.push_back(at(k, b * S * Wk + g * dh));
-      dsk.c.push_back(at_mut(dq, b * S * Wq + h * dh));
-    }
-  gemm_batched(c, false, true, S, S, dh, 1.0, dt, dov.a, Wq, dov.b, Wk, 0.0, DType::F32, dov.c, S);
-  dispatch_float(dt, "attention_backward", [&](auto tag) {
-    using T = decltype(tag);
-    causal_softmax_bwd_kernel<T><<<grid_rows(n * S), kThreads, 0, c.stream>>>(
-        cptr<T>(probs), dp.get(), n * S, S, reinterpret_cast<T*>(ds));
-    CUDA_CHECK_LAUNCH();
-  });
-  gemm_batched(c, false, false, S, dh, S, scale, dt, dsk.a, S, dsk.b, Wk, 0.0, dt, dsk.c, Wq);
-  // dV[g] = sum over the group's heads of P^T dO, dK[g] = scale sum dS^T Q: one batched call per
-  // head of the group (distinct outputs within a call), the first overwriting, the rest adding.
-  // With bf16 storage and several heads per group the sum runs in fp32 scratch and is rounded
-  // once (summing in bf16 rounded every partial sum: NMSE 1.1e-5 at 4 heads per group).
-  const bool acc32 = G > 1 && dt != DType::F32;
-  Buf<float> dk32(c, acc32 ? Tn * Wk : 0), dv32(c, acc32 ? Tn * Wk : 0);
-  const DType acc_dt = acc32 ? DType::F32 : dt;
-  auto kv_out = [&](const Tensor& t, float* f32, int64_t elems) -> void* {
-    return acc32 ? static_cast<void*>(f32 + elems) : static_cast<void*>(at_mut(t, elems));
-  };
-  for (int64_t r = 0; r < G; ++r) {
-    HeadPtrs pdo, dsq;
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t h = g * G + r, bh = b * H + h;
-        pdo.a.push_back(at(probs, bh * S * S));
-        pdo.b.push_back(at(dout, b * S * Wq + h * dh));
-        pdo.c.push_back(kv_out(dv, dv32.get(), b * S * Wk + g * dh));
-        dsq.a.push_back(ds + size_t(bh * S * S) * es);
-        dsq.b.push_back(at(q, b * S * Wq + h * dh));
-        dsq.c.push_back(kv_out(dk, dk32.get(), b * S * Wk + g * dh));
-      }
-    const double beta = r == 0 ? 0.0 : 1.0;
-    gemm_batched(c, true, false, S, dh, S, 1.0, dt, pdo.a, S, pdo.b, Wq, beta, acc_dt, pdo.c, Wk);
-    gemm_batched(c, true, false, S, dh, S, scale, dt, dsq.a, S, dsq.b, Wq, beta, acc_dt, dsq.c, Wk);
-  }
-  if (acc32) {
-    const Shape s{Tn, Wk};
-    cast(c, Tensor(nullptr, dk32.get(), s, DType::F32, Device::CUDA), dk);
-    cast(c, Tensor(nullptr, dv32.get(), s, DType::F32, Device::CUDA), dv);
-  }
 }
 
 double cross_entropy_forward(Ctx& c, const Tensor& logits, const Tensor& targets) {

@@ -1,0 +1,232 @@
+// moelab CUDA backend: flash attention (causal, grouped-query), forward and backward, keeping
+// the log-sum-exp per query row instead of the [B*H, S, S] probabilities. The kernel bodies are
+// in flash_attention_kernels.h (shared with a CPU emulation in the tests); this file defines the
+// CUDA primitives they use (ldmatrix, mma.sync m16n8k16 bf16 -> fp32, cp.async, shuffles), the
+// __global__ wrappers and the launchers.
+//
+// Paths: bf16 with head width 64 or 128 and 16-byte aligned tensors (every model tensor; a view
+// at an odd offset is not) run the tensor-core kernels; everything else (f32, other widths up to
+// 256, unaligned views) the generic fp32 kernels. Backward: D = rowsum(dO * O) pre-pass, then a
+// dQ kernel over query tiles and a dK/dV kernel over key tiles: three launches, no atomics, the
+// same bits on every run (see the header for the tiles and the masking).
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "backends/cuda/cuda_kernels.cuh"
+
+// ---- the platform of flash_attention_kernels.h -------------------------------------------------
+
+#define FA_DEV __device__ __forceinline__
+
+namespace moelab::flash {
+
+FA_DEV void fa_sync() { __syncthreads(); }
+FA_DEV float fa_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+FA_DEV float fa_shfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+
+FA_DEV uint32_t fa_smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Four 8x8 b16 matrices; lanes 8i..8i+7 address the rows of matrix i.
+FA_DEV void fa_ldsm_x4(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(fa_smem_addr(p)));
+}
+FA_DEV void fa_ldsm_x4_t(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(fa_smem_addr(p)));
+}
+// D = A B + D, A 16x16 bf16 (row), B 16x8 bf16 (col), D fp32.
+FA_DEV void fa_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 16 bytes global -> shared, asynchronous; valid = false writes 16 zero bytes (src-size 0).
+FA_DEV void fa_cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fa_smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+// 4 bytes global -> shared, asynchronous (zero when not valid).
+FA_DEV void fa_cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(fa_smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0));
+}
+FA_DEV void fa_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> FA_DEV void fa_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+FA_DEV float fa_bf16_to_f(uint16_t x) { return __uint_as_float(uint32_t(x) << 16); }
+FA_DEV uint16_t fa_f_to_bf16(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+FA_DEV uint32_t fa_pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+FA_DEV void fa_st32(void* p, uint32_t v) { *static_cast<uint32_t*>(p) = v; }
+FA_DEV float fa_exp2(float x) { return exp2f(x); }
+FA_DEV float fa_log2(float x) { return log2f(x); }
+
+}  // namespace moelab::flash
+
+#include "backends/cuda/flash_attention_kernels.h"
+
+namespace moelab::cuda {
+namespace {
+
+namespace fl = moelab::flash;
+
+template <int DH> __global__ void __launch_bounds__(256, 1) fwd_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::fwd_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <int DH> __global__ void __launch_bounds__(256, 1) dq_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dq_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <int DH> __global__ void __launch_bounds__(256, 1) dkv_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dkv_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <class E> __global__ void __launch_bounds__(fl::Gen::kThreads) fwd_gen_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::fwd_gen<E>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <class E> __global__ void __launch_bounds__(fl::Gen::kThreads) dq_gen_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dq_gen<E>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <class E> __global__ void __launch_bounds__(fl::Gen::kThreads) dkv_gen_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dkv_gen<E>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <class E> __global__ void __launch_bounds__(32 * fl::kDeltaWarps) delta_kernel(fl::Params p) {
+  fl::delta_rows<E>(p, threadIdx.x, blockIdx.x);
+}
+
+// Launches kernel on grid (gx, gy), raising the dynamic shared-memory limit when it needs more
+// than the default 48 KiB.
+template <class K>
+void launch(Ctx& c, K kernel, int64_t gx, int64_t gy, int threads, size_t smem, const fl::Params& p) {
+  MOELAB_CHECK(gx >= 1 && gx <= INT32_MAX && gy >= 1 && gy <= 65535,
+               "cuda attention: grid ", gx, " x ", gy, " out of range");
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<dim3(unsigned(gx), unsigned(gy)), threads, smem, c.stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
+
+// The tensor-core kernels: bf16, head width 64 or 128, every operand 16-byte aligned (cp.async
+// and the 4-byte output stores; row strides H*Dh*2 bytes are then multiples of 16).
+bool tensor_cores(DType dt, int64_t dh, std::initializer_list<const Tensor*> ts) {
+  if (dt != DType::BF16 || (dh != 64 && dh != 128)) return false;
+  for (const Tensor* t : ts)
+    if (!aligned16(*t)) return false;
+  return true;
+}
+
+fl::Params params(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, int64_t Hkv,
+                  int64_t S) {
+  const int64_t T = q.dim(0), dh = q.dim(1) / H;
+  MOELAB_CHECK(T / S <= INT32_MAX && S <= INT32_MAX && H <= INT32_MAX, "cuda attention: sizes out of range");
+  if (dh > fl::Gen::kMaxDh)
+    throw NotSupported("cuda attention: head width " + std::to_string(dh) + " > " +
+                       std::to_string(fl::Gen::kMaxDh) + " has no kernel");
+  fl::Params p;
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.B = int(T / S);
+  p.S = int(S);
+  p.H = int(H);
+  p.Hkv = int(Hkv);
+  p.Dh = int(dh);
+  p.scale = float(1.0 / std::sqrt(double(dh)));
+  p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(dh)));
+  return p;
+}
+
+// Calls f(E{}) with E the kernels' element type: float, or uint16_t bits for bf16.
+template <class F> void dispatch_elem(DType dt, const char* op, F&& f) {
+  dispatch_float(dt, op, [&](auto tag) {
+    using T = decltype(tag);
+    using E = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+    f(E{});
+  });
+}
+
+}  // namespace
+
+void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
+                       int64_t Hkv, int64_t S, const Tensor& out, const Tensor& lse) {
+  const int64_t T = q.dim(0);
+  if (T == 0) return;
+  fl::Params p = params(q, k, v, H, Hkv, S);
+  p.out = out.data();
+  p.lse = static_cast<float*>(lse.data());
+  const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
+  if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
+    if (dh == 64) {
+      using C = fl::FwdTc<64>;
+      launch(c, fwd_tc_kernel<64>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
+    } else {
+      using C = fl::FwdTc<128>;
+      launch(c, fwd_tc_kernel<128>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
+    }
+    return;
+  }
+  dispatch_elem(q.dtype(), "attention_forward", [&](auto tag) {
+    using E = decltype(tag);
+    using G = fl::Gen;
+    launch(c, fwd_gen_kernel<E>, BH, (S + G::QR - 1) / G::QR, G::kThreads, G::fwd_smem(p.Dh), p);
+  });
+}
+
+void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor& lse, const Tensor& dout, int64_t H,
+                        int64_t Hkv, int64_t S, const Tensor& dq, const Tensor& dk,
+                        const Tensor& dv) {
+  const int64_t T = q.dim(0);
+  if (T == 0) return;
+  fl::Params p = params(q, k, v, H, Hkv, S);
+  p.o = out.data();
+  p.dout = dout.data();
+  p.lse = static_cast<float*>(lse.data());
+  p.dq = dq.data();
+  p.dk = dk.data();
+  p.dv = dv.data();
+  const int64_t BH = int64_t(p.B) * H, BG = int64_t(p.B) * Hkv, dh = p.Dh;
+  Buf<float> delta(c, BH * S);
+  p.delta = delta.get();
+  dispatch_elem(q.dtype(), "attention_backward", [&](auto tag) {
+    using E = decltype(tag);
+    launch(c, delta_kernel<E>, (T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1,
+           32 * fl::kDeltaWarps, 0, p);
+  });
+  if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
+    auto run = [&](auto dhc) {
+      constexpr int DH = decltype(dhc)::value;
+      using Q = fl::DqTc<DH>;
+      using K = fl::DkvTc<DH>;
+      launch(c, dq_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
+      launch(c, dkv_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
+    };
+    if (dh == 64) run(std::integral_constant<int, 64>{});
+    else run(std::integral_constant<int, 128>{});
+    return;
+  }
+  dispatch_elem(q.dtype(), "attention_backward", [&](auto tag) {
+    using E = decltype(tag);
+    using G = fl::Gen;
+    launch(c, dq_gen_kernel<E>, BH, (S + G::QR - 1) / G::QR, G::kThreads, G::dq_smem(p.Dh), p);
+    launch(c, dkv_gen_kernel<E>, BG, (S + G::KR - 1) / G::KR, G::kThreads, G::dkv_smem(p.Dh), p);
+  });
+}
+
+}  // namespace moelab::cuda
