@@ -137,16 +137,7 @@ class HashedFileWriter {
   static constexpr size_t kBuf = 1 << 20;
   void raw_write(const char* p, size_t n) {
     if (n > 0) fault::point("ckpt.write");
-    while (n > 0) {
-      const ssize_t w = ::write(fd_, p, n);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        MOELAB_FAIL(what_, ": write failed: ", errno_text(errno));
-      }
-      if (w == 0) MOELAB_FAIL(what_, ": write made no progress");
-      p += w;
-      n -= size_t(w);
-    }
+    write_all(fd_, p, n, what_);
   }
   int fd_;
   std::string what_;

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -19,6 +20,19 @@
 namespace fs = std::filesystem;
 
 namespace moelab {
+
+void write_all(int fd, const char* p, size_t n, const std::string& what) {
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, std::min<size_t>(n, size_t(1) << 30));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      MOELAB_FAIL(what, ": write failed: ", std::error_code(errno, std::generic_category()).message());
+    }
+    if (w == 0) MOELAB_FAIL(what, ": write made no progress");
+    p += w;
+    n -= size_t(w);
+  }
+}
 
 std::vector<char> read_regular_file(const std::string& path, const std::string& what, uint64_t limit) {
   auto text = [](int e) { return std::error_code(e, std::generic_category()).message(); };

@@ -22,6 +22,10 @@ namespace moelab {
 std::vector<char> read_regular_file(const std::string& path, const std::string& what,
                                     uint64_t limit = UINT64_MAX);
 
+// Writes all n bytes at p to fd (EINTR retried, at most 1 GiB per write() call); errors name
+// `what`: a failed write (with errno's text) or a write that made no progress.
+void write_all(int fd, const char* p, size_t n, const std::string& what);
+
 // The path to write for `path`: `path` itself, or the final target of its symlink chain (a
 // relative link is resolved against the link's folder). Throws moelab::UsageError naming `what`
 // and the path when the target exists and is not a regular file, or the chain loops.
