@@ -64,6 +64,13 @@ void run_one(Ctx& c, DType dt, const Problem& p, float alpha, float beta) {
                             as_int(p.ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// Auto: per-expert cuBLAS calls only for a few large GEMMs. Each per-expert call costs host time
+// (~8 us, more when the routing changes the row counts every step), and with 64 experts in a
+// training step the GPU waited for the host: config D (64 x 1408, top-6) took 90.4 ms a step per
+// expert and 70.4 ms grouped, while 8 experts of 4096 (config B) ran 48.3 ms per expert and 51.5
+// grouped (docs/performance.md, 2026-11-30).
+constexpr size_t kPerExpertMaxGemms = 16;
+
 // mean_rows: the experts' average row count (Auto's measure of GEMM size).
 void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>& list, float beta,
               double mean_rows) {
@@ -76,8 +83,9 @@ void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>
     else real.push_back(p);
   }
   if (real.empty()) return;
-  if (impl == GroupedGemmImpl::Auto) impl = mean_rows >= 1024 ? GroupedGemmImpl::PerExpert
-                                                             : GroupedGemmImpl::GroupedBatched;
+  if (impl == GroupedGemmImpl::Auto)
+    impl = real.size() <= kPerExpertMaxGemms && mean_rows >= 1024 ? GroupedGemmImpl::PerExpert
+                                                                  : GroupedGemmImpl::GroupedBatched;
   if (impl == GroupedGemmImpl::PerExpert || real.size() == 1) {
     for (const Problem& p : real) run_one(c, dt, p, 1.0f, beta);
     return;
