@@ -865,27 +865,18 @@ class NcclComm final : public NcclCommunicator {
   // Device scratch (grown on demand; every call completes before it returns, so the old
   // buffer is idle when it is replaced).
   void* scratch(size_t bytes) { return grow(scratch_, scratch_bytes_, bytes); }
-  static void* grow(void*& buf, size_t& have, size_t bytes) {
+  char* pinned(size_t bytes) { return static_cast<char*>(grow(pinned_, pinned_bytes_, bytes, /*host=*/true)); }
+  // buf holds at least `bytes` (1.25x, at least 1 MiB device / 64 KiB pinned host) afterwards.
+  static void* grow(void*& buf, size_t& have, size_t bytes, bool host = false) {
     if (bytes > have || (buf == nullptr && bytes > 0)) {
-      if (buf != nullptr) CUDA_CHECK(cudaFree(buf));
+      if (buf != nullptr) CUDA_CHECK(host ? cudaFreeHost(buf) : cudaFree(buf));
       buf = nullptr;
       have = 0;
-      const size_t want = std::max(bytes + bytes / 4, size_t(1) << 20);
-      CUDA_CHECK(cudaMalloc(&buf, want));
+      const size_t want = std::max(bytes + bytes / 4, host ? size_t(1) << 16 : size_t(1) << 20);
+      CUDA_CHECK(host ? cudaMallocHost(&buf, want) : cudaMalloc(&buf, want));
       have = want;
     }
     return buf;
-  }
-  char* pinned(size_t bytes) {
-    if (bytes > pinned_bytes_) {
-      if (pinned_ != nullptr) CUDA_CHECK(cudaFreeHost(pinned_));
-      pinned_ = nullptr;
-      pinned_bytes_ = 0;
-      const size_t want = std::max(bytes + bytes / 4, size_t(1) << 16);
-      CUDA_CHECK(cudaMallocHost(&pinned_, want));
-      pinned_bytes_ = want;
-    }
-    return static_cast<char*>(pinned_);
   }
 
   // All-gathers `bytes` host bytes of every rank into dst (size_ * bytes), in rank order.

@@ -94,7 +94,6 @@ void fnv1a64_2(const void* data, size_t n, uint64_t& a, uint64_t& b) {
   b = y;
 }
 
-std::string errno_text(int e) { return std::error_code(e, std::generic_category()).message(); }
 
 // Writes to a file descriptor through a buffer, hashing every byte written.
 class HashedFileWriter {

@@ -21,12 +21,14 @@ namespace fs = std::filesystem;
 
 namespace moelab {
 
+std::string errno_text(int e) { return std::error_code(e, std::generic_category()).message(); }
+
 void write_all(int fd, const char* p, size_t n, const std::string& what) {
   while (n > 0) {
     const ssize_t w = ::write(fd, p, std::min<size_t>(n, size_t(1) << 30));
     if (w < 0) {
       if (errno == EINTR) continue;
-      MOELAB_FAIL(what, ": write failed: ", std::error_code(errno, std::generic_category()).message());
+      MOELAB_FAIL(what, ": write failed: ", errno_text(errno));
     }
     if (w == 0) MOELAB_FAIL(what, ": write made no progress");
     p += w;
@@ -35,14 +37,13 @@ void write_all(int fd, const char* p, size_t n, const std::string& what) {
 }
 
 std::vector<char> read_regular_file(const std::string& path, const std::string& what, uint64_t limit) {
-  auto text = [](int e) { return std::error_code(e, std::generic_category()).message(); };
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) MOELAB_FAIL("cannot open ", what, ": ", text(errno));
+  if (fd < 0) MOELAB_FAIL("cannot open ", what, ": ", errno_text(errno));
   struct stat st{};
   if (::fstat(fd, &st) != 0) {
     const int e = errno;
     ::close(fd);
-    MOELAB_FAIL("cannot stat ", what, ": ", text(e));
+    MOELAB_FAIL("cannot stat ", what, ": ", errno_text(e));
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
@@ -60,7 +61,7 @@ std::vector<char> read_regular_file(const std::string& path, const std::string& 
     if (r < 0) {
       const int e = errno;
       ::close(fd);
-      MOELAB_FAIL("cannot read ", what, ": ", text(e));
+      MOELAB_FAIL("cannot read ", what, ": ", errno_text(e));
     }
     if (r == 0) break;
     got += size_t(r);

@@ -22,6 +22,9 @@ namespace moelab {
 std::vector<char> read_regular_file(const std::string& path, const std::string& what,
                                     uint64_t limit = UINT64_MAX);
 
+// errno's text ("No space left on device").
+std::string errno_text(int e);
+
 // Writes all n bytes at p to fd (EINTR retried, at most 1 GiB per write() call); errors name
 // `what`: a failed write (with errno's text) or a write that made no progress.
 void write_all(int fd, const char* p, size_t n, const std::string& what);

@@ -64,7 +64,6 @@ std::string known_dtypes() {
   return s;
 }
 
-std::string errno_text(int e) { return std::error_code(e, std::generic_category()).message(); }
 
 std::string qname(const std::string& name) { return "'" + printable_name(name) + "'"; }
 
