@@ -10,6 +10,12 @@
 #include "core/rng.h"
 
 namespace moelab {
+
+// The weight of this router's own Switch loss in its weighted sum: 0 under Hugging Face's
+// convention, whose pooled loss the model adds once for all layers.
+static double own_aux_weight(const RouterConfig& rc) {
+  return rc.aux_convention == AuxConvention::Hf ? 0.0 : rc.aux_alpha;
+}
 namespace {
 
 // Purposes of the per-call random streams, so that each draw is independent.
@@ -184,7 +190,7 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
     L.load = b_.load_loss_forward(st.clean, st.logits, st.noise_std, rc.noise_eps, K);
   else
     L.load = cv2_of_counts(st.stats.routed);
-  L.weighted = rc.aux_alpha * L.aux + rc.z_loss * L.z + rc.importance_weight * L.importance +
+  L.weighted = own_aux_weight(rc) * L.aux + rc.z_loss * L.z + rc.importance_weight * L.importance +
                rc.load_weight * L.load;
   return st;
 }
@@ -216,7 +222,17 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
   // Switch load-balancing loss: the gradient flows through P only (counts are constants).
   // With a batch group, this rank's tokens carry the share T / T_batch of the batch's loss.
   const double share = double(T) / double(st.batch_tokens) * group_weight_;
-  if (rc.aux_alpha > 0 && !st.expert_choice) {
+  if (rc.aux_alpha > 0 && !st.expert_choice && rc.aux_convention == AuxConvention::Hf) {
+    // The model's pooled loss (see set_pooled_aux_grad): one row g, broadcast to every token.
+    MOELAB_CHECK(int64_t(pooled_aux_grad_.size()) == E, "router backward: router.aux_convention = hf "
+                 "but the model set no pooled aux gradient for this forward");
+    std::vector<double> g = pooled_aux_grad_;
+    for (double& x : g) x *= group_weight_;
+    Tensor gt = b_.from_host(host_tensor(g, Shape{1, E}, dtype_));
+    Tensor ones = b_.empty(Shape{T, 1}, dtype_);
+    b_.fill(ones, 1.0);
+    b_.gemm(false, false, 1.0, ones, gt, 1.0, dscores);  // softmax scores (validate() checks)
+  } else if (rc.aux_alpha > 0 && !st.expert_choice) {
     const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
     auto add_aux_grad = [&](const Tensor& d) {
       if (group_ && aux_seq == 0) {
@@ -377,7 +393,7 @@ void Router::reduce_over_group(RouterState& st, int64_t seq_len) {
   }
   L.importance = 0;
   L.load = cv2_of_counts(s.routed);  // logged only (load_weight is refused with a group)
-  L.weighted = rc.aux_alpha * L.aux + rc.z_loss * L.z;
+  L.weighted = own_aux_weight(rc) * L.aux + rc.z_loss * L.z;
 }
 
 void Router::update_bias(const RouterStats& stats) {
