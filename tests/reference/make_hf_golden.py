@@ -14,7 +14,8 @@ transformers' code with its float32 upcasts redirected to float64 (softmax(dtype
 given float64, RMSNorm's `.to(float32)` is skipped, and the rotary cos/sin are computed from a
 float64 inv_freq): without that, an f64 model still rounds through f32 in those places and no
 reference better than ~1e-7 exists. The redirection is done by the small patches in
-`f64_upcasts()` (softmax's dtype and Tensor.float keep float64; RMSNorm and the rotary cos/sin
+`f64_upcasts()` (softmax's dtype and Tensor.float keep float64, and Tensor.float of an integer
+mask, the aux loss's expert counts, gives float64; RMSNorm and the rotary cos/sin
 recomputed by their formulas in float64), nothing else.
 
 usage: make_hf_golden.py OUT_DIR
@@ -80,7 +81,16 @@ def make_config(cls_name, kw, theta):
     except TypeError:
         cfg = cls(**kw, rope_theta=theta)
     cfg._attn_implementation = "eager"
+    # transformers 5 runs experts with torch's grouped_mm by default, which has no float64; the
+    # eager loop over experts is the reference implementation in both precisions.
+    cfg._experts_implementation = "eager"
     return cfg
+
+
+def eager(model):
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    return model
 
 
 def randomize(model, seed, disk_dtype):
@@ -177,8 +187,12 @@ def f64_upcasts(model):
             dtype = torch.float64
         return orig_tsoftmax(x, dim, dtype=dtype)
 
-    def tfloat(x, *a, **k):  # x.float() keeps float64
-        return x if x.dtype == torch.float64 else orig_float(x, *a, **k)
+    def tfloat(x, *a, **k):  # x.float() keeps float64; integer masks (expert counts) become float64
+        if x.dtype == torch.float64:
+            return x
+        if not x.is_floating_point():
+            return x.to(torch.float64)
+        return orig_float(x, *a, **k)
 
     F.softmax = softmax
     torch.softmax = lambda x, dim, dtype=None: tsoftmax(x, dim, dtype)
@@ -218,7 +232,7 @@ def main():
         CURRENT_THETA[0] = theta
         cfg = make_config(cfg_cls, kw, theta)
         torch.manual_seed(seed)
-        model = getattr(transformers, model_cls)(cfg).to(torch.float32).eval()
+        model = eager(getattr(transformers, model_cls)(cfg).to(torch.float32).eval())
         randomize(model, seed, disk_dtype)
         for m in model.modules():  # the rope base really is theta (configs spell it two ways)
             if type(m).__name__.endswith("RotaryEmbedding"):
@@ -230,7 +244,7 @@ def main():
         targets = torch.cat([ids[:, 1:], torch.randint(0, cfg.vocab_size, (B, 1), generator=g)], 1)
 
         r32 = run(model, ids, targets)
-        m64 = getattr(transformers, model_cls)(cfg).eval()
+        m64 = eager(getattr(transformers, model_cls)(cfg).eval())
         m64.load_state_dict(model.state_dict())
         m64 = m64.to(torch.float64)
         with f64_upcasts(m64):
@@ -256,7 +270,8 @@ def main():
                 f.write("\n")
             save_file({k: v.to(tdt).contiguous() for k, v in sd.items()}, os.path.join(d, "model.safetensors"),
                       metadata={"format": "pt"})
-            back = getattr(transformers, model_cls).from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+            back = eager(getattr(transformers, model_cls).from_pretrained(
+                d, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval())
             rb = run(back, ids, targets)
             diff = float((rb["logits"] - r32["logits"]).abs().max())
             report.append(f"{case} {name}: transformers reloads it, max |logits - original| = {diff:.3g}")
