@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <set>
@@ -201,24 +202,50 @@ std::string hf_config_json(const HfConfig& h) {
 
 namespace {
 
-// dst [C, R] = src [R, C]^T, any element size (a byte copy: exact).
+// Blocked transposes (a byte copy per element: exact). `src` is [R, ld_src] read from column
+// c_src, `dst` is [C, ld_dst] written from column c_dst: dst[c][c_dst + r] = src[r][c_src + c]
+// for r < R, c < C. Tiles of 32 x 32 keep both sides in cache.
+template <class T>
+void transpose_tiles(const T* src, int64_t ld_src, int64_t c_src, int64_t R, int64_t C, T* dst, int64_t ld_dst,
+                     int64_t c_dst) {
+  constexpr int64_t kTile = 32;
+  for (int64_t r0 = 0; r0 < R; r0 += kTile)
+    for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+      const int64_t r1 = std::min(R, r0 + kTile), c1 = std::min(C, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + c_dst + r] = src[r * ld_src + c_src + c];
+    }
+}
+
+void transpose_general(const std::byte* src, int64_t ld_src, int64_t c_src, int64_t R, int64_t C, size_t es,
+                       std::byte* dst, int64_t ld_dst, int64_t c_dst) {
+  switch (es) {
+    case 2: return transpose_tiles(reinterpret_cast<const uint16_t*>(src), ld_src, c_src, R, C,
+                                   reinterpret_cast<uint16_t*>(dst), ld_dst, c_dst);
+    case 4: return transpose_tiles(reinterpret_cast<const uint32_t*>(src), ld_src, c_src, R, C,
+                                   reinterpret_cast<uint32_t*>(dst), ld_dst, c_dst);
+    case 8: return transpose_tiles(reinterpret_cast<const uint64_t*>(src), ld_src, c_src, R, C,
+                                   reinterpret_cast<uint64_t*>(dst), ld_dst, c_dst);
+    default: MOELAB_FAIL("transpose: element size ", es, " is not 2, 4 or 8");
+  }
+}
+
+// dst [C, R] = src [R, C]^T.
 void transpose_into(const std::byte* src, int64_t R, int64_t C, size_t es, std::byte* dst) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(dst + (c * R + r) * es, src + (r * C + c) * es, es);
+  transpose_general(src, C, 0, R, C, es, dst, R, 0);
 }
 
 // dst [R, ld] columns [c0, c0 + C) = src [C, R]^T.
 void transpose_into_cols(const std::byte* src, int64_t C, int64_t R, size_t es, std::byte* dst, int64_t ld,
                          int64_t c0) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t r = 0; r < R; ++r) std::memcpy(dst + (r * ld + c0 + c) * es, src + (c * R + r) * es, es);
+  // dst^T view: dst[r][c0 + c] = src[c][r]: src is [C, R] read whole, written as rows of dst.
+  transpose_general(src, R, 0, C, R, es, dst, ld, c0);
 }
 
 // dst [C, R] = src [R, ld] columns [c0, c0 + C), transposed.
 void transpose_from_cols(const std::byte* src, int64_t R, int64_t ld, int64_t c0, int64_t C, size_t es,
                          std::byte* dst) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(dst + (c * R + r) * es, src + (r * ld + c0 + c) * es, es);
+  transpose_general(src, ld, c0, R, C, es, dst, R, 0);
 }
 
 std::byte* bytes_of(const Tensor& t) { return static_cast<std::byte*>(t.data()); }
