@@ -167,17 +167,22 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   }
 
   // Statistics and losses (values un-scaled; BACKGROUND.md sections 3 and 6).
+  // One router_summary call: a device backend copies all of it to the host at once.
   st.batch_tokens = T;
-  st.stats = b_.router_stats(st.logits, st.dist, st.idx, st.keep, st.expert_choice, E);
+  const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
+  const bool seq_aux_only = group_ != nullptr;  // a batch group forms the global aux from counts
+  const bool want_aux = !st.expert_choice && (!seq_aux_only || aux_seq > 0);
+  const RouterSummary sum = b_.router_summary(st.logits, st.dist, st.idx, st.keep, st.gates, st.expert_choice,
+                                              E, aux_seq, want_aux, !st.expert_choice && !group_);
+  st.stats = sum.stats;
   if (group_) {
-    reduce_over_group(st, seq_len);
+    reduce_over_group(st, seq_len, sum);
     return st;
   }
   RouterLosses& L = st.losses;
-  const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
   if (!st.expert_choice) {
-    L.aux = b_.aux_loss_forward(st.dist, st.idx, aux_seq);
-    L.importance = b_.cv2_loss_forward(st.gates, st.idx, E);
+    L.aux = sum.aux;
+    L.importance = sum.importance;
   } else {
     // Expert choice: E * sum_i f_i P_i with f_i = c_i / sum c (logged; balanced by construction).
     double total = 0;
@@ -185,7 +190,7 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
     for (int64_t e = 0; e < E; ++e)
       L.aux += double(E) * double(st.stats.routed[e]) / total * st.stats.mean_prob[e];
   }
-  L.z = b_.z_loss_forward(st.logits);
+  L.z = sum.z;
   if (rc.load_weight > 0 && noisy_logits(cfg_, training))
     L.load = b_.load_loss_forward(st.clean, st.logits, st.noise_std, rc.noise_eps, K);
   else
@@ -371,13 +376,13 @@ void RouterStatsSum::result(RouterStats& s, RouterLosses& l) const {
 // rank order: every rank gets the same bits). The aux loss of the whole batch is formed from
 // the reduced counts (Switch / Megatron: E sum_i f_i P_i, f_i = routed_i / (T K)); the
 // sequence-level one is the token-weighted mean of the ranks' (whole sequences per rank).
-void Router::reduce_over_group(RouterState& st, int64_t seq_len) {
+void Router::reduce_over_group(RouterState& st, int64_t seq_len, const RouterSummary& mine) {
   const RouterConfig& rc = cfg_.router;
   const int64_t E = cfg_.experts, K = cfg_.top_k, T = st.scores.dim(0);
   const bool seq_aux = rc.aux_loss_type == AuxLossType::Sequence && seq_len > 0;
   RouterLosses local;
-  local.z = b_.z_loss_forward(st.logits);
-  local.aux = seq_aux ? b_.aux_loss_forward(st.dist, st.idx, seq_len) : 0.0;
+  local.z = mine.z;
+  local.aux = seq_aux ? mine.aux : 0.0;
   RouterStatsSum sum;
   sum.add(st.stats, local, T);
   sum.reduce(*group_);

@@ -124,7 +124,7 @@ class Router {
 
  private:
   // Replaces st's local statistics and losses by the batch's (group_ set).
-  void reduce_over_group(RouterState& st, int64_t seq_len);
+  void reduce_over_group(RouterState& st, int64_t seq_len, const RouterSummary& mine);
 
   Backend& b_;
   MoEConfig cfg_;
