@@ -253,6 +253,20 @@ TEST_CASE("config: cross-key rules", "[config]") {
             "aux-loss-free balancing"));
   CHECK(has(error_of([] { load_config("", {"model.d_model=24", "model.heads=8"}); }),
             "must be even"));
+  // router.force_balance replaces a top-k selection: refused where there is none to replace,
+  // or where the knob acts only through the selection; each message names the keys.
+  for (const char* policy : {"sinkhorn", "expert_choice"}) {
+    const std::string msg = error_of([&] {
+      load_config("", {"router.force_balance=true", std::string("router.policy=") + policy, "router.aux_alpha=0"});
+    });
+    CHECK(has(msg, std::string("router.force_balance = true needs router.policy = topk, got ") + policy));
+  }
+  CHECK(has(error_of([] { load_config("", {"router.force_balance=true", "router.policy=random_top2"}); }),
+            "router.force_balance = true needs router.policy = topk, got random_top2"));
+  CHECK(has(error_of([] { load_config("", {"router.force_balance=true", "router.bias_update_rate=0.001"}); }),
+            "router.force_balance = true cannot be combined with router.bias_update_rate > 0"));
+  CHECK(load_config("", {"router.force_balance=true", "router.capacity_factor=1", "router.noise=jitter",
+                         "router.aux_alpha=0.01"}).moe.router.force_balance);
   CHECK(load_config("", {"router.policy=expert_choice"}).moe.router.capacity_factor == 0.0);
   CHECK(load_config("", {"model.kv_heads=2"}).model.kv_heads == 2);
 }
@@ -332,10 +346,11 @@ TEST_CASE("config: to_ini round-trips through load_config", "[config]") {
   }
   RunConfig changed_k = load_config("", other);
   // The parallel layout needs a router without per-rank random draws: a third config.
-  // ... and train.seeds (which replaces train.seed, so not in the first two).
+  // ... and train.seeds (which replaces train.seed, so not in the first two), and
+  // router.force_balance (which needs policy topk without the aux-loss-free bias).
   RunConfig changed_par = load_config(
       "", {"parallel.ep=2", "parallel.dp=2", "train.grad_accum=2", "router.balance_scope=micro_batch",
-           "parallel.overlap_grad_reduce=false", "train.seeds=3, 1"});
+           "parallel.overlap_grad_reduce=false", "train.seeds=3, 1", "router.force_balance=true"});
   // Together they really change every key (so the round trip covers them all).
   const RunConfig defaults;
   for (const ConfigKey& k : config_keys()) {

@@ -119,7 +119,7 @@ class CpuBackend final : public Backend {
     switch (op) {
       case Op::Fill: case Op::Copy: return true;
       case Op::Cast: return true;
-      case Op::DispatchPlan: return dt == DType::I32;
+      case Op::DispatchPlan: case Op::BalancedAssign: return dt == DType::I32;
       default: return dt == DType::F64 || dt == DType::F32;
     }
   }
@@ -470,6 +470,14 @@ class CpuBackend final : public Backend {
         topk_row(row.data(), E, K, idx.ptr<int32_t>() + t * K);
       }
     });
+  }
+
+  // Assignment a = (offset + t) K + j goes to expert a mod E.
+  void balanced_assign_impl(const Tensor& idx, int64_t experts, int64_t offset) override {
+    const int64_t R = idx.dim(0), K = idx.dim(1);
+    int32_t* out = idx.ptr<int32_t>();
+    for (int64_t t = 0; t < R; ++t)
+      for (int64_t j = 0; j < K; ++j) out[t * K + j] = int32_t(((offset + t) * K + j) % experts);
   }
 
   void gates_forward_impl(const Tensor& scores, const Tensor& idx, bool normalize, double scale,
