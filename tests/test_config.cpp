@@ -469,6 +469,17 @@ TEST_CASE("config: the quickstart preset loads", "[config]") {
     ++presets;
   }
   CHECK(presets >= 8);
+  // The GPU presets (experiments/configs/gpu/): the seeded GPU study is 7 grid points x 3 seeds,
+  // the routing speed study 15 runs, 3 of them with router.force_balance.
+  const fs::path gpu = preset.parent_path() / "gpu";
+  std::vector<SweepRun> seeded = expand_sweep(load_config((gpu / "seeded_gpu.ini").string()));
+  CHECK(seeded.size() == 21);
+  CHECK(seeded.front().config.model.dtype == DType::BF16);
+  std::vector<SweepRun> speed = expand_sweep(load_config((gpu / "routing_speed.ini").string()));
+  CHECK(speed.size() == 15);
+  int forced = 0;
+  for (const SweepRun& r : speed) forced += r.config.moe.router.force_balance;
+  CHECK(forced == 3);
 }
 
 // ---- train.seeds: every grid point once per seed (issue 13) ----

@@ -15,7 +15,7 @@
 #   /usr/bin/python3 analysis/routing_speed.py OUT/routing_speed --out OUT/routing_speed_report
 set -u
 [ $# -eq 2 ] || { sed -n '2,16p' "$0"; exit 2; }
-inst=$1; out=$(readlink -f "$2")
+inst=$1; mkdir -p "$2"; out=$(readlink -f "$2")
 export NCCL_NVLS_ENABLE=0
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 if [ -f "$inst" ]; then
