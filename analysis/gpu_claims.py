@@ -28,6 +28,8 @@ matplotlib.use("Agg")
 
 from moelab_analysis import reader, stats, studies, summary  # noqa: E402
 
+TRAIN_BYTES = 13490576  # make_gpu_corpus.py: plain-text bytes of the training files
+
 # claim, contrast, baseline, router metric (summary key, header) or None, and the CPU study's
 # rows (docs/results/seeded/FILE: difference, Holm-corrected interval, verdict) for val bpb and
 # for the router metric. The CPU contrasts are the same comparisons at CPU scale; the dense vs
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
     rout_by = {c.name: c for c in rout}
     seeds = sorted({s for p in study.points for s in study.runs[p]})
     steps = {summary.summarize_run(r)["steps"] for p in study.points for r in study.runs[p].values()}
+    r0 = study.runs[study.points[0]][seeds[0]]
+    tokens = max(steps) * float(r0.cfg("train.batch", 32)) * float(r0.cfg("train.seq", 512))
 
     def verdict(c):
         if c.lo == c.hi == c.test.mean:
@@ -104,12 +108,14 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     lines = ["# The CPU findings at GPU scale (issue 13 part 4)", "",
              "GPU: `experiments/configs/gpu/seeded_gpu.ini` (21.4M parameters, 48x the CPU presets; Brown + "
-             "nlp-corpus; bf16 on one H200), seeds {}, {} steps. CPU: the 5-seed studies of "
+             "nlp-corpus; bf16 on one H200), seeds {}, {} steps = {:.1f}M tokens = {:.2f} epochs of the corpus's "
+             "13,490,576 training bytes (experiments/gpu/make_gpu_corpus.py). CPU: the 5-seed studies of "
              "[docs/results/seeded/](../seeded/). Each cell: contrast minus baseline, paired by seed, mean "
              "[Holm-corrected interval] and verdict; GPU Holm over the claims of each metric ({} on val bpb, {} on "
              "router metrics), CPU Holm over its study's comparisons. With 3 seeds a paired t-interval has 2 "
              "degrees of freedom (t = 4.30): only large, consistent differences can be beyond noise.".format(
-                 ", ".join(map(str, seeds)), "/".join(str(s) for s in sorted(steps)), len(val), len(rout)),
+                 ", ".join(map(str, seeds)), "/".join(str(s) for s in sorted(steps)), tokens / 1e6,
+                 tokens / TRAIN_BYTES, len(val), len(rout)),
              "",
              "| claim | metric | CPU, 5 seeds | GPU, {} seeds | same direction | GPU / CPU size |".format(len(seeds)),
              "|---|---|---|---|---|---|"]

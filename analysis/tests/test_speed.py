@@ -79,3 +79,39 @@ def test_cli_writes_the_table_and_the_plot(speed_sweep, tmp_path):
     bad = subprocess.run([sys.executable, str(ANALYSIS / "routing_speed.py"), str(d), "--out", str(out),
                           "--reference", "nope"], cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no run named 'nope'" in bad.stderr
+
+
+def test_gpu_claims_table(tmp_path):
+    """analysis/gpu_claims.py on a 7-point x 3-seed study named as seeded_gpu.ini names it."""
+    import json
+
+    d = tmp_path / "seeded_gpu"
+    d.mkdir()
+    points = ["moe", "dense", "alpha0", "zloss0.1", "k1", "k1_cf1", "aux_free_bias"]
+    runs = []
+    for seed in (1, 2, 3):
+        for i, p in enumerate(points):
+            f = "run_{}_seed={}.h5".format(p, seed)
+            synthetic.write_synthetic_run(d / f, seed=100 * seed + i, steps=60, eval_every=20,
+                                          aux_alpha=0.0 if p in ("alpha0", "aux_free_bias") else 0.01,
+                                          capacity_factor=1.0 if p == "k1_cf1" else 0.0)
+            runs.append({"file": f, "name": "{}_seed={}".format(p, seed), "point": p, "seed": seed,
+                         "values": {"variant": p}})
+    (d / "sweep.json").write_text(json.dumps({
+        "axes": ["variant"], "seeds": [1, 2, 3], "baseline": "moe", "planned_runs": 21, "finished_runs": 21,
+        "groups": [{"point": p, "values": {"variant": p}, "seeds": [1, 2, 3],
+                    "files": ["run_{}_seed={}.h5".format(p, s) for s in (1, 2, 3)]} for p in points],
+        "runs": runs}))
+    out = tmp_path / "claims"
+    res = subprocess.run([sys.executable, str(ANALYSIS / "gpu_claims.py"), str(d), "--out", str(out)],
+                         cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    md = (out / "claims.md").read_text()
+    assert md.count("| val bpb |") == 6
+    assert "| drop fraction | +0.0844 [+0.0758, +0.0929] **beyond noise** |" in md
+    assert (out / "claims.png").stat().st_size > 1000
+    (d / "run_k1_seed=2.h5").unlink()  # a missing seed of one point: paired over the seeds both ran
+    (d / "sweep.json").unlink()
+    res = subprocess.run([sys.executable, str(ANALYSIS / "gpu_claims.py"), str(d), "--out", str(out)],
+                         cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "grid points missing" in res.stderr
