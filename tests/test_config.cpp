@@ -255,6 +255,20 @@ TEST_CASE("config: cross-key rules", "[config]") {
             "aux-loss-free balancing"));
   CHECK(has(error_of([] { load_config("", {"model.d_model=24", "model.heads=8"}); }),
             "must be even"));
+  // router.force_balance replaces a top-k selection: refused where there is none to replace,
+  // or where the knob acts only through the selection; each message names the keys.
+  for (const char* policy : {"sinkhorn", "expert_choice"}) {
+    const std::string msg = error_of([&] {
+      load_config("", {"router.force_balance=true", std::string("router.policy=") + policy, "router.aux_alpha=0"});
+    });
+    CHECK(has(msg, std::string("router.force_balance = true needs router.policy = topk, got ") + policy));
+  }
+  CHECK(has(error_of([] { load_config("", {"router.force_balance=true", "router.policy=random_top2"}); }),
+            "router.force_balance = true needs router.policy = topk, got random_top2"));
+  CHECK(has(error_of([] { load_config("", {"router.force_balance=true", "router.bias_update_rate=0.001"}); }),
+            "router.force_balance = true cannot be combined with router.bias_update_rate > 0"));
+  CHECK(load_config("", {"router.force_balance=true", "router.capacity_factor=1", "router.noise=jitter",
+                         "router.aux_alpha=0.01"}).moe.router.force_balance);
   CHECK(load_config("", {"router.policy=expert_choice"}).moe.router.capacity_factor == 0.0);
   CHECK(load_config("", {"model.kv_heads=2"}).model.kv_heads == 2);
 }
@@ -334,10 +348,11 @@ TEST_CASE("config: to_ini round-trips through load_config", "[config]") {
   }
   RunConfig changed_k = load_config("", other);
   // The parallel layout needs a router without per-rank random draws: a third config.
-  // ... and train.seeds (which replaces train.seed, so not in the first two).
+  // ... and train.seeds (which replaces train.seed, so not in the first two), and
+  // router.force_balance (which needs policy topk without the aux-loss-free bias).
   RunConfig changed_par = load_config(
       "", {"parallel.ep=2", "parallel.dp=2", "train.grad_accum=2", "router.balance_scope=micro_batch",
-           "parallel.overlap_grad_reduce=false", "train.seeds=3, 1",
+           "parallel.overlap_grad_reduce=false", "train.seeds=3, 1", "router.force_balance=true",
            // Hugging Face's pooled aux loss needs softmax scores and the global loss.
            "router.aux_convention=hf"});
   // Together they really change every key (so the round trip covers them all).
@@ -458,6 +473,17 @@ TEST_CASE("config: the quickstart preset loads", "[config]") {
     ++presets;
   }
   CHECK(presets >= 8);
+  // The GPU presets (experiments/configs/gpu/): the seeded GPU study is 7 grid points x 3 seeds,
+  // the routing speed study 15 runs, 3 of them with router.force_balance.
+  const fs::path gpu = preset.parent_path() / "gpu";
+  std::vector<SweepRun> seeded = expand_sweep(load_config((gpu / "seeded_gpu.ini").string()));
+  CHECK(seeded.size() == 21);
+  CHECK(seeded.front().config.model.dtype == DType::BF16);
+  std::vector<SweepRun> speed = expand_sweep(load_config((gpu / "routing_speed.ini").string()));
+  CHECK(speed.size() == 15);
+  int forced = 0;
+  for (const SweepRun& r : speed) forced += r.config.moe.router.force_balance;
+  CHECK(forced == 3);
 }
 
 // ---- train.seeds: every grid point once per seed (issue 13) ----

@@ -200,6 +200,14 @@ TEST_CASE("expert parallel: router noise and random top-2 draw by global token p
   check_equivalent("random top-2", c, 63);
 }
 
+TEST_CASE("expert parallel: router.force_balance continues the lower ranks' round (layout-invariant)", "[ep][force_balance]") {
+  MoEConfig c = ep_config();
+  c.router.force_balance = true;
+  c.top_k = 3;  // a rank's 12 x 3 (ep 4) or 6 x 3 (ep 8) assignments are not a multiple of E = 8:
+                // without the offset its round would restart at expert 0
+  check_equivalent("force_balance", c, 71);
+}
+
 TEST_CASE("expert parallel: capacity is per source rank (each rank's own T), as in Megatron-Core", "[ep]") {
   // With capacity, a rank drops from its own tokens with C = ceil(cf * T_rank * k / E), before
   // the exchange. So the forward output of a rank's tokens is the single-rank layer's output on

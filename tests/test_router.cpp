@@ -1,6 +1,7 @@
 // moelab tests: router cases small enough to compute by hand, and routing invariants.
 // The router weight is the identity (d_model = E), so the input rows are the logits.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <numeric>
 
@@ -143,6 +144,64 @@ TEST_CASE("router: dropless keeps every assignment; kept + dropped = routed = T*
     auto g = host_values(st.gates);
     for (int t = 0; t < 40; ++t) REQUIRE(g[2 * t] + g[2 * t + 1] == Approx(1.0).epsilon(1e-12));
   }
+}
+
+TEST_CASE("router: force_balance assigns round-robin; kept counts per expert differ by at most 1", "[router][force_balance]") {
+  // Every token prefers expert 0 (+3 on its logit): real routing piles onto it, forced balance
+  // gives token t the experts (t K + j) mod E, distinct per token, with the gates of those
+  // experts; the losses and statistics are still computed (routed counts are the forced ones).
+  for (auto [E, K, T] : std::vector<std::array<int64_t, 3>>{{8, 2, 37}, {5, 3, 40}, {6, 1, 13}, {4, 4, 9}}) {
+    for (double cf : {0.0, 1.0, 1.25}) {
+      INFO("E = " << E << ", K = " << K << ", T = " << T << ", capacity factor " << cf);
+      MoEConfig cfg = small_config(E, K);
+      cfg.router.capacity_factor = cf;
+      cfg.router.aux_alpha = 0.01;
+      Tensor x = randn(Shape{T, E}, 7, 1.0);
+      for (int64_t t = 0; t < T; ++t) x.ptr<double>()[t * E] += 3.0;
+      IdentityRouter real(cfg);
+      RouterState st_real = real.router.forward(x, true, 0, 1);
+      cfg.router.force_balance = true;
+      IdentityRouter forced(cfg);
+      RouterState st = forced.router.forward(x, true, 0, 1);
+      const auto idx = ivec(st.idx);
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<int> row(idx.begin() + t * K, idx.begin() + (t + 1) * K);
+        for (int64_t j = 0; j < K; ++j) REQUIRE(row[size_t(j)] == int((t * K + j) % E));
+        std::sort(row.begin(), row.end());
+        REQUIRE(std::adjacent_find(row.begin(), row.end()) == row.end());  // distinct experts
+      }
+      const auto [kmin, kmax] = std::minmax_element(st.stats.kept.begin(), st.stats.kept.end());
+      REQUIRE(*kmax - *kmin <= 1);
+      const auto [rmin, rmax] = std::minmax_element(st.stats.routed.begin(), st.stats.routed.end());
+      REQUIRE(*rmax - *rmin <= 1);
+      // Capacity C = ceil(cf T K / E) >= ceil(T K / E): nothing is dropped at cf >= 1.
+      REQUIRE(std::accumulate(st.stats.kept.begin(), st.stats.kept.end(), int64_t(0)) == T * K);
+      // The real routing of the same logits is unbalanced (the test means something).
+      if (K < E) REQUIRE(st_real.stats.routed[0] >= 3 * T / 4);
+      // Gates: the (renormalised) softmax scores of the assigned experts.
+      const auto g = host_values(st.gates);
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<double> l(x.ptr<double>() + t * E, x.ptr<double>() + (t + 1) * E);
+        const std::vector<double> p = softmax(l);
+        double z = 0;
+        for (int64_t j = 0; j < K; ++j) z += p[size_t(idx[size_t(t * K + j)])];
+        for (int64_t j = 0; j < K; ++j)
+          REQUIRE(g[size_t(t * K + j)] == Approx(p[size_t(idx[size_t(t * K + j)])] / z).epsilon(1e-12));
+      }
+      // The losses are those of the forced assignment (balanced counts: aux = sum_i P_i = 1
+      // up to the +-1 of the round-robin), and the z-loss is the real router's.
+      REQUIRE(st.losses.aux == Approx(1.0).epsilon(double(E) / double(T * K)));
+      REQUIRE(st.losses.z == st_real.losses.z);
+    }
+  }
+  // A rank's share of the batch continues the round of the lower ranks (the offset): on the
+  // backend op, tokens 5.. with offset 5 equal the tail of one call over all tokens.
+  Tensor all = cpu().empty(Shape{12, 3}, DType::I32), tail = cpu().empty(Shape{7, 3}, DType::I32);
+  cpu().balanced_assign(all, 7);
+  cpu().balanced_assign(tail, 7, 5);
+  const auto a = ivec(all), b = ivec(tail);
+  REQUIRE(std::vector<int>(a.begin() + 15, a.end()) == b);
+  CHECK_THROWS_WITH(cpu().balanced_assign(all, 2), has_substr("3 experts per token cannot be distinct among 2"));
 }
 
 TEST_CASE("router: expert choice - each expert takes its top-C tokens", "[router]") {

@@ -1,5 +1,20 @@
 // moelab: CPU reference backend. Float ops are templated on the storage type T (double or
 // float); every reduction accumulates in double. Shapes were checked by core/backend.cpp.
+//
+// Results do not depend on the number of threads (issue 13; tests/test_threads.cpp):
+//   - Eigen never parallelises a product itself (EIGEN_DONT_PARALLELIZE below): its OpenMP GEMM
+//     picks another depth blocking kc for 2+ threads than for 1 (for f32 here: 288 against 264),
+//     so every output element summed its k terms in other chunks and the last bits changed
+//     with the thread count. Every product here is computed whole by one thread, exactly as a
+//     one-thread run computed it before (same bits as earlier single-threaded runs).
+//   - Eigen's blocking depends on the L1 and L2 sizes it reads from cpuid, so the same binary
+//     could sum in other chunks on another CPU; pin_eigen_blocking() fixes them to the sizes
+//     this project's results were made with (32 KiB L1, 1 MiB L2).
+//   - Threads work only on independent items whose partition is fixed by the shapes: the
+//     experts of a grouped GEMM, the (sequence, head) pairs of attention. Each item is computed
+//     whole by one thread into its own output, so the schedule cannot change a bit.
+// Every other op is a plain serial loop.
+#define EIGEN_DONT_PARALLELIZE
 #include "backends/cpu/cpu_backend.h"
 
 #include <Eigen/Dense>
@@ -7,9 +22,21 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <numeric>
 #include <type_traits>
 #include <unordered_map>
+
+// A loop (_2: two nested loops) over independent items (see the header): run by the OpenMP team
+// when `cond` holds.
+#ifdef _OPENMP
+#define MOELAB_PRAGMA(x) _Pragma(#x)
+#define MOELAB_PARALLEL_FOR(cond) MOELAB_PRAGMA(omp parallel for schedule(dynamic, 1) if(cond))
+#define MOELAB_PARALLEL_FOR_2(cond) MOELAB_PRAGMA(omp parallel for collapse(2) schedule(dynamic, 1) if(cond))
+#else
+#define MOELAB_PARALLEL_FOR(cond)
+#define MOELAB_PARALLEL_FOR_2(cond)
+#endif
 
 #include "core/rng.h"
 
@@ -18,6 +45,23 @@ namespace {
 
 template <class T>
 using MatMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+
+// Multiply-adds below which a loop over independent items stays on one thread (the team's
+// start-up costs more than it saves). Changes speed only, never a result.
+constexpr int64_t kParallelWork = int64_t(1) << 18;
+
+// Eigen's GEMM blocking (depth kc, panel widths mc and nc) is computed from the L1 and L2 cache
+// sizes, which Eigen reads from cpuid at run time: other sizes sum the k terms of a product in
+// other chunks. Pinned to the sizes Eigen 3.4 read on the machine the README's CPU results were
+// made on (AMD EPYC, 32 KiB L1d, 1 MiB L2; L3 only has to be non-zero single-threaded), so the
+// same binary gives the same bits on any x86-64 CPU. Once per process, before any product.
+void pin_eigen_blocking() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    Eigen::initParallel();
+    Eigen::setCpuCacheSizes(std::ptrdiff_t(32) << 10, std::ptrdiff_t(1) << 20, std::ptrdiff_t(32) << 20);
+  });
+}
 
 // Calls f(T{}) with T the C++ type of a float dtype.
 template <class F> void dispatch_float(DType dt, F&& f) {
@@ -75,7 +119,7 @@ class CpuBackend final : public Backend {
     switch (op) {
       case Op::Fill: case Op::Copy: return true;
       case Op::Cast: return true;
-      case Op::DispatchPlan: return dt == DType::I32;
+      case Op::DispatchPlan: case Op::BalancedAssign: return dt == DType::I32;
       default: return dt == DType::F64 || dt == DType::F32;
     }
   }
@@ -206,6 +250,7 @@ class CpuBackend final : public Backend {
     dispatch_float(x.dtype(), [&](auto tag) {
       using T = decltype(tag);
       const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
+      MOELAB_PARALLEL_FOR(E > 1 && x.dim(0) * kin * n >= kParallelWork)
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r0 = off[e], rows = off[e + 1] - off[e];
         if (rows == 0) continue;
@@ -221,6 +266,7 @@ class CpuBackend final : public Backend {
     dispatch_float(x.dtype(), [&](auto tag) {
       using T = decltype(tag);
       const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
+      MOELAB_PARALLEL_FOR(E > 1 && x.dim(0) * kin * n >= kParallelWork)
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r0 = off[e], rows = off[e + 1] - off[e];
         MatMap<T> X(x.ptr<T>() + r0 * kin, rows, kin), DY(dy.ptr<T>() + r0 * n, rows, n);
@@ -424,6 +470,14 @@ class CpuBackend final : public Backend {
         topk_row(row.data(), E, K, idx.ptr<int32_t>() + t * K);
       }
     });
+  }
+
+  // Assignment a = (offset + t) K + j goes to expert a mod E.
+  void balanced_assign_impl(const Tensor& idx, int64_t experts, int64_t offset) override {
+    const int64_t R = idx.dim(0), K = idx.dim(1);
+    int32_t* out = idx.ptr<int32_t>();
+    for (int64_t t = 0; t < R; ++t)
+      for (int64_t j = 0; j < K; ++j) out[t * K + j] = int32_t(((offset + t) * K + j) % experts);
   }
 
   void gates_forward_impl(const Tensor& scores, const Tensor& idx, bool normalize, double scale,
@@ -975,10 +1029,11 @@ class CpuBackend final : public Backend {
       using L = std::conditional_t<std::is_same_v<T, double>, double, float>;  // lse dtype
       const int64_t B = q.dim(0) / S, dh = q.dim(1) / H;
       const double scale = 1.0 / std::sqrt(double(dh));
-      Eigen::MatrixXd P(S, S);
+      MOELAB_PARALLEL_FOR_2(B * H > 1 && B * H * S * S * dh >= kParallelWork)
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) {
+        for (int64_t h = 0; h < H; ++h) {  // one (sequence, head) pair per item
           const int64_t g = h / (H / Hkv);  // the kv head this query head reads
+          Eigen::MatrixXd P(S, S);
           const Eigen::MatrixXd Q = head_f64<T>(q, b, h, S, dh), K = head_f64<T>(k, b, g, S, dh);
           const Eigen::MatrixXd V = head_f64<T>(v, b, g, S, dh);
           P.noalias() = scale * Q * K.transpose();
@@ -1008,9 +1063,10 @@ class CpuBackend final : public Backend {
       using L = std::conditional_t<std::is_same_v<T, double>, double, float>;
       const int64_t B = q.dim(0) / S, dh = q.dim(1) / H, G = H / Hkv;
       const double scale = 1.0 / std::sqrt(double(dh));
-      Eigen::MatrixXd P(S, S), dP(S, S);
+      MOELAB_PARALLEL_FOR_2(B * Hkv > 1 && B * H * S * S * dh >= kParallelWork)
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t g = 0; g < Hkv; ++g) {
+        for (int64_t g = 0; g < Hkv; ++g) {  // one (sequence, kv head) pair per item
+          Eigen::MatrixXd P(S, S), dP(S, S);
           const Eigen::MatrixXd K = head_f64<T>(k, b, g, S, dh), V = head_f64<T>(v, b, g, S, dh);
           Eigen::MatrixXd dK = Eigen::MatrixXd::Zero(S, dh), dV = Eigen::MatrixXd::Zero(S, dh);
           for (int64_t h = g * G; h < (g + 1) * G; ++h) {
@@ -1087,6 +1143,9 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend() {
+  pin_eigen_blocking();
+  return std::make_unique<CpuBackend>();
+}
 
 }  // namespace moelab

@@ -181,7 +181,7 @@ class CudaBackend final : public Backend {
   bool supports(Op op, DType dt) const override {
     switch (op) {
       case Op::Fill: case Op::Copy: case Op::Cast: return true;
-      case Op::DispatchPlan: return dt == DType::I32;
+      case Op::DispatchPlan: case Op::BalancedAssign: return dt == DType::I32;
       default: return dt == DType::F32 || dt == DType::BF16;
     }
   }
@@ -282,6 +282,9 @@ class CudaBackend final : public Backend {
   // ---- routing -------------------------------------------------------------------------------
   void topk_impl(const Tensor& s, const Tensor& bias, const Tensor& idx) override {
     cuda::topk(ctx_, s, bias, idx);
+  }
+  void balanced_assign_impl(const Tensor& idx, int64_t experts, int64_t offset) override {
+    cuda::balanced_assign(ctx_, idx, experts, offset);
   }
   void gates_forward_impl(const Tensor& s, const Tensor& idx, bool normalize, double scale,
                           const Tensor& g) override {

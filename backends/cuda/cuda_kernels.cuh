@@ -74,6 +74,7 @@ void exclusive_sum(Ctx& c, const int32_t* in, int32_t* out, int64_t n);
 
 // ---- kernels_routing.cu ------------------------------------------------------------------------
 void topk(Ctx& c, const Tensor& scores, const Tensor& bias, const Tensor& idx);
+void balanced_assign(Ctx& c, const Tensor& idx, int64_t experts, int64_t offset);
 void gates_forward(Ctx& c, const Tensor& scores, const Tensor& idx, bool normalize, double scale,
                    const Tensor& gates);
 void gates_backward(Ctx& c, const Tensor& scores, const Tensor& idx, const Tensor& dgates,

@@ -1,5 +1,5 @@
-// moelab CUDA backend: routing kernels (top-k, gates, GShard random top-2, capacity, Sinkhorn,
-// expert choice). No gradient flows through a selection.
+// moelab CUDA backend: routing kernels (top-k, the forced-balance assignment, gates, GShard
+// random top-2, capacity, Sinkhorn, expert choice). No gradient flows through a selection.
 //
 // Selections compare values in double exactly as the CPU reference does (score + bias formed in
 // double), so given the same inputs both backends make the same choices, ties included:
@@ -53,6 +53,15 @@ __global__ void topk_kernel(const T* s, const float* bias, int64_t R, int64_t E,
       pv = v;
       pi = e;
     }
+  }
+}
+
+// router.force_balance: assignment a = (offset + t) K + j goes to expert a mod E (one thread per
+// assignment; the same integers as the CPU's loop).
+__global__ void balanced_assign_kernel(int64_t A, int64_t K, int64_t E, int64_t offset, int32_t* idx) {
+  MOELAB_GRID_STRIDE(a, A) {
+    const int64_t t = a / K, j = a - t * K;
+    idx[a] = int32_t(((offset + t) * K + j) % E);
   }
 }
 
@@ -241,6 +250,13 @@ void topk(Ctx& c, const Tensor& scores, const Tensor& bias, const Tensor& idx) {
         cptr<T>(scores), bias.defined() ? cptr<float>(bias) : nullptr, R, E, K, mptr<int32_t>(idx));
     CUDA_CHECK_LAUNCH();
   });
+}
+
+void balanced_assign(Ctx& c, const Tensor& idx, int64_t experts, int64_t offset) {
+  const int64_t A = idx.numel(), K = idx.dim(1);
+  if (A == 0) return;
+  balanced_assign_kernel<<<grid_for(A, 256), 256, 0, c.stream>>>(A, K, experts, offset, mptr<int32_t>(idx));
+  CUDA_CHECK_LAUNCH();
 }
 
 void gates_forward(Ctx& c, const Tensor& scores, const Tensor& idx, bool normalize, double scale,

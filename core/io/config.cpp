@@ -375,6 +375,11 @@ std::vector<ConfigKey> build_keys() {
                            "Sinkhorn iteration cap", 10000));
   k.push_back(real_key("router.sinkhorn_tol", FIELD(moe.router.sinkhorn_tol), gt(0),
                        "Sinkhorn stops when mean |delta d1| < tol"));
+  k.push_back(bool_key("router.force_balance", FIELD(moe.router.force_balance),
+                       "speed studies only: the router computes as usual, then token t's j-th expert "
+                       "is replaced by (t * top_k + j) mod experts (perfect balance, Megatron-Core's "
+                       "benchmark mode) with the gates of those experts; needs policy = topk and "
+                       "bias_update_rate = 0"));
   // [train]
   k.push_back(int_key<int64_t>("train.steps", FIELD(train.steps), 1, "optimizer steps"));
   k.push_back(int_key<int64_t>("train.batch", FIELD(train.batch), 1, "sequences per step"));

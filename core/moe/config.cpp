@@ -153,6 +153,20 @@ void MoEConfig::validate() const {
     MOELAB_USAGE_FAIL("router.load_weight > 0 with router.noise = gaussian needs router.noise_eps > 0");
   if (r.load_weight > 0 && top_k >= experts)
     MOELAB_USAGE_FAIL("router.load_weight > 0 needs model.top_k < model.experts");
+  // Forced balance replaces a token-choice top-k selection; where the selection is something
+  // else, or where a knob only acts through the selection, the combination measures nothing.
+  if (r.force_balance) {
+    if (r.policy != RoutingPolicy::TopK)
+      MOELAB_USAGE_FAIL("router.force_balance = true needs router.policy = topk, got ", to_string(r.policy),
+                        r.policy == RoutingPolicy::ExpertChoice
+                            ? " (expert choice is balanced by construction; compare it as it is)"
+                        : r.policy == RoutingPolicy::Sinkhorn
+                            ? " (the Sinkhorn selection would be computed and thrown away)"
+                            : " (the random drop of the second expert would unbalance the assignment)");
+    if (r.bias_update_rate > 0)
+      MOELAB_USAGE_FAIL("router.force_balance = true cannot be combined with router.bias_update_rate > 0: "
+                        "the aux-loss-free bias only moves the selection, which force_balance replaces");
+  }
   // Padding to capacity is meaningless when dropless (there is no capacity to pad to).
   if (r.pad_to_capacity && r.capacity_factor == 0.0)
     MOELAB_USAGE_FAIL("router.pad_to_capacity = true needs router.capacity_factor > 0 (0 = dropless)");

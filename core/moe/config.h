@@ -61,6 +61,11 @@ struct RouterConfig {
   double bias_update_rate = 0.0;                 // router.bias_update_rate: 0 = no aux-free bias
   int sinkhorn_max_iters = 100;                  // router.sinkhorn_max_iters
   double sinkhorn_tol = 1e-4;                    // router.sinkhorn_tol
+  // router.force_balance (speed studies only, as Megatron-Core benchmarks throughput): the
+  // router computes everything as usual (logits, scores, top-k, losses, statistics), then the
+  // chosen experts are replaced by the round-robin assignment expert((t K + j) mod E) and the
+  // gates taken from the scores of those experts. Training and evaluation alike.
+  bool force_balance = false;
 };
 
 struct MoEConfig {

@@ -88,7 +88,7 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   // Random draws are keyed by the global token position: with a batch group, this rank's first
   // token follows the lower ranks' tokens, so every layout draws the single-rank numbers.
   const bool draws = training && (rc.noise != NoiseType::None || rc.policy == RoutingPolicy::RandomTop2);
-  if (group_ && draws) {
+  if (group_ && (draws || rc.force_balance)) {  // force_balance continues the lower ranks' round
     const std::vector<int64_t> sizes = group_->all_gather_host({T});
     for (int r = 0; r < group_->rank(); ++r) st.token_offset += sizes[size_t(r)];
   }
@@ -156,6 +156,9 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
     }
     st.idx = b_.empty(Shape{T, K}, DType::I32);
     b_.topk(select_from, rc.bias_update_rate > 0 ? p_.bias : Tensor(), st.idx);
+    // Speed studies: the top-k above is computed (its cost counts) and then replaced by the
+    // round-robin assignment; the gates below are the scores of the assigned experts.
+    if (rc.force_balance) b_.balanced_assign(st.idx, E, st.token_offset);
     st.gates = b_.empty(Shape{T, K}, dtype_);
     b_.gates_forward(st.scores, st.idx, st.normalize, rc.score_scale, st.gates);
     st.keep = b_.empty(Shape{T, K}, DType::I32);
