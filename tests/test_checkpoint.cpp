@@ -576,6 +576,43 @@ TEST_CASE("SHA-256 matches FIPS 180-4 on both code paths", "[checkpoint]") {
   Sha256::allow_hardware(true);
 }
 
+TEST_CASE("format 2: files of this writer (tests/golden/checkpoint) stay readable and byte-identical", "[checkpoint]") {
+  // v2_sample.ckpt: Sample() written by the first format-2 writer. Writing the same content
+  // again must give the same bytes: a writer change that alters the file must be deliberate
+  // (a new format version, and new golden files).
+  TempDir tmp;
+  Sample().write(tmp.path("now.ckpt"));
+  CHECK(read_bytes(tmp.path("now.ckpt")) == read_bytes(kGolden + "v2_sample.ckpt"));
+  CheckpointReader s(kGolden + "v2_sample.ckpt");
+  CHECK(s.format_version() == 2);
+  CHECK(same_bytes(s.tensor("layer0.w1", {4, 8}, DType::F32), Sample().w1));
+  CHECK(s.blob("rng") == Sample().rng);
+
+  CheckpointReader r(kGolden + "v2_roundtrip.ckpt");
+  CHECK(r.format_version() == 2);
+  CHECK(r.names() == std::vector<std::string>{"layer0.w1", "layer0.w2", "norm.bf16", "data.ids",
+                                              "empty", "rng", "no_words"});
+  CHECK(r.meta("binary") == std::string("a\0b\n\xff", 5));
+  CheckpointReader v1(kGolden + "v1_roundtrip.ckpt");
+  for (const std::string& n : v1.names()) {
+    if (v1.is_tensor(n)) {
+      CHECK(same_bytes(r.tensor(n, v1.tensor_shape(n), v1.tensor_dtype(n)),
+                       v1.tensor(n, v1.tensor_shape(n), v1.tensor_dtype(n))));
+    } else {
+      CHECK(r.blob(n) == v1.blob(n));
+    }
+  }
+  for (const std::string& k : v1.meta_keys()) CHECK(r.meta(k) == v1.meta(k));
+
+  // A training state written by `moelab train` (tests/golden/checkpoint/README.md).
+  CheckpointReader t(kGolden + "tiny_run_step_000002.ckpt");
+  CHECK(t.meta("kind") == "moelab-train-state-1");
+  CHECK(t.meta("step") == "2");
+  CHECK(t.has("block0.moe.experts.w1"));
+  CHECK(t.tensor_shape("block0.moe.experts.w1") == Shape{4, 8, 16});
+  CHECK(t.blob("data_state").size() == 5);
+}
+
 // ---- format 1 (moelab's binary layout, read only): the files of the format-1 writer ----------
 
 TEST_CASE("format 1: the old writer's files are read bit-exactly", "[checkpoint]") {
