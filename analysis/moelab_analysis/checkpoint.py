@@ -83,8 +83,8 @@ def _no_duplicates(pairs):
     return out
 
 
-def load_checkpoint(path: PathLike, verify: bool = True, names: Optional[Sequence[str]] = None
-                    ) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+def load_checkpoint(path: PathLike, verify: bool = True, names: Optional[Sequence[str]] = None,
+                    raw_bf16: bool = False) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """(tensors, metadata) of a moelab checkpoint (format 2, or format 1).
 
     tensors: name -> numpy array, in the order the trainer added them (weights, "adam.m.*" and
@@ -93,6 +93,8 @@ def load_checkpoint(path: PathLike, verify: bool = True, names: Optional[Sequenc
     the format's own "checkpoint.*" keys are checked and left out.
     verify: check every checksum (format 2: SHA-256 with hashlib, about 1 GB/s).
     names: load only these tensors (all are still verified when `verify`); KeyError if absent.
+    raw_bf16: BF16 tensors as their uint16 bit patterns instead of float32 (for a bit-exact
+    write_checkpoint(..., bf16=[their names])).
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -100,8 +102,8 @@ def load_checkpoint(path: PathLike, verify: bool = True, names: Optional[Sequenc
     if not head:
         raise CheckpointError("checkpoint {} is empty".format(path))
     if _MAGIC_V1.startswith(head):
-        return _load_v1(path, verify, names)
-    return _load_v2(path, verify, names)
+        return _load_v1(path, verify, names, raw_bf16)
+    return _load_v2(path, verify, names, raw_bf16)
 
 
 def read_header(path: PathLike) -> Tuple[Dict[str, dict], Dict[str, str]]:
@@ -167,7 +169,7 @@ def _read_v2_header(path, f, size):
     return h, meta, n
 
 
-def _load_v2(path, verify, names):
+def _load_v2(path, verify, names, raw_bf16=False):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         h, meta, n = _read_v2_header(path, f, size)
@@ -248,7 +250,8 @@ def _load_v2(path, verify, names):
                 continue
             dt = h[name]["dtype"]
             arr = np.frombuffer(raw, dtype=_ST_DTYPES[dt][0]).reshape(h[name]["shape"])
-            tensors[name] = bf16_to_float32(arr) if dt == "BF16" else arr.astype(arr.dtype.newbyteorder("="))
+            tensors[name] = bf16_to_float32(arr) if dt == "BF16" and not raw_bf16 else \
+                arr.astype(arr.dtype.newbyteorder("="))
     finally:
         del mm
     user = {}
@@ -279,7 +282,7 @@ def fnv1a64(data: bytes, h: int = _FNV_OFFSET) -> int:
     return h
 
 
-def _load_v1(path, verify, names):
+def _load_v1(path, verify, names, raw_bf16=False):
     b = Path(path).read_bytes()
     size = len(b)
     if size < 32:
@@ -318,7 +321,8 @@ def _load_v1(path, verify, names):
         elif kind == 1 and dcode in _V1_DTYPES:
             if names is None or name in names:
                 arr = np.frombuffer(payload, dtype=_V1_DTYPES[dcode][0]).reshape(shape)
-                tensors[name] = bf16_to_float32(arr) if dcode == 2 else arr.astype(arr.dtype.newbyteorder("="))
+                tensors[name] = bf16_to_float32(arr) if dcode == 2 and not raw_bf16 else \
+                    arr.astype(arr.dtype.newbyteorder("="))
         else:
             _fail(path, "is corrupted: entry {!r} has kind {} dtype {}".format(name, kind, dcode))
         off = head_end + 16 + length
@@ -379,7 +383,13 @@ def write_checkpoint(path: PathLike, tensors: Dict[str, np.ndarray], meta: Dict[
     for k, v in meta.items():
         if k.startswith(RESERVED):
             raise ValueError("meta key {!r}: keys starting with 'checkpoint.' are the format's".format(k))
-        md[k] = v
+        try:
+            k.encode("utf-8")
+            v.encode("utf-8")
+            md[k] = v
+        except UnicodeEncodeError:   # bytes that are not UTF-8 (load_checkpoint's surrogateescape)
+            md[_HEX_PREFIX + k.encode("utf-8", "surrogateescape").hex()] = \
+                v.encode("utf-8", "surrogateescape").hex()
     for name, _, _, data in entries:
         md[_HASH_PREFIX + name] = hashlib.sha256(data).hexdigest()
     md["checkpoint.format"] = "moelab"

@@ -81,6 +81,14 @@ def test_format_1_and_format_2_goldens_hold_the_same_bits():
     assert list(t2["__blob__.rng"]) == [2 ** 64 - 1, 0, 0x8000000000000001]
 
 
+def test_load_then_write_is_byte_identical_with_raw_bf16(tmp_path):
+    for src in ["v1_roundtrip.ckpt", "v2_roundtrip.ckpt"]:
+        tensors, meta = ck.load_checkpoint(GOLDEN / src, raw_bf16=True)
+        assert tensors["norm.bf16"].dtype == np.uint16
+        out = ck.write_checkpoint(tmp_path / src, tensors, meta, bf16=["norm.bf16"])
+        assert out.read_bytes() == (GOLDEN / "v2_roundtrip.ckpt").read_bytes(), src
+
+
 def test_python_writer_reproduces_the_cpp_writer_byte_for_byte(tmp_path):
     tensors, meta = sample()
     out = ck.write_checkpoint(tmp_path / "step_000020.ckpt", tensors, meta, bf16=["layer0.bias"])
