@@ -403,28 +403,30 @@ void CheckpointWriter::write(const std::string& path) const {
 
 CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
   const std::string ck = "checkpoint " + path;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) MOELAB_FAIL("cannot open ", ck, ": ", errno_text(errno));
-  try {
-    struct stat st{};
-    if (::fstat(fd, &st) != 0) MOELAB_FAIL("cannot stat ", ck, ": ", errno_text(errno));
-    if (!S_ISREG(st.st_mode)) MOELAB_FAIL(ck, " is not a regular file");
-    const uint64_t size = uint64_t(st.st_size);
-    if (size == 0) MOELAB_FAIL(ck, " is empty (truncated: a checkpoint has at least 8 bytes)");
-    // The format, by content: "MOELABCK" (or a prefix of it, a truncated file) is format 1.
-    char head[8] = {};
-    pread_all(fd, head, size_t(std::min<uint64_t>(size, 8)), 0, ck);
-    if (std::memcmp(head, kCheckpointMagic, size_t(std::min<uint64_t>(size, 8))) == 0) {
-      ::close(fd);
-      read_v1();
-      return;
+  struct Closer {
+    int& fd;
+    ~Closer() {
+      if (fd >= 0) ::close(fd);
     }
-    read_v2(fd, size);
-  } catch (...) {
+  } closer{fd};
+  struct stat st{};
+  if (::fstat(fd, &st) != 0) MOELAB_FAIL("cannot stat ", ck, ": ", errno_text(errno));
+  if (!S_ISREG(st.st_mode)) MOELAB_FAIL(ck, " is not a regular file");
+  const uint64_t size = uint64_t(st.st_size);
+  if (size == 0) MOELAB_FAIL(ck, " is empty (truncated: a checkpoint has at least 8 bytes)");
+  // The format, by content: "MOELABCK" (or a prefix of it, a truncated file) is format 1.
+  char head[8] = {};
+  const size_t n = size_t(std::min<uint64_t>(size, 8));
+  pread_all(fd, head, n, 0, ck);
+  if (std::memcmp(head, kCheckpointMagic, n) == 0) {
     ::close(fd);
-    throw;
+    fd = -1;
+    read_v1();
+  } else {
+    read_v2(fd, size);
   }
-  ::close(fd);
 }
 
 void CheckpointReader::read_v2(int fd, uint64_t size) {
