@@ -519,13 +519,19 @@ TEST_CASE("format 2: names and meta keys the format reserves, non-UTF-8 meta", "
   w.set_meta(k, v);
   w.set_meta("text", "line 1\nline \"2\"\t\\ ünïcode");
   w.set_meta("empty", "");
+  // Keys and values that contain the format's keys as text (the reader finds its entries in the
+  // raw header before parsing it: these must not confuse it).
+  w.set_meta("a\"checkpoint.header_sha256", "\"checkpoint.file_size\":\"00000000000000000001\"");
+  w.set_meta("z", ",\"checkpoint.header_sha256\":\"" + std::string(64, '0') + "\"");
   const std::string p = tmp.path("step_000001.ckpt");
   w.write(p);
   CheckpointReader r(p);
+  CHECK(r.meta("a\"checkpoint.header_sha256") == "\"checkpoint.file_size\":\"00000000000000000001\"");
+  CHECK(r.meta("z") == ",\"checkpoint.header_sha256\":\"" + std::string(64, '0') + "\"");
   CHECK(r.meta(k) == v);
   CHECK(r.meta("text") == "line 1\nline \"2\"\t\\ ünïcode");
   CHECK(r.meta("empty").empty());
-  CHECK(r.meta_keys() == std::vector<std::string>{k, "empty", "text"});
+  CHECK(r.meta_keys() == std::vector<std::string>{"a\"checkpoint.header_sha256", k, "empty", "text", "z"});
   CHECK(r.blob("__metadata__") == std::vector<uint64_t>{7});
   CHECK(host_values(r.tensor("блок.w", {2}, DType::F32)) == std::vector<double>{1, 2});
   CHECK(r.names() == std::vector<std::string>{"__metadata__", "блок.w"});

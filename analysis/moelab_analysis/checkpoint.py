@@ -120,6 +120,17 @@ def _fail(path, msg):
     raise CheckpointError("checkpoint {} {}".format(path, msg))
 
 
+def _meta_value_at(header: bytes, key: str) -> List[int]:
+    """Where the value of metadata entry `key` starts in the raw header, for every hit."""
+    pat = ('"' + key + '":"').encode()
+    out, at = [], header.find(pat)
+    while at >= 0:
+        if at > 0 and header[at - 1:at] in (b"{", b","):
+            out.append(at + len(pat))
+        at = header.find(pat, at + 1)
+    return out
+
+
 def _read_v2_header(path, f, size):
     if size < 8:
         _fail(path, "is truncated (expected at least 8 bytes, found {})".format(size))
@@ -131,17 +142,16 @@ def _read_v2_header(path, f, size):
     if 8 + n > size:
         _fail(path, "is truncated (expected at least {} bytes, found {})".format(8 + n, size))
     header = f.read(n)
-    # The header's checksum, on the raw bytes, before anything in them is trusted. Inside a JSON
-    # string every '"' is escaped, so '"KEY":"' only occurs as the metadata entry itself.
-    pat = ('"' + _HASH_KEY + '":"').encode()
-    at = header.find(pat)
-    if at < 0:
+    # The header's checksum, on the raw bytes, before anything in them is trusted. The entry is
+    # '"KEY":"' right after '{' or ',': inside a JSON string every '"' is escaped, so '{"' and
+    # ',"' never occur there (a key that merely contains the text, escaped, is not a hit).
+    hits = _meta_value_at(header, _HASH_KEY)
+    if not hits:
         _fail(path, "is not a moelab checkpoint (no {} in its safetensors metadata: a safetensors "
                     "file of another tool, or a checkpoint whose header is corrupted)".format(_HASH_KEY))
-    v = at + len(pat)
+    v = hits[0]
     stored = header[v:v + 64]
-    if header.find(pat, at + 1) >= 0 or header[v + 64:v + 65] != b'"' or \
-            not re.fullmatch(rb"[0-9a-f]{64}", stored):
+    if len(hits) > 1 or header[v + 64:v + 65] != b'"' or not re.fullmatch(rb"[0-9a-f]{64}", stored):
         _fail(path, "is corrupted: checksum mismatch in the header ({} is not one value of 64 hex "
                     "digits)".format(_HASH_KEY))
     zeroed = header[:v] + b"0" * 64 + header[v + 64:]

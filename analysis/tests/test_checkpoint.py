@@ -99,6 +99,13 @@ def test_python_writer_reproduces_the_cpp_writer_byte_for_byte(tmp_path):
     np.testing.assert_array_equal(back["layer0.bias"], np.array([0.25 * i - 3 for i in range(6)], np.float32))
 
 
+def test_meta_that_contains_the_format_keys_as_text(tmp_path):
+    meta = {'a"checkpoint.header_sha256': '"checkpoint.file_size":"00000000000000000001"',
+            "z": ',"checkpoint.header_sha256":"' + "0" * 64 + '"', "bin": "\udcff\x00"}
+    p = ck.write_checkpoint(tmp_path / "step_000001.ckpt", {"w": np.ones(3, np.float32)}, meta)
+    assert ck.load_checkpoint(p)[1] == meta
+
+
 def test_header_checksum_file_size_and_layout(tmp_path):
     header, meta = ck.read_header(TINY)
     n = struct.unpack("<Q", TINY.read_bytes()[:8])[0]

@@ -213,14 +213,17 @@ std::vector<std::string> sha256_all(const std::vector<std::pair<const void*, siz
   return out;
 }
 
-// The position of `"KEY":"` in a safetensors header (JSON text as SafetensorsWriter writes it),
-// npos if absent. Inside a JSON string every '"' is escaped, so `":"` never occurs there: a hit
-// is the metadata entry itself. `count` gets the number of hits.
+// The position of the value of metadata entry KEY in a safetensors header (JSON text as
+// SafetensorsWriter writes it: compact, one object of string values): the text `"KEY":"` right
+// after '{' or ','. Inside a JSON string every '"' is escaped, so '{' or ',' followed by '"'
+// never occurs there: a hit is the entry itself (a key that merely contains `"KEY":"`, escaped,
+// is not one). npos if absent; `count` gets the number of hits.
 size_t find_meta_value(const std::string& header, const std::string& key, int& count) {
   const std::string pat = "\"" + key + "\":\"";
   count = 0;
   size_t first = std::string::npos;
   for (size_t at = header.find(pat); at != std::string::npos; at = header.find(pat, at + 1)) {
+    if (at == 0 || (header[at - 1] != '{' && header[at - 1] != ',')) continue;
     if (count++ == 0) first = at + pat.size();
   }
   return first;
