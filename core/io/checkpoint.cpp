@@ -790,6 +790,7 @@ Tensor CheckpointReader::tensor(const std::string& name, Shape expected_shape,
                 " (was it written for another model shape or precision?)");
   std::shared_ptr<char[]> buf(new char[e.length ? e.length : 1]);
   if (e.length) std::memcpy(buf.get(), payload(e), e.length);
+  if (st_) st_->release(e.stored_name);  // the mapping's pages of it leave this process again
   return Tensor(std::shared_ptr<void>(buf, buf.get()), buf.get(), e.shape, e.dtype, Device::CPU);
 }
 

