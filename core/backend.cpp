@@ -693,6 +693,37 @@ RouterStats Backend::router_stats(const Tensor& logits, const Tensor& probs, con
   return router_stats_impl(logits, probs, idx, keep, expert_choice, experts);
 }
 
+RouterSummary Backend::router_summary(const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                                      const Tensor& keep, const Tensor& gates, bool expert_choice,
+                                      int64_t experts, int64_t aux_seq_len, bool want_aux,
+                                      bool want_importance) {
+  // The composite's parts check their own arguments; the summary checks what they share.
+  Checker c{*this, Op::RouterStats};
+  c.rank(logits, "logits", 2);
+  c.floating(logits, "logits");
+  c.same(logits, "logits", probs, "probs");
+  MOELAB_CHECK(logits.dim(1) == experts, "router_summary: logits has ", logits.dim(1),
+               " columns, experts = ", experts);
+  if (want_importance) c.shape(gates, "gates", idx.shape());
+  MOELAB_CHECK(aux_seq_len >= 0 && (aux_seq_len == 0 || probs.dim(0) % aux_seq_len == 0),
+               "router_summary: seq_len ", aux_seq_len, " must divide the token count ", probs.dim(0));
+  require(Op::RouterStats, logits.dtype());
+  return router_summary_impl(logits, probs, idx, keep, gates, expert_choice, experts, aux_seq_len, want_aux,
+                             want_importance);
+}
+
+RouterSummary Backend::router_summary_impl(const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                                           const Tensor& keep, const Tensor& gates, bool expert_choice,
+                                           int64_t experts, int64_t aux_seq_len, bool want_aux,
+                                           bool want_importance) {
+  RouterSummary s;
+  s.stats = router_stats(logits, probs, idx, keep, expert_choice, experts);
+  if (want_aux) s.aux = aux_loss_forward(probs, idx, aux_seq_len);
+  if (want_importance) s.importance = cv2_loss_forward(gates, idx, experts);
+  s.z = z_loss_forward(logits);
+  return s;
+}
+
 // ---- transformer ops -----------------------------------------------------------------------
 
 void Backend::scale(const Tensor& x, double alpha) {

@@ -59,6 +59,9 @@ struct DispatchPlan {
 };
 
 // Per-call router statistics (BACKGROUND.md section 6); counts are exact integers.
+// The statistics and loss values of one router call together (Backend::router_summary).
+struct RouterSummary;
+
 struct RouterStats {
   std::vector<int64_t> routed;     // [E] assignments before capacity
   std::vector<int64_t> kept;       // [E] assignments after capacity (and random top-2)
@@ -68,6 +71,14 @@ struct RouterStats {
   double logit_rms = 0;            // sqrt(mean l^2)
   double logit_max = 0;            // max |l|
   int64_t tokens_unrouted = 0;     // tokens with no kept assignment (dropped or never chosen)
+};
+
+// See Backend::router_summary.
+struct RouterSummary {
+  RouterStats stats;
+  double aux = 0;         // aux_loss_forward(dist, idx, aux_seq_len), when asked for
+  double z = 0;           // z_loss_forward(logits)
+  double importance = 0;  // cv2_loss_forward(gates, idx, experts), when asked for
 };
 
 class Backend {
@@ -226,6 +237,14 @@ class Backend {
   // Statistics of one router call; idx/keep as in dispatch_plan.
   RouterStats router_stats(const Tensor& logits, const Tensor& probs, const Tensor& idx,
                            const Tensor& keep, bool expert_choice, int64_t experts);
+  // router_stats, z_loss_forward(logits) and, when asked for, aux_loss_forward(probs, idx,
+  // aux_seq_len) and cv2_loss_forward(gates, idx, experts), in one call: a composite whose
+  // default is those four ops (one host copy each); a device backend overrides it to copy all
+  // of them to the host at once, one synchronisation per router call instead of five.
+  RouterSummary router_summary(const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                               const Tensor& keep, const Tensor& gates, bool expert_choice,
+                               int64_t experts, int64_t aux_seq_len, bool want_aux,
+                               bool want_importance);
 
   // ---- transformer ops (S sequence length, B = T / S sequences, H heads, Hkv kv heads,
   //      Dh head width, V vocabulary) --------------------------------------------------------
@@ -365,6 +384,10 @@ class Backend {
   virtual RouterStats router_stats_impl(const Tensor& logits, const Tensor& probs,
                                         const Tensor& idx, const Tensor& keep,
                                         bool expert_choice, int64_t experts) = 0;
+  virtual RouterSummary router_summary_impl(const Tensor& logits, const Tensor& probs,
+                                            const Tensor& idx, const Tensor& keep,
+                                            const Tensor& gates, bool expert_choice, int64_t experts,
+                                            int64_t aux_seq_len, bool want_aux, bool want_importance);
   virtual void scale_impl(const Tensor& x, double alpha) = 0;
   virtual double sum_squares_impl(const Tensor& x) = 0;
   virtual void embedding_forward_impl(const Tensor& tokens, const Tensor& table,

@@ -13,14 +13,26 @@ void LMConfig::validate() const {
   moe.validate();
   if (vocab < 2) MOELAB_FAIL("model.vocab = ", vocab, " must be >= 2");
   if (layers < 1) MOELAB_FAIL("model.layers = ", layers, " must be >= 1");
-  if (heads < 1 || d_model % heads != 0)
-    MOELAB_FAIL("model.heads = ", heads, " must divide model.d_model = ", d_model);
-  if ((d_model / heads) % 2 != 0)
-    MOELAB_FAIL("model.d_model / model.heads = ", d_model / heads,
-                " must be even (rotary embeddings rotate pairs)");
+  if (heads < 1) MOELAB_FAIL("model.heads = ", heads, " must be >= 1");
+  if (head_dim < 0) MOELAB_FAIL("model.head_dim = ", head_dim, " must be >= 0 (0 = d_model / heads)");
+  if (head_dim == 0 && d_model % heads != 0)
+    MOELAB_FAIL("model.heads = ", heads, " must divide model.d_model = ", d_model, " (or set model.head_dim)");
+  if (head_width() % 2 != 0)
+    MOELAB_FAIL("the head width ", head_width(), " (model.head_dim, or model.d_model / model.heads) "
+                "must be even (rotary embeddings rotate pairs)");
+  for (int64_t l : dense_layers)
+    if (l < 0 || l >= layers)
+      MOELAB_FAIL("model.dense_layers lists block ", l, ", but blocks are 0 .. ", layers - 1);
   if (kv_heads < 1 || heads % kv_heads != 0)
     MOELAB_FAIL("model.kv_heads = ", kv_heads, " must divide model.heads = ", heads);
   if (moe_every < 0) MOELAB_FAIL("model.moe_every = ", moe_every, " must be >= 0 (0 = dense)");
+}
+
+bool LMConfig::is_moe_block(int64_t i) const {
+  if (moe_every <= 0 || i % moe_every != moe_every - 1) return false;
+  for (int64_t l : dense_layers)
+    if (l == i) return false;
+  return true;
 }
 
 // One transformer block: parameters, their gradients and the activations of the last forward.
@@ -28,12 +40,15 @@ struct TransformerLM::Block {
   bool is_moe = false;
   Tensor attn_norm, wq, wk, wv, wo, ffn_norm;      // [D], [D,H*Dh], [D,Hkv*Dh] x2, [H*Dh,D], [D]
   Tensor dattn_norm, dwq, dwk, dwv, dwo, dffn_norm;
+  Tensor q_bias, k_bias, v_bias, dq_bias, dk_bias, dv_bias;  // [H*Dh], [Hkv*Dh] x2 (qkv_bias)
+  Tensor q_norm, k_norm, dq_norm, dk_norm;  // qk_norm: [Dh] x2 (head), [H*Dh], [Hkv*Dh] (projection)
   std::unique_ptr<SwiGLUExperts> dense;            // E = 1 when the FFN is dense
   std::unique_ptr<MoELayer> moe;
   // Activations (shapes for T tokens):
   Tensor x_in;        // [T,D] block input
   Tensor n1, rstd1;   // [T,D], [T] attention-norm output and its 1/rms
   Tensor q, k, v;     // [T,H*Dh] after RoPE, [T,Hkv*Dh] after RoPE, [T,Hkv*Dh]
+  Tensor q_raw, k_raw, rstd_q, rstd_k;  // qk_norm: the projections before their norm, and 1/rms
   Tensor att, lse;    // [T,H*Dh] attention output, [B*H,S] its log-sum-exp per query row
   Tensor x_mid;       // [T,D] after the attention residual
   Tensor n2, rstd2;   // [T,D], [T]
@@ -46,7 +61,7 @@ TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype,
   cfg_.validate();
   MOELAB_CHECK(cfg.moe.d_model == cfg.d_model, "model: MoE d_model ", cfg.moe.d_model,
                " != model d_model ", cfg.d_model);
-  const int64_t D = cfg.d_model, V = cfg.vocab, dh = D / cfg.heads;
+  const int64_t D = cfg.d_model, V = cfg.vocab, dh = cfg.head_width();
   auto z = [&](Shape s) { return b_.zeros(s, dtype_); };
   embed_ = z({V, D});
   dembed_ = z({V, D});
@@ -71,6 +86,21 @@ TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype,
     blk->dwo = z({cfg.heads * dh, D});
     blk->ffn_norm = z({D});
     blk->dffn_norm = z({D});
+    if (cfg.qkv_bias) {
+      blk->q_bias = z({cfg.heads * dh});
+      blk->dq_bias = z({cfg.heads * dh});
+      blk->k_bias = z({cfg.kv_heads * dh});
+      blk->dk_bias = z({cfg.kv_heads * dh});
+      blk->v_bias = z({cfg.kv_heads * dh});
+      blk->dv_bias = z({cfg.kv_heads * dh});
+    }
+    if (cfg.qk_norm != QkNorm::None) {
+      const bool head = cfg.qk_norm == QkNorm::Head;
+      blk->q_norm = z({head ? dh : cfg.heads * dh});
+      blk->dq_norm = z({head ? dh : cfg.heads * dh});
+      blk->k_norm = z({head ? dh : cfg.kv_heads * dh});
+      blk->dk_norm = z({head ? dh : cfg.kv_heads * dh});
+    }
     if (blk->is_moe && parallel && parallel->distributed()) {
       // Experts sharded over the ep group; the router's batch is the world's tokens, and the
       // trainer averages gradients over the world (loss_grad_weight = world).
@@ -104,6 +134,15 @@ std::vector<ParamSlot> TransformerLM::param_slots() {
     ps.push_back({p + "wk", &bk.wk, &bk.dwk});
     ps.push_back({p + "wv", &bk.wv, &bk.dwv});
     ps.push_back({p + "wo", &bk.wo, &bk.dwo});
+    if (bk.q_bias.defined()) {
+      ps.push_back({p + "q_bias", &bk.q_bias, &bk.dq_bias});
+      ps.push_back({p + "k_bias", &bk.k_bias, &bk.dk_bias});
+      ps.push_back({p + "v_bias", &bk.v_bias, &bk.dv_bias});
+    }
+    if (bk.q_norm.defined()) {
+      ps.push_back({p + "q_norm", &bk.q_norm, &bk.dq_norm});
+      ps.push_back({p + "k_norm", &bk.k_norm, &bk.dk_norm});
+    }
     ps.push_back({p + "ffn_norm", &bk.ffn_norm, &bk.dffn_norm});
     if (bk.moe) {
       for (ParamSlot& r : bk.moe->param_slots()) ps.push_back({p + "moe." + r.name, r.value, r.grad});
@@ -129,15 +168,15 @@ int TransformerLM::block_of(const std::string& name) {
 }
 
 void TransformerLM::init(uint64_t seed) {
-  // Norm weights 1; embeddings N(0, (0.02 s)^2); every other matrix N(0, (s / sqrt(fan_in))^2),
+  // Norm weights 1, biases 0; embeddings N(0, (0.02 s)^2); every other matrix N(0, (s / sqrt(fan_in))^2),
   // with the residual-branch outputs (wo, FFN w2) further scaled by 1/sqrt(2 layers) (GPT-2).
   // s = model.init_scale. Each tensor draws from its own stream, derived from its name's index.
   const double s = cfg_.init_scale, resid = 1.0 / std::sqrt(2.0 * double(cfg_.layers));
   uint64_t tag = 0;
   for (ParamRef& p : params()) {
     const uint64_t stream = rng::derive(seed, ++tag);
-    const bool is_norm = p.value.ndim() == 1;
-    const bool is_bias = p.name.find("bias") != std::string::npos;
+    const bool is_bias = p.name.ends_with("_bias");
+    const bool is_norm = p.value.ndim() == 1 && !is_bias;
     double std = 0;
     if (p.name == "embed") std = 0.02 * s;
     else if (!is_norm && !is_bias) {
@@ -151,6 +190,7 @@ void TransformerLM::init(uint64_t seed) {
                                ? uint64_t(first_expert_) * uint64_t(p.value.numel() / p.value.dim(0))
                                : 0;
     if (is_norm) b_.fill(p.value, 1.0);
+    else if (is_bias) b_.fill(p.value, 0.0);
     else init_normal(b_, p.value, stream, first, std);
   }
 }
@@ -194,10 +234,39 @@ std::vector<std::pair<std::string, Tensor>> TransformerLM::activations() {
   return out;
 }
 
+// Hugging Face's load_balancing_loss_func (transformers' Mixtral, Qwen-MoE, OLMoE): the router
+// outputs of all L MoE layers are concatenated into one batch of L*T rows, so
+//   aux_hf = E * sum_i F_i * P_i,  F_i = sum_l routed_l,i / (L T),  P_i = mean_l P_l,i
+// (F sums to k: k assignments per token), and dL/dp_l,t,i = alpha * E * F_i / (L T) for every
+// layer and token. Counts and P are the batch's (the routers' batch group, if any).
+void TransformerLM::pooled_aux_loss(LMForward& out) {
+  const int64_t E = cfg_.moe.experts, L = int64_t(out.moe.size());
+  const int64_t T = blocks_.empty() ? 0 : moe_layer(0).last_routing().batch_tokens;
+  std::vector<double> F(size_t(E), 0.0), P(size_t(E), 0.0);
+  for (const MoEOutput& mo : out.moe)
+    for (int64_t i = 0; i < E; ++i) {
+      F[size_t(i)] += double(mo.stats.routed[size_t(i)]);
+      P[size_t(i)] += mo.stats.mean_prob[size_t(i)];
+    }
+  double aux = 0;
+  for (int64_t i = 0; i < E; ++i) {
+    F[size_t(i)] /= double(L) * double(T);
+    P[size_t(i)] /= double(L);
+    aux += F[size_t(i)] * P[size_t(i)];
+  }
+  out.hf_aux = double(E) * aux;
+  const RouterConfig& rc = cfg_.moe.router;
+  if (rc.aux_convention != AuxConvention::Hf) return;
+  out.router_loss += rc.aux_alpha * out.hf_aux;
+  std::vector<double> g(static_cast<size_t>(E), 0.0);
+  for (int64_t i = 0; i < E; ++i) g[size_t(i)] = rc.aux_alpha * double(E) * F[size_t(i)] / (double(L) * double(T));
+  for (size_t l = 0; l < out.moe.size(); ++l) moe_layer(l).router().set_pooled_aux_grad(g);
+}
+
 LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, int64_t seq_len,
                                  bool training, uint64_t seed) {
   const int64_t T = tokens.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
-  const int64_t dh = D / H;
+  const int64_t dh = cfg_.head_width();
   MOELAB_CHECK(seq_len >= 1 && T % seq_len == 0, "model: ", T, " tokens do not split into sequences of ",
                seq_len);
   MOELAB_CHECK(targets.numel() == T, "model: ", targets.numel(), " targets for ", T, " tokens");
@@ -228,6 +297,28 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
       b_.gemm(false, false, 1.0, bk.n1, bk.wq, 0.0, q);
       b_.gemm(false, false, 1.0, bk.n1, bk.wk, 0.0, k);
       b_.gemm(false, false, 1.0, bk.n1, bk.wv, 0.0, bk.v);
+      if (bk.q_bias.defined()) {  // + ones [T,1] x bias [1,N]: a rank-1 GEMM, no extra op
+        Tensor ones = e({T, 1});
+        b_.fill(ones, 1.0);
+        b_.gemm(false, false, 1.0, ones, bk.q_bias.reshape({1, H * dh}), 1.0, q);
+        b_.gemm(false, false, 1.0, ones, bk.k_bias.reshape({1, Hkv * dh}), 1.0, k);
+        b_.gemm(false, false, 1.0, ones, bk.v_bias.reshape({1, Hkv * dh}), 1.0, bk.v);
+      }
+    }
+    if (bk.q_norm.defined()) {
+      // RMSNorm per head (rows of Dh) or over the whole projection (rows of H*Dh), then RoPE.
+      ProfileScope ps(b_, "norms");
+      const bool head = cfg_.qk_norm == QkNorm::Head;
+      bk.q_raw = q;
+      bk.k_raw = k;
+      q = e({T, H * dh});
+      k = e({T, Hkv * dh});
+      bk.rstd_q = e({head ? T * H : T});
+      bk.rstd_k = e({head ? T * Hkv : T});
+      const Shape qs = head ? Shape{T * H, dh} : Shape{T, H * dh};
+      const Shape ks = head ? Shape{T * Hkv, dh} : Shape{T, Hkv * dh};
+      b_.rmsnorm_forward(bk.q_raw.reshape(qs), bk.q_norm, cfg_.norm_eps, q.reshape(qs), bk.rstd_q);
+      b_.rmsnorm_forward(bk.k_raw.reshape(ks), bk.k_norm, cfg_.norm_eps, k.reshape(ks), bk.rstd_k);
     }
     bk.q = e({T, H * dh});
     bk.k = e({T, Hkv * dh});
@@ -270,6 +361,7 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
     }
     x = x_out;
   }
+  if (!out.moe.empty()) pooled_aux_loss(out);
   x_final_ = x;
   xn_final_ = e({T, D});
   rstd_final_ = e({T});
@@ -288,7 +380,7 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
 void TransformerLM::backward(const std::function<void(int block)>& block_done) {
   MOELAB_CHECK(logits_.defined(), "model: backward without a forward");
   const int64_t T = tokens_.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
-  const int64_t dh = D / H, S = seq_len_;
+  const int64_t dh = cfg_.head_width(), S = seq_len_;
   auto e = [&](Shape s) { return b_.empty(s, dtype_); };
 
   Tensor dlogits = e({T, cfg_.vocab});
@@ -341,9 +433,29 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done) {
       b_.rope_backward(dq, H, S, cfg_.rope_theta, dq);
       b_.rope_backward(dk, Hkv, S, cfg_.rope_theta, dk);
     }
+    if (bk.q_norm.defined()) {  // dq, dk are w.r.t. the normed projections: back through the norms
+      ProfileScope ps(b_, "norms");
+      const bool head = cfg_.qk_norm == QkNorm::Head;
+      const Shape qs = head ? Shape{T * H, dh} : Shape{T, H * dh};
+      const Shape ks = head ? Shape{T * Hkv, dh} : Shape{T, Hkv * dh};
+      Tensor dq_raw = e({T, H * dh}), dk_raw = e({T, Hkv * dh});
+      b_.rmsnorm_backward(bk.q_raw.reshape(qs), bk.q_norm, bk.rstd_q, dq.reshape(qs), dq_raw.reshape(qs),
+                          bk.dq_norm);
+      b_.rmsnorm_backward(bk.k_raw.reshape(ks), bk.k_norm, bk.rstd_k, dk.reshape(ks), dk_raw.reshape(ks),
+                          bk.dk_norm);
+      dq = dq_raw;
+      dk = dk_raw;
+    }
     Tensor dn1 = e({T, D});
     {
       ProfileScope ps(b_, "attention projections");
+      if (bk.q_bias.defined()) {  // d bias += ones^T d(projection)
+        Tensor ones = e({T, 1});
+        b_.fill(ones, 1.0);
+        b_.gemm(true, false, 1.0, ones, dq, 1.0, bk.dq_bias.reshape({1, H * dh}));
+        b_.gemm(true, false, 1.0, ones, dk, 1.0, bk.dk_bias.reshape({1, Hkv * dh}));
+        b_.gemm(true, false, 1.0, ones, dv, 1.0, bk.dv_bias.reshape({1, Hkv * dh}));
+      }
       b_.gemm(true, false, 1.0, bk.n1, dq, 1.0, bk.dwq);
       b_.gemm(true, false, 1.0, bk.n1, dk, 1.0, bk.dwk);
       b_.gemm(true, false, 1.0, bk.n1, dv, 1.0, bk.dwv);

@@ -2,9 +2,12 @@
 //
 //   x0 = embed[tokens]
 //   block i:  x += Wo Attention(RoPE(Wq n), RoPE(Wk n), Wv n),  n = RMSNorm(x)   (causal, GQA)
+//             (optionally q, k, v + biases (Qwen2-MoE) and q, k RMSNorm-ed before RoPE, per head
+//             (Qwen3-MoE) or over the whole projection (OLMoE))
 //             x += FFN_i(RMSNorm(x)),  FFN_i = MoE layer if block i is an MoE block, else a dense
 //             SwiGLU (GShard alternates: block i is MoE when moe_every > 0 and
-//             i % moe_every == moe_every - 1; moe_every = 0 is a dense model)
+//             i % moe_every == moe_every - 1; moe_every = 0 is a dense model; dense_layers
+//             forces blocks dense, as Qwen's mlp_only_layers)
 //   logits = RMSNorm(x_L) W_head   (W_head = embed^T when tied)
 //   objective = CE(logits, targets) + sum over MoE blocks of their weighted router losses
 //
@@ -36,15 +39,23 @@ struct LMConfig {
   double init_scale = 1.0;     // multiplies every init std (Switch: 0.1 for stability)
   double rope_theta = 10000.0;
   double norm_eps = 1e-5;
+  int64_t head_dim = 0;            // 0 = d_model / heads (Qwen3 sets its own: H * Dh != D)
+  bool qkv_bias = false;           // q, k, v projections have biases (Qwen2-MoE)
+  QkNorm qk_norm = QkNorm::None;   // RMSNorm of q and k before RoPE (Qwen3-MoE head, OLMoE projection)
+  std::vector<int64_t> dense_layers;  // blocks forced dense whatever moe_every says
   MoEConfig moe;
   void validate() const;
-  bool is_moe_block(int64_t i) const { return moe_every > 0 && i % moe_every == moe_every - 1; }
+  bool is_moe_block(int64_t i) const;
   int64_t dense_width() const { return d_ff > 0 ? d_ff : moe.top_k * moe.d_expert; }
+  int64_t head_width() const { return head_dim > 0 ? head_dim : d_model / heads; }
 };
 
 struct LMForward {
   double ce_loss = 0;              // mean cross-entropy, nats per token
-  double router_loss = 0;          // sum of the MoE blocks' weighted router losses
+  double router_loss = 0;          // sum of the MoE blocks' weighted router losses (with
+                                   // router.aux_convention = hf: + aux_alpha * hf_aux)
+  double hf_aux = 0;               // Hugging Face's pooled load-balancing loss (un-weighted;
+                                   // computed for every MoE model, used with aux_convention = hf)
   std::vector<MoEOutput> moe;      // one per MoE block, in block order
 };
 
@@ -85,6 +96,7 @@ class TransformerLM {
 
  private:
   struct Block;
+  void pooled_aux_loss(LMForward& out);  // out.hf_aux, and the hf convention's gradients
   Backend& b_;
   LMConfig cfg_;
   DType dtype_;

@@ -112,15 +112,18 @@ MemoryEstimate estimate_memory(const RunConfig& cfg) {
   const Q V = z.key("model.vocab", m.vocab), D = z.key("model.d_model", moe.d_model);
   const Q L = z.key("model.layers", m.layers);
   const Q H = z.key("model.heads", heads), Hkv = z.key("model.kv_heads", kv);
-  const Q dh{heads > 0 ? moe.d_model / heads : moe.d_model, {"model.d_model", "model.heads"}};
+  const Q dh = m.head_dim > 0 ? z.key("model.head_dim", m.head_dim)
+                              : Q{heads > 0 ? moe.d_model / heads : moe.d_model, {"model.d_model", "model.heads"}};
   const Q E = z.key("model.experts", moe.experts), K = z.key("model.top_k", moe.top_k);
   const Q F = z.key("model.d_expert", moe.d_expert);
-  const Q Fs = z.mul("model.shared_experts * model.d_expert",
-                     z.key("model.shared_experts", moe.shared_experts), F);
+  const Q Fs = moe.shared_width > 0 ? z.key("model.shared_width", moe.shared_width)
+                                    : z.mul("model.shared_experts * model.d_expert",
+                                            z.key("model.shared_experts", moe.shared_experts), F);
   const Q Fd = m.d_ff > 0 ? z.key("model.d_ff", m.d_ff) : z.mul("model.top_k * model.d_expert", K, F);
   const Q B = z.key("train.batch", cfg.train.batch), S = z.key("train.seq", cfg.train.seq);
-  // MoE blocks are i % moe_every == moe_every - 1 (core/model.h).
-  const int64_t n_moe = m.moe_every > 0 ? m.layers / m.moe_every : 0;
+  // MoE blocks are i % moe_every == moe_every - 1, less model.dense_layers (core/model.h).
+  const int64_t n_moe = m.moe_every > 0 && m.layers < (int64_t(1) << 24) ? m.moe_block_count()
+                        : m.moe_every > 0 ? m.layers / m.moe_every : 0;
   const Q Lm{n_moe, {"model.layers", "model.moe_every"}};
   const Q Ld{m.layers - n_moe, {"model.layers", "model.moe_every"}};
 
@@ -134,8 +137,11 @@ MemoryEstimate estimate_memory(const RunConfig& cfg) {
   const std::string pc = "the parameter count";
   const Q two = Sizer::lit(2), three = Sizer::lit(3);
   const Q embed = z.add(pc, z.mul(pc, V, D, Sizer::lit(m.tie_embeddings ? 1 : 2)), D);
-  const Q attn_block = z.add(pc, z.mul(pc, two, D), z.mul(pc, D, H, dh), z.mul(pc, two, D, Hkv, dh),
-                             z.mul(pc, H, dh, D));
+  Q attn_block = z.add(pc, z.mul(pc, two, D), z.mul(pc, D, H, dh), z.mul(pc, two, D, Hkv, dh),
+                       z.mul(pc, H, dh, D));
+  if (m.qkv_bias) attn_block = z.add(pc, attn_block, z.mul(pc, H, dh), z.mul(pc, two, Hkv, dh));
+  if (m.qk_norm != QkNorm::None)
+    attn_block = z.add(pc, attn_block, m.qk_norm == QkNorm::Head ? z.mul(pc, two, dh) : z.mul(pc, z.add(pc, H, Hkv), dh));
   const Q attn = z.mul(pc, L, attn_block);
   const bool learned = moe.router.noise == NoiseType::Learned;
   Q moe_block = z.add(pc, z.mul(pc, D, E, Sizer::lit(learned ? 2 : 1)), z.mul(pc, three, E, D, F));

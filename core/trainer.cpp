@@ -24,8 +24,6 @@
 namespace moelab {
 namespace {
 
-constexpr const char* kVersion = "0.1.0";
-constexpr const char* kCheckpointKind = "moelab-train-state-1";
 enum : uint64_t { kInitStream = 1, kStepStream = 1000000, kEvalStream = 2000000 };
 
 using Clock = std::chrono::steady_clock;
@@ -85,6 +83,12 @@ LMConfig lm_config(const RunConfig& cfg) {
   c.d_ff = cfg.model.d_ff;
   c.tie_embeddings = cfg.model.tie_embeddings;
   c.init_scale = cfg.model.init_scale;
+  c.rope_theta = cfg.model.rope_theta;
+  c.norm_eps = cfg.model.norm_eps;
+  c.head_dim = cfg.model.head_dim;
+  c.qkv_bias = cfg.model.qkv_bias;
+  c.qk_norm = cfg.model.qk_norm;
+  c.dense_layers = cfg.model.dense_layers;
   c.moe = cfg.moe;
   return c;
 }

@@ -17,6 +17,11 @@
 
 namespace moelab {
 
+// The checkpoint's "kind" meta value of a training state (the trainer's checkpoints, and the
+// weights-only checkpoints `moelab import-hf` writes).
+inline constexpr const char* kCheckpointKind = "moelab-train-state-1";
+inline constexpr const char* kVersion = "0.1.0";  // moelab's version, in logs and checkpoints
+
 // What TrainOptions::on_gradients sees: the rank, its layout (0, 1, 1 on one rank), the step,
 // the parameters with their reduced gradients, and the model (its MoE layers' last routing and
 // dispatch layout are this step's training forward).

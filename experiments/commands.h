@@ -59,6 +59,22 @@ struct TokenizeCliOptions {
   bool info = false;                // print the tokenizer's summary and vocabulary size only
 };
 int run_tokenize(const TokenizeCliOptions& opts);  // experiments/tokenize_cmd.cpp
+
+// `moelab import-hf DIR --out CHECKPOINT [--dtype f32|f64] [--overwrite]` (experiments/hf_cmd.cpp).
+struct ImportHfCliOptions {
+  std::string dir, out;
+  bool f64 = false;        // f64 master weights (and model.dtype = f64) instead of f32
+  bool overwrite = false;
+};
+int run_import_hf(const ImportHfCliOptions& opts);
+// `moelab export-hf CHECKPOINT --out DIR [--arch NAME] [--layout per_expert|fused] [--dtype F32|BF16|F64]
+// [--shard-size BYTES] [--overwrite]`.
+struct ExportHfCliOptions {
+  std::string checkpoint, out, arch, layout, dtype;
+  uint64_t shard_bytes = uint64_t(5) << 30;  // Hugging Face's default max_shard_size: 5 GB
+  bool overwrite = false;
+};
+int run_export_hf(const ExportHfCliOptions& opts);
 // experiments/study_cmd.cpp: the runs of a study (expand_sweep(base)), `jobs` at a time on the CPU
 // (0 = plan_jobs chooses), each single-threaded; sweep.json rewritten after every finished run
 // when write_index. Returns 0, or the exit status of the first run that failed.

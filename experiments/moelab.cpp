@@ -7,6 +7,8 @@
 //   moelab bench      [moe-layer] [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
 //                     [--breakdown]
 //   moelab config     [--config FILE] [--set ...] [--get KEY] [--keys]
+//   moelab import-hf  DIR --out CHECKPOINT [--dtype f32|f64]
+//   moelab export-hf  CHECKPOINT --out DIR [--arch NAME] [--layout per_expert|fused]
 //   moelab tokenize   --tokenizer PATH --in FILE... [--out FILE | --out-dir DIR] [--decode]
 //
 // Exit codes: 0 success; 2 usage or config error (moelab::UsageError; `moelab: error: <message>`
@@ -45,6 +47,8 @@ const char* kUsage =
     "  bench       GPU performance benchmarks\n"
     "  config      print the resolved config as INI, one key, or the table of keys\n"
     "  tokenize    encode text to token ids, or decode ids, with a tokenizer.json\n"
+    "  import-hf   convert a Hugging Face MoE checkpoint (Mixtral, Qwen2/3-MoE, OLMoE) to moelab's\n"
+    "  export-hf   write a moelab checkpoint as a Hugging Face model\n"
     "  help [CMD]  this text, or the options of CMD\n"
     "\n"
     "'moelab CMD --help' lists the options of CMD.\n";
@@ -396,6 +400,79 @@ int cmd_tokenize(int argc, char** argv) {
   return run_tokenize(t);
 }
 
+// `moelab CMD OPERAND --opt ...`: the operand (the first word after CMD, if it is not an option)
+// becomes `as_option OPERAND`, so that the option parser sees only options.
+std::vector<char*> take_first_operand(int argc, char** argv, const char* as_option) {
+  std::vector<char*> args(argv, argv + argc);
+  if (argc > 2 && argv[2][0] != '-') {
+    static std::string opt_name;
+    opt_name = as_option;
+    args.insert(args.begin() + 2, opt_name.data());
+  }
+  return args;
+}
+
+int cmd_import_hf(int argc, char** argv) {
+  Command cmd{"import-hf", "moelab import-hf DIR --out CHECKPOINT [--dtype f32|f64] [--overwrite]",
+              po::options_description("import-hf options")};
+  cmd.options.add_options()("dir", po::value<std::string>()->value_name("DIR"),
+                            "the Hugging Face model folder (config.json, model.safetensors or shards)")(
+      "out", po::value<std::string>()->value_name("CHECKPOINT"), "the moelab checkpoint to write")(
+      "dtype", po::value<std::string>()->value_name("f32|f64"), "master weights (default f32)")(
+      "overwrite", "replace an existing --out");
+  std::vector<char*> args = take_first_operand(argc, argv, "--dir");
+  po::variables_map vm;
+  if (!parse(cmd, int(args.size()), args.data(), vm)) return 0;
+  ImportHfCliOptions o;
+  o.dir = opt(vm, "dir");
+  o.out = opt(vm, "out");
+  if (o.dir.empty()) MOELAB_USAGE_FAIL("import-hf: DIR is required (a folder with config.json and safetensors)");
+  if (o.out.empty()) MOELAB_USAGE_FAIL("import-hf: --out CHECKPOINT is required");
+  const std::string dt = opt(vm, "dtype");
+  if (!dt.empty() && dt != "f32" && dt != "f64") MOELAB_USAGE_FAIL("import-hf: --dtype '", dt, "' is not one of f32|f64");
+  o.f64 = dt == "f64";
+  o.overwrite = vm.count("overwrite") > 0;
+  return run_import_hf(o);
+}
+
+int cmd_export_hf(int argc, char** argv) {
+  Command cmd{"export-hf",
+              "moelab export-hf CHECKPOINT --out DIR [--arch NAME] [--layout per_expert|fused] "
+              "[--dtype F32|BF16|F64] [--shard-size BYTES] [--overwrite]",
+              po::options_description("export-hf options")};
+  cmd.options.add_options()("checkpoint", po::value<std::string>()->value_name("CHECKPOINT"),
+                            "a moelab checkpoint (trained, or from import-hf)")(
+      "out", po::value<std::string>()->value_name("DIR"), "the folder to write config.json and safetensors into")(
+      "arch", po::value<std::string>()->value_name("NAME"),
+      "MixtralForCausalLM | Qwen2MoeForCausalLM | Qwen3MoeForCausalLM | OlmoeForCausalLM (default: the imported one)")(
+      "layout", po::value<std::string>()->value_name("per_expert|fused"),
+      "experts one tensor each, or fused gate_up_proj/down_proj (default: as imported, else per_expert)")(
+      "dtype", po::value<std::string>()->value_name("F32|BF16|F64"),
+      "tensor dtype (default: each tensor's original dtype, else the model's)")(
+      "shard-size", po::value<uint64_t>()->value_name("BYTES"), "largest shard (default 5e9)")(
+      "overwrite", "replace existing files in DIR");
+  std::vector<char*> args = take_first_operand(argc, argv, "--checkpoint");
+  po::variables_map vm;
+  if (!parse(cmd, int(args.size()), args.data(), vm)) return 0;
+  ExportHfCliOptions o;
+  o.checkpoint = opt(vm, "checkpoint");
+  o.out = opt(vm, "out");
+  o.arch = opt(vm, "arch");
+  o.layout = opt(vm, "layout");
+  o.dtype = opt(vm, "dtype");
+  if (o.checkpoint.empty()) MOELAB_USAGE_FAIL("export-hf: CHECKPOINT is required");
+  if (o.out.empty()) MOELAB_USAGE_FAIL("export-hf: --out DIR is required");
+  if (!std::filesystem::exists(o.checkpoint)) MOELAB_USAGE_FAIL("export-hf: '", o.checkpoint, "': no such checkpoint");
+  if (!o.dtype.empty() && o.dtype != "F32" && o.dtype != "BF16" && o.dtype != "F64")
+    MOELAB_USAGE_FAIL("export-hf: --dtype '", o.dtype, "' is not one of F32|BF16|F64");
+  if (vm.count("shard-size")) {
+    o.shard_bytes = vm["shard-size"].as<uint64_t>();
+    if (o.shard_bytes == 0) MOELAB_USAGE_FAIL("export-hf: --shard-size must be > 0");
+  }
+  o.overwrite = vm.count("overwrite") > 0;
+  return run_export_hf(o);
+}
+
 int dispatch(int argc, char** argv) {
   if (argc < 2) {
     std::cerr << kUsage;
@@ -418,8 +495,10 @@ int dispatch(int argc, char** argv) {
   if (sub == "bench") return cmd_bench(argc, argv);
   if (sub == "config") return cmd_config(argc, argv);
   if (sub == "tokenize") return cmd_tokenize(argc, argv);
+  if (sub == "import-hf") return cmd_import_hf(argc, argv);
+  if (sub == "export-hf") return cmd_export_hf(argc, argv);
   MOELAB_USAGE_FAIL("unknown command '", sub,
-              "' (commands: train, crosscheck, generate, bench, config, tokenize, help)");
+              "' (commands: train, crosscheck, generate, bench, config, tokenize, import-hf, export-hf, help)");
 }
 
 }  // namespace

@@ -970,6 +970,29 @@ TEST_CASE("gpu ops: router_stats", "[gpu]") {
       k.scalar("top1_prob", sg.top1_prob, sc.top1_prob);
       k.scalar("logit_rms", sg.logit_rms, sc.logit_rms);
       k.scalar("logit_max", sg.logit_max, sc.logit_max);
+      // The one-copy summary (the CUDA backend's fused path) against the CPU's composite of
+      // router_stats, aux, z and importance; the sequence-level aux on 7 sequences of 11.
+      Pair gates = k.randn(idx_c.shape(), 1.0);
+      for (int64_t seq : {int64_t(0), int64_t(11)}) {
+        if (ec && seq) continue;
+        const RouterSummary uc = cpu().router_summary(l.c, p.c, idx.c, keep.c, gates.c, ec, E, seq, !ec, !ec);
+        const RouterSummary ug = g.router_summary(l.g, p.g, idx.g, keep.g, gates.g, ec, E, seq, !ec, !ec);
+        k.exact_vec("summary routed", ug.stats.routed, uc.stats.routed);
+        k.exact_vec("summary kept", ug.stats.kept, uc.stats.kept);
+        k.exact_value("summary tokens_unrouted", ug.stats.tokens_unrouted, uc.stats.tokens_unrouted);
+        k.vec("summary mean_prob", ug.stats.mean_prob, uc.stats.mean_prob);
+        k.scalar("summary entropy", ug.stats.entropy, uc.stats.entropy);
+        k.scalar("summary top1_prob", ug.stats.top1_prob, uc.stats.top1_prob);
+        k.scalar("summary logit_rms", ug.stats.logit_rms, uc.stats.logit_rms);
+        k.scalar("summary logit_max", ug.stats.logit_max, uc.stats.logit_max);
+        k.scalar("summary z", ug.z, uc.z);
+        k.scalar("summary aux", ug.aux, uc.aux);
+        k.scalar("summary importance", ug.importance, uc.importance);
+        if (!ec) {
+          REQUIRE(uc.aux == cpu().aux_loss_forward(p.c, idx.c, seq));
+          REQUIRE(uc.z == cpu().z_loss_forward(l.c));
+        }
+      }
     }
   fam.finish();
 }

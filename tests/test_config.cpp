@@ -36,6 +36,8 @@ const std::vector<std::string> kEveryKeyChanged = {
     "model.experts=16", "model.top_k=2", "model.d_ff=24", "model.d_expert=48", "model.moe_every=1",
     "model.shared_experts=2", "model.shared_gate=true", "model.expert_dropout=0.25",
     "model.vocab=300", "model.tie_embeddings=false", "model.init_scale=0.1", "model.dtype=f64",
+    "model.head_dim=8", "model.qkv_bias=true", "model.qk_norm=head", "model.dense_layers=0, 2",
+    "model.rope_theta=500000", "model.norm_eps=1e-6", "model.shared_width=40",
     "router.score=sigmoid", "router.normalize=false", "router.score_scale=2.5",
     "router.policy=random_top2", "router.random_top2_threshold=0.25", "router.noise=gaussian",
     "router.noise_eps=0.02", "router.aux_alpha=0.01", "router.aux_loss_type=sequence",
@@ -335,7 +337,9 @@ TEST_CASE("config: to_ini round-trips through load_config", "[config]") {
   // ... and train.seeds (which replaces train.seed, so not in the first two).
   RunConfig changed_par = load_config(
       "", {"parallel.ep=2", "parallel.dp=2", "train.grad_accum=2", "router.balance_scope=micro_batch",
-           "parallel.overlap_grad_reduce=false", "train.seeds=3, 1"});
+           "parallel.overlap_grad_reduce=false", "train.seeds=3, 1",
+           // Hugging Face's pooled aux loss needs softmax scores and the global loss.
+           "router.aux_convention=hf"});
   // Together they really change every key (so the round trip covers them all).
   const RunConfig defaults;
   for (const ConfigKey& k : config_keys()) {
@@ -588,4 +592,28 @@ TEST_CASE("config: sweep.baseline names a grid point", "[config][sweep][seeds]")
             "is not a grid point"));
   CHECK(load_config("", {"sweep.router.aux_alpha=0,0.01", "sweep.baseline=aux_alpha=0", "sweep.baseline="})
             .sweep_baseline.empty());
+}
+
+TEST_CASE("config: the keys of imported architectures (head_dim, qk_norm, dense_layers, aux_convention) "
+          "are checked by name", "[config][hf]") {
+  auto err = [](std::vector<std::string> sets) { return error_of([&] { load_config("", sets); }); };
+  RunConfig c = load_config("", {"model.layers=4", "model.moe_every=1", "model.dense_layers=3, 0"});
+  CHECK(c.model.dense_layers == std::vector<int64_t>{0, 3});  // sorted
+  CHECK(!c.model.is_moe_block(0));
+  CHECK(c.model.is_moe_block(1));
+  CHECK(c.model.moe_block_count() == 2);
+  CHECK(load_config("", {"model.dense_layers="}).model.dense_layers.empty());
+  CHECK_THAT(err({"model.dense_layers=1, 1"}), has_substr("model.dense_layers lists block 1 twice"));
+  CHECK_THAT(err({"model.dense_layers=x"}), has_substr("'x' is not a block index"));
+  CHECK_THAT(err({"model.dense_layers=-1"}), has_substr("'-1' is not a block index"));
+  CHECK_THAT(err({"model.layers=2", "model.dense_layers=2"}), has_substr("model.dense_layers lists block 2, but model.layers = 2"));
+  // head_dim lifts "heads divides d_model" and must be even.
+  CHECK(load_config("", {"model.d_model=20", "model.heads=4", "model.head_dim=8"}).model.head_dim == 8);
+  CHECK_THAT(err({"model.d_model=20", "model.heads=3"}), has_substr("or set model.head_dim"));
+  CHECK_THAT(err({"model.head_dim=7"}), has_substr("the head width 7 (model.head_dim) must be even"));
+  CHECK_THAT(err({"model.qk_norm=rms"}), has_substr("model.qk_norm = 'rms' is not one of none|head|projection"));
+  CHECK_THAT(err({"router.aux_convention=hf", "router.score=sigmoid"}), has_substr("router.aux_convention = hf"));
+  CHECK_THAT(err({"router.aux_convention=hf", "router.aux_loss_type=sequence"}), has_substr("router.aux_loss_type = global"));
+  CHECK_THAT(err({"model.shared_width=8"}), has_substr("model.shared_width = 8 needs model.shared_experts >= 1"));
+  CHECK_THAT(err({"model.rope_theta=0"}), has_substr("model.rope_theta"));
 }

@@ -1,6 +1,7 @@
 // moelab tests: the transformer ops (embedding, RMSNorm, RoPE, causal attention with GQA,
 // cross-entropy, AdamW) and the whole language model, against finite differences in f64.
 #include <algorithm>
+#include <functional>
 
 #include "core/model.h"
 #include "test_util.h"
@@ -137,9 +138,11 @@ LMConfig tiny_lm(int64_t moe_every, bool tie) {
   return c;
 }
 
-void check_lm(const LMConfig& cfg, uint64_t seed) {
+// prepare(lm), if given, runs after init (to give zero-initialised parameters values).
+void check_lm(const LMConfig& cfg, uint64_t seed, const std::function<void(TransformerLM&)>& prepare = {}) {
   TransformerLM lm(B(), cfg, DType::F64);
   lm.init(seed);
+  if (prepare) prepare(lm);
   const int64_t S = 5, T = 10;
   std::vector<double> tk, tg;
   for (int t = 0; t < T; ++t) {
@@ -164,10 +167,91 @@ TEST_CASE("lm grad: GShard alternation (dense, MoE), untied head", "[grad][model
   check_lm(tiny_lm(2, false), 22);
 }
 
+TEST_CASE("lm grad: Qwen2-MoE features (q/k/v biases, a dense block by dense_layers, a gated shared "
+          "expert of its own width, Hugging Face's pooled aux loss)", "[grad][model][lm][hf]") {
+  LMConfig c = tiny_lm(1, false);
+  c.layers = 3;
+  c.qkv_bias = true;
+  c.dense_layers = {1};
+  c.d_ff = 7;
+  c.moe.shared_experts = 1;
+  c.moe.shared_width = 5;
+  c.moe.shared_gate = true;
+  c.moe.router.normalize = false;
+  c.moe.router.aux_convention = AuxConvention::Hf;
+  c.moe.router.aux_alpha = 0.3;
+  c.rope_theta = 1e6;
+  c.norm_eps = 1e-6;
+  REQUIRE(TransformerLM(B(), c, DType::F64).moe_blocks() == std::vector<int>{0, 2});
+  // Biases start at zero; give them values so that the check sees them act.
+  check_lm(c, 23, [](TransformerLM& lm) {
+    uint64_t k = 77;
+    for (ParamRef& p : lm.params())
+      if (p.name.ends_with("_bias")) B().copy(randn(p.value.shape(), k++), p.value);
+  });
+}
+
+TEST_CASE("lm grad: Qwen3-MoE features (per-head q/k RMSNorm, head_dim 6 with d_model 8)",
+          "[grad][model][lm][hf]") {
+  LMConfig c = tiny_lm(1, true);
+  c.qk_norm = QkNorm::Head;
+  c.head_dim = 6;
+  c.moe.top_k = 1;
+  check_lm(c, 24);
+}
+
+TEST_CASE("lm grad: OLMoE features (q/k RMSNorm over the whole projection), k = 3", "[grad][model][lm][hf]") {
+  LMConfig c = tiny_lm(1, false);
+  c.qk_norm = QkNorm::Projection;
+  c.moe.top_k = 3;
+  c.moe.router.aux_convention = AuxConvention::Hf;
+  check_lm(c, 25);
+}
+
+TEST_CASE("lm: Hugging Face's pooled aux loss by hand (two layers, counts and probabilities pooled)",
+          "[model][hf]") {
+  LMConfig c = tiny_lm(1, true);
+  c.moe.router.aux_convention = AuxConvention::Hf;
+  TransformerLM lm(B(), c, DType::F64);
+  lm.init(5);
+  const int64_t T = 10;
+  std::vector<double> tk;
+  for (int t = 0; t < T; ++t) tk.push_back(double(rng::bits(9, t) % 11));
+  Tensor tokens = host_tensor(tk, Shape{T}, DType::I32);
+  LMForward o = lm.forward(tokens, tokens, 5, false, 1);
+  // E * sum_i (sum_l routed_l,i / (L T)) (mean_l P_l,i), from the layers' own statistics.
+  const int64_t E = c.moe.experts, L = 2;
+  double want = 0;
+  for (int64_t i = 0; i < E; ++i) {
+    double f = 0, p = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      f += double(o.moe[size_t(l)].stats.routed[size_t(i)]) / double(L * T);
+      p += o.moe[size_t(l)].stats.mean_prob[size_t(i)] / double(L);
+    }
+    want += f * p;
+  }
+  want *= double(E);
+  REQUIRE(o.hf_aux == Approx(want).epsilon(1e-14));
+  // k assignments per token: F sums to k, so a perfectly balanced router gives k, not 1.
+  double per_layer_sum = 0;
+  for (const MoEOutput& m : o.moe) per_layer_sum += m.losses.weighted;
+  // The layers' own weighted losses leave the Switch term out (z-loss only); the model adds
+  // alpha * hf_aux once.
+  REQUIRE(o.router_loss == Approx(per_layer_sum + c.moe.router.aux_alpha * o.hf_aux).epsilon(1e-14));
+  for (const MoEOutput& m : o.moe) REQUIRE(m.losses.weighted == Approx(c.moe.router.z_loss * m.losses.z).epsilon(1e-14));
+}
+
 TEST_CASE("lm: bad model shapes are refused with the key's name", "[model][errors]") {
   LMConfig c = tiny_lm(1, true);
   c.heads = 3;
   REQUIRE_THROWS_WITH(TransformerLM(B(), c, DType::F64), has_substr("model.heads = 3 must divide model.d_model = 8"));
+  c.head_dim = 4;  // an explicit head width lifts that requirement
+  REQUIRE_NOTHROW(TransformerLM(B(), c, DType::F64));
+  c.head_dim = 5;
+  REQUIRE_THROWS_WITH(TransformerLM(B(), c, DType::F64), has_substr("must be even"));
+  c = tiny_lm(1, true);
+  c.dense_layers = {2};
+  REQUIRE_THROWS_WITH(TransformerLM(B(), c, DType::F64), has_substr("model.dense_layers lists block 2"));
   c = tiny_lm(1, true);
   c.kv_heads = 3;
   c.heads = 4;

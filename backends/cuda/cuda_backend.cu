@@ -357,6 +357,18 @@ class CudaBackend final : public Backend {
                                 const Tensor& keep, bool ec, int64_t experts) override {
     return cuda::router_stats(ctx_, l, p, idx, keep, ec, experts);
   }
+  // One host copy per router call. MOELAB_ROUTER_SUMMARY=separate takes the composite (one copy
+  // per quantity) instead, to measure what the fusion buys in one call.
+  RouterSummary router_summary_impl(const Tensor& l, const Tensor& p, const Tensor& idx, const Tensor& keep,
+                                    const Tensor& g, bool ec, int64_t experts, int64_t aux_seq, bool want_aux,
+                                    bool want_imp) override {
+    static const bool separate = [] {
+      const char* e = std::getenv("MOELAB_ROUTER_SUMMARY");
+      return e && std::string(e) == "separate";
+    }();
+    if (separate) return Backend::router_summary_impl(l, p, idx, keep, g, ec, experts, aux_seq, want_aux, want_imp);
+    return cuda::router_summary(ctx_, l, p, idx, keep, g, ec, experts, aux_seq, want_aux, want_imp);
+  }
 
   // ---- transformer ops -------------------------------------------------------------------------
   void scale_impl(const Tensor& x, double alpha) override { cuda::mul_scalar(ctx_, x, alpha); }

@@ -112,6 +112,10 @@ void load_loss_backward(Ctx& c, const Tensor& clean, const Tensor& h, const Tens
                         const Tensor& dstd, const Tensor& dh);
 RouterStats router_stats(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
                          const Tensor& keep, bool expert_choice, int64_t experts);
+// router_stats, z, and optionally aux and importance, with one device-to-host copy.
+RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                             const Tensor& keep, const Tensor& gates, bool expert_choice, int64_t experts,
+                             int64_t aux_seq_len, bool want_aux, bool want_importance);
 
 
 // ---- kernels_transformer.cu --------------------------------------------------------------------

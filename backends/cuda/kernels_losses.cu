@@ -301,6 +301,11 @@ struct LoadTerms {
   }
 };
 
+__global__ void ull_to_double_kernel(const unsigned long long* x, int64_t n, double* y) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = double(x[i]);  // counts < 2^53: exact
+}
+
 double scalar_to_host(Ctx& c, const double* d) {
   double v = 0.0;
   c.to_host(&v, d, sizeof(double));
@@ -462,6 +467,88 @@ RouterStats router_stats(Ctx& c, const Tensor& logits, const Tensor& probs, cons
   st.logit_rms = std::sqrt(hr[E + 2] / double(R * E));
   st.logit_max = hr[E + 3];
   return st;
+}
+
+// One buffer on the device, one copy to the host:
+//   [routed E | kept E | unrouted 1 | prob sums E | entropy, top-1, logit^2, |logit| max | aux | z sum | cv2]
+RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                             const Tensor& keep, const Tensor& gates, bool ec, int64_t E, int64_t aux_seq_len,
+                             bool want_aux, bool want_importance) {
+  const int64_t R = logits.dim(0), n1 = idx.dim(1), A = idx.numel();
+  RouterSummary s;
+  s.stats.routed.assign(size_t(E), 0);
+  s.stats.kept.assign(size_t(E), 0);
+  s.stats.mean_prob.assign(size_t(E), 0.0);
+  if (R == 0) return s;
+  const int64_t at_p = 2 * E + 1, at_rows = 3 * E + 1, at_aux = 3 * E + 5, n = 3 * E + 8;
+  Buf<double> out(c, n);
+  CUDA_CHECK(cudaMemsetAsync(out.get(), 0, size_t(n) * sizeof(double), c.stream));
+  {  // statistics, as router_stats
+    Buf<unsigned long long> cnt(c, 2 * E + 1);
+    Buf<int32_t> has(c, R);
+    Buf<double> rows(c, 5 * R);  // entropy, top-1, logit^2, |logit| max per row; then lse^2
+    CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(2 * E + 1) * sizeof(unsigned long long), c.stream));
+    CUDA_CHECK(cudaMemsetAsync(has.get(), 0, size_t(R) * sizeof(int32_t), c.stream));
+    if (A > 0) {
+      stats_counts_kernel<<<grid_for(A), kThreads, 0, c.stream>>>(
+          cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, R, cnt.get(), has.get());
+      CUDA_CHECK_LAUNCH();
+    }
+    count_zero_kernel<<<grid_for(R), kThreads, 0, c.stream>>>(has.get(), R, cnt.get() + 2 * E);
+    CUDA_CHECK_LAUNCH();
+    ull_to_double_kernel<<<grid_for(2 * E + 1), kThreads, 0, c.stream>>>(cnt.get(), 2 * E + 1, out.get());
+    CUDA_CHECK_LAUNCH();
+    dispatch_float(logits.dtype(), "router_summary", [&](auto tag) {
+      using T = decltype(tag);
+      stats_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), cptr<T>(probs), R, E,
+                                                                     rows.get());
+      CUDA_CHECK_LAUNCH();
+      zloss_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), R, E, rows.get() + 4 * R);
+      CUDA_CHECK_LAUNCH();
+    });
+    column_sums(c, probs.dtype(), probs.data(), R, E, R, out.get() + at_p);
+    device_sum(c, rows.get(), R, out.get() + at_rows);
+    device_sum(c, rows.get() + R, R, out.get() + at_rows + 1);
+    device_sum(c, rows.get() + 2 * R, R, out.get() + at_rows + 2);
+    device_max(c, rows.get() + 3 * R, R, out.get() + at_rows + 3);
+    device_sum(c, rows.get() + 4 * R, R, out.get() + at_aux + 1);  // z: sum_t logsumexp_t^2
+  }
+  if (want_aux && A > 0) {  // as aux_loss_forward
+    const int64_t K = n1, S = aux_seq_len ? aux_seq_len : R, nseq = R / S;
+    Buf<int32_t> acnt(c, nseq * E);
+    Buf<double> P(c, nseq * E);
+    CUDA_CHECK(cudaMemsetAsync(acnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
+    aux_counts_kernel<<<grid_for(R * K), kThreads, 0, c.stream>>>(cptr<int32_t>(idx), R * K, K, S, E, acnt.get());
+    CUDA_CHECK_LAUNCH();
+    column_sums(c, probs.dtype(), probs.data(), R, E, S, P.get());
+    aux_value_kernel<<<1, 1, 0, c.stream>>>(acnt.get(), P.get(), nseq, E, S, K, out.get() + at_aux);
+    CUDA_CHECK_LAUNCH();
+  }
+  if (want_importance) {  // as cv2_loss_forward
+    Buf<double> imp(c, E), res(c, E + 1);
+    importance(c, gates, idx, E, imp.get());
+    cv2_kernel<<<1, 1, 0, c.stream>>>(imp.get(), E, res.get());
+    CUDA_CHECK_LAUNCH();
+    CUDA_CHECK(cudaMemcpyAsync(out.get() + at_aux + 2, res.get(), sizeof(double), cudaMemcpyDeviceToDevice,
+                               c.stream));
+  }
+  std::vector<double> h(static_cast<size_t>(n));
+  c.to_host(h.data(), out.get(), size_t(n) * sizeof(double));
+  RouterStats& st = s.stats;
+  for (int64_t e = 0; e < E; ++e) {
+    st.routed[e] = int64_t(h[size_t(e)]);
+    st.kept[e] = int64_t(h[size_t(E + e)]);
+    st.mean_prob[e] = h[size_t(at_p + e)] / double(R);
+  }
+  st.tokens_unrouted = int64_t(h[size_t(2 * E)]);
+  st.entropy = h[size_t(at_rows)] / double(R);
+  st.top1_prob = h[size_t(at_rows + 1)] / double(R);
+  st.logit_rms = std::sqrt(h[size_t(at_rows + 2)] / double(R * E));
+  st.logit_max = h[size_t(at_rows + 3)];
+  s.aux = h[size_t(at_aux)];
+  s.z = h[size_t(at_aux + 1)] / double(R);
+  s.importance = h[size_t(at_aux + 2)];
+  return s;
 }
 
 }  // namespace moelab::cuda

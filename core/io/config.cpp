@@ -243,6 +243,39 @@ ConfigKey seeds_key() {
   return k;
 }
 
+// model.dense_layers: "0, 3": block indices, each an integer >= 0, none twice; "" = none. The
+// range against model.layers is checked in finalize (the keys may come in any order).
+ConfigKey dense_layers_key() {
+  const std::string key = "model.dense_layers";
+  ConfigKey k{key, "comma-separated block indices >= 0, or empty",
+              "blocks with a dense FFN whatever moe_every says (Qwen's mlp_only_layers)", nullptr, nullptr};
+  k.get = [](const RunConfig& c) {
+    std::string out;
+    for (size_t i = 0; i < c.model.dense_layers.size(); ++i)
+      out += (i ? ", " : "") + std::to_string(c.model.dense_layers[i]);
+    return out;
+  };
+  k.set = [key](RunConfig& c, const std::string& text) {
+    std::vector<int64_t> layers;
+    std::stringstream ss(text);
+    std::string item;
+    if (!trim(text).empty())
+      while (std::getline(ss, item, ',')) {
+        item = trim(item);
+        int64_t v = -1;
+        auto r = std::from_chars(item.data(), item.data() + item.size(), v);
+        if (item.empty() || r.ec != std::errc() || r.ptr != item.data() + item.size() || v < 0)
+          MOELAB_USAGE_FAIL("config: ", key, ": '", item, "' is not a block index (an integer >= 0)");
+        if (std::find(layers.begin(), layers.end(), v) != layers.end())
+          MOELAB_USAGE_FAIL("config: ", key, " lists block ", v, " twice");
+        layers.push_back(v);
+      }
+    std::sort(layers.begin(), layers.end());
+    c.model.dense_layers = std::move(layers);
+  };
+  return k;
+}
+
 std::vector<ConfigKey> build_keys() {
   using RP = RoutingPolicy;
   std::vector<ConfigKey> k;
@@ -262,6 +295,18 @@ std::vector<ConfigKey> build_keys() {
                                "others a dense FFN (1 = all MoE, 2 = GShard alternation, 0 = dense model)"));
   k.push_back(int_key<int64_t>("model.d_ff", FIELD(model.d_ff), 0,
                                "dense FFN hidden width; 0 = top_k * d_expert (same active parameters)"));
+  k.push_back(dense_layers_key());
+  k.push_back(int_key<int64_t>("model.head_dim", FIELD(model.head_dim), 0,
+                               "per-head width; 0 = d_model / heads (Qwen3: heads * head_dim != d_model)"));
+  k.push_back(bool_key("model.qkv_bias", FIELD(model.qkv_bias), "biases on the q, k, v projections (Qwen2-MoE)"));
+  k.push_back(enum_key("model.qk_norm", FIELD(model.qk_norm),
+                       std::vector{QkNorm::None, QkNorm::Head, QkNorm::Projection},
+                       "RMSNorm of queries and keys before RoPE: per head (Qwen3-MoE) or over the "
+                       "whole projection (OLMoE)"));
+  k.push_back(real_key("model.rope_theta", FIELD(model.rope_theta), gt(0), "rotary embedding base theta"));
+  k.push_back(real_key("model.norm_eps", FIELD(model.norm_eps), gt(0), "RMSNorm epsilon"));
+  k.push_back(int_key<int64_t>("model.shared_width", FIELD(moe.shared_width), 0,
+                               "hidden width of the shared-expert MLP; 0 = shared_experts * d_expert"));
   k.push_back(int_key<int64_t>("model.shared_experts", FIELD(moe.shared_experts), 0,
                                "always-on shared experts of width d_expert (DeepSeek-MoE)"));
   k.push_back(bool_key("model.shared_gate", FIELD(moe.shared_gate),
@@ -298,6 +343,10 @@ std::vector<ConfigKey> build_keys() {
                        "jitter eps (x *= U[1-eps, 1+eps]) or Gaussian logit sigma"));
   k.push_back(real_key("router.aux_alpha", FIELD(moe.router.aux_alpha), ge(0),
                        "Switch load-balancing loss weight alpha (alpha * E * sum f_i P_i)"));
+  k.push_back(enum_key("router.aux_convention", FIELD(moe.router.aux_convention),
+                       std::vector{AuxConvention::Moelab, AuxConvention::Hf},
+                       "moelab: alpha * E * sum f_i P_i per MoE layer; hf: Hugging Face's loss, counts "
+                       "and probabilities pooled over all MoE layers (k at perfect balance)"));
   k.push_back(enum_key("router.aux_loss_type", FIELD(moe.router.aux_loss_type),
                        std::vector{AuxLossType::Global, AuxLossType::Sequence},
                        "aux loss over the whole batch or per sequence (DeepSeek)"));
@@ -641,6 +690,17 @@ std::string sanitize(const std::string& s) {
 
 }  // namespace
 
+bool ModelConfig::is_moe_block(int64_t i) const {
+  if (moe_every <= 0 || i % moe_every != moe_every - 1) return false;
+  return std::find(dense_layers.begin(), dense_layers.end(), i) == dense_layers.end();
+}
+
+int64_t ModelConfig::moe_block_count() const {
+  int64_t n = 0;
+  for (int64_t i = 0; i < layers; ++i) n += is_moe_block(i);
+  return n;
+}
+
 const std::vector<ConfigKey>& config_keys() {
   static const std::vector<ConfigKey> keys = build_keys();
   return keys;
@@ -656,9 +716,13 @@ void finalize(RunConfig& cfg) {
   } catch (const Error& e) {
     throw UsageError(std::string("config: ") + e.what());
   }
-  if (cfg.moe.d_model % m.heads != 0)
+  if (m.head_dim == 0 && cfg.moe.d_model % m.heads != 0)
     MOELAB_USAGE_FAIL("config: model.d_model = ", cfg.moe.d_model, " must be a multiple of model.heads = ",
-                m.heads);
+                m.heads, " (or set model.head_dim)");
+  for (int64_t l : m.dense_layers)
+    if (l >= m.layers)
+      MOELAB_USAGE_FAIL("config: model.dense_layers lists block ", l, ", but model.layers = ", m.layers,
+                        " has blocks 0 .. ", m.layers - 1);
   if (m.kv_heads > m.heads || m.heads % m.kv_heads != 0)
     MOELAB_USAGE_FAIL("config: model.kv_heads = ", m.kv_heads, " must divide model.heads = ", m.heads);
   const ParallelConfig& par = cfg.parallel;
@@ -693,9 +757,10 @@ void finalize(RunConfig& cfg) {
   if (cfg.data.tokenizer != "bytes" && cfg.data.source != "brown")
     MOELAB_USAGE_FAIL("config: data.tokenizer = ", cfg.data.tokenizer, " tokenizes the Brown corpus; with data.source = ",
                       cfg.data.source, " set data.tokenizer = bytes");
-  if ((cfg.moe.d_model / m.heads) % 2 != 0)
-    MOELAB_USAGE_FAIL("config: model.d_model / model.heads = ", cfg.moe.d_model / m.heads,
-                " must be even (rotary embeddings rotate pairs of dimensions)");
+  if (m.head_width(cfg.moe.d_model) % 2 != 0)
+    MOELAB_USAGE_FAIL("config: the head width ", m.head_width(cfg.moe.d_model),
+                      m.head_dim > 0 ? " (model.head_dim)" : " (model.d_model / model.heads)",
+                      " must be even (rotary embeddings rotate pairs of dimensions)");
 }
 
 RunConfig config_from_text(const std::string& ini, const std::string& origin) {

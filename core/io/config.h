@@ -37,6 +37,17 @@ struct ModelConfig {
                                  // (Switch recommends 0.1 for stability)
   DType dtype = DType::F32;      // model.dtype: f32 | f64 | bf16 (bf16: CUDA only); parsed once,
                                  // here, from its to_string() spelling
+  // Features of imported architectures (issue 11; docs/hf-import.md):
+  int64_t head_dim = 0;          // model.head_dim: per-head width; 0 = d_model / heads
+  bool qkv_bias = false;         // model.qkv_bias: biases on the q, k, v projections (Qwen2-MoE)
+  QkNorm qk_norm = QkNorm::None; // model.qk_norm: none | head (Qwen3-MoE) | projection (OLMoE)
+  std::vector<int64_t> dense_layers;  // model.dense_layers: blocks forced dense (Qwen's
+                                      // mlp_only_layers), on top of moe_every
+  double rope_theta = 10000.0;   // model.rope_theta: rotary base
+  double norm_eps = 1e-5;        // model.norm_eps: RMSNorm epsilon
+  bool is_moe_block(int64_t i) const;
+  int64_t moe_block_count() const;
+  int64_t head_width(int64_t d_model) const { return head_dim > 0 ? head_dim : d_model / heads; }
 };
 
 // [train]

@@ -57,6 +57,23 @@ const char* to_string(BalanceScope v) {
   return "?";
 }
 
+const char* to_string(AuxConvention v) {
+  switch (v) {
+    case AuxConvention::Moelab: return "moelab";
+    case AuxConvention::Hf: return "hf";
+  }
+  return "?";
+}
+
+const char* to_string(QkNorm v) {
+  switch (v) {
+    case QkNorm::None: return "none";
+    case QkNorm::Head: return "head";
+    case QkNorm::Projection: return "projection";
+  }
+  return "?";
+}
+
 const char* to_string(AuxLossType v) {
   switch (v) {
     case AuxLossType::Global: return "global";
@@ -94,6 +111,9 @@ void MoEConfig::validate() const {
   if (shared_experts < 0) MOELAB_USAGE_FAIL("model.shared_experts = ", shared_experts, " must be >= 0");
   if (shared_gate && shared_experts == 0)
     MOELAB_USAGE_FAIL("model.shared_gate = true needs model.shared_experts >= 1 (it gates their output)");
+  if (shared_width < 0) MOELAB_USAGE_FAIL("model.shared_width = ", shared_width, " must be >= 0 (0 = shared_experts * d_expert)");
+  if (shared_width > 0 && shared_experts == 0)
+    MOELAB_USAGE_FAIL("model.shared_width = ", shared_width, " needs model.shared_experts >= 1 (it is their width)");
   if (!(expert_dropout >= 0.0 && expert_dropout < 1.0))
     MOELAB_USAGE_FAIL("model.expert_dropout = ", num(expert_dropout), " must be in [0, 1)");
 
@@ -136,6 +156,11 @@ void MoEConfig::validate() const {
   // Padding to capacity is meaningless when dropless (there is no capacity to pad to).
   if (r.pad_to_capacity && r.capacity_factor == 0.0)
     MOELAB_USAGE_FAIL("router.pad_to_capacity = true needs router.capacity_factor > 0 (0 = dropless)");
+  // Hugging Face's pooled loss is the global Switch loss over softmax top-k assignments.
+  if (r.aux_convention == AuxConvention::Hf &&
+      (expert_choice || r.aux_loss_type != AuxLossType::Global || r.score != ScoreFunc::Softmax))
+    MOELAB_USAGE_FAIL("router.aux_convention = hf (Hugging Face's pooled load-balancing loss) needs "
+                      "router.score = softmax, router.aux_loss_type = global and a token-choice policy");
 }
 
 }  // namespace moelab

@@ -17,6 +17,15 @@ enum class NoiseType { None, Jitter, Gaussian, Learned };         // router.nois
 // takes it.
 enum class AuxLossType { Global, Sequence };                       // router.aux_loss_type
 enum class BalanceScope { Batch, MicroBatch };                     // router.balance_scope
+// router.aux_convention: how the Switch load-balancing loss is formed. moelab: per MoE layer,
+// E * sum_i f_i P_i with f_i = routed_i / (T K) (1 at perfect balance), summed over layers.
+// hf: Hugging Face's load_balancing_loss_func (Mixtral, Qwen-MoE, OLMoE): the counts and the
+// probabilities pooled over all MoE layers' tokens, f_i = routed_i / (L T) (k assignments per
+// token, so k at perfect balance), one loss for the model.
+enum class AuxConvention { Moelab, Hf };
+// model.qk_norm: RMSNorm on queries and keys before the rotary embedding. head: per head, weights
+// of head_dim (Qwen3-MoE); projection: over the whole q / k projection (OLMoE).
+enum class QkNorm { None, Head, Projection };
 
 const char* to_string(ScoreFunc v);
 const char* to_string(RoutingPolicy v);
@@ -24,6 +33,8 @@ const char* to_string(NoiseType v);
 const char* to_string(DropPolicy v);
 const char* to_string(AuxLossType v);
 const char* to_string(BalanceScope v);
+const char* to_string(AuxConvention v);
+const char* to_string(QkNorm v);
 
 struct RouterConfig {
   ScoreFunc score = ScoreFunc::Softmax;          // router.score
@@ -34,6 +45,7 @@ struct RouterConfig {
   NoiseType noise = NoiseType::None;             // router.noise (training only)
   double noise_eps = 1e-2;                       // router.noise_eps: jitter eps / Gaussian sigma
   double aux_alpha = 0.0;                        // router.aux_alpha: Switch load-balancing weight
+  AuxConvention aux_convention = AuxConvention::Moelab;  // router.aux_convention
   AuxLossType aux_loss_type = AuxLossType::Global;  // router.aux_loss_type
   // router.balance_scope: the tokens whose counts the balancing losses, the z-loss mean and the
   // statistics cover: the step's whole batch across ranks (Megatron-Core's global-batch aux
@@ -58,6 +70,9 @@ struct MoEConfig {
   int64_t d_expert = 128;        // model.d_expert (F)
   int64_t shared_experts = 0;    // model.shared_experts: always-on experts, width d_expert each
   bool shared_gate = false;      // model.shared_gate: sigmoid gate on the shared output (Qwen2-MoE)
+  int64_t shared_width = 0;      // model.shared_width: the shared MLP's hidden width; 0 =
+                                 // shared_experts * d_expert (Qwen2-MoE sets its own)
+  int64_t shared_hidden() const { return shared_width > 0 ? shared_width : shared_experts * d_expert; }
   double expert_dropout = 0.0;   // model.expert_dropout: dropout on the expert hidden (training)
   RouterConfig router;
 

@@ -35,8 +35,7 @@ MoELayer::MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype,
       experts_(backend, dispatcher_->local_experts(), cfg.d_model, cfg.d_expert, dtype) {
   router_.set_batch_group(batch_group, loss_grad_weight);
   if (cfg.shared_experts > 0) {
-    shared_ = std::make_unique<SwiGLUExperts>(backend, 1, cfg.d_model,
-                                              cfg.shared_experts * cfg.d_expert, dtype);
+    shared_ = std::make_unique<SwiGLUExperts>(backend, 1, cfg.d_model, cfg.shared_hidden(), dtype);
     if (cfg.shared_gate) {
       w_shared_gate_ = b_.zeros(Shape{cfg.d_model, 1}, dtype);
       dw_shared_gate_ = b_.zeros(Shape{cfg.d_model, 1}, dtype);

@@ -10,6 +10,12 @@
 #include "core/rng.h"
 
 namespace moelab {
+
+// The weight of this router's own Switch loss in its weighted sum: 0 under Hugging Face's
+// convention, whose pooled loss the model adds once for all layers.
+static double own_aux_weight(const RouterConfig& rc) {
+  return rc.aux_convention == AuxConvention::Hf ? 0.0 : rc.aux_alpha;
+}
 namespace {
 
 // Purposes of the per-call random streams, so that each draw is independent.
@@ -161,17 +167,22 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   }
 
   // Statistics and losses (values un-scaled; BACKGROUND.md sections 3 and 6).
+  // One router_summary call: a device backend copies all of it to the host at once.
   st.batch_tokens = T;
-  st.stats = b_.router_stats(st.logits, st.dist, st.idx, st.keep, st.expert_choice, E);
+  const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
+  const bool seq_aux_only = group_ != nullptr;  // a batch group forms the global aux from counts
+  const bool want_aux = !st.expert_choice && (!seq_aux_only || aux_seq > 0);
+  const RouterSummary sum = b_.router_summary(st.logits, st.dist, st.idx, st.keep, st.gates, st.expert_choice,
+                                              E, aux_seq, want_aux, !st.expert_choice && !group_);
+  st.stats = sum.stats;
   if (group_) {
-    reduce_over_group(st, seq_len);
+    reduce_over_group(st, seq_len, sum);
     return st;
   }
   RouterLosses& L = st.losses;
-  const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
   if (!st.expert_choice) {
-    L.aux = b_.aux_loss_forward(st.dist, st.idx, aux_seq);
-    L.importance = b_.cv2_loss_forward(st.gates, st.idx, E);
+    L.aux = sum.aux;
+    L.importance = sum.importance;
   } else {
     // Expert choice: E * sum_i f_i P_i with f_i = c_i / sum c (logged; balanced by construction).
     double total = 0;
@@ -179,12 +190,12 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
     for (int64_t e = 0; e < E; ++e)
       L.aux += double(E) * double(st.stats.routed[e]) / total * st.stats.mean_prob[e];
   }
-  L.z = b_.z_loss_forward(st.logits);
+  L.z = sum.z;
   if (rc.load_weight > 0 && noisy_logits(cfg_, training))
     L.load = b_.load_loss_forward(st.clean, st.logits, st.noise_std, rc.noise_eps, K);
   else
     L.load = cv2_of_counts(st.stats.routed);
-  L.weighted = rc.aux_alpha * L.aux + rc.z_loss * L.z + rc.importance_weight * L.importance +
+  L.weighted = own_aux_weight(rc) * L.aux + rc.z_loss * L.z + rc.importance_weight * L.importance +
                rc.load_weight * L.load;
   return st;
 }
@@ -216,7 +227,17 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
   // Switch load-balancing loss: the gradient flows through P only (counts are constants).
   // With a batch group, this rank's tokens carry the share T / T_batch of the batch's loss.
   const double share = double(T) / double(st.batch_tokens) * group_weight_;
-  if (rc.aux_alpha > 0 && !st.expert_choice) {
+  if (rc.aux_alpha > 0 && !st.expert_choice && rc.aux_convention == AuxConvention::Hf) {
+    // The model's pooled loss (see set_pooled_aux_grad): one row g, broadcast to every token.
+    MOELAB_CHECK(int64_t(pooled_aux_grad_.size()) == E, "router backward: router.aux_convention = hf "
+                 "but the model set no pooled aux gradient for this forward");
+    std::vector<double> g = pooled_aux_grad_;
+    for (double& x : g) x *= group_weight_;
+    Tensor gt = b_.from_host(host_tensor(g, Shape{1, E}, dtype_));
+    Tensor ones = b_.empty(Shape{T, 1}, dtype_);
+    b_.fill(ones, 1.0);
+    b_.gemm(false, false, 1.0, ones, gt, 1.0, dscores);  // softmax scores (validate() checks)
+  } else if (rc.aux_alpha > 0 && !st.expert_choice) {
     const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
     auto add_aux_grad = [&](const Tensor& d) {
       if (group_ && aux_seq == 0) {
@@ -355,13 +376,13 @@ void RouterStatsSum::result(RouterStats& s, RouterLosses& l) const {
 // rank order: every rank gets the same bits). The aux loss of the whole batch is formed from
 // the reduced counts (Switch / Megatron: E sum_i f_i P_i, f_i = routed_i / (T K)); the
 // sequence-level one is the token-weighted mean of the ranks' (whole sequences per rank).
-void Router::reduce_over_group(RouterState& st, int64_t seq_len) {
+void Router::reduce_over_group(RouterState& st, int64_t seq_len, const RouterSummary& mine) {
   const RouterConfig& rc = cfg_.router;
   const int64_t E = cfg_.experts, K = cfg_.top_k, T = st.scores.dim(0);
   const bool seq_aux = rc.aux_loss_type == AuxLossType::Sequence && seq_len > 0;
   RouterLosses local;
-  local.z = b_.z_loss_forward(st.logits);
-  local.aux = seq_aux ? b_.aux_loss_forward(st.dist, st.idx, seq_len) : 0.0;
+  local.z = mine.z;
+  local.aux = seq_aux ? mine.aux : 0.0;
   RouterStatsSum sum;
   sum.add(st.stats, local, T);
   sum.reduce(*group_);
@@ -377,7 +398,7 @@ void Router::reduce_over_group(RouterState& st, int64_t seq_len) {
   }
   L.importance = 0;
   L.load = cv2_of_counts(s.routed);  // logged only (load_weight is refused with a group)
-  L.weighted = rc.aux_alpha * L.aux + rc.z_loss * L.z;
+  L.weighted = own_aux_weight(rc) * L.aux + rc.z_loss * L.z;
 }
 
 void Router::update_bias(const RouterStats& stats) {

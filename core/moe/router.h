@@ -108,6 +108,12 @@ class Router {
   // accumulates dw_router / dw_noise.
   void backward(const RouterState& st, const Tensor& x, const Tensor& dgates, int64_t seq_len,
                 const Tensor& dx);
+  // router.aux_convention = hf: the load-balancing loss is formed by the model from every MoE
+  // layer's counts (Hugging Face's pooled loss), so this router's weighted loss leaves it out and
+  // its backward adds the gradient the model computed: dL/dp_t,i = g[i] for every token t of this
+  // call (times loss_grad_weight). Set once per forward, before backward.
+  void set_pooled_aux_grad(std::vector<double> g) { pooled_aux_grad_ = std::move(g); }
+
   // DeepSeek-V3 aux-loss-free balancing, after the optimizer step:
   //   b_i <- b_i + u * sign(mean(c) - c_i), c = routed counts of the last call.
   void update_bias(const RouterStats& stats);
@@ -118,7 +124,7 @@ class Router {
 
  private:
   // Replaces st's local statistics and losses by the batch's (group_ set).
-  void reduce_over_group(RouterState& st, int64_t seq_len);
+  void reduce_over_group(RouterState& st, int64_t seq_len, const RouterSummary& mine);
 
   Backend& b_;
   MoEConfig cfg_;
@@ -126,6 +132,7 @@ class Router {
   RouterParams p_;
   Communicator* group_ = nullptr;
   double group_weight_ = 1.0;
+  std::vector<double> pooled_aux_grad_;  // [E], router.aux_convention = hf
 };
 
 }  // namespace moelab
