@@ -222,6 +222,28 @@ TEST_CASE("checkpoint writer copies tensor bytes when they are added", "[checkpo
   CHECK(read_bytes(again) == read_bytes(path));
 }
 
+TEST_CASE("checkpoint writer can keep a reference instead of a copy (add_tensor_ref)", "[checkpoint]") {
+  TempDir tmp;
+  Tensor t = host_tensor({1, 2, 3}, {3}, DType::F32);
+  Tensor u = host_tensor({4, 5}, {2}, DType::F64);
+  CheckpointWriter w;
+  w.add_tensor_ref("t", t);
+  w.add_tensor("u", u);
+  t.ptr<float>()[0] = 99.0f;  // before write(): reaches the file (a reference)
+  u.ptr<double>()[0] = 99.0;  // a copy: does not
+  w.write(tmp.path("ref.ckpt"));
+  CheckpointReader r(tmp.path("ref.ckpt"));
+  CHECK(host_values(r.tensor("t", {3}, DType::F32)) == std::vector<double>{99, 2, 3});
+  CHECK(host_values(r.tensor("u", {2}, DType::F64)) == std::vector<double>{4, 5});
+  REQUIRE_THROWS_WITH(w.add_tensor_ref("t", t), has_substr("duplicate name 't'"));
+  // The same bytes as a copy would have given.
+  CheckpointWriter c;
+  c.add_tensor("t", t);
+  c.add_tensor("u", host_tensor({4, 5}, {2}, DType::F64));
+  c.write(tmp.path("copy.ckpt"));
+  CHECK(read_bytes(tmp.path("copy.ckpt")) == read_bytes(tmp.path("ref.ckpt")));
+}
+
 TEST_CASE("checkpoint write creates the parent folders", "[checkpoint]") {
   TempDir tmp;
   const std::string path = tmp.path("runs/quickstart/ckpt/step_000100.ckpt");

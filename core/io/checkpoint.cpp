@@ -273,6 +273,15 @@ void CheckpointWriter::check_new_name(const std::string& name, const char* what)
 }
 
 void CheckpointWriter::add_tensor(const std::string& name, const Tensor& t) {
+  add_tensor_ref(name, t);
+  Entry& e = entries_.back();
+  const char* p = static_cast<const char*>(t.data());
+  e.payload.assign(p, p + t.nbytes());
+  e.ref = Tensor();
+  e.by_ref = false;
+}
+
+void CheckpointWriter::add_tensor_ref(const std::string& name, const Tensor& t) {
   check_new_name(name, "tensor");
   MOELAB_CHECK(name != "__metadata__" && !starts_with(name, kCheckpointBlobPrefix),
                "checkpoint tensor name '", name, "' is reserved (\"__metadata__\" and names starting with \"",
@@ -286,8 +295,8 @@ void CheckpointWriter::add_tensor(const std::string& name, const Tensor& t) {
   e.dtype = t.dtype();
   e.shape = t.shape();
   e.name = name;
-  const char* p = static_cast<const char*>(t.data());
-  e.payload.assign(p, p + t.nbytes());
+  e.ref = t;
+  e.by_ref = true;
   entries_.push_back(std::move(e));
 }
 
@@ -320,14 +329,14 @@ void CheckpointWriter::write(const std::string& path) const {
     const std::string stored = e.kind == kKindBlob ? kCheckpointBlobPrefix + e.name : e.name;
     std::vector<int64_t> shape;
     if (e.kind == kKindBlob) {
-      shape.push_back(int64_t(e.payload.size() / 8));
+      shape.push_back(int64_t(e.size() / 8));
     } else {
       shape.assign(e.shape.dims.begin(), e.shape.dims.begin() + e.shape.ndim);
     }
     st.add_view(stored, e.kind == kKindBlob ? StDType::U64 : st_dtype_of(e.dtype), shape,
-                e.payload.data(), e.payload.size(), nullptr);
+                e.data(), e.size(), nullptr);
     order.push_back(stored);
-    pieces.push_back({e.payload.data(), e.payload.size()});
+    pieces.push_back({e.data(), e.size()});
   }
   const std::vector<std::string> hashes = sha256_all(pieces);
   for (size_t i = 0; i < entries_.size(); ++i)

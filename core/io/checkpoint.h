@@ -123,6 +123,10 @@ class CheckpointWriter {
   // A CPU tensor; its bytes are copied now. Throws if the name is taken, is not valid UTF-8,
   // starts with "__blob__.", or the tensor is not on the CPU.
   void add_tensor(const std::string& name, const Tensor& host_tensor);
+  // The same without copying: the tensor's storage is kept alive and its bytes are read by
+  // write(), so the caller must not change them before (an import that writes a large model
+  // once then holds it once, not twice).
+  void add_tensor_ref(const std::string& name, const Tensor& host_tensor);
   // 64-bit words (RNG state, data position, ...). Throws if the name is taken or not UTF-8.
   void add_blob(const std::string& name, const std::vector<uint64_t>& words);
   // Writes everything added so far to `path` atomically (see above). May be called again.
@@ -134,7 +138,11 @@ class CheckpointWriter {
     DType dtype = DType::F32;
     Shape shape;
     std::string name;
-    std::vector<char> payload;
+    std::vector<char> payload;  // the bytes (a copy), or
+    Tensor ref;                 // the tensor whose bytes are written (add_tensor_ref)
+    bool by_ref = false;
+    const char* data() const { return by_ref ? static_cast<const char*>(ref.data()) : payload.data(); }
+    size_t size() const { return by_ref ? ref.nbytes() : payload.size(); }
   };
   void check_new_name(const std::string& name, const char* what) const;
   std::vector<Entry> entries_;               // tensors and blobs, in insertion order
