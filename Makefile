@@ -96,7 +96,7 @@ test: deps
 
 # The trainer, model and CPU backend under AddressSanitizer + UndefinedBehaviorSanitizer: the
 # tests labelled "sanitize" (tests/CMakeLists.txt: the tensor/backend, ops, router, MoE layer,
-# model and trainer cases, the safetensors and config.json readers, and a short CLI
+# model and trainer cases, the safetensors, config.json and checkpoint readers, and a short CLI
 # train/resume/bench/generate), built in $(SAN_DIR)/
 # with -DMOELAB_SANITIZE, CPU only. Debug (-O0 -g): on 2 cores the build takes ~2.5 min and the
 # tests ~30 s; -O1 tests in ~15 s but builds in ~6 min (Eigen), -O2 in ~8 min.

@@ -3,9 +3,9 @@
 #   1. pytest over analysis/tests with Debian's interpreter,
 #   2. notebooks/ committed without outputs,
 #   3. every notebook executed headlessly against real runs of the moelab binary (a run with
-#      evaluations, a 2-point sweep and a 2-point x 3-seed study, made here on the synthetic data
-#      source in seconds; report.py on the study), or against synthetic logs when no binary is
-#      built (MOELAB_BIN, default build/moelab).
+#      evaluations and three checkpoints, a 2-point sweep and a 2-point x 3-seed study, made here
+#      on the synthetic data source in seconds; report.py on the study), or against synthetic
+#      logs and checkpoints when no binary is built (MOELAB_BIN, default build/moelab).
 # Needs /usr/bin/python3 with numpy, h5py, matplotlib, scipy, pytest, nbconvert, nbformat, ipykernel
 # (Debian packages; `make deps` installs them). Exit status non-zero on any failure.
 set -euo pipefail
@@ -73,7 +73,7 @@ eval_every = 20
 eval_batches = 2
 checkpoint_dir = $TMP/ck
 INI
-  "$MOELAB_BIN" train --config "$TMP/tiny.ini" --out "$TMP/run.h5" >/dev/null
+  "$MOELAB_BIN" train --config "$TMP/tiny.ini" --out "$TMP/run.h5" --set log.checkpoint_every=20 >/dev/null
   "$MOELAB_BIN" train --config "$TMP/tiny.ini" --set sweep.router.aux_alpha=0,0.1 \
     --out "$TMP/sweep/run.h5" >/dev/null
   # A seeded study (train.seeds): 2 grid points x 3 seeds, sweep.json with the baseline.
@@ -87,6 +87,7 @@ else
   "$PY" analysis/make_synthetic_log.py --sweep "$TMP/sweep" --steps 200 --capacity-factor 1.25 >/dev/null
   "$PY" analysis/make_synthetic_log.py --sweep "$TMP/seeded" --steps 200 --seeds 1,2,3 --sweep-values 0,0.1 \
     --baseline 0 >/dev/null
+  "$PY" -c "import sys; sys.path.insert(0, 'analysis'); from moelab_analysis.synthetic import write_synthetic_checkpoints as w; w(sys.argv[1])" "$TMP/ck"
 fi
 # A private kernel spec named python3 that is Debian's interpreter: JUPYTER_PATH comes first in
 # Jupyter's search, so no user- or pyenv-installed kernel named python3 can take its place.
@@ -97,6 +98,7 @@ cat > "$TMP/jupyter/kernels/python3/kernel.json" <<JSON
 JSON
 export JUPYTER_PATH="$TMP/jupyter" JUPYTER_RUNTIME_DIR="$TMP/jupyter/runtime" PYDEVD_DISABLE_FILE_VALIDATION=1
 export MOELAB_RUN="$TMP/run.h5" MOELAB_SWEEP="$TMP/sweep" MOELAB_SEEDED_SWEEP="$TMP/seeded" MOELAB_FIG_DIR="$TMP/figs"
+export MOELAB_CHECKPOINTS="$TMP/ck"
 shopt -s nullglob
 notebooks=(notebooks/*.ipynb)
 if (( ${#notebooks[@]} == 0 )); then

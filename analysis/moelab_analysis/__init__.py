@@ -1,4 +1,4 @@
-"""moelab_analysis: readers, metrics, plots and reports over moelab's HDF5 run logs.
+"""moelab_analysis: readers, metrics, plots and reports over moelab's HDF5 run logs and checkpoints.
 
 Run with Debian's interpreter /usr/bin/python3 (numpy, h5py and matplotlib come from Debian
 packages). Importing this package never needs them; the submodules check on import and raise
@@ -13,7 +13,11 @@ Modules:
     studies    group_study, point_table, baseline_comparisons: seeded studies (train.seeds)
     plots      one PNG per function (matplotlib, Agg canvas, no pyplot state)
     report     write_report: PNGs plus report.md (CLI: analysis/report.py)
-    synthetic  write_synthetic_run / write_synthetic_sweep: fake logs that follow the contract
+    synthetic  write_synthetic_run / write_synthetic_sweep: fake logs that follow the contract;
+               write_synthetic_checkpoints: fake checkpoints of one run
+    checkpoint load_checkpoint, write_checkpoint, list_checkpoints: moelab checkpoints
+               (safetensors) in numpy with every checksum verified; expert-weight measures
+               (expert_cosine_similarity, router_weight_norms, expert_weight_trajectory)
 """
 from __future__ import annotations
 
@@ -35,7 +39,11 @@ _LAZY = {
     "group_study": "studies",
     "write_report": "report",
     "write_synthetic_run": "synthetic", "write_synthetic_sweep": "synthetic",
-    "write_synthetic_seeded_sweep": "synthetic",
+    "write_synthetic_seeded_sweep": "synthetic", "write_synthetic_checkpoints": "synthetic",
+    "load_checkpoint": "checkpoint", "write_checkpoint": "checkpoint",
+    "list_checkpoints": "checkpoint", "CheckpointError": "checkpoint",
+    "expert_cosine_similarity": "checkpoint", "router_weight_norms": "checkpoint",
+    "expert_weight_trajectory": "checkpoint",
 }
 
 __all__ = sorted(_LAZY)

@@ -728,3 +728,75 @@ def plot_seeded_router(study, out: PathLike, level: float = 0.95) -> Path:
     axes[0, 1].set_ylim(bottom=0)
     fig.suptitle("router statistics per grid point: mean over seeds, band = {:.0%} t-interval".format(level))
     return _save(fig, out)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert weights across checkpoints (checkpoint.expert_weight_trajectory)
+
+_MATRIX_LABELS = {"w1": "w1 (gate)", "w3": "w3 (up)", "w2": "w2 (down)"}
+
+
+def plot_expert_similarity(traj: dict, block: int, out: PathLike,
+                           indices: Sequence[int] = (0, -1)) -> Path:
+    """Cosine similarity between the experts of one MoE block (each expert's matrix flattened),
+    one heatmap per matrix (columns: w1, w3, w2) and per checkpoint (rows: `indices` into
+    traj["steps"], by default the first and the last). Diagonal = 1; off-diagonal near 0 means
+    the experts are unrelated directions, near 1 that they learned the same function."""
+    d = traj[block]
+    keys = [k for k in ("w1", "w3", "w2") if k in d["similarity"]]
+    steps = traj["steps"]
+    rows = sorted({i % len(steps) for i in indices})
+    fig, axes = _figure(len(rows), len(keys), figsize=(3.3 * len(keys) + 0.8, 3.0 * len(rows) + 0.6))
+    im = None
+    for r, i in enumerate(rows):
+        for c, k in enumerate(keys):
+            ax = axes[r, c]
+            sim = d["similarity"][k][i]
+            e = sim.shape[0]
+            im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+            ax.set_title("{}, step {}\nmean off-diag {:.3f}".format(
+                _MATRIX_LABELS.get(k, k), int(steps[i]), float(d["mean_similarity"][k][i])), fontsize=9)
+            if e <= 32:
+                ax.set_xticks(range(e))
+                ax.set_yticks(range(e))
+                ax.tick_params(labelsize=7)
+            ax.set_xlabel("expert")
+            ax.set_ylabel("expert")
+    if im is not None:
+        cb = fig.colorbar(im, ax=axes, shrink=0.8, pad=0.02)
+        cb.set_label("cosine similarity")
+    fig.suptitle("MoE block {}: similarity between experts".format(block))
+    return _save(fig, out)
+
+
+def plot_expert_weights_over_training(traj: dict, out: PathLike) -> Path:
+    """Across checkpoints: (left) the mean off-diagonal cosine similarity between experts per MoE
+    block and matrix, (right) the L2 norm of each expert's router column per block (how strongly
+    the router can prefer that expert; router biases are not included)."""
+    steps = traj["steps"]
+    blocks = traj["blocks"]
+    fig, axes = _figure(1, 2, figsize=(12, 4.5))
+    ax, ax2 = axes[0, 0], axes[0, 1]
+    colors = layer_colors(max(1, len(blocks)))
+    styles = {"w1": "-", "w3": "--", "w2": ":"}
+    for bi, b in enumerate(blocks):
+        for k, s in traj[b]["mean_similarity"].items():
+            ax.plot(steps, s, styles.get(k, "-"), color=colors[bi], marker="o", ms=3,
+                    label="block {} {}".format(b, _MATRIX_LABELS.get(k, k)))
+        norms = traj[b]["router_norm"]
+        for e in range(norms.shape[1]):
+            ax2.plot(steps, norms[:, e], color=colors[bi], alpha=0.35 + 0.65 * (e + 1) / norms.shape[1],
+                     marker="o", ms=2, lw=1, label="block {}".format(b) if e == 0 else None)
+    if not blocks:
+        _no_data(ax, "no MoE blocks in these checkpoints")
+        _no_data(ax2, "no MoE blocks in these checkpoints")
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean cosine similarity between experts")
+    ax.set_title("expert similarity (off-diagonal mean)")
+    _legend(ax, fontsize=7)
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel("router column L2 norm")
+    ax2.set_title("router weight norm per expert (one line each)")
+    _legend(ax2, fontsize=7)
+    return _save(fig, out)

@@ -359,3 +359,55 @@ def write_synthetic_seeded_sweep(
     }
     (d / "sweep.json").write_text(json.dumps(index, indent=2) + "\n")
     return paths
+
+
+def write_synthetic_checkpoints(
+    directory: Union[str, Path],
+    steps: Sequence[int] = (0, 20, 40, 60),
+    blocks: int = 2,
+    experts: int = 4,
+    d_model: int = 16,
+    d_expert: int = 16,
+    seed: int = 1,
+) -> List[Path]:
+    """Checkpoints of one made-up run, as `moelab train` with log.checkpoint_every writes them
+    (DIR/step_NNNNNN.ckpt, format 2, written by checkpoint.write_checkpoint): for each MoE block
+    the router weights block{b}.moe.router.w [D, E] and the experts block{b}.moe.experts.w1
+    [E, D, 2F] ([gate | up]) and w2 [E, F, D], plus their adam.m/adam.v state and the meta of a
+    training state. The story: experts start as independent random matrices (cosine similarity
+    about 0), and training adds a component shared by all experts (similarity rises) and one of
+    their own; the router columns grow at expert-specific rates. Returns the paths."""
+    from .checkpoint import write_checkpoint
+
+    rng = np.random.default_rng(seed)
+    d, f, e = d_model, d_expert, experts
+    final = max(max(steps), 1)
+    shapes = {"router.w": (d, e), "experts.w1": (e, d, 2 * f), "experts.w2": (e, f, d)}
+    init = {(b, k): rng.normal(0, 1 / math.sqrt(s[-2]), size=s) for b in range(blocks) for k, s in shapes.items()}
+    shared = {(b, k): rng.normal(0, 1 / math.sqrt(s[-2]), size=s[1:]) for b in range(blocks)
+              for k, s in shapes.items() if k.startswith("experts")}
+    own = {(b, k): rng.normal(0, 1 / math.sqrt(s[-2]), size=s) for b in range(blocks) for k, s in shapes.items()}
+    growth = rng.uniform(0.5, 3.0, size=(blocks, e))
+    config = ("[model]\nlayers = {b}\nd_model = {d}\nexperts = {e}\nd_expert = {f}\nmoe_every = 1\n"
+              "[train]\nsteps = {s}\n[data]\nsource = synthetic\n").format(b=blocks, d=d, e=e, f=f, s=final)
+    run_id = "{:032x}".format(int(rng.integers(0, 2 ** 62)))
+    out = []
+    for step in steps:
+        p = step / final
+        tensors: Dict[str, np.ndarray] = {}
+        for b in range(blocks):
+            for k in shapes:
+                w = init[(b, k)] * (1 - 0.3 * p) + 0.8 * p * own[(b, k)]
+                if k in ("experts.w1", "experts.w2"):
+                    w = w + 1.5 * p * shared[(b, k)][None]
+                else:
+                    w = w * (1 + p * growth[b])[None, :]
+                name = "block{}.moe.{}".format(b, k)
+                tensors[name] = w.astype(np.float32)
+                tensors["adam.m." + name] = np.zeros_like(tensors[name])
+                tensors["adam.v." + name] = np.full_like(tensors[name], 1e-6 * p)
+        tensors["__blob__.data_state"] = np.array([1, seed, step], dtype=np.uint64)
+        meta = {"kind": "moelab-train-state-1", "step": str(step), "config": config,
+                "moelab_version": SYNTHETIC_VERSION, "run_id": run_id}
+        out.append(write_checkpoint(Path(directory) / "step_{:06d}.ckpt".format(step), tensors, meta))
+    return out

@@ -53,3 +53,19 @@ def test_seeded_study_notebook_clean_and_valid():
     for needed in ["MOELAB_SEEDED_SWEEP", "write_synthetic_seeded_sweep", "_deps.require()",
                    "stats.compare", "studies.markdown_tables", "plot_seeded_loss"]:
         assert needed in source
+
+
+def test_expert_weights_notebook_clean_and_valid():
+    """The expert-weights notebook: clean, valid, reads MOELAB_CHECKPOINTS, else the quickstart's
+    checkpoints, else writes synthetic ones, and checks the kernel's interpreter."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(str(REPO / "notebooks" / "expert_weights.ipynb"), as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    source = "\n".join(c.source for c in code)
+    for needed in ["MOELAB_CHECKPOINTS", "runs/quickstart_checkpoints", "write_synthetic_checkpoints",
+                   "_deps.require()", "load_checkpoint", "expert_weight_trajectory",
+                   "plot_expert_similarity", "plot_expert_weights_over_training"]:
+        assert needed in source
