@@ -49,7 +49,9 @@ int run_import_hf(const ImportHfCliOptions& o) {
   nlohmann::ordered_json dt(w.source_dtypes);
   ck.set_meta("hf_source_dtypes", dt.dump());
   ck.set_meta("hf_dtype", hf.dtype);
-  for (const auto& [name, t] : w.params) ck.add_tensor(name, t);
+  // By reference: the converted weights are held once (the source pages were released as each
+  // tensor was converted), so the import peaks near the size of the checkpoint it writes.
+  for (const auto& [name, t] : w.params) ck.add_tensor_ref(name, t);
   ck.write(o.out);
   const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   int64_t n = 0;

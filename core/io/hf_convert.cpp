@@ -299,15 +299,32 @@ HfWeights read_hf_weights(const ShardedSafetensorsReader& st, const HfConfig& hf
   w.layout = fused ? HfExpertLayout::Fused : HfExpertLayout::PerExpert;
 
   // Reads tensor `name`, which must have shape `shape`, as `dtype`.
-  auto take = [&](const std::string& name, const std::vector<int64_t>& shape) {
+  // Reads tensor `name`, which must have shape `shape`, as `dtype`. view: the caller only reads
+  // it (to transpose it into a tensor of its own), so when the stored dtype is already `dtype`
+  // and aligned, the tensor is a view of the mapped bytes (no copy: the import then holds the
+  // model once, plus one tensor's pages); release() drops the pages of what was read.
+  std::vector<std::string> to_release;
+  auto release = [&] {
+    for (const std::string& n : to_release) st.shard(n).release(n);
+    to_release.clear();
+  };
+  auto take = [&](const std::string& name, const std::vector<int64_t>& shape, bool view = true) {
     if (!st.has(name)) MOELAB_USAGE_FAIL(where, " has no tensor '", name, "', which ", hf.architecture, " needs");
     const SafetensorsTensorInfo& info = st.info(name);
     if (info.shape != shape)
       MOELAB_USAGE_FAIL(where, ": tensor '", name, "' has shape ", shape_str(info.shape), ", but config.json implies ",
                         shape_str(shape));
-    Tensor t = st.to_tensor(name, dtype);
+    Tensor t;
+    const auto bytes = st.bytes(name);
+    if (view && info.dtype == st_dtype_of(dtype) && reinterpret_cast<uintptr_t>(bytes.data()) % es == 0 &&
+        !shape.empty()) {
+      t = Tensor(std::shared_ptr<void>(), const_cast<std::byte*>(bytes.data()), Shape(shape), dtype, Device::CPU);
+    } else {
+      t = st.to_tensor(name, dtype);
+    }
     w.bytes_read += double(info.nbytes());
-    st.shard(name).release(name);
+    to_release.push_back(name);
+    if (!view) release();
     left.erase(name);
     return std::make_pair(t, std::string(to_string(info.dtype)));
   };
@@ -320,10 +337,11 @@ HfWeights read_hf_weights(const ShardedSafetensorsReader& st, const HfConfig& hf
     auto [src, dt] = take(hf_name, {out, in});
     Tensor t = host_empty(Shape{in, out}, dtype);
     transpose_into(bytes_of(src), out, in, es, bytes_of(t));
+    release();
     add(moe_name, t, dt);
   };
   auto vec = [&](const std::string& moe_name, const std::string& hf_name, std::vector<int64_t> shape) {
-    auto [src, dt] = take(hf_name, shape);
+    auto [src, dt] = take(hf_name, shape, /*view=*/false);
     add(moe_name, src, dt);
   };
   // SwiGLU MLP(s) [E, D, 2F] / [E, F, D] from gate/up [F, D] and down [D, F] per expert.
@@ -340,6 +358,7 @@ HfWeights read_hf_weights(const ShardedSafetensorsReader& st, const HfConfig& hf
       transpose_into_cols(bytes_of(g), F, D, es, w1e, 2 * F, 0);
       transpose_into_cols(bytes_of(u), F, D, es, w1e, 2 * F, F);
       transpose_into(bytes_of(d), D, F, es, bytes_of(w2) + size_t(e * F * D) * es);
+      release();
       if (e == 0) dt = dg;
       if (dg != dt || du != dt || dd != dt)
         MOELAB_USAGE_FAIL(where, ": the tensors of ", moe_prefix, " mix dtypes (", dt, ", ", dg, ", ", du, ", ", dd, ")");
@@ -350,6 +369,14 @@ HfWeights read_hf_weights(const ShardedSafetensorsReader& st, const HfConfig& hf
 
   const int64_t V = hf.vocab_size, D = hf.hidden_size, H = hf.num_attention_heads, Hkv = hf.num_key_value_heads;
   const int64_t dh = hf.head_dim, E = hf.num_experts, F = hf.moe_intermediate_size;
+  // The untied head first, while little is held: transposing it keeps its source pages mapped
+  // (one of the largest tensors) until it is done; it goes to the end of params below.
+  std::pair<std::string, Tensor> head;
+  if (!hf.tie_word_embeddings) {
+    linear("head", "lm_head.weight", D, V);
+    head = w.params.back();
+    w.params.pop_back();
+  }
   vec("embed", "model.embed_tokens.weight", {V, D});
   for (int64_t i = 0; i < hf.num_hidden_layers; ++i) {
     const LayerNames n = layer_names(hf.arch, i, w.layout);
@@ -380,6 +407,7 @@ HfWeights read_hf_weights(const ShardedSafetensorsReader& st, const HfConfig& hf
           transpose_into(bytes_of(gu) + size_t(e * 2 * F * D) * es, 2 * F, D, es, bytes_of(w1) + size_t(e * D * 2 * F) * es);
           transpose_into(bytes_of(dn) + size_t(e * D * F) * es, D, F, es, bytes_of(w2) + size_t(e * F * D) * es);
         }
+        release();
         add(b + "moe.experts.w1", w1, dt1);
         add(b + "moe.experts.w2", w2, dt2);
       } else {
@@ -406,7 +434,7 @@ HfWeights read_hf_weights(const ShardedSafetensorsReader& st, const HfConfig& hf
   }
   vec("final_norm", "model.norm.weight", {D});
   if (!hf.tie_word_embeddings) {
-    linear("head", "lm_head.weight", D, V);
+    w.params.push_back(head);
   } else if (st.has("lm_head.weight")) {
     // A tied head may be stored anyway; it must then be the embedding, bit for bit.
     const auto a = st.bytes("lm_head.weight"), e = st.bytes("model.embed_tokens.weight");
