@@ -56,6 +56,13 @@ struct TrainResult {
   std::string last_checkpoint;
 };
 
+// Inputs tokens[:, :S] and targets tokens[:, 1:] of a [B, S+1] batch as i32 [B*S] tensors on the
+// backend. A packed batch (SFT records) sets *packed (segments, positions) and turns the targets
+// that bear no loss into kIgnoreTarget; otherwise *packed is left empty.
+struct Batch;
+void batch_tensors(Backend& b, const Batch& batch, Tensor& inputs, Tensor& targets,
+                   PackedLayout* packed = nullptr);
+
 // The model shape of a run config.
 LMConfig lm_config(const RunConfig& cfg);
 
