@@ -341,6 +341,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
 
   auto evaluate = [&](int64_t step) {
     double total = 0, counted = 0;  // packed batches: the loss summed over loss-bearing tokens
+    double resp_total = 0, resp_counted = 0;  // ... and over the responses' tokens alone
     std::vector<std::vector<int64_t>> counts(moe_blocks.size(), std::vector<int64_t>(size_t(E * C), 0));
     Batch vb;
     const int64_t n = data->val_batches();
@@ -366,6 +367,22 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
         const double n = double(vb.loss_tokens(0, vb.batch));
         total += f.ce_loss * n;
         counted += n;
+        // The answer-only loss from the same logits (what train.loss_on = response trains), so
+        // that runs with either train.loss_on have a comparable curve.
+        std::vector<int32_t> resp(size_t(vb.batch * vb.seq), kIgnoreTarget);
+        int64_t nr = 0;
+        for (int64_t r = 0; r < vb.batch; ++r)
+          for (int64_t j = 0; j < vb.seq; ++j) {
+            const size_t at = size_t(r * vb.seq + j), next = size_t(r * (vb.seq + 1) + j + 1);
+            if (vb.loss[at] && vb.category[next] == 1) {
+              resp[at] = vb.tokens[next];
+              ++nr;
+            }
+          }
+        if (nr > 0) {
+          resp_total += b.cross_entropy_forward(model.logits(), b.from_vector<int32_t>(resp, Shape{vb.batch * vb.seq})) * double(nr);
+          resp_counted += double(nr);
+        }
       } else {
         total += f.ce_loss;
       }
@@ -374,19 +391,22 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     }
     const bool packed = vb.packed();
     if (dist) {  // the batch's mean loss and the counts of all its tokens
-      std::vector<double> v = {total, counted};
+      std::vector<double> v = {total, counted, resp_total, resp_counted};
       for (const auto& layer : counts)
         for (int64_t c : layer) v.push_back(double(c));
       par->world_comm->all_reduce_host(v, ReduceOp::Sum);
       total = packed ? v[0] : v[0] / double(W);
       counted = v[1];
-      size_t at = 2;
+      resp_total = v[2];
+      resp_counted = v[3];
+      size_t at = 4;
       for (auto& layer : counts)
         for (int64_t& c : layer) c = int64_t(v[at++]);
     }
     EvalRow row;
     row.step = step;
     row.loss = packed ? (counted > 0 ? total / counted : 0.0) : total / double(n);
+    if (packed && dynamic_cast<const JsonlSource*>(data.get())) row.response_loss = resp_counted > 0 ? resp_total / resp_counted : 0.0;
     row.bits_per_byte = row.loss / std::log(2.0);
     row.category_counts = counts;
     if (log) log->log_eval(row);

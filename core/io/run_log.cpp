@@ -187,8 +187,8 @@ struct RunLog::Impl {
   int64_t init_from_step = -1;
   // /eval, [M]
   std::vector<int64_t> eval_step;
-  std::vector<double> eval_loss, eval_bpb;
-  bool any_bpb = false;
+  std::vector<double> eval_loss, eval_bpb, eval_resp;
+  bool any_bpb = false, any_resp = false;
   std::vector<LayerColumns> layers;  // one per info.moe_layers
   // /parallel, [N * ranks] (ranks > 1 only)
   std::vector<int64_t> rank_sent, rank_recv;
@@ -302,6 +302,7 @@ void RunLog::Impl::write_contents(H5::H5File& f) const {
   write_dataset(eg, "step", {M}, eval_step);
   write_dataset(eg, "loss", {M}, eval_loss);
   if (any_bpb) write_dataset(eg, "bits_per_byte", {M}, eval_bpb);
+  if (any_resp) write_dataset(eg, "response_loss", {M}, eval_resp);
 
   H5::Group rg = f.createGroup("/router");
   for (size_t l = 0; l < layers.size(); ++l) {
@@ -441,6 +442,9 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
     const size_t M0 = eval_step.size();
     eval_loss = series(eg, "loss", M0);
     any_bpb = eg.nameExists("bits_per_byte");
+    any_resp = eg.nameExists("response_loss");
+    eval_resp = any_resp ? series(eg, "response_loss", M0)
+                         : std::vector<double>(M0, std::numeric_limits<double>::quiet_NaN());
     eval_bpb = any_bpb ? series(eg, "bits_per_byte", M0)
                        : std::vector<double>(M0, std::numeric_limits<double>::quiet_NaN());
 
@@ -512,6 +516,7 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
   eval_step.resize(keep_m);
   eval_loss.resize(keep_m);
   eval_bpb.resize(keep_m);
+  eval_resp.resize(keep_m);
   for (LayerColumns& c : layers) {
     c.routed.resize(keep_n * e);
     c.kept.resize(keep_n * e);
@@ -692,6 +697,8 @@ void RunLog::log_eval(const EvalRow& row) {
   s.eval_loss.push_back(row.loss);
   s.eval_bpb.push_back(row.bits_per_byte.value_or(std::numeric_limits<double>::quiet_NaN()));
   if (row.bits_per_byte) s.any_bpb = true;
+  s.eval_resp.push_back(row.response_loss.value_or(std::numeric_limits<double>::quiet_NaN()));
+  if (row.response_loss) s.any_resp = true;
   if (s.C > 0)
     for (size_t l = 0; l < s.layers.size(); ++l) {
       auto& dst = s.layers[l].category_counts;

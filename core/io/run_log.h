@@ -111,6 +111,9 @@ struct EvalRow {
   std::vector<std::vector<int64_t>> category_counts;
   std::optional<double> bits_per_byte;  // /eval/bits_per_byte, written when any row has it
                                         // (NaN in rows without it)
+  std::optional<double> response_loss;  // /eval/response_loss (SFT records): the answer-only
+                                        // loss of the validation records, whatever
+                                        // train.loss_on is; written like bits_per_byte
 };
 
 class RunLog {
