@@ -505,8 +505,9 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   if (opts.resume.empty() && !init_from.empty() && cfg.log.eval_every > 0) {
     last_val = evaluate(0);
     if (!quiet)
-      std::printf("step     0/%lld | val %.4f nats per token (init_from, before training)\n",
-                  (long long)tc.steps, last_val);
+      std::printf(cfg.data.tokenizer == "bytes" ? "step     0/%lld | val %.3f bpb (init_from: the starting model, before any update)\n"
+                                                : "step     0/%lld | val %.3f b/tok (init_from: the starting model, before any update)\n",
+                  (long long)tc.steps, last_val / std::log(2.0));
   }
   Batch batch;
   std::vector<double> imb_hist, drop_hist, rms_hist;
