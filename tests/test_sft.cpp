@@ -6,6 +6,8 @@
 // train.init_from (weights, router biases, refusals, log attributes) and Brown genre selection.
 #include <H5Cpp.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <filesystem>
 #include <numeric>
@@ -15,6 +17,7 @@
 #include "core/io/config.h"
 #include "core/io/data.h"
 #include "core/io/sft_data.h"
+#include "core/io/tokenizer.h"
 #include "core/model.h"
 #include "core/trainer.h"
 #include "temp_dir.h"
@@ -375,6 +378,42 @@ TEST_CASE("sft data: record formats, chat template, tokens", "[sft][data]") {
   CHECK_THROWS_WITH(decode_chat_template("{content}\\q"), has_substr("unknown escape \\q"));
   CHECK_THROWS_WITH(decode_chat_template("{content}\\x4"), has_substr("two hex digits"));
   CHECK(decode_chat_template("\\x23 {content}\\x20") == "# {content} ");
+}
+
+TEST_CASE("sft data: with a tokenizer, prompt and response are encoded apart (no token straddles them)", "[sft][data][tokenizer]") {
+  // A tiny byte-level BPE: 256 byte symbols (printable ASCII maps to itself), then "Th" (256) and
+  // "The" (257).
+  nlohmann::json vocab = nlohmann::json::object();
+  for (int b = 0; b < 256; ++b) {
+    std::string sym;
+    if (b > ' ' && b < 127) {
+      sym = std::string(1, char(b));
+    } else {  // GPT-2's bytes_to_unicode for the rest
+      int n = 0;
+      for (int k = 0; k < b; ++k)
+        if (!((k >= '!' && k <= '~') || (k >= 0xA1 && k <= 0xAC) || (k >= 0xAE && k <= 0xFF))) ++n;
+      const int c = (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE) ? b : 256 + n;
+      sym += char(0xC0 | (c >> 6));
+      sym += char(0x80 | (c & 0x3F));
+    }
+    vocab[sym] = b;
+  }
+  vocab["Th"] = 256;
+  vocab["The"] = 257;
+  const nlohmann::json t = {{"added_tokens", nlohmann::json::array()}, {"normalizer", nullptr},
+                            {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+                            {"decoder", {{"type", "ByteLevel"}}},
+                            {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array({"T h", "Th e"})}}}};
+  const Tokenizer tok = Tokenizer::from_json(t.dump(), "tiny");
+  SftLoadOptions o;
+  o.tokenizer = &tok;
+  SftRecord r = parse_sft_record(R"({"prompt": "The", "response": "The"})", o);
+  CHECK(r.ids == std::vector<int32_t>{257, 257});
+  CHECK(r.response == std::vector<uint8_t>{0, 1});
+  // "Th" | "e": encoded as one text it would be "The" (257); apart, "Th" then "e".
+  r = parse_sft_record(R"({"prompt": "Th", "response": "e!"})", o);
+  CHECK(r.ids == std::vector<int32_t>{256, 'e', '!'});
+  CHECK(r.response == std::vector<uint8_t>{0, 1, 1});
 }
 
 TEST_CASE("sft data: bad records are reported with their line, stopped or skipped and counted", "[sft][data][errors]") {

@@ -56,6 +56,16 @@ void render_message(const std::string& tmpl, const std::string& role, const std:
   out.push_back({content + subst(tmpl.substr(c + 9)), response});
 }
 
+// Runs of equal kind joined: a tokenizer encodes whole prompt and response texts.
+std::vector<Piece> merge_runs(std::vector<Piece> pieces) {
+  std::vector<Piece> runs;
+  for (Piece& p : pieces) {
+    if (!runs.empty() && runs.back().response == p.response) runs.back().text += p.text;
+    else runs.push_back(std::move(p));
+  }
+  return runs;
+}
+
 void append_ids(const std::string& text, bool response, const Tokenizer* tok, SftRecord& r) {
   if (text.empty()) return;
   std::vector<int32_t> ids;
@@ -108,7 +118,7 @@ SftRecord parse_sft_record(std::string_view line, const SftLoadOptions& o) {
       std::vector<Piece> pieces;
       render_message(o.chat_template, "user", prompt, pieces);
       render_message(o.chat_template, "assistant", response, pieces);
-      for (const Piece& p : pieces) append_ids(p.text, p.response, o.tokenizer, r);
+      for (const Piece& p : merge_runs(std::move(pieces))) append_ids(p.text, p.response, o.tokenizer, r);
       break;
     }
     case RecordFormat::Messages: {
@@ -122,13 +132,7 @@ SftRecord parse_sft_record(std::string_view line, const SftLoadOptions& o) {
         render_message(o.chat_template, string_field(msgs[i], "role", where.c_str()),
                        string_field(msgs[i], "content", where.c_str()), pieces);
       }
-      // Runs of equal kind are encoded together (a tokenizer sees whole prompt / response texts).
-      std::vector<Piece> runs;
-      for (Piece& p : pieces) {
-        if (!runs.empty() && runs.back().response == p.response) runs.back().text += p.text;
-        else runs.push_back(std::move(p));
-      }
-      for (const Piece& p : runs) append_ids(p.text, p.response, o.tokenizer, r);
+      for (const Piece& p : merge_runs(std::move(pieces))) append_ids(p.text, p.response, o.tokenizer, r);
       break;
     }
     case RecordFormat::Tokens: {
