@@ -812,6 +812,13 @@ void Backend::rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& r
 }
 
 namespace {
+// Optional per-token i32 [T] companions of a [T, ...] activation (positions, segments).
+void check_per_token(const Checker& c, const Tensor& t, const char* arg, int64_t T) {
+  if (!t.defined()) return;
+  c.shape(t, arg, Shape{T});
+  c.dtype(t, arg, DType::I32);
+}
+
 void check_rope(const Checker& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta,
                 const Tensor& y) {
   c.rank(x, "x", 2);
@@ -845,35 +852,39 @@ void check_attention(const Checker& c, const Tensor& q, const Tensor& k, const T
 }  // namespace
 
 void Backend::rope_forward(const Tensor& x, int64_t heads, int64_t seq_len, double theta,
-                           const Tensor& y) {
+                           const Tensor& y, const Tensor& positions) {
   Checker c{*this, Op::RopeForward};
   check_rope(c, x, heads, seq_len, theta, y);
+  check_per_token(c, positions, "positions", x.dim(0));
   require(Op::RopeForward, x.dtype());
-  rope_impl(x, heads, seq_len, theta, false, y);
+  rope_impl(x, heads, seq_len, theta, false, y, positions);
 }
 
 void Backend::rope_backward(const Tensor& dy, int64_t heads, int64_t seq_len, double theta,
-                            const Tensor& dx) {
+                            const Tensor& dx, const Tensor& positions) {
   Checker c{*this, Op::RopeBackward};
   check_rope(c, dy, heads, seq_len, theta, dx);
+  check_per_token(c, positions, "positions", dy.dim(0));
   require(Op::RopeBackward, dy.dtype());
-  rope_impl(dy, heads, seq_len, theta, true, dx);
+  rope_impl(dy, heads, seq_len, theta, true, dx, positions);
 }
 
 void Backend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
                                 int64_t kv_heads, int64_t seq_len, const Tensor& out,
-                                const Tensor& lse) {
+                                const Tensor& lse, const Tensor& segments) {
   Checker c{*this, Op::AttentionForward};
   check_attention(c, q, k, v, heads, kv_heads, seq_len, lse);
   c.same(q, "q", out, "out");
+  check_per_token(c, segments, "segments", q.dim(0));
   require(Op::AttentionForward, q.dtype());
-  attention_forward_impl(q, k, v, heads, kv_heads, seq_len, out, lse);
+  attention_forward_impl(q, k, v, heads, kv_heads, seq_len, out, lse, segments);
 }
 
 void Backend::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& out, const Tensor& lse, const Tensor& dout,
                                  int64_t heads, int64_t kv_heads, int64_t seq_len,
-                                 const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+                                 const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                 const Tensor& segments) {
   Checker c{*this, Op::AttentionBackward};
   check_attention(c, q, k, v, heads, kv_heads, seq_len, lse);
   c.same(q, "q", out, "out");
@@ -881,8 +892,9 @@ void Backend::attention_backward(const Tensor& q, const Tensor& k, const Tensor&
   c.same(q, "q", dq, "dq");
   c.same(k, "k", dk, "dk");
   c.same(v, "v", dv, "dv");
+  check_per_token(c, segments, "segments", q.dim(0));
   require(Op::AttentionBackward, q.dtype());
-  attention_backward_impl(q, k, v, out, lse, dout, heads, kv_heads, seq_len, dq, dk, dv);
+  attention_backward_impl(q, k, v, out, lse, dout, heads, kv_heads, seq_len, dq, dk, dv, segments);
 }
 
 double Backend::cross_entropy_forward(const Tensor& logits, const Tensor& targets) {

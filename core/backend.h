@@ -268,27 +268,38 @@ class Backend {
   void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
                         const Tensor& dx, const Tensor& dw);
   // Rotary embeddings (Su et al. 2021), rotate-half pairing (i, i + Dh/2) as in Llama/Mixtral:
-  // position p = t mod S, angle p * theta^(-2i/Dh). x, y [T, heads * Dh].
+  // angle p_t * theta^(-2i/Dh) with p_t = t mod S, or p_t = positions[t] when `positions` (i32
+  // [T], every value >= 0) is given: packed records restart their positions at 0 (SFT packing).
+  // x, y [T, heads * Dh].
   void rope_forward(const Tensor& x, int64_t heads, int64_t seq_len, double theta,
-                    const Tensor& y);
+                    const Tensor& y, const Tensor& positions = Tensor());
   // The inverse rotation (the transpose): dx = R^T dy.
   void rope_backward(const Tensor& dy, int64_t heads, int64_t seq_len, double theta,
-                     const Tensor& dx);
+                     const Tensor& dx, const Tensor& positions = Tensor());
   // Causal softmax attention with grouped-query heads (head h reads kv head h / (H / Hkv)),
-  // scale 1/sqrt(Dh). q [T, H*Dh], k, v [T, Hkv*Dh], out [T, H*Dh]. What forward saves for
+  // scale 1/sqrt(Dh). q [T, H*Dh], k, v [T, Hkv*Dh], out [T, H*Dh]. Query i of a sequence
+  // attends to the keys j <= i of its sequence; with `segments` (i32 [T]) only to those with
+  // segments[j] == segments[i] (records packed into one sequence see nothing of each other; a
+  // query always sees itself, so every row has at least one key). What forward saves for
   // backward is the log-sum-exp of each query row, not the [B*H, S, S] probabilities:
-  //   lse[b*H + h, i] = log sum_{j <= i} exp(scale q_i . k_j)   (natural log, scaled scores)
+  //   lse[b*H + h, i] = log sum_{j <= i, same segment} exp(scale q_i . k_j)   (natural log)
   // lse is [B*H, S] in attention_lse_dtype(q.dtype()): f32 (f64 when q is f64).
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
-                         int64_t kv_heads, int64_t seq_len, const Tensor& out, const Tensor& lse);
+                         int64_t kv_heads, int64_t seq_len, const Tensor& out, const Tensor& lse,
+                         const Tensor& segments = Tensor());
   // Backward from forward's out and lse (FlashAttention-2's recomputation: P = exp(scale q k^T
-  // - lse), D = rowsum(dout * out)); dq, dk, dv overwrite.
+  // - lse), D = rowsum(dout * out)), with forward's segments; dq, dk, dv overwrite.
   void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                           const Tensor& lse, const Tensor& dout, int64_t heads, int64_t kv_heads,
-                          int64_t seq_len, const Tensor& dq, const Tensor& dk, const Tensor& dv);
-  // Mean cross-entropy in nats: -(1/T) sum_t log softmax(logits_t)[targets_t]. logits [T,V].
+                          int64_t seq_len, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                          const Tensor& segments = Tensor());
+  // Mean cross-entropy in nats over the rows that bear loss: -(1/N) sum_{t: targets_t >= 0}
+  // log softmax(logits_t)[targets_t], N = the number of such rows. A target of kIgnoreTarget
+  // (-1: padding, a record's last token, a prompt token under train.loss_on = response) bears no
+  // loss; any other target outside [0, V) is an error. No row bearing loss gives 0. logits [T,V].
   double cross_entropy_forward(const Tensor& logits, const Tensor& targets);
-  // dlogits = scale * (softmax(logits) - onehot(targets)) / T (overwrite).
+  // dlogits = scale * (softmax(logits) - onehot(targets)) / N on the rows bearing loss, 0 on the
+  // others (overwrite). With every target >= 0, N = T.
   void cross_entropy_backward(const Tensor& logits, const Tensor& targets, double scale,
                               const Tensor& dlogits);
   // AdamW (Loshchilov & Hutter 2019), bias-corrected, decoupled weight decay:
@@ -405,15 +416,18 @@ class Backend {
                                     const Tensor& y, const Tensor& rstd) = 0;
   virtual void rmsnorm_backward_impl(const Tensor& x, const Tensor& w, const Tensor& rstd,
                                      const Tensor& dy, const Tensor& dx, const Tensor& dw) = 0;
+  // positions / segments: undefined when the caller gave none (plain causal sequences).
   virtual void rope_impl(const Tensor& x, int64_t heads, int64_t seq_len, double theta,
-                         bool inverse, const Tensor& y) = 0;
+                         bool inverse, const Tensor& y, const Tensor& positions) = 0;
   virtual void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                       int64_t heads, int64_t kv_heads, int64_t seq_len,
-                                      const Tensor& out, const Tensor& lse) = 0;
+                                      const Tensor& out, const Tensor& lse,
+                                      const Tensor& segments) = 0;
   virtual void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                        const Tensor& out, const Tensor& lse, const Tensor& dout,
                                        int64_t heads, int64_t kv_heads, int64_t seq_len,
-                                       const Tensor& dq, const Tensor& dk, const Tensor& dv) = 0;
+                                       const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                       const Tensor& segments) = 0;
   virtual double cross_entropy_forward_impl(const Tensor& logits, const Tensor& targets) = 0;
   virtual void cross_entropy_backward_impl(const Tensor& logits, const Tensor& targets,
                                            double scale, const Tensor& dlogits) = 0;
@@ -424,6 +438,9 @@ class Backend {
  private:
   void require(Op op, DType dtype) const;
 };
+
+// The target id that bears no loss (cross_entropy_forward / backward).
+constexpr int32_t kIgnoreTarget = -1;
 
 // The dtype of attention's saved log-sum-exp for inputs of dtype dt: f32, or f64 for f64 inputs
 // (the f64 finite-difference checks need it exact).

@@ -264,7 +264,7 @@ void TransformerLM::pooled_aux_loss(LMForward& out) {
 }
 
 LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, int64_t seq_len,
-                                 bool training, uint64_t seed) {
+                                 bool training, uint64_t seed, const PackedLayout& packed) {
   const int64_t T = tokens.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
   const int64_t dh = cfg_.head_width();
   MOELAB_CHECK(seq_len >= 1 && T % seq_len == 0, "model: ", T, " tokens do not split into sequences of ",
@@ -273,6 +273,7 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
   tokens_ = tokens;
   targets_ = targets;
   seq_len_ = seq_len;
+  packed_ = packed;
   auto e = [&](Shape s) { return b_.empty(s, dtype_); };
 
   Tensor x = e({T, D});
@@ -326,9 +327,9 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
     bk.lse = b_.empty({T / seq_len * H, seq_len}, attention_lse_dtype(dtype_));
     {
       ProfileScope ps(b_, "attention (rope, scores, softmax, values)");
-      b_.rope_forward(q, H, seq_len, cfg_.rope_theta, bk.q);
-      b_.rope_forward(k, Hkv, seq_len, cfg_.rope_theta, bk.k);
-      b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.lse);
+      b_.rope_forward(q, H, seq_len, cfg_.rope_theta, bk.q, packed.positions);
+      b_.rope_forward(k, Hkv, seq_len, cfg_.rope_theta, bk.k, packed.positions);
+      b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.lse, packed.segments);
     }
     bk.x_mid = e({T, D});
     {
@@ -377,7 +378,7 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
   return out;
 }
 
-void TransformerLM::backward(const std::function<void(int block)>& block_done) {
+void TransformerLM::backward(const std::function<void(int block)>& block_done, double ce_scale) {
   MOELAB_CHECK(logits_.defined(), "model: backward without a forward");
   const int64_t T = tokens_.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
   const int64_t dh = cfg_.head_width(), S = seq_len_;
@@ -387,7 +388,7 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done) {
   Tensor dxn = e({T, D});
   {
     ProfileScope ps(b_, "head and loss");
-    b_.cross_entropy_backward(logits_, targets_, 1.0, dlogits);
+    b_.cross_entropy_backward(logits_, targets_, ce_scale, dlogits);
     if (cfg_.tie_embeddings) {
       b_.gemm(false, false, 1.0, dlogits, embed_, 0.0, dxn);         // dxn = dlogits E
       b_.gemm(true, false, 1.0, dlogits, xn_final_, 1.0, dembed_);   // dE += dlogits^T xn
@@ -429,9 +430,10 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done) {
     }
     {
       ProfileScope ps(b_, "attention (rope, scores, softmax, values)");
-      b_.attention_backward(bk.q, bk.k, bk.v, bk.att, bk.lse, datt, H, Hkv, S, dq, dk, dv);
-      b_.rope_backward(dq, H, S, cfg_.rope_theta, dq);
-      b_.rope_backward(dk, Hkv, S, cfg_.rope_theta, dk);
+      b_.attention_backward(bk.q, bk.k, bk.v, bk.att, bk.lse, datt, H, Hkv, S, dq, dk, dv,
+                            packed_.segments);
+      b_.rope_backward(dq, H, S, cfg_.rope_theta, dq, packed_.positions);
+      b_.rope_backward(dk, Hkv, S, cfg_.rope_theta, dk, packed_.positions);
     }
     if (bk.q_norm.defined()) {  // dq, dk are w.r.t. the normed projections: back through the norms
       ProfileScope ps(b_, "norms");

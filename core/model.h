@@ -50,6 +50,15 @@ struct LMConfig {
   int64_t head_width() const { return head_dim > 0 ? head_dim : d_model / heads; }
 };
 
+// Records packed into one sequence (SFT, data.pack): per token, its record (segment) and its
+// position inside the record, i32 [T] each on the model's backend. Attention then sees only keys
+// of the query's own record and rotary embeddings restart at 0 with every record, so a packed
+// record's logits are those of the record run alone. Undefined tensors: plain sequences.
+struct PackedLayout {
+  Tensor segments;   // i32 [T]
+  Tensor positions;  // i32 [T], >= 0
+};
+
 struct LMForward {
   double ce_loss = 0;              // mean cross-entropy, nats per token
   double router_loss = 0;          // sum of the MoE blocks' weighted router losses (with
@@ -75,10 +84,11 @@ class TransformerLM {
   static int block_of(const std::string& name);
   void zero_grad();
 
-  // tokens, targets: i32 [T] on this backend, T = B * seq_len.
-  // training: noise, random routing draws and dropout on; seed drives them.
+  // tokens, targets: i32 [T] on this backend, T = B * seq_len. A target of kIgnoreTarget bears
+  // no loss (ce_loss is the mean over the others). training: noise, random routing draws and
+  // dropout on; seed drives them. packed: see PackedLayout (kept for backward()).
   LMForward forward(const Tensor& tokens, const Tensor& targets, int64_t seq_len, bool training,
-                    uint64_t seed);
+                    uint64_t seed, const PackedLayout& packed = {});
   // Logits of the last forward, [T,V] (for sampling).
   const Tensor& logits() const;
   // The named activations of the last forward in forward order (for cross-backend checks):
@@ -87,7 +97,9 @@ class TransformerLM {
   std::vector<std::pair<std::string, Tensor>> activations();
   // block_done(i), if given, is called once block i's parameter gradients are complete (blocks
   // in backward order, layers-1 down to 0), so they can be reduced while backward goes on.
-  void backward(const std::function<void(int block)>& block_done = {});
+  // ce_scale multiplies the cross-entropy's gradient (not the router losses'): the trainer
+  // weights a micro-batch by its share of the step's loss-bearing tokens.
+  void backward(const std::function<void(int block)>& block_done = {}, double ce_scale = 1.0);
 
   const LMConfig& config() const { return cfg_; }
   std::vector<int> moe_blocks() const;           // block indices with an MoE FFN
@@ -104,6 +116,7 @@ class TransformerLM {
   std::vector<std::unique_ptr<Block>> blocks_;
   // Activations of the last forward.
   Tensor tokens_, targets_, x_final_, xn_final_, rstd_final_, logits_;
+  PackedLayout packed_;
   int64_t seq_len_ = 0;
   int64_t first_expert_ = 0;  // global index of this rank's first expert (expert parallelism)
 };

@@ -24,7 +24,8 @@ bool resume_may_change(const std::string& key) {
       "train.steps",  "train.lr",          "train.warmup",       "train.min_lr_ratio",
       "train.weight_decay", "train.grad_clip", "train.beta1",    "train.beta2",
       "train.backend", "router.aux_alpha", "router.aux_loss_type", "router.z_loss",
-      "router.importance_weight", "router.load_weight", "router.bias_update_rate", "router.balance_scope", "train.grad_accum", "data.path"};
+      "router.importance_weight", "router.load_weight", "router.bias_update_rate", "router.balance_scope", "train.grad_accum", "data.path",
+      "train.init_from"};  // init_from: read at step 0 only
   // parallel.*: a checkpoint holds whole tensors, so it loads at any layout that divides it.
   return safe.count(key) || key.rfind("log.", 0) == 0 || key.rfind("parallel.", 0) == 0;
 }
@@ -51,6 +52,29 @@ std::vector<ConfigChange> check_resume_config(const RunConfig& saved, const RunC
                       "\n(a resume may change only the schedule and optimizer keys, the router loss "
                       "weights, train.backend, data.path and log.*; start a new run to change the rest)");
   return safe;
+}
+
+bool init_from_must_match(const std::string& key, const RunConfig& saved, const RunConfig& now) {
+  if (key == "router.noise")
+    return saved.moe.router.noise == NoiseType::Learned || now.moe.router.noise == NoiseType::Learned;
+  return key.rfind("model.", 0) == 0 && key != "model.init_scale" && key != "model.dtype" &&
+         key != "model.expert_dropout";
+}
+
+void check_init_config(const RunConfig& saved, const RunConfig& now, const std::string& checkpoint) {
+  std::ostringstream refused;
+  int n = 0;
+  for (const ConfigKey& k : config_keys()) {
+    const std::string a = k.get(saved), b = k.get(now);
+    if (a == b || !init_from_must_match(k.key, saved, now)) continue;
+    refused << "\n  " << k.key << ": checkpoint " << a << ", this run " << b;
+    ++n;
+  }
+  if (n)
+    MOELAB_USAGE_FAIL("train.init_from = ", checkpoint, ": the checkpoint holds another model; ", n,
+                      n == 1 ? " key differs" : " keys differ", " that define its weights:", refused.str(),
+                      "\n(set them as the checkpoint has them; model.init_scale, model.dtype, "
+                      "model.expert_dropout, the router, the data and the schedule may differ)");
 }
 
 namespace {

@@ -34,6 +34,17 @@ bool resume_may_change(const std::string& key);
 std::vector<ConfigChange> check_resume_config(const RunConfig& saved, const RunConfig& now,
                                               const std::string& checkpoint);
 
+// train.init_from: the keys that define what a checkpoint's weights are, i.e. every model.* key
+// except model.init_scale, model.dtype and model.expert_dropout (initialisation, precision and
+// regularisation, which a new run may choose), plus router.noise when either side is `learned`
+// (that one adds a tensor). Other router keys, the data and the schedule may differ (continued
+// pretraining and fine-tuning change them on purpose).
+bool init_from_must_match(const std::string& key, const RunConfig& saved, const RunConfig& now);
+
+// Compares the config stored in an init_from checkpoint (`saved`) with this run's: throws
+// moelab::UsageError listing every key of init_from_must_match that differs, with both values.
+void check_init_config(const RunConfig& saved, const RunConfig& now, const std::string& checkpoint);
+
 // The checkpoint folder of one run. The folder's `run_id` file names its owner.
 class CheckpointFolder {
  public:

@@ -16,6 +16,7 @@
 #include "core/io/checkpoint.h"
 #include "core/io/data.h"
 #include "core/io/run_log.h"
+#include "core/io/sft_data.h"
 #include "core/io/output_file.h"
 #include "core/param_store.h"
 #include "core/rng.h"
@@ -34,19 +35,6 @@ std::string format_duration(double s) {
   else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(s) % 60);
   else std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(s / 60) % 60);
   return buf;
-}
-
-// Inputs tokens[:, :S] and targets tokens[:, 1:] of a [B, S+1] batch, on the backend.
-void batch_tensors(Backend& b, const Batch& batch, Tensor& inputs, Tensor& targets) {
-  const int64_t B = batch.batch, S = batch.seq;
-  std::vector<double> in(static_cast<size_t>(B * S)), tg(static_cast<size_t>(B * S));
-  for (int64_t r = 0; r < B; ++r)
-    for (int64_t s = 0; s < S; ++s) {
-      in[r * S + s] = batch.tokens[r * (S + 1) + s];
-      tg[r * S + s] = batch.tokens[r * (S + 1) + s + 1];
-    }
-  inputs = b.from_host(host_tensor(in, Shape{B * S}, DType::I32));
-  targets = b.from_host(host_tensor(tg, Shape{B * S}, DType::I32));
 }
 
 // Expert x category counts of the kept assignments of one router call; categories of the
@@ -71,6 +59,27 @@ struct OptimizerState {
 bool decays(const ParamRef& p) { return p.value.ndim() >= 2; }  // no decay on norm weights
 
 }  // namespace
+
+// Inputs tokens[:, :S] and targets tokens[:, 1:] of a [B, S+1] batch, on the backend. A packed
+// batch (SFT records) also gives its layout, and targets that bear no loss become kIgnoreTarget.
+void batch_tensors(Backend& b, const Batch& batch, Tensor& inputs, Tensor& targets,
+                   PackedLayout* packed) {
+  const int64_t B = batch.batch, S = batch.seq;
+  std::vector<double> in(static_cast<size_t>(B * S)), tg(static_cast<size_t>(B * S));
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t s = 0; s < S; ++s) {
+      in[r * S + s] = batch.tokens[r * (S + 1) + s];
+      tg[r * S + s] = batch.tokens[r * (S + 1) + s + 1];
+      if (batch.packed() && !batch.loss[size_t(r * S + s)]) tg[r * S + s] = kIgnoreTarget;
+    }
+  inputs = b.from_host(host_tensor(in, Shape{B * S}, DType::I32));
+  targets = b.from_host(host_tensor(tg, Shape{B * S}, DType::I32));
+  if (packed) *packed = {};
+  if (packed && batch.packed()) {
+    packed->segments = b.from_vector<int32_t>(batch.segment, Shape{B * S});
+    packed->positions = b.from_vector<int32_t>(batch.position, Shape{B * S});
+  }
+}
 
 LMConfig lm_config(const RunConfig& cfg) {
   LMConfig c;
@@ -109,11 +118,16 @@ namespace {
 Batch slice_batch(const Batch& full, int part, int parts) {
   if (parts == 1) return full;
   Batch b = full;
-  const int64_t per = full.batch / parts, row = full.seq + 1;
+  const int64_t per = full.batch / parts, row = full.seq + 1, S = full.seq;
   b.batch = per;
   b.tokens.assign(full.tokens.begin() + part * per * row, full.tokens.begin() + (part + 1) * per * row);
   if (!full.category.empty())
     b.category.assign(full.category.begin() + part * per * row, full.category.begin() + (part + 1) * per * row);
+  if (full.packed()) {
+    b.segment.assign(full.segment.begin() + part * per * S, full.segment.begin() + (part + 1) * per * S);
+    b.position.assign(full.position.begin() + part * per * S, full.position.begin() + (part + 1) * per * S);
+    b.loss.assign(full.loss.begin() + part * per * S, full.loss.begin() + (part + 1) * per * S);
+  }
   return b;
 }
 
@@ -134,8 +148,22 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   // T: this rank's tokens per step; the batch's are T * W.
   const int64_t T = tc.batch / W * tc.seq, E = cfg.moe.experts;
 
-  auto data = make_data_source(cfg.data, tc.batch, tc.seq, seed, cfg.log.eval_batches);
+  auto data = make_data_source(cfg.data, tc.batch, tc.seq, seed, cfg.log.eval_batches, tc.loss_on,
+                               cfg.model.vocab);
   check_eval_data(cfg, *data);
+  int64_t skipped_records = -1;  // jsonl: bad records left out (data.bad_records = skip)
+  if (const auto* js = dynamic_cast<const JsonlSource*>(data.get())) {
+    skipped_records = js->skipped();
+    if (!quiet) {
+      std::printf("moelab train: data: %s\n", js->summary().c_str());
+      if (js->skipped() > 0) {
+        std::printf("moelab train: data: skipped %lld bad record(s) (data.bad_records = skip)%s:\n",
+                    (long long)js->skipped(), js->skipped() > 20 ? ", the first 20" : "");
+        const auto& pr = js->problems();
+        for (const std::string& p : pr) std::printf("  %s\n", p.c_str());
+      }
+    }
+  }
   TransformerLM model(b, lm_config(cfg), dtype, par);
   model.init(rng::derive(seed, kInitStream));
   // Gradients live in the store's flat buffers (one per reduction group and dtype).
@@ -173,6 +201,63 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     Tensor whole = ck.tensor(key, whole_shape(dst, name), dst.dtype());
     b.copy(is_expert_param(name) && ep > 1 ? whole.view_rows(e0, e0 + dst.dim(0)) : whole, dst);
   };
+
+  // ---- init_from: another run's weights, a new run (core/trainer.h) --------------------------
+  std::string init_from_run_id;
+  int64_t init_from_step = -1;
+  std::string init_from = opts.resume.empty() ? tc.init_from : std::string();
+  if (!init_from.empty()) {
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(init_from, ec))
+      MOELAB_USAGE_FAIL("config: train.init_from = ", init_from, ": no such checkpoint file");
+    CheckpointReader ck(init_from);
+    if (ck.has_meta("config"))
+      check_init_config(config_from_text(ck.meta("config"), init_from), cfg, init_from);
+    if (ck.has_meta("run_id")) init_from_run_id = ck.meta("run_id");
+    if (ck.has_meta("step")) init_from_step = std::stoll(ck.meta("step"));
+    // Every stored tensor must be a parameter of this model, a router bias, or optimizer state
+    // (not used: a new run starts its own); parameters must all be there with their shapes.
+    std::set<std::string> known;
+    for (const ParamRef& p : params) known.insert(p.name);
+    for (int blk : moe_blocks) known.insert("router_bias." + std::to_string(blk));
+    for (const std::string& name : ck.names())
+      if (ck.is_tensor(name) && !known.count(name) && name.rfind("adam.", 0) != 0)
+        MOELAB_USAGE_FAIL("train.init_from = ", init_from, " holds tensor '", name,
+                          "', which this model does not have: it was written by another model");
+    for (size_t i = 0; i < params.size(); ++i) {
+      const ParamRef& p = params[i];
+      Tensor& dst = master_of(i);
+      const Shape want = whole_shape(dst, p.name);
+      if (!ck.has(p.name) || !ck.is_tensor(p.name))
+        MOELAB_USAGE_FAIL("train.init_from = ", init_from, " has no tensor '", p.name,
+                          "': it was written by a model of another shape");
+      if (!(ck.tensor_shape(p.name) == want))
+        MOELAB_USAGE_FAIL("train.init_from = ", init_from, ": tensor '", p.name, "' has shape ",
+                          ck.tensor_shape(p.name).str(), ", this model's is ", want.str());
+      Tensor whole = ck.tensor(p.name, want, ck.tensor_dtype(p.name));
+      if (is_expert_param(p.name) && ep > 1) whole = whole.view_rows(e0, e0 + dst.dim(0));
+      if (whole.dtype() == dst.dtype()) {
+        b.copy(whole, dst);
+      } else {  // e.g. an f32 checkpoint into an f64 model: cast on the backend
+        Tensor staged = b.from_host(whole);
+        b.cast(staged, dst);
+      }
+      if (master[i].defined()) b.cast(master[i], p.value);
+    }
+    // The aux-loss-free router biases are part of the trained model (they steer selection), so
+    // they carry over: the run starts from exactly the checkpoint's model. They keep moving only
+    // if this run's router.bias_update_rate > 0. A checkpoint without them (an imported model)
+    // leaves them at 0.
+    for (size_t i = 0; i < moe_blocks.size(); ++i) {
+      const std::string name = "router_bias." + std::to_string(moe_blocks[i]);
+      if (ck.has(name)) b.copy(ck.tensor(name, Shape{E}, DType::F32), bias_of(i));
+    }
+    if (!quiet)
+      std::printf("moelab train: init_from %s (run %s, step %lld): weights%s loaded; new schedule, "
+                  "optimizer state and step count\n",
+                  init_from.c_str(), init_from_run_id.empty() ? "?" : init_from_run_id.c_str(),
+                  (long long)init_from_step, moe_blocks.empty() ? "" : " and router biases");
+  }
 
   // ---- resume --------------------------------------------------------------------------
   int64_t start = 0;
@@ -213,6 +298,12 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     for (size_t i = 0; i < moe_blocks.size(); ++i)
       b.copy(ck.tensor("router_bias." + std::to_string(moe_blocks[i]), Shape{E}, DType::F32), bias_of(i));
     data->set_state(ck.blob("data_state"));
+    // The run started from another checkpoint: its log says so again after the resume.
+    if (ck.has_meta("init_from")) {
+      init_from = ck.meta("init_from");
+      if (ck.has_meta("init_from_run_id")) init_from_run_id = ck.meta("init_from_run_id");
+      if (ck.has_meta("init_from_step")) init_from_step = std::stoll(ck.meta("init_from_step"));
+    }
     MOELAB_CHECK(start >= 0 && start <= tc.steps, "checkpoint ", opts.resume, " is at step ", start,
                  ", beyond train.steps = ", tc.steps);
   }
@@ -234,6 +325,10 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   info.parallel_ep = ep;
   info.parallel_dp = dist ? par->dp : 1;
   info.resume_changes = resume_changes;
+  info.init_from = init_from;
+  info.init_from_run_id = init_from_run_id;
+  info.init_from_step = init_from_step;
+  info.skipped_records = skipped_records;
   if (!quiet)
     for (const std::string& c : resume_changes) std::printf("moelab train: resume changes %s\n", c.c_str());
   // Rank 0 writes the log and the checkpoints. Checked before the log is created, claimed
@@ -249,7 +344,8 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   const int64_t C = int64_t(info.category_names.size());
 
   auto evaluate = [&](int64_t step) {
-    double total = 0;
+    double total = 0, counted = 0;  // packed batches: the loss summed over loss-bearing tokens
+    double resp_total = 0, resp_counted = 0;  // ... and over the responses' tokens alone
     std::vector<std::vector<int64_t>> counts(moe_blocks.size(), std::vector<int64_t>(size_t(E * C), 0));
     Batch vb;
     const int64_t n = data->val_batches();
@@ -268,25 +364,53 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
       data->val_batch(i, vb);
       vb = slice_batch(vb, rank, W);
       Tensor in, tg;
-      batch_tensors(b, vb, in, tg);
-      LMForward f = model.forward(in, tg, tc.seq, false, rng::derive(seed, kEvalStream + uint64_t(i)));
-      total += f.ce_loss;
+      PackedLayout layout;
+      batch_tensors(b, vb, in, tg, &layout);
+      LMForward f = model.forward(in, tg, tc.seq, false, rng::derive(seed, kEvalStream + uint64_t(i)), layout);
+      if (vb.packed()) {
+        const double n = double(vb.loss_tokens(0, vb.batch));
+        total += f.ce_loss * n;
+        counted += n;
+        // The answer-only loss from the same logits (what train.loss_on = response trains), so
+        // that runs with either train.loss_on have a comparable curve.
+        std::vector<int32_t> resp(size_t(vb.batch * vb.seq), kIgnoreTarget);
+        int64_t nr = 0;
+        for (int64_t r = 0; r < vb.batch; ++r)
+          for (int64_t j = 0; j < vb.seq; ++j) {
+            const size_t at = size_t(r * vb.seq + j), next = size_t(r * (vb.seq + 1) + j + 1);
+            if (vb.loss[at] && vb.category[next] == 1) {
+              resp[at] = vb.tokens[next];
+              ++nr;
+            }
+          }
+        if (nr > 0) {
+          resp_total += b.cross_entropy_forward(model.logits(), b.from_vector<int32_t>(resp, Shape{vb.batch * vb.seq})) * double(nr);
+          resp_counted += double(nr);
+        }
+      } else {
+        total += f.ce_loss;
+      }
       for (size_t l = 0; l < moe_blocks.size(); ++l)
         count_categories(b, model.moe_layer(l).last_routing(), vb, E, C, counts[l]);
     }
+    const bool packed = vb.packed();
     if (dist) {  // the batch's mean loss and the counts of all its tokens
-      std::vector<double> v = {total};
+      std::vector<double> v = {total, counted, resp_total, resp_counted};
       for (const auto& layer : counts)
         for (int64_t c : layer) v.push_back(double(c));
       par->world_comm->all_reduce_host(v, ReduceOp::Sum);
-      total = v[0] / double(W);
-      size_t at = 1;
+      total = packed ? v[0] : v[0] / double(W);
+      counted = v[1];
+      resp_total = v[2];
+      resp_counted = v[3];
+      size_t at = 4;
       for (auto& layer : counts)
         for (int64_t& c : layer) c = int64_t(v[at++]);
     }
     EvalRow row;
     row.step = step;
-    row.loss = total / double(n);
+    row.loss = packed ? (counted > 0 ? total / counted : 0.0) : total / double(n);
+    if (packed && dynamic_cast<const JsonlSource*>(data.get())) row.response_loss = resp_counted > 0 ? resp_total / resp_counted : 0.0;
     row.bits_per_byte = row.loss / std::log(2.0);
     row.category_counts = counts;
     if (log) log->log_eval(row);
@@ -302,6 +426,11 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     w.set_meta("config", to_ini(cfg));
     w.set_meta("moelab_version", kVersion);
     w.set_meta("run_id", run_id);
+    if (!init_from.empty()) {
+      w.set_meta("init_from", init_from);
+      w.set_meta("init_from_run_id", init_from_run_id);
+      w.set_meta("init_from_step", std::to_string(init_from_step));
+    }
     // Whole tensors: sharded experts are gathered over the ep group (a collective, so every
     // rank takes part; only rank 0 writes).
     auto whole = [&](const Tensor& t, const std::string& name) {
@@ -375,6 +504,15 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
   const auto t_start = Clock::now();
   double last_val = std::nan(""), window_time = 0;
   int64_t window_steps = 0;
+  // A run from another checkpoint's weights logs their validation loss on this run's data first
+  // (eval step 0): where continued pretraining or fine-tuning starts.
+  if (opts.resume.empty() && !init_from.empty() && cfg.log.eval_every > 0) {
+    last_val = evaluate(0);
+    if (!quiet)
+      std::printf(cfg.data.tokenizer == "bytes" ? "step     0/%lld | val %.3f bpb (init_from: the starting model, before any update)\n"
+                                                : "step     0/%lld | val %.3f b/tok (init_from: the starting model, before any update)\n",
+                  (long long)tc.steps, last_val / std::log(2.0));
+  }
   Batch batch;
   std::vector<double> imb_hist, drop_hist, rms_hist;
   for (int64_t step = start + 1; step <= tc.steps; ++step) {
@@ -386,22 +524,34 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     // accumulates) before one update; the objective is the mean over ranks and micro-batches.
     const int64_t A = tc.grad_accum;
     const Batch share = slice_batch(batch, rank, W);
+    // Packed SFT batches: the objective is the mean over the step's loss-bearing tokens (all
+    // ranks and micro-batches), so a micro-batch's cross-entropy gradient is weighted by its
+    // share of them (A W n_m / N: the reduction below divides by A W again). Plain batches have
+    // the same number of tokens everywhere and keep the mean of the means.
+    const int64_t loss_tokens = batch.loss_tokens(0, batch.batch);
     store.zero_grads();
     LMForward f;
     std::vector<RouterStatsSum> step_stats(moe_blocks.size());
     double ce_sum = 0;
     for (int64_t m = 0; m < A; ++m) {
       Tensor in, tg;
-      batch_tensors(b, slice_batch(share, int(m), int(A)), in, tg);
-      f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)));
+      PackedLayout layout;
+      const Batch micro = slice_batch(share, int(m), int(A));
+      batch_tensors(b, micro, in, tg, &layout);
+      f = model.forward(in, tg, tc.seq, true, rng::derive(seed, kStepStream + uint64_t(step)), layout);
+      const double n_m = double(micro.loss_tokens(0, micro.batch));
+      const double ce_scale = micro.packed() ? (loss_tokens > 0 ? double(A * W) * n_m / double(loss_tokens) : 0.0) : 1.0;
       // The last micro-batch completes the gradients: each block's are reduced as soon as its
       // backward is done, beside the backward of the blocks below it.
-      if (reducer && m == A - 1 && cfg.parallel.overlap_grad_reduce) model.backward([&](int block) { reducer->block_done(block); });
-      else model.backward();
-      ce_sum += f.ce_loss;
+      if (reducer && m == A - 1 && cfg.parallel.overlap_grad_reduce) model.backward([&](int block) { reducer->block_done(block); }, ce_scale);
+      else model.backward({}, ce_scale);
+      ce_sum += micro.packed() ? f.ce_loss * n_m : f.ce_loss;
       for (size_t l = 0; l < f.moe.size(); ++l) step_stats[l].add(f.moe[l].stats, f.moe[l].losses, T / A);
     }
-    f.ce_loss = ce_sum / double(A);
+    // Packed: this rank's loss summed over its tokens, times W so that the mean over ranks below
+    // gives the sum over all of them, over the step's count: the token mean.
+    f.ce_loss = batch.packed() ? (loss_tokens > 0 ? ce_sum * double(W) / double(loss_tokens) : 0.0)
+                               : ce_sum / double(A);
     // The statistics of the step's whole batch: already so with router.balance_scope = batch
     // (the router reduced them over the ranks); merged over micro-batches and ranks otherwise.
     if (cfg.moe.router.balance_scope == BalanceScope::MicroBatch)
@@ -470,6 +620,7 @@ TrainResult train_rank(const RunConfig& cfg, const TrainOptions& opts, const Par
     row.lr = lr;
     row.grad_norm = gnorm;
     row.tokens_per_sec = double(T * W) / dt;
+    row.loss_tokens = loss_tokens;
     for (int r = 0; r < (dist ? W : 0); ++r) {
       row.rank_sent_bytes.push_back(rank_comm[size_t(4 * r)]);
       row.rank_recv_bytes.push_back(rank_comm[size_t(4 * r + 1)]);

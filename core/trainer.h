@@ -1,6 +1,14 @@
 // moelab: the training loop (AdamW, warm-up + cosine schedule, global-norm clipping, evaluation,
 // HDF5 run log, checkpoints and bit-identical resume).
 //
+// Stages (README "Training stages"): train.init_from starts a NEW run from a checkpoint's weights
+// and router biases (new run id, step count, schedule and AdamW state; the model keys must match:
+// run_identity.h check_init_config) and evaluates once at step 0; --resume continues the SAME
+// run. SFT records (data.source = jsonl) arrive packed (Batch::packed): the model gets their
+// segments and positions, targets without loss become kIgnoreTarget, and the step's objective is
+// the mean over its loss-bearing tokens across micro-batches and ranks (each micro-batch's
+// cross-entropy gradient weighted by its share of them; /train/loss_tokens logs the count).
+//
 // Determinism: every random draw is a counter-based function of (train.seed, step, purpose)
 // (core/rng.h), the data source's position is part of the checkpoint, and the CPU backend's
 // reductions have a fixed order, so the same config and seed give bit-identical losses on the
@@ -60,6 +68,13 @@ struct TrainResult {
   std::string log_path;
   std::string last_checkpoint;
 };
+
+// Inputs tokens[:, :S] and targets tokens[:, 1:] of a [B, S+1] batch as i32 [B*S] tensors on the
+// backend. A packed batch (SFT records) sets *packed (segments, positions) and turns the targets
+// that bear no loss into kIgnoreTarget; otherwise *packed is left empty.
+struct Batch;
+void batch_tensors(Backend& b, const Batch& batch, Tensor& inputs, Tensor& targets,
+                   PackedLayout* packed = nullptr);
 
 // The model shape of a run config.
 LMConfig lm_config(const RunConfig& cfg);

@@ -90,5 +90,27 @@ struct CrosscheckCliOptions {
   bool overwrite = false;                  // --overwrite: replace an existing findings file
 };
 int run_crosscheck(const moelab::RunConfig& cfg, const CrosscheckCliOptions& opts);  // experiments/crosscheck_cmd.cpp
-int run_generate(const GenerateCliOptions& opts);                          // experiments/other_cmds.cpp
+int run_generate(const GenerateCliOptions& opts);                          // experiments/train_cmd.cpp
+namespace moelab {
+class CheckpointReader;
+class TransformerLM;
+class Backend;
+}  // namespace moelab
+// Loads a checkpoint's parameters (and router biases) into `model`, built from `cfg` (the
+// checkpoint's config): its tensors must be exactly this model's, plus AdamW state (ignored).
+void load_checkpoint_weights(const moelab::CheckpointReader& ck, const moelab::RunConfig& cfg,
+                             moelab::TransformerLM& model, moelab::Backend& b);  // train_cmd.cpp
+
+// `moelab eval --checkpoint PATH [--data FILE.jsonl] [--set ...]`.
+struct EvalCliOptions {
+  std::string checkpoint;
+  std::vector<std::string> sets;  // overrides of the checkpoint's config (data.*, train.batch, ...)
+  std::string data;               // task records (JSONL, data.format); "" = validation loss
+  std::string backend;            // "" = cpu
+  std::string json_out;           // --json FILE: the figures as one JSON object
+  std::string per_record;         // --per-record FILE: one JSON line per record
+  int64_t samples = 0;            // greedy generations of the first N records
+  int64_t max_new = 0;            // tokens per generation; 0 = the reference response's length
+};
+int run_eval(const EvalCliOptions& opts);  // experiments/eval_cmd.cpp
 int run_bench(const moelab::RunConfig& cfg, const BenchCliOptions& opts);  // experiments/bench_cmd.cpp

@@ -4,6 +4,7 @@
 //                     [--backend cpu|cuda] [--resume CHECKPOINT | --overwrite] [--jobs N]
 //   moelab crosscheck --config FILE [--set ...] [--out PATH.h5] [--overwrite]
 //   moelab generate   --checkpoint PATH [--prompt TEXT] [--tokens N]
+//   moelab eval       --checkpoint PATH [--data FILE.jsonl] [--set ...] [--json FILE]
 //   moelab bench      [moe-layer] [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]
 //                     [--breakdown]
 //   moelab config     [--config FILE] [--set ...] [--get KEY] [--keys]
@@ -44,6 +45,7 @@ const char* kUsage =
     "  train       train a model from a config, writing the HDF5 run log\n"
     "  crosscheck  compare the CUDA backend against the CPU reference\n"
     "  generate    sample text from a checkpoint\n"
+    "  eval        a checkpoint's validation loss, or its accuracy on task records (JSONL)\n"
     "  bench       GPU performance benchmarks\n"
     "  config      print the resolved config as INI, one key, or the table of keys\n"
     "  tokenize    encode text to token ids, or decode ids, with a tokenizer.json\n"
@@ -298,6 +300,52 @@ int cmd_generate(int argc, char** argv) {
   return run_generate(g);
 }
 
+int cmd_eval(int argc, char** argv) {
+  Command cmd{"eval",
+              "moelab eval --checkpoint PATH [--data FILE.jsonl] [--set section.key=value ...] "
+              "[--backend cpu|cuda] [--json FILE] [--per-record FILE] [--samples N] [--max-new N]",
+              po::options_description("eval options")};
+  cmd.options.add_options()("checkpoint", po::value<std::string>()->value_name("PATH"),
+                            "checkpoint to evaluate (its config, with --set applied, says the data)")(
+      "data", po::value<std::string>()->value_name("FILE"),
+      "task records (JSONL in data.format): teacher-forced token accuracy, exact match and loss over "
+      "the responses; without it: the validation loss of the config's data")(
+      "set", po::value<std::vector<std::string>>()->composing()->value_name("SECTION.KEY=VALUE"),
+      "override a key of the checkpoint's config (data.genres, data.format, data.chat_template, "
+      "train.batch, ...); repeatable")(
+      "backend", po::value<std::string>()->value_name("cpu|cuda"), "compute backend (default cpu)")(
+      "json", po::value<std::string>()->value_name("FILE"), "also write the figures as one JSON object")(
+      "per-record", po::value<std::string>()->value_name("FILE"),
+      "with --data: one JSON line per record (line, tokens, correct, exact, loss, teacher-forced prediction)")(
+      "samples", po::value<int64_t>()->value_name("N"), "with --data: greedy generations of the first N records")(
+      "max-new", po::value<int64_t>()->value_name("N"),
+      "tokens per generation (default: the reference response's length)");
+  po::variables_map vm;
+  if (!parse(cmd, argc, argv, vm)) return 0;
+  EvalCliOptions e;
+  e.checkpoint = opt(vm, "checkpoint");
+  if (e.checkpoint.empty()) MOELAB_USAGE_FAIL("eval: --checkpoint PATH is required");
+  if (!std::filesystem::is_regular_file(e.checkpoint))
+    MOELAB_USAGE_FAIL("eval: --checkpoint '", e.checkpoint, "': no such checkpoint");
+  e.data = opt(vm, "data");
+  if (!e.data.empty() && !std::filesystem::is_regular_file(e.data))
+    MOELAB_USAGE_FAIL("eval: --data '", e.data, "': no such file");
+  if (vm.count("set")) e.sets = vm["set"].as<std::vector<std::string>>();
+  e.backend = opt(vm, "backend");
+  check_backend_name(cmd, e.backend);
+  if (!e.backend.empty() && !moelab::backend_available(e.backend))
+    MOELAB_USAGE_FAIL("eval: --backend ", e.backend, " is not available here");
+  e.json_out = opt(vm, "json");
+  e.per_record = opt(vm, "per-record");
+  if (vm.count("samples")) e.samples = vm["samples"].as<int64_t>();
+  if (vm.count("max-new")) e.max_new = vm["max-new"].as<int64_t>();
+  if (e.samples < 0) MOELAB_USAGE_FAIL("eval: --samples = ", e.samples, " must be >= 0");
+  if (e.max_new < 0) MOELAB_USAGE_FAIL("eval: --max-new = ", e.max_new, " must be >= 0");
+  if (e.data.empty() && (e.samples > 0 || !e.per_record.empty()))
+    MOELAB_USAGE_FAIL("eval: --samples and --per-record need --data FILE.jsonl");
+  return run_eval(e);
+}
+
 int cmd_bench(int argc_in, char** argv_in) {
   // `moelab bench moe-layer ...`: the MoE layer alone; the word is taken out before parsing.
   std::vector<char*> args(argv_in, argv_in + argc_in);
@@ -492,13 +540,14 @@ int dispatch(int argc, char** argv) {
   if (sub == "train") return cmd_train(argc, argv);
   if (sub == "crosscheck") return cmd_crosscheck(argc, argv);
   if (sub == "generate") return cmd_generate(argc, argv);
+  if (sub == "eval") return cmd_eval(argc, argv);
   if (sub == "bench") return cmd_bench(argc, argv);
   if (sub == "config") return cmd_config(argc, argv);
   if (sub == "tokenize") return cmd_tokenize(argc, argv);
   if (sub == "import-hf") return cmd_import_hf(argc, argv);
   if (sub == "export-hf") return cmd_export_hf(argc, argv);
   MOELAB_USAGE_FAIL("unknown command '", sub,
-              "' (commands: train, crosscheck, generate, bench, config, tokenize, import-hf, export-hf, help)");
+              "' (commands: train, crosscheck, generate, eval, bench, config, tokenize, import-hf, export-hf, help)");
 }
 
 }  // namespace

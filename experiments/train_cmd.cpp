@@ -56,6 +56,39 @@ static void emit(const char* bytes, size_t n) {
     MOELAB_FAIL("generate: cannot write to standard output");
 }
 
+void load_checkpoint_weights(const CheckpointReader& ck, const RunConfig& cfg, TransformerLM& model,
+                             Backend& b) {
+  // The checkpoint's tensors must be exactly this model's parameters, plus the trainer's AdamW
+  // state (adam.*) and one router bias per MoE block: anything else was written by another model.
+  std::vector<ParamRef> params = model.params();
+  const std::vector<int> moe_blocks = model.moe_blocks();
+  std::set<std::string> expected;
+  for (const ParamRef& p : params) expected.insert(p.name);
+  for (int blk : moe_blocks) expected.insert("router_bias." + std::to_string(blk));
+  for (const std::string& name : ck.names()) {
+    if (!ck.is_tensor(name) || name.rfind("adam.", 0) == 0 || expected.count(name)) continue;
+    MOELAB_FAIL("checkpoint ", ck.path(), " has tensor '", name,
+                "' that the model of its config does not have: it was written by another model");
+  }
+  for (const ParamRef& p : params) {
+    if (!ck.has(p.name))
+      MOELAB_FAIL("checkpoint ", ck.path(), " has no tensor '", p.name,
+                  "': it was written by another model than its config describes");
+    b.copy(ck.tensor(p.name, p.value.shape(), p.value.dtype()), p.value);
+  }
+  // The aux-loss-free routing bias (router.bias_update_rate > 0) is part of the trained model:
+  // without it routing, and so the output, differs from the model that was trained.
+  for (size_t i = 0; i < moe_blocks.size(); ++i) {
+    const std::string name = "router_bias." + std::to_string(moe_blocks[i]);
+    Tensor& bias = model.moe_layer(i).router().params().bias;
+    if (ck.has(name))
+      b.copy(ck.tensor(name, bias.shape(), DType::F32), bias);
+    else if (cfg.moe.router.bias_update_rate > 0)
+      MOELAB_FAIL("checkpoint ", ck.path(), " has no tensor '", name,
+                  "', the router bias its config (router.bias_update_rate > 0) routes with");
+  }
+}
+
 int run_generate(const GenerateCliOptions& g) {
   CheckpointReader ck(g.checkpoint);
   MOELAB_CHECK(ck.has_meta("config"), "checkpoint ", g.checkpoint, " carries no config");
@@ -71,35 +104,7 @@ int run_generate(const GenerateCliOptions& g) {
   const DType dtype = cfg.model.dtype == DType::F64 ? DType::F64 : DType::F32;
   TransformerLM model(b, lm_config(cfg), dtype);
 
-  // The checkpoint's tensors must be exactly this model's parameters, plus the trainer's AdamW
-  // state (adam.*) and one router bias per MoE block: anything else was written by another model.
-  std::vector<ParamRef> params = model.params();
-  const std::vector<int> moe_blocks = model.moe_blocks();
-  std::set<std::string> expected;
-  for (const ParamRef& p : params) expected.insert(p.name);
-  for (int blk : moe_blocks) expected.insert("router_bias." + std::to_string(blk));
-  for (const std::string& name : ck.names()) {
-    if (!ck.is_tensor(name) || name.rfind("adam.", 0) == 0 || expected.count(name)) continue;
-    MOELAB_FAIL("checkpoint ", g.checkpoint, " has tensor '", name,
-                "' that the model of its config does not have: it was written by another model");
-  }
-  for (const ParamRef& p : params) {
-    if (!ck.has(p.name))
-      MOELAB_FAIL("checkpoint ", g.checkpoint, " has no tensor '", p.name,
-                  "': it was written by another model than its config describes");
-    b.copy(ck.tensor(p.name, p.value.shape(), p.value.dtype()), p.value);
-  }
-  // The aux-loss-free routing bias (router.bias_update_rate > 0) is part of the trained model:
-  // without it routing, and so the output, differs from the model that was trained.
-  for (size_t i = 0; i < moe_blocks.size(); ++i) {
-    const std::string name = "router_bias." + std::to_string(moe_blocks[i]);
-    Tensor& bias = model.moe_layer(i).router().params().bias;
-    if (ck.has(name))
-      b.copy(ck.tensor(name, bias.shape(), DType::F32), bias);
-    else if (cfg.moe.router.bias_update_rate > 0)
-      MOELAB_FAIL("checkpoint ", g.checkpoint, " has no tensor '", name,
-                  "', the router bias its config (router.bias_update_rate > 0) routes with");
-  }
+  load_checkpoint_weights(ck, cfg, model, b);
 
   // Tokens: bytes, or the run's data.tokenizer (the prompt is encoded with it, and each sampled
   // id is written as the bytes it decodes to; ids that no token has, such as padding rows of a

@@ -1057,6 +1057,22 @@ TEST_CASE("gpu ops: embedding, rmsnorm, rope", "[gpu]") {
       g.rope_backward(x.g, H, S, 10000.0, dx.g);
       k.close(dx);
     }
+    {
+      // Packed records: positions restart at every record (SFT packing).
+      Case k(fam, g, "rope (positions of packed records)", dt);
+      const int64_t S = 12, T = 24, H = 2, Dh = 16;
+      std::vector<int> pos;
+      for (int64_t t = 0; t < T; ++t) pos.push_back(int(t % 12 < 5 ? t % 12 : t % 12 < 9 ? t % 12 - 5 : t % 12 - 9));
+      Pair positions = k.ints(Shape{T}, pos);
+      Pair x = k.randn(Shape{T, H * Dh});
+      Out y = k.out("y", Shape{T, H * Dh}), dx = k.out("dx", Shape{T, H * Dh});
+      cpu().rope_forward(x.c, H, S, 10000.0, y.c, positions.c);
+      g.rope_forward(x.g, H, S, 10000.0, y.g, positions.g);
+      k.close(y);
+      cpu().rope_backward(x.c, H, S, 10000.0, dx.c, positions.c);
+      g.rope_backward(x.g, H, S, 10000.0, dx.g, positions.g);
+      k.close(dx);
+    }
   }
   fam.finish();
 }
@@ -1067,13 +1083,16 @@ namespace {
 // (dq, dk, dv) from the reference's out and lse rounded to what the GPU keeps (the case's dtype,
 // f32), so that each half is measured on its own. bf16 with head width 64 or 128 runs the
 // tensor-core kernels, everything else (and unaligned inputs) the generic ones.
+// seg: packed records' segment ids [T] (empty: plain causal attention).
 void attention_case(Family& fam, Backend& g, DType dt, int64_t B, int64_t S, int64_t H, int64_t Hkv,
-                    int64_t Dh, bool unaligned = false) {
+                    int64_t Dh, bool unaligned = false, const std::vector<int>& seg = {}) {
   const int64_t T = B * S;
   std::ostringstream name;
   name << "attention B=" << B << " S=" << S << " H=" << H << " Hkv=" << Hkv << " Dh=" << Dh
-       << (unaligned ? " (unaligned inputs: generic kernels)" : "");
+       << (unaligned ? " (unaligned inputs: generic kernels)" : "") << (seg.empty() ? "" : " (packed records)");
   Case k(fam, g, name.str(), dt);
+  Pair segments;
+  if (!seg.empty()) segments = k.ints(Shape{T}, seg);
   Pair q = k.randn(Shape{T, H * Dh}), kk = k.randn(Shape{T, Hkv * Dh}), v = k.randn(Shape{T, Hkv * Dh});
   if (unaligned) {
     q = k.unaligned(q);
@@ -1081,8 +1100,8 @@ void attention_case(Family& fam, Backend& g, DType dt, int64_t B, int64_t S, int
     v = k.unaligned(v);
   }
   Out out = k.out("out", Shape{T, H * Dh}), lse = k.out("lse", Shape{B * H, S}, DType::F32);
-  cpu().attention_forward(q.c, kk.c, v.c, H, Hkv, S, out.c, lse.c);
-  g.attention_forward(q.g, kk.g, v.g, H, Hkv, S, out.g, lse.g);
+  cpu().attention_forward(q.c, kk.c, v.c, H, Hkv, S, out.c, lse.c, segments.c);
+  g.attention_forward(q.g, kk.g, v.g, H, Hkv, S, out.g, lse.g, segments.g);
   k.close(out);
   k.close(lse);
   Pair o = k.from_cpu(out.c), l = k.values(Shape{B * H, S}, host_values(lse.c), DType::F32);
@@ -1090,8 +1109,8 @@ void attention_case(Family& fam, Backend& g, DType dt, int64_t B, int64_t S, int
   if (unaligned) dout = k.unaligned(dout);
   Out dq = k.out("dq", Shape{T, H * Dh}), dk = k.out("dk", Shape{T, Hkv * Dh}),
       dv = k.out("dv", Shape{T, Hkv * Dh});
-  cpu().attention_backward(q.c, kk.c, v.c, o.c, l.c, dout.c, H, Hkv, S, dq.c, dk.c, dv.c);
-  g.attention_backward(q.g, kk.g, v.g, o.g, l.g, dout.g, H, Hkv, S, dq.g, dk.g, dv.g);
+  cpu().attention_backward(q.c, kk.c, v.c, o.c, l.c, dout.c, H, Hkv, S, dq.c, dk.c, dv.c, segments.c);
+  g.attention_backward(q.g, kk.g, v.g, o.g, l.g, dout.g, H, Hkv, S, dq.g, dk.g, dv.g, segments.g);
   if (S == 1) {  // one key per query: P = 1, dS = dP - D = 0 exactly, up to the GPU's rounding
     k.near_zero(dq, 1e-4);
     k.near_zero(dk, 1e-4);
@@ -1126,6 +1145,36 @@ TEST_CASE("gpu ops: flash attention (causal, grouped-query) against the CPU", "[
         for (const Heads& hd : heads) attention_case(fam, g, dt, 1 + (n++ % 3), S, hd.H, hd.Hkv, Dh);
   // bf16 at the tensor-core widths, but off 16-byte alignment: the generic kernels.
   for (int64_t Dh : {64, 128}) attention_case(fam, g, DType::BF16, 2, 65, 4, 2, Dh, true);
+  fam.finish();
+}
+
+TEST_CASE("gpu ops: flash attention over packed records (segment mask) against the CPU", "[gpu][sft]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("attention (packed records)");
+  Backend& g = gpu();
+  // Rows of records of varying lengths (one crossing several 64- and 128-row tiles, one-token
+  // records, a key tile wholly of other records) and trailing padding (-1).
+  auto packed = [](int64_t B, int64_t S, std::vector<int64_t> lens) {
+    std::vector<int> seg;
+    size_t li = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t t = 0;
+      for (int id = 0;; ++id) {
+        const int64_t n = lens[li++ % lens.size()];
+        if (t + n > S) break;
+        for (int64_t i = 0; i < n; ++i, ++t) seg.push_back(id);
+      }
+      for (; t < S; ++t) seg.push_back(-1);
+    }
+    return seg;
+  };
+  for (DType dt : kDtypes)
+    for (int64_t Dh : {32, 64, 128}) {
+      attention_case(fam, g, dt, 2, 256, 4, 2, Dh, false, packed(2, 256, {100, 1, 37, 70, 3}));
+      attention_case(fam, g, dt, 1, 200, 2, 1, Dh, false, packed(1, 200, {150, 2, 30}));
+    }
+  attention_case(fam, g, DType::BF16, 2, 130, 4, 2, 64, true, packed(2, 130, {60, 1, 50}));
   fam.finish();
 }
 
@@ -1234,6 +1283,25 @@ TEST_CASE("gpu ops: cross_entropy, adamw", "[gpu]") {
       cpu().cross_entropy_backward(logits.c, targets.c, 0.7, dl.c);
       g.cross_entropy_backward(logits.g, targets.g, 0.7, dl.g);
       k.close(dl);
+    }
+    {
+      // Targets of -1 (answer-only loss, record ends, padding) bear no loss: mean over the rest.
+      Case k(fam, g, "cross_entropy (ignored targets)", dt);
+      const int64_t T = 41, V = 300;
+      std::vector<int> y(static_cast<size_t>(T));
+      for (int64_t t = 0; t < T; ++t) y[size_t(t)] = t % 3 == 1 ? -1 : int((t * 37 + 5) % V);
+      Pair logits = k.randn(Shape{T, V}, 2.0);
+      Pair targets = k.ints(Shape{T}, y);
+      k.scalar("value", g.cross_entropy_forward(logits.g, targets.g),
+               cpu().cross_entropy_forward(logits.c, targets.c));
+      Out dl = k.out("dlogits", Shape{T, V});
+      cpu().cross_entropy_backward(logits.c, targets.c, 1.3, dl.c);
+      g.cross_entropy_backward(logits.g, targets.g, 1.3, dl.g);
+      k.close(dl);
+      Pair none = k.ints(Shape{2}, {-1, -1});
+      Pair l2 = k.randn(Shape{2, V});
+      k.scalar("value (no target bears loss)", g.cross_entropy_forward(l2.g, none.g) + 1.0,
+               cpu().cross_entropy_forward(l2.c, none.c) + 1.0);
     }
     {
       Case k(fam, g, "adamw", dt);

@@ -47,7 +47,8 @@ const std::vector<std::string> kEveryKeyChanged = {
     "train.steps=7", "train.batch=3", "train.seq=17", "train.lr=0.1234567890123",
     "train.warmup=2", "train.seed=18446744073709551615", "train.weight_decay=0",
     "train.grad_clip=0.5", "train.beta1=0.8", "train.beta2=0.999", "train.min_lr_ratio=0",
-    "train.backend=cuda", "data.source=brown", "data.path=my data/brown", "data.tokenizer=my data/tok.json",
+    "train.backend=cuda", "train.init_from=ck/pre/step_000100.ckpt", "data.source=brown",
+    "data.path=my data/brown", "data.tokenizer=my data/tok.json", "data.genres=a-c, k",
     "data.synthetic_sources=3", "data.synthetic_alphabet=5", "data.val_fraction=0.2",
     "log.every=2", "log.eval_every=0", "log.eval_batches=8", "log.checkpoint_every=5",
     "log.checkpoint_dir=ck/x", "log.out=o/r.h5", "log.flush_every=3"};
@@ -354,7 +355,10 @@ TEST_CASE("config: to_ini round-trips through load_config", "[config]") {
       "", {"parallel.ep=2", "parallel.dp=2", "train.grad_accum=2", "router.balance_scope=micro_batch",
            "parallel.overlap_grad_reduce=false", "train.seeds=3, 1", "router.force_balance=true",
            // Hugging Face's pooled aux loss needs softmax scores and the global loss.
-           "router.aux_convention=hf"});
+           "router.aux_convention=hf",
+           // SFT records (data.source = jsonl): the keys that only apply to them.
+           "data.source=jsonl", "train.loss_on=response", "data.val_path=sft/val.jsonl", "data.format=messages",
+           "data.chat_template=<|{role}|>\\n{content}<|end|>\\x23", "data.pack=false", "data.bad_records=skip"});
   // Together they really change every key (so the round trip covers them all).
   const RunConfig defaults;
   for (const ConfigKey& k : config_keys()) {

@@ -58,6 +58,7 @@ TrainRow make_row(int64_t step, int64_t E, size_t L) {
   r.lr = 1e-3 * double(step + 1);
   r.grad_norm = 0.5 + 0.25 * double(step);
   r.tokens_per_sec = 1000.0 + double(step);
+  r.loss_tokens = 500 + step;
   for (size_t l = 0; l < L; ++l) {
     LayerRouterRow lr;
     double psum = 0;
@@ -285,6 +286,10 @@ TEST_CASE("run log: round trip of train, eval and router rows", "[runlog]") {
   const std::vector<int> layers = {1, 3};
   RunLogInfo info = make_info(E, layers, C, 4);
   info.sweep_name = "aux_alpha_sweep";
+  info.init_from = "runs/pre_checkpoints/step_000600.ckpt";
+  info.init_from_run_id = "0123abcd";
+  info.init_from_step = 600;
+  info.skipped_records = 3;
   info.config_ini += "# padding past the 64 KiB compact attribute limit\n" +
                      std::string(100000, '#') + "\n";
   std::vector<int64_t> steps;
@@ -297,6 +302,7 @@ TEST_CASE("run log: round trip of train, eval and router rows", "[runlog]") {
       if (k % 4 == 1) {
         EvalRow e = make_eval(2 * k + 1, E, C, layers.size());
         if (k != 5) e.bits_per_byte = e.loss / std::log(2.0);
+        if (k != 1) e.response_loss = e.loss + 0.5;
         evals.push_back(e);
         log.log_eval(e);
       }
@@ -313,6 +319,21 @@ TEST_CASE("run log: round trip of train, eval and router rows", "[runlog]") {
   CHECK(read_str_attr(f, "backend") == "cpu");
   CHECK(read_str_attr(f, "sweep_name") == "aux_alpha_sweep");
   CHECK(read_strs_attr(f, "category_names") == info.category_names);
+  CHECK(read_str_attr(f, "init_from") == info.init_from);
+  CHECK(read_str_attr(f, "init_from_run_id") == "0123abcd");
+  {
+    int64_t v = 0;
+    f.openAttribute("init_from_step").read(H5::PredType::NATIVE_INT64, &v);
+    CHECK(v == 600);
+    f.openAttribute("data_skipped_records").read(H5::PredType::NATIVE_INT64, &v);
+    CHECK(v == 3);
+  }
+  {
+    Data lt = read(f, "/train/loss_tokens");
+    REQUIRE(lt.dims == std::vector<hsize_t>{hsize_t(N)});
+    CHECK(lt.cls == H5T_INTEGER);
+    for (int64_t k = 0; k < N; ++k) CHECK(lt.i[size_t(k)] == 500 + 2 * k + 1);
+  }
 
   // Dtypes: int64 steps and counts, float64 values.
   for (const char* p : {"/train/step", "/eval/step", "/router/layer_01/routed",
@@ -334,7 +355,7 @@ TEST_CASE("run log: round trip of train, eval and router rows", "[runlog]") {
 
   CHECK(check_rows(f, E, layers, steps) == hsize_t(N));
   auto lens = per_step_lengths(f);
-  CHECK(lens.size() == 5 + layers.size() * 15);
+  CHECK(lens.size() == 6 + layers.size() * 15);
   for (auto& [name, n] : lens) {
     INFO(name);
     CHECK(n == hsize_t(N));
@@ -353,6 +374,14 @@ TEST_CASE("run log: round trip of train, eval and router rows", "[runlog]") {
       CHECK(eb.f[m] == *evals[m].bits_per_byte);
     else
       CHECK(std::isnan(eb.f[m]));
+  }
+  {
+    Data er = read(f, "/eval/response_loss");
+    REQUIRE(er.dims == std::vector<hsize_t>{M});
+    for (size_t m = 0; m < M; ++m) {
+      if (evals[m].response_loss) CHECK(er.f[m] == *evals[m].response_loss);
+      else CHECK(std::isnan(er.f[m]));
+    }
   }
   for (size_t l = 0; l < layers.size(); ++l) {
     std::string g = "/router/" + run_log_layer_name(layers[l]);
@@ -465,7 +494,7 @@ TEST_CASE("run log: a run killed with SIGKILL leaves a readable file", "[runlog]
       REQUIRE(fs::exists(path));
       H5::H5File f(path, H5F_ACC_RDONLY);
       auto lens = per_step_lengths(f);
-      REQUIRE(lens.size() == 5 + layers.size() * 15);
+      REQUIRE(lens.size() == 6 + layers.size() * 15);
       const hsize_t n = lens.begin()->second;
       CHECK(n > 0);
       for (auto& [name, len] : lens) {

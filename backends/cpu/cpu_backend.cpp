@@ -983,12 +983,15 @@ class CpuBackend final : public Backend {
   }
 
   void rope_impl(const Tensor& x, int64_t heads, int64_t seq_len, double theta, bool inverse,
-                 const Tensor& y) override {
+                 const Tensor& y, const Tensor& positions) override {
+    const int32_t* given = positions.defined() ? positions.ptr<int32_t>() : nullptr;
     dispatch_float(x.dtype(), [&](auto tag) {
       using T = decltype(tag);
       const int64_t R = x.dim(0), W = x.dim(1), dh = W / heads, half = dh / 2;
       for (int64_t t = 0; t < R; ++t) {
-        const double pos = double(t % seq_len);
+        MOELAB_CHECK(!given || given[t] >= 0, "rope: position ", given ? given[t] : 0, " of token ", t,
+                     " is negative");
+        const double pos = given ? double(given[t]) : double(t % seq_len);
         for (int64_t i = 0; i < half; ++i) {
           const double ang = pos * std::pow(theta, -2.0 * double(i) / double(dh));
           const double c = std::cos(ang), sn = inverse ? -std::sin(ang) : std::sin(ang);
@@ -1020,10 +1023,18 @@ class CpuBackend final : public Backend {
     return head_view<T>(t, b, head, S, dh).template cast<double>();
   }
 
-  // Forward: scores, causal softmax by rows, P V, all in f64; lse[i] = m + log sum exp(s - m).
+  // Whether query i may attend to key j (both in sequence b): causal, and with segments the
+  // same segment (packed records).
+  static bool visible(const int32_t* seg, int64_t b, int64_t S, int64_t i, int64_t j) {
+    return j <= i && (!seg || seg[b * S + j] == seg[b * S + i]);
+  }
+
+  // Forward: scores, causal (and segment) masked softmax by rows, P V, all in f64;
+  // lse[i] = m + log sum exp(s - m) over the visible keys.
   void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
-                              int64_t Hkv, int64_t S, const Tensor& out,
-                              const Tensor& lse) override {
+                              int64_t Hkv, int64_t S, const Tensor& out, const Tensor& lse,
+                              const Tensor& segments) override {
+    const int32_t* seg = segments.defined() ? segments.ptr<int32_t>() : nullptr;
     dispatch_float(q.dtype(), [&](auto tag) {
       using T = decltype(tag);
       using L = std::conditional_t<std::is_same_v<T, double>, double, float>;  // lse dtype
@@ -1038,13 +1049,15 @@ class CpuBackend final : public Backend {
           const Eigen::MatrixXd V = head_f64<T>(v, b, g, S, dh);
           P.noalias() = scale * Q * K.transpose();
           L* lrow = lse.ptr<L>() + (b * H + h) * S;
-          for (int64_t i = 0; i < S; ++i) {  // causal softmax over keys j <= i
+          for (int64_t i = 0; i < S; ++i) {  // softmax over the visible keys (j = i always is)
             double m = -std::numeric_limits<double>::infinity(), z = 0;
-            for (int64_t j = 0; j <= i; ++j) m = std::max(m, P(i, j));
-            for (int64_t j = 0; j <= i; ++j) z += std::exp(P(i, j) - m);
+            for (int64_t j = 0; j <= i; ++j)
+              if (visible(seg, b, S, i, j)) m = std::max(m, P(i, j));
+            for (int64_t j = 0; j <= i; ++j)
+              if (visible(seg, b, S, i, j)) z += std::exp(P(i, j) - m);
             const double l = m + std::log(z);
             lrow[i] = L(l);
-            for (int64_t j = 0; j < S; ++j) P(i, j) = j <= i ? std::exp(P(i, j) - l) : 0.0;
+            for (int64_t j = 0; j < S; ++j) P(i, j) = visible(seg, b, S, i, j) ? std::exp(P(i, j) - l) : 0.0;
           }
           head_view<T>(out, b, h, S, dh) = (P * V).template cast<T>();
         }
@@ -1057,7 +1070,8 @@ class CpuBackend final : public Backend {
   void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& out, const Tensor& lse, const Tensor& dout,
                                int64_t H, int64_t Hkv, int64_t S, const Tensor& dq,
-                               const Tensor& dk, const Tensor& dv) override {
+                               const Tensor& dk, const Tensor& dv, const Tensor& segments) override {
+    const int32_t* seg = segments.defined() ? segments.ptr<int32_t>() : nullptr;
     dispatch_float(q.dtype(), [&](auto tag) {
       using T = decltype(tag);
       using L = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -1075,7 +1089,8 @@ class CpuBackend final : public Backend {
             const L* lrow = lse.ptr<L>() + (b * H + h) * S;
             P.noalias() = scale * Q * K.transpose();
             for (int64_t i = 0; i < S; ++i)
-              for (int64_t j = 0; j < S; ++j) P(i, j) = j <= i ? std::exp(P(i, j) - double(lrow[i])) : 0.0;
+              for (int64_t j = 0; j < S; ++j)
+                P(i, j) = visible(seg, b, S, i, j) ? std::exp(P(i, j) - double(lrow[i])) : 0.0;
             dV.noalias() += P.transpose() * dO;  // O = P V
             dP.noalias() = dO * V.transpose();
             for (int64_t i = 0; i < S; ++i) {    // softmax backward, D_i = dO_i . O_i
@@ -1096,13 +1111,16 @@ class CpuBackend final : public Backend {
       using T = decltype(tag);
       const int64_t R = logits.dim(0), V = logits.dim(1);
       double total = 0;
+      int64_t n = 0;  // rows bearing loss
       for (int64_t t = 0; t < R; ++t) {
         const int32_t y = targets.ptr<int32_t>()[t];
+        if (y == kIgnoreTarget) continue;
         MOELAB_CHECK(y >= 0 && y < V, "cross_entropy: target ", y, " outside [0, ", V, ")");
         const T* l = logits.ptr<T>() + t * V;
         total += logsumexp_row(l, V) - double(l[y]);
+        ++n;
       }
-      return total / double(R);
+      return n ? total / double(n) : 0.0;
     });
   }
 
@@ -1111,11 +1129,23 @@ class CpuBackend final : public Backend {
     dispatch_float(logits.dtype(), [&](auto tag) {
       using T = decltype(tag);
       const int64_t R = logits.dim(0), V = logits.dim(1);
+      const int32_t* y = targets.ptr<int32_t>();
+      int64_t n = 0;  // rows bearing loss
       for (int64_t t = 0; t < R; ++t) {
+        MOELAB_CHECK(y[t] == kIgnoreTarget || (y[t] >= 0 && y[t] < V), "cross_entropy: target ", y[t],
+                     " outside [0, ", V, ")");
+        n += y[t] != kIgnoreTarget;
+      }
+      for (int64_t t = 0; t < R; ++t) {
+        T* d = dlogits.ptr<T>() + t * V;
+        if (y[t] == kIgnoreTarget) {
+          std::fill(d, d + V, T(0));
+          continue;
+        }
         const T* l = logits.ptr<T>() + t * V;
-        const double lse = logsumexp_row(l, V), c = scale / double(R);
-        for (int64_t j = 0; j < V; ++j) dlogits.ptr<T>()[t * V + j] = T(c * std::exp(double(l[j]) - lse));
-        dlogits.ptr<T>()[t * V + targets.ptr<int32_t>()[t]] -= T(c);
+        const double lse = logsumexp_row(l, V), c = scale / double(n);
+        for (int64_t j = 0; j < V; ++j) d[j] = T(c * std::exp(double(l[j]) - lse));
+        d[y[t]] -= T(c);
       }
     });
   }

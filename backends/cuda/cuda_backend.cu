@@ -393,19 +393,20 @@ class CudaBackend final : public Backend {
     cuda::rmsnorm_backward(ctx_, x, w, rstd, dy, dx, dw);
   }
   void rope_impl(const Tensor& x, int64_t heads, int64_t seq_len, double theta, bool inverse,
-                 const Tensor& y) override {
-    cuda::rope(ctx_, x, heads, seq_len, theta, inverse, y);
+                 const Tensor& y, const Tensor& positions) override {
+    cuda::rope(ctx_, x, heads, seq_len, theta, inverse, y, positions);
   }
   void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
                               int64_t kv_heads, int64_t seq_len, const Tensor& out,
-                              const Tensor& lse) override {
-    cuda::attention_forward(ctx_, q, k, v, heads, kv_heads, seq_len, out, lse);
+                              const Tensor& lse, const Tensor& segments) override {
+    cuda::attention_forward(ctx_, q, k, v, heads, kv_heads, seq_len, out, lse, segments);
   }
   void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& out, const Tensor& lse, const Tensor& dout,
                                int64_t heads, int64_t kv_heads, int64_t seq_len, const Tensor& dq,
-                               const Tensor& dk, const Tensor& dv) override {
-    cuda::attention_backward(ctx_, q, k, v, out, lse, dout, heads, kv_heads, seq_len, dq, dk, dv);
+                               const Tensor& dk, const Tensor& dv, const Tensor& segments) override {
+    cuda::attention_backward(ctx_, q, k, v, out, lse, dout, heads, kv_heads, seq_len, dq, dk, dv,
+                             segments);
   }
   double cross_entropy_forward_impl(const Tensor& logits, const Tensor& targets) override {
     return cuda::cross_entropy_forward(ctx_, logits, targets);

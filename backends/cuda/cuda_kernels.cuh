@@ -129,14 +129,16 @@ void rmsnorm_forward(Ctx& c, const Tensor& x, const Tensor& w, double eps, const
 void rmsnorm_backward(Ctx& c, const Tensor& x, const Tensor& w, const Tensor& rstd,
                       const Tensor& dy, const Tensor& dx, const Tensor& dw);
 void rope(Ctx& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta, bool inverse,
-          const Tensor& y);
-// Flash attention (flash_attention.cu): lse f32 [B*H, S] instead of the probabilities.
+          const Tensor& y, const Tensor& positions);
+// Flash attention (flash_attention.cu): lse f32 [B*H, S] instead of the probabilities;
+// segments (i32 [T], or undefined) masks keys of other packed records.
 void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
-                       int64_t kv_heads, int64_t seq_len, const Tensor& out, const Tensor& lse);
+                       int64_t kv_heads, int64_t seq_len, const Tensor& out, const Tensor& lse,
+                       const Tensor& segments);
 void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, const Tensor& dout, int64_t heads,
                         int64_t kv_heads, int64_t seq_len, const Tensor& dq, const Tensor& dk,
-                        const Tensor& dv);
+                        const Tensor& dv, const Tensor& segments);
 double cross_entropy_forward(Ctx& c, const Tensor& logits, const Tensor& targets);
 void cross_entropy_backward(Ctx& c, const Tensor& logits, const Tensor& targets, double scale,
                             const Tensor& dlogits);

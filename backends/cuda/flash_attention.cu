@@ -4,6 +4,7 @@
 // CUDA primitives they use (ldmatrix, mma.sync m16n8k16 bf16 -> fp32, cp.async, shuffles), the
 // __global__ wrappers and the launchers.
 //
+// Segments (packed records, core/backend.h): Params::seg, masked in every kernel below.
 // Paths: bf16 with head width 64 or 128 and 16-byte aligned tensors (every model tensor; a view
 // at an odd offset is not) run the tensor-core kernels; everything else (f32, other widths up to
 // 256, unaligned views) the generic fp32 kernels. Backward: D = rowsum(dO * O) pre-pass, then a
@@ -132,7 +133,7 @@ bool tensor_cores(DType dt, int64_t dh, std::initializer_list<const Tensor*> ts)
 }
 
 fl::Params params(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, int64_t Hkv,
-                  int64_t S) {
+                  int64_t S, const Tensor& segments) {
   const int64_t T = q.dim(0), dh = q.dim(1) / H;
   MOELAB_CHECK(T / S <= INT32_MAX && S <= INT32_MAX && H <= INT32_MAX, "cuda attention: sizes out of range");
   if (dh > fl::Gen::kMaxDh)
@@ -142,6 +143,7 @@ fl::Params params(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, 
   p.q = q.data();
   p.k = k.data();
   p.v = v.data();
+  p.seg = segments.defined() ? static_cast<const int32_t*>(segments.data()) : nullptr;
   p.B = int(T / S);
   p.S = int(S);
   p.H = int(H);
@@ -164,10 +166,11 @@ template <class F> void dispatch_elem(DType dt, const char* op, F&& f) {
 }  // namespace
 
 void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
-                       int64_t Hkv, int64_t S, const Tensor& out, const Tensor& lse) {
+                       int64_t Hkv, int64_t S, const Tensor& out, const Tensor& lse,
+                       const Tensor& segments) {
   const int64_t T = q.dim(0);
   if (T == 0) return;
-  fl::Params p = params(q, k, v, H, Hkv, S);
+  fl::Params p = params(q, k, v, H, Hkv, S, segments);
   p.out = out.data();
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
@@ -191,10 +194,10 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
 void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, const Tensor& dout, int64_t H,
                         int64_t Hkv, int64_t S, const Tensor& dq, const Tensor& dk,
-                        const Tensor& dv) {
+                        const Tensor& dv, const Tensor& segments) {
   const int64_t T = q.dim(0);
   if (T == 0) return;
-  fl::Params p = params(q, k, v, H, Hkv, S);
+  fl::Params p = params(q, k, v, H, Hkv, S, segments);
   p.o = out.data();
   p.dout = dout.data();
   p.lse = static_cast<float*>(lse.data());

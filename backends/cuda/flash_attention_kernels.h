@@ -33,7 +33,11 @@
 //                (queries) of a 32-wide tile in shared memory.
 // Causal masking: key tiles above the diagonal are never visited; within a tile that crosses
 // the diagonal, scores with j > i get -inf (forward) / probability 0 (backward). Rows and keys
-// past S are zero-filled in shared memory and never stored.
+// past S are zero-filled in shared memory and never stored. Segments (Params::seg, packed
+// records): in every visited tile, scores of keys from another segment than the query's get
+// -inf / probability 0 as well (the key ids are read from global memory, through the cache;
+// tiles wholly before a query's segment are still visited, so packing costs what causal
+// attention over the whole sequence costs).
 // Determinism: no atomics anywhere; every output element is written by one thread after a
 // fixed-order loop (dK/dV sum the heads of a group in ascending order inside one block; dQ has
 // its own kernel over query tiles), so results are bit-identical run to run.
@@ -67,6 +71,8 @@ struct Params {
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
+  // Packed records (optional, i32 [T]): query i sees key j only when seg[i] == seg[j].
+  const int32_t* seg = nullptr;
   int B = 0, S = 0, H = 0, Hkv = 0, Dh = 0;
   float scale = 0;       // 1 / sqrt(Dh)
   float scale_log2 = 0;  // scale * log2(e)
@@ -78,6 +84,13 @@ constexpr float kLn2 = 0.6931471805599453f;
 FA_DEV int fa_imin(int a, int b) { return a < b ? a : b; }
 FA_DEV int fa_imax(int a, int b) { return a > b ? a : b; }
 FA_DEV float fa_ninf() { return -INFINITY; }
+
+// Segment mask of one sequence (sg = p.seg + b * S, or null: no segments): whether query i may
+// see key j as far as the segments go (causality is checked separately). Rows past S are never
+// stored and keep the plain causal treatment; keys past S are never visible.
+FA_DEV bool fa_seg_ok(const int32_t* sg, int S, int i, int j) {
+  return !sg || i >= S || (j < S && sg[i] == sg[j]);
+}
 
 FA_DEV float fa_ld(const float* p, int64_t i) { return p[i]; }
 FA_DEV float fa_ld(const uint16_t* p, int64_t i) { return fa_bf16_to_f(p[i]); }
@@ -231,6 +244,7 @@ FA_DEV void fwd_tc(const Params& p, char* smem, int tid, int bh, int ty) {
   const uint16_t* Q = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq + h * DH;
   const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
   const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sK = sQ + BR * LDS;      // [2][BC][LDS]
   uint16_t* sV = sK + 2 * BC * LDS;  // [2][BC][LDS]
@@ -276,7 +290,8 @@ FA_UNROLL
 FA_UNROLL
           for (int e = 0; e < 2; ++e) {
             float x = s[nb][2 * hr + e] * p.scale_log2;
-            if (mask && k0 + nb * 8 + 2 * tq + e > row[hr]) x = fa_ninf();
+            const int col = k0 + nb * 8 + 2 * tq + e;
+            if ((mask && col > row[hr]) || !fa_seg_ok(sg, S, row[hr], col)) x = fa_ninf();
             s[nb][2 * hr + e] = x;
             mx = fmaxf(mx, x);
           }
@@ -360,6 +375,7 @@ FA_DEV void dq_tc(const Params& p, char* smem, int tid, int bh, int ty) {
   const uint16_t* dO = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq + h * DH;
   const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
   const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sdO = sQ + BR * LDS;
   uint16_t* sK = sdO + BR * LDS;     // [2][BC][LDS]
@@ -415,7 +431,7 @@ FA_UNROLL
 FA_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int col = k0 + nb * 8 + 2 * tq + e;
-            const bool off = mask && (col > row[hr] || row[hr] >= S);
+            const bool off = (mask && (col > row[hr] || row[hr] >= S)) || !fa_seg_ok(sg, S, row[hr], col);
             const float pe = off ? 0.0f : fa_exp2(s[nb][2 * hr + e] * p.scale_log2 - lse2[hr]);
             s[nb][2 * hr + e] = pe * (dp[nb][2 * hr + e] - dr[hr]);  // dS
           }
@@ -444,6 +460,7 @@ FA_DEV void dkv_tc(const Params& p, char* smem, int tid, int bg, int ty) {
   const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
   const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
   const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sV = sK + BC * LDS;
   uint16_t* sQ = sV + BC * LDS;       // [2][BR][LDS]
@@ -512,7 +529,7 @@ FA_UNROLL
           const float l2 = tL[ql] * kLog2e;
 FA_UNROLL
           for (int hr = 0; hr < 2; ++hr) {
-            const bool off = mask && (qc < krow[hr] || qc >= S);
+            const bool off = (mask && (qc < krow[hr] || qc >= S)) || !fa_seg_ok(sg, S, qc, krow[hr]);
             sT[nb][2 * hr + e] = off ? 0.0f : fa_exp2(sT[nb][2 * hr + e] * p.scale_log2 - l2);
           }
         }
@@ -552,6 +569,7 @@ FA_DEV void fwd_gen(const Params& p, char* smem, int tid, int bh, int ty) {
   const E* Q = static_cast<const E*>(p.q) + int64_t(b) * S * ldq + int64_t(h) * Dh;
   const E* K = static_cast<const E*>(p.k) + int64_t(b) * S * ldk + int64_t(g) * Dh;
   const E* V = static_cast<const E*>(p.v) + int64_t(b) * S * ldk + int64_t(g) * Dh;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   float* sQ = reinterpret_cast<float*>(smem);  // [QR][Dh]
   float* sK = sQ + QR * Dh;                     // [KC][Dh + 1]
   float* sV = sK + KC * KS;                     // [KC][Dh]
@@ -582,8 +600,8 @@ FA_UNROLL
 FA_UNROLL
     for (int i = 0; i < 4; ++i) {
       const int lr = warp * 4 + i, r = q0 + lr;
-      if (r >= S || k0 > r) continue;  // warp-uniform; key k0 <= r keeps the max finite
-      const bool ok = k0 + lane <= r;
+      if (r >= S || k0 > r) continue;  // warp-uniform
+      const bool ok = k0 + lane <= r && fa_seg_ok(sg, S, r, k0 + lane);
       float x = fa_ninf();
       if (ok) {
         float dot = 0.0f;
@@ -591,8 +609,11 @@ FA_UNROLL
         x = dot * p.scale_log2;
       }
       const float mn = fmaxf(m[i], fa_warp_max(x));
-      const float alpha = fa_exp2(m[i] - mn);
-      const float pe = ok ? fa_exp2(x - mn) : 0.0f;
+      // Without segments key k0 <= r keeps the max finite; a tile of other records' keys only
+      // leaves it at -inf, and then nothing changes (no NaN from -inf - -inf).
+      const float ms = mn == fa_ninf() ? 0.0f : mn;
+      const float alpha = fa_exp2(m[i] - ms);
+      const float pe = ok ? fa_exp2(x - ms) : 0.0f;
       l[i] = l[i] * alpha + fa_warp_sum(pe);
       m[i] = mn;
 FA_UNROLL
@@ -635,6 +656,7 @@ FA_DEV void dq_gen(const Params& p, char* smem, int tid, int bh, int ty) {
   const E* dO = static_cast<const E*>(p.dout) + int64_t(b) * S * ldq + int64_t(h) * Dh;
   const E* K = static_cast<const E*>(p.k) + int64_t(b) * S * ldk + int64_t(g) * Dh;
   const E* V = static_cast<const E*>(p.v) + int64_t(b) * S * ldk + int64_t(g) * Dh;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   float* sQ = reinterpret_cast<float*>(smem);  // [QR][Dh]
   float* sdO = sQ + QR * Dh;                    // [QR][Dh]
   float* sK = sdO + QR * Dh;                    // [KC][Dh + 1]
@@ -670,7 +692,7 @@ FA_UNROLL
       const int lr = warp * 4 + i, r = q0 + lr;
       if (r >= S || k0 > r) continue;
       float ds = 0.0f;
-      if (k0 + lane <= r) {
+      if (k0 + lane <= r && fa_seg_ok(sg, S, r, k0 + lane)) {
         float qk = 0.0f, dov = 0.0f;
         for (int d = 0; d < Dh; ++d) {
           qk += sQ[lr * Dh + d] * sK[lane * KS + d];
@@ -713,6 +735,7 @@ FA_DEV void dkv_gen(const Params& p, char* smem, int tid, int bg, int ty) {
   const int64_t ldq = int64_t(H) * Dh, ldk = int64_t(Hkv) * Dh;
   const E* K = static_cast<const E*>(p.k) + int64_t(b) * S * ldk + int64_t(g) * Dh;
   const E* V = static_cast<const E*>(p.v) + int64_t(b) * S * ldk + int64_t(g) * Dh;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   float* sK = reinterpret_cast<float*>(smem);  // [KR][Dh]
   float* sV = sK + KR * Dh;                     // [KR][Dh]
   float* sQ = sV + KR * Dh;                     // [QC][Dh + 1]
@@ -757,7 +780,7 @@ FA_UNROLL
         if (kr >= S || q0 + QC - 1 < kr) continue;  // warp-uniform
         const int qc = q0 + lane;
         float pe = 0.0f, ds = 0.0f;
-        if (qc >= kr && qc < S) {
+        if (qc >= kr && qc < S && fa_seg_ok(sg, S, qc, kr)) {
           float qk = 0.0f, dov = 0.0f;
           for (int d = 0; d < Dh; ++d) {
             qk += sK[kl * Dh + d] * sQ[lane * KS + d];

@@ -148,16 +148,19 @@ __global__ void rms_dw_final_kernel(const double* partial, int64_t chunks, int64
 
 // ---- rotary embeddings ------------------------------------------------------------------------------
 
-// Pairs (i, i + Dh/2) of every head rotate by angle p theta^(-2i/Dh), p = t mod S; the inverse
-// rotates by the negative angle. One thread per pair.
+// Pairs (i, i + Dh/2) of every head rotate by angle p theta^(-2i/Dh), p = t mod S or
+// positions[t] when given (not checked here: the CPU reference refuses a negative position, this
+// kernel rotates by its negative angle); the inverse rotates by the negative angle. One thread
+// per pair.
 template <class T>
 __global__ void rope_kernel(const T* x, int64_t R, int64_t W, int64_t heads, int64_t S,
-                            double theta, bool inverse, T* y) {
+                            double theta, bool inverse, const int32_t* positions, T* y) {
   const int64_t dh = W / heads, half = dh / 2;
   MOELAB_GRID_STRIDE(j, R * heads * half) {
     const int64_t t = j / (heads * half), rem = j - t * heads * half;
     const int64_t h = rem / half, i = rem - h * half;
-    const double ang = double(t % S) * pow(theta, -2.0 * double(i) / double(dh));
+    const double pos = positions ? double(positions[t]) : double(t % S);
+    const double ang = pos * pow(theta, -2.0 * double(i) / double(dh));
     double sn, cs;
     sincos(ang, &sn, &cs);
     if (inverse) sn = -sn;
@@ -179,9 +182,10 @@ template <class T> __device__ double row_lse(const T* l, int64_t V, int lane) {
   return double(m) + log(warp_sum(s));
 }
 
+// loss[t] = lse - l[y] on rows bearing loss (counted[t] = 1), 0 on ignored rows (counted 0).
 template <class T>
 __global__ void ce_fwd_kernel(const T* l, const int32_t* y, int64_t R, int64_t V, double* loss,
-                              int32_t* bad) {
+                              double* counted, int32_t* bad) {
   const int64_t t = warp_row(R);
   if (t < 0) return;
   const int lane = threadIdx.x & 31;
@@ -190,24 +194,44 @@ __global__ void ce_fwd_kernel(const T* l, const int32_t* y, int64_t R, int64_t V
     const int32_t yt = y[t];
     if (yt >= 0 && yt < V) {
       loss[t] = lse - load_d(l, t * V + yt);
+      counted[t] = 1.0;
     } else {
       loss[t] = 0.0;
-      atomicCAS(bad, INT_MIN, yt);
+      counted[t] = 0.0;
+      if (yt != kIgnoreTarget) atomicCAS(bad, INT_MIN, yt);
     }
   }
 }
 
-// dlogits = scale (softmax - onehot) / T.
+// n[0] = the number of targets bearing loss (!= kIgnoreTarget): one block, fixed order.
+__global__ void ce_count_kernel(const int32_t* y, int64_t R, int64_t* n) {
+  __shared__ int64_t part[kThreads];
+  int64_t c = 0;
+  for (int64_t t = threadIdx.x; t < R; t += blockDim.x) c += y[t] != kIgnoreTarget;
+  part[threadIdx.x] = c;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t s = 0;
+    for (int i = 0; i < int(blockDim.x); ++i) s += part[i];
+    *n = s;
+  }
+}
+
+// dlogits = scale (softmax - onehot) / N on rows bearing loss (N = *n), 0 on ignored rows.
 template <class T>
 __global__ void ce_bwd_kernel(const T* l, const int32_t* y, int64_t R, int64_t V, double scale,
-                              T* dl) {
+                              const int64_t* n, T* dl) {
   const int64_t t = warp_row(R);
   if (t < 0) return;
   const int lane = threadIdx.x & 31;
+  const int32_t yt = y[t];
+  if (yt == kIgnoreTarget) {
+    for (int64_t j = lane; j < V; j += 32) store_f(dl, t * V + j, 0.0f);
+    return;
+  }
   const T* lr = l + t * V;
   const double lse = row_lse(lr, V, lane);
-  const float c = float(scale / double(R));
-  const int32_t yt = y[t];
+  const float c = float(scale / double(*n));
   for (int64_t j = lane; j < V; j += 32) {
     const float p = expf(float(double(load_f(lr, j)) - lse));
     store_f(dl, t * V + j, c * p - (j == yt ? c : 0.0f));
@@ -371,14 +395,14 @@ void rmsnorm_backward(Ctx& c, const Tensor& x, const Tensor& w, const Tensor& rs
 }
 
 void rope(Ctx& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta, bool inverse,
-          const Tensor& y) {
+          const Tensor& y, const Tensor& positions) {
   const int64_t R = x.dim(0), W = x.dim(1);
   if (R * W == 0) return;
   dispatch_float(x.dtype(), inverse ? "rope_backward" : "rope_forward", [&](auto tag) {
     using T = decltype(tag);
-    rope_kernel<T><<<grid_for(R * W / 2), kThreads, 0, c.stream>>>(cptr<T>(x), R, W, heads,
-                                                                     seq_len, theta, inverse,
-                                                                     mptr<T>(y));
+    rope_kernel<T><<<grid_for(R * W / 2), kThreads, 0, c.stream>>>(
+        cptr<T>(x), R, W, heads, seq_len, theta, inverse,
+        positions.defined() ? cptr<int32_t>(positions) : nullptr, mptr<T>(y));
     CUDA_CHECK_LAUNCH();
   });
 }
@@ -386,7 +410,7 @@ void rope(Ctx& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta,
 double cross_entropy_forward(Ctx& c, const Tensor& logits, const Tensor& targets) {
   const int64_t R = logits.dim(0), V = logits.dim(1);
   if (R == 0) return 0.0;
-  Buf<double> loss(c, R), out(c, 1);
+  Buf<double> loss(c, R), counted(c, R), out(c, 2);
   Buf<int32_t> bad(c, 1);
   const int32_t none = INT_MIN;
   c.to_device_async(bad.get(), &none, sizeof(none));
@@ -394,26 +418,31 @@ double cross_entropy_forward(Ctx& c, const Tensor& logits, const Tensor& targets
     using T = decltype(tag);
     ce_fwd_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits),
                                                               cptr<int32_t>(targets), R, V,
-                                                              loss.get(), bad.get());
+                                                              loss.get(), counted.get(), bad.get());
     CUDA_CHECK_LAUNCH();
   });
   device_sum(c, loss.get(), R, out.get());
-  double total = 0.0;
+  device_sum(c, counted.get(), R, out.get() + 1);
+  double total[2] = {0.0, 0.0};
   int32_t b = INT_MIN;
-  c.to_host(&total, out.get(), sizeof(double));
+  c.to_host(total, out.get(), 2 * sizeof(double));
   c.to_host(&b, bad.get(), sizeof(b));
   MOELAB_CHECK(b == INT_MIN, "cross_entropy: target ", b, " outside [0, ", V, ")");
-  return total / double(R);
+  return total[1] > 0 ? total[0] / total[1] : 0.0;
 }
 
 void cross_entropy_backward(Ctx& c, const Tensor& logits, const Tensor& targets, double scale,
                             const Tensor& dlogits) {
   const int64_t R = logits.dim(0), V = logits.dim(1);
   if (R == 0) return;
+  Buf<int64_t> n(c, 1);
+  ce_count_kernel<<<1, kThreads, 0, c.stream>>>(cptr<int32_t>(targets), R, n.get());
+  CUDA_CHECK_LAUNCH();
   dispatch_float(logits.dtype(), "cross_entropy_backward", [&](auto tag) {
     using T = decltype(tag);
     ce_bwd_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(
-        cptr<T>(logits), cptr<int32_t>(targets), R, V, scale, mptr<T>(dlogits));
+        cptr<T>(logits), cptr<int32_t>(targets), R, V, scale,
+        n.get(), mptr<T>(dlogits));
     CUDA_CHECK_LAUNCH();
   });
 }

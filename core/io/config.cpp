@@ -199,6 +199,23 @@ ConfigKey path_key(std::string key, Acc acc, std::string help, bool allow_empty 
   return k;
 }
 
+// A string value that to_ini can write back (no '#', line break or surrounding spaces), checked
+// by `check` (which throws naming the key) when not empty.
+template <class Acc>
+ConfigKey text_key(std::string key, Acc acc, std::string accepted, std::string help,
+                   std::function<void(const std::string&)> check) {
+  ConfigKey k{key, accepted, std::move(help), nullptr, nullptr};
+  k.get = [acc](const RunConfig& c) { return std::string(acc(c)); };
+  k.set = [acc, key, check](RunConfig& c, const std::string& text) {
+    if (text.find_first_of("#\r\n") != std::string::npos || trim(text) != text)
+      MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' holds a '#', a line break or surrounding "
+                        "spaces, which an INI value cannot keep");
+    if (check) check(text);
+    acc(c) = text;
+  };
+  return k;
+}
+
 // train.seeds: "1, 2, 3". Every item an integer >= 0, none twice, at least one, at most
 // kMaxSeeds (each seed is a whole run per grid point).
 constexpr size_t kMaxSeeds = 1000;
@@ -413,10 +430,20 @@ std::vector<ConfigKey> build_keys() {
                        "cosine decay ends at lr * min_lr_ratio"));
   k.push_back(choice_key("train.backend", FIELD(train.backend), {"cpu", "cuda"},
                          "compute backend (--backend overrides)"));
+  k.push_back(enum_key("train.loss_on", FIELD(train.loss_on), std::vector{LossOn::All, LossOn::Response},
+                       "targets that bear loss: all tokens, or (data.source = jsonl) only the "
+                       "responses' tokens (answer-only loss; prompts and templates weigh 0)"));
+  k.push_back(path_key("train.init_from", FIELD(train.init_from),
+                       "start from this moelab checkpoint's weights (and router biases) with a new "
+                       "schedule, optimizer state and step count (not --resume); its model keys "
+                       "must equal this config's; empty = random init",
+                       /*allow_empty=*/true));
   // [data]
-  k.push_back(choice_key("data.source", FIELD(data.source), {"brown", "synthetic"},
-                         "brown = Brown corpus at data.path (`make data`); synthetic = generated"));
-  k.push_back(path_key("data.path", FIELD(data.path), "Brown corpus folder"));
+  k.push_back(choice_key("data.source", FIELD(data.source), {"brown", "synthetic", "jsonl"},
+                         "brown = Brown corpus at data.path (`make data`); synthetic = generated; "
+                         "jsonl = SFT records (data.format) in the file data.path"));
+  k.push_back(path_key("data.path", FIELD(data.path),
+                       "Brown corpus folder, or the JSONL file of data.source = jsonl"));
   k.push_back(path_key("data.tokenizer", FIELD(data.tokenizer),
                        "bytes = byte-level tokens 0..255; or a tokenizer.json (byte-level BPE: GPT-2, "
                        "Qwen2/3, DeepSeek-V3), a GPT-2 encoder.json (vocab.bpe beside it) or a folder "
@@ -428,7 +455,33 @@ std::vector<ConfigKey> build_keys() {
   k.push_back(int_key<int64_t>("data.synthetic_alphabet", FIELD(data.synthetic_alphabet), 2,
                                "synthetic: symbols per source"));
   k.push_back(real_key("data.val_fraction", FIELD(data.val_fraction), closed_open(0, 1),
-                       "fraction held out for evaluation"));
+                       "fraction held out for evaluation (jsonl: of data.path's records, unless "
+                       "data.val_path is set)"));
+  k.push_back(text_key("data.genres", FIELD(data.genres), "all, or Brown genre letters a-r: ranges and lists (a-j, k-r, a,c,f-h)",
+                       "Brown genres read (training and validation files alike; the split of "
+                       "data.val_fraction is the same as with all genres)",
+                       [](const std::string& v) { (void)brown_genres(v); }));
+  k.push_back(path_key("data.val_path", FIELD(data.val_path),
+                       "jsonl: the validation records' file; empty = split data.path by "
+                       "data.val_fraction", /*allow_empty=*/true));
+  k.push_back(enum_key("data.format", FIELD(data.format),
+                       std::vector{RecordFormat::PromptResponse, RecordFormat::Messages, RecordFormat::Tokens},
+                       "jsonl records: {\"prompt\", \"response\"} strings; {\"messages\": [{\"role\", "
+                       "\"content\"}]} through data.chat_template; or {\"prompt_ids\", \"response_ids\"} "
+                       "token ids"));
+  k.push_back(text_key("data.chat_template", FIELD(data.chat_template),
+                       "text with {content} once and {role} any number of times; escapes \\n \\t \\\\ \\xHH",
+                       "jsonl: each message (a prompt is role user, a response role assistant) "
+                       "becomes this text; an assistant message's response (the loss of "
+                       "train.loss_on = response) runs from its {content} to the template's end",
+                       [](const std::string& v) { (void)decode_chat_template(v); }));
+  k.push_back(bool_key("data.pack", FIELD(data.pack),
+                       "jsonl: pack several records into one sequence (attention and rotary "
+                       "positions restart at each record); false = one record per sequence"));
+  k.push_back(enum_key("data.bad_records", FIELD(data.bad_records),
+                       std::vector{BadRecords::Stop, BadRecords::Skip},
+                       "jsonl: a bad record (invalid JSON, a missing field, longer than train.seq) "
+                       "stops the run naming its line, or is skipped and counted"));
   // [log]
   k.push_back(int_key<int64_t>("log.every", FIELD(log.every), 1, "log training metrics every N steps"));
   k.push_back(int_key<int64_t>("log.eval_every", FIELD(log.eval_every), 0,
@@ -759,9 +812,15 @@ void finalize(RunConfig& cfg) {
     MOELAB_USAGE_FAIL("config: model.expert_dropout = ", cfg.moe.expert_dropout, " with parallel.ep = ", par.ep,
                       " is not supported yet: dropout draws are keyed by the expert-sorted row, which "
                       "differs between layouts");
-  if (cfg.data.tokenizer != "bytes" && cfg.data.source != "brown")
-    MOELAB_USAGE_FAIL("config: data.tokenizer = ", cfg.data.tokenizer, " tokenizes the Brown corpus; with data.source = ",
-                      cfg.data.source, " set data.tokenizer = bytes");
+  if (cfg.data.tokenizer != "bytes" && cfg.data.source == "synthetic")
+    MOELAB_USAGE_FAIL("config: data.tokenizer = ", cfg.data.tokenizer, " tokenizes the Brown corpus or JSONL "
+                      "records; with data.source = ", cfg.data.source, " set data.tokenizer = bytes");
+  if (cfg.data.genres != "all" && cfg.data.source != "brown")
+    MOELAB_USAGE_FAIL("config: data.genres = ", cfg.data.genres, " selects Brown genres; with data.source = ",
+                      cfg.data.source, " set data.genres = all");
+  if (cfg.train.loss_on == LossOn::Response && cfg.data.source != "jsonl")
+    MOELAB_USAGE_FAIL("config: train.loss_on = response needs data.source = jsonl (records with "
+                      "responses); data.source = ", cfg.data.source, " has none");
   if (m.head_width(cfg.moe.d_model) % 2 != 0)
     MOELAB_USAGE_FAIL("config: the head width ", m.head_width(cfg.moe.d_model),
                       m.head_dim > 0 ? " (model.head_dim)" : " (model.d_model / model.heads)",
@@ -975,6 +1034,83 @@ std::string to_ini(const RunConfig& cfg) {
     if (!cfg.sweep_baseline.empty()) os << "baseline = " << cfg.sweep_baseline << "\n";
   }
   return os.str();
+}
+
+const char* to_string(LossOn v) { return v == LossOn::All ? "all" : "response"; }
+const char* to_string(BadRecords v) { return v == BadRecords::Stop ? "stop" : "skip"; }
+const char* to_string(RecordFormat v) {
+  switch (v) {
+    case RecordFormat::PromptResponse: return "prompt_response";
+    case RecordFormat::Messages: return "messages";
+    case RecordFormat::Tokens: return "tokens";
+  }
+  return "?";
+}
+
+std::string decode_chat_template(const std::string& text) {
+  const char* key = "data.chat_template";
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != '\\') {
+      out += text[i];
+      continue;
+    }
+    if (i + 1 >= text.size())
+      MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' ends in a lone backslash (write \\\\ for one)");
+    const char e = text[++i];
+    if (e == 'n') out += '\n';
+    else if (e == 't') out += '\t';
+    else if (e == '\\') out += '\\';
+    else if (e == 'x') {
+      auto hex = [](char c) {
+        return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+      };
+      if (i + 2 >= text.size() || hex(text[i + 1]) < 0 || hex(text[i + 2]) < 0)
+        MOELAB_USAGE_FAIL("config: ", key, " = '", text, "': \\x must be followed by two hex digits (at byte ", i - 1, ")");
+      out += char(hex(text[i + 1]) * 16 + hex(text[i + 2]));
+      i += 2;
+    } else {
+      MOELAB_USAGE_FAIL("config: ", key, " = '", text, "': unknown escape \\", std::string(1, e), " at byte ", i - 1,
+                        " (accepted: \\n \\t \\\\ \\xHH)");
+    }
+  }
+  size_t n = 0;
+  for (size_t p = out.find("{content}"); p != std::string::npos; p = out.find("{content}", p + 1)) ++n;
+  if (n != 1)
+    MOELAB_USAGE_FAIL("config: ", key, " = '", text, "' must hold {content} exactly once (it holds it ", n,
+                      " times)");
+  return out;
+}
+
+std::string brown_genres(const std::string& spec) {
+  const char* key = "data.genres";
+  if (spec == "all") return "abcdefghijklmnopqr";  // the corpus has no files of i, o, q
+  std::string out;
+  std::stringstream ss(spec);
+  std::string item;
+  auto genre = [&](const std::string& t) {
+    if (t.size() != 1 || t[0] < 'a' || t[0] > 'r')
+      MOELAB_USAGE_FAIL("config: ", key, " = '", spec, "': '", t, "' is not a Brown genre letter a-r (or write all)");
+    return t[0];
+  };
+  while (std::getline(ss, item, ',')) {
+    item = trim(item);
+    if (item.empty()) MOELAB_USAGE_FAIL("config: ", key, " = '", spec, "' has an empty item");
+    const size_t dash = item.find('-');
+    char a, b;
+    if (dash == std::string::npos) {
+      a = b = genre(item);
+    } else {
+      a = genre(trim(item.substr(0, dash)));
+      b = genre(trim(item.substr(dash + 1)));
+      if (b < a) MOELAB_USAGE_FAIL("config: ", key, " = '", spec, "': range ", item, " runs backwards");
+    }
+    for (char c = a; c <= b; ++c)
+      if (out.find(c) == std::string::npos) out += c;
+  }
+  std::sort(out.begin(), out.end());
+  if (out.empty()) MOELAB_USAGE_FAIL("config: ", key, " = '", spec, "' selects no genre");
+  return out;
 }
 
 std::string checkpoint_dir_of(const RunConfig& cfg) {

@@ -50,6 +50,25 @@ struct ModelConfig {
   int64_t head_width(int64_t d_model) const { return head_dim > 0 ? head_dim : d_model / heads; }
 };
 
+// Which targets bear loss (train.loss_on): every token's, or, for SFT records, only the tokens
+// of the responses (the answer-only loss).
+enum class LossOn { All, Response };
+// What a bad JSONL record does (data.bad_records): stop the run naming its line, or skip it and
+// count it (the count is printed and logged).
+enum class BadRecords { Stop, Skip };
+// The records of a JSONL file (data.format): {"prompt": ..., "response": ...}; chat-style
+// {"messages": [{"role": ..., "content": ...}, ...]} rendered with data.chat_template; or token
+// ids {"prompt_ids": [...], "response_ids": [...]}.
+enum class RecordFormat { PromptResponse, Messages, Tokens };
+const char* to_string(LossOn v);
+const char* to_string(BadRecords v);
+const char* to_string(RecordFormat v);
+
+// data.chat_template with its escapes decoded: \n newline, \t tab, \\ backslash, \xHH any byte
+// (\x23 is '#', which an INI value cannot hold; \x20 a leading or trailing space). Throws
+// moelab::UsageError naming the key for a bad escape, or when {content} is not there exactly once.
+std::string decode_chat_template(const std::string& text);
+
 // [train]
 struct TrainConfig {
   int64_t steps = 100;           // train.steps: optimizer steps
@@ -69,6 +88,9 @@ struct TrainConfig {
   double beta2 = 0.95;           // train.beta2: AdamW
   double min_lr_ratio = 0.1;     // train.min_lr_ratio: cosine decay floor = lr * ratio
   std::string backend = "cpu";   // train.backend: cpu | cuda
+  LossOn loss_on = LossOn::All;  // train.loss_on: all | response (answer-only, JSONL records)
+  std::string init_from;         // train.init_from: a moelab checkpoint whose weights start the
+                                 // run (new schedule, optimizer state and step count); "" = init
 };
 
 // [data]
@@ -80,6 +102,16 @@ struct DataConfig {
   int64_t synthetic_sources = 4;     // data.synthetic_sources: K latent sources in the mixture
   int64_t synthetic_alphabet = 16;   // data.synthetic_alphabet: symbols per source
   double val_fraction = 0.1;         // data.val_fraction: held out for evaluation
+  std::string genres = "all";        // data.genres: Brown genres (letters a-r, ranges "a-j",
+                                     // comma lists "a,c,k-r") or all (brown_genres())
+  // data.source = jsonl: SFT records, one JSON object per line, from data.path.
+  std::string val_path;              // data.val_path: validation records; "" = every record i of
+                                     // data.path that brown_is_validation(i, val_fraction) picks
+  RecordFormat format = RecordFormat::PromptResponse;  // data.format
+  std::string chat_template = "{content}";  // data.chat_template, escapes undecoded
+                                            // (decode_chat_template); {role}, {content}
+  bool pack = true;                  // data.pack: several records per sequence
+  BadRecords bad_records = BadRecords::Stop;  // data.bad_records: stop | skip
 };
 
 // [log]
@@ -169,6 +201,10 @@ std::string to_ini(const RunConfig& cfg);
 
 // Reads one key as text (the form to_ini writes); throws on an unknown key.
 std::string get_value(const RunConfig& cfg, const std::string& key);
+
+// The Brown genres (letters 'a'..'r') that data.genres selects, sorted, without repeats. Throws
+// moelab::UsageError naming data.genres for a bad spec or an empty selection.
+std::string brown_genres(const std::string& spec);
 
 // The checkpoint folder of a run: log.checkpoint_dir, or when that is empty (the default) the
 // folder beside log.out named after it: "runs/x.h5" -> "runs/x_checkpoints". Deriving it from

@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include "core/check.h"
+#include "core/io/sft_data.h"
 #include "core/io/tokenizer.h"
 #include "core/preflight.h"
 #include "core/rng.h"
@@ -46,6 +47,13 @@ bool starts_with(const std::string& s, const char* p) { return s.rfind(p, 0) == 
 
 // ---- DataSource ------------------------------------------------------------------------------
 
+int64_t Batch::loss_tokens(int64_t r0, int64_t r1) const {
+  if (!packed()) return (r1 - r0) * seq;
+  int64_t n = 0;
+  for (size_t i = size_t(r0 * seq); i < size_t(r1 * seq); ++i) n += loss[i];
+  return n;
+}
+
 DataSource::DataSource(int64_t batch, int64_t seq, uint64_t seed)
     : batch_(batch), seq_(seq), seed_(seed) {
   MOELAB_CHECK(batch >= 1, "data: batch must be >= 1 (got ", batch, ")");
@@ -61,6 +69,9 @@ void DataSource::shape(Batch& out) const {
   out.seq = seq_;
   out.tokens.resize(size_t(batch_ * (seq_ + 1)));
   out.category.resize(size_t(batch_ * (seq_ + 1)));
+  out.segment.clear();
+  out.position.clear();
+  out.loss.clear();
 }
 
 std::vector<uint64_t> DataSource::state() const {
@@ -233,13 +244,16 @@ TokenStream tokenize_tagged(const TaggedText& t, const Tokenizer* tokenizer, con
 // ---- Brown: source ---------------------------------------------------------------------------
 
 BrownSource::BrownSource(const std::string& dir, double val_fraction, int64_t batch, int64_t seq,
-                         uint64_t seed, int64_t eval_batches, const std::string& tokenizer)
+                         uint64_t seed, int64_t eval_batches, const std::string& tokenizer,
+                         const std::string& genres)
     : DataSource(batch, seq, seed) {
   // Loaded first, so a bad tokenizer file is reported before the corpus is read.
   if (tokenizer != "bytes") tokenizer_ = Tokenizer::load_shared(tokenizer);
   MOELAB_CHECK(eval_batches >= 0, "log.eval_batches must be >= 0 (got ", eval_batches, ")");
   const std::vector<std::string> names = brown_files(dir);
   for (size_t i = 0; i < names.size(); ++i) {
+    // The split is decided by the index among all files (data.h), then the genre filter applies.
+    if (!genres.empty() && genres.find(names[i][1]) == std::string::npos) continue;
     const std::string path = (std::filesystem::path(dir) / names[i]).string();
     std::ifstream in(path, std::ios::binary);
     MOELAB_CHECK(in, "Brown corpus: cannot read '", path, "' (run `make data` again?)");
@@ -279,6 +293,9 @@ BrownSource::BrownSource(const std::string& dir, double val_fraction, int64_t ba
   }
   const int64_t n = int64_t(train_tokens_.size()), nv = int64_t(val_tokens_.size());
   const char* unit = tokenizer_ ? " tokens" : " bytes";
+  if (train_files_.empty())
+    MOELAB_USAGE_FAIL("config: data.genres selects genres '", genres, "', which have no training files in '",
+                      dir, "' (Brown genres: a-h, j-n, p, r)");
   if (n < seq + 1)
     MOELAB_FAIL("Brown corpus in '", dir, "': training text has ", n, unit,
                 ", fewer than train.seq + 1 = ", seq + 1);
@@ -465,6 +482,8 @@ int64_t data_vocab_size(const DataConfig& data) {
     if (K > 256 / A) return 256;  // refused by the source itself, naming its keys
     return (K * A <= 224 ? 32 : 0) + K * A;
   }
+  // jsonl token ids (data.format = tokens) are checked record by record against model.vocab.
+  if (data.source == "jsonl" && data.format == RecordFormat::Tokens) return 2;
   if (data.tokenizer == "bytes") return 256;
   return Tokenizer::load_shared(data.tokenizer)->vocab_size();
 }
@@ -487,14 +506,18 @@ void check_data_vocab(const RunConfig& cfg) {
 }
 
 std::unique_ptr<DataSource> make_data_source(const DataConfig& data, int64_t batch, int64_t seq,
-                                             uint64_t seed, int64_t eval_batches) {
+                                             uint64_t seed, int64_t eval_batches, LossOn loss_on,
+                                             int64_t vocab_limit) {
   if (data.source == "brown")
     return std::make_unique<BrownSource>(data.path, data.val_fraction, batch, seq, seed,
-                                         eval_batches, data.tokenizer);
+                                         eval_batches, data.tokenizer,
+                                         data.genres == "all" ? std::string() : brown_genres(data.genres));
+  if (data.source == "jsonl")
+    return std::make_unique<JsonlSource>(data, batch, seq, seed, eval_batches, loss_on, vocab_limit);
   if (data.source == "synthetic")
     return std::make_unique<SyntheticSource>(data.synthetic_sources, data.synthetic_alphabet,
                                              batch, seq, seed, eval_batches);
-  MOELAB_FAIL("data.source: unknown source '", data.source, "' (accepted: brown, synthetic)");
+  MOELAB_FAIL("data.source: unknown source '", data.source, "' (accepted: brown, synthetic, jsonl)");
 }
 
 }  // namespace moelab

