@@ -15,6 +15,7 @@
 #include "catch_compat.h"
 #include "core/io/checkpoint.h"
 #include "core/io/config.h"
+#include "core/io/hf_convert.h"
 #include "core/trainer.h"
 #include "parallel_util.h"
 #include "temp_dir.h"
@@ -240,4 +241,55 @@ TEST_CASE("parallel train: bad layouts and unsupported routers are refused at st
   CHECK_THROWS_WITH(config(tmp, "d", {"parallel.dp=2", "model.expert_dropout=0.1"}), has_substr("model.expert_dropout"));
   CHECK_THROWS_WITH(config(tmp, "e", {"parallel.ep=2", "router.importance_weight=0.1"}),
                     has_substr("router.importance_weight"));
+}
+
+// Issue 11, layout freedom: a Hugging Face checkpoint imported once (tests/golden/hf_parity,
+// Mixtral: 4 experts, Hugging Face's pooled aux loss) starts a run (train.init_from) under any
+// expert/data-parallel layout with the single rank's first step: loss and every gradient.
+TEST_CASE("parallel train: an imported Hugging Face checkpoint loads under ep x dp layouts with the "
+          "single rank's first step", "[parallel][hf]") {
+  TempDir tmp("par_hf");
+  const std::string src = std::string(MOELAB_GOLDEN_DIR) + "/hf_parity/mixtral/per_expert";
+  const HfConfig hf = read_hf_config(src);
+  RunConfig imported = run_config_from_hf(hf);
+  imported.model.dtype = DType::F64;
+  ShardedSafetensorsReader st(src);
+  const HfWeights w = read_hf_weights(st, hf, DType::F64);
+  CheckpointWriter ck;
+  ck.set_meta("kind", kCheckpointKind);
+  ck.set_meta("step", "0");
+  ck.set_meta("config", to_ini(imported));
+  ck.set_meta("run_id", "imported");
+  for (const auto& [name, t] : w.params) ck.add_tensor(name, t);
+  const std::string path = tmp.path("mixtral.ckpt");
+  ck.write(path);
+
+  auto cfg = [&](const std::string& name, std::vector<std::string> extra) {
+    RunConfig c = imported;
+    for (const std::string& s : std::vector<std::string>{
+             "train.init_from=" + path, "train.batch=8", "train.seq=8", "train.steps=1", "train.lr=0.01",
+             "train.warmup=1", "log.eval_every=0", "log.flush_every=1", "data.source=synthetic",
+             "data.synthetic_alphabet=16", "router.aux_alpha=0.05", "log.out=" + tmp.path(name + ".h5")})
+      apply_override(c, s);
+    for (const std::string& s : extra) apply_override(c, s);
+    finalize(c);
+    return c;
+  };
+  TrainResult ref_r;
+  const auto ref = step_gradients(cfg("ref", {}), hf.num_experts, &ref_r);
+  REQUIRE(ref_r.losses.size() == 1);
+  for (const auto& layout : std::vector<std::vector<std::string>>{
+           {"parallel.ep=2"}, {"parallel.ep=4"}, {"parallel.dp=2"}, {"parallel.ep=2", "parallel.dp=2"}}) {
+    INFO(layout[0] << (layout.size() > 1 ? " " + layout[1] : ""));
+    TrainResult r;
+    const auto got = step_gradients(cfg("l" + std::to_string(layout.size()) + layout[0].substr(9), layout),
+                                    hf.num_experts, &r);
+    REQUIRE(r.losses.size() == 1);
+    CHECK(std::abs(r.losses[0] - ref_r.losses[0]) <= 1e-12 * ref_r.losses[0]);
+    REQUIRE(got.size() == ref.size());
+    for (const auto& [name, g] : ref) {
+      INFO("gradient of " << name);
+      CHECK(rel_diff(got.at(name), g) <= 1e-12);
+    }
+  }
 }
