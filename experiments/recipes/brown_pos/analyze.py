@@ -102,7 +102,9 @@ def main():
     lines.append(f"| baseline: most frequent tag of the word in the SFT records (unseen: `{mft['default_tag']}`) | "
                  f"{100 * mft['accuracy']:.1f}% | - | - | {100 * mft_seen[seen].mean():.1f}% | {100 * mft_seen[~seen].mean():.1f}% |")
     mc = base["mft_corpus"]
-    lines.append(f"| reference: most frequent tag over all {base['sentences']['train']} training sentences (~25x the SFT annotations) | "
+    words = base.get("train_words", 0)
+    lines.append(f"| reference: most frequent tag over all {words} tagged words of the training files "
+                 f"({words / max(1, base['train_records']):.0f}x the SFT annotations) | "
                  f"{100 * mc['accuracy']:.1f}% | - | - | - | - |")
     for st, label in STAGES:
         lines.append(f"| {label} | {fmt(stats.mean_ci(acc[st]))} | {fmt(stats.mean_ci(tok[st]))} | "
@@ -164,9 +166,9 @@ def main():
     m, lo, hi = stats.band(tr)
     ax.plot(tsteps[: m.size], m, color="tab:red", alpha=0.4, lw=0.8, label="answer-only SFT: training answer loss")
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("answer loss (nats per byte)")
+    ax.set_ylabel("answer loss (nats per token, log scale)")
+    ax.set_yscale("log")
     ax.set_title(f"Answer-only loss during SFT (mean over {len(seeds)} seeds, 95% band)")
-    ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     save(fig, "sft_answer_loss.png")
 
