@@ -71,4 +71,7 @@ for s in $SEEDS; do
     grep -h '^eval:' "$out/s$s/eval_$st.log" 2>/dev/null | sed "s/^/  /" | tee -a "$out/summary.txt"
   done
 done
+# The fine-tuning records (15 MB) are not needed by analyze.py and make_tasks.py rebuilds them
+# exactly: leave them out of what comes back.
+rm -f "$out/tasks/sft_train.jsonl"
 echo "sft_recipe_gpu.sh: done in $((SECONDS - start)) s" | tee -a "$out/summary.txt"

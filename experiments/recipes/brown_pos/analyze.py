@@ -70,8 +70,11 @@ def main():
     os.makedirs(rep, exist_ok=True)
     base = load_json(os.path.join(out, "tasks", "baseline.json"))
     test = load_jsonl(os.path.join(out, "tasks", "test.jsonl"))
-    sft_words = {json.loads(line)["word"] for line in open(os.path.join(out, "tasks", "sft_train.jsonl"))}
-    seen = np.array([r["word"] in sft_words for r in test])
+    if "seen_in_sft" in base:
+        seen = np.array(base["seen_in_sft"], dtype=bool)
+    else:
+        sft_words = {json.loads(line)["word"] for line in open(os.path.join(out, "tasks", "sft_train.jsonl"))}
+        seen = np.array([r["word"] in sft_words for r in test])
     seeds = sorted(int(os.path.basename(p)[1:]) for p in glob.glob(os.path.join(out, "s*")) if os.path.basename(p)[1:].isdigit())
     if not seeds:
         raise SystemExit(f"analyze: no seed folders s<N> in {out}")

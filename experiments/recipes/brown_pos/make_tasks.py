@@ -131,6 +131,8 @@ def main() -> None:
             "train_records": len(train_recs), "dev_records": len(dev_recs), "test_records": len(test_recs),
             "test_sentences": len(test_ids), "test_words_too_long": too_long,
             "train_words": sum(len(s.words) for s in train),
+            # per test record: its word occurs in a fine-tuning record
+            "seen_in_sft": [int(r["word"] in mft_sft) for r in test_recs],
             "tags": sorted({r["tag"] for r in train_recs}),
             "sentences": {"train": len(train), "dev": len(dev), "test": len(test)}}
     with open(os.path.join(a.out, "baseline.json"), "w") as f:
