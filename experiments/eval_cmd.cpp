@@ -104,8 +104,7 @@ nlohmann::json task_scores(const RunConfig& cfg, const EvalCliOptions& o, Transf
   std::iota(order.begin(), order.end(), 0);
   const int64_t S = cfg.train.seq, V = cfg.model.vocab;
   const auto rows = pack_records(recs, order, S, cfg.data.pack);
-  // Rows per forward: the batch, but no more than about 64M logits on the host at once.
-  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(cfg.train.batch, (int64_t(1) << 26) / (S * V)));
+  const int64_t per = cfg.train.batch;  // rows per forward
   std::vector<RecordScore> score(recs.size());
   for (size_t r0 = 0; r0 < rows.size(); r0 += size_t(per)) {
     const int64_t nb = std::min<int64_t>(per, int64_t(rows.size() - r0));
@@ -122,26 +121,35 @@ nlohmann::json task_scores(const RunConfig& cfg, const EvalCliOptions& o, Transf
     PackedLayout layout;
     batch_tensors(b, batch, in, tg, &layout);
     model.forward(in, tg, S, false, 0, layout);
-    const Tensor logits = b.to_host(model.logits());
+    // Only the logits of the response positions come to the host, a run of rows at a time (the
+    // whole [T, V] would be gigabytes for a real vocabulary).
     for (int64_t r = 0; r < nb; ++r)
-      for (int64_t j = 0; j < S; ++j) {
-        const size_t at = size_t(r * S + j);
-        if (!batch.loss[at]) continue;
-        const int32_t rec = rows[r0 + size_t(r)][size_t(batch.segment[at])];
-        const int32_t y = batch.tokens[size_t(r * (S + 1) + j + 1)];
-        std::vector<double> row(static_cast<size_t>(V));
-        for (int64_t v = 0; v < V; ++v) row[size_t(v)] = logits.dtype() == DType::F64
-                                                             ? logits.ptr<double>()[at * size_t(V) + size_t(v)]
-                                                             : double(logits.ptr<float>()[at * size_t(V) + size_t(v)]);
-        const int64_t arg = std::max_element(row.begin(), row.end()) - row.begin();
-        const double m = row[size_t(arg)];
-        double z = 0;
-        for (double x : row) z += std::exp(x - m);
-        RecordScore& s = score[size_t(rec)];
-        s.tokens += 1;
-        s.correct += arg == y;
-        s.loss += m + std::log(z) - row[size_t(y)];
-        s.pred.push_back(int32_t(arg));
+      for (int64_t j = 0; j < S;) {
+        if (!batch.loss[size_t(r * S + j)]) {
+          ++j;
+          continue;
+        }
+        int64_t j1 = j;
+        while (j1 < S && batch.loss[size_t(r * S + j1)]) ++j1;
+        const Tensor lg = b.to_host(model.logits().view_rows(r * S + j, r * S + j1));
+        for (int64_t k = j; k < j1; ++k) {
+          const size_t at = size_t(r * S + k), off = size_t(k - j) * size_t(V);
+          const int32_t rec = rows[r0 + size_t(r)][size_t(batch.segment[at])];
+          const int32_t y = batch.tokens[size_t(r * (S + 1) + k + 1)];
+          std::vector<double> row(static_cast<size_t>(V));
+          for (int64_t v = 0; v < V; ++v)
+            row[size_t(v)] = lg.dtype() == DType::F64 ? lg.ptr<double>()[off + size_t(v)] : double(lg.ptr<float>()[off + size_t(v)]);
+          const int64_t arg = std::max_element(row.begin(), row.end()) - row.begin();
+          const double m = row[size_t(arg)];
+          double z = 0;
+          for (double x : row) z += std::exp(x - m);
+          RecordScore& sc = score[size_t(rec)];
+          sc.tokens += 1;
+          sc.correct += arg == y;
+          sc.loss += m + std::log(z) - row[size_t(y)];
+          sc.pred.push_back(int32_t(arg));
+        }
+        j = j1;
       }
   }
   int64_t tokens = 0, correct = 0, exact = 0;

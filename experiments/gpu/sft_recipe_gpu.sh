@@ -13,8 +13,13 @@
 #   checkpoints (about 1 GB each) stay in a scratch folder that is removed at the end.
 # Then, on any machine with /usr/bin/python3 (numpy, scipy, h5py, matplotlib):
 #   /usr/bin/python3 experiments/recipes/brown_pos/analyze.py OUT --docs docs/results/recipe_brown_pos_gpu
-# Environment: SEEDS (default "1 2 3"), PRE_STEPS / CPT_STEPS / SFT_STEPS (600 / 300 / 400).
+# Environment: PARTS (default "tests recipe": the GPU op tests of the packed-record kernels and
+# the rest of the op test, then the recipe; either alone fits one 10-minute device call), SEEDS
+# (default "1 2 3"), PRE_STEPS / CPT_STEPS / SFT_STEPS (600 / 300 / 400), JOBS (runs at a time on
+# the one GPU, default 3: these small runs are host-bound).
 set -euo pipefail
+PARTS=${PARTS:-"tests recipe"}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 inst=$1
 out=$(mkdir -p "$2" && cd "$2" && pwd)
 if [[ "$inst" == *.tgz || "$inst" == *.tar.gz ]]; then
@@ -30,12 +35,25 @@ trap 'rm -rf "$scratch"' EXIT
 export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | tee "$out/summary.txt"
 
+if want tests; then
+  # The packed-record kernels (segment mask in every flash kernel, RoPE positions, ignored
+  # targets) against the CPU in f64, then the whole op test (nothing else may have moved).
+  for spec in "150:[sft]" "360:[gpu]"; do
+    limit=${spec%%:*} filter=${spec#*:}
+    echo "== moelab_gpu_tests $filter" | tee -a "$out/summary.txt"
+    timeout -k 10 "$limit" "$inst/moelab_gpu_tests" "$filter" > "$out/gpu_tests_${filter//[^a-z]/}.txt" 2>&1 || true
+    grep -E "FAILED|failed|passed|NMSE.*>" "$out/gpu_tests_${filter//[^a-z]/}.txt" | tail -15 | tee -a "$out/summary.txt"
+  done
+fi
+want recipe || exit 0
+
 # The model (every stage): 4 blocks of width 512, 8 heads, 8 experts of width 1024, top-2, bf16
 # with fp32 masters, GPT-2's tokenizer; 32 sequences of 256 tokens a step.
 MODEL="--set model.layers=4 --set model.d_model=512 --set model.heads=8 --set model.experts=8 --set model.top_k=2
        --set model.d_expert=1024 --set model.vocab=50257 --set model.dtype=bf16
        --set data.tokenizer=data/tokenizers/gpt2/encoder.json"
-export MOELAB="$inst/moelab" JOBS=1 BACKEND=cuda CKPT_ROOT="$scratch" PY=${PY:-python3}
+export MOELAB="$inst/moelab" JOBS=${JOBS:-3} BACKEND=cuda CKPT_ROOT="$scratch" PY=${PY:-python3}
+export LM_STAGES="pretrain cpt"   # the domain-shift losses; SFT's forgetting is measured on the CPU
 export SEEDS=${SEEDS:-"1 2 3"} PRE_STEPS=${PRE_STEPS:-600} CPT_STEPS=${CPT_STEPS:-300} SFT_STEPS=${SFT_STEPS:-400}
 export SETS="--backend cuda $(echo $MODEL) --set train.batch=32 --set train.seq=256 --set log.flush_every=50"
 export PRE_SETS="--set train.lr=1e-3 --set train.warmup=50 --set log.eval_every=100"
@@ -54,4 +72,7 @@ for s in $SEEDS; do
     grep -h '^eval:' "$out/s$s/eval_$st.log" 2>/dev/null | sed "s/^/  /" | tee -a "$out/summary.txt"
   done
 done
+# The fine-tuning records (15 MB) are not needed by analyze.py and make_tasks.py rebuilds them
+# exactly: leave them out of what comes back.
+rm -f "$out/tasks/sft_train.jsonl"
 echo "sft_recipe_gpu.sh: done in $((SECONDS - start)) s" | tee -a "$out/summary.txt"

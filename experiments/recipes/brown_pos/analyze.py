@@ -70,8 +70,11 @@ def main():
     os.makedirs(rep, exist_ok=True)
     base = load_json(os.path.join(out, "tasks", "baseline.json"))
     test = load_jsonl(os.path.join(out, "tasks", "test.jsonl"))
-    sft_words = {json.loads(line)["word"] for line in open(os.path.join(out, "tasks", "sft_train.jsonl"))}
-    seen = np.array([r["word"] in sft_words for r in test])
+    if "seen_in_sft" in base:
+        seen = np.array(base["seen_in_sft"], dtype=bool)
+    else:
+        sft_words = {json.loads(line)["word"] for line in open(os.path.join(out, "tasks", "sft_train.jsonl"))}
+        seen = np.array([r["word"] in sft_words for r in test])
     seeds = sorted(int(os.path.basename(p)[1:]) for p in glob.glob(os.path.join(out, "s*")) if os.path.basename(p)[1:].isdigit())
     if not seeds:
         raise SystemExit(f"analyze: no seed folders s<N> in {out}")
@@ -97,12 +100,14 @@ def main():
     lines.append(f"Seeds: {', '.join(map(str, seeds))} (every stage re-run per seed). Test: {len(test)} words of "
                  f"{base['test_sentences']} held-out sentences (files moelab never trains on); "
                  f"{100 * (~seen).mean():.1f}% of them never appear in the {base['train_records']} fine-tuning records.\n")
-    lines.append("| model | tag accuracy (exact match) | per-byte accuracy of the answers | answer loss (nats/byte) | accuracy on words seen in SFT | on unseen words |")
+    lines.append("| model | tag accuracy (exact match) | token accuracy of the answers (byte-level: per byte) | answer loss (nats/token) | accuracy on words seen in SFT | on unseen words |")
     lines.append("|---|---|---|---|---|---|")
     lines.append(f"| baseline: most frequent tag of the word in the SFT records (unseen: `{mft['default_tag']}`) | "
                  f"{100 * mft['accuracy']:.1f}% | - | - | {100 * mft_seen[seen].mean():.1f}% | {100 * mft_seen[~seen].mean():.1f}% |")
     mc = base["mft_corpus"]
-    lines.append(f"| reference: most frequent tag over all {base['sentences']['train']} training sentences (~25x the SFT annotations) | "
+    words = base.get("train_words", 0)
+    lines.append(f"| reference: most frequent tag over all {words} tagged words of the training files "
+                 f"({words / max(1, base['train_records']):.0f}x the SFT annotations) | "
                  f"{100 * mc['accuracy']:.1f}% | - | - | - | - |")
     for st, label in STAGES:
         lines.append(f"| {label} | {fmt(stats.mean_ci(acc[st]))} | {fmt(stats.mean_ci(tok[st]))} | "
@@ -114,7 +119,7 @@ def main():
         comps.append((f"{dict(STAGES)[st]} minus the baseline", stats.paired_t(acc[st], [mft["accuracy"]] * len(seeds))))
         comps.append((f"{dict(STAGES)[st]} minus the SFT start (stage 2)", stats.paired_t(acc[st], acc["cpt"])))
     comps.append(("answer-only minus all-token SFT", stats.paired_t(acc["sft_response"], acc["sft_all"])))
-    comps.append(("answer-only minus all-token SFT, answer loss (nats/byte)", stats.paired_t(loss["sft_response"], loss["sft_all"])))
+    comps.append(("answer-only minus all-token SFT, answer loss (nats per token)", stats.paired_t(loss["sft_response"], loss["sft_all"])))
     for name, t in comps:
         if "nats" in name:
             lines.append(f"- {name}: {fmt_diff(t, 1.0, 3, '')}")
@@ -126,13 +131,18 @@ def main():
     lm = {}
     for st, _ in STAGES:
         for g in ("a-j", "k-r"):
-            lm[(st, g)] = [load_json(os.path.join(out, f"s{s}", f"lm_{st}_{g}.json"))["val_loss"] / LN2 for s in seeds]
-    cl = ["| model | val bits/byte, genres a-j (pretraining domain) | val bits/byte, genres k-r (new domain) |", "|---|---|---|"]
+            paths = [os.path.join(out, f"s{s}", f"lm_{st}_{g}.json") for s in seeds]
+            if all(os.path.exists(p) for p in paths):  # run.sh LM_STAGES may leave stages out
+                lm[(st, g)] = [load_json(p)["val_loss"] / LN2 for p in paths]
+    cl = ["| model | val loss (bits per token), genres a-j (pretraining domain) | val loss (bits per token), genres k-r (new domain) |", "|---|---|---|"]
     for st, label in STAGES:
-        cl.append(f"| {label} | {fmt(stats.mean_ci(lm[(st, 'a-j')]), 1.0, 3, '')} | {fmt(stats.mean_ci(lm[(st, 'k-r')]), 1.0, 3, '')} |")
+        if (st, "a-j") in lm:
+            cl.append(f"| {label} | {fmt(stats.mean_ci(lm[(st, 'a-j')]), 1.0, 3, '')} | {fmt(stats.mean_ci(lm[(st, 'k-r')]), 1.0, 3, '')} |")
     cl.append("")
-    cl.append(f"- continued pretraining on k-r, change of the k-r loss: {fmt_diff(stats.paired_t(lm[('cpt', 'k-r')], lm[('pretrain', 'k-r')]), 1.0, 3, ' bits/byte')}")
-    cl.append(f"- ... and of the a-j loss (forgetting): {fmt_diff(stats.paired_t(lm[('cpt', 'a-j')], lm[('pretrain', 'a-j')]), 1.0, 3, ' bits/byte')}")
+    cl.append(f"- continued pretraining on k-r, change of the k-r loss: {fmt_diff(stats.paired_t(lm[('cpt', 'k-r')], lm[('pretrain', 'k-r')]), 1.0, 3, ' bits')}")
+    cl.append(f"- ... and of the a-j loss (forgetting): {fmt_diff(stats.paired_t(lm[('cpt', 'a-j')], lm[('pretrain', 'a-j')]), 1.0, 3, ' bits')}")
+    cl.append("")
+    cl.append("(Byte-level runs: a token is a byte, so these are bits per byte.)")
     cpt_md = "\n".join(cl)
 
     # ---- plots ------------------------------------------------------------------------------
@@ -164,9 +174,9 @@ def main():
     m, lo, hi = stats.band(tr)
     ax.plot(tsteps[: m.size], m, color="tab:red", alpha=0.4, lw=0.8, label="answer-only SFT: training answer loss")
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("answer loss (nats per byte)")
+    ax.set_ylabel("answer loss (nats per token, log scale)")
+    ax.set_yscale("log")
     ax.set_title(f"Answer-only loss during SFT (mean over {len(seeds)} seeds, 95% band)")
-    ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     save(fig, "sft_answer_loss.png")
 
@@ -181,7 +191,7 @@ def main():
     ax.plot(steps[: m.size], m, color="tab:green", label="genres k-r validation")
     ax.fill_between(steps[: m.size], lo, hi, color="tab:green", alpha=0.2)
     ax.set_xlabel("continued-pretraining step (0 = the pretrained model)")
-    ax.set_ylabel("bits per byte")
+    ax.set_ylabel("bits per token (byte-level: per byte)")
     ax.set_title("Continued pretraining on the new domain")
     ax.legend(fontsize=8)
     save(fig, "cpt_val_loss.png")
@@ -226,7 +236,7 @@ def main():
         f.write("\n".join(md))
     summary = {"seeds": seeds, "baseline": {k: base[k]["accuracy"] for k in ("mft_sft", "mft_corpus")},
                "accuracy": acc, "token_accuracy": tok, "answer_loss": loss, "accuracy_seen": acc_seen,
-               "accuracy_unseen": acc_unseen, "lm_bits": {f"{k[0]}_{k[1]}": v for k, v in lm.items()}}
+               "accuracy_unseen": acc_unseen, "lm_bits_per_token": {f"{k[0]}_{k[1]}": v for k, v in lm.items()}}
     with open(os.path.join(rep, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print("\n".join(md))

@@ -21,7 +21,8 @@
 #   command), EVAL_SETS (the eval commands: train.seq and train.batch of the task evaluation,
 #   default --set train.seq=128 --set train.batch=16), TASK_ARGS (make_tasks.py options),
 #   CKPT_ROOT (checkpoints go to CKPT_ROOT/s<seed>/<stage>; default beside the logs), BACKEND
-#   (--backend of the eval commands; the train commands take theirs from SETS).
+#   (--backend of the eval commands; the train commands take theirs from SETS), LM_STAGES (the
+#   stages whose language-model validation loss is measured on both genre sets; default all).
 # Needs the Brown corpus (`make data`). Every command's output goes to OUT/s<seed>/<stage>.log.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -42,6 +43,7 @@ PRE_STEPS=${PRE_STEPS:-800} CPT_STEPS=${CPT_STEPS:-300} SFT_STEPS=${SFT_STEPS:-6
 SETS=${SETS:-} PRE_SETS=${PRE_SETS:-} CPT_SETS=${CPT_SETS:-} SFT_SETS=${SFT_SETS:-} TASK_ARGS=${TASK_ARGS:-}
 EVAL_SETS=${EVAL_SETS:-"--set train.seq=128 --set train.batch=16"}
 CKPT_ROOT=${CKPT_ROOT:-}
+LM_STAGES=${LM_STAGES:-"pretrain cpt sft_all sft_response"}
 
 has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
 # Runs the commands on stdin (one per line), JOBS at a time; fails if any fails.
@@ -94,6 +96,7 @@ if has_stage eval; then
       # template {content}); 8 greedy samples.
       echo "$MOELAB eval --checkpoint ${CK[$stage]} --data $T/test.jsonl --set data.format=prompt_response --set data.chat_template={content} --set data.pack=true $EVAL_SETS ${BACKEND:+--backend $BACKEND} --json $d/eval_$stage.json --per-record $d/eval_${stage}_records.jsonl --samples 8 > $d/eval_$stage.log 2>&1"
       # Language-model validation loss on both genre sets (forgetting and the domain shift).
+      [[ " $LM_STAGES " == *" $stage "* ]] || continue
       for g in a-j k-r; do
         echo "$MOELAB eval --checkpoint ${CK[$stage]} --set data.source=brown --set data.path=data/brown --set data.genres=$g --set train.loss_on=all $EVAL_SETS ${BACKEND:+--backend $BACKEND} --set log.eval_batches=8 --json $d/lm_${stage}_$g.json > $d/lm_${stage}_$g.log 2>&1"
       done
