@@ -1344,11 +1344,12 @@ TEST_CASE("gpu ops: supports() and NotSupported for other dtypes", "[gpu]") {
   GPU_OR_SKIP();
   SEED_INFO();
   Backend& g = gpu();
-  // Every op is offered in f32 and bf16 (dispatch_plan in i32); f64 and i32 only for fill/cast.
+  // Every op is offered in f32 and bf16 (dispatch_plan and balanced_assign, which work on
+  // expert indices, in i32); f64 and i32 only for fill/cast.
   for (int i = 0; i < int(Op::kCount); ++i) {
     const Op op = Op(i);
     INFO("op " << to_string(op));
-    if (op == Op::DispatchPlan) {
+    if (op == Op::DispatchPlan || op == Op::BalancedAssign) {
       CHECK(g.supports(op, DType::I32));
       continue;
     }

@@ -33,7 +33,8 @@ if want tests; then
 fi
 
 if want crosscheck; then
-  base="--config $here/experiments/configs/quickstart.ini --set train.backend=cuda"
+  # The quickstart model on synthetic data (no corpus to carry).
+  base="--config $here/experiments/configs/quickstart.ini --set train.backend=cuda --set data.source=synthetic"
   i=0
   for sets in \
       "--set model.qkv_bias=true --set model.layers=3 --set model.moe_every=1 --set model.dense_layers=1 --set model.shared_experts=1 --set model.shared_width=40 --set model.shared_gate=true --set router.aux_convention=hf --set router.aux_alpha=0.05" \
