@@ -60,6 +60,21 @@ def fmt_diff(t, scale=100.0, digits=1, unit=" pp"):
     return f"{scale * t.mean:+.{digits}f}{unit} [{scale * t.lo:+.{digits}f}, {scale * t.hi:+.{digits}f}], {verdict}"
 
 
+def tokenizer_of(out, seed):
+    """data.tokenizer of the seed's pretraining run ("bytes" when unknown)."""
+    try:
+        import h5py
+        with h5py.File(os.path.join(out, f"s{seed}", "pretrain.h5"), "r") as f:
+            cfg = f.attrs["config"]
+        cfg = cfg.decode() if isinstance(cfg, bytes) else str(cfg)
+        for line in cfg.splitlines():
+            if line.strip().startswith("tokenizer"):
+                return line.split("=", 1)[1].split("#")[0].strip()
+    except Exception:
+        pass
+    return "bytes"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -100,7 +115,9 @@ def main():
     lines.append(f"Seeds: {', '.join(map(str, seeds))} (every stage re-run per seed). Test: {len(test)} words of "
                  f"{base['test_sentences']} held-out sentences (files moelab never trains on); "
                  f"{100 * (~seen).mean():.1f}% of them never appear in the {base['train_records']} fine-tuning records.\n")
-    lines.append("| model | tag accuracy (exact match) | token accuracy of the answers (byte-level: per byte) | answer loss (nats/token) | accuracy on words seen in SFT | on unseen words |")
+    byte_level = tokenizer_of(out, seeds[0]) == "bytes"
+    unit = "byte-level: per byte" if byte_level else "per token of " + os.path.basename(os.path.dirname(tokenizer_of(out, seeds[0])) or "the tokenizer")
+    lines.append(f"| model | tag accuracy (exact match) | token accuracy of the answers ({unit}) | answer loss (nats/token) | accuracy on words seen in SFT | on unseen words |")
     lines.append("|---|---|---|---|---|---|")
     lines.append(f"| baseline: most frequent tag of the word in the SFT records (unseen: `{mft['default_tag']}`) | "
                  f"{100 * mft['accuracy']:.1f}% | - | - | {100 * mft_seen[seen].mean():.1f}% | {100 * mft_seen[~seen].mean():.1f}% |")
@@ -142,7 +159,8 @@ def main():
     cl.append(f"- continued pretraining on k-r, change of the k-r loss: {fmt_diff(stats.paired_t(lm[('cpt', 'k-r')], lm[('pretrain', 'k-r')]), 1.0, 3, ' bits')}")
     cl.append(f"- ... and of the a-j loss (forgetting): {fmt_diff(stats.paired_t(lm[('cpt', 'a-j')], lm[('pretrain', 'a-j')]), 1.0, 3, ' bits')}")
     cl.append("")
-    cl.append("(Byte-level runs: a token is a byte, so these are bits per byte.)")
+    cl.append("(Byte-level runs: a token is a byte, so these are bits per byte.)" if byte_level else
+              f"(Tokens of {tokenizer_of(out, seeds[0])}: bits per token, not comparable with the byte-level runs.)")
     cpt_md = "\n".join(cl)
 
     # ---- plots ------------------------------------------------------------------------------
