@@ -17,6 +17,7 @@
 // --out and --backend are applied as the last overrides (log.out, train.backend), so the
 // resolved config, and the HDF5 `config` attribute, show them.
 #include <boost/program_options.hpp>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -27,6 +28,7 @@
 #include "backends/registry.h"
 #include "core/backend.h"
 #include "core/check.h"
+#include "core/io/checkpoint.h"
 #include "core/io/config.h"
 #include "core/io/fault.h"
 #include "core/io/output_file.h"
@@ -98,6 +100,21 @@ std::string opt(const po::variables_map& vm, const char* name) {
 }
 
 // Loads --config/--set plus the command-line keys that map to config keys.
+// Whether `path` is a moelab checkpoint rather than an INI file: format 1 starts with its magic,
+// format 2 (safetensors) with an 8-byte header length that fits the file and then '{'. An INI
+// file's first 8 bytes read as that length are far larger than the file.
+bool is_checkpoint_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char head[9] = {};
+  if (!in.read(head, 9)) return false;
+  if (std::memcmp(head, moelab::kCheckpointMagic, 8) == 0) return true;
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | uint8_t(head[i]);
+  std::error_code ec;
+  const uint64_t size = std::filesystem::file_size(path, ec);
+  return !ec && n > 0 && n <= size - 8 && head[8] == '{';
+}
+
 RunConfig load(const Command& cmd, const po::variables_map& vm, bool config_required,
                const std::vector<std::string>& extra_sets) {
   std::string path = opt(vm, "config");
@@ -106,6 +123,16 @@ RunConfig load(const Command& cmd, const po::variables_map& vm, bool config_requ
   std::vector<std::string> sets;
   if (vm.count("set")) sets = vm["set"].as<std::vector<std::string>>();
   sets.insert(sets.end(), extra_sets.begin(), extra_sets.end());
+  // --config CHECKPOINT: the config stored in a checkpoint (a trained run's, or an imported
+  // Hugging Face model's from import-hf), so that bench, crosscheck and train take its model.
+  if (!path.empty() && std::filesystem::is_regular_file(path) && is_checkpoint_file(path)) {
+    const moelab::CheckpointReader ck(path);
+    if (!ck.has_meta("config")) MOELAB_USAGE_FAIL(cmd.name, ": --config ", path, " is a checkpoint without a config");
+    RunConfig cfg = moelab::config_from_text(ck.meta("config"), path);
+    for (const std::string& s : sets) moelab::apply_override(cfg, s);
+    moelab::finalize(cfg);
+    return cfg;
+  }
   return moelab::load_config(path, sets);
 }
 
