@@ -421,54 +421,6 @@ void load_loss_backward(Ctx& c, const Tensor& clean, const Tensor& h, const Tens
   });
 }
 
-RouterStats router_stats(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
-                         const Tensor& keep, bool ec, int64_t E) {
-  const int64_t R = logits.dim(0), n1 = idx.dim(1), A = idx.numel();
-  RouterStats st;
-  st.routed.assign(size_t(E), 0);
-  st.kept.assign(size_t(E), 0);
-  st.mean_prob.assign(size_t(E), 0.0);
-  if (R == 0) return st;
-  Buf<unsigned long long> cnt(c, 2 * E + 1);  // routed | kept | unrouted tokens
-  Buf<int32_t> has(c, R);
-  Buf<double> rows(c, 4 * R), res(c, E + 4);  // res: mean_prob sums | ent, top, sq, max
-  CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(2 * E + 1) * sizeof(unsigned long long), c.stream));
-  CUDA_CHECK(cudaMemsetAsync(has.get(), 0, size_t(R) * sizeof(int32_t), c.stream));
-  if (A > 0) {
-    stats_counts_kernel<<<grid_for(A), kThreads, 0, c.stream>>>(
-        cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, R, cnt.get(), has.get());
-    CUDA_CHECK_LAUNCH();
-  }
-  count_zero_kernel<<<grid_for(R), kThreads, 0, c.stream>>>(has.get(), R, cnt.get() + 2 * E);
-  CUDA_CHECK_LAUNCH();
-  dispatch_float(logits.dtype(), "router_stats", [&](auto tag) {
-    using T = decltype(tag);
-    stats_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), cptr<T>(probs),
-                                                                   R, E, rows.get());
-    CUDA_CHECK_LAUNCH();
-  });
-  column_sums(c, probs.dtype(), probs.data(), R, E, R, res.get());
-  device_sum(c, rows.get(), R, res.get() + E);
-  device_sum(c, rows.get() + R, R, res.get() + E + 1);
-  device_sum(c, rows.get() + 2 * R, R, res.get() + E + 2);
-  device_max(c, rows.get() + 3 * R, R, res.get() + E + 3);
-  std::vector<unsigned long long> hc(size_t(2 * E + 1));
-  std::vector<double> hr(size_t(E + 4));
-  c.to_host(hc.data(), cnt.get(), hc.size() * sizeof(unsigned long long));
-  c.to_host(hr.data(), res.get(), hr.size() * sizeof(double));
-  for (int64_t e = 0; e < E; ++e) {
-    st.routed[e] = int64_t(hc[e]);
-    st.kept[e] = int64_t(hc[E + e]);
-    st.mean_prob[e] = hr[e] / double(R);
-  }
-  st.tokens_unrouted = int64_t(hc[2 * E]);
-  st.entropy = hr[E] / double(R);
-  st.top1_prob = hr[E + 1] / double(R);
-  st.logit_rms = std::sqrt(hr[E + 2] / double(R * E));
-  st.logit_max = hr[E + 3];
-  return st;
-}
-
 // One buffer on the device, one copy to the host:
 //   [routed E | kept E | unrouted 1 | prob sums E | entropy, top-1, logit^2, |logit| max | aux | z sum | cv2]
 RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
@@ -549,6 +501,12 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
   s.z = h[size_t(at_aux + 1)] / double(R);
   s.importance = h[size_t(at_aux + 2)];
   return s;
+}
+
+// The statistics alone: the summary without the optional losses (one copy to the host).
+RouterStats router_stats(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                         const Tensor& keep, bool ec, int64_t E) {
+  return router_summary(c, logits, probs, idx, keep, Tensor(), ec, E, 0, false, false).stats;
 }
 
 }  // namespace moelab::cuda

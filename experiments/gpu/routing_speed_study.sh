@@ -16,22 +16,8 @@
 set -u
 [ $# -eq 2 ] || { sed -n '2,16p' "$0"; exit 2; }
 inst=$1; mkdir -p "$2"; out=$(readlink -f "$2")
-export NCCL_NVLS_ENABLE=0
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-if [ -f "$inst" ]; then
-  mkdir -p "$work/inst" && tar xzf "$inst" -C "$work/inst" || { echo "cannot unpack $inst" >&2; exit 2; }
-  inst=$(dirname "$(find "$work/inst" -name moelab -type f -perm -u+x | head -1)")
-fi
-M="$inst/moelab"
-[ -x "$M" ] || { echo "no moelab binary in $inst" >&2; exit 2; }
-corpus=${CORPUS:-data/gpu_corpus.tgz}
-if [ -f "$corpus" ]; then
-  tar xzf "$corpus" -C "$work" || { echo "cannot unpack $corpus" >&2; exit 2; }
-  data="$work/brown_nlp"
-else
-  data=$corpus
-fi
-[ -f "$data/cs99" ] || { echo "no Brown + nlp-corpus folder at $data (make data-gpu; carry data/gpu_corpus.tgz)" >&2; exit 2; }
+# shellcheck source=experiments/gpu/unpack_inputs.sh
+. "$(dirname "${BASH_SOURCE[0]}")/unpack_inputs.sh"
 dir="$out/routing_speed"; mkdir -p "$dir"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$dir/summary.txt"
 start=$SECONDS
