@@ -241,7 +241,7 @@ std::vector<std::pair<std::string, Tensor>> TransformerLM::activations() {
 // layer and token. Counts and P are the batch's (the routers' batch group, if any).
 void TransformerLM::pooled_aux_loss(LMForward& out) {
   const int64_t E = cfg_.moe.experts, L = int64_t(out.moe.size());
-  const int64_t T = blocks_.empty() ? 0 : moe_layer(0).last_routing().batch_tokens;
+  const int64_t T = moe_layer(0).last_routing().batch_tokens;  // out.moe is not empty
   std::vector<double> F(size_t(E), 0.0), P(size_t(E), 0.0);
   for (const MoEOutput& mo : out.moe)
     for (int64_t i = 0; i < E; ++i) {
@@ -275,6 +275,12 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
   seq_len_ = seq_len;
   packed_ = packed;
   auto e = [&](Shape s) { return b_.empty(s, dtype_); };
+  // q/k/v biases: a column of ones, shared by every block's rank-1 GEMMs.
+  Tensor ones;
+  if (cfg_.qkv_bias) {
+    ones = e({T, 1});
+    b_.fill(ones, 1.0);
+  }
 
   Tensor x = e({T, D});
   {
@@ -299,8 +305,6 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
       b_.gemm(false, false, 1.0, bk.n1, bk.wk, 0.0, k);
       b_.gemm(false, false, 1.0, bk.n1, bk.wv, 0.0, bk.v);
       if (bk.q_bias.defined()) {  // + ones [T,1] x bias [1,N]: a rank-1 GEMM, no extra op
-        Tensor ones = e({T, 1});
-        b_.fill(ones, 1.0);
         b_.gemm(false, false, 1.0, ones, bk.q_bias.reshape({1, H * dh}), 1.0, q);
         b_.gemm(false, false, 1.0, ones, bk.k_bias.reshape({1, Hkv * dh}), 1.0, k);
         b_.gemm(false, false, 1.0, ones, bk.v_bias.reshape({1, Hkv * dh}), 1.0, bk.v);
@@ -383,6 +387,12 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done, d
   const int64_t T = tokens_.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
   const int64_t dh = cfg_.head_width(), S = seq_len_;
   auto e = [&](Shape s) { return b_.empty(s, dtype_); };
+  // q/k/v biases: a column of ones, shared by every block's rank-1 GEMMs.
+  Tensor ones;
+  if (cfg_.qkv_bias) {
+    ones = e({T, 1});
+    b_.fill(ones, 1.0);
+  }
 
   Tensor dlogits = e({T, cfg_.vocab});
   Tensor dxn = e({T, D});
@@ -452,8 +462,6 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done, d
     {
       ProfileScope ps(b_, "attention projections");
       if (bk.q_bias.defined()) {  // d bias += ones^T d(projection)
-        Tensor ones = e({T, 1});
-        b_.fill(ones, 1.0);
         b_.gemm(true, false, 1.0, ones, dq, 1.0, bk.dq_bias.reshape({1, H * dh}));
         b_.gemm(true, false, 1.0, ones, dk, 1.0, bk.dk_bias.reshape({1, Hkv * dh}));
         b_.gemm(true, false, 1.0, ones, dv, 1.0, bk.dv_bias.reshape({1, Hkv * dh}));

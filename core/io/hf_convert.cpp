@@ -274,6 +274,22 @@ LayerNames layer_names(HfArch arch, int64_t i, HfExpertLayout layout) {
   return n;
 }
 
+// The per-expert tensor names of a layer's E experts: gate, up and down projections.
+struct ExpertNames {
+  std::vector<std::string> gate, up, down;
+};
+
+ExpertNames expert_names(const LayerNames& n, int64_t E) {
+  ExpertNames x;
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string p = n.moe + "experts." + std::to_string(e) + ".";
+    x.gate.push_back(p + n.gate + ".weight");
+    x.up.push_back(p + n.up + ".weight");
+    x.down.push_back(p + n.down + ".weight");
+  }
+  return x;
+}
+
 }  // namespace
 
 // ---- import ------------------------------------------------------------------------------
@@ -411,14 +427,8 @@ HfWeights read_hf_weights(const ShardedSafetensorsReader& st, const HfConfig& hf
         add(b + "moe.experts.w1", w1, dt1);
         add(b + "moe.experts.w2", w2, dt2);
       } else {
-        std::vector<std::string> g, u, d;
-        for (int64_t e = 0; e < E; ++e) {
-          const std::string x = n.moe + "experts." + std::to_string(e) + ".";
-          g.push_back(x + n.gate + ".weight");
-          u.push_back(x + n.up + ".weight");
-          d.push_back(x + n.down + ".weight");
-        }
-        mlp(b + "moe.experts.", g, u, d, D, F);
+        const ExpertNames x = expert_names(n, E);
+        mlp(b + "moe.experts.", x.gate, x.up, x.down, D, F);
       }
       if (hf.shared_expert_intermediate_size > 0) {
         const std::string s = n.moe + "shared_expert.";
@@ -538,7 +548,7 @@ std::vector<std::string> write_hf_checkpoint(const std::string& dir, const HfCon
   };
   std::set<std::string> used;
   auto put = [&](const std::string& hf_name, const std::string& moe_name, const std::vector<int64_t>& shape,
-                 std::initializer_list<int>, const Tensor& host) {
+                 const Tensor& host) {
     const StDType dt = dtype_for(moe_name);
     std::vector<std::byte> b = convert_for_export(host, dt, hf_name);
     out.add(hf_name, dt, shape, b.data(), b.size());
@@ -550,12 +560,12 @@ std::vector<std::string> write_hf_checkpoint(const std::string& dir, const HfCon
     const int64_t in = t.dim(0), o = t.numel() / in;
     Tensor tt = host_empty(Shape{o, in}, t.dtype());
     transpose_into(bytes_of(t), in, o, dtype_size(t.dtype()), bytes_of(tt));
-    put(hf_name, moe_name, {o, in}, {}, tt);
+    put(hf_name, moe_name, {o, in}, tt);
   };
   auto vec = [&](const std::string& hf_name, const std::string& moe_name) {  // as stored
     const Tensor& t = param(moe_name);
     used.insert(moe_name);
-    put(hf_name, moe_name, std::vector<int64_t>(t.shape().dims.begin(), t.shape().dims.begin() + t.ndim()), {}, t);
+    put(hf_name, moe_name, std::vector<int64_t>(t.shape().dims.begin(), t.shape().dims.begin() + t.ndim()), t);
   };
   // Zero biases where the class always has them and the moelab model has none (exact: + 0).
   auto zeros = [&](const std::string& hf_name, int64_t n) {
@@ -580,8 +590,8 @@ std::vector<std::string> write_hf_checkpoint(const std::string& dir, const HfCon
         transpose_into(bytes_of(w1) + size_t(e * D * 2 * F) * es, D, 2 * F, es, bytes_of(gu) + size_t(e * 2 * F * D) * es);
         transpose_into(bytes_of(w2) + size_t(e * F * D) * es, F, D, es, bytes_of(dn) + size_t(e * D * F) * es);
       }
-      put(fused_prefix + "gate_up_proj", moe_prefix + "w1", {E, 2 * F, D}, {}, gu);
-      put(fused_prefix + "down_proj", moe_prefix + "w2", {E, D, F}, {}, dn);
+      put(fused_prefix + "gate_up_proj", moe_prefix + "w1", {E, 2 * F, D}, gu);
+      put(fused_prefix + "down_proj", moe_prefix + "w2", {E, D, F}, dn);
       return;
     }
     for (int64_t e = 0; e < E; ++e) {
@@ -591,9 +601,9 @@ std::vector<std::string> write_hf_checkpoint(const std::string& dir, const HfCon
       transpose_from_cols(w1e, D, 2 * F, 0, F, es, bytes_of(g));
       transpose_from_cols(w1e, D, 2 * F, F, F, es, bytes_of(u));
       transpose_into(bytes_of(w2) + size_t(e * F * D) * es, F, D, es, bytes_of(d));
-      put(gate[size_t(e)], moe_prefix + "w1", {F, D}, {}, g);
-      put(up[size_t(e)], moe_prefix + "w1", {F, D}, {}, u);
-      put(down[size_t(e)], moe_prefix + "w2", {D, F}, {}, d);
+      put(gate[size_t(e)], moe_prefix + "w1", {F, D}, g);
+      put(up[size_t(e)], moe_prefix + "w1", {F, D}, u);
+      put(down[size_t(e)], moe_prefix + "w2", {D, F}, d);
     }
   };
 
@@ -623,15 +633,8 @@ std::vector<std::string> write_hf_checkpoint(const std::string& dir, const HfCon
     vec(n.p + "post_attention_layernorm.weight", b + "ffn_norm");
     if (hf.is_moe_layer(i)) {
       linear(n.moe + "gate.weight", b + "moe.router.w");
-      const int64_t E = param(b + "moe.experts.w1").dim(0);
-      std::vector<std::string> g, u, d;
-      for (int64_t e = 0; e < E; ++e) {
-        const std::string x = n.moe + "experts." + std::to_string(e) + ".";
-        g.push_back(x + n.gate + ".weight");
-        u.push_back(x + n.up + ".weight");
-        d.push_back(x + n.down + ".weight");
-      }
-      mlp(b + "moe.experts.", g, u, d, layout == HfExpertLayout::Fused ? n.moe + "experts." : "");
+      const ExpertNames x = expert_names(n, param(b + "moe.experts.w1").dim(0));
+      mlp(b + "moe.experts.", x.gate, x.up, x.down, layout == HfExpertLayout::Fused ? n.moe + "experts." : "");
       if (hf.shared_expert_intermediate_size > 0) {
         const std::string s = n.moe + "shared_expert.";
         mlp(b + "moe.shared.", {s + "gate_proj.weight"}, {s + "up_proj.weight"}, {s + "down_proj.weight"}, "");

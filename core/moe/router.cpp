@@ -205,6 +205,14 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   return st;
 }
 
+// d[t, :] += g for every row t: a rank-1 GEMM, ones [T,1] x g [1,E].
+void Router::add_row_to_every_token(const std::vector<double>& g, const Tensor& d) {
+  Tensor gt = b_.from_host(host_tensor(g, Shape{1, int64_t(g.size())}, dtype_));
+  Tensor ones = b_.empty(Shape{d.dim(0), 1}, dtype_);
+  b_.fill(ones, 1.0);
+  b_.gemm(false, false, 1.0, ones, gt, 1.0, d);
+}
+
 void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgates,
                       int64_t seq_len, const Tensor& dx) {
   const RouterConfig& rc = cfg_.router;
@@ -238,10 +246,7 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
                  "but the model set no pooled aux gradient for this forward");
     std::vector<double> g = pooled_aux_grad_;
     for (double& x : g) x *= group_weight_;
-    Tensor gt = b_.from_host(host_tensor(g, Shape{1, E}, dtype_));
-    Tensor ones = b_.empty(Shape{T, 1}, dtype_);
-    b_.fill(ones, 1.0);
-    b_.gemm(false, false, 1.0, ones, gt, 1.0, dscores);  // softmax scores (validate() checks)
+    add_row_to_every_token(g, dscores);  // softmax scores (validate() checks)
   } else if (rc.aux_alpha > 0 && !st.expert_choice) {
     const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
     auto add_aux_grad = [&](const Tensor& d) {
@@ -252,10 +257,7 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
         for (int64_t e = 0; e < E; ++e)
           g[e] = rc.aux_alpha * group_weight_ * double(E) * double(st.stats.routed[e]) /
                  (double(st.batch_tokens) * double(K)) / double(st.batch_tokens);
-        Tensor gt = b_.from_host(host_tensor(g, Shape{1, E}, dtype_));
-        Tensor ones = b_.empty(Shape{T, 1}, dtype_);
-        b_.fill(ones, 1.0);
-        b_.gemm(false, false, 1.0, ones, gt, 1.0, d);
+        add_row_to_every_token(g, d);
       } else {  // local, or per sequence (whole sequences live on one rank)
         b_.aux_loss_backward(st.dist, st.idx, aux_seq, rc.aux_alpha * share, d);
       }

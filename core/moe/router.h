@@ -125,6 +125,7 @@ class Router {
  private:
   // Replaces st's local statistics and losses by the batch's (group_ set).
   void reduce_over_group(RouterState& st, int64_t seq_len, const RouterSummary& mine);
+  void add_row_to_every_token(const std::vector<double>& g, const Tensor& d);
 
   Backend& b_;
   MoEConfig cfg_;
