@@ -501,9 +501,12 @@ TEST_CASE("gpu ops: fill, cast, axpy, transpose, scale, sum_squares", "[gpu]") {
       k.close(x);
     }
     {
-      Case k(fam, g, "sum_squares", dt);
-      Pair x = k.randn(Shape{1000, 7});
-      k.scalar("value", g.sum_squares(x.g), cpu().sum_squares(x.c));
+      // 16-byte vectors with no tail, with a tail, and over many blocks
+      for (Shape s : {Shape{1000, 7}, Shape{1001, 7}, Shape{3001, 1001}}) {
+        Case k(fam, g, "sum_squares " + std::to_string(s.numel()), dt);
+        Pair x = k.randn(s);
+        k.scalar("value", g.sum_squares(x.g), cpu().sum_squares(x.c));
+      }
     }
   }
   fam.finish();
@@ -573,19 +576,20 @@ TEST_CASE("gpu ops: swiglu forward and backward", "[gpu]") {
   SEED_INFO();
   Family fam("swiglu");
   Backend& g = gpu();
-  for (DType dt : kDtypes) {
-    Case k(fam, g, "swiglu", dt);
-    Pair ab = k.randn(Shape{29, 74}, 2.0);
-    Out h = k.out("H", Shape{29, 37});
-    cpu().swiglu_forward(ab.c, h.c);
-    g.swiglu_forward(ab.g, h.g);
-    k.close(h);
-    Pair dh = k.randn(Shape{29, 37});
-    Out dab = k.out("dAB", Shape{29, 74});
-    cpu().swiglu_backward(ab.c, dh.c, dab.c);
-    g.swiglu_backward(ab.g, dh.g, dab.g);
-    k.close(dab);
-  }
+  for (DType dt : kDtypes)
+    for (int64_t F : {37, 40}) {  // 40: the 16-byte vector kernels (f32 and bf16); 37: scalar
+      Case k(fam, g, "swiglu F " + std::to_string(F), dt);
+      Pair ab = k.randn(Shape{29, 2 * F}, 2.0);
+      Out h = k.out("H", Shape{29, F});
+      cpu().swiglu_forward(ab.c, h.c);
+      g.swiglu_forward(ab.g, h.g);
+      k.close(h);
+      Pair dh = k.randn(Shape{29, F});
+      Out dab = k.out("dAB", Shape{29, 2 * F});
+      cpu().swiglu_backward(ab.c, dh.c, dab.c);
+      g.swiglu_backward(ab.g, dh.g, dab.g);
+      k.close(dab);
+    }
   fam.finish();
 }
 
@@ -825,12 +829,14 @@ TEST_CASE("gpu ops: dispatch_plan, permute, unpermute", "[gpu]") {
   SEED_INFO();
   Family fam("dispatch");
   Backend& g = gpu();
-  const int64_t T = 41, E = 6, K = 2, D = 24;
+  const int64_t T = 41, E = 6, K = 2;
   for (DType dt : kDtypes)
-    for (int variant = 0; variant < 3; ++variant) {  // token choice, padded token choice, expert choice
+    for (int variant = 0; variant < 4; ++variant) {  // token choice, padded token choice, expert choice
       const bool ec = variant == 2;
       const int64_t pad = variant == 1 ? 12 : 0;
-      const std::string what = ec ? " (expert choice)" : pad ? " (padded)" : "";
+      // D 24: the 16-byte vector kernels (f32 and bf16); D 21 (variant 3): the scalar ones
+      const int64_t D = variant == 3 ? 21 : 24;
+      const std::string what = ec ? " (expert choice)" : pad ? " (padded)" : variant == 3 ? " (D 21)" : "";
       Case k(fam, g, "dispatch_plan" + what, dt);
       Pair s = k.probs(T, E, 2.0);
       Tensor idx_c, keep_c;

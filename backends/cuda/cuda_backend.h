@@ -17,10 +17,10 @@ int cuda_device_count();
 // host loop; offsets are host values, so neither needs a device->host sync):
 //   PerExpert:      one cublasGemmEx per non-empty expert, all on the backend's stream;
 //   GroupedBatched: one cublasGemmGroupedBatchedEx call (pointer arrays copied to the device);
-//   Auto:           PerExpert when at most 16 experts have rows and they average >= 1024 rows
-//                   (few large GEMMs: cuBLAS's tuned single-GEMM kernels win), else
-//                   GroupedBatched (many GEMMs: one launch instead of ~8 us or more of host time
-//                   per expert, which left the GPU waiting in a 64-expert training step).
+//   Auto:           PerExpert when at most 16 experts have rows and their GEMMs average >= 64
+//                   GFLOP (few large GEMMs: cuBLAS's tuned single-GEMM kernels win), else
+//                   GroupedBatched (one launch instead of ~100 us of host time per expert and
+//                   call, which left the GPU waiting: gemm.cu, run_list).
 //                   Measured on an H200: docs/gpu-results.md and docs/performance.md.
 //                   MOELAB_GROUPED_GEMM=auto|per_expert|grouped overrides it (backends/registry).
 enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched };

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <string>
@@ -177,6 +178,48 @@ __device__ __forceinline__ void store_d(bf16_t* p, int64_t i, double v) {
   p[i] = __float2bfloat16_rn(float(v));
 }
 __device__ __forceinline__ void store_d(int32_t* p, int64_t i, double v) { p[i] = int32_t(v); }
+
+// ---- 16-byte vector access (memory-bound kernels) -------------------------------------------
+// Vec<T>::N elements of T in one 16-byte load or store (f32: 4, bf16: 8), converted to and from
+// float exactly as load_f / store_f convert one element, so a kernel that switches to vectors
+// keeps its per-element arithmetic and its results bit for bit. Callers check vec_ok first:
+// every row start must be 16-byte aligned (the row length a multiple of N, the base aligned).
+template <class T> struct Vec;
+template <> struct Vec<float> {
+  static constexpr int N = 4;
+  __device__ __forceinline__ static void load(const float* p, float* v) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+  }
+  __device__ __forceinline__ static void store(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+};
+template <> struct Vec<bf16_t> {
+  static constexpr int N = 8;
+  __device__ __forceinline__ static void load(const bf16_t* p, float* v) {
+    const uint4 q = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&q);
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      v[2 * j] = f.x;
+      v[2 * j + 1] = f.y;
+    }
+  }
+  __device__ __forceinline__ static void store(bf16_t* p, const float* v) {
+    uint4 q;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&q);
+    for (int j = 0; j < 4; ++j) h[j] = __halves2bfloat162(__float2bfloat16_rn(v[2 * j]), __float2bfloat16_rn(v[2 * j + 1]));
+    *reinterpret_cast<uint4*>(p) = q;
+  }
+};
+// Rows of `row_elems` elements starting at each pointer can all be read as vectors.
+template <class T> inline bool vec_ok(int64_t row_elems, std::initializer_list<const void*> ptrs) {
+  if (row_elems % Vec<T>::N != 0) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
 
 template <class T> const T* cptr(const Tensor& t) { return static_cast<const T*>(t.data()); }
 template <class T> T* mptr(const Tensor& t) { return static_cast<T*>(t.data()); }

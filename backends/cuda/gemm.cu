@@ -12,7 +12,7 @@
 // Grouped GEMMs (the MoE experts): every non-empty expert is one row-major problem; the list of
 // problems runs either as one cublasGemmEx per problem (PerExpert) or as a single
 // cublasGemmGroupedBatchedEx (GroupedBatched; its pointer arrays are copied to the device, its
-// shape arrays stay on the host), and Auto picks by the mean rows per expert (cuda_backend.h).
+// shape arrays stay on the host), and Auto picks by the mean FLOPs per problem (run_list).
 // Offsets are host values, so no path synchronises. An expert with no rows contributes
 // beta * dW[e] to the weight gradient (a scale kernel).
 #include <vector>
@@ -64,28 +64,33 @@ void run_one(Ctx& c, DType dt, const Problem& p, float alpha, float beta) {
                             as_int(p.ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// Auto: per-expert cuBLAS calls only for a few large GEMMs. Each per-expert call costs host time
-// (~8 us, more when the routing changes the row counts every step), and with 64 experts in a
-// training step the GPU waited for the host: config D (64 x 1408, top-6) took 90.4 ms a step per
-// expert and 70.4 ms grouped, while 8 experts of 4096 (config B) ran 48.3 ms per expert and 51.5
-// grouped (docs/performance.md, 2026-11-30).
+// Auto: per-expert cuBLAS calls only for a few GEMMs that are each large enough to hide the host
+// time of a call. That host time is far above a launch's: ~100 us per call in a training step,
+// where the routing changes every expert's row count each step (cuBLAS looks up a kernel per new
+// shape). Config A (8 experts x 4096 rows, d 512 x 2048: 17 GFLOP per GEMM) took 28.5 ms a step
+// per expert and 17.1 ms grouped; config D (64 experts) 90.4 and 70.4 ms; the Mixtral shape's
+// 1 TFLOP GEMMs run at 91% of the peak per expert (docs/performance.md, 2026-11-30).
 constexpr size_t kPerExpertMaxGemms = 16;
+constexpr double kPerExpertMinFlops = 64e9;  // mean 2 m n k per problem
 
-// mean_rows: the experts' average row count (Auto's measure of GEMM size).
-void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>& list, float beta,
-              double mean_rows) {
+void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>& list, float beta) {
   // Problems with k == 0 (or nothing to write) never go to the grouped call.
   std::vector<Problem> real;
   real.reserve(list.size());
+  double flops = 0;
   for (const Problem& p : list) {
     if (p.m == 0 || p.n == 0) continue;
     if (p.k == 0) run_one(c, dt, p, 1.0f, beta);
-    else real.push_back(p);
+    else {
+      real.push_back(p);
+      flops += 2.0 * double(p.m) * double(p.n) * double(p.k);
+    }
   }
   if (real.empty()) return;
   if (impl == GroupedGemmImpl::Auto)
-    impl = real.size() <= kPerExpertMaxGemms && mean_rows >= 1024 ? GroupedGemmImpl::PerExpert
-                                                                  : GroupedGemmImpl::GroupedBatched;
+    impl = real.size() <= kPerExpertMaxGemms && flops / double(real.size()) >= kPerExpertMinFlops
+               ? GroupedGemmImpl::PerExpert
+               : GroupedGemmImpl::GroupedBatched;
   if (impl == GroupedGemmImpl::PerExpert || real.size() == 1) {
     for (const Problem& p : real) run_one(c, dt, p, 1.0f, beta);
     return;
@@ -145,7 +150,7 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                            wb + size_t(e * w.dim(1) * w.dim(2)) * es, w.dim(2),
                            yb + size_t(r0 * n) * es, n});
   }
-  run_list(c, impl, dt, list, float(beta), list.empty() ? 0.0 : double(x.dim(0)) / double(list.size()));
+  run_list(c, impl, dt, list, float(beta));
 }
 
 // dW[e] = X[rows of e]^T dY[rows of e] + beta dW[e]; an expert without rows gets beta dW[e].
@@ -159,15 +164,13 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
   char* wb = static_cast<char*>(dw.data());
   std::vector<Problem> list;
   list.reserve(size_t(E));
-  int64_t nonempty = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], rows = off[e + 1] - off[e];
     // rows == 0 is a k == 0 problem: run_list scales dW[e] by beta.
     list.push_back(Problem{true, false, kin, n, rows, xb + size_t(r0 * kin) * es, kin,
                            db + size_t(r0 * n) * es, n, wb + size_t(e * kin * n) * es, n});
-    nonempty += rows > 0;
   }
-  run_list(c, impl, dt, list, float(beta), nonempty ? double(x.dim(0)) / double(nonempty) : 0.0);
+  run_list(c, impl, dt, list, float(beta));
 }
 
 void gemm_batched(Ctx& c, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,

@@ -5,6 +5,8 @@
 // the CPU reference so that a mask or a noise draw is the same decision on both backends: the
 // draws come from moelab::rng (core/rng.h), a pure function of (seed, element index), so the
 // GPU computes the CPU's exact uniforms (and its normals up to the last bit of log / cos).
+#include <cmath>
+
 #include "backends/cuda/cuda_kernels.cuh"
 #include "core/rng.h"
 
@@ -51,11 +53,21 @@ __device__ __forceinline__ float sigmoidf_(float x) {
 }
 
 // H = silu(G) * U, AB = [G | U] per row.
+// SwiGLU on rows of AB = [G | U]. One thread per Vec<T>::N consecutive columns of a row (16-byte
+// loads and stores, one 64-bit division per vector): the scalar kernels below ran at 1.3-1.6
+// TB/s on an H200 (kernel census, docs/performance.md). The arithmetic per element is the
+// scalar kernels', so both give the same bits; the scalar ones serve unaligned views.
+__device__ __forceinline__ float swiglu_h(float g, float u) { return g * sigmoidf_(g) * u; }
+__device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& dg, float& du) {
+  const float s = sigmoidf_(g);
+  dg = d * u * s * (1.0f + g * (1.0f - s));  // d silu / dg
+  du = d * g * s;
+}
+
 template <class T> __global__ void swiglu_fwd_kernel(const T* ab, T* h, int64_t R, int64_t F) {
   MOELAB_GRID_STRIDE(i, R * F) {
     const int64_t r = i / F, f = i - r * F;
-    const float g = load_f(ab, r * 2 * F + f), u = load_f(ab, r * 2 * F + F + f);
-    store_f(h, i, g * sigmoidf_(g) * u);
+    store_f(h, i, swiglu_h(load_f(ab, r * 2 * F + f), load_f(ab, r * 2 * F + F + f)));
   }
 }
 
@@ -63,10 +75,41 @@ template <class T>
 __global__ void swiglu_bwd_kernel(const T* ab, const T* dh, T* dab, int64_t R, int64_t F) {
   MOELAB_GRID_STRIDE(i, R * F) {
     const int64_t r = i / F, f = i - r * F;
-    const float g = load_f(ab, r * 2 * F + f), u = load_f(ab, r * 2 * F + F + f);
-    const float s = sigmoidf_(g), d = load_f(dh, i);
-    store_f(dab, r * 2 * F + f, d * u * s * (1.0f + g * (1.0f - s)));  // d silu / dg
-    store_f(dab, r * 2 * F + F + f, d * g * s);
+    float dg, du;
+    swiglu_grads(load_f(ab, r * 2 * F + f), load_f(ab, r * 2 * F + F + f), load_f(dh, i), dg, du);
+    store_f(dab, r * 2 * F + f, dg);
+    store_f(dab, r * 2 * F + F + f, du);
+  }
+}
+
+template <class T> __global__ void swiglu_fwd_vec_kernel(const T* ab, T* h, int64_t R, int64_t F) {
+  constexpr int N = Vec<T>::N;
+  const int64_t FV = F / N;
+  MOELAB_GRID_STRIDE(i, R * FV) {
+    const int64_t r = i / FV, f = (i - r * FV) * N;
+    float g[N], u[N], o[N];
+    Vec<T>::load(ab + r * 2 * F + f, g);
+    Vec<T>::load(ab + r * 2 * F + F + f, u);
+#pragma unroll
+    for (int q = 0; q < N; ++q) o[q] = swiglu_h(g[q], u[q]);
+    Vec<T>::store(h + r * F + f, o);
+  }
+}
+
+template <class T>
+__global__ void swiglu_bwd_vec_kernel(const T* ab, const T* dh, T* dab, int64_t R, int64_t F) {
+  constexpr int N = Vec<T>::N;
+  const int64_t FV = F / N;
+  MOELAB_GRID_STRIDE(i, R * FV) {
+    const int64_t r = i / FV, f = (i - r * FV) * N;
+    float g[N], u[N], d[N], dg[N], du[N];
+    Vec<T>::load(ab + r * 2 * F + f, g);
+    Vec<T>::load(ab + r * 2 * F + F + f, u);
+    Vec<T>::load(dh + r * F + f, d);
+#pragma unroll
+    for (int q = 0; q < N; ++q) swiglu_grads(g[q], u[q], d[q], dg[q], du[q]);
+    Vec<T>::store(dab + r * 2 * F + f, dg);
+    Vec<T>::store(dab + r * 2 * F + F + f, du);
   }
 }
 
@@ -134,6 +177,10 @@ __global__ void noisy_bwd_kernel(const T* dh, uint64_t seed, T* dclean, T* dstd,
 void fill(Ctx& c, const Tensor& x, double v) {
   const int64_t n = x.numel();
   if (n == 0) return;
+  if (v == 0.0 && !std::signbit(v)) {  // all-zero bits are +0 in every dtype; memset runs near the copy-engine peak
+    CUDA_CHECK(cudaMemsetAsync(x.data(), 0, x.nbytes(), c.stream));
+    return;
+  }
   dispatch_any(x.dtype(), "fill", [&](auto tag) {
     using T = decltype(tag);
     fill_kernel<T><<<grid_for(n), kThreads, 0, c.stream>>>(mptr<T>(x), n, v);
@@ -191,7 +238,10 @@ void swiglu_forward(Ctx& c, const Tensor& ab, const Tensor& h) {
   if (R * F == 0) return;
   dispatch_float(ab.dtype(), "swiglu_forward", [&](auto tag) {
     using T = decltype(tag);
-    swiglu_fwd_kernel<T><<<grid_for(R * F), kThreads, 0, c.stream>>>(cptr<T>(ab), mptr<T>(h), R, F);
+    if (vec_ok<T>(F, {ab.data(), h.data()}))
+      swiglu_fwd_vec_kernel<T><<<grid_for(R * F / Vec<T>::N), kThreads, 0, c.stream>>>(cptr<T>(ab), mptr<T>(h), R, F);
+    else
+      swiglu_fwd_kernel<T><<<grid_for(R * F), kThreads, 0, c.stream>>>(cptr<T>(ab), mptr<T>(h), R, F);
     CUDA_CHECK_LAUNCH();
   });
 }
@@ -201,8 +251,12 @@ void swiglu_backward(Ctx& c, const Tensor& ab, const Tensor& dh, const Tensor& d
   if (R * F == 0) return;
   dispatch_float(ab.dtype(), "swiglu_backward", [&](auto tag) {
     using T = decltype(tag);
-    swiglu_bwd_kernel<T><<<grid_for(R * F), kThreads, 0, c.stream>>>(cptr<T>(ab), cptr<T>(dh),
-                                                                      mptr<T>(dab), R, F);
+    if (vec_ok<T>(F, {ab.data(), dh.data(), dab.data()}))
+      swiglu_bwd_vec_kernel<T><<<grid_for(R * F / Vec<T>::N), kThreads, 0, c.stream>>>(
+          cptr<T>(ab), cptr<T>(dh), mptr<T>(dab), R, F);
+    else
+      swiglu_bwd_kernel<T><<<grid_for(R * F), kThreads, 0, c.stream>>>(cptr<T>(ab), cptr<T>(dh),
+                                                                        mptr<T>(dab), R, F);
     CUDA_CHECK_LAUNCH();
   });
 }

@@ -38,6 +38,27 @@ template <class T> __global__ void sumsq_partial_kernel(const T* x, int64_t n, d
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
+// The same over 16-byte vectors (x 16-byte aligned), then the n % N tail. The gradient norm reads
+// every gradient once a step: with scalar loads and 256 blocks it ran at 0.35 TB/s on an H200
+// (6.4 ms for config D's 1.1 B expert gradients; kernel census, docs/performance.md).
+template <class T> __global__ void sumsq_partial_vec_kernel(const T* x, int64_t n, double* partial) {
+  constexpr int N = Vec<T>::N;
+  const int64_t nv = n / N;
+  double s = 0.0;
+  MOELAB_GRID_STRIDE(i, nv) {
+    float v[N];
+    Vec<T>::load(x + i * N, v);
+#pragma unroll
+    for (int q = 0; q < N; ++q) s += double(v[q]) * double(v[q]);
+  }
+  for (int64_t i = nv * N + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const double v = load_d(x, i);
+    s += v * v;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
 // ---- embedding --------------------------------------------------------------------------------------
 
 template <class T>
@@ -151,23 +172,27 @@ __global__ void rms_dw_final_kernel(const double* partial, int64_t chunks, int64
 // Pairs (i, i + Dh/2) of every head rotate by angle p theta^(-2i/Dh), p = t mod S or
 // positions[t] when given (not checked here: the CPU reference refuses a negative position, this
 // kernel rotates by its negative angle); the inverse rotates by the negative angle. One thread
-// per pair.
+// per (token, pair index i), looping over the heads: the angle depends on t and i only, so its
+// pow and sincos (in double, as the CPU reference computes them) run once for all heads, not
+// once per head (a thread per pair and head spent most of its time there: 0.35 ms per call on
+// config D, kernel census in docs/performance.md). Same arithmetic per element as before.
 template <class T>
 __global__ void rope_kernel(const T* x, int64_t R, int64_t W, int64_t heads, int64_t S,
                             double theta, bool inverse, const int32_t* positions, T* y) {
   const int64_t dh = W / heads, half = dh / 2;
-  MOELAB_GRID_STRIDE(j, R * heads * half) {
-    const int64_t t = j / (heads * half), rem = j - t * heads * half;
-    const int64_t h = rem / half, i = rem - h * half;
+  MOELAB_GRID_STRIDE(j, R * half) {
+    const int64_t t = j / half, i = j - t * half;
     const double pos = positions ? double(positions[t]) : double(t % S);
     const double ang = pos * pow(theta, -2.0 * double(i) / double(dh));
     double sn, cs;
     sincos(ang, &sn, &cs);
     if (inverse) sn = -sn;
-    const int64_t o = t * W + h * dh + i;
-    const double a = load_d(x, o), b = load_d(x, o + half);
-    store_d(y, o, a * cs - b * sn);
-    store_d(y, o + half, a * sn + b * cs);
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t o = t * W + h * dh + i;
+      const double a = load_d(x, o), b = load_d(x, o + half);
+      store_d(y, o, a * cs - b * sn);
+      store_d(y, o + half, a * sn + b * cs);
+    }
   }
 }
 
@@ -309,12 +334,17 @@ void mul_scalar(Ctx& c, const Tensor& x, double alpha) {
 double sum_squares(Ctx& c, const Tensor& x) {
   const int64_t n = x.numel();
   if (n == 0) return 0.0;
-  const int64_t want = (n + kThreads - 1) / kThreads;
-  const int blocks = int(want > 256 ? 256 : want);
+  // A fixed grid for a given n (not the device's SM count), so the sum's order, and its bits,
+  // are the same run to run and card to card.
+  const int64_t want = (n + 8 * kThreads - 1) / (8 * kThreads);
+  const int blocks = int(want > 2048 ? 2048 : want);
   Buf<double> partial(c, blocks), out(c, 1);
   dispatch_float(x.dtype(), "sum_squares", [&](auto tag) {
     using T = decltype(tag);
-    sumsq_partial_kernel<T><<<blocks, kThreads, 0, c.stream>>>(cptr<T>(x), n, partial.get());
+    if (vec_ok<T>(0, {x.data()}))
+      sumsq_partial_vec_kernel<T><<<blocks, kThreads, 0, c.stream>>>(cptr<T>(x), n, partial.get());
+    else
+      sumsq_partial_kernel<T><<<blocks, kThreads, 0, c.stream>>>(cptr<T>(x), n, partial.get());
     CUDA_CHECK_LAUNCH();
   });
   device_sum(c, partial.get(), blocks, out.get());
@@ -400,7 +430,7 @@ void rope(Ctx& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta,
   if (R * W == 0) return;
   dispatch_float(x.dtype(), inverse ? "rope_backward" : "rope_forward", [&](auto tag) {
     using T = decltype(tag);
-    rope_kernel<T><<<grid_for(R * W / 2), kThreads, 0, c.stream>>>(
+    rope_kernel<T><<<grid_for(R * (W / heads / 2)), kThreads, 0, c.stream>>>(
         cptr<T>(x), R, W, heads, seq_len, theta, inverse,
         positions.defined() ? cptr<int32_t>(positions) : nullptr, mptr<T>(y));
     CUDA_CHECK_LAUNCH();
