@@ -14,6 +14,8 @@ anywhere on the raw outputs that compare.sh wrote.
   bench_configs.py moe-moelab-args NAME  the same for the (future) `moelab bench moe-layer`
   bench_configs.py describe              one line per config: shape, parameters, FLOPs per token
   bench_configs.py report DIR [DIR ...]  the markdown tables from compare.sh's raw outputs
+  bench_configs.py roofline              the floor of each config's step: its model FLOPs at the
+                                         measured GEMM peak plus the optimizer's bytes at HBM speed
 
 Router settings not listed below are moelab's defaults, which are the only ones the PyTorch
 model implements: router.score = softmax, router.policy = topk, router.normalize = true
@@ -421,6 +423,46 @@ def describe():
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- roofline
+
+GEMM_PEAK = 800e12  # dense bf16 GEMM peak measured on the H200 (compare.sh's gemm part, issue 10)
+HBM_BW = 4.8e12     # H200 HBM3e bandwidth, bytes/s
+# The optimizer's bytes per parameter in a bf16 step: AdamW reads the bf16 gradient (2) and the
+# fp32 master, m and v (12), writes them back (12) and the bf16 copy (2); the gradient norm reads
+# the gradient once more (2) and zeroing it writes it (2). torch's recipe (fp32 gradients, no norm,
+# gradients set to None) moves 4 + 12 + 12 = 28 bytes.
+OPT_BYTES = 32
+
+
+def roofline_row(name):
+    """(model GFLOP per step, compute ms, optimizer GB, memory ms, floor ms, binding limit)."""
+    c = get_config(name)
+    total, _ = param_counts(c)
+    T = tokens_per_step(c)
+    flops = flops_per_token(c) * T
+    t_compute = flops / GEMM_PEAK * 1e3
+    opt_bytes = OPT_BYTES * total
+    t_mem = opt_bytes / HBM_BW * 1e3
+    return flops / 1e9, t_compute, opt_bytes / 1e9, t_mem, t_compute + t_mem, \
+        "compute" if t_compute >= t_mem else "memory"
+
+
+def roofline():
+    lines = [f"Floor of a bf16 training step: model FLOPs (6 x active parameters + 12 x layers x d x seq, "
+             f"per token) at the measured GEMM peak of {GEMM_PEAK / 1e12:.0f} TFLOP/s, plus the optimizer's "
+             f"{OPT_BYTES} bytes per parameter at {HBM_BW / 1e12:.1f} TB/s (it cannot overlap the "
+             "backward that produces its gradients). Activation traffic (norms, permutes, SwiGLU, "
+             "residuals) is not counted: a fused implementation hides part of it in GEMM epilogues.",
+             "", "| config | shape | params | GFLOP / step | compute ms | optimizer GB | optimizer ms | "
+             "floor ms | binds |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in CONFIGS:
+        g, tc, gb, tm, fl, binds = roofline_row(name)
+        total, _ = param_counts(get_config(name))
+        lines.append(f"| {name} | {CONFIG_NOTES[name]} | {total / 1e6:.0f}M | {g:.0f} | {tc:.1f} | {gb:.1f} | "
+                     f"{tm:.1f} | {fl:.1f} | {binds} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     if not argv:
         print(__doc__)
@@ -438,6 +480,8 @@ def main(argv):
         print(describe())
     elif cmd == "report":
         print(report(rest))
+    elif cmd == "roofline":
+        print(roofline())
     else:
         print(f"unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
         return 2

@@ -1,0 +1,91 @@
+"""The performance tools of issue 10 that run without a GPU: the kernel census's reading of ncu's
+raw CSV (analysis/kernel_census.py) and the roofline of experiments/bench/bench_configs.py."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ANALYSIS, REPO
+
+sys.path.insert(0, str(ANALYSIS))
+import kernel_census  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_configs", REPO / "experiments" / "bench" / "bench_configs.py")
+bench_configs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_configs)
+
+HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+          '"gpu__time_duration.sum"\n')
+UNITS = '"","","","","","","","nsecond"\n'
+
+
+def _row(i, name, ns):
+    return f'"{i}","1","moelab","h","{name}","1","7","{ns}"\n'
+
+
+@pytest.fixture()
+def ncu_csv(tmp_path):
+    p = tmp_path / "A_ncu.csv"
+    p.write_text(
+        "==PROF== Connected to process 1\n"
+        "run   backend dtype tokens fwd bwd adamw step tokens/s\n"
+        "base  cuda    bf16  16384  9.0 15.0 2.0 26.500 618000  peak 4.84 GB  init 0.4 s\n"
+        + HEADER + UNITS
+        + _row(0, "void moelab::(anonymous namespace)::swiglu_fwd_vec_kernel<__nv_bfloat16>(const T1 *, T1 *, long, long)", "1,000,000")
+        + _row(1, "nvjet_sm90_tst_128x128_64x6_2x1_v_badd_NTT", "3000000")
+        + _row(2, "void moelab::(anonymous namespace)::adamw4_kernel<__nv_bfloat16, __nv_bfloat16>(float *)", "500000")
+        + _row(3, "void moelab::(anonymous namespace)::mystery_kernel(int)", "500000")
+        + _row(4, "nvjet_sm90_tst_128x128_64x6_2x1_v_badd_NTT", "3000000"))
+    return p
+
+
+def test_reads_only_kernel_rows(ncu_csv):
+    rows = kernel_census.read_rows(str(ncu_csv))
+    assert len(rows) == 5  # the units row and the program's own lines are not kernels
+    assert rows[0][1] == 1e6  # thousands separators
+    assert kernel_census.bench_step_ms(str(ncu_csv)) == 26.5
+
+
+def test_families_and_names():
+    assert kernel_census.short_name("void moelab::(anonymous namespace)::rope_kernel<float>(const float*, long)") == "rope_kernel"
+    assert kernel_census.family("void moelab::x::rope_kernel<float>(int)") == "RoPE"
+    assert kernel_census.family("sm90_xmma_gemm_bf16") == "expert/dense GEMMs (cuBLAS)"
+    assert kernel_census.family("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_grouped>(P)") \
+        == "expert/dense GEMMs (cuBLAS)"
+    assert kernel_census.family("mystery_kernel") == "other"
+
+
+def test_census_per_step(ncu_csv):
+    total_us, total_n, table = kernel_census.census(kernel_census.read_rows(str(ncu_csv)), steps=2)
+    assert total_us == pytest.approx(4000.0)  # 8 ms of kernels over 2 steps
+    assert total_n == 2.5
+    assert "| expert/dense GEMMs (cuBLAS) | 1.0 | 3000 | 75.0% |" in table
+    assert "| other | 0.5 | 250 | 6.2% |" in table
+
+
+def test_census_cli(ncu_csv, tmp_path):
+    out = subprocess.run([sys.executable, str(ANALYSIS / "kernel_census.py"), str(ncu_csv), "--steps", "2",
+                          "--bench", str(ncu_csv), "--name", "A"], capture_output=True, text=True, check=True)
+    assert "busy 15% of the step" in out.stdout  # 4 ms of kernels in a 26.5 ms step
+    empty = tmp_path / "empty.csv"
+    empty.write_text("==PROF== nothing\n")
+    bad = subprocess.run([sys.executable, str(ANALYSIS / "kernel_census.py"), str(empty)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no kernel rows" in bad.stdout
+    neg = subprocess.run([sys.executable, str(ANALYSIS / "kernel_census.py"), str(ncu_csv), "--steps", "0"],
+                         capture_output=True, text=True)
+    assert neg.returncode == 2 and "--steps" in neg.stderr
+
+
+def test_roofline_by_hand():
+    # Config A: 105.0M parameters; 0.190 GFLOP per token x 16384 tokens (the issue's MFU formula).
+    g, t_compute, gb, t_mem, floor, binds = bench_configs.roofline_row("A")
+    total, active = bench_configs.param_counts(bench_configs.get_config("A"))
+    flops = (6 * active + 12 * 4 * 512 * 512) * 16384
+    assert g == pytest.approx(flops / 1e9)
+    assert t_compute == pytest.approx(flops / 800e12 * 1e3)
+    assert gb == pytest.approx(32 * total / 1e9)
+    assert floor == pytest.approx(t_compute + 32 * total / 4.8e12 * 1e3)
+    assert binds == "compute"
+    table = bench_configs.roofline()
+    assert table.count("\n| ") == 7  # header + 6 configs
