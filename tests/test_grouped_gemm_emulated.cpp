@@ -169,8 +169,9 @@ void check_case(Kind kind, const std::vector<int>& rows, int K, int N, float bet
   CHECK(w.guards_ok());
 }
 
-// A 64 x 64 x 32 tile, 4 warps of 32 x 32, 3 stages: the same code with more tiles per shape.
-using Small = gg::Cfg<64, 64, 32, 2, 2, 3>;
+// A 64 x 64 x 32 tile, 4 warps of 32 x 32, 3 stages, n-tiles rasterized in groups of 2 (so that
+// 3 n-tiles make a full and a partial group): the same code with more tiles per shape.
+using Small = gg::Cfg<64, 64, 32, 2, 2, 3, 2>;
 
 template <class C> void all_kinds(const std::vector<int>& rows, int K, int N, uint64_t seed) {
   for (Kind kind : {Kind::Forward, Kind::Dgrad, Kind::Wgrad})

@@ -30,9 +30,10 @@
 // cp.async with src-size 0, so they add nothing to the products, and their outputs are never
 // stored.
 //
-// Tile scheduling without host counts (forward/dgrad): a 1-D grid of slots x n-tiles (n-tile
-// fastest, so the blocks running together share one tile of X rows and one expert's W through
-// L2). Expert e owns the slots [start(e), start(e+1)) with start(e) = floor(off[e] / BM) + e:
+// Tile scheduling without host counts (forward/dgrad): a 1-D grid of slots x n-tiles, ordered by
+// gg_raster (groups of GROUP_N n-tiles; inside a group n fastest, then slots), so that the blocks
+// running together share a few tiles of X rows and a strip of one expert's W through L2.
+// Expert e owns the slots [start(e), start(e+1)) with start(e) = floor(off[e] / BM) + e:
 // strictly increasing, start(e+1) - start(e) = floor(off[e+1]/BM) - floor(off[e]/BM) + 1 >=
 // ceil(rows_e / BM), and start(E) = floor(R / BM) + E, an upper bound the host knows. A block
 // finds its expert in one parallel pass (each thread tests a few experts against its slot; exactly
@@ -65,9 +66,11 @@ using namespace moelab::flash;  // the platform's fa_* primitives
 
 // ---- tile configuration (shared with the launchers and the emulation test) ---------------------
 
-template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> struct Cfg {
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_, int GROUP_N_>
+struct Cfg {
   static constexpr int BM = BM_, BN = BN_, BK = BK_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
   static constexpr int STAGES = STAGES_;
+  static constexpr int GROUP_N = GROUP_N_;  // rasterization: n-tiles per group (gg_raster)
   static constexpr int kThreads = 32 * WARPS_M * WARPS_N;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // one warp's tile
   static constexpr int MI = WM / 16, NI = WN / 8;              // its mma fragments
@@ -84,8 +87,8 @@ template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> st
 };
 
 // The production tile: 128 x 128 x 32, 8 warps of 64 x 32, 4 stages (80 KiB of shared memory,
-// two blocks per SM).
-using Big = Cfg<128, 128, 32, 2, 4, 4>;
+// two blocks per SM), n-tiles rasterized in groups of 16 (2048 columns).
+using Big = Cfg<128, 128, 32, 2, 4, 4, 16>;
 
 struct Params {
   const void* x = nullptr;      // [R, K]
@@ -98,6 +101,19 @@ struct Params {
 
 FA_DEV int gg_min(int a, int b) { return a < b ? a : b; }
 FA_DEV int gg_cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// Block order over an m_tiles x n_tiles grid (bid < m_tiles n_tiles): the n-tiles in groups of
+// G = GROUP_N (the last group narrower), and inside a group, n fastest and then m. The blocks that
+// run together then share a few n-tiles of B (G BN columns) and a few m-tiles of A, which both
+// stay in L2, instead of sweeping all of a wide B once per m-tile (a 4096 x 28672 W[e] is 235 MB;
+// L2 holds 50). Returns the m-tile; *n_tile gets the n-tile.
+template <int G> FA_DEV int gg_raster(int64_t bid, int m_tiles, int n_tiles, int* n_tile) {
+  const int64_t per_group = int64_t(G) * m_tiles;
+  const int g = int(bid / per_group), rem = int(bid - g * per_group);
+  const int width = gg_min(G, n_tiles - g * G);
+  *n_tile = g * G + rem % width;
+  return rem / width;
+}
 
 // Grid sizes (1-D), for the launchers and the emulation.
 template <class C> constexpr int64_t fwd_blocks(int64_t R, int64_t E, int64_t N) {
@@ -230,8 +246,9 @@ GG_UNROLL
 // Forward (TRANS_W = false) and dgrad (TRANS_W = true); block `bid` of fwd_blocks<C>(R, E, N).
 template <class C, bool TRANS_W>
 FA_DEV void forward(const Params& p, char* smem, int tid, int64_t bid) {
-  const int n_tiles = gg_cdiv(p.N, C::BN);
-  const int slot = int(bid / n_tiles), n0 = int(bid % n_tiles) * C::BN;
+  int n_tile = 0;
+  const int slot = gg_raster<C::GROUP_N>(bid, p.R / C::BM + p.E, gg_cdiv(p.N, C::BN), &n_tile);
+  const int n0 = n_tile * C::BN;
   int* s_expert = reinterpret_cast<int*>(smem + C::STAGES * C::kStageBytes);
   if (tid == 0) *s_expert = -1;
   fa_sync();
@@ -261,13 +278,16 @@ FA_DEV void forward(const Params& p, char* smem, int tid, int64_t bid) {
               acc, tid);
 }
 
-// Weight gradient; block `bid` of wgrad_blocks<C>(E, K, N): n-tile fastest, then K-tile, then e.
+// Weight gradient; block `bid` of wgrad_blocks<C>(E, K, N): expert-major, and inside an expert
+// the (K-tile, N-tile) grid in gg_raster's order.
 template <class C>
 FA_DEV void wgrad(const Params& p, char* smem, int tid, int64_t bid) {
   const int n_tiles = gg_cdiv(p.N, C::BN), m_tiles = gg_cdiv(p.K, C::BM);
-  const int n0 = int(bid % n_tiles) * C::BN;
-  const int64_t rest = bid / n_tiles;
-  const int m0 = int(rest % m_tiles) * C::BM, e = int(rest / m_tiles);
+  const int64_t per_expert = int64_t(m_tiles) * n_tiles;
+  const int e = int(bid / per_expert);
+  int n_tile = 0;
+  const int m0 = gg_raster<C::GROUP_N>(bid - e * per_expert, m_tiles, n_tiles, &n_tile) * C::BM;
+  const int n0 = n_tile * C::BN;
   const int r_begin = p.off[e], rows = p.off[e + 1] - r_begin;
   const int m_lim = gg_min(C::BM, p.K - m0), n_lim = gg_min(C::BN, p.N - n0);
   const uint16_t* X = static_cast<const uint16_t*>(p.x) + int64_t(r_begin) * p.K + m0;
