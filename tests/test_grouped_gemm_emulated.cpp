@@ -187,7 +187,7 @@ TEST_CASE("grouped gemm (emulated): uneven experts, empty ones, edges of every t
   all_kinds<Small>({37, 0, 1, 130, 0, 64}, 72, 136, 101);
 }
 
-TEST_CASE("grouped gemm (emulated): one expert; more experts than tiles", "[ggemm]") {
+TEST_CASE("grouped gemm (emulated): one expert, and more experts than tiles", "[ggemm]") {
   all_kinds<Small>({100}, 40, 24, 202);                           // E = 1, N below one tile
   all_kinds<Small>({0, 3, 0, 0, 5, 0, 1, 0, 0, 2, 0}, 16, 8, 303);  // E = 11, R = 11: first and last empty
 }
