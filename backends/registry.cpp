@@ -39,14 +39,15 @@ std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
     MOELAB_CHECK(cuda_device_count() > 0, "backend cuda: no CUDA device is visible");
     CudaBackendOptions o;
     o.device = device;
-    // MOELAB_GROUPED_GEMM=auto|per_expert|grouped overrides the expert-GEMM choice (for
+    // MOELAB_GROUPED_GEMM=auto|per_expert|grouped|mma overrides the expert-GEMM choice (for
     // measuring it; cuda_backend.h says what Auto picks).
     if (const char* g = std::getenv("MOELAB_GROUPED_GEMM")) {
       const std::string v = g;
       if (v == "per_expert") o.grouped_gemm = GroupedGemmImpl::PerExpert;
       else if (v == "grouped") o.grouped_gemm = GroupedGemmImpl::GroupedBatched;
+      else if (v == "mma") o.grouped_gemm = GroupedGemmImpl::Mma;
       else if (v != "auto" && !v.empty())
-        MOELAB_USAGE_FAIL("MOELAB_GROUPED_GEMM = '", v, "' (accepted: auto|per_expert|grouped)");
+        MOELAB_USAGE_FAIL("MOELAB_GROUPED_GEMM = '", v, "' (accepted: auto|per_expert|grouped|mma)");
     }
     return make_cuda_backend(o);
 #else

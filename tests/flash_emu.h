@@ -1,7 +1,8 @@
-// moelab tests: a CPU emulation of the CUDA primitives that the flash attention kernel bodies
-// (backends/cuda/flash_attention_kernels.h) are written against, so that those bodies run on
+// moelab tests: a CPU emulation of the CUDA primitives (backends/cuda/mma_platform.cuh) that the
+// flash attention kernel bodies (backends/cuda/flash_attention_kernels.h) and the grouped GEMM
+// bodies (backends/cuda/grouped_gemm_kernels.h) are written against, so that those bodies run on
 // the CPU: the tiling, causal masking, online softmax, fragment bookkeeping and indexing of the
-// real kernels are tested without a GPU (test_flash_emulated.cpp).
+// real kernels are tested without a GPU (test_flash_emulated.cpp, test_grouped_gemm_emulated.cpp).
 //
 // Model: one block runs as one fiber (ucontext) per CUDA thread, scheduled cooperatively.
 //   - fa_sync() is __syncthreads(): a fiber waits until every live fiber of the block arrives.
@@ -267,6 +268,11 @@ inline uint32_t fa_pack_bf16(float lo, float hi) {
   return uint32_t(fa_f_to_bf16(lo)) | (uint32_t(fa_f_to_bf16(hi)) << 16);
 }
 inline void fa_st32(void* p, uint32_t v) { std::memcpy(p, &v, 4); }
+inline uint32_t fa_ld32(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 inline float fa_exp2(float x) { return std::exp2(x); }
 inline float fa_log2(float x) { return std::log2(x); }
 

@@ -22,8 +22,12 @@ int cuda_device_count();
 //                   GroupedBatched (one launch instead of ~100 us of host time per expert and
 //                   call, which left the GPU waiting: gemm.cu, run_list).
 //                   Measured on an H200: docs/gpu-results.md and docs/performance.md.
-//                   MOELAB_GROUPED_GEMM=auto|per_expert|grouped overrides it (backends/registry).
-enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched };
+//   Mma:            moelab's own kernel (grouped_gemm_mma.cu: mma.sync tensor cores, one launch,
+//                   offsets read from device memory) for bf16 with widths that are multiples of
+//                   8 and 16-byte aligned operands; anything else goes the way Auto picks.
+//                   Not chosen by Auto (yet): it waits for GPU measurements.
+//                   MOELAB_GROUPED_GEMM=auto|per_expert|grouped|mma overrides it (backends/registry).
+enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched, Mma };
 
 struct CudaBackendOptions {
   int device = 0;                                        // CUDA device ordinal

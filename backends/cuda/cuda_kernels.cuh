@@ -58,6 +58,15 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   double beta);
 void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& dy,
                         const std::vector<int64_t>& offsets, const Tensor& dw, double beta);
+// ---- grouped_gemm_mma.cu: moelab's own grouped GEMM (GroupedGemmImpl::Mma) --------------------
+// bf16 only; offsets d_off [E+1] int32 in device memory (never read on the host). Semantics as
+// grouped_gemm / grouped_gemm_wgrad above. can_implement(x, w or dy, y or dw): bf16 operands,
+// K = x.dim(1) and N = out.dim(-1) multiples of 8, 16-byte aligned bases; else use cuBLAS.
+bool mma_grouped_can_implement(const Tensor& x, const Tensor& w, const Tensor& out);
+void mma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t* d_off, int64_t E,
+                      const Tensor& y, bool trans_w, double beta);
+void mma_grouped_gemm_wgrad(Ctx& c, const Tensor& x, const Tensor& dy, const int32_t* d_off,
+                            int64_t E, const Tensor& dw, double beta);
 // Row-major batched product with one pointer per item (cublasGemmBatchedEx):
 // C_i [m, n] = alpha op(A_i) op(B_i) + beta C_i. A and B share ab_type; C may be f32 while A, B
 // are bf16 (fp32 scores from bf16 operands). lda / ldb / ldc are row lengths.

@@ -1,8 +1,8 @@
 // moelab CUDA backend: flash attention (causal, grouped-query), forward and backward, keeping
 // the log-sum-exp per query row instead of the [B*H, S, S] probabilities. The kernel bodies are
-// in flash_attention_kernels.h (shared with a CPU emulation in the tests); this file defines the
-// CUDA primitives they use (ldmatrix, mma.sync m16n8k16 bf16 -> fp32, cp.async, shuffles), the
-// __global__ wrappers and the launchers.
+// in flash_attention_kernels.h (shared with a CPU emulation in the tests); the CUDA primitives
+// they use (ldmatrix, mma.sync m16n8k16 bf16 -> fp32, cp.async, shuffles) are in mma_platform.cuh;
+// this file holds the __global__ wrappers and the launchers.
 //
 // Segments (packed records, core/backend.h): Params::seg, masked in every kernel below.
 // Paths: bf16 with head width 64 or 128 and 16-byte aligned tensors (every model tensor; a view
@@ -17,62 +17,8 @@
 
 #include "backends/cuda/cuda_kernels.cuh"
 
-// ---- the platform of flash_attention_kernels.h -------------------------------------------------
-
-#define FA_DEV __device__ __forceinline__
-
-namespace moelab::flash {
-
-FA_DEV void fa_sync() { __syncthreads(); }
-FA_DEV float fa_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
-FA_DEV float fa_shfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
-
-FA_DEV uint32_t fa_smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// Four 8x8 b16 matrices; lanes 8i..8i+7 address the rows of matrix i.
-FA_DEV void fa_ldsm_x4(uint32_t (&r)[4], const uint16_t* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(fa_smem_addr(p)));
-}
-FA_DEV void fa_ldsm_x4_t(uint32_t (&r)[4], const uint16_t* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(fa_smem_addr(p)));
-}
-// D = A B + D, A 16x16 bf16 (row), B 16x8 bf16 (col), D fp32.
-FA_DEV void fa_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// 16 bytes global -> shared, asynchronous; valid = false writes 16 zero bytes (src-size 0).
-FA_DEV void fa_cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fa_smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-// 4 bytes global -> shared, asynchronous (zero when not valid).
-FA_DEV void fa_cp_async4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(fa_smem_addr(dst)), "l"(src),
-               "r"(valid ? 4 : 0));
-}
-FA_DEV void fa_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> FA_DEV void fa_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-FA_DEV float fa_bf16_to_f(uint16_t x) { return __uint_as_float(uint32_t(x) << 16); }
-FA_DEV uint16_t fa_f_to_bf16(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-FA_DEV uint32_t fa_pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-FA_DEV void fa_st32(void* p, uint32_t v) { *static_cast<uint32_t*>(p) = v; }
-FA_DEV float fa_exp2(float x) { return exp2f(x); }
-FA_DEV float fa_log2(float x) { return log2f(x); }
-
-}  // namespace moelab::flash
+// ---- the platform of flash_attention_kernels.h: backends/cuda/mma_platform.cuh ----------------
+#include "backends/cuda/mma_platform.cuh"
 
 #include "backends/cuda/flash_attention_kernels.h"
 

@@ -15,6 +15,9 @@
 // shape arrays stay on the host), and Auto picks by the mean FLOPs per problem (run_list).
 // Offsets are host values, so no path synchronises. An expert with no rows contributes
 // beta * dW[e] to the weight gradient (a scale kernel).
+// Mma: moelab's own kernel (grouped_gemm_mma.cu) for bf16 operands it can take: the host offsets
+// are copied to a device int32 array (stream-ordered, no sync) and one launch does every expert;
+// operands it cannot take (f32, widths not multiples of 8, unaligned views) go the Auto way.
 #include <vector>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -123,6 +126,19 @@ void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>
       ldc.data(), G, size.data(), CUBLAS_COMPUTE_32F));
 }
 
+// Mma: the offsets as a device int32 array (valid on the stream until the scratch is released,
+// which the caching allocator orders after the kernels queued before it).
+Buf<int32_t> device_offsets(Ctx& c, const std::vector<int64_t>& off) {
+  std::vector<int32_t> o32(off.size());
+  for (size_t i = 0; i < off.size(); ++i) {
+    MOELAB_CHECK(off[i] >= 0 && off[i] <= INT32_MAX, "cuda grouped gemm: offset ", off[i], " out of int32 range");
+    o32[i] = int32_t(off[i]);
+  }
+  Buf<int32_t> d(c, int64_t(o32.size()));
+  c.to_device_async(d.get(), o32.data(), o32.size() * sizeof(int32_t));
+  return d;
+}
+
 }  // namespace
 
 void gemm(Ctx& c, bool ta, bool tb, double alpha, const Tensor& a, const Tensor& b, double beta,
@@ -137,6 +153,14 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   const std::vector<int64_t>& off, const Tensor& y, bool trans_w, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
+  if (impl == GroupedGemmImpl::Mma) {
+    if (mma_grouped_can_implement(x, w, y)) {
+      Buf<int32_t> d_off = device_offsets(c, off);
+      mma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
+      return;
+    }
+    impl = GroupedGemmImpl::Auto;
+  }
   const size_t es = elem_size(dt);
   const char* xb = static_cast<const char*>(x.data());
   const char* wb = static_cast<const char*>(w.data());
@@ -158,6 +182,14 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
                         const std::vector<int64_t>& off, const Tensor& dw, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
+  if (impl == GroupedGemmImpl::Mma) {
+    if (mma_grouped_can_implement(x, dy, dw)) {
+      Buf<int32_t> d_off = device_offsets(c, off);
+      mma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
+      return;
+    }
+    impl = GroupedGemmImpl::Auto;
+  }
   const size_t es = elem_size(dt);
   const char* xb = static_cast<const char*>(x.data());
   const char* db = static_cast<const char*>(dy.data());
