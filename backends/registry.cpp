@@ -39,15 +39,23 @@ std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
     MOELAB_CHECK(cuda_device_count() > 0, "backend cuda: no CUDA device is visible");
     CudaBackendOptions o;
     o.device = device;
-    // MOELAB_GROUPED_GEMM=auto|per_expert|grouped|mma overrides the expert-GEMM choice (for
+    // MOELAB_GROUPED_GEMM=auto|per_expert|grouped|chunked|mma overrides the expert-GEMM choice (for
     // measuring it; cuda_backend.h says what Auto picks).
     if (const char* g = std::getenv("MOELAB_GROUPED_GEMM")) {
       const std::string v = g;
       if (v == "per_expert") o.grouped_gemm = GroupedGemmImpl::PerExpert;
       else if (v == "grouped") o.grouped_gemm = GroupedGemmImpl::GroupedBatched;
       else if (v == "mma") o.grouped_gemm = GroupedGemmImpl::Mma;
+      else if (v == "chunked") o.grouped_gemm = GroupedGemmImpl::Chunked;
       else if (v != "auto" && !v.empty())
-        MOELAB_USAGE_FAIL("MOELAB_GROUPED_GEMM = '", v, "' (accepted: auto|per_expert|grouped|mma)");
+        MOELAB_USAGE_FAIL("MOELAB_GROUPED_GEMM = '", v, "' (accepted: auto|per_expert|grouped|chunked|mma)");
+    }
+    if (const char* r = std::getenv("MOELAB_GEMM_CHUNK_ROWS")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(r, &end, 10);
+      if (end == r || *end != '\0' || v < 8 || v % 8 != 0 || v > (1 << 20))
+        MOELAB_USAGE_FAIL("MOELAB_GEMM_CHUNK_ROWS = '", r, "' (accepted: a multiple of 8 from 8 to 1048576)");
+      o.chunk_rows = v;
     }
     return make_cuda_backend(o);
 #else

@@ -543,13 +543,18 @@ TEST_CASE("gpu ops: grouped_gemm and grouped_gemm_wgrad (every cuBLAS path and t
   const std::vector<int64_t> off = {0, 17, 17, 50, 55, 79};  // expert 1 empty
   const int64_t E = 5, R = 79, Kin = 48, N = 40;
   // Mma runs moelab's kernel for bf16 (K, N multiples of 8) and falls back to cuBLAS for f32.
-  for (GroupedGemmImpl impl : {GroupedGemmImpl::PerExpert, GroupedGemmImpl::GroupedBatched,
-                               GroupedGemmImpl::Auto, GroupedGemmImpl::Mma}) {
-    auto owned = make_cuda_backend({0, impl});
+  // Chunked with chunks of 8 rows: experts of 17, 33 and 24 rows give full chunks (one batched
+  // call) and remainders of 1 (grouped), the expert of 5 rows is all remainder.
+  const std::pair<GroupedGemmImpl, int64_t> impls[] = {
+      {GroupedGemmImpl::PerExpert, 128}, {GroupedGemmImpl::GroupedBatched, 128}, {GroupedGemmImpl::Auto, 128},
+      {GroupedGemmImpl::Mma, 128}, {GroupedGemmImpl::Chunked, 8}};
+  for (const auto& [impl, chunk] : impls) {
+    auto owned = make_cuda_backend({0, impl, chunk});
     Backend& g = *owned;
     const std::string tag = impl == GroupedGemmImpl::PerExpert        ? " [per-expert]"
                             : impl == GroupedGemmImpl::GroupedBatched ? " [grouped-batched]"
                             : impl == GroupedGemmImpl::Mma            ? " [mma]"
+                            : impl == GroupedGemmImpl::Chunked        ? " [chunked 8]"
                                                                       : " [auto]";
     for (DType dt : kDtypes) {
       for (bool tw : {false, true})
@@ -1531,13 +1536,16 @@ TEST_CASE("gpu bench: grouped GEMM, per-expert vs grouped-batched cuBLAS (and au
 // timed with CUDA events on its backend's stream around one call: median of 10 after 3 warm-ups
 // (a per-expert call's host gaps between its cuBLAS launches count, as they do in training).
 // NMSE: the mma output against the grouped-batched one (both bf16).
-TEST_CASE("gpu bench: grouped GEMM, mma kernel vs cuBLAS grouped-batched vs per-expert", "[.][bench][ggemm][gpu]") {
+TEST_CASE("gpu bench: grouped GEMM, mma kernel vs cuBLAS grouped-batched vs per-expert vs chunked", "[.][bench][ggemm][gpu]") {
   GPU_OR_SKIP();
   const DType dt = DType::BF16;
-  const GroupedGemmImpl impls[3] = {GroupedGemmImpl::Mma, GroupedGemmImpl::GroupedBatched,
-                                    GroupedGemmImpl::PerExpert};
-  std::unique_ptr<Backend> be[3];
-  for (int i = 0; i < 3; ++i) be[i] = make_cuda_backend({0, impls[i]});
+  constexpr int kImpls = 5;
+  const GroupedGemmImpl impls[kImpls] = {GroupedGemmImpl::Mma, GroupedGemmImpl::GroupedBatched,
+                                         GroupedGemmImpl::PerExpert, GroupedGemmImpl::Chunked,
+                                         GroupedGemmImpl::Chunked};
+  const int64_t chunks[kImpls] = {128, 128, 128, 128, 256};
+  std::unique_ptr<Backend> be[kImpls];
+  for (int i = 0; i < kImpls; ++i) be[i] = make_cuda_backend({0, impls[i], chunks[i]});
   struct Model {
     const char* name;
     int64_t tokens, topk, d, E, f;
@@ -1584,8 +1592,9 @@ TEST_CASE("gpu bench: grouped GEMM, mma kernel vs cuBLAS grouped-batched vs per-
     std::sort(ms.begin(), ms.end());
     return 0.5 * double(ms[4] + ms[5]);
   };
-  std::printf("| shape | GEMM | E | rows | K | N | mma ms | TFLOP/s | grouped ms | TFLOP/s | per-expert ms | TFLOP/s | NMSE mma vs grouped |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| shape | GEMM | E | rows | K | N | mma ms | TFLOP/s | grouped ms | TFLOP/s | per-expert ms | TFLOP/s "
+              "| chunked 128 ms | TFLOP/s | chunked 256 ms | TFLOP/s | NMSE mma vs grouped | NMSE chunked vs grouped |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Model& m : models) {
     const int64_t R = m.tokens * m.topk, d = m.d, E = m.E, f = m.f, f2 = 2 * m.f;
     std::vector<int64_t> off(static_cast<size_t>(E + 1), 0);
@@ -1601,8 +1610,8 @@ TEST_CASE("gpu bench: grouped GEMM, mma kernel vs cuBLAS grouped-batched vs per-
     const Tensor w2h = random_bf16(Shape{E, f, d}, 5);
     struct Set {
       Tensor x, w1, dab, h, w2, ab, dx, dw1, y;
-    } t[3];
-    for (int i = 0; i < 3; ++i) {
+    } t[kImpls];
+    for (int i = 0; i < kImpls; ++i) {
       Backend& b = *be[i];
       t[i] = Set{b.from_host(xh), b.from_host(w1h), b.from_host(dabh), b.from_host(hh), b.from_host(w2h),
                  b.empty(Shape{R, f2}, dt), b.empty(Shape{R, d}, dt), b.zeros(Shape{E, d, f2}, dt),
@@ -1621,16 +1630,19 @@ TEST_CASE("gpu bench: grouped GEMM, mma kernel vs cuBLAS grouped-batched vs per-
         {"W2 fwd", f, d, [&](Backend& b, Set& s) { b.grouped_gemm(s.h, s.w2, off, s.y, false, 0.0); }, &Set::y}};
     for (const Gemm& gm : gemms) {
       const double flops = 2.0 * double(R) * double(gm.K) * double(gm.N);
-      double ms[3];
-      for (int i = 0; i < 3; ++i) ms[i] = median_ms(*be[i], [&] { gm.run(*be[i], t[i]); });
-      // NMSE between the mma and grouped-batched outputs, on the mma backend.
-      Tensor ref = be[0]->from_host(be[1]->to_host(t[1].*gm.out));
-      const double den = be[0]->sum_squares(ref);
-      be[0]->axpy(-1.0, t[0].*gm.out, ref);
-      const double nm = den > 0 ? be[0]->sum_squares(ref) / den : -1.0;
-      std::printf("| %s | %s | %lld | %lld | %lld | %lld | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.1e |\n",
+      double ms[kImpls];
+      for (int i = 0; i < kImpls; ++i) ms[i] = median_ms(*be[i], [&] { gm.run(*be[i], t[i]); });
+      // NMSE of an output against the grouped-batched one, on that output's backend.
+      auto nmse_vs_grouped = [&](int i) {
+        Tensor ref = be[i]->from_host(be[1]->to_host(t[1].*gm.out));
+        const double den = be[i]->sum_squares(ref);
+        be[i]->axpy(-1.0, t[i].*gm.out, ref);
+        return den > 0 ? be[i]->sum_squares(ref) / den : -1.0;
+      };
+      std::printf("| %s | %s | %lld | %lld | %lld | %lld | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.1e | %.1e |\n",
                   m.name, gm.name, (long long)E, (long long)R, (long long)gm.K, (long long)gm.N, ms[0],
-                  flops / ms[0] * 1e-9, ms[1], flops / ms[1] * 1e-9, ms[2], flops / ms[2] * 1e-9, nm);
+                  flops / ms[0] * 1e-9, ms[1], flops / ms[1] * 1e-9, ms[2], flops / ms[2] * 1e-9, ms[3],
+                  flops / ms[3] * 1e-9, ms[4], flops / ms[4] * 1e-9, nmse_vs_grouped(0), nmse_vs_grouped(3));
       std::fflush(stdout);
     }
   }

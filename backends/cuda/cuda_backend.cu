@@ -147,6 +147,7 @@ class CudaBackend final : public Backend {
     CUBLAS_CHECK(cublasSetStream(ctx_.blas, ctx_.stream));
     CUBLAS_CHECK(cublasSetPointerMode(ctx_.blas, CUBLAS_POINTER_MODE_HOST));
     ctx_.alloc = &alloc_;
+    ctx_.gemm_chunk_rows = opts.chunk_rows;
   }
 
   ~CudaBackend() override {

@@ -17,21 +17,29 @@ int cuda_device_count();
 // host loop; offsets are host values, so neither needs a device->host sync):
 //   PerExpert:      one cublasGemmEx per non-empty expert, all on the backend's stream;
 //   GroupedBatched: one cublasGemmGroupedBatchedEx call (pointer arrays copied to the device);
+//   Chunked:        the forward and activation-gradient GEMMs cut into chunks of chunk_rows
+//                   rows of one expert: every full chunk has the same shape, so all of them are
+//                   one cublasGemmBatchedEx (cuBLAS's Hopper kernels), and the remainders (one
+//                   per expert, fewer rows) one grouped call; weight gradients (their shapes are
+//                   the same for every expert already) go grouped. cuBLAS's grouped call with
+//                   unequal shapes runs an sm80 kernel at ~300 TFLOP/s on an H200.
 //   Auto:           PerExpert when at most 16 experts have rows and their GEMMs average >= 64
 //                   GFLOP (few large GEMMs: cuBLAS's tuned single-GEMM kernels win), else
-//                   GroupedBatched (one launch instead of ~100 us of host time per expert and
+//                   Chunked (two launches instead of ~100 us of host time per expert and
 //                   call, which left the GPU waiting: gemm.cu, run_list).
 //                   Measured on an H200: docs/gpu-results.md and docs/performance.md.
 //   Mma:            moelab's own kernel (grouped_gemm_mma.cu: mma.sync tensor cores, one launch,
 //                   offsets read from device memory) for bf16 with widths that are multiples of
 //                   8 and 16-byte aligned operands; anything else goes the way Auto picks.
 //                   Not chosen by Auto (yet): it waits for GPU measurements.
-//                   MOELAB_GROUPED_GEMM=auto|per_expert|grouped|mma overrides it (backends/registry).
-enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched, Mma };
+//                   MOELAB_GROUPED_GEMM=auto|per_expert|grouped|chunked|mma overrides it, and
+//                   MOELAB_GEMM_CHUNK_ROWS the chunk (backends/registry).
+enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched, Mma, Chunked };
 
 struct CudaBackendOptions {
   int device = 0;                                        // CUDA device ordinal
   GroupedGemmImpl grouped_gemm = GroupedGemmImpl::Auto;
+  int64_t chunk_rows = 128;  // Chunked: rows per batched chunk (a multiple of 8, >= 8)
 };
 
 // The CUDA backend on `opts.device`. Throws moelab::Error when no device is usable.

@@ -84,6 +84,7 @@ struct Ctx {
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   DeviceAllocator* alloc = nullptr;
+  int64_t gemm_chunk_rows = 128;  // CudaBackendOptions::chunk_rows
   // Pinned host memory for small device -> host results (losses, counts). Grows on demand;
   // valid until the next call of staging().
   void* staging(size_t bytes);

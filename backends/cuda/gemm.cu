@@ -10,9 +10,11 @@
 // math mode) and for bf16 (bf16 in and out, fp32 accumulation, alpha / beta in fp32).
 //
 // Grouped GEMMs (the MoE experts): every non-empty expert is one row-major problem; the list of
-// problems runs either as one cublasGemmEx per problem (PerExpert) or as a single
+// problems runs as one cublasGemmEx per problem (PerExpert), as a single
 // cublasGemmGroupedBatchedEx (GroupedBatched; its pointer arrays are copied to the device, its
-// shape arrays stay on the host), and Auto picks by the mean FLOPs per problem (run_list).
+// shape arrays stay on the host), or cut into equal chunks of rows for one cublasGemmBatchedEx
+// plus a grouped call for the remainders (Chunked, run_chunked); Auto picks PerExpert or Chunked
+// by the mean FLOPs per problem (run_list).
 // Offsets are host values, so no path synchronises. An expert with no rows contributes
 // beta * dW[e] to the weight gradient (a scale kernel).
 // Mma: moelab's own kernel (grouped_gemm_mma.cu) for bf16 operands it can take: the host offsets
@@ -76,26 +78,11 @@ void run_one(Ctx& c, DType dt, const Problem& p, float alpha, float beta) {
 constexpr size_t kPerExpertMaxGemms = 16;
 constexpr double kPerExpertMinFlops = 64e9;  // mean 2 m n k per problem
 
-void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>& list, float beta) {
-  // Problems with k == 0 (or nothing to write) never go to the grouped call.
-  std::vector<Problem> real;
-  real.reserve(list.size());
-  double flops = 0;
-  for (const Problem& p : list) {
-    if (p.m == 0 || p.n == 0) continue;
-    if (p.k == 0) run_one(c, dt, p, 1.0f, beta);
-    else {
-      real.push_back(p);
-      flops += 2.0 * double(p.m) * double(p.n) * double(p.k);
-    }
-  }
+// One cublasGemmGroupedBatchedEx over `real` (k > 0, nothing empty); a single problem runs alone.
+void run_grouped(Ctx& c, DType dt, const std::vector<Problem>& real, float beta) {
   if (real.empty()) return;
-  if (impl == GroupedGemmImpl::Auto)
-    impl = real.size() <= kPerExpertMaxGemms && flops / double(real.size()) >= kPerExpertMinFlops
-               ? GroupedGemmImpl::PerExpert
-               : GroupedGemmImpl::GroupedBatched;
-  if (impl == GroupedGemmImpl::PerExpert || real.size() == 1) {
-    for (const Problem& p : real) run_one(c, dt, p, 1.0f, beta);
+  if (real.size() == 1) {
+    run_one(c, dt, real[0], 1.0f, beta);
     return;
   }
   const int G = int(real.size());
@@ -124,6 +111,78 @@ void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>
       c.blas, opa.data(), opb.data(), m.data(), n.data(), k.data(), alpha.data(), dptrs.get(), ty,
       lda.data(), dptrs.get() + G, ty, ldb.data(), betas.data(), dptrs.get() + 2 * G, ty,
       ldc.data(), G, size.data(), CUBLAS_COMPUTE_32F));
+}
+
+// Chunked: problems whose rows are A's rows (not transposed) are cut into chunks of `rows`
+// rows; the full chunks share one shape (they differ only in their pointers: the rows of A and
+// C move by the chunk, the expert's B stays) and run as one batched GEMM, the remainders
+// grouped. Problems of another shape (weight gradients) run grouped. Every output element is
+// still one dot product over the same k, so only the kernel, not the arithmetic, changes.
+void run_chunked(Ctx& c, DType dt, const std::vector<Problem>& real, float beta, int64_t rows) {
+  std::vector<Problem> rest;
+  std::vector<const void*> pa, pb;
+  std::vector<void*> pc;
+  const Problem* shape = nullptr;
+  const size_t es = elem_size(dt);
+  for (const Problem& p : real) {
+    const bool same = shape && p.tb == shape->tb && p.n == shape->n && p.k == shape->k &&
+                      p.lda == shape->lda && p.ldb == shape->ldb && p.ldc == shape->ldc;
+    // cuBLAS cannot see the alignment of the pointers in a batched call's device arrays: chunk
+    // only problems whose every row starts on 16 bytes.
+    auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+    const bool aligned = a16(p.a) && a16(p.b) && a16(p.c) && (p.lda * es) % 16 == 0 && (p.ldc * es) % 16 == 0;
+    if (p.ta || p.m < rows || !aligned || (shape && !same)) {
+      rest.push_back(p);
+      continue;
+    }
+    if (!shape) shape = &p;
+    const int64_t full = p.m / rows;
+    for (int64_t i = 0; i < full; ++i) {
+      pa.push_back(static_cast<const char*>(p.a) + size_t(i * rows * p.lda) * es);
+      pb.push_back(p.b);
+      pc.push_back(static_cast<char*>(p.c) + size_t(i * rows * p.ldc) * es);
+    }
+    if (p.m > full * rows) {
+      Problem r = p;
+      r.m = p.m - full * rows;
+      r.a = static_cast<const char*>(p.a) + size_t(full * rows * p.lda) * es;
+      r.c = static_cast<char*>(p.c) + size_t(full * rows * p.ldc) * es;
+      rest.push_back(r);
+    }
+  }
+  if (!pc.empty())
+    gemm_batched(c, false, shape->tb, rows, shape->n, shape->k, 1.0, dt, pa, shape->lda, pb, shape->ldb,
+                 beta, dt, pc, shape->ldc);
+  run_grouped(c, dt, rest, beta);
+}
+
+void run_list(Ctx& c, GroupedGemmImpl impl, DType dt, const std::vector<Problem>& list, float beta) {
+  // Problems with k == 0 (or nothing to write) never go to the grouped call.
+  std::vector<Problem> real;
+  real.reserve(list.size());
+  double flops = 0;
+  for (const Problem& p : list) {
+    if (p.m == 0 || p.n == 0) continue;
+    if (p.k == 0) run_one(c, dt, p, 1.0f, beta);
+    else {
+      real.push_back(p);
+      flops += 2.0 * double(p.m) * double(p.n) * double(p.k);
+    }
+  }
+  if (real.empty()) return;
+  if (impl == GroupedGemmImpl::Auto)
+    impl = real.size() <= kPerExpertMaxGemms && flops / double(real.size()) >= kPerExpertMinFlops
+               ? GroupedGemmImpl::PerExpert
+               : GroupedGemmImpl::Chunked;
+  if (impl == GroupedGemmImpl::PerExpert) {
+    for (const Problem& p : real) run_one(c, dt, p, 1.0f, beta);
+    return;
+  }
+  if (impl == GroupedGemmImpl::Chunked) {
+    run_chunked(c, dt, real, beta, c.gemm_chunk_rows);
+    return;
+  }
+  run_grouped(c, dt, real, beta);
 }
 
 // Mma: the offsets as a device int32 array (valid on the stream until the scratch is released,
