@@ -478,10 +478,10 @@ TEST_CASE("gpu ops: fill, cast, axpy, transpose, scale, sum_squares", "[gpu]") {
       if (to == DType::I32) k.exact(o);
       else k.close(o);
     }
-    {
-      Case k(fam, g, "axpy", dt);
-      Pair x = k.randn(Shape{41, 29});
-      Out y = k.acc("y", Shape{41, 29});
+    for (Shape s : {Shape{41, 29}, Shape{40, 32}}) {  // scalar, and 16-byte vectors
+      Case k(fam, g, "axpy " + std::to_string(s.numel()), dt);
+      Pair x = k.randn(s);
+      Out y = k.acc("y", s);
       if (k.supported(Op::Axpy, [&] { g.axpy(0.7, x.g, y.g); })) {
         cpu().axpy(0.7, x.c, y.c);
         g.axpy(0.7, x.g, y.g);
@@ -1112,9 +1112,10 @@ TEST_CASE("gpu ops: embedding, rmsnorm, rope", "[gpu]") {
       g.embedding_backward(tokens.g, dout.g, dtable.g);
       k.close(dtable);
     }
-    {
-      Case k(fam, g, "rmsnorm", dt);
-      const int64_t T = 45, D = 96;
+    // D 96 and 520: 16-byte vector kernels (520: several vectors per lane); 93: the scalar ones
+    for (int64_t D : {96, 93, 520}) {
+      Case k(fam, g, "rmsnorm D " + std::to_string(D), dt);
+      const int64_t T = 45;
       Pair x = k.randn(Shape{T, D}, 2.0), w = k.randn(Shape{D}, 0.3, 1.0);
       Out y = k.out("y", Shape{T, D}), rstd = k.out("rstd", Shape{T});
       cpu().rmsnorm_forward(x.c, w.c, 1e-5, y.c, rstd.c);

@@ -138,6 +138,65 @@ __global__ void rms_bwd_dx_kernel(const T* x, const T* w, const T* rstd, const T
   }
 }
 
+// The same two kernels with each lane over 16-byte vectors of the row (D a multiple of
+// Vec<T>::N, rows aligned): the scalar ones read 2-byte elements at 1.5 TB/s on an H200 (kernel
+// census). Per element the same arithmetic; the row sums are added in another order.
+template <class T>
+__global__ void rms_fwd_vec_kernel(const T* x, const T* w, int64_t R, int64_t D, double eps, T* y,
+                                   T* rstd) {
+  constexpr int N = Vec<T>::N;
+  const int64_t t = warp_row(R);
+  if (t < 0) return;
+  const int lane = threadIdx.x & 31;
+  float ss = 0.0f;
+  for (int64_t d = lane * N; d < D; d += 32 * N) {
+    float v[N];
+    Vec<T>::load(x + t * D + d, v);
+#pragma unroll
+    for (int q = 0; q < N; ++q) ss += v[q] * v[q];
+  }
+  ss = warp_sum(ss);
+  const float r = float(1.0 / sqrt(double(ss) / double(D) + eps));
+  if (lane == 0) store_f(rstd, t, r);
+  for (int64_t d = lane * N; d < D; d += 32 * N) {
+    float v[N], g[N];
+    Vec<T>::load(x + t * D + d, v);
+    Vec<T>::load(w + d, g);
+#pragma unroll
+    for (int q = 0; q < N; ++q) v[q] = v[q] * r * g[q];
+    Vec<T>::store(y + t * D + d, v);
+  }
+}
+
+template <class T>
+__global__ void rms_bwd_dx_vec_kernel(const T* x, const T* w, const T* rstd, const T* dy, int64_t R,
+                                      int64_t D, T* dx) {
+  constexpr int N = Vec<T>::N;
+  const int64_t t = warp_row(R);
+  if (t < 0) return;
+  const int lane = threadIdx.x & 31;
+  const float r = load_f(rstd, t);
+  float dot = 0.0f;
+  for (int64_t d = lane * N; d < D; d += 32 * N) {
+    float g[N], e[N], v[N];
+    Vec<T>::load(w + d, g);
+    Vec<T>::load(dy + t * D + d, e);
+    Vec<T>::load(x + t * D + d, v);
+#pragma unroll
+    for (int q = 0; q < N; ++q) dot += g[q] * e[q] * v[q];
+  }
+  dot = warp_sum(dot) / float(D);
+  for (int64_t d = lane * N; d < D; d += 32 * N) {
+    float g[N], e[N], v[N], o[N];
+    Vec<T>::load(w + d, g);
+    Vec<T>::load(dy + t * D + d, e);
+    Vec<T>::load(x + t * D + d, v);
+#pragma unroll
+    for (int q = 0; q < N; ++q) o[q] = r * (g[q] * e[q] - v[q] * r * r * dot);
+    Vec<T>::store(dx + t * D + d, o);
+  }
+}
+
 // partial[chunk, d] = sum over the chunk's rows of dy x r (block: 32 columns x 8 row lanes).
 template <class T>
 __global__ void rms_dw_partial_kernel(const T* x, const T* rstd, const T* dy, int64_t R,
@@ -393,8 +452,12 @@ void rmsnorm_forward(Ctx& c, const Tensor& x, const Tensor& w, double eps, const
   if (R == 0) return;
   dispatch_float(x.dtype(), "rmsnorm_forward", [&](auto tag) {
     using T = decltype(tag);
-    rms_fwd_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(x), cptr<T>(w), R, D, eps,
-                                                               mptr<T>(y), mptr<T>(rstd));
+    if (vec_ok<T>(D, {x.data(), w.data(), y.data()}))
+      rms_fwd_vec_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(x), cptr<T>(w), R, D, eps,
+                                                                     mptr<T>(y), mptr<T>(rstd));
+    else
+      rms_fwd_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(x), cptr<T>(w), R, D, eps,
+                                                                 mptr<T>(y), mptr<T>(rstd));
     CUDA_CHECK_LAUNCH();
   });
 }
@@ -411,8 +474,12 @@ void rmsnorm_backward(Ctx& c, const Tensor& x, const Tensor& w, const Tensor& rs
   Buf<double> partial(c, chunks * D);
   dispatch_float(x.dtype(), "rmsnorm_backward", [&](auto tag) {
     using T = decltype(tag);
-    rms_bwd_dx_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(
-        cptr<T>(x), cptr<T>(w), cptr<T>(rstd), cptr<T>(dy), R, D, mptr<T>(dx));
+    if (vec_ok<T>(D, {x.data(), w.data(), dy.data(), dx.data()}))
+      rms_bwd_dx_vec_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(
+          cptr<T>(x), cptr<T>(w), cptr<T>(rstd), cptr<T>(dy), R, D, mptr<T>(dx));
+    else
+      rms_bwd_dx_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(
+          cptr<T>(x), cptr<T>(w), cptr<T>(rstd), cptr<T>(dy), R, D, mptr<T>(dx));
     CUDA_CHECK_LAUNCH();
     const dim3 grid(unsigned((D + 31) / 32), unsigned(chunks)), block(32, 8);
     rms_dw_partial_kernel<T><<<grid, block, 0, c.stream>>>(cptr<T>(x), cptr<T>(rstd), cptr<T>(dy),
