@@ -1,6 +1,6 @@
 // moelab: `moelab bench` -- times one training step of a config's model on a backend: forward,
 // backward and the optimizer (gradient norm, AdamW on fp32 master weights, cast back: what the
-// trainer does), as medians over --iters steps after 3 warm-up steps; with --breakdown, the
+// trainer does), as medians over --iters steps after --warmup (3) untimed ones; with --breakdown, the
 // median time per phase (core/profile.h) over --iters more steps. `moelab bench moe-layer`
 // times the MoE layer alone.
 //
@@ -41,7 +41,7 @@ void bench_parallel(const SweepRun& run, const BenchCliOptions& opts) {
   const fs::path dir = fs::temp_directory_path() / ("moelab_bench_" + std::to_string(::getpid()));
   fs::create_directories(dir);
   RunConfig c = run.config;
-  c.train.steps = 3 + opts.iters;
+  c.train.steps = opts.warmup + opts.iters;
   c.data.source = "synthetic";
   c.log.eval_every = 0;
   c.log.checkpoint_every = 0;
@@ -58,8 +58,8 @@ void bench_parallel(const SweepRun& run, const BenchCliOptions& opts) {
     throw;
   }
   fs::remove_all(dir);
-  const std::vector<double> steps(r.step_seconds.begin() + 3, r.step_seconds.end());
-  const std::vector<double> comm(r.comm_seconds.begin() + 3, r.comm_seconds.end());
+  const std::vector<double> steps(r.step_seconds.begin() + opts.warmup, r.step_seconds.end());
+  const std::vector<double> comm(r.comm_seconds.begin() + opts.warmup, r.comm_seconds.end());
   const double st = 1000.0 * median(steps), T = double(c.train.batch * c.train.seq);
   std::printf("%-28s %-7s %-5s %7lld %10s %10s %10s %10.3f %12.0f  ep %lld x dp %lld, comm %.3f ms (%.0f%%)\n",
               run.name.c_str(), c.train.backend.c_str(), to_string(c.model.dtype), (long long)T, "-", "-", "-", st,
@@ -179,7 +179,7 @@ void bench_model(const SweepRun& run, const BenchCliOptions& opts) {
   };
   b.reset_peak_bytes();
   std::vector<double> fwd, bwd, opt, step;
-  const int64_t warmup = 3;
+  const int64_t warmup = opts.warmup;
   for (int64_t it = 0; it < warmup + opts.iters; ++it) {
     const auto t0 = Clock::now();
     model.forward(tokens, targets, S, true, rng::derive(cfg.train.seed, 1000000 + uint64_t(it)));
@@ -245,12 +245,12 @@ void bench_moe_layer(const SweepRun& run, const BenchCliOptions& opts) {
   };
   b.reset_peak_bytes();
   std::vector<double> fwd_bwd;
-  for (int64_t it = 0; it < 3 + opts.iters; ++it) {
+  for (int64_t it = 0; it < opts.warmup + opts.iters; ++it) {
     b.synchronize();
     const auto t0 = Clock::now();
     one(it);
     b.synchronize();
-    if (it >= 3) fwd_bwd.push_back(ms_between(t0, Clock::now()));
+    if (it >= opts.warmup) fwd_bwd.push_back(ms_between(t0, Clock::now()));
   }
   std::vector<StepProfile> steps;
   std::vector<double> expert_ms;

@@ -38,10 +38,11 @@ struct GenerateCliOptions {
   std::string backend;      // "" = cpu
 };
 
-// `moelab bench [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N]`.
+// `moelab bench [--config FILE] [--set ...] [--backend cpu|cuda] [--iters N] [--warmup N]`.
 struct BenchCliOptions {
   std::string backend;  // already applied to the config (train.backend)
   int64_t iters = 20;   // timed iterations per measurement, >= 1
+  int64_t warmup = 3;   // untimed steps first, >= 0 (cuBLAS meets new expert shapes in them)
   bool breakdown = false;  // --breakdown: time per phase (core/profile.h) over --iters more steps
   bool moe_layer = false;  // `bench moe-layer`: the MoE layer alone (forward + backward)
 };

@@ -382,12 +382,15 @@ int cmd_bench(int argc_in, char** argv_in) {
   char** argv = args.data();
   Command cmd{"bench",
               "moelab bench [moe-layer] [--config FILE] [--set section.key=value ...] [--backend cpu|cuda] "
-              "[--iters N] [--breakdown]",
+              "[--iters N] [--warmup N] [--breakdown]",
               po::options_description("bench options")};
   add_config_options(cmd.options);
   cmd.options.add_options()("backend", po::value<std::string>()->value_name("cpu|cuda"),
                             "compute backend (overrides train.backend)")(
       "iters", po::value<int64_t>()->value_name("N"), "timed iterations (default 20)")(
+      "warmup", po::value<int64_t>()->value_name("N"),
+      "untimed steps before the timed ones (default 3): the routing gives cuBLAS new expert "
+      "shapes in the first steps, whose kernel lookups cost host time")(
       "breakdown", po::bool_switch(),
       "after the timing, profile --iters more steps and print the median milliseconds per phase "
       "(router, permute, experts, attention, norms, optimizer, ...; GPU times from CUDA events) "
@@ -401,6 +404,8 @@ int cmd_bench(int argc_in, char** argv_in) {
   check_backend_name(cmd, b.backend);
   if (vm.count("iters")) b.iters = vm["iters"].as<int64_t>();
   if (b.iters < 1) MOELAB_USAGE_FAIL("bench: --iters = ", b.iters, " must be >= 1");
+  if (vm.count("warmup")) b.warmup = vm["warmup"].as<int64_t>();
+  if (b.warmup < 0) MOELAB_USAGE_FAIL("bench: --warmup = ", b.warmup, " must be >= 0");
   std::vector<std::string> extra;
   if (!b.backend.empty()) extra.push_back("train.backend=" + b.backend);
   RunConfig cfg = load(cmd, vm, /*config_required=*/false, extra);

@@ -64,6 +64,8 @@ expect_ok "train tiny" train --config "$tmp/tiny.ini"
   echo "FAIL: train did not write its log and checkpoint"; fails=$((fails + 1)); }
 expect_ok "resume" train --config "$tmp/tiny.ini" --resume "$tmp/ckpt/step_000002.ckpt"
 expect_ok "bench" bench --config "$tmp/tiny.ini" --iters 2
+expect_ok "bench with no warm-up steps" bench --config "$tmp/tiny.ini" --iters 2 --warmup 0
+expect_rc "a negative --warmup is refused by name" 2 "--warmup = -1 must be >= 0" bench --config "$tmp/tiny.ini" --warmup -1
 expect_rc "bench at ep 2 x dp 2 (simulated ranks) reports communication" 0 "ep 2 x dp 2, comm" bench --config "$tmp/tiny.ini" --iters 2 --set parallel.ep=2 --set parallel.dp=2 --set train.batch=4
 expect_ok "generate" generate --checkpoint "$tmp/ckpt/step_000004.ckpt" --prompt "ab" --tokens 5
 head -c 100 "$tmp/ckpt/step_000004.ckpt" > "$tmp/cut.ckpt"

@@ -10,7 +10,10 @@
 #   CONFIGS="A B ..."   model configs to run (default: all, A B C D E F)
 #   MOE_SHAPES="fine mixtral"  MoE-layer shapes (default: both)
 #   PARTS="gemm moelab eager compile moe moe-compile"  what runs (default: all but moe-compile)
-#   ITERS=20 WARMUP=5   timed and warm-up steps (moelab bench always warms up 3 steps)
+#   ITERS=20 WARMUP=5   timed and warm-up steps of torch
+#   MOELAB_WARMUP=30    moelab bench's untimed steps (--warmup): in its first steps the routing
+#                       gives cuBLAS new expert shapes, whose lookups cost host time (config E:
+#                       38-46 ms a step after 3 warm-up steps, 35 after 30; docs/performance.md)
 #   T_MOELAB=300 T_EAGER=240 T_COMPILE=480 T_MOE=240 T_GEMM=120   per-run time limits, s
 #   BUDGET_S=0          if > 0: the whole call's budget; a run gets at most what is left
 #                       (minus 20 s for the report) and is skipped under 30 s left
@@ -97,7 +100,7 @@ for c in $CONFIGS; do
   if want moelab; then
     # shellcheck disable=SC2046  # the --set words are meant to split
     run "moelab_$c" "$T_MOELAB" "$inst/moelab" bench --backend cuda $("${CFG[@]}" moelab-args "$c") \
-      --set model.dtype=bf16 --iters "$ITERS" --breakdown
+      --set model.dtype=bf16 --iters "$ITERS" --warmup "${MOELAB_WARMUP:-30}" --breakdown
   fi
   want eager && run "torch_eager_$c" "$T_EAGER" "${TM[@]}" --config "$c" --sdpa-backend "$SDPA"
   want compile && run "torch_compile_$c" "$T_COMPILE" "${TM[@]}" --config "$c" --sdpa-backend "$SDPA" --compile
@@ -110,7 +113,7 @@ for s in $MOE_SHAPES; do
   if want moe && [ "${MOELAB_MOE_LAYER:-1}" = 1 ]; then
     # shellcheck disable=SC2046
     run "moe_moelab_$s" "$T_MOE" "$inst/moelab" bench moe-layer --backend cuda \
-      $("${CFG[@]}" moe-moelab-args "$s") --set model.dtype=bf16 --iters "$ITERS" --breakdown
+      $("${CFG[@]}" moe-moelab-args "$s") --set model.dtype=bf16 --iters "$ITERS" --warmup "${MOELAB_WARMUP:-30}" --breakdown
   fi
 done
 
