@@ -404,8 +404,8 @@ def report(dirs):
         cells.append(f"{100 * tf / peak_tflops:.0f}%" if (tf and peak_tflops) else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("ms: medians of the timed steps after warm-up (moelab bench: --warmup steps, 30 in compare.sh, 3 "
-                 "before 2026-11-30's last call; a device "
+    lines.append("ms: medians of the timed steps after warm-up (moelab bench: --warmup untimed steps, 30 from "
+                 "compare.sh since 2026-11-30, 3 in the calls before; a device "
                  "synchronisation after each phase; torch: CUDA events around each whole step). "
                  "moelab / compile > 1 means moelab is faster. Expert TFLOP/s counts only the expert "
                  "GEMMs (18 x tokens x top_k x d_model x d_expert per forward + backward) over the "
