@@ -105,7 +105,9 @@ class Backend {
   // ---- memory ----------------------------------------------------------------------------
   Tensor empty(Shape shape, DType dtype);
   Tensor zeros(Shape shape, DType dtype);
-  // Host <-> this backend, any direction, same dtype and numel. Blocking.
+  // Host <-> this backend, any direction, same dtype and numel. Blocking when the host is a side
+  // (its buffer may be reused or read at once); a copy within the device is ordered after the
+  // work queued before it, like any op, and the host does not wait for it.
   void copy(const Tensor& src, const Tensor& dst);
   Tensor to_host(const Tensor& src);                       // new CPU tensor
   Tensor from_host(const Tensor& host_src);                // new tensor on this backend

@@ -102,7 +102,10 @@ void Ctx::to_host(void* dst, const void* src_dev, size_t bytes) {
 
 void Ctx::to_device_async(void* dst_dev, const void* src, size_t bytes) {
   if (bytes == 0) return;
-  constexpr size_t kSlots = 8;
+  // Each slot is reused only after its copy ran, so the host can be at most kSlots uploads ahead
+  // of the GPU: a training step makes about a dozen per MoE layer (GEMM pointer arrays, dispatch
+  // metadata), and 8 slots made the host wait for the GPU inside a layer.
+  constexpr size_t kSlots = 64;
   if (ring_.empty()) {
     ring_.resize(kSlots);
     for (Slot& s : ring_) CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
@@ -200,7 +203,10 @@ class CudaBackend final : public Backend {
     const cudaMemcpyKind kind = dst_dev ? (src_dev ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
                                         : cudaMemcpyDeviceToHost;
     CUDA_CHECK(cudaMemcpyAsync(dst, src, n, kind, ctx_.stream));
-    ctx_.sync();  // blocking by contract
+    // Blocking by contract where the host is involved (its buffer may be freed or read at once).
+    // A copy within the device only has to be ordered on the stream, as every kernel is: waiting
+    // for it drained the queue twice per block (the residual copies) and once per router backward.
+    if (!(dst_dev && src_dev)) ctx_.sync();
   }
 
   // ---- elementwise and GEMM ----------------------------------------------------------------
