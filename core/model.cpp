@@ -1,6 +1,7 @@
 // moelab: transformer LM forward/backward, composed from backend ops only.
 #include "core/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/init.h"
@@ -118,6 +119,9 @@ TransformerLM::TransformerLM(Backend& backend, const LMConfig& cfg, DType dtype,
       blk->moe = std::make_unique<MoELayer>(b_, cfg.moe, dtype_);
     }
     if (!blk->is_moe) blk->dense = std::make_unique<SwiGLUExperts>(b_, 1, D, cfg.dense_width(), dtype_);
+    const bool mlp = cfg.recompute == Recompute::Mlp || cfg.recompute == Recompute::All;
+    if (blk->moe) blk->moe->set_recompute(mlp);
+    if (blk->dense) blk->dense->set_recompute(mlp);
     blocks_.push_back(std::move(blk));
   }
 }
@@ -231,6 +235,8 @@ std::vector<std::pair<std::string, Tensor>> TransformerLM::activations() {
   }
   out.push_back({"final_norm", xn_final_});
   out.push_back({"logits", logits_});
+  // Dropped ones (train.recompute) are not listed.
+  out.erase(std::remove_if(out.begin(), out.end(), [](const auto& a) { return !a.second.defined(); }), out.end());
   return out;
 }
 
@@ -297,49 +303,16 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
       ProfileScope ps(b_, "norms");
       b_.rmsnorm_forward(x, bk.attn_norm, cfg_.norm_eps, bk.n1, bk.rstd1);
     }
-    Tensor q = e({T, H * dh}), k = e({T, Hkv * dh});
-    bk.v = e({T, Hkv * dh});
-    {
-      ProfileScope ps(b_, "attention projections");
-      b_.gemm(false, false, 1.0, bk.n1, bk.wq, 0.0, q);
-      b_.gemm(false, false, 1.0, bk.n1, bk.wk, 0.0, k);
-      b_.gemm(false, false, 1.0, bk.n1, bk.wv, 0.0, bk.v);
-      if (bk.q_bias.defined()) {  // + ones [T,1] x bias [1,N]: a rank-1 GEMM, no extra op
-        b_.gemm(false, false, 1.0, ones, bk.q_bias.reshape({1, H * dh}), 1.0, q);
-        b_.gemm(false, false, 1.0, ones, bk.k_bias.reshape({1, Hkv * dh}), 1.0, k);
-        b_.gemm(false, false, 1.0, ones, bk.v_bias.reshape({1, Hkv * dh}), 1.0, bk.v);
-      }
-    }
-    if (bk.q_norm.defined()) {
-      // RMSNorm per head (rows of Dh) or over the whole projection (rows of H*Dh), then RoPE.
-      ProfileScope ps(b_, "norms");
-      const bool head = cfg_.qk_norm == QkNorm::Head;
-      bk.q_raw = q;
-      bk.k_raw = k;
-      q = e({T, H * dh});
-      k = e({T, Hkv * dh});
-      bk.rstd_q = e({head ? T * H : T});
-      bk.rstd_k = e({head ? T * Hkv : T});
-      const Shape qs = head ? Shape{T * H, dh} : Shape{T, H * dh};
-      const Shape ks = head ? Shape{T * Hkv, dh} : Shape{T, Hkv * dh};
-      b_.rmsnorm_forward(bk.q_raw.reshape(qs), bk.q_norm, cfg_.norm_eps, q.reshape(qs), bk.rstd_q);
-      b_.rmsnorm_forward(bk.k_raw.reshape(ks), bk.k_norm, cfg_.norm_eps, k.reshape(ks), bk.rstd_k);
-    }
-    bk.q = e({T, H * dh});
-    bk.k = e({T, Hkv * dh});
-    bk.att = e({T, H * dh});
-    bk.lse = b_.empty({T / seq_len * H, seq_len}, attention_lse_dtype(dtype_));
-    {
-      ProfileScope ps(b_, "attention (rope, scores, softmax, values)");
-      b_.rope_forward(q, H, seq_len, cfg_.rope_theta, bk.q, packed.positions);
-      b_.rope_forward(k, Hkv, seq_len, cfg_.rope_theta, bk.k, packed.positions);
-      b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.lse, packed.segments);
-    }
+    attention_forward_block(bk, ones, seq_len, packed);
     bk.x_mid = e({T, D});
     {
       ProfileScope ps(b_, "attention projections");
       b_.copy(x, bk.x_mid);
       b_.gemm(false, false, 1.0, bk.att, bk.wo, 1.0, bk.x_mid);  // x_mid = x + att Wo
+    }
+    if (recompute_attention()) {  // backward recomputes them from n1 (attention_forward_block)
+      bk.q = bk.k = bk.v = bk.att = bk.lse = Tensor();
+      bk.q_raw = bk.k_raw = bk.rstd_q = bk.rstd_k = Tensor();
     }
 
     bk.n2 = e({T, D});
@@ -380,6 +353,50 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
   else b_.gemm(false, false, 1.0, xn_final_, head_, 0.0, logits_);
   out.ce_loss = b_.cross_entropy_forward(logits_, targets);
   return out;
+}
+
+void TransformerLM::attention_forward_block(Block& bk, const Tensor& ones, int64_t seq_len,
+                                            const PackedLayout& packed) {
+  const int64_t T = bk.n1.dim(0), H = cfg_.heads, Hkv = cfg_.kv_heads, dh = cfg_.head_width();
+  auto e = [&](Shape s) { return b_.empty(s, dtype_); };
+  Tensor q = e({T, H * dh}), k = e({T, Hkv * dh});
+  bk.v = e({T, Hkv * dh});
+  {
+    ProfileScope ps(b_, "attention projections");
+    b_.gemm(false, false, 1.0, bk.n1, bk.wq, 0.0, q);
+    b_.gemm(false, false, 1.0, bk.n1, bk.wk, 0.0, k);
+    b_.gemm(false, false, 1.0, bk.n1, bk.wv, 0.0, bk.v);
+    if (bk.q_bias.defined()) {  // + ones [T,1] x bias [1,N]: a rank-1 GEMM, no extra op
+      b_.gemm(false, false, 1.0, ones, bk.q_bias.reshape({1, H * dh}), 1.0, q);
+      b_.gemm(false, false, 1.0, ones, bk.k_bias.reshape({1, Hkv * dh}), 1.0, k);
+      b_.gemm(false, false, 1.0, ones, bk.v_bias.reshape({1, Hkv * dh}), 1.0, bk.v);
+    }
+  }
+  if (bk.q_norm.defined()) {
+    // RMSNorm per head (rows of Dh) or over the whole projection (rows of H*Dh), then RoPE.
+    ProfileScope ps(b_, "norms");
+    const bool head = cfg_.qk_norm == QkNorm::Head;
+    bk.q_raw = q;
+    bk.k_raw = k;
+    q = e({T, H * dh});
+    k = e({T, Hkv * dh});
+    bk.rstd_q = e({head ? T * H : T});
+    bk.rstd_k = e({head ? T * Hkv : T});
+    const Shape qs = head ? Shape{T * H, dh} : Shape{T, H * dh};
+    const Shape ks = head ? Shape{T * Hkv, dh} : Shape{T, Hkv * dh};
+    b_.rmsnorm_forward(bk.q_raw.reshape(qs), bk.q_norm, cfg_.norm_eps, q.reshape(qs), bk.rstd_q);
+    b_.rmsnorm_forward(bk.k_raw.reshape(ks), bk.k_norm, cfg_.norm_eps, k.reshape(ks), bk.rstd_k);
+  }
+  bk.q = e({T, H * dh});
+  bk.k = e({T, Hkv * dh});
+  bk.att = e({T, H * dh});
+  bk.lse = b_.empty({T / seq_len * H, seq_len}, attention_lse_dtype(dtype_));
+  {
+    ProfileScope ps(b_, "attention (rope, scores, softmax, values)");
+    b_.rope_forward(q, H, seq_len, cfg_.rope_theta, bk.q, packed.positions);
+    b_.rope_forward(k, Hkv, seq_len, cfg_.rope_theta, bk.k, packed.positions);
+    b_.attention_forward(bk.q, bk.k, bk.v, H, Hkv, seq_len, bk.att, bk.lse, packed.segments);
+  }
 }
 
 void TransformerLM::backward(const std::function<void(int block)>& block_done, double ce_scale) {
@@ -430,6 +447,9 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done, d
       b_.axpy(1.0, tmp, dx);  // dx is now d x_mid
     }
 
+    // Dropped by forward (train.recompute = attention | all): computed again from n1, the same
+    // ops on the same inputs, so the same bits.
+    if (!bk.att.defined()) attention_forward_block(bk, ones, S, packed_);
     // x_mid = x_in + att Wo.
     Tensor datt = e({T, H * dh});
     Tensor dq = e({T, H * dh}), dk = e({T, Hkv * dh}), dv = e({T, Hkv * dh});
@@ -476,6 +496,10 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done, d
     {
       ProfileScope ps(b_, "norms");
       b_.rmsnorm_backward(bk.x_in, bk.attn_norm, bk.rstd1, dn1, tmp, bk.dattn_norm);
+    }
+    if (recompute_attention()) {  // one block's recomputed attention at a time
+      bk.q = bk.k = bk.v = bk.att = bk.lse = Tensor();
+      bk.q_raw = bk.k_raw = bk.rstd_q = bk.rstd_k = Tensor();
     }
     if (block_done) block_done(int(i));
     ProfileScope ps(b_, "residual");

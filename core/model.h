@@ -42,6 +42,7 @@ struct LMConfig {
   int64_t head_dim = 0;            // 0 = d_model / heads (Qwen3 sets its own: H * Dh != D)
   bool qkv_bias = false;           // q, k, v projections have biases (Qwen2-MoE)
   QkNorm qk_norm = QkNorm::None;   // RMSNorm of q and k before RoPE (Qwen3-MoE head, OLMoE projection)
+  Recompute recompute = Recompute::None;  // train.recompute (core/moe/config.h)
   std::vector<int64_t> dense_layers;  // blocks forced dense whatever moe_every says
   MoEConfig moe;
   void validate() const;
@@ -109,6 +110,12 @@ class TransformerLM {
  private:
   struct Block;
   void pooled_aux_loss(LMForward& out);  // out.hf_aux, and the hf convention's gradients
+  // Attention of block bk from its normed input bk.n1: q, k, v (with biases and q/k norms),
+  // RoPE, and the attention output and log-sum-exp (forward, and backward's recomputation).
+  void attention_forward_block(Block& bk, const Tensor& ones, int64_t seq_len, const PackedLayout& packed);
+  bool recompute_attention() const {
+    return cfg_.recompute == Recompute::Attention || cfg_.recompute == Recompute::All;
+  }
   Backend& b_;
   LMConfig cfg_;
   DType dtype_;

@@ -170,23 +170,33 @@ MemoryEstimate estimate_memory(const RunConfig& cfg) {
 
   // ---- activations ----
   const std::string ab = "the activation memory";
-  const Q attn_act = z.add(ab, z.mul(ab, T, z.add(ab, z.mul(ab, Sizer::lit(6), D),
-                                                  z.mul(ab, two, Hkv, dh), two), e),
-                           z.mul(ab, B, H, S, s));  // attention's saved lse: f32 (f64)
+  // train.recompute drops attention's q, k, v, output and lse (attention) and the FFN / expert
+  // hidden activations X W1 and SwiGLU's output (mlp) until backward needs them again.
+  const Recompute rc = cfg.train.recompute;
+  const bool re_attn = rc == Recompute::Attention || rc == Recompute::All;
+  const bool re_mlp = rc == Recompute::Mlp || rc == Recompute::All;
+  const Q attn_full = z.add(ab, z.mul(ab, T, z.add(ab, z.mul(ab, Sizer::lit(6), D), z.mul(ab, two, Hkv, dh), two), e),
+                            z.mul(ab, B, H, S, s));  // attention's saved lse: f32 (f64)
+  const Q attn_act = re_attn ? z.mul(ab, T, z.add(ab, z.mul(ab, Sizer::lit(4), D), two), e) : attn_full;
   const int64_t C = Router::capacity_for(moe, T.v);  // clamped to [1, T] (0 = dropless)
   const bool ec = moe.router.policy == RoutingPolicy::ExpertChoice;
   const Q EC = z.mul(ab, E, z.key("router.capacity_factor", C));
   const Q A = ec ? EC : z.mul(ab, T, K);
   const Q R = ec || (moe.router.pad_to_capacity && C > 0) ? EC : A;
-  const Q moe_act = z.add(ab, z.mul(ab, Sizer::lit(4), T, E, r), z.mul(ab, three, A, r),
-                          z.mul(ab, R, z.add(ab, z.mul(ab, two, D), z.mul(ab, three, F)), e),
-                          z.mul(ab, T, moe.shared_experts > 0 ? z.add(ab, z.mul(ab, three, Fs), D)
-                                                              : Sizer::lit(0), e));
-  const Q dense_act = z.mul(ab, T, z.add(ab, z.mul(ab, three, Fd), D), e);
+  // Routing tensors, then the expert rows: permuted input and output (2D), X W1 and SwiGLU (3F).
+  auto moe_act_with = [&](bool drop_hidden) {
+    return z.add(ab, z.mul(ab, Sizer::lit(4), T, E, r), z.mul(ab, three, A, r),
+                 z.mul(ab, R, drop_hidden ? z.mul(ab, two, D) : z.add(ab, z.mul(ab, two, D), z.mul(ab, three, F)), e),
+                 z.mul(ab, T, moe.shared_experts > 0 ? (drop_hidden ? D : z.add(ab, z.mul(ab, three, Fs), D))
+                                                     : Sizer::lit(0), e));
+  };
+  const Q moe_act = moe_act_with(re_mlp), moe_full = moe_act_with(false);
+  const Q dense_full = z.mul(ab, T, z.add(ab, z.mul(ab, three, Fd), D), e);
+  const Q dense_act = re_mlp ? z.mul(ab, T, D, e) : dense_full;
   const Q moe_blocks = z.mul(ab, Lm, z.add(ab, attn_act, moe_act));
   const Q dense_blocks = z.mul(ab, Ld, z.add(ab, attn_act, dense_act));
-  // Backward's temporaries: about one block's activations at a time.
-  const Q one_block = z.add(ab, attn_act, n_moe > 0 ? moe_act : dense_act);
+  // Backward's temporaries: about one block's activations at a time, recomputed ones included.
+  const Q one_block = z.add(ab, attn_full, n_moe > 0 ? moe_full : dense_full);
   const Q head_act = z.mul(ab, T, z.add(ab, z.mul(ab, three, V), z.mul(ab, two, D)), e);
   const std::vector<Term> activation_terms = {
       {"attention and MoE activations", moe_blocks},

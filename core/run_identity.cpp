@@ -25,7 +25,8 @@ bool resume_may_change(const std::string& key) {
       "train.weight_decay", "train.grad_clip", "train.beta1",    "train.beta2",
       "train.backend", "router.aux_alpha", "router.aux_loss_type", "router.z_loss",
       "router.importance_weight", "router.load_weight", "router.bias_update_rate", "router.balance_scope", "train.grad_accum", "data.path",
-      "train.init_from"};  // init_from: read at step 0 only
+      "train.init_from",   // init_from: read at step 0 only
+      "train.recompute"};  // the same results, less memory
   // parallel.*: a checkpoint holds whole tensors, so it loads at any layout that divides it.
   return safe.count(key) || key.rfind("log.", 0) == 0 || key.rfind("parallel.", 0) == 0;
 }

@@ -97,6 +97,7 @@ LMConfig lm_config(const RunConfig& cfg) {
   c.head_dim = cfg.model.head_dim;
   c.qkv_bias = cfg.model.qkv_bias;
   c.qk_norm = cfg.model.qk_norm;
+  c.recompute = cfg.train.recompute;
   c.dense_layers = cfg.model.dense_layers;
   c.moe = cfg.moe;
   return c;

@@ -47,7 +47,7 @@ const std::vector<std::string> kEveryKeyChanged = {
     "train.steps=7", "train.batch=3", "train.seq=17", "train.lr=0.1234567890123",
     "train.warmup=2", "train.seed=18446744073709551615", "train.weight_decay=0",
     "train.grad_clip=0.5", "train.beta1=0.8", "train.beta2=0.999", "train.min_lr_ratio=0",
-    "train.backend=cuda", "train.init_from=ck/pre/step_000100.ckpt", "data.source=brown",
+    "train.backend=cuda", "train.init_from=ck/pre/step_000100.ckpt", "train.recompute=all", "data.source=brown",
     "data.path=my data/brown", "data.tokenizer=my data/tok.json", "data.genres=a-c, k",
     "data.synthetic_sources=3", "data.synthetic_alphabet=5", "data.val_fraction=0.2",
     "log.every=2", "log.eval_every=0", "log.eval_batches=8", "log.checkpoint_every=5",

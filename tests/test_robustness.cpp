@@ -158,6 +158,30 @@ TEST_CASE("robustness: the memory estimate counts exactly the model's parameters
   }
 }
 
+// train.recompute takes the dropped activations out of the estimate, by hand: per MoE block the
+// R = T K expert rows' X W1 and SwiGLU output (3F each row), per dense block T x 3 d_ff; per
+// block attention's q and output (H Dh = D each), k and v (2 Hkv Dh) and its f32 lse (B H S).
+// Backward's one-block temporaries keep them all.
+TEST_CASE("robustness: the memory estimate under train.recompute, by hand", "[robustness][recompute]") {
+  TempDir tmp;
+  const std::vector<std::string> shape = {"model.layers=3", "model.moe_every=2", "model.d_ff=24",
+                                          "router.capacity_factor=0", "model.dtype=f32"};
+  auto est = [&](const char* r) {
+    std::vector<std::string> v = shape;
+    v.push_back(std::string("train.recompute=") + r);
+    return estimate_memory(tiny(tmp, v)).activation_bytes;
+  };
+  const RunConfig c = tiny(tmp, shape);
+  const int64_t T = c.train.batch * c.train.seq, D = c.moe.d_model, F = c.moe.d_expert, K = c.moe.top_k;
+  const int64_t H = c.model.heads, Hkv = c.model.kv_heads > 0 ? c.model.kv_heads : H, dh = D / H;
+  const int64_t n_moe = 1, n_dense = 2, e = 4;  // blocks 1 (MoE), 0 and 2 (dense); f32
+  const int64_t mlp = (n_moe * T * K * 3 * F + n_dense * T * 3 * 24) * e;
+  const int64_t attn = 3 * (T * (2 * D + 2 * Hkv * dh) * e + c.train.batch * H * c.train.seq * 4);
+  CHECK(est("none") - est("mlp") == mlp);
+  CHECK(est("none") - est("attention") == attn);
+  CHECK(est("none") - est("all") == mlp + attn);
+}
+
 TEST_CASE("robustness: MOELAB_MEMORY_LIMIT_BYTES sets the memory limit; a bad value is refused",
           "[robustness]") {
   TempDir tmp;

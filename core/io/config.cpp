@@ -404,6 +404,11 @@ std::vector<ConfigKey> build_keys() {
                                "micro-batches per step: gradients of batch / grad_accum sequences "
                                "each, summed before the update (one GPU reproduces a multi-GPU batch)",
                                int64_t(65536)));
+  k.push_back(enum_key("train.recompute", FIELD(train.recompute),
+                       std::vector{Recompute::None, Recompute::Mlp, Recompute::Attention, Recompute::All},
+                       "activations recomputed in backward instead of kept from forward, for memory "
+                       "(bit-identical results): mlp = the FFN / expert hidden activations, attention "
+                       "= q, k, v and the attention output, all = both"));
   k.push_back(int_key<int64_t>("train.seq", FIELD(train.seq), 1,
                                "tokens per sequence; T = batch * seq tokens per router call"));
   k.push_back(real_key("train.lr", FIELD(train.lr), gt(0), "peak learning rate"));

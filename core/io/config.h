@@ -89,6 +89,7 @@ struct TrainConfig {
   double min_lr_ratio = 0.1;     // train.min_lr_ratio: cosine decay floor = lr * ratio
   std::string backend = "cpu";   // train.backend: cpu | cuda
   LossOn loss_on = LossOn::All;  // train.loss_on: all | response (answer-only, JSONL records)
+  Recompute recompute = Recompute::None;  // train.recompute: none | mlp | attention | all
   std::string init_from;         // train.init_from: a moelab checkpoint whose weights start the
                                  // run (new schedule, optimizer state and step count); "" = init
 };

@@ -65,6 +65,16 @@ const char* to_string(AuxConvention v) {
   return "?";
 }
 
+const char* to_string(Recompute v) {
+  switch (v) {
+    case Recompute::None: return "none";
+    case Recompute::Mlp: return "mlp";
+    case Recompute::Attention: return "attention";
+    case Recompute::All: return "all";
+  }
+  return "?";
+}
+
 const char* to_string(QkNorm v) {
   switch (v) {
     case QkNorm::None: return "none";

@@ -27,6 +27,12 @@ enum class AuxConvention { Moelab, Hf };
 // of head_dim (Qwen3-MoE); projection: over the whole q / k projection (OLMoE).
 enum class QkNorm { None, Head, Projection };
 
+// train.recompute: activations that forward drops and backward recomputes, for memory (the
+// results are bit-identical: the same ops on the same inputs). mlp: the expert and dense FFN
+// hidden activations (X W1 and SwiGLU's output, R x 3F per MoE layer); attention: the
+// projections, RoPE'd q and k, the attention output and its log-sum-exp; all: both.
+enum class Recompute { None, Mlp, Attention, All };
+
 const char* to_string(ScoreFunc v);
 const char* to_string(RoutingPolicy v);
 const char* to_string(NoiseType v);
@@ -35,6 +41,7 @@ const char* to_string(AuxLossType v);
 const char* to_string(BalanceScope v);
 const char* to_string(AuxConvention v);
 const char* to_string(QkNorm v);
+const char* to_string(Recompute v);
 
 struct RouterConfig {
   ScoreFunc score = ScoreFunc::Softmax;          // router.score

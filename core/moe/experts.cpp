@@ -12,33 +12,43 @@ SwiGLUExperts::SwiGLUExperts(Backend& backend, int64_t experts, int64_t d_model,
   dw2_ = b_.zeros(Shape{E_, F_, D_}, dtype_);
 }
 
+void SwiGLUExperts::hidden(const Tensor& x, const std::vector<int64_t>& offsets, bool dropout,
+                           double dropout_rate, uint64_t dropout_seed, Tensor& ab, Tensor& h) {
+  const int64_t R = x.dim(0);
+  ab = b_.empty(Shape{R, 2 * F_}, dtype_);
+  b_.grouped_gemm(x, w1_, offsets, ab, false, 0.0);
+  h = b_.empty(Shape{R, F_}, dtype_);
+  b_.swiglu_forward(ab, h);
+  if (dropout) b_.dropout_forward(h, dropout_rate, dropout_seed, h);
+}
+
 Tensor SwiGLUExperts::forward(const Tensor& x, const std::vector<int64_t>& offsets,
                               double dropout_rate, uint64_t dropout_seed, ExpertsCache& cache) {
   const int64_t R = x.dim(0);
   cache.offsets = offsets;
   cache.x = x;
-  cache.ab = b_.empty(Shape{R, 2 * F_}, dtype_);
-  b_.grouped_gemm(x, w1_, offsets, cache.ab, false, 0.0);
-  Tensor h = b_.empty(Shape{R, F_}, dtype_);
-  b_.swiglu_forward(cache.ab, h);
   cache.dropout = dropout_rate > 0;
   cache.dropout_seed = dropout_seed;
-  if (cache.dropout) b_.dropout_forward(h, dropout_rate, dropout_seed, h);
-  cache.h = h;
+  Tensor ab, h;
+  hidden(x, offsets, cache.dropout, dropout_rate, dropout_seed, ab, h);
   Tensor y = b_.empty(Shape{R, D_}, dtype_);
   b_.grouped_gemm(h, w2_, offsets, y, false, 0.0);
+  cache.ab = recompute_ ? Tensor() : ab;
+  cache.h = recompute_ ? Tensor() : h;
   return y;
 }
 
 void SwiGLUExperts::backward(const ExpertsCache& cache, const Tensor& dy, double dropout_rate,
                              const Tensor& dx) {
   const int64_t R = dy.dim(0);
-  b_.grouped_gemm_wgrad(cache.h, dy, cache.offsets, dw2_, 1.0);   // dW2_e += H_e^T dY_e
+  Tensor ab = cache.ab, h = cache.h;
+  if (!ab.defined()) hidden(cache.x, cache.offsets, cache.dropout, dropout_rate, cache.dropout_seed, ab, h);
+  b_.grouped_gemm_wgrad(h, dy, cache.offsets, dw2_, 1.0);         // dW2_e += H_e^T dY_e
   Tensor dh = b_.empty(Shape{R, F_}, dtype_);
   b_.grouped_gemm(dy, w2_, cache.offsets, dh, true, 0.0);          // dH_e = dY_e W2_e^T
   if (cache.dropout) b_.dropout_backward(dh, dropout_rate, cache.dropout_seed, dh);
   Tensor dab = b_.empty(Shape{R, 2 * F_}, dtype_);
-  b_.swiglu_backward(cache.ab, dh, dab);
+  b_.swiglu_backward(ab, dh, dab);
   b_.grouped_gemm_wgrad(cache.x, dab, cache.offsets, dw1_, 1.0);  // dW1_e += X_e^T dAB_e
   b_.grouped_gemm(dab, w1_, cache.offsets, dx, true, 0.0);         // dX_e = dAB_e W1_e^T
 }

@@ -16,8 +16,8 @@ namespace moelab {
 struct ExpertsCache {
   std::vector<int64_t> offsets;  // [E+1] row ranges per expert
   Tensor x;                      // [R,D] expert-sorted input rows
-  Tensor ab;                     // [R,2F] X W1
-  Tensor h;                      // [R,F] swiglu(ab), after dropout when training
+  Tensor ab;                     // [R,2F] X W1 (undefined under recompute: backward makes it)
+  Tensor h;                      // [R,F] swiglu(ab), after dropout when training (likewise)
   bool dropout = false;
   uint64_t dropout_seed = 0;
 };
@@ -35,12 +35,19 @@ class SwiGLUExperts {
                  uint64_t dropout_seed, ExpertsCache& cache);
   // dy [R,D] -> dx [R,D] (overwrite); dW1, dW2 accumulate.
   void backward(const ExpertsCache& cache, const Tensor& dy, double dropout_rate, const Tensor& dx);
+  // train.recompute = mlp | all: forward keeps only its input rows; backward computes X W1 and
+  // SwiGLU (with the same dropout mask) again, the same ops on the same inputs: the same bits.
+  void set_recompute(bool on) { recompute_ = on; }
 
  private:
   Backend& b_;
   int64_t E_, D_, F_;
   DType dtype_;
   Tensor w1_, w2_, dw1_, dw2_;
+  bool recompute_ = false;
+  // ab = X W1, h = swiglu(ab) (dropped out in training): forward's and the recomputation's.
+  void hidden(const Tensor& x, const std::vector<int64_t>& offsets, bool dropout, double dropout_rate,
+              uint64_t dropout_seed, Tensor& ab, Tensor& h);
 };
 
 }  // namespace moelab

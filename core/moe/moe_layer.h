@@ -72,6 +72,12 @@ class MoELayer {
 
   MoEOutput forward(const Tensor& x, const MoEForwardArgs& args);
   void backward(const Tensor& dy, const Tensor& dx);
+  // train.recompute = mlp | all: the routed and shared experts' hidden activations are
+  // recomputed in backward (SwiGLUExperts::set_recompute).
+  void set_recompute(bool on) {
+    experts_.set_recompute(on);
+    if (shared_) shared_->set_recompute(on);
+  }
   // After the optimizer step: aux-loss-free bias update from the last forward's counts.
   void update_bias();
   // The same from given counts (the step's, merged over micro-batches and ranks).
