@@ -202,7 +202,7 @@ void bench_model(const SweepRun& run, const BenchCliOptions& opts) {
   std::printf("%-28s %-7s %-5s %7lld %10.3f %10.3f %10.3f %10.3f %12.0f", run.name.c_str(), b.name().c_str(),
               to_string(cfg.model.dtype), (long long)T, median(fwd), median(bwd), median(opt), st,
               double(T) / (st / 1000.0));
-  if (b.peak_bytes() > 0) std::printf("  peak %.2f GB", double(b.peak_bytes()) / 1e9);
+  if (b.peak_bytes() > 0) std::printf("  peak %.3f GB", double(b.peak_bytes()) / 1e9);
   std::printf("  init %.2f s\n", init_s);
   std::fflush(stdout);
   if (!opts.breakdown) return;

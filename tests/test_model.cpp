@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <map>
 
 #include "core/model.h"
 #include "test_util.h"
@@ -282,6 +283,7 @@ TEST_CASE("lm: train.recompute (mlp, attention, all) gives bit-identical losses 
   }
   const Tensor tokens = host_tensor(tk, Shape{T}, DType::I32), targets = host_tensor(tg, Shape{T}, DType::I32);
   for (DType dt : {DType::F64, DType::F32}) {
+    std::map<Recompute, int64_t> peak;  // the CPU backend's most live tensor bytes in the steps
     auto run = [&](Recompute r, std::vector<std::string>* act_names) {
       LMConfig cr = c;
       cr.recompute = r;
@@ -290,6 +292,8 @@ TEST_CASE("lm: train.recompute (mlp, attention, all) gives bit-identical losses 
       uint64_t k = 90;  // biases start at zero: give them values
       for (ParamRef& p : lm.params())
         if (p.name.ends_with("_bias")) B().copy(randn(p.value.shape(), k++, 1.0, dt), p.value);
+      B().reset_peak_bytes();
+      const int64_t before = B().peak_bytes();
       std::vector<double> out;
       for (uint64_t step = 0; step < 2; ++step) {
         LMForward f = lm.forward(tokens, targets, S, true, 7 + step);
@@ -306,6 +310,7 @@ TEST_CASE("lm: train.recompute (mlp, attention, all) gives bit-identical losses 
           out.insert(out.end(), g.begin(), g.end());
         }
       }
+      peak[r] = B().peak_bytes() - before;
       return out;
     };
     std::vector<std::string> kept, dropped;
@@ -321,6 +326,10 @@ TEST_CASE("lm: train.recompute (mlp, attention, all) gives bit-identical losses 
       const bool attn = r != Recompute::Mlp;
       CHECK((std::find(dropped.begin(), dropped.end(), "block0.q") == dropped.end()) == attn);
       CHECK(std::find(kept.begin(), kept.end(), "block0.q") != kept.end());
+      INFO("peak bytes above the weights: " << peak[r] << " recomputing, " << peak[Recompute::None] << " keeping");
+      CHECK(peak[r] < peak[Recompute::None]);
     }
+    CHECK(peak[Recompute::All] < peak[Recompute::Mlp]);
+    CHECK(peak[Recompute::All] < peak[Recompute::Attention]);
   }
 }

@@ -109,6 +109,7 @@ double cv2(const std::vector<double>& x, std::vector<double>* grad) {
 class CpuBackend final : public Backend {
   std::unordered_map<size_t, std::vector<void*>> free_blocks_;
   std::unordered_map<void*, size_t> block_size_;
+  int64_t live_ = 0, peak_ = 0;  // bytes in live tensors (peak_bytes)
 
  public:
   std::string name() const override { return "cpu"; }
@@ -130,6 +131,8 @@ class CpuBackend final : public Backend {
   // ~20% of a step). Freed blocks wait in per-size free lists; memory stays at the peak.
   void* alloc_bytes(size_t bytes) override {
     const size_t size = (bytes + 63) / 64 * 64;
+    live_ += int64_t(size);
+    peak_ = std::max(peak_, live_);
     auto it = free_blocks_.find(size);
     if (it != free_blocks_.end() && !it->second.empty()) {
       void* p = it->second.back();
@@ -145,11 +148,15 @@ class CpuBackend final : public Backend {
   void free_bytes(void* p) override {
     auto it = block_size_.find(p);
     if (it == block_size_.end()) return;
+    live_ -= int64_t(it->second);
     free_blocks_[it->second].push_back(p);
     block_size_.erase(it);
   }
 
  public:
+  // The most bytes in live tensors at once (not the cache's footprint): moelab bench's peak.
+  int64_t peak_bytes() const override { return peak_; }
+  void reset_peak_bytes() override { peak_ = live_; }
   ~CpuBackend() override {
     for (auto& [size, list] : free_blocks_)
       for (void* p : list) std::free(p);
