@@ -89,3 +89,11 @@ def test_roofline_by_hand():
     assert binds == "compute"
     table = bench_configs.roofline()
     assert table.count("\n| ") == 7  # header + 6 configs
+
+
+def test_report_reads_moelab_peak_memory():
+    line = "base                         cuda    bf16    16384     23.373     48.183     10.622     82.032       199726  peak 31.96 GB  init 5.13 s"
+    assert bench_configs.parse_moelab_peak_gb("run backend ...\n" + line) == 31.96
+    assert bench_configs.parse_moelab_bench(line) == (82.032, 199726.0)
+    assert bench_configs.parse_moelab_peak_gb(line.replace("peak 31.96 GB  ", "")) is None
+    assert bench_configs.parse_moelab_peak_gb("nothing here") is None

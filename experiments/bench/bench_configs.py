@@ -306,6 +306,16 @@ def parse_moelab_bench(text):
     return None
 
 
+def parse_moelab_peak_gb(text):
+    """moelab bench's peak device memory (GB, 'peak X GB' on its row of run 'base'), or None."""
+    for line in reversed(text.splitlines()):
+        f = line.split()
+        if len(f) >= 9 and f[0] == "base":
+            m = re.search(r"peak ([0-9.]+) GB", line)
+            return float(m.group(1)) if m else None
+    return None
+
+
 def parse_moelab_moe_layer(text):
     """The layer's forward + backward ms from `moelab bench moe-layer`'s line
     ('moe-layer cuda bf16 tokens ... : X ms fwd+bwd (...), experts Y ms = Z TFLOP/s ...')."""
@@ -358,7 +368,7 @@ def report(dirs):
         lines.append("")
     lines.append("| config | shape | tokens | moelab ms | torch eager ms | torch compile ms | "
                  "moelab / compile tokens/s | MFU moelab | MFU eager | MFU compile | "
-                 "peak GB eager / compile | compile warm-up s | torch SDPA kernel |")
+                 "peak GB moelab / eager / compile | compile warm-up s | torch SDPA kernel |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in CONFIGS:
         c = get_config(name)
@@ -377,7 +387,9 @@ def report(dirs):
         cells.append(f"{100 * mfu(c, m_tps):.0f}%" if ml else "-")
         cells.append(f"{100 * te['mfu']:.0f}%" if te else "-")
         cells.append(f"{100 * tc['mfu']:.0f}%" if tc else "-")
-        mem = [f"{j['peak_mem_gb']:.1f}" if j else "-" for j in (te, tc)]
+        m_peak = parse_moelab_peak_gb(files.get(f"moelab_{name}.txt", ""))
+        mem = [f"{m_peak:.1f}" if m_peak is not None else "-"]
+        mem += [f"{j['peak_mem_gb']:.1f}" if j else "-" for j in (te, tc)]
         cells.append(" / ".join(mem))
         cells.append(f"{tc['warmup_s']:.0f}" if tc and "warmup_s" in tc else "-")
         cells.append(str((te or tc or {}).get("sdpa_choice", "-")))
