@@ -536,12 +536,39 @@ TEST_CASE("gpu ops: gemm", "[gpu]") {
   fam.finish();
 }
 
+// grouped_gemm (plain and trans_w, each with the forward betas) and grouped_gemm_wgrad (beta 0
+// and 1) on backend g against the CPU, for experts with row offsets `off`.
+static void grouped_gemm_cases(Family& fam, Backend& g, const std::vector<int64_t>& off, int64_t Kin, int64_t N,
+                        const std::string& tag, DType dt, std::initializer_list<double> fwd_betas) {
+  const int64_t E = int64_t(off.size()) - 1, R = off.back();
+  auto beta_tag = [](double b) { return b == 0 ? std::string() : b == 1 ? std::string(" beta 1") : " beta " + std::to_string(b).substr(0, 3); };
+  for (bool tw : {false, true})
+    for (double beta : fwd_betas) {
+      Case k(fam, g, std::string("grouped_gemm") + (tw ? " trans_w" : "") + beta_tag(beta) + tag, dt);
+      Pair x = k.randn(Shape{R, Kin});
+      Pair w = k.randn(tw ? Shape{E, N, Kin} : Shape{E, Kin, N});
+      Out y = beta ? k.acc("Y", Shape{R, N}) : k.out("Y", Shape{R, N});
+      cpu().grouped_gemm(x.c, w.c, off, y.c, tw, beta);
+      g.grouped_gemm(x.g, w.g, off, y.g, tw, beta);
+      k.close(y);
+    }
+  for (double beta : {0.0, 1.0}) {
+    Case k(fam, g, std::string("grouped_gemm_wgrad") + beta_tag(beta) + tag, dt);
+    Pair x = k.randn(Shape{R, Kin});
+    Pair dy = k.randn(Shape{R, N});
+    Out dw = beta ? k.acc("dW", Shape{E, Kin, N}) : k.out("dW", Shape{E, Kin, N});
+    cpu().grouped_gemm_wgrad(x.c, dy.c, off, dw.c, beta);
+    g.grouped_gemm_wgrad(x.g, dy.g, off, dw.g, beta);
+    k.close(dw);
+  }
+}
+
 TEST_CASE("gpu ops: grouped_gemm and grouped_gemm_wgrad (every cuBLAS path and the mma kernel)", "[gpu]") {
   GPU_OR_SKIP();
   SEED_INFO();
   Family fam("grouped_gemm");
   const std::vector<int64_t> off = {0, 17, 17, 50, 55, 79};  // expert 1 empty
-  const int64_t E = 5, R = 79, Kin = 48, N = 40;
+  const int64_t Kin = 48, N = 40;  // 5 experts, 79 rows
   // Mma runs moelab's kernel for bf16 (K, N multiples of 8) and falls back to cuBLAS for f32.
   // Chunked with chunks of 8 rows: experts of 17, 33 and 24 rows give full chunks (one batched
   // call) and remainders of 1 (grouped), the expert of 5 rows is all remainder.
@@ -556,27 +583,7 @@ TEST_CASE("gpu ops: grouped_gemm and grouped_gemm_wgrad (every cuBLAS path and t
                             : impl == GroupedGemmImpl::Mma            ? " [mma]"
                             : impl == GroupedGemmImpl::Chunked        ? " [chunked 8]"
                                                                       : " [auto]";
-    for (DType dt : kDtypes) {
-      for (bool tw : {false, true})
-        for (double beta : {0.0, 0.5}) {
-          Case k(fam, g, std::string("grouped_gemm") + (tw ? " trans_w" : "") + (beta ? " beta 0.5" : "") + tag, dt);
-          Pair x = k.randn(Shape{R, Kin});
-          Pair w = k.randn(tw ? Shape{E, N, Kin} : Shape{E, Kin, N});
-          Out y = beta ? k.acc("Y", Shape{R, N}) : k.out("Y", Shape{R, N});
-          cpu().grouped_gemm(x.c, w.c, off, y.c, tw, beta);
-          g.grouped_gemm(x.g, w.g, off, y.g, tw, beta);
-          k.close(y);
-        }
-      for (double beta : {0.0, 1.0}) {
-        Case k(fam, g, std::string("grouped_gemm_wgrad") + (beta ? " beta 1" : "") + tag, dt);
-        Pair x = k.randn(Shape{R, Kin});
-        Pair dy = k.randn(Shape{R, N});
-        Out dw = beta ? k.acc("dW", Shape{E, Kin, N}) : k.out("dW", Shape{E, Kin, N});
-        cpu().grouped_gemm_wgrad(x.c, dy.c, off, dw.c, beta);
-        g.grouped_gemm_wgrad(x.g, dy.g, off, dw.g, beta);
-        k.close(dw);
-      }
-    }
+    for (DType dt : kDtypes) grouped_gemm_cases(fam, g, off, Kin, N, tag, dt, {0.0, 0.5});
   }
   fam.finish();
 }
@@ -605,25 +612,7 @@ TEST_CASE("gpu ops: grouped_gemm mma kernel, multi-tile shapes and determinism",
     const int64_t R = off.back(), Kin = s.kin, N = s.n;
     const std::string sh = " E=" + std::to_string(E) + " R=" + std::to_string(R) + " K=" +
                            std::to_string(Kin) + " N=" + std::to_string(N);
-    for (bool tw : {false, true})
-      for (double beta : {0.0, 1.0}) {
-        Case k(fam, g, std::string("grouped_gemm") + (tw ? " trans_w" : "") + (beta ? " beta 1" : "") + sh, dt);
-        Pair x = k.randn(Shape{R, Kin});
-        Pair w = k.randn(tw ? Shape{E, N, Kin} : Shape{E, Kin, N});
-        Out y = beta ? k.acc("Y", Shape{R, N}) : k.out("Y", Shape{R, N});
-        cpu().grouped_gemm(x.c, w.c, off, y.c, tw, beta);
-        g.grouped_gemm(x.g, w.g, off, y.g, tw, beta);
-        k.close(y);
-      }
-    for (double beta : {0.0, 1.0}) {
-      Case k(fam, g, std::string("grouped_gemm_wgrad") + (beta ? " beta 1" : "") + sh, dt);
-      Pair x = k.randn(Shape{R, Kin});
-      Pair dy = k.randn(Shape{R, N});
-      Out dw = beta ? k.acc("dW", Shape{E, Kin, N}) : k.out("dW", Shape{E, Kin, N});
-      cpu().grouped_gemm_wgrad(x.c, dy.c, off, dw.c, beta);
-      g.grouped_gemm_wgrad(x.g, dy.g, off, dw.g, beta);
-      k.close(dw);
-    }
+    grouped_gemm_cases(fam, g, off, Kin, N, sh, dt, {0.0, 1.0});
     // Determinism: the same inputs twice give the same bits (difference exactly zero).
     auto normal = [](int64_t n, uint64_t seed) {
       std::vector<double> v(static_cast<size_t>(n));
