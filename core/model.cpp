@@ -310,10 +310,7 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
       b_.copy(x, bk.x_mid);
       b_.gemm(false, false, 1.0, bk.att, bk.wo, 1.0, bk.x_mid);  // x_mid = x + att Wo
     }
-    if (recompute_attention()) {  // backward recomputes them from n1 (attention_forward_block)
-      bk.q = bk.k = bk.v = bk.att = bk.lse = Tensor();
-      bk.q_raw = bk.k_raw = bk.rstd_q = bk.rstd_k = Tensor();
-    }
+    if (recompute_attention()) drop_attention(bk);  // backward recomputes it from n1
 
     bk.n2 = e({T, D});
     bk.rstd2 = e({T});
@@ -353,6 +350,11 @@ LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, in
   else b_.gemm(false, false, 1.0, xn_final_, head_, 0.0, logits_);
   out.ce_loss = b_.cross_entropy_forward(logits_, targets);
   return out;
+}
+
+void TransformerLM::drop_attention(Block& bk) {
+  bk.q = bk.k = bk.v = bk.att = bk.lse = Tensor();
+  bk.q_raw = bk.k_raw = bk.rstd_q = bk.rstd_k = Tensor();
 }
 
 void TransformerLM::attention_forward_block(Block& bk, const Tensor& ones, int64_t seq_len,
@@ -497,10 +499,7 @@ void TransformerLM::backward(const std::function<void(int block)>& block_done, d
       ProfileScope ps(b_, "norms");
       b_.rmsnorm_backward(bk.x_in, bk.attn_norm, bk.rstd1, dn1, tmp, bk.dattn_norm);
     }
-    if (recompute_attention()) {  // one block's recomputed attention at a time
-      bk.q = bk.k = bk.v = bk.att = bk.lse = Tensor();
-      bk.q_raw = bk.k_raw = bk.rstd_q = bk.rstd_k = Tensor();
-    }
+    if (recompute_attention()) drop_attention(bk);  // one block's recomputed attention at a time
     if (block_done) block_done(int(i));
     ProfileScope ps(b_, "residual");
     b_.axpy(1.0, tmp, dx);  // dx is now d x_in

@@ -113,6 +113,7 @@ class TransformerLM {
   // Attention of block bk from its normed input bk.n1: q, k, v (with biases and q/k norms),
   // RoPE, and the attention output and log-sum-exp (forward, and backward's recomputation).
   void attention_forward_block(Block& bk, const Tensor& ones, int64_t seq_len, const PackedLayout& packed);
+  static void drop_attention(Block& bk);  // releases what attention_forward_block made
   bool recompute_attention() const {
     return cfg_.recompute == Recompute::Attention || cfg_.recompute == Recompute::All;
   }

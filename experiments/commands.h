@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -96,11 +97,23 @@ namespace moelab {
 class CheckpointReader;
 class TransformerLM;
 class Backend;
+class Tokenizer;
 }  // namespace moelab
 // Loads a checkpoint's parameters (and router biases) into `model`, built from `cfg` (the
 // checkpoint's config): its tensors must be exactly this model's, plus AdamW state (ignored).
 void load_checkpoint_weights(const moelab::CheckpointReader& ck, const moelab::RunConfig& cfg,
                              moelab::TransformerLM& model, moelab::Backend& b);  // train_cmd.cpp
+
+// A checkpoint's model ready to run (generate, eval): built from `cfg` (the checkpoint's config)
+// on backend `backend` ("" = cpu) with the checkpoint's weights, in f32 (f64 for an f64 run: a
+// bf16 run's checkpoint holds its fp32 masters), and the run's tokenizer (null: bytes).
+struct CheckpointModel {
+  std::unique_ptr<moelab::Backend> backend;
+  std::unique_ptr<moelab::TransformerLM> model;  // destroyed before its backend
+  std::shared_ptr<const moelab::Tokenizer> tokenizer;
+};
+CheckpointModel load_checkpoint_model(const moelab::CheckpointReader& ck, const moelab::RunConfig& cfg,
+                                      const std::string& backend);  // train_cmd.cpp
 
 // `moelab eval --checkpoint PATH [--data FILE.jsonl] [--set ...]`.
 struct EvalCliOptions {

@@ -219,14 +219,9 @@ int run_eval(const EvalCliOptions& o) {
   RunConfig cfg = config_from_text(ck.meta("config"), o.checkpoint);
   for (const std::string& s : o.sets) apply_override(cfg, s);
   finalize(cfg);
-  auto backend = make_backend(o.backend.empty() ? "cpu" : o.backend);
-  Backend& b = *backend;
-  const DType dtype = cfg.model.dtype == DType::F64 ? DType::F64 : DType::F32;
-  TransformerLM model(b, lm_config(cfg), dtype);
-  load_checkpoint_weights(ck, cfg, model, b);
-  std::shared_ptr<const Tokenizer> tok;
-  if (cfg.data.tokenizer != "bytes") tok = Tokenizer::load_shared(cfg.data.tokenizer);
-  nlohmann::json result = o.data.empty() ? validation_loss(cfg, model, b) : task_scores(cfg, o, model, b, tok.get());
+  CheckpointModel cm = load_checkpoint_model(ck, cfg, o.backend);
+  nlohmann::json result = o.data.empty() ? validation_loss(cfg, *cm.model, *cm.backend)
+                                         : task_scores(cfg, o, *cm.model, *cm.backend, cm.tokenizer.get());
   result["checkpoint"] = o.checkpoint;
   if (ck.has_meta("step")) result["step"] = std::stoll(ck.meta("step"));
   if (ck.has_meta("run_id")) result["run_id"] = ck.meta("run_id");

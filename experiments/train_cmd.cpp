@@ -89,6 +89,16 @@ void load_checkpoint_weights(const CheckpointReader& ck, const RunConfig& cfg, T
   }
 }
 
+CheckpointModel load_checkpoint_model(const CheckpointReader& ck, const RunConfig& cfg, const std::string& backend) {
+  CheckpointModel m;
+  m.backend = make_backend(backend.empty() ? "cpu" : backend);
+  const DType dtype = cfg.model.dtype == DType::F64 ? DType::F64 : DType::F32;
+  m.model = std::make_unique<TransformerLM>(*m.backend, lm_config(cfg), dtype);
+  load_checkpoint_weights(ck, cfg, *m.model, *m.backend);
+  if (cfg.data.tokenizer != "bytes") m.tokenizer = Tokenizer::load_shared(cfg.data.tokenizer);
+  return m;
+}
+
 int run_generate(const GenerateCliOptions& g) {
   CheckpointReader ck(g.checkpoint);
   MOELAB_CHECK(ck.has_meta("config"), "checkpoint ", g.checkpoint, " carries no config");
@@ -98,19 +108,13 @@ int run_generate(const GenerateCliOptions& g) {
     one.train.batch = 1;
     (void)estimate_memory(one);
   }
-  auto backend = make_backend(g.backend.empty() ? "cpu" : g.backend);
-  Backend& b = *backend;
-  // bf16 runs keep fp32 master weights, which the checkpoint holds: sample in f32 on the CPU.
-  const DType dtype = cfg.model.dtype == DType::F64 ? DType::F64 : DType::F32;
-  TransformerLM model(b, lm_config(cfg), dtype);
-
-  load_checkpoint_weights(ck, cfg, model, b);
-
   // Tokens: bytes, or the run's data.tokenizer (the prompt is encoded with it, and each sampled
   // id is written as the bytes it decodes to; ids that no token has, such as padding rows of a
   // model.vocab larger than the tokenizer's, are never sampled).
-  std::shared_ptr<const Tokenizer> tok;
-  if (cfg.data.tokenizer != "bytes") tok = Tokenizer::load_shared(cfg.data.tokenizer);
+  CheckpointModel cm = load_checkpoint_model(ck, cfg, g.backend);
+  Backend& b = *cm.backend;
+  TransformerLM& model = *cm.model;
+  const Tokenizer* tok = cm.tokenizer.get();
   std::vector<int32_t> ctx;
   if (tok) {
     ctx = tok->encode(g.prompt.empty() ? std::string("\n") : g.prompt);

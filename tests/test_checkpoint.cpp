@@ -126,6 +126,43 @@ std::vector<char> edit_header(std::vector<char> b, const std::string& from, cons
   return b;
 }
 
+// The file `cut` holding `bytes` cut to every shorter length is refused, naming the file.
+// Shrinking one file in place (no rewrite: ext4 flushes a file rewritten from length 0).
+void every_truncation_is_refused(const std::string& cut, const std::vector<char>& bytes) {
+  const size_t n = bytes.size();
+  write_bytes(cut, bytes);
+  for (size_t len = n; len-- > 0;) {
+    fs::resize_file(cut, len);
+    INFO("truncated to " << len << " of " << n << " bytes");
+    REQUIRE_THROWS_WITH(CheckpointReader(cut), has_substr(cut) && has_substr("is "));
+  }
+}
+
+// `bytes` with any one byte changed (two bit positions each) is refused as file `bad`; edited in
+// place in one file (fast on any file system), which holds `bytes` again afterwards.
+void every_bit_flip_is_refused(const std::string& bad, const std::vector<char>& bytes) {
+  write_bytes(bad, bytes);
+  std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);
+  auto put_byte = [&](size_t at, char c) {
+    f.seekp(std::streamoff(at));
+    f.put(c);
+    f.flush();
+    REQUIRE(f.good());
+  };
+  for (size_t at = 0; at < bytes.size(); ++at) {
+    for (unsigned char mask : {0x01, 0x80}) {
+      put_byte(at, char(bytes[at] ^ mask));
+      INFO("byte " << at << " of " << bytes.size() << " xor " << int(mask));
+      REQUIRE_THROWS_AS(CheckpointReader(bad), Error);
+      REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("checkpoint " + bad));
+      put_byte(at, bytes[at]);
+    }
+  }
+  f.close();
+  CHECK(read_bytes(bad) == bytes);
+  CHECK_NOTHROW(CheckpointReader(bad));
+}
+
 }  // namespace
 
 TEST_CASE("checkpoint round trip of f64/f32/bf16/i32 tensors, blobs and meta is bit-exact",
@@ -300,15 +337,7 @@ TEST_CASE("truncated checkpoint is refused with the expected and found sizes", "
                                      " bytes, found " + std::to_string(len) + ")"));
     }
   }
-  SECTION("at every length") {
-    // Shrinking one file in place (no rewrite: ext4 flushes a file rewritten from length 0).
-    truncate_to(n);
-    for (size_t len = n; len-- > 0;) {
-      fs::resize_file(cut, len);
-      INFO("truncated to " << len << " of " << n << " bytes");
-      REQUIRE_THROWS_WITH(CheckpointReader(cut), has_substr(cut) && has_substr("is "));
-    }
-  }
+  SECTION("at every length") { every_truncation_is_refused(cut, bytes); }
   SECTION("bytes appended") {
     std::vector<char> longer = bytes;
     longer.push_back('\0');
@@ -367,29 +396,7 @@ TEST_CASE("a single flipped byte is refused by a checksum", "[checkpoint]") {
     flip(7, 0x01);  // N + 2^56
     REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("is not a moelab checkpoint"));
   }
-  SECTION("anywhere") {
-    // Every byte, two bit positions each, edited in place in one file (fast on any file system).
-    write_bytes(bad, bytes);
-    std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);
-    auto put_byte = [&](size_t at, char c) {
-      f.seekp(std::streamoff(at));
-      f.put(c);
-      f.flush();
-      REQUIRE(f.good());
-    };
-    for (size_t at = 0; at < bytes.size(); ++at) {
-      for (unsigned char mask : {0x01, 0x80}) {
-        put_byte(at, char(bytes[at] ^ mask));
-        INFO("byte " << at << " of " << bytes.size() << " xor " << int(mask));
-        REQUIRE_THROWS_AS(CheckpointReader(bad), Error);
-        REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("checkpoint " + bad));
-        put_byte(at, bytes[at]);
-      }
-    }
-    f.close();
-    CHECK(read_bytes(bad) == bytes);
-    CHECK_NOTHROW(CheckpointReader(bad));
-  }
+  SECTION("anywhere") { every_bit_flip_is_refused(bad, bytes); }
 }
 
 TEST_CASE("a file that is not a moelab checkpoint is refused", "[checkpoint]") {
@@ -732,15 +739,7 @@ TEST_CASE("format 1: a truncated file is refused with the expected and found siz
                                      " bytes, found " + std::to_string(len) + ")"));
     }
   }
-  SECTION("at every length") {
-    // Shrinking one file in place (no rewrite: ext4 flushes a file rewritten from length 0).
-    truncate_to(n);
-    for (size_t len = n; len-- > 0;) {
-      fs::resize_file(cut, len);
-      INFO("truncated to " << len << " of " << n << " bytes");
-      REQUIRE_THROWS_WITH(CheckpointReader(cut), has_substr(cut) && has_substr("is "));
-    }
-  }
+  SECTION("at every length") { every_truncation_is_refused(cut, bytes); }
   SECTION("bytes appended") {
     std::vector<char> longer = bytes;
     longer.push_back('\0');
@@ -803,29 +802,7 @@ TEST_CASE("format 1: a single flipped byte is refused by a checksum", "[checkpoi
     flip(bytes.size() - 16);  // the entry count
     REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("whole-file checksum mismatch"));
   }
-  SECTION("anywhere") {
-    // Every byte, two bit positions each, edited in place in one file (fast on any file system).
-    write_bytes(bad, bytes);
-    std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);
-    auto put_byte = [&](size_t at, char c) {
-      f.seekp(std::streamoff(at));
-      f.put(c);
-      f.flush();
-      REQUIRE(f.good());
-    };
-    for (size_t at = 0; at < bytes.size(); ++at) {
-      for (unsigned char mask : {0x01, 0x80}) {
-        put_byte(at, char(bytes[at] ^ mask));
-        INFO("byte " << at << " of " << bytes.size() << " xor " << int(mask));
-        REQUIRE_THROWS_AS(CheckpointReader(bad), Error);
-        REQUIRE_THROWS_WITH(CheckpointReader(bad), has_substr("checkpoint " + bad));
-        put_byte(at, bytes[at]);
-      }
-    }
-    f.close();
-    CHECK(read_bytes(bad) == bytes);
-    CHECK_NOTHROW(CheckpointReader(bad));
-  }
+  SECTION("anywhere") { every_bit_flip_is_refused(bad, bytes); }
 }
 
 TEST_CASE("format 1: a changed magic is not a moelab checkpoint", "[checkpoint]") {

@@ -26,6 +26,19 @@ using namespace moelab::test;
 
 namespace {
 
+// A layout's first step equals the reference run's: the loss to 1e-12 relative, and every
+// gradient (step_gradients: whole tensors gathered over the ranks) to 1e-12.
+using Gradients = std::map<std::string, std::vector<double>>;
+void check_same_step(const Gradients& got, const TrainResult& r, const Gradients& ref, const TrainResult& ref_r) {
+  REQUIRE(r.losses.size() == 1);
+  CHECK(std::abs(r.losses[0] - ref_r.losses[0]) <= 1e-12 * ref_r.losses[0]);
+  REQUIRE(got.size() == ref.size());
+  for (const auto& [name, g] : ref) {
+    INFO("gradient of " << name);
+    CHECK(rel_diff(got.at(name), g) <= 1e-12);
+  }
+}
+
 void check_layouts(const std::string& what, const std::vector<std::string>& router) {
   TempDir tmp("par");
   std::vector<std::string> base = router;
@@ -41,13 +54,7 @@ void check_layouts(const std::string& what, const std::vector<std::string>& rout
       sets.push_back("parallel.dp=" + std::to_string(dp));
       TrainResult r;
       const auto got = step_gradients(config(tmp, "ep" + std::to_string(ep) + "dp" + std::to_string(dp), sets), 8, &r);
-      REQUIRE(r.losses.size() == 1);
-      CHECK(std::abs(r.losses[0] - ref_r.losses[0]) <= 1e-12 * ref_r.losses[0]);
-      REQUIRE(got.size() == ref.size());
-      for (const auto& [name, g] : ref) {
-        INFO("gradient of " << name);
-        CHECK(rel_diff(got.at(name), g) <= 1e-12);
-      }
+      check_same_step(got, r, ref, ref_r);
     }
 }
 
@@ -284,12 +291,6 @@ TEST_CASE("parallel train: an imported Hugging Face checkpoint loads under ep x 
     TrainResult r;
     const auto got = step_gradients(cfg("l" + std::to_string(layout.size()) + layout[0].substr(9), layout),
                                     hf.num_experts, &r);
-    REQUIRE(r.losses.size() == 1);
-    CHECK(std::abs(r.losses[0] - ref_r.losses[0]) <= 1e-12 * ref_r.losses[0]);
-    REQUIRE(got.size() == ref.size());
-    for (const auto& [name, g] : ref) {
-      INFO("gradient of " << name);
-      CHECK(rel_diff(got.at(name), g) <= 1e-12);
-    }
+    check_same_step(got, r, ref, ref_r);
   }
 }
