@@ -3,8 +3,14 @@
 // does not implement throws NotSupported.
 #include "core/backend.h"
 
+#include <algorithm>
 #include <chrono>
+#include <functional>
 #include <limits>
+#include <thread>
+#include <vector>
+
+#include "core/rng.h"
 
 namespace moelab {
 
@@ -157,6 +163,58 @@ void Backend::fill(const Tensor& x, double value) {
   c.on_device(x, "x");
   require(Op::Fill, x.dtype());
   fill_impl(x, value);
+}
+
+void Backend::fill_normal(const Tensor& x, double std, uint64_t stream, uint64_t first) {
+  Checker c{*this, Op::Fill};
+  c.on_device(x, "x");
+  MOELAB_CHECK(is_float(x.dtype()), "fill_normal: ", x.describe(), " is not a floating tensor");
+  require(Op::Fill, x.dtype());
+  if (x.numel() > 0) fill_normal_impl(x, std, stream, first);
+}
+
+void Backend::fill_normal_impl(const Tensor& x, double std, uint64_t stream, uint64_t first) {
+  const int64_t n = x.numel();
+  const Tensor flat = x.reshape(Shape{n});
+  // Chunks of 8M elements; worker threads draw and convert (as host_tensor does: double -> float
+  // -> bf16) chunk k+1 into one host buffer while this thread copies chunk k from the other to
+  // the backend (which is used from this thread only). A 7B-class expert tensor never exists in
+  // double on the host.
+  constexpr int64_t kChunk = int64_t(1) << 23;
+  const int threads = int(std::max(1u, std::min(32u, std::thread::hardware_concurrency())));
+  const DType dt = x.dtype();
+  Tensor h[2] = {host_empty(Shape{std::min(kChunk, n)}, dt), host_empty(Shape{std::min(kChunk, n)}, dt)};
+  auto draw = [&](const Tensor& buf, int64_t at, int64_t lo, int64_t hi) {
+    auto value = [&](int64_t i) { return std * rng::normal(stream, first + uint64_t(at + i)); };
+    switch (dt) {
+      case DType::F64: for (int64_t i = lo; i < hi; ++i) buf.ptr<double>()[i] = value(i); break;
+      case DType::F32: for (int64_t i = lo; i < hi; ++i) buf.ptr<float>()[i] = float(value(i)); break;
+      case DType::BF16: for (int64_t i = lo; i < hi; ++i) buf.ptr<bf16>()[i] = bf16::from_float(float(value(i))); break;
+      case DType::I32: break;  // refused by fill_normal
+    }
+  };
+  // Starts drawing chunk `at` into buf on the workers (or draws it here when small).
+  auto start = [&](const Tensor& buf, int64_t at, std::vector<std::thread>& pool) {
+    const int64_t len = std::min(kChunk, n - at);
+    const int parts = len >= (int64_t(1) << 16) ? threads : 1;
+    if (parts == 1) return draw(buf, at, 0, len);
+    for (int t = 0; t < parts; ++t) pool.emplace_back(draw, std::cref(buf), at, len * t / parts, len * (t + 1) / parts);
+  };
+  std::vector<std::thread> pool;
+  start(h[0], 0, pool);
+  for (int64_t at = 0, k = 0; at < n; at += kChunk, ++k) {
+    for (std::thread& th : pool) th.join();
+    pool.clear();
+    const Tensor& cur = h[k % 2];
+    if (at + kChunk < n) start(h[(k + 1) % 2], at + kChunk, pool);
+    const int64_t len = std::min(kChunk, n - at);
+    try {
+      copy(len == cur.numel() ? cur : cur.view_rows(0, len), flat.view_rows(at, at + len));
+    } catch (...) {
+      for (std::thread& th : pool) th.join();
+      throw;
+    }
+  }
 }
 
 void Backend::cast(const Tensor& src, const Tensor& dst) {

@@ -116,6 +116,11 @@ class Backend {
 
   // ---- elementwise and GEMM ----------------------------------------------------------------
   void fill(const Tensor& x, double value);
+  // x[i] = std * rng::normal(stream, first + i) (core/rng.h), x contiguous and floating: the
+  // parameter initialisation draw. The value is computed in double and rounded as host_tensor
+  // does (double -> float -> bf16), so every backend writes the same bits. The default draws on
+  // the host in chunks (worker threads) and copies them in; a device backend overrides it.
+  void fill_normal(const Tensor& x, double std, uint64_t stream, uint64_t first);
   void cast(const Tensor& src, const Tensor& dst);  // dtype conversion, same shape
   void axpy(double alpha, const Tensor& x, const Tensor& y);  // y += alpha x (accumulates)
   void transpose(const Tensor& x, const Tensor& y);            // Y [N,M] = X [M,N]^T
@@ -321,6 +326,7 @@ class Backend {
                           size_t nbytes) = 0;
 
   virtual void fill_impl(const Tensor& x, double value) = 0;
+  virtual void fill_normal_impl(const Tensor& x, double std, uint64_t stream, uint64_t first);
   virtual void cast_impl(const Tensor& src, const Tensor& dst) = 0;
   virtual void axpy_impl(double alpha, const Tensor& x, const Tensor& y) = 0;
   virtual void transpose_impl(const Tensor& x, const Tensor& y) = 0;

@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/init.h"
 #include "core/profile.h"
 #include "core/rng.h"
 
@@ -195,7 +194,7 @@ void TransformerLM::init(uint64_t seed) {
                                : 0;
     if (is_norm) b_.fill(p.value, 1.0);
     else if (is_bias) b_.fill(p.value, 0.0);
-    else init_normal(b_, p.value, stream, first, std);
+    else b_.fill_normal(p.value, std, stream, first);
   }
 }
 
@@ -271,8 +270,7 @@ void TransformerLM::pooled_aux_loss(LMForward& out) {
 
 LMForward TransformerLM::forward(const Tensor& tokens, const Tensor& targets, int64_t seq_len,
                                  bool training, uint64_t seed, const PackedLayout& packed) {
-  const int64_t T = tokens.numel(), D = cfg_.d_model, H = cfg_.heads, Hkv = cfg_.kv_heads;
-  const int64_t dh = cfg_.head_width();
+  const int64_t T = tokens.numel(), D = cfg_.d_model;
   MOELAB_CHECK(seq_len >= 1 && T % seq_len == 0, "model: ", T, " tokens do not split into sequences of ",
                seq_len);
   MOELAB_CHECK(targets.numel() == T, "model: ", targets.numel(), " targets for ", T, " tokens");

@@ -793,6 +793,33 @@ TEST_CASE("gpu ops: dropout, jitter, noisy_logits (counter-based RNG)", "[gpu]")
   fam.finish();
 }
 
+// The parameter initialisation draw: the GPU kernel must write the CPU's bits exactly (the two
+// backends start training from bit-identical weights), in every float dtype, from any offset
+// into the stream, over more elements than the grid-stride kernel has threads.
+TEST_CASE("gpu ops: fill_normal writes the CPU's bits", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Backend& g = gpu();
+  const uint64_t stream = rng::derive(run_seed(), 7), first = run_seed() % 1000003;
+  for (DType dt : {DType::F32, DType::BF16, DType::F64}) {
+    for (int64_t n : {int64_t(1), int64_t(1001), (int64_t(1) << 24) + 3}) {
+      CAPTURE(to_string(dt), n);
+      const Tensor want = host_empty(Shape{n}, dt);
+      cpu().fill_normal(want, 0.02, stream, first);
+      const Tensor x = g.empty(Shape{n}, dt);
+      g.fill_normal(x, 0.02, stream, first);
+      const Tensor got = g.to_host(x);
+      int64_t differ = 0;
+      const size_t es = dtype_size(dt);
+      for (int64_t i = 0; i < n; ++i)
+        differ += std::memcmp(static_cast<const char*>(got.data()) + size_t(i) * es,
+                              static_cast<const char*>(want.data()) + size_t(i) * es, es) != 0;
+      REQUIRE(differ == 0);
+    }
+  }
+  REQUIRE_THROWS_WITH(g.fill_normal(g.empty(Shape{4}, DType::I32), 1.0, 1, 0), has_substr("not a floating tensor"));
+}
+
 TEST_CASE("gpu ops: topk, balanced_assign, gates, random_top2_mask", "[gpu]") {
   GPU_OR_SKIP();
   SEED_INFO();

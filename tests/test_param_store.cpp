@@ -7,7 +7,6 @@
 #include <stdexcept>
 
 #include "core/model.h"
-#include "core/init.h"
 #include "core/param_store.h"
 #include "core/rng.h"
 #include "test_util.h"
@@ -205,7 +204,7 @@ TEST_CASE("gradient reducer: each block's bucket starts when its backward comple
   REQUIRE_THROWS_WITH(reducer.block_done(0), has_substr("block 0 reported done twice"));
 }
 
-TEST_CASE("init_normal: the element-wise draws, across chunk and thread boundaries, in every dtype", "[init]") {
+TEST_CASE("fill_normal: the element-wise draws, across chunk and thread boundaries, in every dtype", "[init]") {
   // 2^23 + 1001 elements: two chunks, each split over the host's threads.
   const int64_t n = (int64_t(1) << 23) + 1001;
   const uint64_t stream = 77, first = 12345;
@@ -213,11 +212,11 @@ TEST_CASE("init_normal: the element-wise draws, across chunk and thread boundari
     CAPTURE(to_string(dt));
     const int64_t m = dt == DType::F32 ? n : 70001;  // the big case once (time)
     Tensor t = B().empty(Shape{m}, dt);
-    init_normal(B(), t, stream, first, 0.02);
+    B().fill_normal(t, 0.02, stream, first);
     std::vector<double> want(static_cast<size_t>(m));
     for (int64_t i = 0; i < m; ++i) want[size_t(i)] = 0.02 * rng::normal(stream, first + uint64_t(i));
     const Tensor ref = host_tensor(want, Shape{m}, dt);
     REQUIRE(std::memcmp(ref.data(), t.data(), size_t(t.nbytes())) == 0);
   }
-  REQUIRE_THROWS_WITH(init_normal(B(), B().empty(Shape{4}, DType::I32), 1, 0, 1.0), has_substr("not a floating tensor"));
+  REQUIRE_THROWS_WITH(B().fill_normal(B().empty(Shape{4}, DType::I32), 1.0, 1, 0), has_substr("not a floating tensor"));
 }

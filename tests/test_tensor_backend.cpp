@@ -1,5 +1,7 @@
 // moelab tests: Tensor views, the Backend's memory calls, and its checked op entries (clear
 // errors for bad shapes, dtypes and unsupported ops).
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "backends/registry.h"
@@ -99,4 +101,39 @@ TEST_CASE("rng: counter-based draws are reproducible and well distributed", "[rn
   REQUIRE(umax < 1.0);
   REQUIRE(rng::normal(42, 17) == rng::normal(42, 17));
   REQUIRE(rng::derive(1, 2) != rng::derive(2, 1));
+}
+
+// normal() computes log and cos itself (core/rng.h: the C library's differ between the host and
+// the device in the last bit). They must be accurate, and their bits must never change with the
+// build (ISA level, compiler, inlining): the draws are the model's initial weights.
+TEST_CASE("rng: the exact log and cos are accurate to a few ulp, and the draws' bits are fixed", "[rng]") {
+  double worst_log = 0, worst_cos = 0;
+  auto check = [&](double u) {
+    const long double want_log = std::log(static_cast<long double>(u));
+    worst_log = std::max(worst_log, double(std::fabs((rng::exact::log_pos(u) - want_log) / want_log)));
+    const long double two_pi = 6.283185307179586476925286766559L;
+    const long double want_cos = std::cos(two_pi * static_cast<long double>(u));
+    worst_cos = std::max(worst_cos, double(std::fabs(rng::exact::cos_2pi(u) - want_cos)));
+  };
+  for (int i = 0; i < 300000; ++i) check(rng::uniform(5, uint64_t(i)));
+  // The edges of every branch: the smallest and largest uniforms, the mantissa split at sqrt(2),
+  // and the reduction's folds at 1/8, 1/4, 1/2 (and their neighbours).
+  for (double u : {0x1p-54, 1.0 - 0x1p-53, 0.5, 0.25, 0.125, 0.375, 0.625, 0.75, 0.875, 1e-300,
+                   0.7071067811865475, 0.7071067811865476, 1.4142135623730951 / 2, 0.999})
+    for (double v : {std::nextafter(u, 0.0), u, std::nextafter(u, 1.0)})
+      if (v > 0 && v < 1) check(v);
+  CAPTURE(worst_log, worst_cos);
+  CHECK(worst_log < 4e-16);  // relative; 1 ulp is 1.1e-16 .. 2.2e-16
+  CHECK(worst_cos < 4e-16);  // absolute, |cos| <= 1
+  // Bits of a few draws, recorded when this implementation was written: a build that contracts
+  // a*b+c into an fma, reorders the series or swaps in the C library fails here.
+  const uint64_t want[] = {0x3fda8ac4b546f502ULL, 0x3ffc6940ed0aa15bULL, 0xbfeb39549983678aULL,
+                           0xbfe1fa68e21c7bc2ULL, 0x3ffa46af1c3230d9ULL, 0xbfe68a7d5e302239ULL};
+  for (int i = 0; i < 6; ++i) {
+    const double z = rng::normal(42, uint64_t(i) * 1000003);
+    uint64_t b;
+    std::memcpy(&b, &z, 8);
+    CAPTURE(i, z);
+    CHECK(b == want[i]);
+  }
 }

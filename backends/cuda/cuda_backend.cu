@@ -211,6 +211,9 @@ class CudaBackend final : public Backend {
 
   // ---- elementwise and GEMM ----------------------------------------------------------------
   void fill_impl(const Tensor& x, double v) override { cuda::fill(ctx_, x, v); }
+  void fill_normal_impl(const Tensor& x, double std, uint64_t stream, uint64_t first) override {
+    cuda::fill_normal(ctx_, x, std, stream, first);
+  }
   void cast_impl(const Tensor& s, const Tensor& d) override { cuda::cast(ctx_, s, d); }
   void axpy_impl(double a, const Tensor& x, const Tensor& y) override { cuda::axpy(ctx_, a, x, y); }
   void transpose_impl(const Tensor& x, const Tensor& y) override { cuda::transpose(ctx_, x, y); }

@@ -15,6 +15,7 @@ namespace moelab::cuda {
 
 // ---- kernels_elementwise.cu ----------------------------------------------------------------
 void fill(Ctx& c, const Tensor& x, double v);
+void fill_normal(Ctx& c, const Tensor& x, double std, uint64_t stream, uint64_t first);
 void cast(Ctx& c, const Tensor& src, const Tensor& dst);
 void axpy(Ctx& c, double alpha, const Tensor& x, const Tensor& y);
 // y[0..n) = beta y (beta == 0 writes exact zeros, ignoring NaN in y). dt: f32 or bf16.

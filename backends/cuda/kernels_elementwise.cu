@@ -19,6 +19,13 @@ template <class T> __global__ void fill_kernel(T* x, int64_t n, double v) {
   MOELAB_GRID_STRIDE(i, n) store_d(x, i, v);
 }
 
+// x[i] = std * normal(stream, first + i): core/rng.h's exact arithmetic, so the same bits as the
+// host's draw (Backend::fill_normal).
+template <class T>
+__global__ void fill_normal_kernel(T* x, int64_t n, double std, uint64_t stream, uint64_t first) {
+  MOELAB_GRID_STRIDE(i, n) store_d(x, i, rng::exact::mul(std, rng::normal(stream, first + uint64_t(i))));
+}
+
 template <class S, class D> __global__ void cast_kernel(const S* s, D* d, int64_t n) {
   MOELAB_GRID_STRIDE(i, n) store_d(d, i, load_d(s, i));
 }
@@ -197,6 +204,16 @@ void fill(Ctx& c, const Tensor& x, double v) {
   dispatch_any(x.dtype(), "fill", [&](auto tag) {
     using T = decltype(tag);
     fill_kernel<T><<<grid_for(n), kThreads, 0, c.stream>>>(mptr<T>(x), n, v);
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void fill_normal(Ctx& c, const Tensor& x, double std, uint64_t stream, uint64_t first) {
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  dispatch_any(x.dtype(), "fill_normal", [&](auto tag) {  // i32 is refused by Backend::fill_normal
+    using T = decltype(tag);
+    fill_normal_kernel<T><<<grid_for(n), kThreads, 0, c.stream>>>(mptr<T>(x), n, std, stream, first);
     CUDA_CHECK_LAUNCH();
   });
 }

@@ -1,7 +1,6 @@
 // moelab: MoE layer composition (only core composes ops; backends implement them).
 #include "core/moe/moe_layer.h"
 
-#include "core/init.h"
 #include "core/profile.h"
 
 #include <cmath>
@@ -74,7 +73,7 @@ void MoELayer::init(uint64_t seed, double scale) {
     const uint64_t first = p.name.rfind("experts.", 0) == 0
                                ? uint64_t(dispatcher_->first_expert()) * uint64_t(p.value.numel() / p.value.dim(0))
                                : 0;
-    init_normal(b_, p.value, s, first, std);
+    b_.fill_normal(p.value, std, s, first);
   }
 }
 
