@@ -409,12 +409,18 @@ class CudaBackend final : public Backend {
   void attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
                               int64_t kv_heads, int64_t seq_len, const Tensor& out,
                               const Tensor& lse, const Tensor& segments) override {
+    // f32: cuBLAS GEMMs (attention_gemm.cu says why).
+    if (cuda::attention_gemm_can_implement(q, heads, kv_heads, seq_len))
+      return cuda::attention_gemm_forward(ctx_, q, k, v, heads, kv_heads, seq_len, out, lse, segments);
     cuda::attention_forward(ctx_, q, k, v, heads, kv_heads, seq_len, out, lse, segments);
   }
   void attention_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& out, const Tensor& lse, const Tensor& dout,
                                int64_t heads, int64_t kv_heads, int64_t seq_len, const Tensor& dq,
                                const Tensor& dk, const Tensor& dv, const Tensor& segments) override {
+    if (cuda::attention_gemm_can_implement(q, heads, kv_heads, seq_len))
+      return cuda::attention_gemm_backward(ctx_, q, k, v, out, lse, dout, heads, kv_heads, seq_len, dq, dk,
+                                           dv, segments);
     cuda::attention_backward(ctx_, q, k, v, out, lse, dout, heads, kv_heads, seq_len, dq, dk, dv,
                              segments);
   }

@@ -149,6 +149,16 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
                         const Tensor& out, const Tensor& lse, const Tensor& dout, int64_t heads,
                         int64_t kv_heads, int64_t seq_len, const Tensor& dq, const Tensor& dk,
                         const Tensor& dv, const Tensor& segments);
+// f32 attention through cuBLAS GEMMs (attention_gemm.cu), same contract as the flash kernels;
+// can_implement: f32, and one kv group's S x S scores fit the scratch limit.
+bool attention_gemm_can_implement(const Tensor& q, int64_t heads, int64_t kv_heads, int64_t seq_len);
+void attention_gemm_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
+                            int64_t kv_heads, int64_t seq_len, const Tensor& out, const Tensor& lse,
+                            const Tensor& segments);
+void attention_gemm_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const Tensor& out, const Tensor& lse, const Tensor& dout, int64_t heads,
+                             int64_t kv_heads, int64_t seq_len, const Tensor& dq, const Tensor& dk,
+                             const Tensor& dv, const Tensor& segments);
 double cross_entropy_forward(Ctx& c, const Tensor& logits, const Tensor& targets);
 void cross_entropy_backward(Ctx& c, const Tensor& logits, const Tensor& targets, double scale,
                             const Tensor& dlogits);
