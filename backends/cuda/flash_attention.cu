@@ -13,6 +13,8 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -38,6 +40,19 @@ template <int DH> __global__ void __launch_bounds__(256, 1) dq_tc_kernel(fl::Par
 template <int DH> __global__ void __launch_bounds__(256, 1) dkv_tc_kernel(fl::Params p) {
   extern __shared__ __align__(16) char smem[];
   fl::dkv_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+// v2: 128 threads, 2 blocks per SM (255 registers per thread at most).
+template <int DH> __global__ void __launch_bounds__(128, 2) fwd2_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::fwd2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <int DH> __global__ void __launch_bounds__(128, 2) dq2_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dq2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <int DH> __global__ void __launch_bounds__(128, 2) dkv2_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dkv2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
 }
 template <class E> __global__ void __launch_bounds__(fl::Gen::kThreads) fwd_gen_kernel(fl::Params p) {
   extern __shared__ __align__(16) char smem[];
@@ -65,6 +80,21 @@ void launch(Ctx& c, K kernel, int64_t gx, int64_t gy, int threads, size_t smem, 
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   kernel<<<dim3(unsigned(gx), unsigned(gy)), threads, smem, c.stream>>>(p);
   CUDA_CHECK_LAUNCH();
+}
+
+// MOELAB_FLASH=v1|v2 (unset: v2) picks the tensor-core kernels, read once: v1 gives each warp
+// 16 rows, v2 32 (flash_attention_kernels.h). v2 has no dK/dV kernel for head width 128 and
+// runs v1's there.
+enum class Flash { V1, V2 };
+Flash flash_variant() {
+  static const Flash v = [] {
+    const char* e = std::getenv("MOELAB_FLASH");
+    const std::string s = e ? e : "";
+    if (s.empty() || s == "v2") return Flash::V2;
+    if (s != "v1") MOELAB_USAGE_FAIL("MOELAB_FLASH = '", s, "' (accepted: v1|v2)");
+    return Flash::V1;
+  }();
+  return v;
 }
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
@@ -121,6 +151,16 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
+    if (flash_variant() == Flash::V2) {
+      auto run = [&](auto dhc) {
+        constexpr int DH = decltype(dhc)::value;
+        using C = fl::Fwd2Tc<DH>;
+        launch(c, fwd2_tc_kernel<DH>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
+      };
+      if (dh == 64) run(std::integral_constant<int, 64>{});
+      else run(std::integral_constant<int, 128>{});
+      return;
+    }
     if (dh == 64) {
       using C = fl::FwdTc<64>;
       launch(c, fwd_tc_kernel<64>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
@@ -163,6 +203,17 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
       constexpr int DH = decltype(dhc)::value;
       using Q = fl::DqTc<DH>;
       using K = fl::DkvTc<DH>;
+      if (flash_variant() == Flash::V2) {
+        using Q2 = fl::Dq2Tc<DH>;
+        launch(c, dq2_tc_kernel<DH>, BH, (S + Q2::BR - 1) / Q2::BR, Q2::kThreads, Q2::kSmem, p);
+        if constexpr (DH == 64) {
+          using K2 = fl::Dkv2Tc<DH>;
+          launch(c, dkv2_tc_kernel<DH>, BG, (S + K2::BC - 1) / K2::BC, K2::kThreads, K2::kSmem, p);
+        } else {
+          launch(c, dkv_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
+        }
+        return;
+      }
       launch(c, dq_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
       launch(c, dkv_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
     };
