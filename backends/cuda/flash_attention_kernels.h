@@ -28,6 +28,12 @@
 //   dkv_tc<DH>   dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij Q_i: block per 128 keys of one kv
 //                head (16 per warp), looping over the group's heads and, for each, over the
 //                query tiles from the diagonal down (32 rows for DH 128, 64 for DH 64).
+//   fwd2_tc, dq2_tc, dkv2_tc (DH 64): variant 2 (flash_attention.cu: MOELAB_FLASH=v1|v2, default
+//                v2), the same loops with 4 warps x 32 rows (two m16 tiles per warp, so each K / V /
+//                Q / dO fragment that ldmatrix reads feeds two mma), 128 threads, 2 blocks per SM:
+//                forward BR 128 / BC 64; dQ BR 128 / BC 64 (DH 64) or 32 (DH 128, for registers);
+//                dK/dV 128 keys (32 per warp) / query tiles of 32. Key (query) blocks of 16 wholly
+//                masked for the warp are skipped. For DH 128, v2 runs v1's dkv_tc.
 //   *_gen<E>     generic fp32 kernels for f32 or bf16 storage and any head width <= 256: one
 //                warp per query row (forward, dQ) or key row (dK, dV), lanes over the keys
 //                (queries) of a 32-wide tile in shared memory.
