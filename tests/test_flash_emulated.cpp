@@ -167,10 +167,10 @@ Bits check_case(const Shape5& c, bool tc, bool reverse, uint64_t seed, const std
           using K = fl::Dkv2Tc<DH>;
           grid(B * Hkv, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, reverse,
                [&](int tid, char* sm, int bx, int by) { fl::dkv2_tc<DH>(p, sm, tid, bx, by); });
-        } else {  // v2 has no dK/dV kernel for DH 128: v1's
-          using K = fl::DkvTc<DH>;
+        } else {
+          using K = fl::Dkv2sTc<DH>;
           grid(B * Hkv, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, reverse,
-               [&](int tid, char* sm, int bx, int by) { fl::dkv_tc<DH>(p, sm, tid, bx, by); });
+               [&](int tid, char* sm, int bx, int by) { fl::dkv2s_tc<DH>(p, sm, tid, bx, by); });
         }
       };
       REQUIRE((Dh == 64 || Dh == 128));

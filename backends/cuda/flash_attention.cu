@@ -54,6 +54,10 @@ template <int DH> __global__ void __launch_bounds__(128, 2) dkv2_tc_kernel(fl::P
   extern __shared__ __align__(16) char smem[];
   fl::dkv2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
 }
+template <int DH> __global__ void __launch_bounds__(256, 1) dkv2s_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dkv2s_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
 template <class E> __global__ void __launch_bounds__(fl::Gen::kThreads) fwd_gen_kernel(fl::Params p) {
   extern __shared__ __align__(16) char smem[];
   fl::fwd_gen<E>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
@@ -83,8 +87,7 @@ void launch(Ctx& c, K kernel, int64_t gx, int64_t gy, int threads, size_t smem, 
 }
 
 // MOELAB_FLASH=v1|v2 (unset: v2) picks the tensor-core kernels, read once: v1 gives each warp
-// 16 rows, v2 32 (flash_attention_kernels.h). v2 has no dK/dV kernel for head width 128 and
-// runs v1's there.
+// 16 rows, v2 32 (flash_attention_kernels.h; dK/dV for head width 128: dkv2s_tc).
 enum class Flash { V1, V2 };
 Flash flash_variant() {
   static const Flash v = [] {
@@ -210,7 +213,8 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
           using K2 = fl::Dkv2Tc<DH>;
           launch(c, dkv2_tc_kernel<DH>, BG, (S + K2::BC - 1) / K2::BC, K2::kThreads, K2::kSmem, p);
         } else {
-          launch(c, dkv_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
+          using K2 = fl::Dkv2sTc<DH>;
+          launch(c, dkv2s_tc_kernel<DH>, BG, (S + K2::BC - 1) / K2::BC, K2::kThreads, K2::kSmem, p);
         }
         return;
       }

@@ -967,6 +967,174 @@ FA_UNROLL
   }
 }
 
+// dK, dV, v2 for DH 128 (any DH that is a multiple of 32 works): 32 keys per warp would need
+// 2 x 2 x DH / 2 accumulators for dK and dV alone, so 8 warps split the work twice over. Block of
+// 128 keys, query tiles of 64. Phase 1: warp (wk, wx) computes S^T, dP^T and dS^T for keys
+// key0 + 32 wk .. + 31 x queries 32 wx .. + 31 of the tile and writes P^T and dS^T to shared
+// memory as bf16 (the rounding v1 applies to its mma operands). Phase 2: the same warp
+// accumulates dV += P^T dO and dK += dS^T Q for its 32 keys x columns DH/2 wx .. + DH/2 - 1,
+// reading P^T and dS^T of all 64 queries. Each fragment feeds two mma in both phases.
+template <int DH> struct Dkv2sTc {
+  static constexpr int kThreads = 256, MT = 2, BC = 128, BR = 64, LDS = DH + 8, LDP = BR + 8;
+  // K, V; 2 stages of Q and dO; P^T and dS^T; 2 stages of lse and D (f32).
+  static constexpr size_t kSmem =
+      size_t(2 * BC + 4 * BR) * LDS * 2 + size_t(2 * BC) * LDP * 2 + size_t(4 * BR) * 4;
+};
+
+// acc[mt] (16 x N) += A_mt (16 rows at sA + 16 mt rows, [m][k], K wide) x B (sB, [k][n], N
+// wide); k blocks of 16 outside [klo, khi) (warp-uniform: A is 0 there) are skipped.
+template <int N, int LDA, int LDB, int K, int MT>
+FA_DEV void fa_mm_ab2(float (&acc)[MT][N / 8][4], const uint16_t* sA, const uint16_t* sB, int klo,
+                      int khi, int lane) {
+FA_UNROLL
+  for (int kb = 0; kb < K / 16; ++kb) {
+    if (kb < klo || kb >= khi) continue;
+    uint32_t a[MT][4];
+FA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) fa_lds_a<LDA>(a[mt], sA + mt * 16 * LDA + kb * 16, lane);
+FA_UNROLL
+    for (int nb = 0; nb < N / 16; ++nb) {
+      uint32_t b[4];
+      fa_lds_b_kn<LDB>(b, sB + kb * 16 * LDB + nb * 16, lane);
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        fa_mma(acc[mt][2 * nb], a[mt], b[0], b[1]);
+        fa_mma(acc[mt][2 * nb + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <int DH>
+FA_DEV void dkv2s_tc(const Params& p, char* smem, int tid, int bg, int ty) {
+  using C = Dkv2sTc<DH>;
+  constexpr int BC = C::BC, BR = C::BR, LDS = C::LDS, LDP = C::LDP, NT = C::kThreads, MT = C::MT;
+  constexpr int DW = DH / 2;  // phase 2: columns per warp
+  const int S = p.S, H = p.H, Hkv = p.Hkv, G = H / Hkv;
+  const int b = bg / Hkv, g = bg - b * Hkv;
+  const int key0 = ty * BC;
+  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(Hkv) * DH;
+  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
+  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
+  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
+  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* sV = sK + BC * LDS;
+  uint16_t* sQ = sV + BC * LDS;       // [2][BR][LDS]
+  uint16_t* sdO = sQ + 2 * BR * LDS;  // [2][BR][LDS]
+  uint16_t* sP = sdO + 2 * BR * LDS;  // [BC][LDP] P^T
+  uint16_t* sdS = sP + BC * LDP;      // [BC][LDP] dS^T
+  float* sL = reinterpret_cast<float*>(sdS + BC * LDP);  // [2][BR] lse
+  float* sD = sL + 2 * BR;                                // [2][BR] D
+
+  const int n_qt = (S + BR - 1) / BR, qt0 = key0 / BR, nq = n_qt - qt0;
+  const int total = G * nq;  // (head of the group, query tile) pairs, head-major
+  auto issue = [&](int it, int st) {
+    const int hh = it / nq, qt = qt0 + (it - hh * nq), h = g * G + hh, r0 = qt * BR;
+    fa_load_rows<DH, LDS, NT>(sQ + st * BR * LDS, Qb + h * DH, ldq, r0, BR, S, tid);
+    fa_load_rows<DH, LDS, NT>(sdO + st * BR * LDS, dOb + h * DH, ldq, r0, BR, S, tid);
+    const int64_t lrow = (int64_t(b) * H + h) * S;
+    for (int i = tid; i < BR; i += NT) {  // lse and D of the tile's rows (0 past S)
+      const int r = r0 + i;
+      const int64_t src = lrow + (r < S ? r : 0);
+      fa_cp_async4(sL + st * BR + i, p.lse + src, r < S);
+      fa_cp_async4(sD + st * BR + i, p.delta + src, r < S);
+    }
+  };
+  fa_load_rows<DH, LDS, NT>(sK, K, ldk, key0, BC, S, tid);
+  fa_load_rows<DH, LDS, NT>(sV, V, ldk, key0, BC, S, tid);
+  issue(0, 0);
+  fa_cp_commit();
+
+  const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wk = warp >> 1, wx = warp & 1;  // key group; query half (phase 1), column half (phase 2)
+  const int kw0 = key0 + wk * 32;           // the warp's first key
+  float dk[MT][DW / 8][4], dv[MT][DW / 8][4];
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+    for (int i = 0; i < DW / 8; ++i) {
+      dk[mt][i][0] = dk[mt][i][1] = dk[mt][i][2] = dk[mt][i][3] = 0.0f;
+      dv[mt][i][0] = dv[mt][i][1] = dv[mt][i][2] = dv[mt][i][3] = 0.0f;
+    }
+
+  for (int it = 0; it < total; ++it) {
+    const int st = it & 1;
+    if (it + 1 < total) {
+      issue(it + 1, st ^ 1);
+      fa_cp_commit();
+      fa_cp_wait<1>();
+    } else {
+      fa_cp_wait<0>();
+    }
+    fa_sync();
+    const int hh = it / nq, q0 = (qt0 + (it - hh * nq)) * BR;
+    const uint16_t* tQ = sQ + st * BR * LDS;
+    const uint16_t* tdO = sdO + st * BR * LDS;
+    const float* tL = sL + st * BR;
+    const float* tD = sD + st * BR;
+    {  // phase 1
+      const int qw0 = q0 + wx * 32;  // the warp's first query
+      float sT[MT][4][4], dsT[MT][4][4];
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          sT[mt][i][0] = sT[mt][i][1] = sT[mt][i][2] = sT[mt][i][3] = 0.0f;
+          dsT[mt][i][0] = dsT[mt][i][1] = dsT[mt][i][2] = dsT[mt][i][3] = 0.0f;
+        }
+      if (kw0 < S && qw0 < S && qw0 + 31 >= kw0) {  // warp-uniform; else P^T = dS^T = 0
+        fa_mm_abt2<DH, LDS, 32, MT>(sT, sK + wk * 32 * LDS, tQ + wx * 32 * LDS, 0, 2, lane);    // K Q^T
+        fa_mm_abt2<DH, LDS, 32, MT>(dsT, sV + wk * 32 * LDS, tdO + wx * 32 * LDS, 0, 2, lane);  // V dO^T
+        const bool mask = qw0 < kw0 + 31 || qw0 + 32 > S;
+FA_UNROLL
+        for (int nb = 0; nb < 4; ++nb)
+FA_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int ql = wx * 32 + nb * 8 + 2 * tq + e, qc = q0 + ql;
+            const float l2 = tL[ql] * kLog2e, dq = tD[ql];
+FA_UNROLL
+            for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+              for (int hr = 0; hr < 2; ++hr) {
+                const int kr = kw0 + mt * 16 + gq + 8 * hr;
+                const bool off = (mask && (qc < kr || qc >= S)) || !fa_seg_ok(sg, S, qc, kr);
+                const float pe = off ? 0.0f : fa_exp2(sT[mt][nb][2 * hr + e] * p.scale_log2 - l2);
+                sT[mt][nb][2 * hr + e] = pe;
+                dsT[mt][nb][2 * hr + e] = pe * (dsT[mt][nb][2 * hr + e] - dq);  // dS^T
+              }
+          }
+      }
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int hr = 0; hr < 2; ++hr) {
+          const int r = (wk * 32 + mt * 16 + gq + 8 * hr) * LDP + wx * 32 + 2 * tq;
+FA_UNROLL
+          for (int nb = 0; nb < 4; ++nb) {
+            fa_st32(sP + r + nb * 8, fa_pack_bf16(sT[mt][nb][2 * hr], sT[mt][nb][2 * hr + 1]));
+            fa_st32(sdS + r + nb * 8, fa_pack_bf16(dsT[mt][nb][2 * hr], dsT[mt][nb][2 * hr + 1]));
+          }
+        }
+    }
+    fa_sync();  // P^T and dS^T of the whole tile are in shared memory
+    if (kw0 < S && q0 + BR - 1 >= kw0) {  // phase 2; warp-uniform
+      const int klo = fa_imax(0, (kw0 - q0) / 16);  // query blocks wholly before the warp's keys
+      fa_mm_ab2<DW, LDP, LDS, BR, MT>(dv, sP + wk * 32 * LDP, tdO + wx * DW, klo, BR / 16, lane);
+      fa_mm_ab2<DW, LDP, LDS, BR, MT>(dk, sdS + wk * 32 * LDP, tQ + wx * DW, klo, BR / 16, lane);
+    }
+    fa_sync();  // the stage, P^T and dS^T are free for the next iteration
+  }
+  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(b) * S * ldk + g * DH + wx * DW;
+  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH + wx * DW;
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    fa_store_rows<DW>(dK, ldk, kw0 + mt * 16, S, dk[mt], p.scale, lane);
+    fa_store_rows<DW>(dV, ldk, kw0 + mt * 16, S, dv[mt], 1.0f, lane);
+  }
+}
+
 // ---- generic fp32 kernels (f32 or bf16 storage E, any head width <= 256) --------------------------
 
 // Forward. Grid: x = b*H + h, y = query tile of Gen::QR rows (reversed); warp w owns rows
