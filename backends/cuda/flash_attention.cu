@@ -148,13 +148,14 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
                        int64_t Hkv, int64_t S, const Tensor& out, const Tensor& lse,
                        const Tensor& segments) {
   const int64_t T = q.dim(0);
+  const Flash variant = flash_variant();  // a bad MOELAB_FLASH fails on every path
   if (T == 0) return;
   fl::Params p = params(q, k, v, H, Hkv, S, segments);
   p.out = out.data();
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
-    if (flash_variant() == Flash::V2) {
+    if (variant == Flash::V2) {
       auto run = [&](auto dhc) {
         constexpr int DH = decltype(dhc)::value;
         using C = fl::Fwd2Tc<DH>;
@@ -185,6 +186,7 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
                         int64_t Hkv, int64_t S, const Tensor& dq, const Tensor& dk,
                         const Tensor& dv, const Tensor& segments) {
   const int64_t T = q.dim(0);
+  const Flash variant = flash_variant();
   if (T == 0) return;
   fl::Params p = params(q, k, v, H, Hkv, S, segments);
   p.o = out.data();
@@ -206,7 +208,7 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
       constexpr int DH = decltype(dhc)::value;
       using Q = fl::DqTc<DH>;
       using K = fl::DkvTc<DH>;
-      if (flash_variant() == Flash::V2) {
+      if (variant == Flash::V2) {
         using Q2 = fl::Dq2Tc<DH>;
         launch(c, dq2_tc_kernel<DH>, BH, (S + Q2::BR - 1) / Q2::BR, Q2::kThreads, Q2::kSmem, p);
         if constexpr (DH == 64) {
