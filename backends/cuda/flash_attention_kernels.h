@@ -570,6 +570,8 @@ template <int DH> struct Fwd2Tc {
   // BC 64 for both widths: with BC 128, DH 64 spills (ptxas, 255 registers).
   static constexpr int kThreads = 128, MT = 2, BR = 128, BC = 64, LDS = DH + 8;
   static constexpr size_t kSmem = size_t(BR + 4 * BC) * LDS * 2;  // Q, 2 stages of K and V
+  // DH 64: the warp's Q fragments stay in registers (32 of them), so S = Q K^T reads only K.
+  static constexpr bool kQReg = DH == 64;
 };
 template <int DH> struct Dq2Tc {
   // BC 32 for DH 128: dQ (128 accumulators) plus S and dP (2 x 2 x BC / 2) within 255 registers.
@@ -606,6 +608,25 @@ FA_UNROLL
       }
     }
   }
+}
+
+// fa_mm_abt2 with the A fragments in registers: a[mt][kk] for k block kk.
+template <int DH, int LDS, int N, int MT>
+FA_DEV void fa_mm_abt2r(float (&acc)[MT][N / 8][4], const uint32_t (&a)[MT][DH / 16][4],
+                        const uint16_t* sB, int nlo, int nhi, int lane) {
+FA_UNROLL
+  for (int kk = 0; kk < DH / 16; ++kk)
+FA_UNROLL
+    for (int nb = 0; nb < N / 16; ++nb) {
+      if (nb < nlo || nb >= nhi) continue;
+      uint32_t b[4];
+      fa_lds_b_nk<LDS>(b, sB + nb * 16 * LDS + kk * 16, lane);
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        fa_mma(acc[mt][2 * nb], a[mt][kk], b[0], b[1]);
+        fa_mma(acc[mt][2 * nb + 1], a[mt][kk], b[2], b[3]);
+      }
+    }
 }
 
 // acc[mt] (16 x DH) += P_mt (16 x K, bf16 rounding of p[mt]) x B, B [k][n] at sB (K rows, DH
@@ -660,6 +681,7 @@ FA_DEV void fwd2_tc(const Params& p, char* smem, int tid, int bh, int ty) {
   const int w0 = q0 + warp * WR, w_last = fa_imin(w0 + WR - 1, S - 1);
   float o[MT][DH / 8][4];
   float m[MT][2], l[MT][2];  // l: this lane's partial sums
+  uint32_t qf[MT][C::kQReg ? DH / 16 : 1][4];  // kQReg: Q's A fragments
 FA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
 FA_UNROLL
@@ -687,7 +709,17 @@ FA_UNROLL
       for (int mt = 0; mt < MT; ++mt)
 FA_UNROLL
         for (int i = 0; i < BC / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
-      fa_mm_abt2<DH, LDS, BC, MT>(s, sQ + warp * WR * LDS, sK + st * BC * LDS, 0, nhi, lane);
+      if constexpr (C::kQReg) {
+        if (j == 0)  // every warp with rows visits tile 0, and Q landed with it
+FA_UNROLL
+          for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+            for (int kk = 0; kk < DH / 16; ++kk)
+              fa_lds_a<LDS>(qf[mt][kk], sQ + (warp * WR + mt * 16) * LDS + kk * 16, lane);
+        fa_mm_abt2r<DH, LDS, BC, MT>(s, qf, sK + st * BC * LDS, 0, nhi, lane);
+      } else {
+        fa_mm_abt2<DH, LDS, BC, MT>(s, sQ + warp * WR * LDS, sK + st * BC * LDS, 0, nhi, lane);
+      }
       const bool mask = k0 + BC - 1 > w0;  // the tile crosses this warp's diagonal
 FA_UNROLL
       for (int mt = 0; mt < MT; ++mt)
