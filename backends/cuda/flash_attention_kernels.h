@@ -28,12 +28,17 @@
 //   dkv_tc<DH>   dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij Q_i: block per 128 keys of one kv
 //                head (16 per warp), looping over the group's heads and, for each, over the
 //                query tiles from the diagonal down (32 rows for DH 128, 64 for DH 64).
-//   fwd2_tc, dq2_tc, dkv2_tc (DH 64): variant 2 (flash_attention.cu: MOELAB_FLASH=v1|v2, default
-//                v2), the same loops with 4 warps x 32 rows (two m16 tiles per warp, so each K / V /
-//                Q / dO fragment that ldmatrix reads feeds two mma), 128 threads, 2 blocks per SM:
-//                forward BR 128 / BC 64; dQ BR 128 / BC 64 (DH 64) or 32 (DH 128, for registers);
-//                dK/dV 128 keys (32 per warp) / query tiles of 32. Key (query) blocks of 16 wholly
-//                masked for the warp are skipped. For DH 128, v2 runs v1's dkv_tc.
+//   fwd2_tc, dq2_tc, dkv2_tc, dkv2s_tc: variant 2 (flash_attention.cu: MOELAB_FLASH=v1|v2,
+//                default v2). Each warp owns 32 rows as two m16 tiles, so every fragment that
+//                ldmatrix reads feeds two mma (v1, 16 rows per warp, reads about one
+//                ldmatrix.x4 per two mma: shared-memory bandwidth, by our count, bounds it). Forward and dQ: 4 warps x 32 query rows, 128 threads, 2 blocks per
+//                SM; key tiles of 64 (dQ with DH 128: 32, for registers); forward with DH 64
+//                keeps Q's fragments in registers. dK/dV with DH 64 (dkv2_tc): 4 warps x 32 keys,
+//                query tiles of 32. dK/dV with DH 128 (dkv2s_tc; 32 keys' dK and dV would need
+//                256 registers): 8 warps over 128 keys x query tiles of 64, S^T/dP^T as 4 x 2
+//                warps of 32 x 32, P^T and dS^T handed over in shared memory (bf16), then dK/dV
+//                as 4 x 2 warps of 32 keys x 64 columns. Blocks of 16 keys (queries) wholly
+//                masked for a warp are skipped.
 //   *_gen<E>     generic fp32 kernels for f32 or bf16 storage and any head width <= 256: one
 //                warp per query row (forward, dQ) or key row (dK, dV), lanes over the keys
 //                (queries) of a 32-wide tile in shared memory.
@@ -562,9 +567,9 @@ FA_UNROLL
 
 // ---- variant 2 (MOELAB_FLASH=v2): two m16 tiles per warp ------------------------------------------
 // Each warp owns 32 rows (forward, dQ: queries; dK/dV: keys) as two m16 tiles, so that every B
-// fragment that ldmatrix reads from shared memory feeds two mma instead of one: v1, with 16 rows
-// per warp, is bound by shared-memory bandwidth (about one ldmatrix.x4 per two mma). 4 warps per
-// block, 128 threads, shared memory small enough for 2 blocks per SM (227 KiB on sm_90).
+// fragment that ldmatrix reads from shared memory feeds two mma instead of one (v1, with 16 rows
+// per warp, reads about one ldmatrix.x4 per two mma). 4 warps per block, 128 threads, at most
+// 255 registers and 102 KiB of shared memory: 2 blocks per SM. dK/dV for DH 128: dkv2s_tc below.
 
 template <int DH> struct Fwd2Tc {
   // BC 64 for both widths: with BC 128, DH 64 spills (ptxas, 255 registers).
