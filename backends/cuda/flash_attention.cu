@@ -9,7 +9,8 @@
 // at an odd offset is not) run the tensor-core kernels; everything else (f32, other widths up to
 // 256, unaligned views) the generic fp32 kernels. Backward: D = rowsum(dO * O) pre-pass, then a
 // dQ kernel over query tiles and a dK/dV kernel over key tiles: three launches, no atomics, the
-// same bits on every run (see the header for the tiles and the masking).
+// same bits on every run (see the header for the tiles and the masking). MOELAB_FLASH=v1|v2
+// picks the tensor-core kernels (flash_variant below).
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -54,6 +55,7 @@ template <int DH> __global__ void __launch_bounds__(128, 2) dkv2_tc_kernel(fl::P
   extern __shared__ __align__(16) char smem[];
   fl::dkv2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
 }
+// dkv2s (head width 128): 8 warps, 173 KiB of shared memory, one block per SM.
 template <int DH> __global__ void __launch_bounds__(256, 1) dkv2s_tc_kernel(fl::Params p) {
   extern __shared__ __align__(16) char smem[];
   fl::dkv2s_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
