@@ -9,10 +9,13 @@
 // at an odd offset is not) run the tensor-core kernels; everything else (f32, other widths up to
 // 256, unaligned views) the generic fp32 kernels. Backward: D = rowsum(dO * O) pre-pass, then a
 // dQ kernel over query tiles and a dK/dV kernel over key tiles: three launches, no atomics, the
-// same bits on every run (see the header for the tiles and the masking).
+// same bits on every run (see the header for the tiles and the masking). MOELAB_FLASH=v1|v2
+// picks the tensor-core kernels (flash_variant below).
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -38,6 +41,24 @@ template <int DH> __global__ void __launch_bounds__(256, 1) dq_tc_kernel(fl::Par
 template <int DH> __global__ void __launch_bounds__(256, 1) dkv_tc_kernel(fl::Params p) {
   extern __shared__ __align__(16) char smem[];
   fl::dkv_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+// v2: 128 threads, 2 blocks per SM (255 registers per thread at most).
+template <int DH> __global__ void __launch_bounds__(128, 2) fwd2_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::fwd2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <int DH> __global__ void __launch_bounds__(128, 2) dq2_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dq2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+template <int DH> __global__ void __launch_bounds__(128, 2) dkv2_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dkv2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
+}
+// dkv2s (head width 128): 8 warps, 173 KiB of shared memory, one block per SM.
+template <int DH> __global__ void __launch_bounds__(256, 1) dkv2s_tc_kernel(fl::Params p) {
+  extern __shared__ __align__(16) char smem[];
+  fl::dkv2s_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
 }
 template <class E> __global__ void __launch_bounds__(fl::Gen::kThreads) fwd_gen_kernel(fl::Params p) {
   extern __shared__ __align__(16) char smem[];
@@ -65,6 +86,20 @@ void launch(Ctx& c, K kernel, int64_t gx, int64_t gy, int threads, size_t smem, 
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   kernel<<<dim3(unsigned(gx), unsigned(gy)), threads, smem, c.stream>>>(p);
   CUDA_CHECK_LAUNCH();
+}
+
+// MOELAB_FLASH=v1|v2 (unset: v2) picks the tensor-core kernels, read once: v1 gives each warp
+// 16 rows, v2 32 (flash_attention_kernels.h; dK/dV for head width 128: dkv2s_tc).
+enum class Flash { V1, V2 };
+Flash flash_variant() {
+  static const Flash v = [] {
+    const char* e = std::getenv("MOELAB_FLASH");
+    const std::string s = e ? e : "";
+    if (s.empty() || s == "v2") return Flash::V2;
+    if (s != "v1") MOELAB_USAGE_FAIL("MOELAB_FLASH = '", s, "' (accepted: v1|v2)");
+    return Flash::V1;
+  }();
+  return v;
 }
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
@@ -115,12 +150,23 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
                        int64_t Hkv, int64_t S, const Tensor& out, const Tensor& lse,
                        const Tensor& segments) {
   const int64_t T = q.dim(0);
+  const Flash variant = flash_variant();  // a bad MOELAB_FLASH fails on every path
   if (T == 0) return;
   fl::Params p = params(q, k, v, H, Hkv, S, segments);
   p.out = out.data();
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
+    if (variant == Flash::V2) {
+      auto run = [&](auto dhc) {
+        constexpr int DH = decltype(dhc)::value;
+        using C = fl::Fwd2Tc<DH>;
+        launch(c, fwd2_tc_kernel<DH>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
+      };
+      if (dh == 64) run(std::integral_constant<int, 64>{});
+      else run(std::integral_constant<int, 128>{});
+      return;
+    }
     if (dh == 64) {
       using C = fl::FwdTc<64>;
       launch(c, fwd_tc_kernel<64>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
@@ -142,6 +188,7 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
                         int64_t Hkv, int64_t S, const Tensor& dq, const Tensor& dk,
                         const Tensor& dv, const Tensor& segments) {
   const int64_t T = q.dim(0);
+  const Flash variant = flash_variant();
   if (T == 0) return;
   fl::Params p = params(q, k, v, H, Hkv, S, segments);
   p.o = out.data();
@@ -163,6 +210,18 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
       constexpr int DH = decltype(dhc)::value;
       using Q = fl::DqTc<DH>;
       using K = fl::DkvTc<DH>;
+      if (variant == Flash::V2) {
+        using Q2 = fl::Dq2Tc<DH>;
+        launch(c, dq2_tc_kernel<DH>, BH, (S + Q2::BR - 1) / Q2::BR, Q2::kThreads, Q2::kSmem, p);
+        if constexpr (DH == 64) {
+          using K2 = fl::Dkv2Tc<DH>;
+          launch(c, dkv2_tc_kernel<DH>, BG, (S + K2::BC - 1) / K2::BC, K2::kThreads, K2::kSmem, p);
+        } else {
+          using K2 = fl::Dkv2sTc<DH>;
+          launch(c, dkv2s_tc_kernel<DH>, BG, (S + K2::BC - 1) / K2::BC, K2::kThreads, K2::kSmem, p);
+        }
+        return;
+      }
       launch(c, dq_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
       launch(c, dkv_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
     };

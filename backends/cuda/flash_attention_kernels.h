@@ -28,6 +28,17 @@
 //   dkv_tc<DH>   dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij Q_i: block per 128 keys of one kv
 //                head (16 per warp), looping over the group's heads and, for each, over the
 //                query tiles from the diagonal down (32 rows for DH 128, 64 for DH 64).
+//   fwd2_tc, dq2_tc, dkv2_tc, dkv2s_tc: variant 2 (flash_attention.cu: MOELAB_FLASH=v1|v2,
+//                default v2). Each warp owns 32 rows as two m16 tiles, so every fragment that
+//                ldmatrix reads feeds two mma (v1, 16 rows per warp, reads about one
+//                ldmatrix.x4 per two mma: shared-memory bandwidth, by our count, bounds it). Forward and dQ: 4 warps x 32 query rows, 128 threads, 2 blocks per
+//                SM; key tiles of 64 (dQ with DH 128: 32, for registers); forward with DH 64
+//                keeps Q's fragments in registers. dK/dV with DH 64 (dkv2_tc): 4 warps x 32 keys,
+//                query tiles of 32. dK/dV with DH 128 (dkv2s_tc; 32 keys' dK and dV would need
+//                256 registers): 8 warps over 128 keys x query tiles of 64, S^T/dP^T as 4 x 2
+//                warps of 32 x 32, P^T and dS^T handed over in shared memory (bf16), then dK/dV
+//                as 4 x 2 warps of 32 keys x 64 columns. Blocks of 16 keys (queries) wholly
+//                masked for a warp are skipped.
 //   *_gen<E>     generic fp32 kernels for f32 or bf16 storage and any head width <= 256: one
 //                warp per query row (forward, dQ) or key row (dK, dV), lanes over the keys
 //                (queries) of a 32-wide tile in shared memory.
@@ -552,6 +563,613 @@ FA_UNROLL
   uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH;
   fa_store_rows<DH>(dK, ldk, kw0, S, dk, p.scale, lane);
   fa_store_rows<DH>(dV, ldk, kw0, S, dv, 1.0f, lane);
+}
+
+// ---- variant 2 (MOELAB_FLASH=v2): two m16 tiles per warp ------------------------------------------
+// Each warp owns 32 rows (forward, dQ: queries; dK/dV: keys) as two m16 tiles, so that every B
+// fragment that ldmatrix reads from shared memory feeds two mma instead of one (v1, with 16 rows
+// per warp, reads about one ldmatrix.x4 per two mma). 4 warps per block, 128 threads, at most
+// 255 registers and 102 KiB of shared memory: 2 blocks per SM. dK/dV for DH 128: dkv2s_tc below.
+
+template <int DH> struct Fwd2Tc {
+  // BC 64 for both widths: with BC 128, DH 64 spills (ptxas, 255 registers).
+  static constexpr int kThreads = 128, MT = 2, BR = 128, BC = 64, LDS = DH + 8;
+  static constexpr size_t kSmem = size_t(BR + 4 * BC) * LDS * 2;  // Q, 2 stages of K and V
+  // DH 64: the warp's Q fragments stay in registers (32 of them), so S = Q K^T reads only K.
+  static constexpr bool kQReg = DH == 64;
+};
+template <int DH> struct Dq2Tc {
+  // BC 32 for DH 128: dQ (128 accumulators) plus S and dP (2 x 2 x BC / 2) within 255 registers.
+  static constexpr int kThreads = 128, MT = 2, BR = 128, BC = DH == 64 ? 64 : 32, LDS = DH + 8;
+  static constexpr size_t kSmem = size_t(2 * BR + 4 * BC) * LDS * 2;  // Q, dO, 2 x (K, V)
+};
+template <int DH> struct Dkv2Tc {
+  // DH 64 only: dK and dV of 32 keys take 128 accumulators; for DH 128 they would take 256.
+  static_assert(DH == 64, "dkv2_tc: head width 64 only");
+  static constexpr int kThreads = 128, MT = 2, BC = 128, BR = 32, LDS = DH + 8;
+  static constexpr size_t kSmem = size_t(2 * BC + 4 * BR) * LDS * 2 + size_t(4 * BR) * 4;
+};
+
+// acc[mt] += A_mt (16 rows at sA + 16 mt rows, DH wide) x B^T, B rows n = 0..N-1 at sB ([n][k]);
+// each B fragment feeds MT m tiles. n blocks of 16 outside [nlo, nhi) (warp-uniform: wholly
+// masked) are skipped and keep their accumulators.
+template <int DH, int LDS, int N, int MT>
+FA_DEV void fa_mm_abt2(float (&acc)[MT][N / 8][4], const uint16_t* sA, const uint16_t* sB, int nlo,
+                       int nhi, int lane) {
+FA_UNROLL
+  for (int kk = 0; kk < DH / 16; ++kk) {
+    uint32_t a[MT][4];
+FA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) fa_lds_a<LDS>(a[mt], sA + mt * 16 * LDS + kk * 16, lane);
+FA_UNROLL
+    for (int nb = 0; nb < N / 16; ++nb) {
+      if (nb < nlo || nb >= nhi) continue;
+      uint32_t b[4];
+      fa_lds_b_nk<LDS>(b, sB + nb * 16 * LDS + kk * 16, lane);
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        fa_mma(acc[mt][2 * nb], a[mt], b[0], b[1]);
+        fa_mma(acc[mt][2 * nb + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// fa_mm_abt2 with the A fragments in registers: a[mt][kk] for k block kk.
+template <int DH, int LDS, int N, int MT>
+FA_DEV void fa_mm_abt2r(float (&acc)[MT][N / 8][4], const uint32_t (&a)[MT][DH / 16][4],
+                        const uint16_t* sB, int nlo, int nhi, int lane) {
+FA_UNROLL
+  for (int kk = 0; kk < DH / 16; ++kk)
+FA_UNROLL
+    for (int nb = 0; nb < N / 16; ++nb) {
+      if (nb < nlo || nb >= nhi) continue;
+      uint32_t b[4];
+      fa_lds_b_nk<LDS>(b, sB + nb * 16 * LDS + kk * 16, lane);
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        fa_mma(acc[mt][2 * nb], a[mt][kk], b[0], b[1]);
+        fa_mma(acc[mt][2 * nb + 1], a[mt][kk], b[2], b[3]);
+      }
+    }
+}
+
+// acc[mt] (16 x DH) += P_mt (16 x K, bf16 rounding of p[mt]) x B, B [k][n] at sB (K rows, DH
+// columns); k blocks of 16 outside [klo, khi) (warp-uniform: P is 0 there) are skipped.
+template <int DH, int LDS, int K, int MT>
+FA_DEV void fa_mm_pb2(float (&acc)[MT][DH / 8][4], const float (&p)[MT][K / 8][4], const uint16_t* sB,
+                      int klo, int khi, int lane) {
+FA_UNROLL
+  for (int kb = 0; kb < K / 16; ++kb) {
+    if (kb < klo || kb >= khi) continue;
+    uint32_t a[MT][4];
+FA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) fa_acc_to_a(a[mt], p[mt][2 * kb], p[mt][2 * kb + 1]);
+FA_UNROLL
+    for (int dp = 0; dp < DH / 16; ++dp) {
+      uint32_t b[4];
+      fa_lds_b_kn<LDS>(b, sB + kb * 16 * LDS + dp * 16, lane);
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        fa_mma(acc[mt][2 * dp], a[mt], b[0], b[1]);
+        fa_mma(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Forward, v2. Grid as fwd_tc. Warp w owns query rows q0 + 32w .. + 31; in the tile that holds
+// its diagonal, key blocks of 16 wholly right of its last row are skipped.
+template <int DH>
+FA_DEV void fwd2_tc(const Params& p, char* smem, int tid, int bh, int ty) {
+  using C = Fwd2Tc<DH>;
+  constexpr int BR = C::BR, BC = C::BC, LDS = C::LDS, NT = C::kThreads, MT = C::MT, WR = 16 * MT;
+  const int S = p.S, H = p.H;
+  const int b = bh / H, h = bh - b * H, g = h / (H / p.Hkv);
+  const int n_qt = (S + BR - 1) / BR, q0 = (n_qt - 1 - ty) * BR;
+  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
+  const uint16_t* Q = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq + h * DH;
+  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
+  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* sK = sQ + BR * LDS;      // [2][BC][LDS]
+  uint16_t* sV = sK + 2 * BC * LDS;  // [2][BC][LDS]
+  const int n_kt = (fa_imin(q0 + BR, S) - 1) / BC + 1;
+
+  fa_load_rows<DH, LDS, NT>(sQ, Q, ldq, q0, BR, S, tid);
+  fa_load_rows<DH, LDS, NT>(sK, K, ldk, 0, BC, S, tid);
+  fa_load_rows<DH, LDS, NT>(sV, V, ldk, 0, BC, S, tid);
+  fa_cp_commit();
+
+  const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int w0 = q0 + warp * WR, w_last = fa_imin(w0 + WR - 1, S - 1);
+  float o[MT][DH / 8][4];
+  float m[MT][2], l[MT][2];  // l: this lane's partial sums
+  uint32_t qf[MT][C::kQReg ? DH / 16 : 1][4];  // kQReg: Q's A fragments
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+FA_UNROLL
+    for (int i = 0; i < DH / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
+    m[mt][0] = m[mt][1] = fa_ninf();
+    l[mt][0] = l[mt][1] = 0.0f;
+  }
+
+  for (int j = 0; j < n_kt; ++j) {
+    const int st = j & 1;
+    if (j + 1 < n_kt) {
+      fa_load_rows<DH, LDS, NT>(sK + (st ^ 1) * BC * LDS, K, ldk, (j + 1) * BC, BC, S, tid);
+      fa_load_rows<DH, LDS, NT>(sV + (st ^ 1) * BC * LDS, V, ldk, (j + 1) * BC, BC, S, tid);
+      fa_cp_commit();
+      fa_cp_wait<1>();
+    } else {
+      fa_cp_wait<0>();
+    }
+    fa_sync();
+    const int k0 = j * BC;
+    if (w0 < S && k0 <= w_last) {  // warp-uniform
+      const int nhi = fa_imin(BC / 16, (w_last - k0) / 16 + 1);  // blocks reaching the warp's rows
+      float s[MT][BC / 8][4];
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int i = 0; i < BC / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
+      if constexpr (C::kQReg) {
+        if (j == 0)  // every warp with rows visits tile 0, and Q landed with it
+FA_UNROLL
+          for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+            for (int kk = 0; kk < DH / 16; ++kk)
+              fa_lds_a<LDS>(qf[mt][kk], sQ + (warp * WR + mt * 16) * LDS + kk * 16, lane);
+        fa_mm_abt2r<DH, LDS, BC, MT>(s, qf, sK + st * BC * LDS, 0, nhi, lane);
+      } else {
+        fa_mm_abt2<DH, LDS, BC, MT>(s, sQ + warp * WR * LDS, sK + st * BC * LDS, 0, nhi, lane);
+      }
+      const bool mask = k0 + BC - 1 > w0;  // the tile crosses this warp's diagonal
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int hr = 0; hr < 2; ++hr) {
+          const int row = w0 + mt * 16 + gq + 8 * hr;
+          float mx = fa_ninf();
+FA_UNROLL
+          for (int nb = 0; nb < BC / 8; ++nb)
+FA_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              float x = s[mt][nb][2 * hr + e] * p.scale_log2;
+              const int col = k0 + nb * 8 + 2 * tq + e;
+              if ((mask && col > row) || !fa_seg_ok(sg, S, row, col)) x = fa_ninf();
+              s[mt][nb][2 * hr + e] = x;
+              mx = fmaxf(mx, x);
+            }
+          mx = fmaxf(mx, fa_shfl_xor(mx, 1));
+          mx = fmaxf(mx, fa_shfl_xor(mx, 2));
+          const float mn = fmaxf(m[mt][hr], mx);
+          const float ms = mn == fa_ninf() ? 0.0f : mn;  // a row with nothing yet: no NaN
+          const float alpha = fa_exp2(m[mt][hr] - ms);
+          m[mt][hr] = mn;
+          float sum = 0.0f;
+FA_UNROLL
+          for (int nb = 0; nb < BC / 8; ++nb)
+FA_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const float pe = fa_exp2(s[mt][nb][2 * hr + e] - ms);
+              s[mt][nb][2 * hr + e] = pe;
+              sum += pe;
+            }
+          l[mt][hr] = l[mt][hr] * alpha + sum;
+FA_UNROLL
+          for (int db = 0; db < DH / 8; ++db) {
+            o[mt][db][2 * hr] *= alpha;
+            o[mt][db][2 * hr + 1] *= alpha;
+          }
+        }
+      fa_mm_pb2<DH, LDS, BC, MT>(o, s, sV + st * BC * LDS, 0, nhi, lane);
+    }
+    fa_sync();  // the stage is free for the prefetch of iteration j + 1
+  }
+
+  uint16_t* O = static_cast<uint16_t*>(p.out) + int64_t(b) * S * ldq + h * DH;
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
+FA_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = w0 + mt * 16 + gq + 8 * hr;
+      float lt = l[mt][hr];
+      lt += fa_shfl_xor(lt, 1);
+      lt += fa_shfl_xor(lt, 2);
+      inv[hr] = 1.0f / lt;
+      if (tq == 0 && row < S) p.lse[int64_t(bh) * S + row] = (m[mt][hr] + fa_log2(lt)) * kLn2;
+    }
+FA_UNROLL
+    for (int db = 0; db < DH / 8; ++db) {
+      o[mt][db][0] *= inv[0];
+      o[mt][db][1] *= inv[0];
+      o[mt][db][2] *= inv[1];
+      o[mt][db][3] *= inv[1];
+    }
+    fa_store_rows<DH>(O, ldq, w0 + mt * 16, S, o[mt], 1.0f, lane);
+  }
+}
+
+// dQ, v2. Grid as dq_tc; warp w owns query rows q0 + 32w .. + 31 (as fwd2_tc).
+template <int DH>
+FA_DEV void dq2_tc(const Params& p, char* smem, int tid, int bh, int ty) {
+  using C = Dq2Tc<DH>;
+  constexpr int BR = C::BR, BC = C::BC, LDS = C::LDS, NT = C::kThreads, MT = C::MT, WR = 16 * MT;
+  const int S = p.S, H = p.H;
+  const int b = bh / H, h = bh - b * H, g = h / (H / p.Hkv);
+  const int n_qt = (S + BR - 1) / BR, q0 = (n_qt - 1 - ty) * BR;
+  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
+  const uint16_t* Q = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq + h * DH;
+  const uint16_t* dO = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq + h * DH;
+  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
+  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* sdO = sQ + BR * LDS;
+  uint16_t* sK = sdO + BR * LDS;     // [2][BC][LDS]
+  uint16_t* sV = sK + 2 * BC * LDS;  // [2][BC][LDS]
+  const int n_kt = (fa_imin(q0 + BR, S) - 1) / BC + 1;
+
+  fa_load_rows<DH, LDS, NT>(sQ, Q, ldq, q0, BR, S, tid);
+  fa_load_rows<DH, LDS, NT>(sdO, dO, ldq, q0, BR, S, tid);
+  fa_load_rows<DH, LDS, NT>(sK, K, ldk, 0, BC, S, tid);
+  fa_load_rows<DH, LDS, NT>(sV, V, ldk, 0, BC, S, tid);
+  fa_cp_commit();
+
+  const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int w0 = q0 + warp * WR, w_last = fa_imin(w0 + WR - 1, S - 1);
+  float lse2[MT][2], dr[MT][2];
+  float dq[MT][DH / 8][4];
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+FA_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = w0 + mt * 16 + gq + 8 * hr;
+      const bool ok = row < S;
+      lse2[mt][hr] = ok ? p.lse[int64_t(bh) * S + row] * kLog2e : 0.0f;
+      dr[mt][hr] = ok ? p.delta[int64_t(bh) * S + row] : 0.0f;
+    }
+FA_UNROLL
+    for (int i = 0; i < DH / 8; ++i) dq[mt][i][0] = dq[mt][i][1] = dq[mt][i][2] = dq[mt][i][3] = 0.0f;
+  }
+
+  for (int j = 0; j < n_kt; ++j) {
+    const int st = j & 1;
+    if (j + 1 < n_kt) {
+      fa_load_rows<DH, LDS, NT>(sK + (st ^ 1) * BC * LDS, K, ldk, (j + 1) * BC, BC, S, tid);
+      fa_load_rows<DH, LDS, NT>(sV + (st ^ 1) * BC * LDS, V, ldk, (j + 1) * BC, BC, S, tid);
+      fa_cp_commit();
+      fa_cp_wait<1>();
+    } else {
+      fa_cp_wait<0>();
+    }
+    fa_sync();
+    const int k0 = j * BC;
+    if (w0 < S && k0 <= w_last) {  // warp-uniform
+      const int nhi = fa_imin(BC / 16, (w_last - k0) / 16 + 1);
+      float s[MT][BC / 8][4], dp[MT][BC / 8][4];
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int i = 0; i < BC / 8; ++i) {
+          s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
+          dp[mt][i][0] = dp[mt][i][1] = dp[mt][i][2] = dp[mt][i][3] = 0.0f;
+        }
+      fa_mm_abt2<DH, LDS, BC, MT>(s, sQ + warp * WR * LDS, sK + st * BC * LDS, 0, nhi, lane);    // Q K^T
+      fa_mm_abt2<DH, LDS, BC, MT>(dp, sdO + warp * WR * LDS, sV + st * BC * LDS, 0, nhi, lane);  // dO V^T
+      const bool mask = k0 + BC - 1 > w0 || w0 + WR - 1 >= S;
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int hr = 0; hr < 2; ++hr) {
+          const int row = w0 + mt * 16 + gq + 8 * hr;
+FA_UNROLL
+          for (int nb = 0; nb < BC / 8; ++nb)
+FA_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const int col = k0 + nb * 8 + 2 * tq + e;
+              const bool off = (mask && (col > row || row >= S)) || !fa_seg_ok(sg, S, row, col);
+              const float pe = off ? 0.0f : fa_exp2(s[mt][nb][2 * hr + e] * p.scale_log2 - lse2[mt][hr]);
+              s[mt][nb][2 * hr + e] = pe * (dp[mt][nb][2 * hr + e] - dr[mt][hr]);  // dS
+            }
+        }
+      fa_mm_pb2<DH, LDS, BC, MT>(dq, s, sK + st * BC * LDS, 0, nhi, lane);  // dS K
+    }
+    fa_sync();
+  }
+  uint16_t* dQ = static_cast<uint16_t*>(p.dq) + int64_t(b) * S * ldq + h * DH;
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) fa_store_rows<DH>(dQ, ldq, w0 + mt * 16, S, dq[mt], p.scale, lane);
+}
+
+// dK, dV, v2 (DH 64). Grid as dkv_tc; warp w owns keys key0 + 32w .. + 31 and computes the
+// transposed products as dkv_tc does, each Q / dO fragment feeding both key tiles.
+template <int DH>
+FA_DEV void dkv2_tc(const Params& p, char* smem, int tid, int bg, int ty) {
+  using C = Dkv2Tc<DH>;
+  constexpr int BC = C::BC, BR = C::BR, LDS = C::LDS, NT = C::kThreads, MT = C::MT, WR = 16 * MT;
+  const int S = p.S, H = p.H, Hkv = p.Hkv, G = H / Hkv;
+  const int b = bg / Hkv, g = bg - b * Hkv;
+  const int key0 = ty * BC;
+  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(Hkv) * DH;
+  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
+  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
+  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
+  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* sV = sK + BC * LDS;
+  uint16_t* sQ = sV + BC * LDS;       // [2][BR][LDS]
+  uint16_t* sdO = sQ + 2 * BR * LDS;  // [2][BR][LDS]
+  float* sL = reinterpret_cast<float*>(sdO + 2 * BR * LDS);  // [2][BR] lse
+  float* sD = sL + 2 * BR;                                    // [2][BR] D
+
+  const int n_qt = (S + BR - 1) / BR, qt0 = key0 / BR, nq = n_qt - qt0;
+  const int total = G * nq;  // (head of the group, query tile) pairs, head-major
+  auto issue = [&](int it, int st) {
+    const int hh = it / nq, qt = qt0 + (it - hh * nq), h = g * G + hh, r0 = qt * BR;
+    fa_load_rows<DH, LDS, NT>(sQ + st * BR * LDS, Qb + h * DH, ldq, r0, BR, S, tid);
+    fa_load_rows<DH, LDS, NT>(sdO + st * BR * LDS, dOb + h * DH, ldq, r0, BR, S, tid);
+    const int64_t lrow = (int64_t(b) * H + h) * S;
+    for (int i = tid; i < BR; i += NT) {  // lse and D of the tile's rows (0 past S)
+      const int r = r0 + i;
+      const int64_t src = lrow + (r < S ? r : 0);
+      fa_cp_async4(sL + st * BR + i, p.lse + src, r < S);
+      fa_cp_async4(sD + st * BR + i, p.delta + src, r < S);
+    }
+  };
+  fa_load_rows<DH, LDS, NT>(sK, K, ldk, key0, BC, S, tid);
+  fa_load_rows<DH, LDS, NT>(sV, V, ldk, key0, BC, S, tid);
+  issue(0, 0);
+  fa_cp_commit();
+
+  const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int kw0 = key0 + warp * WR;  // the warp's first key
+  float dk[MT][DH / 8][4], dv[MT][DH / 8][4];
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+    for (int i = 0; i < DH / 8; ++i) {
+      dk[mt][i][0] = dk[mt][i][1] = dk[mt][i][2] = dk[mt][i][3] = 0.0f;
+      dv[mt][i][0] = dv[mt][i][1] = dv[mt][i][2] = dv[mt][i][3] = 0.0f;
+    }
+
+  for (int it = 0; it < total; ++it) {
+    const int st = it & 1;
+    if (it + 1 < total) {
+      issue(it + 1, st ^ 1);
+      fa_cp_commit();
+      fa_cp_wait<1>();
+    } else {
+      fa_cp_wait<0>();
+    }
+    fa_sync();
+    const int hh = it / nq, q0 = (qt0 + (it - hh * nq)) * BR;
+    const uint16_t* tQ = sQ + st * BR * LDS;
+    const uint16_t* tdO = sdO + st * BR * LDS;
+    const float* tL = sL + st * BR;
+    const float* tD = sD + st * BR;
+    if (kw0 < S && q0 + BR - 1 >= kw0) {  // warp-uniform: some query of the tile sees a key
+      float sT[MT][BR / 8][4], dpT[MT][BR / 8][4];
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int i = 0; i < BR / 8; ++i) {
+          sT[mt][i][0] = sT[mt][i][1] = sT[mt][i][2] = sT[mt][i][3] = 0.0f;
+          dpT[mt][i][0] = dpT[mt][i][1] = dpT[mt][i][2] = dpT[mt][i][3] = 0.0f;
+        }
+      fa_mm_abt2<DH, LDS, BR, MT>(sT, sK + warp * WR * LDS, tQ, 0, BR / 16, lane);  // K Q^T
+      const bool mask = q0 < kw0 + WR - 1 || q0 + BR > S;
+FA_UNROLL
+      for (int nb = 0; nb < BR / 8; ++nb)
+FA_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const int ql = nb * 8 + 2 * tq + e, qc = q0 + ql;
+          const float l2 = tL[ql] * kLog2e;
+FA_UNROLL
+          for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+            for (int hr = 0; hr < 2; ++hr) {
+              const int kr = kw0 + mt * 16 + gq + 8 * hr;
+              const bool off = (mask && (qc < kr || qc >= S)) || !fa_seg_ok(sg, S, qc, kr);
+              sT[mt][nb][2 * hr + e] = off ? 0.0f : fa_exp2(sT[mt][nb][2 * hr + e] * p.scale_log2 - l2);
+            }
+        }
+      fa_mm_pb2<DH, LDS, BR, MT>(dv, sT, tdO, 0, BR / 16, lane);                     // dV += P^T dO
+      fa_mm_abt2<DH, LDS, BR, MT>(dpT, sV + warp * WR * LDS, tdO, 0, BR / 16, lane);  // V dO^T
+FA_UNROLL
+      for (int nb = 0; nb < BR / 8; ++nb)
+FA_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const float dq = tD[nb * 8 + 2 * tq + e];
+FA_UNROLL
+          for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+            for (int hr = 0; hr < 2; ++hr)
+              sT[mt][nb][2 * hr + e] = sT[mt][nb][2 * hr + e] * (dpT[mt][nb][2 * hr + e] - dq);  // dS^T
+        }
+      fa_mm_pb2<DH, LDS, BR, MT>(dk, sT, tQ, 0, BR / 16, lane);  // dK += dS^T Q
+    }
+    fa_sync();
+  }
+  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(b) * S * ldk + g * DH;
+  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH;
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    fa_store_rows<DH>(dK, ldk, kw0 + mt * 16, S, dk[mt], p.scale, lane);
+    fa_store_rows<DH>(dV, ldk, kw0 + mt * 16, S, dv[mt], 1.0f, lane);
+  }
+}
+
+// dK, dV, v2 for DH 128 (any DH that is a multiple of 32 works): 32 keys per warp would need
+// 2 x 2 x DH / 2 accumulators for dK and dV alone, so 8 warps split the work twice over. Block of
+// 128 keys, query tiles of 64. Phase 1: warp (wk, wx) computes S^T, dP^T and dS^T for keys
+// key0 + 32 wk .. + 31 x queries 32 wx .. + 31 of the tile and writes P^T and dS^T to shared
+// memory as bf16 (the rounding v1 applies to its mma operands). Phase 2: the same warp
+// accumulates dV += P^T dO and dK += dS^T Q for its 32 keys x columns DH/2 wx .. + DH/2 - 1,
+// reading P^T and dS^T of all 64 queries. Each fragment feeds two mma in both phases.
+template <int DH> struct Dkv2sTc {
+  static constexpr int kThreads = 256, MT = 2, BC = 128, BR = 64, LDS = DH + 8, LDP = BR + 8;
+  // K, V; 2 stages of Q and dO; P^T and dS^T; 2 stages of lse and D (f32).
+  static constexpr size_t kSmem =
+      size_t(2 * BC + 4 * BR) * LDS * 2 + size_t(2 * BC) * LDP * 2 + size_t(4 * BR) * 4;
+};
+
+// acc[mt] (16 x N) += A_mt (16 rows at sA + 16 mt rows, [m][k], K wide) x B (sB, [k][n], N
+// wide); k blocks of 16 outside [klo, khi) (warp-uniform: A is 0 there) are skipped.
+template <int N, int LDA, int LDB, int K, int MT>
+FA_DEV void fa_mm_ab2(float (&acc)[MT][N / 8][4], const uint16_t* sA, const uint16_t* sB, int klo,
+                      int khi, int lane) {
+FA_UNROLL
+  for (int kb = 0; kb < K / 16; ++kb) {
+    if (kb < klo || kb >= khi) continue;
+    uint32_t a[MT][4];
+FA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) fa_lds_a<LDA>(a[mt], sA + mt * 16 * LDA + kb * 16, lane);
+FA_UNROLL
+    for (int nb = 0; nb < N / 16; ++nb) {
+      uint32_t b[4];
+      fa_lds_b_kn<LDB>(b, sB + kb * 16 * LDB + nb * 16, lane);
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        fa_mma(acc[mt][2 * nb], a[mt], b[0], b[1]);
+        fa_mma(acc[mt][2 * nb + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <int DH>
+FA_DEV void dkv2s_tc(const Params& p, char* smem, int tid, int bg, int ty) {
+  using C = Dkv2sTc<DH>;
+  constexpr int BC = C::BC, BR = C::BR, LDS = C::LDS, LDP = C::LDP, NT = C::kThreads, MT = C::MT;
+  constexpr int DW = DH / 2;  // phase 2: columns per warp
+  const int S = p.S, H = p.H, Hkv = p.Hkv, G = H / Hkv;
+  const int b = bg / Hkv, g = bg - b * Hkv;
+  const int key0 = ty * BC;
+  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(Hkv) * DH;
+  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
+  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
+  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
+  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* sV = sK + BC * LDS;
+  uint16_t* sQ = sV + BC * LDS;       // [2][BR][LDS]
+  uint16_t* sdO = sQ + 2 * BR * LDS;  // [2][BR][LDS]
+  uint16_t* sP = sdO + 2 * BR * LDS;  // [BC][LDP] P^T
+  uint16_t* sdS = sP + BC * LDP;      // [BC][LDP] dS^T
+  float* sL = reinterpret_cast<float*>(sdS + BC * LDP);  // [2][BR] lse
+  float* sD = sL + 2 * BR;                                // [2][BR] D
+
+  const int n_qt = (S + BR - 1) / BR, qt0 = key0 / BR, nq = n_qt - qt0;
+  const int total = G * nq;  // (head of the group, query tile) pairs, head-major
+  auto issue = [&](int it, int st) {
+    const int hh = it / nq, qt = qt0 + (it - hh * nq), h = g * G + hh, r0 = qt * BR;
+    fa_load_rows<DH, LDS, NT>(sQ + st * BR * LDS, Qb + h * DH, ldq, r0, BR, S, tid);
+    fa_load_rows<DH, LDS, NT>(sdO + st * BR * LDS, dOb + h * DH, ldq, r0, BR, S, tid);
+    const int64_t lrow = (int64_t(b) * H + h) * S;
+    for (int i = tid; i < BR; i += NT) {  // lse and D of the tile's rows (0 past S)
+      const int r = r0 + i;
+      const int64_t src = lrow + (r < S ? r : 0);
+      fa_cp_async4(sL + st * BR + i, p.lse + src, r < S);
+      fa_cp_async4(sD + st * BR + i, p.delta + src, r < S);
+    }
+  };
+  fa_load_rows<DH, LDS, NT>(sK, K, ldk, key0, BC, S, tid);
+  fa_load_rows<DH, LDS, NT>(sV, V, ldk, key0, BC, S, tid);
+  issue(0, 0);
+  fa_cp_commit();
+
+  const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wk = warp >> 1, wx = warp & 1;  // key group; query half (phase 1), column half (phase 2)
+  const int kw0 = key0 + wk * 32;           // the warp's first key
+  float dk[MT][DW / 8][4], dv[MT][DW / 8][4];
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+    for (int i = 0; i < DW / 8; ++i) {
+      dk[mt][i][0] = dk[mt][i][1] = dk[mt][i][2] = dk[mt][i][3] = 0.0f;
+      dv[mt][i][0] = dv[mt][i][1] = dv[mt][i][2] = dv[mt][i][3] = 0.0f;
+    }
+
+  for (int it = 0; it < total; ++it) {
+    const int st = it & 1;
+    if (it + 1 < total) {
+      issue(it + 1, st ^ 1);
+      fa_cp_commit();
+      fa_cp_wait<1>();
+    } else {
+      fa_cp_wait<0>();
+    }
+    fa_sync();
+    const int hh = it / nq, q0 = (qt0 + (it - hh * nq)) * BR;
+    const uint16_t* tQ = sQ + st * BR * LDS;
+    const uint16_t* tdO = sdO + st * BR * LDS;
+    const float* tL = sL + st * BR;
+    const float* tD = sD + st * BR;
+    {  // phase 1
+      const int qw0 = q0 + wx * 32;  // the warp's first query
+      float sT[MT][4][4], dsT[MT][4][4];
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          sT[mt][i][0] = sT[mt][i][1] = sT[mt][i][2] = sT[mt][i][3] = 0.0f;
+          dsT[mt][i][0] = dsT[mt][i][1] = dsT[mt][i][2] = dsT[mt][i][3] = 0.0f;
+        }
+      if (kw0 < S && qw0 < S && qw0 + 31 >= kw0) {  // warp-uniform; else P^T = dS^T = 0
+        fa_mm_abt2<DH, LDS, 32, MT>(sT, sK + wk * 32 * LDS, tQ + wx * 32 * LDS, 0, 2, lane);    // K Q^T
+        fa_mm_abt2<DH, LDS, 32, MT>(dsT, sV + wk * 32 * LDS, tdO + wx * 32 * LDS, 0, 2, lane);  // V dO^T
+        const bool mask = qw0 < kw0 + 31 || qw0 + 32 > S;
+FA_UNROLL
+        for (int nb = 0; nb < 4; ++nb)
+FA_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int ql = wx * 32 + nb * 8 + 2 * tq + e, qc = q0 + ql;
+            const float l2 = tL[ql] * kLog2e, dq = tD[ql];
+FA_UNROLL
+            for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+              for (int hr = 0; hr < 2; ++hr) {
+                const int kr = kw0 + mt * 16 + gq + 8 * hr;
+                const bool off = (mask && (qc < kr || qc >= S)) || !fa_seg_ok(sg, S, qc, kr);
+                const float pe = off ? 0.0f : fa_exp2(sT[mt][nb][2 * hr + e] * p.scale_log2 - l2);
+                sT[mt][nb][2 * hr + e] = pe;
+                dsT[mt][nb][2 * hr + e] = pe * (dsT[mt][nb][2 * hr + e] - dq);  // dS^T
+              }
+          }
+      }
+FA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+FA_UNROLL
+        for (int hr = 0; hr < 2; ++hr) {
+          const int r = (wk * 32 + mt * 16 + gq + 8 * hr) * LDP + wx * 32 + 2 * tq;
+FA_UNROLL
+          for (int nb = 0; nb < 4; ++nb) {
+            fa_st32(sP + r + nb * 8, fa_pack_bf16(sT[mt][nb][2 * hr], sT[mt][nb][2 * hr + 1]));
+            fa_st32(sdS + r + nb * 8, fa_pack_bf16(dsT[mt][nb][2 * hr], dsT[mt][nb][2 * hr + 1]));
+          }
+        }
+    }
+    fa_sync();  // P^T and dS^T of the whole tile are in shared memory
+    if (kw0 < S && q0 + BR - 1 >= kw0) {  // phase 2; warp-uniform
+      const int klo = fa_imax(0, (kw0 - q0) / 16);  // query blocks wholly before the warp's keys
+      fa_mm_ab2<DW, LDP, LDS, BR, MT>(dv, sP + wk * 32 * LDP, tdO + wx * DW, klo, BR / 16, lane);
+      fa_mm_ab2<DW, LDP, LDS, BR, MT>(dk, sdS + wk * 32 * LDP, tQ + wx * DW, klo, BR / 16, lane);
+    }
+    fa_sync();  // the stage, P^T and dS^T are free for the next iteration
+  }
+  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(b) * S * ldk + g * DH + wx * DW;
+  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH + wx * DW;
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    fa_store_rows<DW>(dK, ldk, kw0 + mt * 16, S, dk[mt], p.scale, lane);
+    fa_store_rows<DW>(dV, ldk, kw0 + mt * 16, S, dv[mt], 1.0f, lane);
+  }
 }
 
 // ---- generic fp32 kernels (f32 or bf16 storage E, any head width <= 256) --------------------------
