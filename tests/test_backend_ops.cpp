@@ -1248,6 +1248,23 @@ TEST_CASE("gpu ops: flash attention (causal, grouped-query) against the CPU", "[
   fam.finish();
 }
 
+// f32 attention runs on cuBLAS GEMMs over chunks of heads (attention_gemm.cu); the default 1 GiB
+// scratch holds every head of the shapes above in one chunk. A backend with a 1-byte scratch
+// takes one kv group per chunk, so the chunk loop, the head offsets of later chunks and the
+// group sums of dK / dV across chunks are compared with the CPU too.
+TEST_CASE("gpu ops: f32 attention over many scratch chunks against the CPU", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("attention (f32, one kv group per chunk)");
+  CudaBackendOptions opts;
+  opts.attention_scratch_bytes = 1;
+  static Backend* small = make_cuda_backend(opts).release();  // never destroyed: see gpu()
+  attention_case(fam, *small, DType::F32, 3, 200, 8, 2, 32);   // 6 chunks of 4 heads, 2 blocks
+  attention_case(fam, *small, DType::F32, 2, 300, 4, 4, 16);   // MHA: 8 chunks, 3 causal blocks
+  attention_case(fam, *small, DType::F32, 2, 65, 6, 1, 64);    // one group of 6 heads per chunk
+  fam.finish();
+}
+
 TEST_CASE("gpu ops: flash attention over packed records (segment mask) against the CPU", "[gpu][sft]") {
   GPU_OR_SKIP();
   SEED_INFO();

@@ -16,8 +16,9 @@
 // keys [0, (ib+1) w), so the GEMMs do (nb+1)/(2 nb) of the full S x S work (nb = 8: 56%), and
 // the row kernels touch only that part (keys j > i inside it are written as 0).
 // Scratch: [chunk, S, S] f32 score buffers (one forward, two backward) over chunks of heads
-// (whole kv groups), at most kScratchBytes each; attention_gemm_can_implement refuses shapes
-// where one kv group alone would exceed kMaxGroupBytes (the flash kernels take those).
+// (whole kv groups), at most Ctx::attention_scratch_bytes each (1 GiB; at least one group);
+// attention_gemm_can_implement refuses shapes where one kv group alone would exceed
+// kMaxGroupBytes (the flash kernels take those).
 #include <cmath>
 #include <vector>
 
@@ -26,7 +27,6 @@
 namespace moelab::cuda {
 namespace {
 
-constexpr int64_t kScratchBytes = int64_t(1) << 30;   // one score buffer, per chunk
 constexpr int64_t kMaxGroupBytes = int64_t(2) << 30;  // one kv group's buffer at most
 
 // The layout of one call: sizes, block width, and the chunks of heads.
@@ -39,7 +39,7 @@ struct Layout {
   int64_t keys_to(int64_t ib) const { return std::min(S, (ib + 1) * w); }  // exclusive
 };
 
-Layout layout(const Tensor& q, const Tensor& k, int64_t H, int64_t Hkv, int64_t S) {
+Layout layout(const Ctx& c, const Tensor& q, const Tensor& k, int64_t H, int64_t Hkv, int64_t S) {
   Layout L;
   L.S = S;
   L.B = q.dim(0) / S;
@@ -54,7 +54,7 @@ Layout layout(const Tensor& q, const Tensor& k, int64_t H, int64_t Hkv, int64_t 
   L.w = (L.w + 63) / 64 * 64;
   L.nb = (S + L.w - 1) / L.w;
   const int64_t per_head = S * S * 4;
-  const int64_t groups = std::max<int64_t>(1, kScratchBytes / (per_head * L.G));
+  const int64_t groups = std::max<int64_t>(1, c.attention_scratch_bytes / (per_head * L.G));
   L.per_chunk = std::min(groups * L.G, L.B * H);
   L.scale = 1.0 / std::sqrt(double(L.dh));
   return L;
@@ -157,7 +157,7 @@ bool attention_gemm_can_implement(const Tensor& q, int64_t H, int64_t Hkv, int64
 void attention_gemm_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
                             int64_t Hkv, int64_t S, const Tensor& out, const Tensor& lse,
                             const Tensor& segments) {
-  const Layout L = layout(q, k, H, Hkv, S);
+  const Layout L = layout(c, q, k, H, Hkv, S);
   const int64_t items = L.B * H;
   if (items == 0 || L.dh == 0) return;
   Buf<float> sc(c, L.per_chunk * S * S);
@@ -193,7 +193,7 @@ void attention_gemm_backward(Ctx& c, const Tensor& q, const Tensor& k, const Ten
                              const Tensor& out, const Tensor& lse, const Tensor& dout, int64_t H,
                              int64_t Hkv, int64_t S, const Tensor& dq, const Tensor& dk,
                              const Tensor& dv, const Tensor& segments) {
-  const Layout L = layout(q, k, H, Hkv, S);
+  const Layout L = layout(c, q, k, H, Hkv, S);
   const int64_t items = L.B * H;
   if (items == 0 || L.dh == 0) return;
   Buf<float> pb(c, L.per_chunk * S * S), dpb(c, L.per_chunk * S * S);

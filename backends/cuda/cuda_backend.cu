@@ -151,6 +151,7 @@ class CudaBackend final : public Backend {
     CUBLAS_CHECK(cublasSetPointerMode(ctx_.blas, CUBLAS_POINTER_MODE_HOST));
     ctx_.alloc = &alloc_;
     ctx_.gemm_chunk_rows = opts.chunk_rows;
+    ctx_.attention_scratch_bytes = opts.attention_scratch_bytes;
   }
 
   ~CudaBackend() override {

@@ -40,6 +40,9 @@ struct CudaBackendOptions {
   int device = 0;                                        // CUDA device ordinal
   GroupedGemmImpl grouped_gemm = GroupedGemmImpl::Auto;
   int64_t chunk_rows = 128;  // Chunked: rows per batched chunk (a multiple of 8, >= 8)
+  // f32 attention (attention_gemm.cu): bytes of one S x S score buffer; heads are taken in
+  // chunks of whole kv groups that fit (at least one group). Tests make it tiny.
+  int64_t attention_scratch_bytes = int64_t(1) << 30;
 };
 
 // The CUDA backend on `opts.device`. Throws moelab::Error when no device is usable.
