@@ -72,63 +72,67 @@ struct RowCtx {
   const int32_t* seg;
 };
 
-__device__ __forceinline__ bool visible(const int32_t* sg, int i, int j) {
-  return j <= i && (!sg || sg[j] == sg[i]);
+// One warp's row of a row kernel (one warp per row, kWarpsPerBlock rows per block).
+struct Row {
+  int64_t r, bh;
+  int lane, i, b, h, e;
+  const int32_t* sg;  // this sequence's segment ids, or null
+  __device__ bool valid(const RowCtx& rc) const { return r < rc.rows; }
+  __device__ bool visible(int j) const { return j <= i && (!sg || sg[j] == sg[i]); }
+};
+__device__ __forceinline__ Row row_of(const RowCtx& rc) {
+  Row w;
+  w.r = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  w.lane = threadIdx.x & 31;
+  const int64_t li = w.r / rc.S;
+  w.bh = rc.bh0 + li;
+  w.i = int(w.r - li * rc.S);
+  w.b = int(w.bh / rc.H);
+  w.h = int(w.bh - int64_t(w.b) * rc.H);
+  w.e = min(rc.S, (w.i / rc.w + 1) * rc.w);
+  w.sg = rc.seg ? rc.seg + int64_t(w.b) * rc.S : nullptr;
+  return w;
 }
 
 // Forward: row <- causal softmax of the row (0 where not visible), lse[bh, i] = max + log sum.
 __global__ void softmax_rows_kernel(float* sc, RowCtx rc, float* lse) {
-  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= rc.rows) return;
-  const int lane = threadIdx.x & 31;
-  const int64_t li = r / rc.S, bh = rc.bh0 + li;
-  const int i = int(r - li * rc.S), b = int(bh / rc.H);
-  const int e = min(rc.S, (i / rc.w + 1) * rc.w);
-  const int32_t* sg = rc.seg ? rc.seg + int64_t(b) * rc.S : nullptr;
-  float* row = sc + r * rc.S;
+  const Row w = row_of(rc);
+  if (!w.valid(rc)) return;
+  float* row = sc + w.r * rc.S;
   float mx = -INFINITY;
-  for (int j = lane; j <= i; j += 32)
-    if (visible(sg, i, j)) mx = fmaxf(mx, row[j]);
+  for (int j = w.lane; j <= w.i; j += 32)
+    if (w.visible(j)) mx = fmaxf(mx, row[j]);
   mx = warp_max(mx);
   float sum = 0.0f;
-  for (int j = lane; j <= i; j += 32)
-    if (visible(sg, i, j)) sum += expf(row[j] - mx);
+  for (int j = w.lane; j <= w.i; j += 32)
+    if (w.visible(j)) sum += expf(row[j] - mx);
   sum = warp_sum(sum);  // >= 1: key i is always visible
   const float inv = 1.0f / sum;
-  for (int j = lane; j < e; j += 32) row[j] = visible(sg, i, j) ? expf(row[j] - mx) * inv : 0.0f;
-  if (lane == 0) lse[bh * rc.S + i] = mx + logf(sum);
+  for (int j = w.lane; j < w.e; j += 32) row[j] = w.visible(j) ? expf(row[j] - mx) * inv : 0.0f;
+  if (w.lane == 0) lse[w.bh * rc.S + w.i] = mx + logf(sum);
 }
 
 // Backward: row <- P = exp(S - lse) (0 where not visible).
 __global__ void probs_rows_kernel(float* sc, RowCtx rc, const float* lse) {
-  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= rc.rows) return;
-  const int lane = threadIdx.x & 31;
-  const int64_t li = r / rc.S, bh = rc.bh0 + li;
-  const int i = int(r - li * rc.S), b = int(bh / rc.H);
-  const int e = min(rc.S, (i / rc.w + 1) * rc.w);
-  const int32_t* sg = rc.seg ? rc.seg + int64_t(b) * rc.S : nullptr;
-  const float l = lse[bh * rc.S + i];
-  float* row = sc + r * rc.S;
-  for (int j = lane; j < e; j += 32) row[j] = visible(sg, i, j) ? expf(row[j] - l) : 0.0f;
+  const Row w = row_of(rc);
+  if (!w.valid(rc)) return;
+  const float l = lse[w.bh * rc.S + w.i];
+  float* row = sc + w.r * rc.S;
+  for (int j = w.lane; j < w.e; j += 32) row[j] = w.visible(j) ? expf(row[j] - l) : 0.0f;
 }
 
 // Backward: dp row <- dS = P (dP - D_i), D_i = sum_d dO[t, h, d] O[t, h, d] (t = b S + i).
 __global__ void dscores_rows_kernel(const float* p, float* dp, RowCtx rc, const float* o,
                                     const float* dout, int64_t Wq, int dh) {
-  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= rc.rows) return;
-  const int lane = threadIdx.x & 31;
-  const int64_t li = r / rc.S, bh = rc.bh0 + li;
-  const int i = int(r - li * rc.S), b = int(bh / rc.H), h = int(bh - int64_t(b) * rc.H);
-  const int e = min(rc.S, (i / rc.w + 1) * rc.w);
-  const int64_t at = (int64_t(b) * rc.S + i) * Wq + int64_t(h) * dh;
+  const Row w = row_of(rc);
+  if (!w.valid(rc)) return;
+  const int64_t at = (int64_t(w.b) * rc.S + w.i) * Wq + int64_t(w.h) * dh;
   float d = 0.0f;
-  for (int x = lane; x < dh; x += 32) d += dout[at + x] * o[at + x];
+  for (int x = w.lane; x < dh; x += 32) d += dout[at + x] * o[at + x];
   d = warp_sum(d);
-  const float* prow = p + r * rc.S;
-  float* drow = dp + r * rc.S;
-  for (int j = lane; j < e; j += 32) drow[j] = prow[j] * (drow[j] - d);
+  const float* prow = p + w.r * rc.S;
+  float* drow = dp + w.r * rc.S;
+  for (int j = w.lane; j < w.e; j += 32) drow[j] = prow[j] * (drow[j] - d);
 }
 
 template <class K, class... A> void launch_rows(Ctx& c, int64_t rows, K kernel, A... args) {
