@@ -9,7 +9,7 @@
 // at an odd offset is not) run the tensor-core kernels; everything else (f32, other widths up to
 // 256, unaligned views) the generic fp32 kernels. Backward: D = rowsum(dO * O) pre-pass, then a
 // dQ kernel over query tiles and a dK/dV kernel over key tiles: three launches, no atomics, the
-// same bits on every run (see the header for the tiles and the masking). MOELAB_FLASH=v1|v2
+// same bits on every run (see the header for the tiles and the masking). MOELAB_FLASH=auto|v1|v2
 // picks the tensor-core kernels (flash_variant below).
 #include <cuda_bf16.h>
 
@@ -88,19 +88,25 @@ void launch(Ctx& c, K kernel, int64_t gx, int64_t gy, int threads, size_t smem, 
   CUDA_CHECK_LAUNCH();
 }
 
-// MOELAB_FLASH=v1|v2 (unset: v2) picks the tensor-core kernels, read once: v1 gives each warp
-// 16 rows, v2 32 (flash_attention_kernels.h; dK/dV for head width 128: dkv2s_tc).
-enum class Flash { V1, V2 };
+// MOELAB_FLASH=auto|v1|v2 (unset: auto) picks the tensor-core kernels, read once: v1 gives each
+// warp 16 rows, v2 32 (flash_attention_kernels.h; dK/dV for head width 128: dkv2s_tc). auto
+// takes the faster of the two as measured on one H200 (docs/performance.md, B 8, S 2048): the
+// backward of v2 at both widths (+22% at 64, +25% at 128); the forward of v2 at width 128 (+15%)
+// but of v1 at width 64 (v2's was 9% slower there).
+enum class Flash { Auto, V1, V2 };
 Flash flash_variant() {
   static const Flash v = [] {
     const char* e = std::getenv("MOELAB_FLASH");
     const std::string s = e ? e : "";
-    if (s.empty() || s == "v2") return Flash::V2;
-    if (s != "v1") MOELAB_USAGE_FAIL("MOELAB_FLASH = '", s, "' (accepted: v1|v2)");
+    if (s.empty() || s == "auto") return Flash::Auto;
+    if (s == "v2") return Flash::V2;
+    if (s != "v1") MOELAB_USAGE_FAIL("MOELAB_FLASH = '", s, "' (accepted: auto|v1|v2)");
     return Flash::V1;
   }();
   return v;
 }
+bool forward_v2(Flash f, int64_t dh) { return f == Flash::V2 || (f == Flash::Auto && dh == 128); }
+bool backward_v2(Flash f) { return f != Flash::V1; }
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
 
@@ -157,7 +163,7 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
-    if (variant == Flash::V2) {
+    if (forward_v2(variant, dh)) {
       auto run = [&](auto dhc) {
         constexpr int DH = decltype(dhc)::value;
         using C = fl::Fwd2Tc<DH>;
@@ -210,7 +216,7 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
       constexpr int DH = decltype(dhc)::value;
       using Q = fl::DqTc<DH>;
       using K = fl::DkvTc<DH>;
-      if (variant == Flash::V2) {
+      if (backward_v2(variant)) {
         using Q2 = fl::Dq2Tc<DH>;
         launch(c, dq2_tc_kernel<DH>, BH, (S + Q2::BR - 1) / Q2::BR, Q2::kThreads, Q2::kSmem, p);
         if constexpr (DH == 64) {

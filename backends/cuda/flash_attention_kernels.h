@@ -28,8 +28,8 @@
 //   dkv_tc<DH>   dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij Q_i: block per 128 keys of one kv
 //                head (16 per warp), looping over the group's heads and, for each, over the
 //                query tiles from the diagonal down (32 rows for DH 128, 64 for DH 64).
-//   fwd2_tc, dq2_tc, dkv2_tc, dkv2s_tc: variant 2 (flash_attention.cu: MOELAB_FLASH=v1|v2,
-//                default v2). Each warp owns 32 rows as two m16 tiles, so every fragment that
+//   fwd2_tc, dq2_tc, dkv2_tc, dkv2s_tc: variant 2 (flash_attention.cu: MOELAB_FLASH=auto|v1|v2;
+//                auto runs v2 except fwd_tc<64>, which measured faster than fwd2_tc<64>). Each warp owns 32 rows as two m16 tiles, so every fragment that
 //                ldmatrix reads feeds two mma (v1, 16 rows per warp, reads about one
 //                ldmatrix.x4 per two mma: shared-memory bandwidth, by our count, bounds it). Forward and dQ: 4 warps x 32 query rows, 128 threads, 2 blocks per
 //                SM; key tiles of 64 (dQ with DH 128: 32, for registers); forward with DH 64
