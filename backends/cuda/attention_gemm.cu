@@ -60,8 +60,8 @@ Layout layout(const Ctx& c, const Tensor& q, const Tensor& k, int64_t H, int64_t
   return L;
 }
 
-const float* fat(const Tensor& t, int64_t elems) { return static_cast<const float*>(t.data()) + elems; }
-float* fat_mut(const Tensor& t, int64_t elems) { return static_cast<float*>(t.data()) + elems; }
+const float* f32_at(const Tensor& t, int64_t elems) { return static_cast<const float*>(t.data()) + elems; }
+float* f32_at_mut(const Tensor& t, int64_t elems) { return static_cast<float*>(t.data()) + elems; }
 
 // Row r of a chunk's [n, S, S] buffer: item bh = bh0 + r / S (b = bh / H), query i = r % S. Keys
 // j < e = (i / w + 1) w (capped at S) were computed by the block GEMMs; a key is visible when
@@ -172,7 +172,7 @@ void attention_gemm_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tens
       Ptrs p;
       for (int64_t li = 0; li < n; ++li) {
         const int64_t bh = bh0 + li, b = bh / H, h = bh % H, g = h / L.G;
-        p.add(fat(q, (b * S + ib * L.w) * L.Wq + h * L.dh), fat(k, b * S * L.Wk + g * L.dh),
+        p.add(f32_at(q, (b * S + ib * L.w) * L.Wq + h * L.dh), f32_at(k, b * S * L.Wk + g * L.dh),
               sc.get() + li * S * S + ib * L.w * S);
       }
       gemm_batched(c, false, true, L.rows_in(ib), L.keys_to(ib), L.dh, L.scale, DType::F32, p.a, L.Wq,
@@ -184,8 +184,8 @@ void attention_gemm_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tens
       Ptrs p;
       for (int64_t li = 0; li < n; ++li) {
         const int64_t bh = bh0 + li, b = bh / H, h = bh % H, g = h / L.G;
-        p.add(sc.get() + li * S * S + ib * L.w * S, fat(v, b * S * L.Wk + g * L.dh),
-              fat_mut(out, (b * S + ib * L.w) * L.Wq + h * L.dh));
+        p.add(sc.get() + li * S * S + ib * L.w * S, f32_at(v, b * S * L.Wk + g * L.dh),
+              f32_at_mut(out, (b * S + ib * L.w) * L.Wq + h * L.dh));
       }
       gemm_batched(c, false, false, L.rows_in(ib), L.dh, L.keys_to(ib), 1.0, DType::F32, p.a, S, p.b,
                    L.Wk, 0.0, DType::F32, p.c, L.Wq);
@@ -211,8 +211,8 @@ void attention_gemm_backward(Ctx& c, const Tensor& q, const Tensor& k, const Ten
       for (int64_t li = 0; li < n; ++li) {
         const int64_t bh = bh0 + li, b = bh / H, h = bh % H, g = h / L.G;
         const int64_t qrow = (b * S + ib * L.w) * L.Wq + h * L.dh, kv = b * S * L.Wk + g * L.dh;
-        s.add(fat(q, qrow), fat(k, kv), pb.get() + li * S * S + ib * L.w * S);
-        d.add(fat(dout, qrow), fat(v, kv), dpb.get() + li * S * S + ib * L.w * S);
+        s.add(f32_at(q, qrow), f32_at(k, kv), pb.get() + li * S * S + ib * L.w * S);
+        d.add(f32_at(dout, qrow), f32_at(v, kv), dpb.get() + li * S * S + ib * L.w * S);
       }
       gemm_batched(c, false, true, L.rows_in(ib), L.keys_to(ib), L.dh, L.scale, DType::F32, s.a, L.Wq,
                    s.b, L.Wk, 0.0, DType::F32, s.c, S);
@@ -222,14 +222,14 @@ void attention_gemm_backward(Ctx& c, const Tensor& q, const Tensor& k, const Ten
     const RowCtx rc{n * S, bh0, int(S), int(H), int(L.w), seg};
     launch_rows(c, rc.rows, probs_rows_kernel, pb.get(), rc, static_cast<const float*>(lse.data()));
     launch_rows(c, rc.rows, dscores_rows_kernel, static_cast<const float*>(pb.get()), dpb.get(), rc,
-                fat(out, 0), fat(dout, 0), L.Wq, int(L.dh));
+                f32_at(out, 0), f32_at(dout, 0), L.Wq, int(L.dh));
     // dQ rows of block ib = scale dS_ib[:, 0, e) K[0, e).
     for (int64_t ib = 0; ib < L.nb; ++ib) {
       Ptrs p;
       for (int64_t li = 0; li < n; ++li) {
         const int64_t bh = bh0 + li, b = bh / H, h = bh % H, g = h / L.G;
-        p.add(item_at(dpb.get(), li) + ib * L.w * S, fat(k, b * S * L.Wk + g * L.dh),
-              fat_mut(dq, (b * S + ib * L.w) * L.Wq + h * L.dh));
+        p.add(item_at(dpb.get(), li) + ib * L.w * S, f32_at(k, b * S * L.Wk + g * L.dh),
+              f32_at_mut(dq, (b * S + ib * L.w) * L.Wq + h * L.dh));
       }
       gemm_batched(c, false, false, L.rows_in(ib), L.dh, L.keys_to(ib), L.scale, DType::F32, p.a, S,
                    p.b, L.Wk, 0.0, DType::F32, p.c, L.Wq);
@@ -243,8 +243,8 @@ void attention_gemm_backward(Ctx& c, const Tensor& q, const Tensor& k, const Ten
         for (int64_t li = r; li < n; li += L.G) {  // chunks hold whole groups: li % G == h % G
           const int64_t bh = bh0 + li, b = bh / H, h = bh % H, g = h / L.G;
           const int64_t qrow = (b * S + i0) * L.Wq + h * L.dh, kvrow = (b * S + i0) * L.Wk + g * L.dh;
-          pv.add(item_at(pb.get(), li) + i0 * S + i0, fat(dout, qrow), fat_mut(dv, kvrow));
-          pk.add(item_at(dpb.get(), li) + i0 * S + i0, fat(q, qrow), fat_mut(dk, kvrow));
+          pv.add(item_at(pb.get(), li) + i0 * S + i0, f32_at(dout, qrow), f32_at_mut(dv, kvrow));
+          pk.add(item_at(dpb.get(), li) + i0 * S + i0, f32_at(q, qrow), f32_at_mut(dk, kvrow));
         }
         const double beta = r == 0 ? 0.0 : 1.0;
         gemm_batched(c, true, false, L.rows_in(jb), L.dh, kq, 1.0, DType::F32, pv.a, S, pv.b, L.Wq, beta,
