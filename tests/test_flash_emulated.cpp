@@ -113,14 +113,13 @@ template <class E> std::vector<unsigned char> bytes(const Buf<E>& b) {
   return std::vector<unsigned char>(p, p + b.all.size() * sizeof(E));
 }
 
-// variant: the tensor-core kernels' MOELAB_FLASH variant (1 or 2; flash_attention.cu's choice
-// for each head width), when tc.
+// tc: the tensor-core kernels that flash_attention.cu launches for the head width (64 or 128);
+// else the generic ones.
 template <class E>
-Bits check_case(const Shape5& c, bool tc, bool reverse, uint64_t seed, const std::vector<int32_t>& seg = {},
-                int variant = 1) {
+Bits check_case(const Shape5& c, bool tc, bool reverse, uint64_t seed, const std::vector<int32_t>& seg = {}) {
   const int64_t B = c.B, S = c.S, H = c.H, Hkv = c.Hkv, Dh = c.Dh, T = B * S;
   INFO("B=" << B << " S=" << S << " H=" << H << " Hkv=" << Hkv << " Dh=" << Dh
-            << (tc ? (variant == 2 ? " tensor cores v2" : " tensor cores v1") : " generic") << (std::is_same_v<E, float> ? " f32" : " bf16")
+            << (tc ? " tensor cores" : " generic") << (std::is_same_v<E, float> ? " f32" : " bf16")
             << (reverse ? " (reverse schedule)" : "") << (seg.empty() ? "" : " segments"));
   REQUIRE((seg.empty() || int64_t(seg.size()) == T));
   const double thr = std::is_same_v<E, float> ? 1e-10 : 5e-5;
@@ -152,15 +151,22 @@ Bits check_case(const Shape5& c, bool tc, bool reverse, uint64_t seed, const std
   p.scale_log2 = p.scale * fl::kLog2e;
 
   if constexpr (std::is_same_v<E, uint16_t>) {
-    if (tc && variant == 2) {
-      auto run = [&](auto dh) {  // as flash_attention.cu launches v2
-        constexpr int DH = decltype(dh)::value;
-        using F = fl::Fwd2Tc<DH>;
-        using Q = fl::Dq2Tc<DH>;
+    if (tc) {  // as flash_attention.cu launches them
+      REQUIRE((Dh == 64 || Dh == 128));
+      if (Dh == 64) {
+        using F = fl::FwdTc<64>;
         grid(B * H, (S + F::BR - 1) / F::BR, F::kThreads, F::kSmem, reverse,
-             [&](int tid, char* sm, int bx, int by) { fl::fwd2_tc<DH>(p, sm, tid, bx, by); });
-        grid((T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1, 32 * fl::kDeltaWarps, 0, reverse,
-             [&](int tid, char*, int bx, int) { fl::delta_rows<E>(p, tid, bx); });
+             [&](int tid, char* sm, int bx, int by) { fl::fwd_tc<64>(p, sm, tid, bx, by); });
+      } else {
+        using F = fl::Fwd2Tc<128>;
+        grid(B * H, (S + F::BR - 1) / F::BR, F::kThreads, F::kSmem, reverse,
+             [&](int tid, char* sm, int bx, int by) { fl::fwd2_tc<128>(p, sm, tid, bx, by); });
+      }
+      grid((T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1, 32 * fl::kDeltaWarps, 0, reverse,
+           [&](int tid, char*, int bx, int) { fl::delta_rows<E>(p, tid, bx); });
+      auto backward = [&](auto dh) {
+        constexpr int DH = decltype(dh)::value;
+        using Q = fl::Dq2Tc<DH>;
         grid(B * H, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, reverse,
              [&](int tid, char* sm, int bx, int by) { fl::dq2_tc<DH>(p, sm, tid, bx, by); });
         if constexpr (DH == 64) {
@@ -173,27 +179,8 @@ Bits check_case(const Shape5& c, bool tc, bool reverse, uint64_t seed, const std
                [&](int tid, char* sm, int bx, int by) { fl::dkv2s_tc<DH>(p, sm, tid, bx, by); });
         }
       };
-      REQUIRE((Dh == 64 || Dh == 128));
-      if (Dh == 64) run(std::integral_constant<int, 64>{});
-      else run(std::integral_constant<int, 128>{});
-    } else if (tc) {
-      auto run = [&](auto dh) {
-        constexpr int DH = decltype(dh)::value;
-        using F = fl::FwdTc<DH>;
-        using Q = fl::DqTc<DH>;
-        using K = fl::DkvTc<DH>;
-        grid(B * H, (S + F::BR - 1) / F::BR, F::kThreads, F::kSmem, reverse,
-             [&](int tid, char* sm, int bx, int by) { fl::fwd_tc<DH>(p, sm, tid, bx, by); });
-        grid((T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1, 32 * fl::kDeltaWarps, 0, reverse,
-             [&](int tid, char*, int bx, int) { fl::delta_rows<E>(p, tid, bx); });
-        grid(B * H, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, reverse,
-             [&](int tid, char* sm, int bx, int by) { fl::dq_tc<DH>(p, sm, tid, bx, by); });
-        grid(B * Hkv, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, reverse,
-             [&](int tid, char* sm, int bx, int by) { fl::dkv_tc<DH>(p, sm, tid, bx, by); });
-      };
-      REQUIRE((Dh == 64 || Dh == 128));
-      if (Dh == 64) run(std::integral_constant<int, 64>{});
-      else run(std::integral_constant<int, 128>{});
+      if (Dh == 64) backward(std::integral_constant<int, 64>{});
+      else backward(std::integral_constant<int, 128>{});
     }
   }
   if (!tc) {
@@ -269,9 +256,9 @@ Bits check_case(const Shape5& c, bool tc, bool reverse, uint64_t seed, const std
 
 // The same case twice, in the two schedule orders: every output bit-identical.
 template <class E>
-void check_repeat(const Shape5& c, bool tc, uint64_t seed, const std::vector<int32_t>& seg = {}, int variant = 1) {
-  const Bits a = check_case<E>(c, tc, false, seed, seg, variant);
-  const Bits b = check_case<E>(c, tc, true, seed, seg, variant);
+void check_repeat(const Shape5& c, bool tc, uint64_t seed, const std::vector<int32_t>& seg = {}) {
+  const Bits a = check_case<E>(c, tc, false, seed, seg);
+  const Bits b = check_case<E>(c, tc, true, seed, seg);
   CHECK(a.out == b.out);
   CHECK(a.lse == b.lse);
   CHECK(a.dq == b.dq);
@@ -281,20 +268,27 @@ void check_repeat(const Shape5& c, bool tc, uint64_t seed, const std::vector<int
 
 }  // namespace
 
+// The tensor-core kernels: S not a multiple of any tile (1, 7, 17, 65, 100, 130, 150, 200, 257),
+// groups of 1, 2 and 4 heads, one and two sequences.
 TEST_CASE("flash attention (emulated): tensor-core kernels, bf16, head width 64", "[flash][attention]") {
   for (const Shape5& c : {Shape5{1, 1, 2, 1, 64}, Shape5{2, 65, 4, 2, 64}, Shape5{1, 200, 2, 1, 64},
-                          Shape5{1, 64, 2, 2, 64}})
+                          Shape5{1, 64, 2, 2, 64}, Shape5{2, 17, 4, 1, 64}, Shape5{1, 100, 2, 2, 64},
+                          Shape5{1, 257, 1, 1, 64}})
     check_case<uint16_t>(c, true, false, 101 + uint64_t(c.S));
 }
 
 TEST_CASE("flash attention (emulated): tensor-core kernels, bf16, head width 128", "[flash][attention]") {
-  for (const Shape5& c : {Shape5{1, 7, 2, 2, 128}, Shape5{1, 150, 4, 1, 128}})
+  for (const Shape5& c : {Shape5{1, 7, 2, 2, 128}, Shape5{1, 150, 4, 1, 128}, Shape5{1, 1, 4, 1, 128},
+                          Shape5{2, 17, 2, 2, 128}, Shape5{1, 100, 4, 1, 128}, Shape5{1, 130, 2, 1, 128},
+                          Shape5{1, 257, 1, 1, 128}})
     check_case<uint16_t>(c, true, false, 202 + uint64_t(c.S));
 }
 
 TEST_CASE("flash attention (emulated): the other schedule order gives the same result", "[flash][attention]") {
   check_case<uint16_t>(Shape5{1, 130, 2, 1, 64}, true, true, 303);
   check_case<float>(Shape5{1, 40, 2, 1, 24}, false, true, 304);
+  check_repeat<uint16_t>(Shape5{1, 130, 4, 2, 64}, true, 313, packed_segments(1, 130, {50, 7, 60}));
+  check_repeat<uint16_t>(Shape5{1, 100, 2, 1, 128}, true, 314);
 }
 
 TEST_CASE("flash attention (emulated): generic kernels, f32 and bf16, any head width", "[flash][attention]") {
@@ -318,30 +312,7 @@ TEST_CASE("flash attention (emulated): packed records (segment mask), every kern
   // Every token its own record: each query sees only itself.
   check_case<float>(Shape5{1, 40, 2, 1, 8}, false, false, 705, packed_segments(1, 40, {1}));
   check_case<uint16_t>(Shape5{1, 130, 2, 1, 64}, true, true, 706, packed_segments(1, 130, {1}));
-}
-
-// Variant 2 (MOELAB_FLASH=v2, 32 rows per warp): S not a multiple of any tile (1, 17, 100, 130,
-// 257), groups of 1, 2 and 4 heads.
-TEST_CASE("flash attention (emulated): tensor-core kernels v2, bf16, head width 64", "[flash][attention]") {
-  for (const Shape5& c : {Shape5{1, 1, 2, 1, 64}, Shape5{2, 17, 4, 1, 64}, Shape5{1, 100, 2, 2, 64},
-                          Shape5{1, 130, 2, 1, 64}, Shape5{1, 257, 1, 1, 64}})
-    check_case<uint16_t>(c, true, false, 111 + uint64_t(c.S), {}, 2);
-}
-
-TEST_CASE("flash attention (emulated): tensor-core kernels v2, bf16, head width 128", "[flash][attention]") {
-  for (const Shape5& c : {Shape5{1, 1, 4, 1, 128}, Shape5{2, 17, 2, 2, 128}, Shape5{1, 100, 4, 1, 128},
-                          Shape5{1, 130, 2, 1, 128}, Shape5{1, 257, 1, 1, 128}})
-    check_case<uint16_t>(c, true, false, 212 + uint64_t(c.S), {}, 2);
-}
-
-TEST_CASE("flash attention (emulated): v2 packed records, and bit-identical in both schedule orders",
-          "[flash][attention][sft]") {
-  const std::vector<int64_t> lens = {70, 1, 33, 64, 2, 5};
-  check_case<uint16_t>(Shape5{2, 200, 2, 1, 64}, true, false, 711, packed_segments(2, 200, lens), 2);
-  check_case<uint16_t>(Shape5{1, 150, 2, 2, 128}, true, false, 712, packed_segments(1, 150, {40, 90, 3}), 2);
-  check_case<uint16_t>(Shape5{1, 130, 2, 1, 64}, true, false, 716, packed_segments(1, 130, {1}), 2);
-  check_repeat<uint16_t>(Shape5{1, 130, 4, 2, 64}, true, 313, packed_segments(1, 130, {50, 7, 60}), 2);
-  check_repeat<uint16_t>(Shape5{1, 100, 2, 1, 128}, true, 314, {}, 2);
+  check_case<uint16_t>(Shape5{1, 130, 2, 1, 128}, true, false, 716, packed_segments(1, 130, {1}));
 }
 
 // Larger shapes (several query and key tiles per block row, groups of 4 heads); hidden because
@@ -351,8 +322,6 @@ TEST_CASE("flash attention (emulated): larger shapes", "[.][flash][slow]") {
   check_case<uint16_t>(Shape5{2, 300, 4, 4, 64}, true, false, 607);
   check_case<uint16_t>(Shape5{1, 200, 8, 2, 128}, false, false, 608);
   check_case<float>(Shape5{2, 256, 4, 1, 64}, false, false, 609);
-  check_case<uint16_t>(Shape5{3, 256, 8, 2, 128}, true, false, 616, {}, 2);
-  check_case<uint16_t>(Shape5{2, 300, 4, 4, 64}, true, false, 617, {}, 2);
-  check_case<uint16_t>(Shape5{1, 385, 4, 1, 64}, true, false, 618, packed_segments(1, 385, {100, 3, 200}), 2);
-  check_repeat<uint16_t>(Shape5{1, 300, 2, 1, 128}, true, 619, packed_segments(1, 300, {129, 1, 64}), 2);
+  check_case<uint16_t>(Shape5{1, 385, 4, 1, 64}, true, false, 618, packed_segments(1, 385, {100, 3, 200}));
+  check_repeat<uint16_t>(Shape5{1, 300, 2, 1, 128}, true, 619, packed_segments(1, 300, {129, 1, 64}));
 }

@@ -9,12 +9,12 @@
 // at an odd offset is not) run the tensor-core kernels; everything else (f32, other widths up to
 // 256, unaligned views) the generic fp32 kernels. Backward: D = rowsum(dO * O) pre-pass, then a
 // dQ kernel over query tiles and a dK/dV kernel over key tiles: three launches, no atomics, the
-// same bits on every run (see the header for the tiles and the masking). MOELAB_FLASH=auto|v1|v2
-// picks the tensor-core kernels (flash_variant below).
+// same bits on every run (see the header for the tiles and the masking). Tensor-core kernels
+// per head width: forward fwd_tc<64> / fwd2_tc<128>, backward dq2_tc and dkv2_tc<64> /
+// dkv2s_tc<128> (the fastest measured on an H200, docs/performance.md).
 #include <cuda_bf16.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -34,15 +34,7 @@ template <int DH> __global__ void __launch_bounds__(256, 1) fwd_tc_kernel(fl::Pa
   extern __shared__ __align__(16) char smem[];
   fl::fwd_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
 }
-template <int DH> __global__ void __launch_bounds__(256, 1) dq_tc_kernel(fl::Params p) {
-  extern __shared__ __align__(16) char smem[];
-  fl::dq_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
-}
-template <int DH> __global__ void __launch_bounds__(256, 1) dkv_tc_kernel(fl::Params p) {
-  extern __shared__ __align__(16) char smem[];
-  fl::dkv_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
-}
-// v2: 128 threads, 2 blocks per SM (255 registers per thread at most).
+// The two-tile kernels: 128 threads, 2 blocks per SM (255 registers per thread at most).
 template <int DH> __global__ void __launch_bounds__(128, 2) fwd2_tc_kernel(fl::Params p) {
   extern __shared__ __align__(16) char smem[];
   fl::fwd2_tc<DH>(p, smem, threadIdx.x, blockIdx.x, blockIdx.y);
@@ -87,26 +79,6 @@ void launch(Ctx& c, K kernel, int64_t gx, int64_t gy, int threads, size_t smem, 
   kernel<<<dim3(unsigned(gx), unsigned(gy)), threads, smem, c.stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
-
-// MOELAB_FLASH=auto|v1|v2 (unset: auto) picks the tensor-core kernels, read once: v1 gives each
-// warp 16 rows, v2 32 (flash_attention_kernels.h; dK/dV for head width 128: dkv2s_tc). auto
-// takes the faster of the two as measured on one H200 (docs/performance.md, B 8, S 2048): the
-// backward of v2 at both widths (+22% at 64, +25% at 128); the forward of v2 at width 128 (+15%)
-// but of v1 at width 64 (v2's was 9% slower there).
-enum class Flash { Auto, V1, V2 };
-Flash flash_variant() {
-  static const Flash v = [] {
-    const char* e = std::getenv("MOELAB_FLASH");
-    const std::string s = e ? e : "";
-    if (s.empty() || s == "auto") return Flash::Auto;
-    if (s == "v2") return Flash::V2;
-    if (s != "v1") MOELAB_USAGE_FAIL("MOELAB_FLASH = '", s, "' (accepted: auto|v1|v2)");
-    return Flash::V1;
-  }();
-  return v;
-}
-bool forward_v2(Flash f, int64_t dh) { return f == Flash::V2 || (f == Flash::Auto && dh == 128); }
-bool backward_v2(Flash f) { return f != Flash::V1; }
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
 
@@ -156,29 +128,18 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
                        int64_t Hkv, int64_t S, const Tensor& out, const Tensor& lse,
                        const Tensor& segments) {
   const int64_t T = q.dim(0);
-  const Flash variant = flash_variant();  // a bad MOELAB_FLASH fails on every path
   if (T == 0) return;
   fl::Params p = params(q, k, v, H, Hkv, S, segments);
   p.out = out.data();
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
-    if (forward_v2(variant, dh)) {
-      auto run = [&](auto dhc) {
-        constexpr int DH = decltype(dhc)::value;
-        using C = fl::Fwd2Tc<DH>;
-        launch(c, fwd2_tc_kernel<DH>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
-      };
-      if (dh == 64) run(std::integral_constant<int, 64>{});
-      else run(std::integral_constant<int, 128>{});
-      return;
-    }
     if (dh == 64) {
       using C = fl::FwdTc<64>;
       launch(c, fwd_tc_kernel<64>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
     } else {
-      using C = fl::FwdTc<128>;
-      launch(c, fwd_tc_kernel<128>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
+      using C = fl::Fwd2Tc<128>;
+      launch(c, fwd2_tc_kernel<128>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
     }
     return;
   }
@@ -194,7 +155,6 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
                         int64_t Hkv, int64_t S, const Tensor& dq, const Tensor& dk,
                         const Tensor& dv, const Tensor& segments) {
   const int64_t T = q.dim(0);
-  const Flash variant = flash_variant();
   if (T == 0) return;
   fl::Params p = params(q, k, v, H, Hkv, S, segments);
   p.o = out.data();
@@ -214,22 +174,15 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
     auto run = [&](auto dhc) {
       constexpr int DH = decltype(dhc)::value;
-      using Q = fl::DqTc<DH>;
-      using K = fl::DkvTc<DH>;
-      if (backward_v2(variant)) {
-        using Q2 = fl::Dq2Tc<DH>;
-        launch(c, dq2_tc_kernel<DH>, BH, (S + Q2::BR - 1) / Q2::BR, Q2::kThreads, Q2::kSmem, p);
-        if constexpr (DH == 64) {
-          using K2 = fl::Dkv2Tc<DH>;
-          launch(c, dkv2_tc_kernel<DH>, BG, (S + K2::BC - 1) / K2::BC, K2::kThreads, K2::kSmem, p);
-        } else {
-          using K2 = fl::Dkv2sTc<DH>;
-          launch(c, dkv2s_tc_kernel<DH>, BG, (S + K2::BC - 1) / K2::BC, K2::kThreads, K2::kSmem, p);
-        }
-        return;
+      using Q = fl::Dq2Tc<DH>;
+      launch(c, dq2_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
+      if constexpr (DH == 64) {
+        using K = fl::Dkv2Tc<DH>;
+        launch(c, dkv2_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
+      } else {
+        using K = fl::Dkv2sTc<DH>;
+        launch(c, dkv2s_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
       }
-      launch(c, dq_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
-      launch(c, dkv_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
     };
     if (dh == 64) run(std::integral_constant<int, 64>{});
     else run(std::integral_constant<int, 128>{});

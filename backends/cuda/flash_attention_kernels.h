@@ -17,28 +17,28 @@
 // lse[b*H + h, i] = log sum_{j<=i} exp(s_ij) (natural log, f32). Internally the kernels work in
 // base 2: s2 = s * scale * log2(e), lse2 = lse * log2(e).
 //
-// Kernels:
-//   fwd_tc<DH>   bf16, DH in {64, 128}: block = 8 warps, 128 query rows (16 per warp), key tiles
-//                of 64 staged in shared memory with cp.async (double-buffered); S = Q K^T and
-//                O += P V on tensor cores (mma.sync m16n8k16 bf16, fp32 accumulate), online
+// Kernels (flash_attention.cu launches, per head width, the ones that measured fastest on an
+// H200; docs/performance.md):
+//   fwd_tc<64>   forward, bf16, head width 64: block = 8 warps, 128 query rows (16 per warp), key
+//                tiles of 64 staged in shared memory with cp.async (double-buffered); S = Q K^T
+//                and O += P V on tensor cores (mma.sync m16n8k16 bf16, fp32 accumulate), online
 //                softmax in fp32 registers; P is rounded to bf16 for the P V product.
+//   fwd2_tc<128> forward, head width 128: the same with 4 warps x 32 query rows (two m16 tiles,
+//                so every K / V fragment that ldmatrix reads feeds two mma), 128 threads, 2
+//                blocks per SM. (With 16 rows per warp, about one ldmatrix.x4 per two mma:
+//                shared-memory bandwidth bounds it; at width 64 the 8-warp kernel was faster.)
 //   delta_rows   D_i = sum_d dO_id O_id (fp32), one warp per (token, head).
-//   dq_tc<DH>    dQ = scale sum_j dS_ij K_j, block per 128 query rows, looping over key tiles
-//                of 64 up to the diagonal (recomputes P and dP = dO V^T).
-//   dkv_tc<DH>   dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij Q_i: block per 128 keys of one kv
-//                head (16 per warp), looping over the group's heads and, for each, over the
-//                query tiles from the diagonal down (32 rows for DH 128, 64 for DH 64).
-//   fwd2_tc, dq2_tc, dkv2_tc, dkv2s_tc: variant 2 (flash_attention.cu: MOELAB_FLASH=auto|v1|v2;
-//                auto runs v2 except fwd_tc<64>, which measured faster than fwd2_tc<64>). Each warp owns 32 rows as two m16 tiles, so every fragment that
-//                ldmatrix reads feeds two mma (v1, 16 rows per warp, reads about one
-//                ldmatrix.x4 per two mma: shared-memory bandwidth, by our count, bounds it). Forward and dQ: 4 warps x 32 query rows, 128 threads, 2 blocks per
-//                SM; key tiles of 64 (dQ with DH 128: 32, for registers); forward with DH 64
-//                keeps Q's fragments in registers. dK/dV with DH 64 (dkv2_tc): 4 warps x 32 keys,
-//                query tiles of 32. dK/dV with DH 128 (dkv2s_tc; 32 keys' dK and dV would need
-//                256 registers): 8 warps over 128 keys x query tiles of 64, S^T/dP^T as 4 x 2
-//                warps of 32 x 32, P^T and dS^T handed over in shared memory (bf16), then dK/dV
-//                as 4 x 2 warps of 32 keys x 64 columns. Blocks of 16 keys (queries) wholly
-//                masked for a warp are skipped.
+//   dq2_tc<DH>   dQ = scale sum_j dS_ij K_j: 4 warps x 32 query rows, looping over key tiles up to
+//                the diagonal (64 keys for DH 64, 32 for DH 128, for registers), recomputing P
+//                and dP = dO V^T.
+//   dkv2_tc<64>  dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij Q_i: block per 128 keys of one kv
+//                head (4 warps x 32 keys), looping over the group's heads and, for each, over
+//                the query tiles (32 rows) from the diagonal down.
+//   dkv2s_tc<128> the same for DH 128 (32 keys' dK and dV would need 256 registers): 8 warps over
+//                128 keys x query tiles of 64, S^T / dP^T as 4 x 2 warps of 32 x 32, P^T and
+//                dS^T handed over in shared memory (bf16), then dK / dV as 4 x 2 warps of 32
+//                keys x 64 columns.
+//   In the two-tile kernels, blocks of 16 keys (queries) wholly masked for a warp are skipped.
 //   *_gen<E>     generic fp32 kernels for f32 or bf16 storage and any head width <= 256: one
 //                warp per query row (forward, dQ) or key row (dK, dV), lanes over the keys
 //                (queries) of a 32-wide tile in shared memory.
@@ -122,17 +122,9 @@ FA_DEV float fa_warp_max(float v) {
 // Shared-memory rows are padded by 8 bf16 (16 bytes), so that the 8 row addresses of one
 // ldmatrix 8x8 load fall into distinct bank groups.
 template <int DH> struct FwdTc {
+  static_assert(DH == 64, "fwd_tc: head width 64 (fwd2_tc runs 128)");
   static constexpr int kThreads = 256, BR = 128, BC = 64, LDS = DH + 8;
   static constexpr size_t kSmem = size_t(BR + 4 * BC) * LDS * 2;  // Q, 2 stages of K and V
-};
-template <int DH> struct DqTc {
-  static constexpr int kThreads = 256, BR = 128, BC = 64, LDS = DH + 8;
-  static constexpr size_t kSmem = size_t(2 * BR + 4 * BC) * LDS * 2;  // Q, dO, 2 x (K, V)
-};
-template <int DH> struct DkvTc {
-  static constexpr int kThreads = 256, BC = 128, BR = DH == 128 ? 32 : 64, LDS = DH + 8;
-  // K, V; 2 stages of Q and dO; 2 stages of lse and D (f32).
-  static constexpr size_t kSmem = size_t(2 * BC + 4 * BR) * LDS * 2 + size_t(4 * BR) * 4;
 };
 struct Gen {
   static constexpr int kThreads = 128;  // 4 warps
@@ -371,212 +363,17 @@ template <class E> FA_DEV void delta_rows(const Params& p, int tid, int blk) {
   if (lane == 0) p.delta[(b * p.H + h) * p.S + s] = acc;
 }
 
-// ---- backward dQ, tensor cores -----------------------------------------------------------------
-
-// Grid: x = b*H + h, y = query tile (reversed). dQ_i = scale sum_{j<=i} P_ij (dP_ij - D_i) K_j.
-template <int DH>
-FA_DEV void dq_tc(const Params& p, char* smem, int tid, int bh, int ty) {
-  using C = DqTc<DH>;
-  constexpr int BR = C::BR, BC = C::BC, LDS = C::LDS, NT = C::kThreads;
-  const int S = p.S, H = p.H;
-  const int b = bh / H, h = bh - b * H, g = h / (H / p.Hkv);
-  const int n_qt = (S + BR - 1) / BR, q0 = (n_qt - 1 - ty) * BR;
-  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
-  const uint16_t* Q = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq + h * DH;
-  const uint16_t* dO = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq + h * DH;
-  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
-  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
-  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* sdO = sQ + BR * LDS;
-  uint16_t* sK = sdO + BR * LDS;     // [2][BC][LDS]
-  uint16_t* sV = sK + 2 * BC * LDS;  // [2][BC][LDS]
-  const int n_kt = (fa_imin(q0 + BR, S) - 1) / BC + 1;
-
-  fa_load_rows<DH, LDS, NT>(sQ, Q, ldq, q0, BR, S, tid);
-  fa_load_rows<DH, LDS, NT>(sdO, dO, ldq, q0, BR, S, tid);
-  fa_load_rows<DH, LDS, NT>(sK, K, ldk, 0, BC, S, tid);
-  fa_load_rows<DH, LDS, NT>(sV, V, ldk, 0, BC, S, tid);
-  fa_cp_commit();
-
-  const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
-  const int w0 = q0 + warp * 16, w_last = fa_imin(w0 + 15, S - 1);
-  const int row[2] = {w0 + gq, w0 + gq + 8};
-  float lse2[2], dr[2];
-FA_UNROLL
-  for (int hr = 0; hr < 2; ++hr) {
-    const bool ok = row[hr] < S;
-    lse2[hr] = ok ? p.lse[int64_t(bh) * S + row[hr]] * kLog2e : 0.0f;
-    dr[hr] = ok ? p.delta[int64_t(bh) * S + row[hr]] : 0.0f;
-  }
-  float dq[DH / 8][4];
-FA_UNROLL
-  for (int i = 0; i < DH / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
-
-  for (int j = 0; j < n_kt; ++j) {
-    const int st = j & 1;
-    if (j + 1 < n_kt) {
-      fa_load_rows<DH, LDS, NT>(sK + (st ^ 1) * BC * LDS, K, ldk, (j + 1) * BC, BC, S, tid);
-      fa_load_rows<DH, LDS, NT>(sV + (st ^ 1) * BC * LDS, V, ldk, (j + 1) * BC, BC, S, tid);
-      fa_cp_commit();
-      fa_cp_wait<1>();
-    } else {
-      fa_cp_wait<0>();
-    }
-    fa_sync();
-    const int k0 = j * BC;
-    if (w0 < S && k0 <= w_last) {
-      float s[BC / 8][4], dp[BC / 8][4];
-FA_UNROLL
-      for (int i = 0; i < BC / 8; ++i) {
-        s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-        dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
-      }
-      fa_mm_abt<DH, LDS, BC>(s, sQ + warp * 16 * LDS, sK + st * BC * LDS, lane);   // Q K^T
-      fa_mm_abt<DH, LDS, BC>(dp, sdO + warp * 16 * LDS, sV + st * BC * LDS, lane); // dO V^T
-      const bool mask = k0 + BC - 1 > w0 || w0 + 15 >= S;
-FA_UNROLL
-      for (int hr = 0; hr < 2; ++hr)
-FA_UNROLL
-        for (int nb = 0; nb < BC / 8; ++nb)
-FA_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            const int col = k0 + nb * 8 + 2 * tq + e;
-            const bool off = (mask && (col > row[hr] || row[hr] >= S)) || !fa_seg_ok(sg, S, row[hr], col);
-            const float pe = off ? 0.0f : fa_exp2(s[nb][2 * hr + e] * p.scale_log2 - lse2[hr]);
-            s[nb][2 * hr + e] = pe * (dp[nb][2 * hr + e] - dr[hr]);  // dS
-          }
-      fa_mm_pb<DH, LDS, BC>(dq, s, sK + st * BC * LDS, lane);  // dS K
-    }
-    fa_sync();
-  }
-  uint16_t* dQ = static_cast<uint16_t*>(p.dq) + int64_t(b) * S * ldq + h * DH;
-  fa_store_rows<DH>(dQ, ldq, w0, S, dq, p.scale, lane);
-}
-
-// ---- backward dK, dV, tensor cores -------------------------------------------------------------
-
-// Grid: x = b*Hkv + g, y = key tile (tile 0, the most work, first). Each warp owns 16 keys and
-// computes the transposed products directly: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
-// dS^T = P^T (dP^T - D), dK += dS^T Q.
-template <int DH>
-FA_DEV void dkv_tc(const Params& p, char* smem, int tid, int bg, int ty) {
-  using C = DkvTc<DH>;
-  constexpr int BC = C::BC, BR = C::BR, LDS = C::LDS, NT = C::kThreads;
-  const int S = p.S, H = p.H, Hkv = p.Hkv, G = H / Hkv;
-  const int b = bg / Hkv, g = bg - b * Hkv;
-  const int key0 = ty * BC;
-  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(Hkv) * DH;
-  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
-  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
-  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
-  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
-  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* sV = sK + BC * LDS;
-  uint16_t* sQ = sV + BC * LDS;       // [2][BR][LDS]
-  uint16_t* sdO = sQ + 2 * BR * LDS;  // [2][BR][LDS]
-  float* sL = reinterpret_cast<float*>(sdO + 2 * BR * LDS);  // [2][BR] lse
-  float* sD = sL + 2 * BR;                                    // [2][BR] D
-
-  const int n_qt = (S + BR - 1) / BR, qt0 = key0 / BR, nq = n_qt - qt0;
-  const int total = G * nq;  // (head of the group, query tile) pairs, head-major
-  auto issue = [&](int it, int st) {
-    const int hh = it / nq, qt = qt0 + (it - hh * nq), h = g * G + hh, r0 = qt * BR;
-    fa_load_rows<DH, LDS, NT>(sQ + st * BR * LDS, Qb + h * DH, ldq, r0, BR, S, tid);
-    fa_load_rows<DH, LDS, NT>(sdO + st * BR * LDS, dOb + h * DH, ldq, r0, BR, S, tid);
-    const int64_t lrow = (int64_t(b) * H + h) * S;
-    for (int i = tid; i < BR; i += NT) {  // lse and D of the tile's rows (0 past S)
-      const int r = r0 + i;
-      const int64_t src = lrow + (r < S ? r : 0);
-      fa_cp_async4(sL + st * BR + i, p.lse + src, r < S);
-      fa_cp_async4(sD + st * BR + i, p.delta + src, r < S);
-    }
-  };
-  fa_load_rows<DH, LDS, NT>(sK, K, ldk, key0, BC, S, tid);
-  fa_load_rows<DH, LDS, NT>(sV, V, ldk, key0, BC, S, tid);
-  issue(0, 0);
-  fa_cp_commit();
-
-  const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
-  const int kw0 = key0 + warp * 16;  // the warp's first key
-  const int krow[2] = {kw0 + gq, kw0 + gq + 8};
-  float dk[DH / 8][4], dv[DH / 8][4];
-FA_UNROLL
-  for (int i = 0; i < DH / 8; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.0f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.0f;
-  }
-
-  for (int it = 0; it < total; ++it) {
-    const int st = it & 1;
-    if (it + 1 < total) {
-      issue(it + 1, st ^ 1);
-      fa_cp_commit();
-      fa_cp_wait<1>();
-    } else {
-      fa_cp_wait<0>();
-    }
-    fa_sync();
-    const int hh = it / nq, q0 = (qt0 + (it - hh * nq)) * BR;
-    const uint16_t* tQ = sQ + st * BR * LDS;
-    const uint16_t* tdO = sdO + st * BR * LDS;
-    const float* tL = sL + st * BR;
-    const float* tD = sD + st * BR;
-    if (kw0 < S && q0 + BR - 1 >= kw0) {  // warp-uniform: some query of the tile sees a key
-      float sT[BR / 8][4], dpT[BR / 8][4];
-FA_UNROLL
-      for (int i = 0; i < BR / 8; ++i) {
-        sT[i][0] = sT[i][1] = sT[i][2] = sT[i][3] = 0.0f;
-        dpT[i][0] = dpT[i][1] = dpT[i][2] = dpT[i][3] = 0.0f;
-      }
-      fa_mm_abt<DH, LDS, BR>(sT, sK + warp * 16 * LDS, tQ, lane);  // K Q^T
-      const bool mask = q0 < kw0 + 15 || q0 + BR > S;
-FA_UNROLL
-      for (int nb = 0; nb < BR / 8; ++nb)
-FA_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          const int ql = nb * 8 + 2 * tq + e, qc = q0 + ql;
-          const float l2 = tL[ql] * kLog2e;
-FA_UNROLL
-          for (int hr = 0; hr < 2; ++hr) {
-            const bool off = (mask && (qc < krow[hr] || qc >= S)) || !fa_seg_ok(sg, S, qc, krow[hr]);
-            sT[nb][2 * hr + e] = off ? 0.0f : fa_exp2(sT[nb][2 * hr + e] * p.scale_log2 - l2);
-          }
-        }
-      fa_mm_pb<DH, LDS, BR>(dv, sT, tdO, lane);                     // dV += P^T dO
-      fa_mm_abt<DH, LDS, BR>(dpT, sV + warp * 16 * LDS, tdO, lane);  // V dO^T
-FA_UNROLL
-      for (int nb = 0; nb < BR / 8; ++nb)
-FA_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          const float dq = tD[nb * 8 + 2 * tq + e];
-FA_UNROLL
-          for (int hr = 0; hr < 2; ++hr)
-            sT[nb][2 * hr + e] = sT[nb][2 * hr + e] * (dpT[nb][2 * hr + e] - dq);  // dS^T
-        }
-      fa_mm_pb<DH, LDS, BR>(dk, sT, tQ, lane);  // dK += dS^T Q
-    }
-    fa_sync();
-  }
-  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(b) * S * ldk + g * DH;
-  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH;
-  fa_store_rows<DH>(dK, ldk, kw0, S, dk, p.scale, lane);
-  fa_store_rows<DH>(dV, ldk, kw0, S, dv, 1.0f, lane);
-}
-
-// ---- variant 2 (MOELAB_FLASH=v2): two m16 tiles per warp ------------------------------------------
+// ---- two m16 tiles per warp: fwd2_tc, dq2_tc, dkv2_tc ------------------------------------------
 // Each warp owns 32 rows (forward, dQ: queries; dK/dV: keys) as two m16 tiles, so that every B
-// fragment that ldmatrix reads from shared memory feeds two mma instead of one (v1, with 16 rows
-// per warp, reads about one ldmatrix.x4 per two mma). 4 warps per block, 128 threads, at most
-// 255 registers and 102 KiB of shared memory: 2 blocks per SM. dK/dV for DH 128: dkv2s_tc below.
+// fragment that ldmatrix reads from shared memory feeds two mma instead of one. 4 warps per
+// block, 128 threads, at most 255 registers and 102 KiB of shared memory: 2 blocks per SM. dK/dV
+// for DH 128: dkv2s_tc below.
 
 template <int DH> struct Fwd2Tc {
-  // BC 64 for both widths: with BC 128, DH 64 spills (ptxas, 255 registers).
+  // DH 128 only: at 64, fwd_tc measured faster (even with Q's fragments kept in registers here).
+  static_assert(DH == 128, "fwd2_tc: head width 128 (fwd_tc runs 64)");
   static constexpr int kThreads = 128, MT = 2, BR = 128, BC = 64, LDS = DH + 8;
   static constexpr size_t kSmem = size_t(BR + 4 * BC) * LDS * 2;  // Q, 2 stages of K and V
-  // DH 64: the warp's Q fragments stay in registers (32 of them), so S = Q K^T reads only K.
-  static constexpr bool kQReg = DH == 64;
 };
 template <int DH> struct Dq2Tc {
   // BC 32 for DH 128: dQ (128 accumulators) plus S and dP (2 x 2 x BC / 2) within 255 registers.
@@ -615,25 +412,6 @@ FA_UNROLL
   }
 }
 
-// fa_mm_abt2 with the A fragments in registers: a[mt][kk] for k block kk.
-template <int DH, int LDS, int N, int MT>
-FA_DEV void fa_mm_abt2r(float (&acc)[MT][N / 8][4], const uint32_t (&a)[MT][DH / 16][4],
-                        const uint16_t* sB, int nlo, int nhi, int lane) {
-FA_UNROLL
-  for (int kk = 0; kk < DH / 16; ++kk)
-FA_UNROLL
-    for (int nb = 0; nb < N / 16; ++nb) {
-      if (nb < nlo || nb >= nhi) continue;
-      uint32_t b[4];
-      fa_lds_b_nk<LDS>(b, sB + nb * 16 * LDS + kk * 16, lane);
-FA_UNROLL
-      for (int mt = 0; mt < MT; ++mt) {
-        fa_mma(acc[mt][2 * nb], a[mt][kk], b[0], b[1]);
-        fa_mma(acc[mt][2 * nb + 1], a[mt][kk], b[2], b[3]);
-      }
-    }
-}
-
 // acc[mt] (16 x DH) += P_mt (16 x K, bf16 rounding of p[mt]) x B, B [k][n] at sB (K rows, DH
 // columns); k blocks of 16 outside [klo, khi) (warp-uniform: P is 0 there) are skipped.
 template <int DH, int LDS, int K, int MT>
@@ -658,7 +436,7 @@ FA_UNROLL
   }
 }
 
-// Forward, v2. Grid as fwd_tc. Warp w owns query rows q0 + 32w .. + 31; in the tile that holds
+// Forward, head width 128. Grid as fwd_tc. Warp w owns query rows q0 + 32w .. + 31; in the tile that holds
 // its diagonal, key blocks of 16 wholly right of its last row are skipped.
 template <int DH>
 FA_DEV void fwd2_tc(const Params& p, char* smem, int tid, int bh, int ty) {
@@ -686,7 +464,6 @@ FA_DEV void fwd2_tc(const Params& p, char* smem, int tid, int bh, int ty) {
   const int w0 = q0 + warp * WR, w_last = fa_imin(w0 + WR - 1, S - 1);
   float o[MT][DH / 8][4];
   float m[MT][2], l[MT][2];  // l: this lane's partial sums
-  uint32_t qf[MT][C::kQReg ? DH / 16 : 1][4];  // kQReg: Q's A fragments
 FA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
 FA_UNROLL
@@ -714,17 +491,7 @@ FA_UNROLL
       for (int mt = 0; mt < MT; ++mt)
 FA_UNROLL
         for (int i = 0; i < BC / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
-      if constexpr (C::kQReg) {
-        if (j == 0)  // every warp with rows visits tile 0, and Q landed with it
-FA_UNROLL
-          for (int mt = 0; mt < MT; ++mt)
-FA_UNROLL
-            for (int kk = 0; kk < DH / 16; ++kk)
-              fa_lds_a<LDS>(qf[mt][kk], sQ + (warp * WR + mt * 16) * LDS + kk * 16, lane);
-        fa_mm_abt2r<DH, LDS, BC, MT>(s, qf, sK + st * BC * LDS, 0, nhi, lane);
-      } else {
-        fa_mm_abt2<DH, LDS, BC, MT>(s, sQ + warp * WR * LDS, sK + st * BC * LDS, 0, nhi, lane);
-      }
+      fa_mm_abt2<DH, LDS, BC, MT>(s, sQ + warp * WR * LDS, sK + st * BC * LDS, 0, nhi, lane);
       const bool mask = k0 + BC - 1 > w0;  // the tile crosses this warp's diagonal
 FA_UNROLL
       for (int mt = 0; mt < MT; ++mt)
@@ -793,7 +560,8 @@ FA_UNROLL
   }
 }
 
-// dQ, v2. Grid as dq_tc; warp w owns query rows q0 + 32w .. + 31 (as fwd2_tc).
+// dQ. Grid: x = b*H + h, y = query tile (reversed, as the forward); warp w owns query rows
+// q0 + 32w .. + 31. dQ_i = scale sum_{j<=i} P_ij (dP_ij - D_i) K_j.
 template <int DH>
 FA_DEV void dq2_tc(const Params& p, char* smem, int tid, int bh, int ty) {
   using C = Dq2Tc<DH>;
@@ -885,8 +653,10 @@ FA_UNROLL
   for (int mt = 0; mt < MT; ++mt) fa_store_rows<DH>(dQ, ldq, w0 + mt * 16, S, dq[mt], p.scale, lane);
 }
 
-// dK, dV, v2 (DH 64). Grid as dkv_tc; warp w owns keys key0 + 32w .. + 31 and computes the
-// transposed products as dkv_tc does, each Q / dO fragment feeding both key tiles.
+// dK, dV (DH 64). Grid: x = b*Hkv + g, y = key tile (tile 0, the most work, first); warp w owns
+// keys key0 + 32w .. + 31 and computes the transposed products directly: S^T = K Q^T,
+// dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q, each Q / dO fragment feeding
+// both key tiles.
 template <int DH>
 FA_DEV void dkv2_tc(const Params& p, char* smem, int tid, int bg, int ty) {
   using C = Dkv2Tc<DH>;
@@ -1004,11 +774,11 @@ FA_UNROLL
   }
 }
 
-// dK, dV, v2 for DH 128 (any DH that is a multiple of 32 works): 32 keys per warp would need
+// dK, dV for DH 128 (any DH that is a multiple of 32 works): 32 keys per warp would need
 // 2 x 2 x DH / 2 accumulators for dK and dV alone, so 8 warps split the work twice over. Block of
 // 128 keys, query tiles of 64. Phase 1: warp (wk, wx) computes S^T, dP^T and dS^T for keys
 // key0 + 32 wk .. + 31 x queries 32 wx .. + 31 of the tile and writes P^T and dS^T to shared
-// memory as bf16 (the rounding v1 applies to its mma operands). Phase 2: the same warp
+// memory as bf16 (the rounding any mma operand gets). Phase 2: the same warp
 // accumulates dV += P^T dO and dK += dS^T Q for its 32 keys x columns DH/2 wx .. + DH/2 - 1,
 // reading P^T and dS^T of all 64 queries. Each fragment feeds two mma in both phases.
 template <int DH> struct Dkv2sTc {
