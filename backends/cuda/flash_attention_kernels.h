@@ -653,6 +653,90 @@ FA_UNROLL
   for (int mt = 0; mt < MT; ++mt) fa_store_rows<DH>(dQ, ldq, w0 + mt * 16, S, dq[mt], p.scale, lane);
 }
 
+// The tiles of a dK/dV block (dkv2_tc, dkv2s_tc). Grid: x = b*Hkv + g, y = key tile (tile 0,
+// the most work, first). The block keeps keys key0 .. key0 + BC - 1 of K and V in shared memory
+// and visits, head-major, every (head of the group, query tile from the diagonal down) pair:
+// iteration it is head g*G + it / nq, query tile qt0 + it % nq. Q, dO, lse and D of those tiles
+// are double-buffered with cp.async (stage it & 1). Shared memory: K, V [BC][LDS]; Q, dO
+// [2][BR][LDS]; lse, D [2][BR] f32; a kernel's own buffers follow from end().
+template <int DH, int BC, int BR, int LDS, int NT> struct DkvTiles {
+  const Params& p;
+  int tid, S, H, G, b, g, key0, qt0, nq, total;
+  int64_t ldq, ldk;
+  const uint16_t *Qb, *dOb, *K, *V;
+  const int32_t* sg;  // this sequence's segment ids, or null
+  uint16_t *sK, *sV, *sQ, *sdO;
+  float *sL, *sD;
+
+  FA_DEV DkvTiles(const Params& pp, char* smem, int tid_, int bg, int ty) : p(pp), tid(tid_) {
+    S = p.S;
+    H = p.H;
+    G = H / p.Hkv;
+    b = bg / p.Hkv;
+    g = bg - b * p.Hkv;
+    key0 = ty * BC;
+    ldq = int64_t(H) * DH;
+    ldk = int64_t(p.Hkv) * DH;
+    Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
+    dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
+    K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
+    V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
+    sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
+    sK = reinterpret_cast<uint16_t*>(smem);
+    sV = sK + BC * LDS;
+    sQ = sV + BC * LDS;
+    sdO = sQ + 2 * BR * LDS;
+    sL = reinterpret_cast<float*>(sdO + 2 * BR * LDS);
+    sD = sL + 2 * BR;
+    qt0 = key0 / BR;
+    nq = (S + BR - 1) / BR - qt0;
+    total = G * nq;
+  }
+  FA_DEV char* end() const { return reinterpret_cast<char*>(sD + 2 * BR); }
+  FA_DEV int head(int it) const { return g * G + it / nq; }
+  FA_DEV int query0(int it) const { return (qt0 + it % nq) * BR; }
+  // Starts the copies of iteration it's Q, dO (rows past S: 0), lse and D into stage st.
+  FA_DEV void issue(int it, int st) const {
+    const int h = head(it), r0 = query0(it);
+    fa_load_rows<DH, LDS, NT>(sQ + st * BR * LDS, Qb + h * DH, ldq, r0, BR, S, tid);
+    fa_load_rows<DH, LDS, NT>(sdO + st * BR * LDS, dOb + h * DH, ldq, r0, BR, S, tid);
+    const int64_t lrow = (int64_t(b) * H + h) * S;
+    for (int i = tid; i < BR; i += NT) {
+      const int r = r0 + i;
+      const int64_t src = lrow + (r < S ? r : 0);
+      fa_cp_async4(sL + st * BR + i, p.lse + src, r < S);
+      fa_cp_async4(sD + st * BR + i, p.delta + src, r < S);
+    }
+  }
+  // K and V of the block's keys, and iteration 0's tiles.
+  FA_DEV void start() const {
+    fa_load_rows<DH, LDS, NT>(sK, K, ldk, key0, BC, S, tid);
+    fa_load_rows<DH, LDS, NT>(sV, V, ldk, key0, BC, S, tid);
+    issue(0, 0);
+    fa_cp_commit();
+  }
+  // Iteration it's tiles in shared memory: its first query row, Q and dO [BR][LDS], lse and D.
+  struct Stage {
+    int q0;
+    const uint16_t *Q, *dO;
+    const float *L, *D;
+  };
+  // Prefetches iteration it + 1 into the other stage, waits until iteration it's stage has
+  // landed for every thread, and returns it.
+  FA_DEV Stage wait_for(int it) const {
+    const int st = it & 1;
+    if (it + 1 < total) {
+      issue(it + 1, st ^ 1);
+      fa_cp_commit();
+      fa_cp_wait<1>();
+    } else {
+      fa_cp_wait<0>();
+    }
+    fa_sync();
+    return Stage{query0(it), sQ + st * BR * LDS, sdO + st * BR * LDS, sL + st * BR, sD + st * BR};
+  }
+};
+
 // dK, dV (DH 64). Grid: x = b*Hkv + g, y = key tile (tile 0, the most work, first); warp w owns
 // keys key0 + 32w .. + 31 and computes the transposed products directly: S^T = K Q^T,
 // dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q, each Q / dO fragment feeding
@@ -661,40 +745,10 @@ template <int DH>
 FA_DEV void dkv2_tc(const Params& p, char* smem, int tid, int bg, int ty) {
   using C = Dkv2Tc<DH>;
   constexpr int BC = C::BC, BR = C::BR, LDS = C::LDS, NT = C::kThreads, MT = C::MT, WR = 16 * MT;
-  const int S = p.S, H = p.H, Hkv = p.Hkv, G = H / Hkv;
-  const int b = bg / Hkv, g = bg - b * Hkv;
-  const int key0 = ty * BC;
-  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(Hkv) * DH;
-  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
-  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
-  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
-  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
-  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* sV = sK + BC * LDS;
-  uint16_t* sQ = sV + BC * LDS;       // [2][BR][LDS]
-  uint16_t* sdO = sQ + 2 * BR * LDS;  // [2][BR][LDS]
-  float* sL = reinterpret_cast<float*>(sdO + 2 * BR * LDS);  // [2][BR] lse
-  float* sD = sL + 2 * BR;                                    // [2][BR] D
-
-  const int n_qt = (S + BR - 1) / BR, qt0 = key0 / BR, nq = n_qt - qt0;
-  const int total = G * nq;  // (head of the group, query tile) pairs, head-major
-  auto issue = [&](int it, int st) {
-    const int hh = it / nq, qt = qt0 + (it - hh * nq), h = g * G + hh, r0 = qt * BR;
-    fa_load_rows<DH, LDS, NT>(sQ + st * BR * LDS, Qb + h * DH, ldq, r0, BR, S, tid);
-    fa_load_rows<DH, LDS, NT>(sdO + st * BR * LDS, dOb + h * DH, ldq, r0, BR, S, tid);
-    const int64_t lrow = (int64_t(b) * H + h) * S;
-    for (int i = tid; i < BR; i += NT) {  // lse and D of the tile's rows (0 past S)
-      const int r = r0 + i;
-      const int64_t src = lrow + (r < S ? r : 0);
-      fa_cp_async4(sL + st * BR + i, p.lse + src, r < S);
-      fa_cp_async4(sD + st * BR + i, p.delta + src, r < S);
-    }
-  };
-  fa_load_rows<DH, LDS, NT>(sK, K, ldk, key0, BC, S, tid);
-  fa_load_rows<DH, LDS, NT>(sV, V, ldk, key0, BC, S, tid);
-  issue(0, 0);
-  fa_cp_commit();
+  const DkvTiles<DH, BC, BR, LDS, NT> t(p, smem, tid, bg, ty);
+  const int S = t.S, key0 = t.key0;
+  const int32_t* sg = t.sg;
+  t.start();
 
   const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int kw0 = key0 + warp * WR;  // the warp's first key
@@ -707,21 +761,8 @@ FA_UNROLL
       dv[mt][i][0] = dv[mt][i][1] = dv[mt][i][2] = dv[mt][i][3] = 0.0f;
     }
 
-  for (int it = 0; it < total; ++it) {
-    const int st = it & 1;
-    if (it + 1 < total) {
-      issue(it + 1, st ^ 1);
-      fa_cp_commit();
-      fa_cp_wait<1>();
-    } else {
-      fa_cp_wait<0>();
-    }
-    fa_sync();
-    const int hh = it / nq, q0 = (qt0 + (it - hh * nq)) * BR;
-    const uint16_t* tQ = sQ + st * BR * LDS;
-    const uint16_t* tdO = sdO + st * BR * LDS;
-    const float* tL = sL + st * BR;
-    const float* tD = sD + st * BR;
+  for (int it = 0; it < t.total; ++it) {
+    const auto [q0, tQ, tdO, tL, tD] = t.wait_for(it);
     if (kw0 < S && q0 + BR - 1 >= kw0) {  // warp-uniform: some query of the tile sees a key
       float sT[MT][BR / 8][4], dpT[MT][BR / 8][4];
 FA_UNROLL
@@ -731,7 +772,7 @@ FA_UNROLL
           sT[mt][i][0] = sT[mt][i][1] = sT[mt][i][2] = sT[mt][i][3] = 0.0f;
           dpT[mt][i][0] = dpT[mt][i][1] = dpT[mt][i][2] = dpT[mt][i][3] = 0.0f;
         }
-      fa_mm_abt2<DH, LDS, BR, MT>(sT, sK + warp * WR * LDS, tQ, 0, BR / 16, lane);  // K Q^T
+      fa_mm_abt2<DH, LDS, BR, MT>(sT, t.sK + warp * WR * LDS, tQ, 0, BR / 16, lane);  // K Q^T
       const bool mask = q0 < kw0 + WR - 1 || q0 + BR > S;
 FA_UNROLL
       for (int nb = 0; nb < BR / 8; ++nb)
@@ -749,7 +790,7 @@ FA_UNROLL
             }
         }
       fa_mm_pb2<DH, LDS, BR, MT>(dv, sT, tdO, 0, BR / 16, lane);                     // dV += P^T dO
-      fa_mm_abt2<DH, LDS, BR, MT>(dpT, sV + warp * WR * LDS, tdO, 0, BR / 16, lane);  // V dO^T
+      fa_mm_abt2<DH, LDS, BR, MT>(dpT, t.sV + warp * WR * LDS, tdO, 0, BR / 16, lane);  // V dO^T
 FA_UNROLL
       for (int nb = 0; nb < BR / 8; ++nb)
 FA_UNROLL
@@ -765,12 +806,12 @@ FA_UNROLL
     }
     fa_sync();
   }
-  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(b) * S * ldk + g * DH;
-  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH;
+  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(t.b) * S * t.ldk + t.g * DH;
+  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(t.b) * S * t.ldk + t.g * DH;
 FA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
-    fa_store_rows<DH>(dK, ldk, kw0 + mt * 16, S, dk[mt], p.scale, lane);
-    fa_store_rows<DH>(dV, ldk, kw0 + mt * 16, S, dv[mt], 1.0f, lane);
+    fa_store_rows<DH>(dK, t.ldk, kw0 + mt * 16, S, dk[mt], p.scale, lane);
+    fa_store_rows<DH>(dV, t.ldk, kw0 + mt * 16, S, dv[mt], 1.0f, lane);
   }
 }
 
@@ -817,42 +858,12 @@ FA_DEV void dkv2s_tc(const Params& p, char* smem, int tid, int bg, int ty) {
   using C = Dkv2sTc<DH>;
   constexpr int BC = C::BC, BR = C::BR, LDS = C::LDS, LDP = C::LDP, NT = C::kThreads, MT = C::MT;
   constexpr int DW = DH / 2;  // phase 2: columns per warp
-  const int S = p.S, H = p.H, Hkv = p.Hkv, G = H / Hkv;
-  const int b = bg / Hkv, g = bg - b * Hkv;
-  const int key0 = ty * BC;
-  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(Hkv) * DH;
-  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
-  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
-  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
-  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
-  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* sV = sK + BC * LDS;
-  uint16_t* sQ = sV + BC * LDS;       // [2][BR][LDS]
-  uint16_t* sdO = sQ + 2 * BR * LDS;  // [2][BR][LDS]
-  uint16_t* sP = sdO + 2 * BR * LDS;  // [BC][LDP] P^T
-  uint16_t* sdS = sP + BC * LDP;      // [BC][LDP] dS^T
-  float* sL = reinterpret_cast<float*>(sdS + BC * LDP);  // [2][BR] lse
-  float* sD = sL + 2 * BR;                                // [2][BR] D
-
-  const int n_qt = (S + BR - 1) / BR, qt0 = key0 / BR, nq = n_qt - qt0;
-  const int total = G * nq;  // (head of the group, query tile) pairs, head-major
-  auto issue = [&](int it, int st) {
-    const int hh = it / nq, qt = qt0 + (it - hh * nq), h = g * G + hh, r0 = qt * BR;
-    fa_load_rows<DH, LDS, NT>(sQ + st * BR * LDS, Qb + h * DH, ldq, r0, BR, S, tid);
-    fa_load_rows<DH, LDS, NT>(sdO + st * BR * LDS, dOb + h * DH, ldq, r0, BR, S, tid);
-    const int64_t lrow = (int64_t(b) * H + h) * S;
-    for (int i = tid; i < BR; i += NT) {  // lse and D of the tile's rows (0 past S)
-      const int r = r0 + i;
-      const int64_t src = lrow + (r < S ? r : 0);
-      fa_cp_async4(sL + st * BR + i, p.lse + src, r < S);
-      fa_cp_async4(sD + st * BR + i, p.delta + src, r < S);
-    }
-  };
-  fa_load_rows<DH, LDS, NT>(sK, K, ldk, key0, BC, S, tid);
-  fa_load_rows<DH, LDS, NT>(sV, V, ldk, key0, BC, S, tid);
-  issue(0, 0);
-  fa_cp_commit();
+  const DkvTiles<DH, BC, BR, LDS, NT> t(p, smem, tid, bg, ty);
+  const int S = t.S, key0 = t.key0;
+  const int32_t* sg = t.sg;
+  uint16_t* sP = reinterpret_cast<uint16_t*>(t.end());  // [BC][LDP] P^T
+  uint16_t* sdS = sP + BC * LDP;                         // [BC][LDP] dS^T
+  t.start();
 
   const int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int wk = warp >> 1, wx = warp & 1;  // key group; query half (phase 1), column half (phase 2)
@@ -866,21 +877,8 @@ FA_UNROLL
       dv[mt][i][0] = dv[mt][i][1] = dv[mt][i][2] = dv[mt][i][3] = 0.0f;
     }
 
-  for (int it = 0; it < total; ++it) {
-    const int st = it & 1;
-    if (it + 1 < total) {
-      issue(it + 1, st ^ 1);
-      fa_cp_commit();
-      fa_cp_wait<1>();
-    } else {
-      fa_cp_wait<0>();
-    }
-    fa_sync();
-    const int hh = it / nq, q0 = (qt0 + (it - hh * nq)) * BR;
-    const uint16_t* tQ = sQ + st * BR * LDS;
-    const uint16_t* tdO = sdO + st * BR * LDS;
-    const float* tL = sL + st * BR;
-    const float* tD = sD + st * BR;
+  for (int it = 0; it < t.total; ++it) {
+    const auto [q0, tQ, tdO, tL, tD] = t.wait_for(it);
     {  // phase 1
       const int qw0 = q0 + wx * 32;  // the warp's first query
       float sT[MT][4][4], dsT[MT][4][4];
@@ -892,8 +890,8 @@ FA_UNROLL
           dsT[mt][i][0] = dsT[mt][i][1] = dsT[mt][i][2] = dsT[mt][i][3] = 0.0f;
         }
       if (kw0 < S && qw0 < S && qw0 + 31 >= kw0) {  // warp-uniform; else P^T = dS^T = 0
-        fa_mm_abt2<DH, LDS, 32, MT>(sT, sK + wk * 32 * LDS, tQ + wx * 32 * LDS, 0, 2, lane);    // K Q^T
-        fa_mm_abt2<DH, LDS, 32, MT>(dsT, sV + wk * 32 * LDS, tdO + wx * 32 * LDS, 0, 2, lane);  // V dO^T
+        fa_mm_abt2<DH, LDS, 32, MT>(sT, t.sK + wk * 32 * LDS, tQ + wx * 32 * LDS, 0, 2, lane);    // K Q^T
+        fa_mm_abt2<DH, LDS, 32, MT>(dsT, t.sV + wk * 32 * LDS, tdO + wx * 32 * LDS, 0, 2, lane);  // V dO^T
         const bool mask = qw0 < kw0 + 31 || qw0 + 32 > S;
 FA_UNROLL
         for (int nb = 0; nb < 4; ++nb)
@@ -933,12 +931,12 @@ FA_UNROLL
     }
     fa_sync();  // the stage, P^T and dS^T are free for the next iteration
   }
-  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(b) * S * ldk + g * DH + wx * DW;
-  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH + wx * DW;
+  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(t.b) * S * t.ldk + t.g * DH + wx * DW;
+  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(t.b) * S * t.ldk + t.g * DH + wx * DW;
 FA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
-    fa_store_rows<DW>(dK, ldk, kw0 + mt * 16, S, dk[mt], p.scale, lane);
-    fa_store_rows<DW>(dV, ldk, kw0 + mt * 16, S, dv[mt], 1.0f, lane);
+    fa_store_rows<DW>(dK, t.ldk, kw0 + mt * 16, S, dk[mt], p.scale, lane);
+    fa_store_rows<DW>(dV, t.ldk, kw0 + mt * 16, S, dv[mt], 1.0f, lane);
   }
 }
 
