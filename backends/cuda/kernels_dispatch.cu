@@ -100,31 +100,23 @@ __global__ void permute_fwd_kernel(const T* x, const int32_t* row_token, int64_t
   }
 }
 
-// dX[t] = sum of dXp over the rows of t.
+// Out[t] = sum over the rows r of t (CSR rows / start) of g_r Src[r], g_r = gates[row_assign[r]],
+// or 1 without gates. Un-permute forward combines the experts' outputs with the gate weights;
+// permute backward (gates null) sums a token's row gradients: g * v with g = 1 is v exactly, so
+// both keep the bits of their former separate kernels.
 template <class T>
-__global__ void permute_bwd_kernel(const T* dxp, const int32_t* rows, const int32_t* start,
-                                   int64_t Tn, int64_t D, T* dx) {
-  MOELAB_GRID_STRIDE(i, Tn * D) {
-    const int64_t t = i / D, d = i - t * D;
-    float acc = 0.0f;
-    for (int32_t j = start[t]; j < start[t + 1]; ++j) acc += load_f(dxp, int64_t(rows[j]) * D + d);
-    store_f(dx, i, acc);
-  }
-}
-
-// Y[t] = sum over the rows r of t of gates[row_assign[r]] Yp[r].
-template <class T>
-__global__ void unpermute_fwd_kernel(const T* yp, const T* gates, const int32_t* row_assign,
-                                     const int32_t* rows, const int32_t* start, int64_t Tn,
-                                     int64_t D, T* y) {
+__global__ void gather_sum_kernel(const T* src, const T* gates, const int32_t* row_assign,
+                                  const int32_t* rows, const int32_t* start, int64_t Tn, int64_t D,
+                                  T* out) {
   MOELAB_GRID_STRIDE(i, Tn * D) {
     const int64_t t = i / D, d = i - t * D;
     float acc = 0.0f;
     for (int32_t j = start[t]; j < start[t + 1]; ++j) {
       const int64_t r = rows[j];
-      acc += load_f(gates, row_assign[r]) * load_f(yp, r * D + d);
+      const float g = gates ? load_f(gates, row_assign[r]) : 1.0f;
+      acc += g * load_f(src, r * D + d);
     }
-    store_f(y, i, acc);
+    store_f(out, i, acc);
   }
 }
 
@@ -154,7 +146,7 @@ __global__ void unpermute_bwd_kernel(const T* dy, const T* yp, const T* gates,
 }
 
 
-// The same four kernels over 16-byte vectors of a row (D a multiple of Vec<T>::N, rows
+// The same three kernels over 16-byte vectors of a row (D a multiple of Vec<T>::N, rows
 // aligned): one thread per (row, vector) with one 64-bit division per vector, not per element.
 // The scalar kernels ran at 0.4-1 TB/s on an H200 (kernel census, docs/performance.md). Each
 // output element is the scalar kernel's sum in the scalar kernel's order, so the bits are the
@@ -173,29 +165,11 @@ __global__ void permute_fwd_vec_kernel(const T* x, const int32_t* row_token, int
   }
 }
 
+// gather_sum_kernel over 16-byte vectors.
 template <class T>
-__global__ void permute_bwd_vec_kernel(const T* dxp, const int32_t* rows, const int32_t* start,
-                                       int64_t Tn, int64_t D, T* dx) {
-  constexpr int N = Vec<T>::N;
-  const int64_t DV = D / N;
-  MOELAB_GRID_STRIDE(i, Tn * DV) {
-    const int64_t t = i / DV, d = (i - t * DV) * N;
-    float acc[N], v[N];
-#pragma unroll
-    for (int q = 0; q < N; ++q) acc[q] = 0.0f;
-    for (int32_t j = start[t]; j < start[t + 1]; ++j) {
-      Vec<T>::load(dxp + int64_t(rows[j]) * D + d, v);
-#pragma unroll
-      for (int q = 0; q < N; ++q) acc[q] += v[q];
-    }
-    Vec<T>::store(dx + t * D + d, acc);
-  }
-}
-
-template <class T>
-__global__ void unpermute_fwd_vec_kernel(const T* yp, const T* gates, const int32_t* row_assign,
-                                         const int32_t* rows, const int32_t* start, int64_t Tn,
-                                         int64_t D, T* y) {
+__global__ void gather_sum_vec_kernel(const T* src, const T* gates, const int32_t* row_assign,
+                                      const int32_t* rows, const int32_t* start, int64_t Tn,
+                                      int64_t D, T* out) {
   constexpr int N = Vec<T>::N;
   const int64_t DV = D / N;
   MOELAB_GRID_STRIDE(i, Tn * DV) {
@@ -205,12 +179,12 @@ __global__ void unpermute_fwd_vec_kernel(const T* yp, const T* gates, const int3
     for (int q = 0; q < N; ++q) acc[q] = 0.0f;
     for (int32_t j = start[t]; j < start[t + 1]; ++j) {
       const int64_t r = rows[j];
-      const float g = load_f(gates, row_assign[r]);
-      Vec<T>::load(yp + r * D + d, v);
+      const float g = gates ? load_f(gates, row_assign[r]) : 1.0f;
+      Vec<T>::load(src + r * D + d, v);
 #pragma unroll
       for (int q = 0; q < N; ++q) acc[q] += g * v[q];
     }
-    Vec<T>::store(y + t * D + d, acc);
+    Vec<T>::store(out + t * D + d, acc);
   }
 }
 
@@ -316,39 +290,33 @@ void permute_forward(Ctx& c, const Tensor& x, const DispatchPlan& plan, const Te
   });
 }
 
-void permute_backward(Ctx& c, const Tensor& dxp, const DispatchPlan& plan, const Tensor& dx) {
-  const int64_t Tn = dx.dim(0), D = dx.dim(1);
+// out [Tn, D] = the gate-weighted (gates defined) or plain sum of each token's rows of src.
+static void gather_sum(Ctx& c, const Tensor& src, const DispatchPlan& plan, const Tensor& gates,
+                       const Tensor& out, const char* op) {
+  const int64_t Tn = out.dim(0), D = out.dim(1);
   if (Tn * D == 0) return;
   TokenCsr csr(c, plan.row_token, Tn);
-  dispatch_float(dx.dtype(), "permute_backward", [&](auto tag) {
+  dispatch_float(out.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    if (vec_ok<T>(D, {dxp.data(), dx.data()}))
-      permute_bwd_vec_kernel<T><<<grid_for(Tn * D / Vec<T>::N), kThreads, 0, c.stream>>>(
-          cptr<T>(dxp), csr.rows.get(), csr.start.get(), Tn, D, mptr<T>(dx));
+    const T* g = gates.defined() ? cptr<T>(gates) : nullptr;
+    const int32_t* ra = gates.defined() ? cptr<int32_t>(plan.row_assign) : nullptr;
+    if (vec_ok<T>(D, {src.data(), out.data()}))
+      gather_sum_vec_kernel<T><<<grid_for(Tn * D / Vec<T>::N), kThreads, 0, c.stream>>>(
+          cptr<T>(src), g, ra, csr.rows.get(), csr.start.get(), Tn, D, mptr<T>(out));
     else
-      permute_bwd_kernel<T><<<grid_for(Tn * D), kThreads, 0, c.stream>>>(
-          cptr<T>(dxp), csr.rows.get(), csr.start.get(), Tn, D, mptr<T>(dx));
+      gather_sum_kernel<T><<<grid_for(Tn * D), kThreads, 0, c.stream>>>(
+          cptr<T>(src), g, ra, csr.rows.get(), csr.start.get(), Tn, D, mptr<T>(out));
     CUDA_CHECK_LAUNCH();
   });
 }
 
+void permute_backward(Ctx& c, const Tensor& dxp, const DispatchPlan& plan, const Tensor& dx) {
+  gather_sum(c, dxp, plan, Tensor(), dx, "permute_backward");
+}
+
 void unpermute_forward(Ctx& c, const Tensor& yp, const DispatchPlan& plan, const Tensor& gates,
                        const Tensor& y) {
-  const int64_t Tn = y.dim(0), D = y.dim(1);
-  if (Tn * D == 0) return;
-  TokenCsr csr(c, plan.row_token, Tn);
-  dispatch_float(yp.dtype(), "unpermute_forward", [&](auto tag) {
-    using T = decltype(tag);
-    if (vec_ok<T>(D, {yp.data(), y.data()}))
-      unpermute_fwd_vec_kernel<T><<<grid_for(Tn * D / Vec<T>::N), kThreads, 0, c.stream>>>(
-          cptr<T>(yp), cptr<T>(gates), cptr<int32_t>(plan.row_assign), csr.rows.get(),
-          csr.start.get(), Tn, D, mptr<T>(y));
-    else
-      unpermute_fwd_kernel<T><<<grid_for(Tn * D), kThreads, 0, c.stream>>>(
-          cptr<T>(yp), cptr<T>(gates), cptr<int32_t>(plan.row_assign), csr.rows.get(),
-          csr.start.get(), Tn, D, mptr<T>(y));
-    CUDA_CHECK_LAUNCH();
-  });
+  gather_sum(c, yp, plan, gates, y, "unpermute_forward");
 }
 
 void unpermute_backward(Ctx& c, const Tensor& dy, const Tensor& yp, const DispatchPlan& plan,
