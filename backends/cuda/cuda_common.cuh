@@ -215,11 +215,13 @@ template <> struct Vec<bf16_t> {
     *reinterpret_cast<uint4*>(p) = q;
   }
 };
+// 16-byte alignment: vector loads and stores, cp.async, and cuBLAS's fastest batched kernels.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 // Rows of `row_elems` elements starting at each pointer can all be read as vectors.
 template <class T> inline bool vec_ok(int64_t row_elems, std::initializer_list<const void*> ptrs) {
   if (row_elems % Vec<T>::N != 0) return false;
   for (const void* p : ptrs)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+    if (!aligned16(p)) return false;
   return true;
 }
 

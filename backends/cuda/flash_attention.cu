@@ -80,14 +80,12 @@ void launch(Ctx& c, K kernel, int64_t gx, int64_t gy, int threads, size_t smem, 
   CUDA_CHECK_LAUNCH();
 }
 
-bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
-
 // The tensor-core kernels: bf16, head width 64 or 128, every operand 16-byte aligned (cp.async
 // and the 4-byte output stores; row strides H*Dh*2 bytes are then multiples of 16).
 bool tensor_cores(DType dt, int64_t dh, std::initializer_list<const Tensor*> ts) {
   if (dt != DType::BF16 || (dh != 64 && dh != 128)) return false;
   for (const Tensor* t : ts)
-    if (!aligned16(*t)) return false;
+    if (!aligned16(t->data())) return false;
   return true;
 }
 

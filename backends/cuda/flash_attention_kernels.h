@@ -154,6 +154,24 @@ FA_DEV void fa_load_rows(uint16_t* dst, const uint16_t* src, int64_t ld, int r0,
   }
 }
 
+// Key tiles of BC rows of K and V, double-buffered in shared memory (tile j in stage j & 1; tile
+// 0 issued by the caller): prefetches tile j + 1 into the other stage, then waits until tile j
+// has landed for every thread.
+template <int DH, int LDS, int NT, int BC>
+FA_DEV void fa_kv_next(uint16_t* sK, uint16_t* sV, const uint16_t* K, const uint16_t* V, int64_t ldk,
+                       int j, int n_kt, int S, int tid) {
+  const int st = j & 1;
+  if (j + 1 < n_kt) {
+    fa_load_rows<DH, LDS, NT>(sK + (st ^ 1) * BC * LDS, K, ldk, (j + 1) * BC, BC, S, tid);
+    fa_load_rows<DH, LDS, NT>(sV + (st ^ 1) * BC * LDS, V, ldk, (j + 1) * BC, BC, S, tid);
+    fa_cp_commit();
+    fa_cp_wait<1>();
+  } else {
+    fa_cp_wait<0>();
+  }
+  fa_sync();
+}
+
 // A operand of mma.m16n8k16 (16 x 16, k contiguous): rows 0..15 and columns 0..15 of the
 // row-major shared tile at `base`. Matrices: (rows 0-7 | 8-15) x (cols 0-7 | 8-15), in the order
 // a0a1, a2a3, a4a5, a6a7 of the PTX fragment.
@@ -269,15 +287,7 @@ FA_UNROLL
 
   for (int j = 0; j < n_kt; ++j) {
     const int st = j & 1;
-    if (j + 1 < n_kt) {  // prefetch the next key tile into the other stage
-      fa_load_rows<DH, LDS, NT>(sK + (st ^ 1) * BC * LDS, K, ldk, (j + 1) * BC, BC, S, tid);
-      fa_load_rows<DH, LDS, NT>(sV + (st ^ 1) * BC * LDS, V, ldk, (j + 1) * BC, BC, S, tid);
-      fa_cp_commit();
-      fa_cp_wait<1>();
-    } else {
-      fa_cp_wait<0>();
-    }
-    fa_sync();
+    fa_kv_next<DH, LDS, NT, BC>(sK, sV, K, V, ldk, j, n_kt, S, tid);
     const int k0 = j * BC;
     if (w0 < S && k0 <= w_last) {  // warp-uniform: the tile holds keys this warp attends to
       float s[BC / 8][4];
@@ -387,6 +397,18 @@ template <int DH> struct Dkv2Tc {
   static constexpr size_t kSmem = size_t(2 * BC + 4 * BR) * LDS * 2 + size_t(4 * BR) * 4;
 };
 
+// acc[mt][n0] += a[mt] x (b[0], b[1]) and acc[mt][n0 + 1] += a[mt] x (b[2], b[3]) for every m
+// tile: one ldmatrix.x4 B fragment (two n8 blocks) feeding all MT tiles.
+template <int MT, int NA>
+FA_DEV void fa_mma_tiles(float (&acc)[MT][NA][4], int n0, const uint32_t (&a)[MT][4],
+                         const uint32_t (&b)[4]) {
+FA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    fa_mma(acc[mt][n0], a[mt], b[0], b[1]);
+    fa_mma(acc[mt][n0 + 1], a[mt], b[2], b[3]);
+  }
+}
+
 // acc[mt] += A_mt (16 rows at sA + 16 mt rows, DH wide) x B^T, B rows n = 0..N-1 at sB ([n][k]);
 // each B fragment feeds MT m tiles. n blocks of 16 outside [nlo, nhi) (warp-uniform: wholly
 // masked) are skipped and keep their accumulators.
@@ -403,11 +425,7 @@ FA_UNROLL
       if (nb < nlo || nb >= nhi) continue;
       uint32_t b[4];
       fa_lds_b_nk<LDS>(b, sB + nb * 16 * LDS + kk * 16, lane);
-FA_UNROLL
-      for (int mt = 0; mt < MT; ++mt) {
-        fa_mma(acc[mt][2 * nb], a[mt], b[0], b[1]);
-        fa_mma(acc[mt][2 * nb + 1], a[mt], b[2], b[3]);
-      }
+      fa_mma_tiles(acc, 2 * nb, a, b);
     }
   }
 }
@@ -427,11 +445,7 @@ FA_UNROLL
     for (int dp = 0; dp < DH / 16; ++dp) {
       uint32_t b[4];
       fa_lds_b_kn<LDS>(b, sB + kb * 16 * LDS + dp * 16, lane);
-FA_UNROLL
-      for (int mt = 0; mt < MT; ++mt) {
-        fa_mma(acc[mt][2 * dp], a[mt], b[0], b[1]);
-        fa_mma(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
-      }
+      fa_mma_tiles(acc, 2 * dp, a, b);
     }
   }
 }
@@ -474,15 +488,7 @@ FA_UNROLL
 
   for (int j = 0; j < n_kt; ++j) {
     const int st = j & 1;
-    if (j + 1 < n_kt) {
-      fa_load_rows<DH, LDS, NT>(sK + (st ^ 1) * BC * LDS, K, ldk, (j + 1) * BC, BC, S, tid);
-      fa_load_rows<DH, LDS, NT>(sV + (st ^ 1) * BC * LDS, V, ldk, (j + 1) * BC, BC, S, tid);
-      fa_cp_commit();
-      fa_cp_wait<1>();
-    } else {
-      fa_cp_wait<0>();
-    }
-    fa_sync();
+    fa_kv_next<DH, LDS, NT, BC>(sK, sV, K, V, ldk, j, n_kt, S, tid);
     const int k0 = j * BC;
     if (w0 < S && k0 <= w_last) {  // warp-uniform
       const int nhi = fa_imin(BC / 16, (w_last - k0) / 16 + 1);  // blocks reaching the warp's rows
@@ -606,15 +612,7 @@ FA_UNROLL
 
   for (int j = 0; j < n_kt; ++j) {
     const int st = j & 1;
-    if (j + 1 < n_kt) {
-      fa_load_rows<DH, LDS, NT>(sK + (st ^ 1) * BC * LDS, K, ldk, (j + 1) * BC, BC, S, tid);
-      fa_load_rows<DH, LDS, NT>(sV + (st ^ 1) * BC * LDS, V, ldk, (j + 1) * BC, BC, S, tid);
-      fa_cp_commit();
-      fa_cp_wait<1>();
-    } else {
-      fa_cp_wait<0>();
-    }
-    fa_sync();
+    fa_kv_next<DH, LDS, NT, BC>(sK, sV, K, V, ldk, j, n_kt, S, tid);
     const int k0 = j * BC;
     if (w0 < S && k0 <= w_last) {  // warp-uniform
       const int nhi = fa_imin(BC / 16, (w_last - k0) / 16 + 1);
@@ -844,11 +842,7 @@ FA_UNROLL
     for (int nb = 0; nb < N / 16; ++nb) {
       uint32_t b[4];
       fa_lds_b_kn<LDB>(b, sB + kb * 16 * LDB + nb * 16, lane);
-FA_UNROLL
-      for (int mt = 0; mt < MT; ++mt) {
-        fa_mma(acc[mt][2 * nb], a[mt], b[0], b[1]);
-        fa_mma(acc[mt][2 * nb + 1], a[mt], b[2], b[3]);
-      }
+      fa_mma_tiles(acc, 2 * nb, a, b);
     }
   }
 }

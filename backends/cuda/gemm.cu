@@ -126,11 +126,11 @@ void run_chunked(Ctx& c, DType dt, const std::vector<Problem>& real, float beta,
   const size_t es = elem_size(dt);
   // cuBLAS cannot see the alignment of the pointers in a batched call's device arrays: chunk only
   // problems whose every row starts on 16 bytes.
-  auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   for (const Problem& p : real) {
     const bool same = shape && p.tb == shape->tb && p.n == shape->n && p.k == shape->k &&
                       p.lda == shape->lda && p.ldb == shape->ldb && p.ldc == shape->ldc;
-    const bool aligned = a16(p.a) && a16(p.b) && a16(p.c) && (p.lda * es) % 16 == 0 && (p.ldc * es) % 16 == 0;
+    const bool aligned = aligned16(p.a) && aligned16(p.b) && aligned16(p.c) && (p.lda * es) % 16 == 0 &&
+                         (p.ldc * es) % 16 == 0;
     if (p.ta || p.m < rows || !aligned || (shape && !same)) {
       rest.push_back(p);
       continue;

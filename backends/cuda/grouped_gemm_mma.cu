@@ -40,8 +40,6 @@ template <class K> void launch(Ctx& c, K kernel, int64_t blocks, const gg::Param
   CUDA_CHECK_LAUNCH();
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 gg::Params params(const Tensor& x, const Tensor& w, const int32_t* d_off, int64_t E, const Tensor& y,
                   int64_t K, int64_t N, double beta) {
   gg::Params p;
