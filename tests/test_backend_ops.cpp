@@ -1245,6 +1245,8 @@ TEST_CASE("gpu ops: flash attention (causal, grouped-query) against the CPU", "[
         for (const Heads& hd : heads) attention_case(fam, g, dt, 1 + (n++ % 3), S, hd.H, hd.Hkv, Dh);
   // bf16 at the tensor-core widths, but off 16-byte alignment: the generic kernels.
   for (int64_t Dh : {64, 128}) attention_case(fam, g, DType::BF16, 2, 65, 4, 2, Dh, true);
+  // Several 128-row query and key tiles (the wgmma kernels' tiles on Hopper), a partial last one.
+  for (int64_t Dh : {64, 128}) attention_case(fam, g, DType::BF16, 2, 700, 4, 2, Dh);
   fam.finish();
 }
 
@@ -1346,7 +1348,7 @@ TEST_CASE("gpu bench: flash attention forward and backward (bf16, causal)", "[.]
   std::printf("| B | S | H | Hkv | Dh | forward ms | TFLOP/s | backward ms | TFLOP/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const Cfg& c : {Cfg{8, 2048, 32, 8, 128}, Cfg{8, 2048, 16, 16, 128}, Cfg{8, 2048, 32, 8, 64},
-                       Cfg{32, 512, 8, 8, 64}}) {  // the last: config A's attention
+                       Cfg{4, 4096, 8, 8, 128}, Cfg{32, 512, 8, 8, 64}}) {  // F, A
     const int64_t T = c.B * c.S;
     auto rnd = [&](Shape s, uint64_t seed) {  // cheap host values in [-1, 1), as bf16
       std::vector<double> v(static_cast<size_t>(s.numel()));

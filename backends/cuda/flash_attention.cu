@@ -11,7 +11,8 @@
 // dQ kernel over query tiles and a dK/dV kernel over key tiles: three launches, no atomics, the
 // same bits on every run (see the header for the tiles and the masking). Tensor-core kernels
 // per head width: forward fwd_tc<64> / fwd2_tc<128>, backward dq2_tc and dkv2_tc<64> /
-// dkv2s_tc<128> (the fastest measured on an H200, docs/performance.md).
+// dkv2s_tc<128> (the fastest measured on an H200, docs/performance.md). On Hopper (compute
+// capability 9.0) the forward and dQ run the wgmma kernels of flash_attention_wgmma.cu instead.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -19,6 +20,7 @@
 #include <type_traits>
 
 #include "backends/cuda/cuda_kernels.cuh"
+#include "backends/cuda/flash_attention_wgmma.h"
 
 // ---- the platform of flash_attention_kernels.h: backends/cuda/mma_platform.cuh ----------------
 #include "backends/cuda/mma_platform.cuh"
@@ -132,6 +134,10 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
+    if (wgmma_attention_enabled()) {
+      attention_forward_wgmma(c, p);
+      return;
+    }
     if (dh == 64) {
       using C = fl::FwdTc<64>;
       launch(c, fwd_tc_kernel<64>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
@@ -170,10 +176,12 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
            32 * fl::kDeltaWarps, 0, p);
   });
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
+    const bool wgmma = wgmma_attention_enabled();
     auto run = [&](auto dhc) {
       constexpr int DH = decltype(dhc)::value;
       using Q = fl::Dq2Tc<DH>;
-      launch(c, dq2_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
+      if (wgmma) attention_dq_wgmma(c, p);
+      else launch(c, dq2_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
       if constexpr (DH == 64) {
         using K = fl::Dkv2Tc<DH>;
         launch(c, dkv2_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);

@@ -37,7 +37,7 @@ draws different numbers than moelab's counter-based generator: losses agree with
 only statistically (about ln(vocab) at the start); what the benchmark compares is throughput.
 
 Modes:
-  torch_moe.py --config A [--set key=value ...] [--compile] [--iters 20] [--warmup 5]
+  torch_moe.py --config A [--set key=value ...] [--compile] [--iters 20] [--warmup 5] [--profile N]
   torch_moe.py --moe-layer fine|mixtral|T,D,E,F,K [--compile] [--iters 20] [--warmup 5]
   torch_moe.py --gemm-peak [--iters 20]
   torch_moe.py --check [--compile]
@@ -363,6 +363,55 @@ def time_steps(step, iters, warmup):
     return ms, first_s, warm_s, torch.cuda.max_memory_allocated()
 
 
+# Kernel families of a profile, by kernel name (first match wins); moelab's census
+# (analysis/kernel_census.py) sorts its own kernels into the same kinds of family.
+PROFILE_FAMILIES = [
+    ("attention", r"flash|fmha|cudnn|sdpa|attention|softmax_bwd"),
+    ("GEMMs", r"gemm|nvjet|cutlass|xmma|cublas|Kernel2|grouped|splitK"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("fused elementwise (triton)", r"triton"),
+    ("memset / memcpy", r"memset|memcpy"),
+    ("sort / scatter / index", r"sort|scatter|index|gather|cub::"),
+    ("other", r"."),
+]
+
+
+def profile_steps(step, steps):
+    """Runs `steps` more steps under torch.profiler (CUDA activity: CUPTI, no nsys needed) and
+    prints each kernel's device time per step and the total by family: the torch side's
+    counterpart of moelab's kernel census (experiments/gpu/kernel_census.sh)."""
+    import re
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us <= 0:
+            continue
+        calls, total = kernels.get(ev.key, (0, 0.0))
+        kernels[ev.key] = (calls + ev.count, total + us)
+    fams = {}
+    for name, (calls, us) in kernels.items():
+        fam = next(f for f, rx in PROFILE_FAMILIES if re.search(rx, name, re.IGNORECASE))
+        c0, u0 = fams.get(fam, (0, 0.0))
+        fams[fam] = (c0 + calls, u0 + us)
+    total = sum(us for _, us in kernels.values())
+    print(f"profile: {sum(c for c, _ in kernels.values()) / steps:.0f} kernels and "
+          f"{total / steps / 1e3:.2f} ms of kernel time per step (torch.profiler, {steps} steps)")
+    print("| family | kernels / step | GPU us / step | share |\n|---|---|---|---|")
+    for fam, (calls, us) in sorted(fams.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {fam} | {calls / steps:.1f} | {us / steps:.0f} | {100 * us / total:.1f}% |")
+    print("| kernel | calls / step | us / step | us / call |\n|---|---|---|---|")
+    for name, (calls, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:30]:
+        print(f"| `{name[:90]}` | {calls / steps:.1f} | {us / steps:.0f} | {us / calls:.1f} |")
+
+
 def quantiles(ms):
     s = sorted(ms)
     return s[len(s) // 10], s[(len(s) * 9) // 10]
@@ -370,7 +419,7 @@ def quantiles(ms):
 
 # ---------------------------------------------------------------------------------- the modes
 
-def bench_model(name, sets, compile_, iters, warmup, sdpa):
+def bench_model(name, sets, compile_, iters, warmup, sdpa, profile=0):
     device = "cuda"
     c = bc.get_config(name, sets)
     set_sdpa_backend(sdpa)
@@ -407,6 +456,8 @@ def bench_model(name, sets, compile_, iters, warmup, sdpa):
            "flops_per_token": bc.flops_per_token(c), "loss": loss, "ce": ce, "aux": aux, "z": z,
            "sdpa": sdpa, "sdpa_choice": choice}
     res.update(env_info())
+    if profile > 0:
+        profile_steps(step, profile)
     print(json.dumps(res), flush=True)
     return res
 
@@ -696,11 +747,16 @@ def main():
                     help="attention kernel: PyTorch's choice (default) or only the named one")
     ap.add_argument("--iters", type=int, default=20, help="timed steps (default 20)")
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps (default 5)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="--config: after the timing, N more steps under torch.profiler; prints "
+                         "the kernel time per step by family and the top kernels")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("torch_moe.py needs a CUDA device")
     if a.iters < 1 or a.warmup < 1:
         raise SystemExit("--iters and --warmup must be >= 1")
+    if a.profile < 0 or (a.profile and not a.config):
+        raise SystemExit("--profile N needs N >= 0 and --config")
     if a.check:
         return run_check(a.compile)
     if a.gemm_peak:
@@ -708,7 +764,7 @@ def main():
     elif a.moe_layer:
         bench_moe_layer(a.moe_layer, a.compile, a.iters, a.warmup)
     else:
-        bench_model(a.config, a.set, a.compile, a.iters, a.warmup, a.sdpa_backend)
+        bench_model(a.config, a.set, a.compile, a.iters, a.warmup, a.sdpa_backend, a.profile)
     return 0
 
 
