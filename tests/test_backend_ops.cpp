@@ -1221,6 +1221,36 @@ void attention_case(Family& fam, Backend& g, DType dt, int64_t B, int64_t S, int
   k.close(dv);
 }
 
+// Segment ids of B rows of S positions packed with records of the given lengths, in turn (one
+// crossing several 64- and 128-row tiles, one-token records, a key tile wholly of other records),
+// and trailing padding (-1).
+std::vector<int> packed(int64_t B, int64_t S, const std::vector<int64_t>& lens) {
+  std::vector<int> seg;
+  size_t li = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t t = 0;
+    for (int id = 0;; ++id) {
+      const int64_t n = lens[li++ % lens.size()];
+      if (t + n > S) break;
+      for (int64_t i = 0; i < n; ++i, ++t) seg.push_back(id);
+    }
+    for (; t < S; ++t) seg.push_back(-1);
+  }
+  return seg;
+}
+
+// A CUDA backend that runs the Hopper wgmma attention kernels for every pass at every length
+// (CudaBackendOptions::Flash::Wgmma; the default takes them for long sequences only). Elsewhere
+// than on compute capability 9.0 it runs the mma.sync kernels, as the default backend does.
+Backend& wgmma_backend() {
+  static Backend* wg = [] {
+    CudaBackendOptions opts;
+    opts.flash = CudaBackendOptions::Flash::Wgmma;
+    return make_cuda_backend(opts).release();  // never destroyed: see gpu()
+  }();
+  return *wg;
+}
+
 std::vector<uint8_t> bytes_of(Backend& g, const Tensor& t) {
   Tensor h = g.to_host(t);
   const auto* p = static_cast<const uint8_t*>(h.data());
@@ -1272,22 +1302,6 @@ TEST_CASE("gpu ops: flash attention over packed records (segment mask) against t
   SEED_INFO();
   Family fam("attention (packed records)");
   Backend& g = gpu();
-  // Rows of records of varying lengths (one crossing several 64- and 128-row tiles, one-token
-  // records, a key tile wholly of other records) and trailing padding (-1).
-  auto packed = [](int64_t B, int64_t S, std::vector<int64_t> lens) {
-    std::vector<int> seg;
-    size_t li = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      int64_t t = 0;
-      for (int id = 0;; ++id) {
-        const int64_t n = lens[li++ % lens.size()];
-        if (t + n > S) break;
-        for (int64_t i = 0; i < n; ++i, ++t) seg.push_back(id);
-      }
-      for (; t < S; ++t) seg.push_back(-1);
-    }
-    return seg;
-  };
   for (DType dt : kDtypes)
     for (int64_t Dh : {32, 64, 128}) {
       attention_case(fam, g, dt, 2, 256, 4, 2, Dh, false, packed(2, 256, {100, 1, 37, 70, 3}));
@@ -1297,38 +1311,65 @@ TEST_CASE("gpu ops: flash attention over packed records (segment mask) against t
   fam.finish();
 }
 
+// The wgmma kernels (forward, dQ, dK / dV) on every shape of the cases above, packed records, and
+// a length the default backend gives them too (S >= 1024).
+TEST_CASE("gpu ops: flash attention on the Hopper wgmma kernels against the CPU", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("attention (wgmma)");
+  Backend& g = wgmma_backend();
+  struct Heads {
+    int64_t H, Hkv;
+  };
+  int n = 0;
+  for (int64_t Dh : {64, 128})
+    for (int64_t S : {1, 7, 64, 65, 200, 256, 700})
+      for (const Heads& hd : {Heads{2, 2}, Heads{4, 1}, Heads{8, 2}})
+        attention_case(fam, g, DType::BF16, 1 + (n++ % 3), S, hd.H, hd.Hkv, Dh);
+  for (int64_t Dh : {64, 128}) {
+    attention_case(fam, g, DType::BF16, 2, 256, 4, 2, Dh, false, packed(2, 256, {100, 1, 37, 70, 3}));
+    attention_case(fam, g, DType::BF16, 1, 200, 2, 1, Dh, false, packed(1, 200, {150, 2, 30}));
+  }
+  attention_case(fam, g, DType::BF16, 1, 1100, 4, 2, 128);
+  attention_case(fam, gpu(), DType::BF16, 1, 1100, 4, 2, 64);
+  fam.finish();
+}
+
 TEST_CASE("gpu ops: flash attention is bit-identical run to run", "[gpu]") {
   GPU_OR_SKIP();
-  Backend& g = gpu();
-  struct Cfg {
-    DType dt;
-    int64_t B, S, H, Hkv, Dh;
-  };
-  for (const Cfg& c : {Cfg{DType::BF16, 2, 300, 8, 2, 128}, Cfg{DType::BF16, 2, 300, 8, 2, 64},
-                       Cfg{DType::BF16, 1, 77, 4, 4, 16}, Cfg{DType::F32, 2, 100, 4, 1, 32},
-                       Cfg{DType::F32, 1, 130, 2, 1, 128}}) {
-    INFO(to_string(c.dt) << " B=" << c.B << " S=" << c.S << " H=" << c.H << " Hkv=" << c.Hkv << " Dh=" << c.Dh);
-    const int64_t T = c.B * c.S;
-    auto rnd = [&](Shape s, uint64_t seed) {
-      std::vector<double> v(static_cast<size_t>(s.numel()));
-      for (size_t i = 0; i < v.size(); ++i) v[i] = rng::normal(seed, i);
-      return g.from_host(host_tensor(v, s, c.dt));
+  for (Backend* gp : {&gpu(), &wgmma_backend()}) {
+    Backend& g = *gp;
+    INFO((gp == &gpu() ? "default backend" : "wgmma backend"));
+    struct Cfg {
+      DType dt;
+      int64_t B, S, H, Hkv, Dh;
     };
-    const Tensor q = rnd(Shape{T, c.H * c.Dh}, 1), k = rnd(Shape{T, c.Hkv * c.Dh}, 2);
-    const Tensor v = rnd(Shape{T, c.Hkv * c.Dh}, 3), dout = rnd(Shape{T, c.H * c.Dh}, 4);
-    auto run = [&] {
-      Tensor out = g.empty(q.shape(), c.dt), lse = g.empty(Shape{c.B * c.H, c.S}, DType::F32);
-      Tensor dq = g.empty(q.shape(), c.dt), dk = g.empty(k.shape(), c.dt), dv = g.empty(v.shape(), c.dt);
-      g.attention_forward(q, k, v, c.H, c.Hkv, c.S, out, lse);
-      g.attention_backward(q, k, v, out, lse, dout, c.H, c.Hkv, c.S, dq, dk, dv);
-      std::vector<std::vector<uint8_t>> all;
-      for (const Tensor* t : {&out, &lse, &dq, &dk, &dv}) all.push_back(bytes_of(g, *t));
-      return all;
-    };
-    const auto a = run(), b = run();
-    for (size_t i = 0; i < a.size(); ++i) {
-      INFO("output " << i << " (out, lse, dq, dk, dv)");
-      CHECK(a[i] == b[i]);
+    for (const Cfg& c : {Cfg{DType::BF16, 2, 300, 8, 2, 128}, Cfg{DType::BF16, 2, 300, 8, 2, 64},
+                         Cfg{DType::BF16, 1, 77, 4, 4, 16}, Cfg{DType::F32, 2, 100, 4, 1, 32},
+                         Cfg{DType::F32, 1, 130, 2, 1, 128}, Cfg{DType::BF16, 1, 1100, 4, 2, 128}}) {
+      INFO(to_string(c.dt) << " B=" << c.B << " S=" << c.S << " H=" << c.H << " Hkv=" << c.Hkv << " Dh=" << c.Dh);
+      const int64_t T = c.B * c.S;
+      auto rnd = [&](Shape s, uint64_t seed) {
+        std::vector<double> v(static_cast<size_t>(s.numel()));
+        for (size_t i = 0; i < v.size(); ++i) v[i] = rng::normal(seed, i);
+        return g.from_host(host_tensor(v, s, c.dt));
+      };
+      const Tensor q = rnd(Shape{T, c.H * c.Dh}, 1), k = rnd(Shape{T, c.Hkv * c.Dh}, 2);
+      const Tensor v = rnd(Shape{T, c.Hkv * c.Dh}, 3), dout = rnd(Shape{T, c.H * c.Dh}, 4);
+      auto run = [&] {
+        Tensor out = g.empty(q.shape(), c.dt), lse = g.empty(Shape{c.B * c.H, c.S}, DType::F32);
+        Tensor dq = g.empty(q.shape(), c.dt), dk = g.empty(k.shape(), c.dt), dv = g.empty(v.shape(), c.dt);
+        g.attention_forward(q, k, v, c.H, c.Hkv, c.S, out, lse);
+        g.attention_backward(q, k, v, out, lse, dout, c.H, c.Hkv, c.S, dq, dk, dv);
+        std::vector<std::vector<uint8_t>> all;
+        for (const Tensor* t : {&out, &lse, &dq, &dk, &dv}) all.push_back(bytes_of(g, *t));
+        return all;
+      };
+      const auto a = run(), b = run();
+      for (size_t i = 0; i < a.size(); ++i) {
+        INFO("output " << i << " (out, lse, dq, dk, dv)");
+        CHECK(a[i] == b[i]);
+      }
     }
   }
 }
@@ -1348,7 +1389,8 @@ TEST_CASE("gpu bench: flash attention forward and backward (bf16, causal)", "[.]
   std::printf("| B | S | H | Hkv | Dh | forward ms | TFLOP/s | backward ms | TFLOP/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const Cfg& c : {Cfg{8, 2048, 32, 8, 128}, Cfg{8, 2048, 16, 16, 128}, Cfg{8, 2048, 32, 8, 64},
-                       Cfg{4, 4096, 8, 8, 128}, Cfg{32, 512, 8, 8, 64}}) {  // F, A
+                       Cfg{4, 4096, 8, 8, 128}, Cfg{32, 512, 8, 8, 128},      // F, B
+                       Cfg{32, 512, 8, 8, 64}}) {                             // A
     const int64_t T = c.B * c.S;
     auto rnd = [&](Shape s, uint64_t seed) {  // cheap host values in [-1, 1), as bf16
       std::vector<double> v(static_cast<size_t>(s.numel()));

@@ -152,6 +152,7 @@ class CudaBackend final : public Backend {
     ctx_.alloc = &alloc_;
     ctx_.gemm_chunk_rows = opts.chunk_rows;
     ctx_.attention_scratch_bytes = opts.attention_scratch_bytes;
+    ctx_.flash = int(opts.flash);
   }
 
   ~CudaBackend() override {

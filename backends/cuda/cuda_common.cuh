@@ -86,6 +86,7 @@ struct Ctx {
   DeviceAllocator* alloc = nullptr;
   int64_t gemm_chunk_rows = 128;  // CudaBackendOptions::chunk_rows
   int64_t attention_scratch_bytes = int64_t(1) << 30;  // CudaBackendOptions::attention_scratch_bytes
+  int flash = 0;  // CudaBackendOptions::flash: 0 Auto, 1 MmaSync, 2 Wgmma
   // Pinned host memory for small device -> host results (losses, counts). Grows on demand;
   // valid until the next call of staging().
   void* staging(size_t bytes);

@@ -169,6 +169,7 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint
     wg::commit();
     wg::wait<0>();
     wg::fence_operands(o);
+    wg::fence_operands(a);
   }
 
   uint16_t* O = static_cast<uint16_t*>(p.out) + int64_t(b) * S * ldq + h * DH;
@@ -297,6 +298,7 @@ __global__ void __launch_bounds__(256, 1) dq_wg_kernel(fl::Params p, const uint1
     wg::commit();
     wg::wait<0>();
     wg::fence_operands(dq);
+    wg::fence_operands(a);
   }
 
   uint16_t* dQ = static_cast<uint16_t*>(p.dq) + int64_t(b) * S * ldq + h * DH;
@@ -312,9 +314,170 @@ __global__ void __launch_bounds__(256, 1) dq_wg_kernel(fl::Params p, const uint1
 #endif
 }
 
-// vt[(b Hkv + g) DH + d][s] = v[b S + s][g DH + d] for s < S, 0 for S <= s < sp: 32 x 32 tiles
-// through shared memory (both sides coalesced).
-__global__ void transpose_kv_kernel(const uint16_t* v, uint16_t* vt, int S, int sp, int Hkv, int DH) {
+template <int DH> struct DkvWg {
+  // 2 warpgroups x 64 keys of one kv head; query tiles of 64 rows, for every head of the group.
+  static_assert(DH == 64 || DH == 128, "dkv_wg: head width 64 or 128");
+  static constexpr int kThreads = 256, BC = 128, BR = 64;
+  static constexpr int kKV = BC * DH * 2, kT = BR * DH * 2;  // bytes: K or V; one query-side tile
+  static constexpr size_t kSmem = 2 * size_t(kKV) + 2 * 4 * size_t(kT) + 2 * 2 * BR * 4 + 1024;
+};
+
+// dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij Q_i over the queries i of every head of the group:
+// the math of dkv2s_tc (flash_attention_kernels.h), on wgmma, computing the transposed products
+// directly. Grid: x = b Hkv + g, y = tile of 128 keys (tile 0, the most work, first); warpgroup w
+// owns keys key0 + 64w .. + 63. Per (head, query tile from the diagonal down), double-buffered:
+//   S^T = K Q^T, dP^T = V dO^T   2 x DH / 16 wgmma m64n64k16, K / V and Q / dO from shared memory;
+//   P^T, then dV += P^T dO       4 wgmma m64nDHk16, P^T from registers, dO^T from shared memory,
+//                                issued before dS^T is computed (it runs under that math);
+//   dS^T = P^T (dP^T - D), then dK += dS^T Q   the same with Q^T.
+// Q^T and dO^T come from a pre-pass ([B H][DH][queries padded to 128], like V^T and K^T).
+template <int DH>
+__global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint16_t* qt, const uint16_t* dot,
+                                                        int sp) {
+#if MOELAB_WGMMA_DEVICE
+  using C = DkvWg<DH>;
+  constexpr int BC = C::BC, BR = C::BR, NT = C::kThreads;
+  extern __shared__ __align__(1024) char smem_raw[];
+  char* const smem = smem_raw + (((wg::smem_addr(smem_raw) + 1023u) & ~1023u) - wg::smem_addr(smem_raw));
+  const uint32_t sK = wg::smem_addr(smem), sV = sK + C::kKV;
+  const uint32_t sT0 = sV + C::kKV;  // stage st: Q, dO, Q^T, dO^T at sT0 + (4 st + i) kT
+  float* sL = reinterpret_cast<float*>(smem + 2 * C::kKV + 8 * C::kT);  // [2][BR] lse
+  float* sD = sL + 2 * BR;                                               // [2][BR] D
+  const int tid = threadIdx.x, wgi = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
+  const int S = p.S, H = p.H, G = H / p.Hkv, bg = blockIdx.x;
+  const int b = bg / p.Hkv, g = bg - b * p.Hkv, key0 = int(blockIdx.y) * BC;
+  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
+  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
+  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
+  const int qt0 = key0 / BR, nq = (S + BR - 1) / BR - qt0, total = G * nq;
+
+  // Iteration it: head g G + it / nq, query rows from (qt0 + it % nq) BR, into stage st.
+  auto issue = [&](int it, int st) {
+    const int h = g * G + it / nq, r0 = (qt0 + it % nq) * BR;
+    const uint32_t t = sT0 + 4 * st * C::kT;
+    load_tile<BR, DH, NT>(t, Qb + int64_t(r0) * ldq + h * DH, ldq, S - r0, tid);
+    load_tile<BR, DH, NT>(t + C::kT, dOb + int64_t(r0) * ldq + h * DH, ldq, S - r0, tid);
+    const int64_t tr = (int64_t(b) * H + h) * DH * sp + r0;
+    load_tile<DH, BR, NT>(t + 2 * C::kT, qt + tr, sp, DH, tid);
+    load_tile<DH, BR, NT>(t + 3 * C::kT, dot + tr, sp, DH, tid);
+    if (tid < 2 * BR) {  // lse (threads 0..BR-1) and D (BR..2BR-1) of the tile's rows
+      const int i = tid % BR, r = r0 + i;
+      const float* src = (tid < BR ? p.lse : p.delta) + (int64_t(b) * H + h) * S + (r < S ? r : 0);
+      fl::fa_cp_async4((tid < BR ? sL : sD) + st * BR + i, src, r < S);
+    }
+  };
+  const uint16_t* K = static_cast<const uint16_t*>(p.k) + (int64_t(b) * S + key0) * ldk + g * DH;
+  const uint16_t* V = static_cast<const uint16_t*>(p.v) + (int64_t(b) * S + key0) * ldk + g * DH;
+  load_tile<BC, DH, NT>(sK, K, ldk, S - key0, tid);
+  load_tile<BC, DH, NT>(sV, V, ldk, S - key0, tid);
+  issue(0, 0);
+  fl::fa_cp_commit();
+
+  const int kw0 = key0 + 64 * wgi;                // this warpgroup's first key
+  const int krow = kw0 + 16 * warp + (lane >> 2);  // this thread's keys: + 0, + 8
+  float dk[DH / 2], dv[DH / 2];
+#pragma unroll
+  for (int i = 0; i < DH / 2; ++i) dk[i] = dv[i] = 0.0f;
+
+  for (int it = 0; it < total; ++it) {
+    const int st = it & 1;
+    fl::fa_cp_wait<0>();
+    wg::fence_proxy_async();
+    __syncthreads();
+    if (it + 1 < total) issue(it + 1, st ^ 1);
+    fl::fa_cp_commit();
+    const int q0 = (qt0 + it % nq) * BR;
+    if (kw0 >= S || q0 + BR - 1 < kw0) continue;  // warpgroup-uniform: every P_ij is 0
+    const uint32_t tQ = sT0 + 4 * st * C::kT, tdO = tQ + C::kT, tQt = tQ + 2 * C::kT, tdOt = tQ + 3 * C::kT;
+    const float* L = sL + st * BR;
+    const float* D = sD + st * BR;
+
+    float sT[BR / 2], dpT[BR / 2];
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk)
+      wg::mma_ss_n64(sT, wg::desc_k(sK, BC, 64 * wgi, kk), wg::desc_k(tQ, BR, 0, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk)
+      wg::mma_ss_n64(dpT, wg::desc_k(sV, BC, 64 * wgi, kk), wg::desc_k(tdO, BR, 0, kk), kk > 0);
+    wg::commit();
+    wg::wait<0>();
+    wg::fence_operands(sT);
+    wg::fence_operands(dpT);
+
+    const bool mask = q0 < kw0 + 63 || q0 + BR > S;
+#pragma unroll
+    for (int nb = 0; nb < BR / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ql = 8 * nb + 2 * tq + e, qc = q0 + ql;
+        const float l2 = L[ql] * fl::kLog2e;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int kr = krow + 8 * hr, i = 4 * nb + 2 * hr + e;
+          const bool off = (mask && (qc < kr || qc >= S)) || !fl::fa_seg_ok(sg, S, qc, kr);
+          sT[i] = off ? 0.0f : exp2f(sT[i] * p.scale_log2 - l2);  // P^T
+        }
+      }
+    uint32_t a[BR / 16][4];  // P^T in bf16, A fragments of the k steps of 16 queries
+#pragma unroll
+    for (int i = 0; i < BR / 16; ++i)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) a[i][r] = fl::fa_pack_bf16(sT[8 * i + 2 * r], sT[8 * i + 2 * r + 1]);
+    wg::fence_operands(dv);
+    wg::fence();
+#pragma unroll
+    for (int i = 0; i < BR / 16; ++i) mma_rs<DH>(dv, a[i], wg::desc_k(tdOt, DH, 0, i), 1);
+    wg::commit();  // dV runs while dS^T is computed
+
+#pragma unroll
+    for (int nb = 0; nb < BR / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float dq = D[8 * nb + 2 * tq + e];
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int i = 4 * nb + 2 * hr + e;
+          dpT[i] = sT[i] * (dpT[i] - dq);  // dS^T
+        }
+      }
+    uint32_t ads[BR / 16][4];  // dS^T (a still feeds the running dV product)
+#pragma unroll
+    for (int i = 0; i < BR / 16; ++i)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) ads[i][r] = fl::fa_pack_bf16(dpT[8 * i + 2 * r], dpT[8 * i + 2 * r + 1]);
+    wg::fence_operands(dk);
+    wg::fence();
+#pragma unroll
+    for (int i = 0; i < BR / 16; ++i) mma_rs<DH>(dk, ads[i], wg::desc_k(tQt, DH, 0, i), 1);
+    wg::commit();
+    wg::wait<0>();
+    wg::fence_operands(dv);
+    wg::fence_operands(dk);
+    wg::fence_operands(a);
+    wg::fence_operands(ads);
+  }
+
+  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(b) * S * ldk + g * DH;
+  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int kr = krow + 8 * hr;
+    if (kr >= S) continue;
+#pragma unroll
+    for (int db = 0; db < DH / 8; ++db) {
+      const int64_t at = int64_t(kr) * ldk + 8 * db + 2 * tq;
+      fl::fa_st32(dK + at, fl::fa_pack_bf16(dk[4 * db + 2 * hr] * p.scale, dk[4 * db + 2 * hr + 1] * p.scale));
+      fl::fa_st32(dV + at, fl::fa_pack_bf16(dv[4 * db + 2 * hr], dv[4 * db + 2 * hr + 1]));
+    }
+  }
+#endif
+}
+
+// xt[(b nh + g) DH + d][s] = x[b S + s][g DH + d] for s < S, 0 for S <= s < sp (x has nh heads of
+// width DH per row): 32 x 32 tiles through shared memory (both sides coalesced).
+__global__ void transpose_heads_kernel(const uint16_t* v, uint16_t* vt, int S, int sp, int Hkv, int DH) {
   __shared__ uint16_t t[32][34];
   const int bg = blockIdx.z, b = bg / Hkv, g = bg - b * Hkv;
   const int s0 = blockIdx.x * 32, d0 = blockIdx.y * 32, tx = threadIdx.x, ty = threadIdx.y;
@@ -340,27 +503,38 @@ int device_major_minor() {
 
 }  // namespace
 
-bool wgmma_attention_enabled() {
-  static const bool allowed = [] {
+WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S) {
+  enum Mode { Auto, Off, All };  // the values of CudaBackendOptions::Flash
+  static const int env = [] {
     const char* e = std::getenv("MOELAB_FLASH_WGMMA");
-    if (!e || std::string(e) == "1") return true;
-    if (std::string(e) == "0") return false;
-    throw Error(std::string("MOELAB_FLASH_WGMMA=") + e +
-                ": expected 1 (the Hopper wgmma attention kernels where the device has them, the "
-                "default) or 0 (the mma.sync kernels everywhere)");
+    if (!e) return int(Auto);
+    const std::string v = e;
+    if (v == "1") return int(Auto);
+    if (v == "0") return int(Off);
+    if (v == "all") return int(All);
+    throw Error("MOELAB_FLASH_WGMMA=" + v +
+                ": expected 1 (the Hopper wgmma attention kernels where they measured faster, the "
+                "default), all (every pass at every length) or 0 (the mma.sync kernels only)");
   }();
-  return allowed && device_major_minor() == 90;
+  const bool hopper = device_major_minor() == 90;  // per call: a process may drive several devices
+  const int mode = c.flash == Auto ? env : c.flash;
+  WgmmaPlan plan;
+  if (mode == Off || !hopper) return plan;
+  plan.forward = plan.dq = mode == All || S >= 1024;
+  plan.dkv = mode == All;
+  return plan;
 }
 
 namespace {
 
-// x^T per (batch, kv head): [B Hkv][DH][sp] with keys padded by zeros to sp, a multiple of 128.
-Buf<uint16_t> transposed_kv(Ctx& c, const fl::Params& p, const void* x, int sp) {
-  const int64_t BG = int64_t(p.B) * p.Hkv, dh = p.Dh;
-  MOELAB_CHECK(BG <= 65535, "attention (wgmma): batch x kv heads ", BG, " > 65535");
+// x^T per (batch, head) of x [T, nh DH]: [B nh][DH][sp], positions padded by zeros to sp, a
+// multiple of 128.
+Buf<uint16_t> transposed_heads(Ctx& c, const fl::Params& p, const void* x, int nh, int sp) {
+  const int64_t BG = int64_t(p.B) * nh, dh = p.Dh;
+  MOELAB_CHECK(BG <= 65535, "attention (wgmma): batch x heads ", BG, " > 65535");
   Buf<uint16_t> t(c, BG * dh * sp);
-  transpose_kv_kernel<<<dim3(unsigned(sp / 32), unsigned(dh / 32), unsigned(BG)), dim3(32, 8), 0, c.stream>>>(
-      static_cast<const uint16_t*>(x), t.get(), p.S, sp, p.Hkv, int(dh));
+  transpose_heads_kernel<<<dim3(unsigned(sp / 32), unsigned(dh / 32), unsigned(BG)), dim3(32, 8), 0, c.stream>>>(
+      static_cast<const uint16_t*>(x), t.get(), p.S, sp, nh, int(dh));
   CUDA_CHECK_LAUNCH();
   return t;
 }
@@ -380,7 +554,7 @@ void launch_rows(Ctx& c, Kern kernel, const fl::Params& p, int BR, int NT, size_
 void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_forward_wgmma: head width ", p.Dh);
   const int sp = (p.S + 127) / 128 * 128;  // a multiple of every key tile
-  Buf<uint16_t> vt = transposed_kv(c, p, p.v, sp);
+  Buf<uint16_t> vt = transposed_heads(c, p, p.v, p.Hkv, sp);
   if (p.Dh == 64) {
     using C = FwdWg<64>;
     launch_rows(c, fwd_wg_kernel<64>, p, C::BR, C::kThreads, C::kSmem, vt.get(), sp);
@@ -393,7 +567,7 @@ void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
 void attention_dq_wgmma(Ctx& c, const fl::Params& p) {
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_dq_wgmma: head width ", p.Dh);
   const int sp = (p.S + 127) / 128 * 128;
-  Buf<uint16_t> kt = transposed_kv(c, p, p.k, sp);
+  Buf<uint16_t> kt = transposed_heads(c, p, p.k, p.Hkv, sp);
   if (p.Dh == 64) {
     using C = DqWg<64>;
     launch_rows(c, dq_wg_kernel<64>, p, C::BR, C::kThreads, C::kSmem, kt.get(), sp);
@@ -401,6 +575,21 @@ void attention_dq_wgmma(Ctx& c, const fl::Params& p) {
     using C = DqWg<128>;
     launch_rows(c, dq_wg_kernel<128>, p, C::BR, C::kThreads, C::kSmem, kt.get(), sp);
   }
+}
+
+void attention_dkv_wgmma(Ctx& c, const fl::Params& p) {
+  MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_dkv_wgmma: head width ", p.Dh);
+  const int sp = (p.S + 127) / 128 * 128;
+  const int64_t BG = int64_t(p.B) * p.Hkv;
+  MOELAB_CHECK(BG <= INT32_MAX, "attention (wgmma): grid out of range");
+  Buf<uint16_t> qt = transposed_heads(c, p, p.q, p.H, sp), dot = transposed_heads(c, p, p.dout, p.H, sp);
+  auto run = [&](auto kernel, size_t smem) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<dim3(unsigned(BG), unsigned(sp / 128)), 256, smem, c.stream>>>(p, qt.get(), dot.get(), sp);
+    CUDA_CHECK_LAUNCH();
+  };
+  if (p.Dh == 64) run(dkv_wg_kernel<64>, DkvWg<64>::kSmem);
+  else run(dkv_wg_kernel<128>, DkvWg<128>::kSmem);
 }
 
 }  // namespace moelab::cuda

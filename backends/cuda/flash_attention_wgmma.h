@@ -11,15 +11,25 @@ struct Params;
 
 namespace moelab::cuda {
 
-// Whether the current device runs the wgmma kernels: compute capability 9.0, and
-// MOELAB_FLASH_WGMMA is unset or 1 (0 turns them off; any other value is an error).
-bool wgmma_attention_enabled();
+// Which passes of one attention call (sequence length S) run the wgmma kernels, on a device of
+// compute capability 9.0 (none elsewhere), by c.flash (CudaBackendOptions::flash):
+//   Auto     the forward and dQ for S >= 1024, which measured faster there than the mma.sync
+//            kernels (and slower at S 512); MOELAB_FLASH_WGMMA=1 (the same), all (as Wgmma) or 0
+//            (as MmaSync) overrides it, any other value is an error naming the variable;
+//   Wgmma    forward, dQ and dK / dV at every S (dK / dV measured slower than dkv2s_tc: kept to
+//            measure, and as the base of a warp-specialised version);
+//   MmaSync  none.
+// docs/performance.md has the measurements (fifth session).
+struct WgmmaPlan {
+  bool forward = false, dq = false, dkv = false;
+};
+WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S);
 
 // The forward pass (out, lse) for bf16, head width 64 or 128, 16-byte aligned q, k, v, out: the
 // contract of attention_forward (core/backend.h), with p filled by flash_attention.cu.
 void attention_forward_wgmma(Ctx& c, const flash::Params& p);
-// dQ of the backward pass (same conditions, p.delta filled): the rest stays with the mma.sync
-// kernels.
+// dQ and dK / dV of the backward pass (same conditions, p.delta filled by the D pre-pass).
 void attention_dq_wgmma(Ctx& c, const flash::Params& p);
+void attention_dkv_wgmma(Ctx& c, const flash::Params& p);
 
 }  // namespace moelab::cuda

@@ -79,6 +79,14 @@ template <int N> __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for A fragments in registers, which a running wgmma still reads: fenced after the
+// wait, they stay live (and unmodified) until the product is done.
+template <int N> __device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[i][r])::"memory");
+}
 
 // D[64 x 64] (+)= A[64 x 16] B[16 x 64]; A and B in shared memory (descriptors).
 __device__ __forceinline__ void mma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int accumulate) {
