@@ -6,6 +6,7 @@
 // draws come from moelab::rng (core/rng.h), a pure function of (seed, element index), so the
 // GPU computes the CPU's exact uniforms (and its normals up to the last bit of log / cos).
 #include <cmath>
+#include <type_traits>
 
 #include "backends/cuda/cuda_kernels.cuh"
 #include "core/rng.h"
@@ -77,9 +78,19 @@ __device__ __forceinline__ float sigmoidf_(float x) {
 // loads and stores, one 64-bit division per vector): the scalar kernels below ran at 1.3-1.6
 // TB/s on an H200 (kernel census, docs/performance.md). The arithmetic per element is the
 // scalar kernels', so both give the same bits; the scalar ones serve unaligned views.
-__device__ __forceinline__ float swiglu_h(float g, float u) { return g * sigmoidf_(g) * u; }
-__device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& dg, float& du) {
-  const float s = sigmoidf_(g);
+// The sigmoid of bf16 data: the hardware exp2 and reciprocal (__expf, __frcp_rn: a few ulp of
+// f32, far below bf16's rounding of the result). The accurate expf and IEEE division made the
+// vector forward issue-bound (2.6 TB/s against Triton's 4.2 for the same op, same H200;
+// docs/performance.md). f32 keeps sigmoidf_.
+template <class T> __device__ __forceinline__ float swiglu_sigmoid(float x) {
+  if constexpr (std::is_same_v<T, bf16_t>) return __frcp_rn(1.0f + __expf(-x));  // rcp(inf) = 0
+  else return sigmoidf_(x);
+}
+template <class T> __device__ __forceinline__ float swiglu_h(float g, float u) {
+  return g * swiglu_sigmoid<T>(g) * u;
+}
+template <class T> __device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& dg, float& du) {
+  const float s = swiglu_sigmoid<T>(g);
   dg = d * u * s * (1.0f + g * (1.0f - s));  // d silu / dg
   du = d * g * s;
 }
@@ -87,7 +98,7 @@ __device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& d
 template <class T> __global__ void swiglu_fwd_kernel(const T* ab, T* h, int64_t R, int64_t F) {
   MOELAB_GRID_STRIDE(i, R * F) {
     const int64_t r = i / F, f = i - r * F;
-    store_f(h, i, swiglu_h(load_f(ab, r * 2 * F + f), load_f(ab, r * 2 * F + F + f)));
+    store_f(h, i, swiglu_h<T>(load_f(ab, r * 2 * F + f), load_f(ab, r * 2 * F + F + f)));
   }
 }
 
@@ -96,7 +107,7 @@ __global__ void swiglu_bwd_kernel(const T* ab, const T* dh, T* dab, int64_t R, i
   MOELAB_GRID_STRIDE(i, R * F) {
     const int64_t r = i / F, f = i - r * F;
     float dg, du;
-    swiglu_grads(load_f(ab, r * 2 * F + f), load_f(ab, r * 2 * F + F + f), load_f(dh, i), dg, du);
+    swiglu_grads<T>(load_f(ab, r * 2 * F + f), load_f(ab, r * 2 * F + F + f), load_f(dh, i), dg, du);
     store_f(dab, r * 2 * F + f, dg);
     store_f(dab, r * 2 * F + F + f, du);
   }
@@ -111,7 +122,7 @@ template <class T> __global__ void swiglu_fwd_vec_kernel(const T* ab, T* h, int6
     Vec<T>::load(ab + r * 2 * F + f, g);
     Vec<T>::load(ab + r * 2 * F + F + f, u);
 #pragma unroll
-    for (int q = 0; q < N; ++q) o[q] = swiglu_h(g[q], u[q]);
+    for (int q = 0; q < N; ++q) o[q] = swiglu_h<T>(g[q], u[q]);
     Vec<T>::store(h + r * F + f, o);
   }
 }
@@ -127,7 +138,7 @@ __global__ void swiglu_bwd_vec_kernel(const T* ab, const T* dh, T* dab, int64_t 
     Vec<T>::load(ab + r * 2 * F + F + f, u);
     Vec<T>::load(dh + r * F + f, d);
 #pragma unroll
-    for (int q = 0; q < N; ++q) swiglu_grads(g[q], u[q], d[q], dg[q], du[q]);
+    for (int q = 0; q < N; ++q) swiglu_grads<T>(g[q], u[q], d[q], dg[q], du[q]);
     Vec<T>::store(dab + r * 2 * F + f, dg);
     Vec<T>::store(dab + r * 2 * F + F + f, du);
   }
