@@ -27,9 +27,10 @@
 // Speed (H200, docs/performance.md, fifth session): the forward and dQ beat the mma.sync kernels
 // at sequences of 2048 and 4096 (forward 1.24 -> 1.01 ms at B 8, S 2048, H 32 / 8, Dh 128) and
 // lose at 512; dK / dV is slower than dkv2s_tc everywhere. wgmma_attention_plan picks from that.
-// What they lack against FlashAttention-3: producer warps with TMA, and the two warpgroups
-// ping-ponging (here they run in step: both wait on the same barrier every tile, so the tensor
-// cores idle during the softmax).
+// What they lack against FlashAttention-3: producer warps with TMA, register reallocation
+// (setmaxnreg), and the two warpgroups ping-ponging. (A ping-pong forward without the first two,
+// three stages handed over with mbarriers and turns taken with named barriers, ran slower than
+// fwd_wg: commit 067261b has it.)
 #include "backends/cuda/flash_attention_wgmma.h"
 
 #include <cuda_bf16.h>
@@ -181,166 +182,6 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint
     wg::wait<0>();
     wg::fence_operands(o);
     wg::fence_operands(a);
-  }
-
-  uint16_t* O = static_cast<uint16_t*>(p.out) + int64_t(b) * S * ldq + h * DH;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int row = row0 + 8 * hr;
-    float lt = l[hr];
-    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-    if (row >= S) continue;
-    const float inv = 1.0f / lt;
-    if (tq == 0) p.lse[int64_t(bh) * S + row] = (m[hr] + log2f(lt)) * fl::kLn2;
-#pragma unroll
-    for (int db = 0; db < DH / 8; ++db)
-      fl::fa_st32(O + int64_t(row) * ldq + 8 * db + 2 * tq,
-                  fl::fa_pack_bf16(o[4 * db + 2 * hr] * inv, o[4 * db + 2 * hr + 1] * inv));
-  }
-#endif
-}
-
-template <int DH> struct FwdPp {
-  // fwd_wg's tiles, with three stages and the two warpgroups taking turns at the tensor cores.
-  static_assert(DH == 64 || DH == 128, "fwd_pp: head width 64 or 128");
-  static constexpr int kThreads = 256, BR = 128, BC = 128, kStages = 3;
-  static constexpr int kQ = BR * DH * 2, kK = BC * DH * 2, kV = DH * BC * 2;
-  static constexpr size_t kSmem = size_t(kQ) + kStages * size_t(kK + kV) + 2 * 8 * kStages + 1024;
-};
-
-// The forward of fwd_wg with the warpgroups ping-ponging (FlashAttention-3's schedule, without
-// its producer warp and TMA): warpgroup w waits for its turn (named barrier), issues its tensor
-// core work for the tile, P V of the previous tile and S = Q K^T of this one, hands the turn to
-// the other warpgroup and does its softmax while the other's products run. The stages are
-// handed over with mbarriers instead of a block-wide barrier per tile, so the two warpgroups stay
-// half a tile apart: full[s] completes when warpgroup 0's threads (the only loaders) have their
-// copies of the stage in, empty[s] when all 256 threads are done with it. Warpgroup 0 loads tile
-// j + 1 at the start of iteration j, into the stage of tile j - 2.
-template <int DH>
-__global__ void __launch_bounds__(256, 1) fwd_pp_kernel(fl::Params p, const uint16_t* vt, int sp) {
-#if MOELAB_WGMMA_DEVICE
-  using C = FwdPp<DH>;
-  constexpr int BR = C::BR, BC = C::BC, NS = C::kStages, NL = 128;  // NL: loader threads
-  extern __shared__ __align__(1024) char smem_raw[];
-  const uint32_t sQ = (wg::smem_addr(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sK = sQ + C::kQ, sV = sK + NS * C::kK;  // stage st at sK + st kK, sV + st kV
-  const uint32_t full = sV + NS * C::kV, empty = full + 8 * NS;
-  const int tid = threadIdx.x, wgi = tid >> 7, wtid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int tq = lane & 3;
-  const int S = p.S, H = p.H, bh = blockIdx.x;
-  const int b = bh / H, h = bh - b * H, g = h / (H / p.Hkv);
-  const int n_qt = (S + BR - 1) / BR, q0 = (n_qt - 1 - int(blockIdx.y)) * BR;
-  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
-  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
-  const uint16_t* Vt = vt + (int64_t(b) * p.Hkv + g) * DH * sp;
-  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
-  const int n_kt = (min(q0 + BR, S) - 1) / BC + 1;
-
-  if (tid == 0)
-    for (int st = 0; st < NS; ++st) {
-      wg::mbar_init(full + 8 * st, NL);
-      wg::mbar_init(empty + 8 * st, C::kThreads);
-    }
-  __syncthreads();
-  auto load = [&](int j) {  // tile j into stage j % NS (warpgroup 0)
-    const int st = j % NS;
-    load_tile<BC, DH, NL>(sK + st * C::kK, K + int64_t(j) * BC * ldk, ldk, S - j * BC, wtid);
-    load_tile<DH, BC, NL>(sV + st * C::kV, Vt + j * BC, sp, DH, wtid);
-    wg::mbar_arrive_cp_async(full + 8 * st);
-  };
-  if (wgi == 0) {
-    load_tile<BR, DH, NL>(sQ, static_cast<const uint16_t*>(p.q) + (int64_t(b) * S + q0) * ldq + h * DH, ldq,
-                          S - q0, wtid);
-    load(0);  // Q arrives with tile 0
-  }
-
-  const int w0 = q0 + 64 * wgi, w_last = min(w0 + 63, S - 1);
-  const int row0 = w0 + 16 * warp + (lane >> 2);
-  float o[DH / 2], s[BC / 2];
-#pragma unroll
-  for (int i = 0; i < DH / 2; ++i) o[i] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  uint32_t a[BC / 16][4];  // P of the previous tile, as A fragments
-  bool have_p = false;
-  const int my_turn = 1 + wgi, their_turn = 2 - wgi;  // named barriers 1 and 2
-  if (wgi == 1) wg::bar_arrive(1, C::kThreads);      // warpgroup 0 goes first
-
-  for (int j = 0; j <= n_kt; ++j) {
-    if (wgi == 0 && j + 1 < n_kt) {
-      const int t = j + 1;
-      if (t >= NS) wg::mbar_wait(empty + 8 * (t % NS), ((t - NS) / NS) & 1);  // tile t - NS is done
-      load(t);
-    }
-    const bool active = j < n_kt && w0 < S && j * BC <= w_last;  // warpgroup-uniform
-    wg::bar_sync(my_turn, C::kThreads);
-    if (j < n_kt) {
-      wg::mbar_wait(full + 8 * (j % NS), (j / NS) & 1);
-      wg::fence_proxy_async();
-    }
-    wg::fence();
-    if (have_p) {
-      const uint32_t v = sV + ((j - 1) % NS) * C::kV;
-#pragma unroll
-      for (int i = 0; i < BC / 16; ++i) mma_rs<DH>(o, a[i], wg::desc_k(v, DH, 0, i), 1);
-    }
-    if (active) {
-#pragma unroll
-      for (int kk = 0; kk < DH / 16; ++kk)
-        wg::mma_ss_n128(s, wg::desc_k(sQ, BR, 64 * wgi, kk), wg::desc_k(sK + (j % NS) * C::kK, BC, 0, kk), kk > 0);
-    }
-    wg::commit();
-    if (wgi == 0 || j < n_kt) wg::bar_arrive(their_turn, C::kThreads);
-    wg::wait<0>();
-    wg::fence_operands(o);
-    wg::fence_operands(s);
-    wg::fence_operands(a);
-    if (j >= 1) wg::mbar_arrive(empty + 8 * ((j - 1) % NS));  // this thread is done with tile j - 1
-    have_p = active;
-    if (!active) continue;
-
-    const int k0 = j * BC;
-    const bool mask = k0 + BC - 1 > w0;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = row0 + 8 * hr;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < BC / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = s[4 * nb + 2 * hr + e] * p.scale_log2;
-          const int col = k0 + 8 * nb + 2 * tq + e;
-          if ((mask && col > row) || !fl::fa_seg_ok(sg, S, row, col)) x = -INFINITY;
-          s[4 * nb + 2 * hr + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m[hr], mx);
-      const float ms = mn == -INFINITY ? 0.0f : mn;
-      const float alpha = exp2f(m[hr] - ms);
-      m[hr] = mn;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nb = 0; nb < BC / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = exp2f(s[4 * nb + 2 * hr + e] - ms);
-          s[4 * nb + 2 * hr + e] = pe;
-          sum += pe;
-        }
-      l[hr] = l[hr] * alpha + sum;
-#pragma unroll
-      for (int db = 0; db < DH / 8; ++db) {
-        o[4 * db + 2 * hr] *= alpha;
-        o[4 * db + 2 * hr + 1] *= alpha;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < BC / 16; ++i)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) a[i][r] = fl::fa_pack_bf16(s[8 * i + 2 * r], s[8 * i + 2 * r + 1]);
   }
 
   uint16_t* O = static_cast<uint16_t*>(p.out) + int64_t(b) * S * ldq + h * DH;
@@ -726,15 +567,6 @@ void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_forward_wgmma: head width ", p.Dh);
   const int sp = (p.S + 127) / 128 * 128;  // a multiple of every key tile
   Buf<uint16_t> vt = transposed_heads(c, p, p.v, p.Hkv, sp);
-  static const bool pp = [] {
-    const char* e = std::getenv("MOELAB_FLASH_FWD");  // temporary: v1 | pp
-    return !(e && std::string(e) == "v1");
-  }();
-  if (pp) {
-    if (p.Dh == 64) launch_rows(c, fwd_pp_kernel<64>, p, 128, 256, FwdPp<64>::kSmem, vt.get(), sp);
-    else launch_rows(c, fwd_pp_kernel<128>, p, 128, 256, FwdPp<128>::kSmem, vt.get(), sp);
-    return;
-  }
   if (p.Dh == 64) {
     using C = FwdWg<64>;
     launch_rows(c, fwd_wg_kernel<64>, p, C::BR, C::kThreads, C::kSmem, vt.get(), sp);

@@ -88,46 +88,6 @@ template <int N> __device__ __forceinline__ void fence_operands(uint32_t (&a)[N]
     for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[i][r])::"memory");
 }
 
-// ---- barriers between warpgroups ------------------------------------------------------------
-// mbarrier (shared memory, 8 bytes): init once by one thread (then a __syncthreads); a phase
-// completes when `count` arrivals have come; waiters poll the parity of the phase they wait for.
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-#if MOELAB_WGMMA_DEVICE
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-#if MOELAB_WGMMA_DEVICE
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-#endif
-}
-// Arrives on `bar` when this thread's earlier cp.async copies have landed (counted in `count`).
-__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
-#if MOELAB_WGMMA_DEVICE
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
-#if MOELAB_WGMMA_DEVICE
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-#endif
-}
-// Named barriers (ids 1..15; __syncthreads is 0) over `n` threads: sync waits for all n, arrive
-// only counts this thread. Two warpgroups take turns with them.
-__device__ __forceinline__ void bar_sync(int id, int n) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-
 // D[64 x 64] (+)= A[64 x 16] B[16 x 64]; A and B in shared memory (descriptors).
 __device__ __forceinline__ void mma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int accumulate) {
 #if MOELAB_WGMMA_DEVICE
