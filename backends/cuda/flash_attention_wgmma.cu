@@ -79,6 +79,62 @@ template <int N> __device__ __forceinline__ void mma_rs(float (&d)[N / 2], const
   else wg::mma_rs_n128(d, a, db, accumulate);
 }
 
+template <int N> __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
+  if constexpr (N == 64) wg::mma_ss_n64(d, da, db, accumulate);
+  else wg::mma_ss_n128(d, da, db, accumulate);
+}
+
+// Issues d = A B^T over K = 16 KS columns (no wait): A is rows ra.. of the swizzled tile `ta`
+// (RA rows), B the N rows of tile `tb` (RB rows from rb).
+template <int N, int KS>
+__device__ __forceinline__ void issue_ss(float (&d)[N / 2], uint32_t ta, int RA, int ra, uint32_t tb, int RB,
+                                         int rb) {
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) mma_ss<N>(d, wg::desc_k(ta, RA, ra, kk), wg::desc_k(tb, RB, rb, kk), kk > 0);
+}
+
+// Issues d += A B with A the fragments `a` (K = 16 KS) and B^T the N rows of tile `tb` (no wait;
+// a must stay untouched until the wait: fence_operands(a) after it).
+template <int N, int KS>
+__device__ __forceinline__ void issue_rs(float (&d)[N / 2], const uint32_t (&a)[KS][4], uint32_t tb) {
+  wg::fence_operands(d);
+  wg::fence();
+#pragma unroll
+  for (int i = 0; i < KS; ++i) mma_rs<N>(d, a[i], wg::desc_k(tb, N, 0, i), 1);
+}
+
+// A 64 x K accumulator as bf16 A fragments of its K / 16 k steps (the layouts coincide).
+template <int K> __device__ __forceinline__ void acc_to_frags(const float (&acc)[K / 2], uint32_t (&a)[K / 16][4]) {
+#pragma unroll
+  for (int i = 0; i < K / 16; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[i][r] = fl::fa_pack_bf16(acc[8 * i + 2 * r], acc[8 * i + 2 * r + 1]);
+}
+
+// Waits for every issued product of this warpgroup; tile j's stage is then in for all threads
+// and every thread is done with the stage it overwrites next (the pipeline step of the kernels).
+__device__ __forceinline__ void stage_ready() {
+  fl::fa_cp_wait<0>();
+  wg::fence_proxy_async();
+  __syncthreads();
+}
+
+// Stores this thread's two rows (row0, row0 + 8; those < S) of a 64 x DH accumulator as bf16,
+// row r scaled by scale[r]: dst + row * ld.
+template <int DH>
+__device__ __forceinline__ void store_rows(uint16_t* dst, int64_t ld, int row0, int S, const float (&acc)[DH / 2],
+                                           const float (&scale)[2], int tq) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int row = row0 + 8 * hr;
+    if (row >= S) continue;
+#pragma unroll
+    for (int db = 0; db < DH / 8; ++db)
+      fl::fa_st32(dst + int64_t(row) * ld + 8 * db + 2 * tq,
+                  fl::fa_pack_bf16(acc[4 * db + 2 * hr] * scale[hr], acc[4 * db + 2 * hr + 1] * scale[hr]));
+  }
+}
+
 template <int DH>
 __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint16_t* vt, int sp) {
 #if MOELAB_WGMMA_DEVICE
@@ -112,9 +168,7 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint
 
   for (int j = 0; j < n_kt; ++j) {
     const int st = j & 1;
-    fl::fa_cp_wait<0>();
-    wg::fence_proxy_async();
-    __syncthreads();  // tile j is in; both warpgroups are done with tile j - 1's stage
+    stage_ready();  // tile j is in; both warpgroups are done with tile j - 1's stage
     if (j + 1 < n_kt) {
       load_tile<BC, DH, NT>(sK + (st ^ 1) * C::kK, K + int64_t(j + 1) * BC * ldk, ldk, S - (j + 1) * BC, tid);
       load_tile<DH, BC, NT>(sV + (st ^ 1) * C::kV, Vt + (j + 1) * BC, sp, DH, tid);
@@ -125,9 +179,7 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint
 
     float s[BC / 2];
     wg::fence();
-#pragma unroll
-    for (int kk = 0; kk < DH / 16; ++kk)
-      wg::mma_ss_n128(s, wg::desc_k(sQ, BR, 64 * wgi, kk), wg::desc_k(sK + st * C::kK, BC, 0, kk), kk > 0);
+    issue_ss<BC, DH / 16>(s, sQ, BR, 64 * wgi, sK + st * C::kK, BC, 0);
     wg::commit();
     wg::wait<0>();
     wg::fence_operands(s);
@@ -170,35 +222,25 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint
       }
     }
     uint32_t a[BC / 16][4];  // P in bf16, as A fragments of the k steps of 16 keys
-#pragma unroll
-    for (int i = 0; i < BC / 16; ++i)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) a[i][r] = fl::fa_pack_bf16(s[8 * i + 2 * r], s[8 * i + 2 * r + 1]);
-    wg::fence_operands(o);
-    wg::fence();
-#pragma unroll
-    for (int i = 0; i < BC / 16; ++i) mma_rs<DH>(o, a[i], wg::desc_k(sV + st * C::kV, DH, 0, i), 1);
+    acc_to_frags<BC>(s, a);
+    issue_rs<DH, BC / 16>(o, a, sV + st * C::kV);
     wg::commit();
     wg::wait<0>();
     wg::fence_operands(o);
     wg::fence_operands(a);
   }
 
-  uint16_t* O = static_cast<uint16_t*>(p.out) + int64_t(b) * S * ldq + h * DH;
+  float inv[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int row = row0 + 8 * hr;
     float lt = l[hr];
     lt += __shfl_xor_sync(0xffffffffu, lt, 1);
     lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-    if (row >= S) continue;
-    const float inv = 1.0f / lt;
-    if (tq == 0) p.lse[int64_t(bh) * S + row] = (m[hr] + log2f(lt)) * fl::kLn2;
-#pragma unroll
-    for (int db = 0; db < DH / 8; ++db)
-      fl::fa_st32(O + int64_t(row) * ldq + 8 * db + 2 * tq,
-                  fl::fa_pack_bf16(o[4 * db + 2 * hr] * inv, o[4 * db + 2 * hr + 1] * inv));
+    inv[hr] = 1.0f / lt;
+    if (tq == 0 && row < S) p.lse[int64_t(bh) * S + row] = (m[hr] + log2f(lt)) * fl::kLn2;
   }
+  store_rows<DH>(static_cast<uint16_t*>(p.out) + int64_t(b) * S * ldq + h * DH, ldq, row0, S, o, inv, tq);
 #endif
 }
 
@@ -258,9 +300,7 @@ __global__ void __launch_bounds__(256, 1) dq_wg_kernel(fl::Params p, const uint1
 
   for (int j = 0; j < n_kt; ++j) {
     const int st = j & 1;
-    fl::fa_cp_wait<0>();
-    wg::fence_proxy_async();
-    __syncthreads();
+    stage_ready();
     if (j + 1 < n_kt) {
       const int64_t next = int64_t(j + 1) * BC;
       load_tile<BC, DH, NT>(sK + (st ^ 1) * C::kK, K + next * ldk, ldk, S - int(next), tid);
@@ -273,12 +313,8 @@ __global__ void __launch_bounds__(256, 1) dq_wg_kernel(fl::Params p, const uint1
 
     float s[BC / 2], dp[BC / 2];
     wg::fence();
-#pragma unroll
-    for (int kk = 0; kk < DH / 16; ++kk)
-      wg::mma_ss_n64(s, wg::desc_k(sQ, BR, 64 * wgi, kk), wg::desc_k(sK + st * C::kK, BC, 0, kk), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < DH / 16; ++kk)
-      wg::mma_ss_n64(dp, wg::desc_k(sdO, BR, 64 * wgi, kk), wg::desc_k(sV + st * C::kK, BC, 0, kk), kk > 0);
+    issue_ss<BC, DH / 16>(s, sQ, BR, 64 * wgi, sK + st * C::kK, BC, 0);
+    issue_ss<BC, DH / 16>(dp, sdO, BR, 64 * wgi, sV + st * C::kK, BC, 0);
     wg::commit();
     wg::wait<0>();
     wg::fence_operands(s);
@@ -299,30 +335,16 @@ __global__ void __launch_bounds__(256, 1) dq_wg_kernel(fl::Params p, const uint1
         }
     }
     uint32_t a[BC / 16][4];  // dS in bf16, as A fragments of the k steps of 16 keys
-#pragma unroll
-    for (int i = 0; i < BC / 16; ++i)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) a[i][r] = fl::fa_pack_bf16(s[8 * i + 2 * r], s[8 * i + 2 * r + 1]);
-    wg::fence_operands(dq);
-    wg::fence();
-#pragma unroll
-    for (int i = 0; i < BC / 16; ++i) mma_rs<DH>(dq, a[i], wg::desc_k(sKt + st * C::kK, DH, 0, i), 1);
+    acc_to_frags<BC>(s, a);
+    issue_rs<DH, BC / 16>(dq, a, sKt + st * C::kK);
     wg::commit();
     wg::wait<0>();
     wg::fence_operands(dq);
     wg::fence_operands(a);
   }
 
-  uint16_t* dQ = static_cast<uint16_t*>(p.dq) + int64_t(b) * S * ldq + h * DH;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int row = row0 + 8 * hr;
-    if (row >= S) continue;
-#pragma unroll
-    for (int db = 0; db < DH / 8; ++db)
-      fl::fa_st32(dQ + int64_t(row) * ldq + 8 * db + 2 * tq,
-                  fl::fa_pack_bf16(dq[4 * db + 2 * hr] * p.scale, dq[4 * db + 2 * hr + 1] * p.scale));
-  }
+  const float sc[2] = {p.scale, p.scale};
+  store_rows<DH>(static_cast<uint16_t*>(p.dq) + int64_t(b) * S * ldq + h * DH, ldq, row0, S, dq, sc, tq);
 #endif
 }
 
@@ -394,9 +416,7 @@ __global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint
 
   for (int it = 0; it < total; ++it) {
     const int st = it & 1;
-    fl::fa_cp_wait<0>();
-    wg::fence_proxy_async();
-    __syncthreads();
+    stage_ready();
     if (it + 1 < total) issue(it + 1, st ^ 1);
     fl::fa_cp_commit();
     const int q0 = (qt0 + it % nq) * BR;
@@ -407,12 +427,8 @@ __global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint
 
     float sT[BR / 2], dpT[BR / 2];
     wg::fence();
-#pragma unroll
-    for (int kk = 0; kk < DH / 16; ++kk)
-      wg::mma_ss_n64(sT, wg::desc_k(sK, BC, 64 * wgi, kk), wg::desc_k(tQ, BR, 0, kk), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < DH / 16; ++kk)
-      wg::mma_ss_n64(dpT, wg::desc_k(sV, BC, 64 * wgi, kk), wg::desc_k(tdO, BR, 0, kk), kk > 0);
+    issue_ss<BR, DH / 16>(sT, sK, BC, 64 * wgi, tQ, BR, 0);
+    issue_ss<BR, DH / 16>(dpT, sV, BC, 64 * wgi, tdO, BR, 0);
     wg::commit();
     wg::wait<0>();
     wg::fence_operands(sT);
@@ -433,14 +449,8 @@ __global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint
         }
       }
     uint32_t a[BR / 16][4];  // P^T in bf16, A fragments of the k steps of 16 queries
-#pragma unroll
-    for (int i = 0; i < BR / 16; ++i)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) a[i][r] = fl::fa_pack_bf16(sT[8 * i + 2 * r], sT[8 * i + 2 * r + 1]);
-    wg::fence_operands(dv);
-    wg::fence();
-#pragma unroll
-    for (int i = 0; i < BR / 16; ++i) mma_rs<DH>(dv, a[i], wg::desc_k(tdOt, DH, 0, i), 1);
+    acc_to_frags<BR>(sT, a);
+    issue_rs<DH, BR / 16>(dv, a, tdOt);
     wg::commit();  // dV runs while dS^T is computed
 
 #pragma unroll
@@ -455,14 +465,8 @@ __global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint
         }
       }
     uint32_t ads[BR / 16][4];  // dS^T (a still feeds the running dV product)
-#pragma unroll
-    for (int i = 0; i < BR / 16; ++i)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) ads[i][r] = fl::fa_pack_bf16(dpT[8 * i + 2 * r], dpT[8 * i + 2 * r + 1]);
-    wg::fence_operands(dk);
-    wg::fence();
-#pragma unroll
-    for (int i = 0; i < BR / 16; ++i) mma_rs<DH>(dk, ads[i], wg::desc_k(tQt, DH, 0, i), 1);
+    acc_to_frags<BR>(dpT, ads);
+    issue_rs<DH, BR / 16>(dk, ads, tQt);
     wg::commit();
     wg::wait<0>();
     wg::fence_operands(dv);
@@ -471,19 +475,10 @@ __global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint
     wg::fence_operands(ads);
   }
 
-  uint16_t* dK = static_cast<uint16_t*>(p.dk) + int64_t(b) * S * ldk + g * DH;
-  uint16_t* dV = static_cast<uint16_t*>(p.dv) + int64_t(b) * S * ldk + g * DH;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int kr = krow + 8 * hr;
-    if (kr >= S) continue;
-#pragma unroll
-    for (int db = 0; db < DH / 8; ++db) {
-      const int64_t at = int64_t(kr) * ldk + 8 * db + 2 * tq;
-      fl::fa_st32(dK + at, fl::fa_pack_bf16(dk[4 * db + 2 * hr] * p.scale, dk[4 * db + 2 * hr + 1] * p.scale));
-      fl::fa_st32(dV + at, fl::fa_pack_bf16(dv[4 * db + 2 * hr], dv[4 * db + 2 * hr + 1]));
-    }
-  }
+  const float sk[2] = {p.scale, p.scale}, sv[2] = {1.0f, 1.0f};
+  const int64_t kv = int64_t(b) * S * ldk + g * DH;
+  store_rows<DH>(static_cast<uint16_t*>(p.dk) + kv, ldk, krow, S, dk, sk, tq);
+  store_rows<DH>(static_cast<uint16_t*>(p.dv) + kv, ldk, krow, S, dv, sv, tq);
 #endif
 }
 
