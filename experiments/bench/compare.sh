@@ -21,6 +21,9 @@
 #   PYTHON=python3      the Python that has torch
 #   SDPA=default        torch attention kernel: default (PyTorch's choice) | flash | cudnn | efficient
 #   MOELAB_MOE_LAYER=0  skip `moelab bench moe-layer`
+#   PROFILE=N           the torch.compile runs profile N more steps (torch_moe.py --profile): each
+#                       kernel's time and the sum by family, in raw/torch_compile_CFG.txt; the
+#                       counterpart of experiments/gpu/kernel_census.sh
 # Several calls (e.g. CONFIGS="A B", then "C D", ...) can write to different OUT_DIRs; then
 #   python3 experiments/bench/bench_configs.py report OUT1 OUT2 ...   merges them (no torch needed).
 set -u
@@ -103,7 +106,8 @@ for c in $CONFIGS; do
       --set model.dtype=bf16 --iters "$ITERS" --warmup "${MOELAB_WARMUP:-30}" --breakdown
   fi
   want eager && run "torch_eager_$c" "$T_EAGER" "${TM[@]}" --config "$c" --sdpa-backend "$SDPA"
-  want compile && run "torch_compile_$c" "$T_COMPILE" "${TM[@]}" --config "$c" --sdpa-backend "$SDPA" --compile
+  want compile && run "torch_compile_$c" "$T_COMPILE" "${TM[@]}" --config "$c" --sdpa-backend "$SDPA" --compile \
+    --profile "${PROFILE:-0}"
 done
 
 for s in $MOE_SHAPES; do
