@@ -3,12 +3,8 @@
 // 1 in that device pass and 0 everywhere else (host pass, other architectures), where every
 // primitive below compiles to nothing; the launchers check the device before they run a kernel.
 //
-// Operand tiles in shared memory are K-major with the 128-byte swizzle (PTX ISA, "asynchronous
-// warpgroup level matrix shared memory layout"): a tile of R rows x C bf16 columns (C a multiple
-// of 64) is C / 64 panels of R rows x 128 bytes; in a panel, the 16-byte chunk c of row r is
-// stored at chunk position c ^ (r % 8), and every panel starts on a 1024-byte boundary. A
-// descriptor names 8-row groups 1024 bytes apart (SBO); the K step of 16 columns inside a panel
-// moves the start address by 32 bytes (the hardware applies the swizzle to the final address).
+// Operand tiles in shared memory are K-major with the 128-byte swizzle: wgmma_layout.h has the
+// layout and the descriptors (host-testable, tests/test_wgmma_layout.cpp).
 //
 // Accumulators (m64nN, f32) follow mma.sync's m16n8 C layout per warp: warp w of the warpgroup
 // holds rows 16w + lane/4 (and + 8), and d[4j + 2hr + e] is row + 8hr, column 8j + 2(lane%4) + e.
@@ -16,6 +12,8 @@
 // registers without a trip through shared memory.
 #pragma once
 #include <cstdint>
+
+#include "backends/cuda/wgmma_layout.h"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MOELAB_WGMMA_DEVICE 1
@@ -27,25 +25,6 @@ namespace moelab::cuda::wg {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Byte offset of the 16-byte chunk `cc` (columns 8cc .. 8cc + 7) of row r in a swizzled tile of R
-// rows.
-__device__ __forceinline__ uint32_t swizzled_chunk(int r, int cc, int R) {
-  return uint32_t((cc >> 3) * R * 128 + r * 128 + (((cc & 7) ^ (r & 7)) << 4));
-}
-
-// Descriptor of a K-major, 128-byte-swizzled operand starting at shared address `addr`.
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4)  // start address, 16-byte units
-         | (uint64_t(1) << 16)            // leading byte offset: unused with this swizzle
-         | (uint64_t(1024 >> 4) << 32)    // stride byte offset: 8 rows x 128 bytes
-         | (uint64_t(1) << 62);           // 128-byte swizzle
-}
-// The descriptor of K step `kk` (columns 16kk .. 16kk + 15) of a tile of R rows at `tile`, from
-// row `row0` on (a multiple of 8).
-__device__ __forceinline__ uint64_t desc_k(uint32_t tile, int R, int row0, int kk) {
-  return desc_sw128(tile + uint32_t((kk >> 2) * R * 128 + row0 * 128 + (kk & 3) * 32));
 }
 
 // Orders this thread's earlier register writes (accumulators, A fragments) before the wgmma

@@ -1,0 +1,77 @@
+// moelab tests: the shared-memory layout of the Hopper wgmma kernels (backends/cuda/
+// wgmma_layout.h), which the GPU cannot show when it is wrong except as wrong products: the
+// swizzled chunk placement against the canonical Swizzle<3, 4, 3> of the PTX ISA, every tile
+// filled exactly once, and the matrix descriptors' bit fields and K steps.
+#include <cstdint>
+#include <set>
+
+#include "backends/cuda/wgmma_layout.h"
+#include "catch_compat.h"
+
+namespace wg = moelab::cuda::wg;
+
+namespace {
+
+// The 128-byte swizzle on a byte offset from a 1024-byte-aligned base: bits 4-6 ^= bits 7-9.
+uint32_t swizzle128(uint32_t linear) { return linear ^ (((linear >> 7) & 7u) << 4); }
+
+uint64_t bits(uint64_t x, int lo, int n) { return (x >> lo) & ((uint64_t(1) << n) - 1); }
+
+}  // namespace
+
+TEST_CASE("wgmma layout: chunks sit where the 128-byte swizzle puts them", "[wgmma]") {
+  for (int R : {64, 128})
+    for (int C : {64, 128}) {
+      INFO("tile " << R << " x " << C);
+      std::set<uint32_t> seen;
+      for (int r = 0; r < R; ++r)
+        for (int cc = 0; cc < C / 8; ++cc) {
+          // Row-major inside each 64-column panel; panels of R rows one after the other.
+          const uint32_t linear = uint32_t((cc / 8) * R * 128 + r * 128 + (cc % 8) * 16);
+          const uint32_t at = wg::swizzled_chunk(r, cc, R);
+          REQUIRE(at == swizzle128(linear));
+          REQUIRE(at % 16 == 0);
+          REQUIRE(at < uint32_t(R * C * 2));
+          seen.insert(at);
+        }
+      CHECK(seen.size() == size_t(R * C / 8));  // every 16-byte chunk of the tile exactly once
+      CHECK((R * 128) % 1024 == 0);             // every panel starts on a swizzle atom
+    }
+  // A row of 8 chunks is a permutation within its own 128 bytes.
+  for (int r = 0; r < 8; ++r) {
+    std::set<uint32_t> row;
+    for (int cc = 0; cc < 8; ++cc) row.insert(wg::swizzled_chunk(r, cc, 64) - uint32_t(r * 128));
+    CHECK(row == std::set<uint32_t>{0, 16, 32, 48, 64, 80, 96, 112});
+  }
+}
+
+TEST_CASE("wgmma layout: descriptor fields and K steps", "[wgmma]") {
+  const uint32_t base = 0x1C400;  // a 1024-byte-aligned shared address
+  const uint64_t d = wg::desc_sw128(base);
+  CHECK(bits(d, 0, 14) == (base >> 4));  // start address, 16-byte units
+  CHECK(bits(d, 16, 14) == 1);           // leading byte offset (unused with the swizzle)
+  CHECK(bits(d, 32, 14) == 1024 >> 4);   // stride byte offset: 8 rows x 128 bytes
+  CHECK(bits(d, 49, 3) == 0);            // base offset: atoms are aligned
+  CHECK(bits(d, 62, 2) == 1);            // 128-byte swizzle
+  CHECK(bits(d, 14, 2) == 0);
+  CHECK(bits(d, 30, 2) == 0);
+  CHECK(bits(d, 46, 3) == 0);
+  CHECK(bits(d, 52, 10) == 0);
+  // Start addresses are 18-bit shared addresses in 16-byte units.
+  CHECK(bits(wg::desc_sw128(0x3FFF0), 0, 14) == 0x3FFF);
+
+  for (int R : {64, 128})
+    for (int row0 : {0, 64})
+      for (int kk = 0; kk < 8; ++kk) {
+        if (row0 >= R) continue;
+        INFO("R " << R << " row0 " << row0 << " kk " << kk);
+        const uint64_t dk = wg::desc_k(base, R, row0, kk);
+        // K step kk: panel kk / 4 (R x 128 bytes each), 32 bytes per step inside the panel.
+        const uint32_t start = base + uint32_t((kk / 4) * R * 128 + row0 * 128 + (kk % 4) * 32);
+        CHECK(bits(dk, 0, 14) == (start >> 4));
+        CHECK((dk & ~uint64_t(0x3FFF)) == (d & ~uint64_t(0x3FFF)));  // only the start moves
+        // The first step of each panel starts on a swizzle atom; the others inside its first row.
+        if (kk % 4 == 0) CHECK(start % 1024 == 0);
+        else CHECK(start % 128 == uint32_t(kk % 4) * 32);
+      }
+}
