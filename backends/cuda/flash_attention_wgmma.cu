@@ -558,30 +558,27 @@ void launch_rows(Ctx& c, Kern kernel, const fl::Params& p, int BR, int NT, size_
 
 }  // namespace
 
-void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
-  MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_forward_wgmma: head width ", p.Dh);
+namespace {
+
+// Runs the query-row kernel of head width p.Dh (Cfg<DH>: BR rows of kThreads threads, kSmem
+// bytes) with x^T, the transposed operand it reads from shared memory.
+template <template <int> class Cfg, class K64, class K128>
+void run_rows(Ctx& c, const fl::Params& p, const void* x, K64 kernel64, K128 kernel128) {
+  MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention (wgmma): head width ", p.Dh);
   const int sp = (p.S + 127) / 128 * 128;  // a multiple of every key tile
-  Buf<uint16_t> vt = transposed_heads(c, p, p.v, p.Hkv, sp);
-  if (p.Dh == 64) {
-    using C = FwdWg<64>;
-    launch_rows(c, fwd_wg_kernel<64>, p, C::BR, C::kThreads, C::kSmem, vt.get(), sp);
-  } else {
-    using C = FwdWg<128>;
-    launch_rows(c, fwd_wg_kernel<128>, p, C::BR, C::kThreads, C::kSmem, vt.get(), sp);
-  }
+  Buf<uint16_t> t = transposed_heads(c, p, x, p.Hkv, sp);
+  if (p.Dh == 64) launch_rows(c, kernel64, p, Cfg<64>::BR, Cfg<64>::kThreads, Cfg<64>::kSmem, t.get(), sp);
+  else launch_rows(c, kernel128, p, Cfg<128>::BR, Cfg<128>::kThreads, Cfg<128>::kSmem, t.get(), sp);
+}
+
+}  // namespace
+
+void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
+  run_rows<FwdWg>(c, p, p.v, fwd_wg_kernel<64>, fwd_wg_kernel<128>);
 }
 
 void attention_dq_wgmma(Ctx& c, const fl::Params& p) {
-  MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_dq_wgmma: head width ", p.Dh);
-  const int sp = (p.S + 127) / 128 * 128;
-  Buf<uint16_t> kt = transposed_heads(c, p, p.k, p.Hkv, sp);
-  if (p.Dh == 64) {
-    using C = DqWg<64>;
-    launch_rows(c, dq_wg_kernel<64>, p, C::BR, C::kThreads, C::kSmem, kt.get(), sp);
-  } else {
-    using C = DqWg<128>;
-    launch_rows(c, dq_wg_kernel<128>, p, C::BR, C::kThreads, C::kSmem, kt.get(), sp);
-  }
+  run_rows<DqWg>(c, p, p.k, dq_wg_kernel<64>, dq_wg_kernel<128>);
 }
 
 void attention_dkv_wgmma(Ctx& c, const fl::Params& p) {
