@@ -2,6 +2,7 @@
 """Kernel census of a training step from ncu's raw CSV (issue 10; experiments/gpu/kernel_census.sh).
 
     python3 analysis/kernel_census.py NCU_CSV [--steps 4] [--bench BENCH_TXT] [--name A] [--top 25]
+                                      [--torch TORCH_PROFILE_TXT]
 
 NCU_CSV: the output of `ncu --metrics gpu__time_duration.sum --csv --page raw --print-units base
 moelab bench ...`, whose lines mix the program's own output with ncu's rows; only the rows whose
@@ -9,6 +10,11 @@ duration field is a number count. ncu runs kernels one at a time, so each durati
 kernel alone, with no host in the way: the sum over a step is the GPU-bound floor of that step.
 BENCH_TXT: `moelab bench` output of the same config in the same call; its wall step (median)
 is printed beside the floor. Standard library only: it runs on the GPU machine as it is.
+
+TORCH_PROFILE_TXT: output of `torch_moe.py --config X --compile --profile N` (experiments/bench)
+for the same config; its family table is set beside moelab's in four groups (GEMMs, attention,
+optimizer, everything else: torch's Triton fusions mix the rest). The two come from different
+runs, so the table says where the time goes, not a same-call ratio.
 
 Prints markdown: kernels per step and GPU microseconds per step, by family and by kernel.
 """
@@ -26,7 +32,7 @@ FAMILIES = [
     ("router (softmax, top-k, losses, stats)", r"topk|softmax|router|zloss|z_loss|aux|gates|cv2|stats|logsumexp"),
     ("permute / un-permute / dispatch", r"permute|dispatch|scatter|gather|count|offsets|sort|scan|histogram"),
     ("SwiGLU", r"swiglu"),
-    ("RMSNorm", r"rmsnorm"),
+    ("RMSNorm", r"rmsnorm|rms_"),
     ("RoPE", r"rope"),
     ("cross-entropy", r"ce_fwd|ce_bwd|cross_entropy"),
     ("embedding", r"embed"),
@@ -122,6 +128,62 @@ def census(rows, steps, top=25):
     return total_us, total_n, "\n".join(lines)
 
 
+# moelab's census families and torch_moe.py --profile's families, in the groups both can show.
+GROUPS = ["GEMMs", "attention", "optimizer", "everything else"]
+MOELAB_GROUP = {"expert/dense GEMMs (cuBLAS)": "GEMMs", "attention (flash)": "attention",
+                "optimizer (AdamW)": "optimizer"}
+TORCH_GROUP = {"GEMMs": "GEMMs", "attention": "attention", "optimizer": "optimizer"}
+
+
+def family_us(rows, steps):
+    """Microseconds per step by census family."""
+    out = {}
+    for name, ns in rows:
+        fam = family(name)
+        out[fam] = out.get(fam, 0.0) + ns / 1e3 / steps
+    return out
+
+
+def read_torch_profile(path):
+    """{family: us per step} from the family table that torch_moe.py --profile prints."""
+    out, in_table = {}, False
+    with open(path, errors="replace") as f:
+        for ln in f:
+            ln = ln.strip()
+            if ln.startswith("profile:"):
+                in_table, out = True, {}  # the last profile of the file counts
+                continue
+            if not in_table or not ln.startswith("|"):
+                continue
+            cells = [c.strip() for c in ln.strip("|").split("|")]
+            if cells[0] == "kernel":
+                in_table = False  # the per-kernel table follows the family table
+                continue
+            if len(cells) != 4 or cells[0] in ("family", "") or cells[0].startswith("---"):
+                continue
+            try:
+                out[cells[0]] = float(cells[2])
+            except ValueError:
+                continue
+    return out
+
+
+def against_torch(moelab_fam_us, torch_fam_us):
+    """Markdown: moelab's and torch's kernel microseconds per step in GROUPS."""
+    def grouped(fam_us, mapping):
+        g = dict.fromkeys(GROUPS, 0.0)
+        for fam, us in fam_us.items():
+            g[mapping.get(fam, "everything else")] += us
+        return g
+    m, t = grouped(moelab_fam_us, MOELAB_GROUP), grouped(torch_fam_us, TORCH_GROUP)
+    lines = ["| group | moelab us / step | torch.compile us / step | moelab - torch |", "|---|---|---|---|"]
+    for grp in GROUPS + ["all kernels"]:
+        a = sum(m.values()) if grp == "all kernels" else m[grp]
+        b = sum(t.values()) if grp == "all kernels" else t[grp]
+        lines.append(f"| {grp} | {a:.0f} | {b:.0f} | {a - b:+.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv")
@@ -129,6 +191,7 @@ def main(argv=None):
     ap.add_argument("--bench", help="moelab bench output of the same config (wall step)")
     ap.add_argument("--name", default="")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--torch", help="torch_moe.py --compile --profile N output of the same config")
     a = ap.parse_args(argv)
     if a.steps <= 0:
         ap.error("--steps must be > 0")
@@ -145,6 +208,13 @@ def main(argv=None):
                  f"{100 * total_us / 1e3 / wall:.0f}% of the step")
     print(head + ".\n")
     print(table + "\n")
+    if a.torch:
+        torch_fam = read_torch_profile(a.torch)
+        if not torch_fam:
+            print(f"No family table in {a.torch} (did torch_moe.py run with --profile?)\n")
+            return 1
+        print("Against torch.compile's kernels (torch_moe.py --profile; another run, so not a ratio):\n")
+        print(against_torch(family_us(rows, a.steps), torch_fam) + "\n")
     return 0
 
 

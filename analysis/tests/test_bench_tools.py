@@ -77,6 +77,57 @@ def test_census_cli(ncu_csv, tmp_path):
     assert neg.returncode == 2 and "--steps" in neg.stderr
 
 
+TORCH_PROFILE = """/opt/torch/compile_fx.py:322: UserWarning: TensorFloat32 tensor cores
+profile: 461 kernels and 10.60 ms of kernel time per step (torch.profiler, 3 steps)
+| family | kernels / step | GPU us / step | share |
+|---|---|---|---|
+| GEMMs | 146.0 | 2500 | 51.4% |
+| fused elementwise (triton) | 161.0 | 400 | 28.3% |
+| optimizer | 7.0 | 300 | 8.2% |
+| attention | 16.0 | 100 | 6.7% |
+| kernel | calls / step | us / step | us / call |
+|---|---|---|---|
+| `cutlass_grouped` | 8.0 | 1450 | 181.2 |
+{"side": "torch-compile", "config": "A", "ms": 11.0}
+"""
+
+
+def test_reads_torch_profile(tmp_path):
+    p = tmp_path / "torch_A.txt"
+    p.write_text(TORCH_PROFILE)
+    fams = kernel_census.read_torch_profile(str(p))
+    # The family table only: the kernel table after it and the warnings before it are not families.
+    assert fams == {"GEMMs": 2500.0, "fused elementwise (triton)": 400.0, "optimizer": 300.0, "attention": 100.0}
+
+
+def test_against_torch_groups(ncu_csv):
+    moelab = kernel_census.family_us(kernel_census.read_rows(str(ncu_csv)), steps=2)
+    table = kernel_census.against_torch(moelab, {"GEMMs": 2500.0, "attention": 100.0, "optimizer": 300.0,
+                                                 "fused elementwise (triton)": 400.0})
+    assert "| GEMMs | 3000 | 2500 | +500 |" in table
+    assert "| attention | 0 | 100 | -100 |" in table
+    assert "| optimizer | 250 | 300 | -50 |" in table
+    assert "| everything else | 750 | 400 | +350 |" in table  # SwiGLU 500 + other 250 against Triton
+    assert "| all kernels | 4000 | 3300 | +700 |" in table
+
+
+def test_census_cli_against_torch(ncu_csv, tmp_path):
+    t = tmp_path / "torch_A.txt"
+    t.write_text(TORCH_PROFILE)
+    out = subprocess.run([sys.executable, str(ANALYSIS / "kernel_census.py"), str(ncu_csv), "--steps", "2",
+                          "--torch", str(t)], capture_output=True, text=True, check=True)
+    assert "Against torch.compile's kernels" in out.stdout and "| all kernels | 4000 | 3300 | +700 |" in out.stdout
+    t.write_text("no profile here\n")
+    bad = subprocess.run([sys.executable, str(ANALYSIS / "kernel_census.py"), str(ncu_csv), "--steps", "2",
+                          "--torch", str(t)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "No family table" in bad.stdout
+
+
+def test_rmsnorm_kernels_are_rmsnorm():
+    assert kernel_census.family("void moelab::(anonymous namespace)::rms_bwd_dx_vec_kernel<bf16>(int)") == "RMSNorm"
+    assert kernel_census.family("void moelab::(anonymous namespace)::rms_dw_partial_kernel<float>(int)") == "RMSNorm"
+
+
 def test_roofline_by_hand():
     # Config A: 105.0M parameters; 0.190 GFLOP per token x 16384 tokens (the issue's MFU formula).
     g, t_compute, gb, t_mem, floor, binds = bench_configs.roofline_row("A")

@@ -8,6 +8,8 @@
 #   CONFIGS="A D"   configs of experiments/bench/bench_configs.py (default A D E)
 #   STEPS=4         ncu sees the bench's 3 warm-up steps and 1 timed one (--iters 1); the
 #                   census divides by this
+#   TORCH=1         also profile torch.compile on the same config (experiments/bench/torch_moe.py
+#                   --profile 3, CFG_torch.txt) and set its kernel families beside moelab's
 # Writes OUT_DIR/CFG_ncu.csv (ncu's raw rows), CFG_bench.txt and census.md (also printed).
 set -u
 [ $# -eq 2 ] || { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; }
@@ -28,7 +30,14 @@ for cfg in $CONFIGS; do
     --print-units base "$inst/moelab" bench $args --set model.dtype=bf16 --backend cuda --iters 1 \
     > "$out/${cfg}_ncu.csv" 2> "$out/${cfg}_ncu.err"
   echo "ncu $cfg rc=$?" >&2
+  torch_args=()
+  if [ "${TORCH:-0}" = 1 ]; then
+    lim 300 python3 "$here/experiments/bench/torch_moe.py" --config "$cfg" --compile --iters 5 --warmup 3 \
+      --profile 3 > "$out/${cfg}_torch.txt" 2>&1
+    echo "torch $cfg rc=$?" >&2
+    torch_args=(--torch "$out/${cfg}_torch.txt")
+  fi
   python3 "$here/analysis/kernel_census.py" --name "$cfg" --steps "${STEPS:-4}" \
-    --bench "$out/${cfg}_bench.txt" "$out/${cfg}_ncu.csv" >> "$out/census.md"
+    --bench "$out/${cfg}_bench.txt" "${torch_args[@]}" "$out/${cfg}_ncu.csv" >> "$out/census.md"
 done
 cat "$out/census.md"
