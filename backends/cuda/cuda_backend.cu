@@ -153,6 +153,10 @@ class CudaBackend final : public Backend {
     ctx_.gemm_chunk_rows = opts.chunk_rows;
     ctx_.attention_scratch_bytes = opts.attention_scratch_bytes;
     ctx_.flash = int(opts.flash);
+    int major = 0, minor = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, opts.device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, opts.device));
+    ctx_.compute_capability = 10 * major + minor;
   }
 
   ~CudaBackend() override {

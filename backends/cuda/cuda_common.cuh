@@ -87,6 +87,7 @@ struct Ctx {
   int64_t gemm_chunk_rows = 128;  // CudaBackendOptions::chunk_rows
   int64_t attention_scratch_bytes = int64_t(1) << 30;  // CudaBackendOptions::attention_scratch_bytes
   int flash = 0;  // CudaBackendOptions::flash: 0 Auto, 1 MmaSync, 2 Wgmma
+  int compute_capability = 0;  // of the backend's device: 10 major + minor (90 for H100 / H200)
   // Pinned host memory for small device -> host results (losses, counts). Grows on demand;
   // valid until the next call of staging().
   void* staging(size_t bytes);
@@ -149,6 +150,19 @@ inline unsigned grid_for(int64_t n, int threads = kThreads) {
 inline unsigned grid_rows(int64_t rows) {
   const int64_t b = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   return unsigned(b < 1 ? 1 : b);
+}
+// Launches kernel<<<(gx, gy), threads, smem, c.stream>>>(args...), raising the kernel's dynamic
+// shared-memory limit when it needs more than the default 48 KiB; `what` names the op when the
+// grid is out of range.
+template <class K, class... A>
+void launch_2d(Ctx& c, const char* what, K kernel, int64_t gx, int64_t gy, int threads, size_t smem,
+               const A&... args) {
+  MOELAB_CHECK(gx >= 1 && gx <= INT32_MAX && gy >= 1 && gy <= 65535, what, ": grid ", gx, " x ", gy,
+               " out of range");
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<dim3(unsigned(gx), unsigned(gy)), threads, smem, c.stream>>>(args...);
+  CUDA_CHECK_LAUNCH();
 }
 // Bits needed to hold values 0..x (x >= 0), at least 1: the radix-sort key width.
 inline int bits_for(uint64_t x) {

@@ -71,18 +71,6 @@ template <class E> __global__ void __launch_bounds__(32 * fl::kDeltaWarps) delta
   fl::delta_rows<E>(p, threadIdx.x, blockIdx.x);
 }
 
-// Launches kernel on grid (gx, gy), raising the dynamic shared-memory limit when it needs more
-// than the default 48 KiB.
-template <class K>
-void launch(Ctx& c, K kernel, int64_t gx, int64_t gy, int threads, size_t smem, const fl::Params& p) {
-  MOELAB_CHECK(gx >= 1 && gx <= INT32_MAX && gy >= 1 && gy <= 65535,
-               "cuda attention: grid ", gx, " x ", gy, " out of range");
-  if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<dim3(unsigned(gx), unsigned(gy)), threads, smem, c.stream>>>(p);
-  CUDA_CHECK_LAUNCH();
-}
-
 // The tensor-core kernels: bf16, head width 64 or 128, every operand 16-byte aligned (cp.async
 // and the 4-byte output stores; row strides H*Dh*2 bytes are then multiples of 16).
 bool tensor_cores(DType dt, int64_t dh, std::initializer_list<const Tensor*> ts) {
@@ -141,17 +129,17 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
     }
     if (dh == 64) {
       using C = fl::FwdTc<64>;
-      launch(c, fwd_tc_kernel<64>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
+      launch_2d(c, "cuda attention", fwd_tc_kernel<64>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
     } else {
       using C = fl::Fwd2Tc<128>;
-      launch(c, fwd2_tc_kernel<128>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
+      launch_2d(c, "cuda attention", fwd2_tc_kernel<128>, BH, (S + C::BR - 1) / C::BR, C::kThreads, C::kSmem, p);
     }
     return;
   }
   dispatch_elem(q.dtype(), "attention_forward", [&](auto tag) {
     using E = decltype(tag);
     using G = fl::Gen;
-    launch(c, fwd_gen_kernel<E>, BH, (S + G::QR - 1) / G::QR, G::kThreads, G::fwd_smem(p.Dh), p);
+    launch_2d(c, "cuda attention", fwd_gen_kernel<E>, BH, (S + G::QR - 1) / G::QR, G::kThreads, G::fwd_smem(p.Dh), p);
   });
 }
 
@@ -173,7 +161,7 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
   p.delta = delta.get();
   dispatch_elem(q.dtype(), "attention_backward", [&](auto tag) {
     using E = decltype(tag);
-    launch(c, delta_kernel<E>, (T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1,
+    launch_2d(c, "cuda attention", delta_kernel<E>, (T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1,
            32 * fl::kDeltaWarps, 0, p);
   });
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
@@ -182,15 +170,15 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
       constexpr int DH = decltype(dhc)::value;
       using Q = fl::Dq2Tc<DH>;
       if (wg.dq) attention_dq_wgmma(c, p);
-      else launch(c, dq2_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
+      else launch_2d(c, "cuda attention", dq2_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
       if (wg.dkv) {
         attention_dkv_wgmma(c, p);
       } else if constexpr (DH == 64) {
         using K = fl::Dkv2Tc<DH>;
-        launch(c, dkv2_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
+        launch_2d(c, "cuda attention", dkv2_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
       } else {
         using K = fl::Dkv2sTc<DH>;
-        launch(c, dkv2s_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
+        launch_2d(c, "cuda attention", dkv2s_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
       }
     };
     if (dh == 64) run(std::integral_constant<int, 64>{});
@@ -200,8 +188,8 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
   dispatch_elem(q.dtype(), "attention_backward", [&](auto tag) {
     using E = decltype(tag);
     using G = fl::Gen;
-    launch(c, dq_gen_kernel<E>, BH, (S + G::QR - 1) / G::QR, G::kThreads, G::dq_smem(p.Dh), p);
-    launch(c, dkv_gen_kernel<E>, BG, (S + G::KR - 1) / G::KR, G::kThreads, G::dkv_smem(p.Dh), p);
+    launch_2d(c, "cuda attention", dq_gen_kernel<E>, BH, (S + G::QR - 1) / G::QR, G::kThreads, G::dq_smem(p.Dh), p);
+    launch_2d(c, "cuda attention", dkv_gen_kernel<E>, BG, (S + G::KR - 1) / G::KR, G::kThreads, G::dkv_smem(p.Dh), p);
   });
 }
 

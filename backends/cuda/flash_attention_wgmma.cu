@@ -500,14 +500,6 @@ __global__ void transpose_heads_kernel(const uint16_t* v, uint16_t* vt, int S, i
   }
 }
 
-int device_major_minor() {
-  int dev = 0, major = 0, minor = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return 10 * major + minor;
-}
-
 }  // namespace
 
 WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S) {
@@ -523,10 +515,9 @@ WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S) {
                 ": expected 1 (the Hopper wgmma attention kernels where they measured faster, the "
                 "default), all (every pass at every length) or 0 (the mma.sync kernels only)");
   }();
-  const bool hopper = device_major_minor() == 90;  // per call: a process may drive several devices
   const int mode = c.flash == Auto ? env : c.flash;
   WgmmaPlan plan;
-  if (mode == Off || !hopper) return plan;
+  if (mode == Off || c.compute_capability != 90) return plan;
   plan.forward = plan.dq = mode == All || S >= 1024;
   plan.dkv = mode == All;
   return plan;
@@ -546,20 +537,6 @@ Buf<uint16_t> transposed_heads(Ctx& c, const fl::Params& p, const void* x, int n
   return t;
 }
 
-// Runs kernel<<<(B H, query tiles of BR), NT, smem>>>(p, t, sp).
-template <class Kern>
-void launch_rows(Ctx& c, Kern kernel, const fl::Params& p, int BR, int NT, size_t smem, const uint16_t* t, int sp) {
-  const int64_t BH = int64_t(p.B) * p.H;
-  MOELAB_CHECK(BH <= INT32_MAX, "attention (wgmma): grid out of range");
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<dim3(unsigned(BH), unsigned((p.S + BR - 1) / BR)), NT, smem, c.stream>>>(p, t, sp);
-  CUDA_CHECK_LAUNCH();
-}
-
-}  // namespace
-
-namespace {
-
 // Runs the query-row kernel of head width p.Dh (Cfg<DH>: BR rows of kThreads threads, kSmem
 // bytes) with x^T, the transposed operand it reads from shared memory.
 template <template <int> class Cfg, class K64, class K128>
@@ -567,8 +544,13 @@ void run_rows(Ctx& c, const fl::Params& p, const void* x, K64 kernel64, K128 ker
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention (wgmma): head width ", p.Dh);
   const int sp = (p.S + 127) / 128 * 128;  // a multiple of every key tile
   Buf<uint16_t> t = transposed_heads(c, p, x, p.Hkv, sp);
-  if (p.Dh == 64) launch_rows(c, kernel64, p, Cfg<64>::BR, Cfg<64>::kThreads, Cfg<64>::kSmem, t.get(), sp);
-  else launch_rows(c, kernel128, p, Cfg<128>::BR, Cfg<128>::kThreads, Cfg<128>::kSmem, t.get(), sp);
+  const int64_t BH = int64_t(p.B) * p.H;
+  if (p.Dh == 64)
+    launch_2d(c, "attention (wgmma)", kernel64, BH, (p.S + Cfg<64>::BR - 1) / Cfg<64>::BR, Cfg<64>::kThreads,
+              Cfg<64>::kSmem, p, t.get(), sp);
+  else
+    launch_2d(c, "attention (wgmma)", kernel128, BH, (p.S + Cfg<128>::BR - 1) / Cfg<128>::BR, Cfg<128>::kThreads,
+              Cfg<128>::kSmem, p, t.get(), sp);
 }
 
 }  // namespace
@@ -585,15 +567,13 @@ void attention_dkv_wgmma(Ctx& c, const fl::Params& p) {
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_dkv_wgmma: head width ", p.Dh);
   const int sp = (p.S + 127) / 128 * 128;
   const int64_t BG = int64_t(p.B) * p.Hkv;
-  MOELAB_CHECK(BG <= INT32_MAX, "attention (wgmma): grid out of range");
   Buf<uint16_t> qt = transposed_heads(c, p, p.q, p.H, sp), dot = transposed_heads(c, p, p.dout, p.H, sp);
-  auto run = [&](auto kernel, size_t smem) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<dim3(unsigned(BG), unsigned(sp / 128)), 256, smem, c.stream>>>(p, qt.get(), dot.get(), sp);
-    CUDA_CHECK_LAUNCH();
-  };
-  if (p.Dh == 64) run(dkv_wg_kernel<64>, DkvWg<64>::kSmem);
-  else run(dkv_wg_kernel<128>, DkvWg<128>::kSmem);
+  if (p.Dh == 64)
+    launch_2d(c, "attention (wgmma)", dkv_wg_kernel<64>, BG, sp / DkvWg<64>::BC, DkvWg<64>::kThreads,
+              DkvWg<64>::kSmem, p, qt.get(), dot.get(), sp);
+  else
+    launch_2d(c, "attention (wgmma)", dkv_wg_kernel<128>, BG, sp / DkvWg<128>::BC, DkvWg<128>::kThreads,
+              DkvWg<128>::kSmem, p, qt.get(), dot.get(), sp);
 }
 
 }  // namespace moelab::cuda

@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -380,7 +381,6 @@ def profile_steps(step, steps):
     """Runs `steps` more steps under torch.profiler (CUDA activity: CUPTI, no nsys needed) and
     prints each kernel's device time per step and the total by family: the torch side's
     counterpart of moelab's kernel census (experiments/gpu/kernel_census.sh)."""
-    import re
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
