@@ -1332,6 +1332,17 @@ TEST_CASE("gpu ops: flash attention on the Hopper wgmma kernels against the CPU"
   }
   attention_case(fam, g, DType::BF16, 1, 1100, 4, 2, 128);
   attention_case(fam, gpu(), DType::BF16, 1, 1100, 4, 2, 64);
+  // The one-kernel backward with several key tiles per block (9 tiles over 2 and 4 blocks per kv
+  // head: the snake order, the fp32 dQ buffers summed), with and without packed records.
+  for (int splits : {2, 4}) {
+    CudaBackendOptions opts;
+    opts.flash = CudaBackendOptions::Flash::Wgmma;
+    opts.attention_bwd_splits = splits;
+    std::unique_ptr<Backend> gs = make_cuda_backend(opts);
+    attention_case(fam, *gs, DType::BF16, 2, 1100, 4, 2, 128);
+    attention_case(fam, *gs, DType::BF16, 1, 1100, 2, 1, 128, false, packed(1, 1100, {300, 1, 500, 77}));
+    gs->synchronize();
+  }
   fam.finish();
 }
 

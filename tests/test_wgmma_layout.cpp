@@ -75,3 +75,35 @@ TEST_CASE("wgmma layout: descriptor fields and K steps", "[wgmma]") {
         else CHECK(start % 128 == uint32_t(kk % 4) * 32);
       }
 }
+
+// The MN-major view of the same tiles (the fused backward reads dO, Q and K with the rows along K):
+// element (k, mn) of a tile of R rows sits in row k, 64-column panel mn / 64; CUTLASS's canonical
+// MN-major SW128 layout ((8, n), (8, k)) : ((1, LBO), (8, SBO)) in 16-byte units, swizzled, puts
+// it at the same byte when LBO is the panel stride and SBO 8 rows.
+TEST_CASE("wgmma layout: MN-major descriptors of the same tiles", "[wgmma]") {
+  const uint32_t base = 0x08000;
+  for (int R : {64, 128})
+    for (int panel : {0, 1})
+      for (int kk = 0; kk < R / 16; ++kk) {
+        INFO("R " << R << " panel " << panel << " kk " << kk);
+        const uint64_t d = wg::desc_mn_k(base, R, panel, kk);
+        const uint32_t start = base + uint32_t(panel * R * 128 + kk * 2048);
+        CHECK(bits(d, 0, 14) == (start >> 4));
+        CHECK(bits(d, 16, 14) == uint32_t(R * 128 / 16));  // LBO: the next 64-column panel
+        CHECK(bits(d, 32, 14) == 1024 >> 4);                // SBO: the next 8 rows along K
+        CHECK(bits(d, 49, 3) == 0);
+        CHECK(bits(d, 62, 2) == 1);
+        CHECK(start % 1024 == 0);  // every K step starts on a swizzle atom
+        // The canonical layout's element (k, mn) of this step, from its start address and the
+        // strides, lands where swizzled_chunk stored row 16 kk + k, chunk mn / 8 of the tile.
+        const uint32_t lbo = uint32_t(bits(d, 16, 14) << 4), sbo = uint32_t(bits(d, 32, 14) << 4);
+        for (int k = 0; k < 16; ++k)
+          for (int mn = 0; mn < 128; mn += 8) {
+            if (panel == 1 && mn >= 64) continue;  // a tile has at most two panels
+            const uint32_t linear = (start - base) + uint32_t((mn / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 +
+                                                              ((mn % 64) / 8) * 16);
+            const int row = 16 * kk + k, cc = panel * 8 + mn / 8;
+            REQUIRE(swizzle128(linear) == wg::swizzled_chunk(row, cc, R));
+          }
+      }
+}

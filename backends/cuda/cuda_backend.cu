@@ -153,10 +153,14 @@ class CudaBackend final : public Backend {
     ctx_.gemm_chunk_rows = opts.chunk_rows;
     ctx_.attention_scratch_bytes = opts.attention_scratch_bytes;
     ctx_.flash = int(opts.flash);
+    MOELAB_CHECK(opts.attention_bwd_splits >= 0, "CudaBackendOptions::attention_bwd_splits = ",
+                 opts.attention_bwd_splits, " < 0");
+    ctx_.attention_bwd_splits = opts.attention_bwd_splits;
     int major = 0, minor = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, opts.device));
     CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, opts.device));
     ctx_.compute_capability = 10 * major + minor;
+    CUDA_CHECK(cudaDeviceGetAttribute(&ctx_.sm_count, cudaDevAttrMultiProcessorCount, opts.device));
   }
 
   ~CudaBackend() override {

@@ -49,6 +49,10 @@ struct CudaBackendOptions {
   // (tests, measurements), MmaSync never. MOELAB_FLASH_WGMMA=1|all|0 overrides Auto.
   enum class Flash { Auto, MmaSync, Wgmma };
   Flash flash = Flash::Auto;
+  // The one-kernel bf16 attention backward (head width 128 on compute capability 9.0): blocks
+  // per kv head, each owning every n-th key tile and its own fp32 dQ buffer. 0: enough for about
+  // one wave of the device's SMs. Tests set it to reach several key tiles per block.
+  int attention_bwd_splits = 0;
 };
 
 // The CUDA backend on `opts.device`. Throws moelab::Error when no device is usable.

@@ -88,6 +88,8 @@ struct Ctx {
   int64_t attention_scratch_bytes = int64_t(1) << 30;  // CudaBackendOptions::attention_scratch_bytes
   int flash = 0;  // CudaBackendOptions::flash: 0 Auto, 1 MmaSync, 2 Wgmma
   int compute_capability = 0;  // of the backend's device: 10 major + minor (90 for H100 / H200)
+  int sm_count = 1;             // of the backend's device: streaming multiprocessors
+  int attention_bwd_splits = 0;  // CudaBackendOptions::attention_bwd_splits
   // Pinned host memory for small device -> host results (losses, counts). Grows on demand;
   // valid until the next call of staging().
   void* staging(size_t bytes);

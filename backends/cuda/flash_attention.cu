@@ -123,7 +123,7 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
-    if (wgmma_attention_plan(c, S).forward) {
+    if (wgmma_attention_plan(c, S, dh).forward) {
       attention_forward_wgmma(c, p);
       return;
     }
@@ -165,7 +165,11 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
            32 * fl::kDeltaWarps, 0, p);
   });
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
-    const WgmmaPlan wg = wgmma_attention_plan(c, S);
+    const WgmmaPlan wg = wgmma_attention_plan(c, S, dh);
+    if (wg.fused) {
+      attention_backward_wgmma(c, p);
+      return;
+    }
     auto run = [&](auto dhc) {
       constexpr int DH = decltype(dhc)::value;
       using Q = fl::Dq2Tc<DH>;

@@ -35,6 +35,7 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -73,10 +74,10 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const uint16_t* src, in
   }
 }
 
-template <int N> __device__ __forceinline__ void mma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db,
-                                                        int accumulate) {
-  if constexpr (N == 64) wg::mma_rs_n64(d, a, db, accumulate);
-  else wg::mma_rs_n128(d, a, db, accumulate);
+template <int N, int TB = 0>
+__device__ __forceinline__ void mma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int accumulate) {
+  if constexpr (N == 64) wg::mma_rs_n64<TB>(d, a, db, accumulate);
+  else wg::mma_rs_n128<TB>(d, a, db, accumulate);
 }
 
 template <int N> __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
@@ -482,6 +483,256 @@ __global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint
 #endif
 }
 
+template <int DH> struct BwdWg {
+  // 2 warpgroups x 64 keys of one kv head; query tiles of 64 rows, for every head of the group.
+  static_assert(DH == 128, "bwd_wg: head width 128 (each warpgroup computes dQ's 64 columns)");
+  static constexpr int kThreads = 256, BC = 128, BR = 64;
+  static constexpr int kKV = BC * DH * 2, kT = BR * DH * 2, kS = BC * BR * 2;  // bytes: K or V; Q or dO; dS^T
+  static constexpr size_t kSmem = 2 * size_t(kKV) + 2 * 2 * size_t(kT) + size_t(kS) + 2 * 2 * BR * 4 + 1024;
+};
+
+// Which of the n_split blocks of a kv head runs key tile j: a snake over the splits (0 1 .. n-1
+// n-1 .. 1 0 0 1 ..), so that the long tiles near the start and the short ones near the end
+// spread evenly.
+__device__ __forceinline__ int bwd_split_of(int j, int n_split) {
+  const int r = j % n_split;
+  return (j / n_split) % 2 == 0 ? r : n_split - 1 - r;
+}
+
+// The whole backward in one kernel: dK and dV as dkv_wg computes them, and dQ from the same dS,
+// without recomputing S and dP (FlashAttention-2's 5 products instead of the 7 of dq_wg + dkv):
+//   S^T = K Q^T, dP^T = V dO^T   2 x DH / 16 wgmma m64n64k16 (K, V, Q, dO K-major);
+//   dV += P^T dO, dK += dS^T Q   4 wgmma m64nDHk16 each, P^T / dS^T from registers, dO and Q
+//                                read MN-major (wgmma's transpose) from the same tiles: no
+//                                transposed copies;
+//   dS^T -> shared memory (bf16), then dQ_i = dS K: warpgroup w the columns 64w .. 64w + 63,
+//                                8 wgmma m64n64k16 with dS^T and K both read MN-major.
+// Determinism without atomics racing: block (b g, split s) owns the key tiles j with
+// bwd_split_of(j) = s and adds its dQ partials into its own fp32 buffer acc + s T H DH with
+// red.add; every element of a buffer is added to by one thread, in the block's fixed order
+// (key tiles ascending, then heads, then query tiles), and a fence after each key tile orders
+// those adds. bwd_dq_finish_kernel sums the buffers in split order. Grid: x = b Hkv + g, y = s.
+// A descriptor moved by `bytes` (a multiple of 16 that keeps the start address inside shared
+// memory): only the start-address field of the low word changes, so one 32-bit add.
+__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t bytes) {
+  return (d & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(d) + (bytes >> 4));
+}
+
+// P^T = exp2(S^T scale_log2 - lse2) of one warpgroup's 64 keys x 64 queries in place, then
+// dS^T = P^T (dP^T - D) in dpT. MASKED: some score of the tile is causally masked, past S or
+// of another record (the diagonal tiles, the last one, packed records); else no test at all.
+template <bool MASKED, int BR>
+__device__ __forceinline__ void bwd_probs(float (&sT)[BR / 2], float (&dpT)[BR / 2], const float* L, const float* D,
+                                          float scale_log2, int q0, int krow, int tq, int S, const int32_t* sg) {
+#pragma unroll
+  for (int nb = 0; nb < BR / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int ql = 8 * nb + 2 * tq + e;
+      const float l2 = L[ql] * fl::kLog2e, d = D[ql];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int i = 4 * nb + 2 * hr + e;
+        float pe = exp2f(sT[i] * scale_log2 - l2);
+        if constexpr (MASKED) {
+          const int qc = q0 + ql, kr = krow + 8 * hr;
+          if (qc < kr || qc >= S || !fl::fa_seg_ok(sg, S, qc, kr)) pe = 0.0f;
+        }
+        sT[i] = pe;
+        dpT[i] = pe * (dpT[i] - d);
+      }
+    }
+}
+
+template <int DH>
+__global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc, int n_split) {
+#if MOELAB_WGMMA_DEVICE
+  using C = BwdWg<DH>;
+  constexpr int BC = C::BC, BR = C::BR, NT = C::kThreads;
+  extern __shared__ __align__(1024) char smem_raw[];
+  char* const smem = smem_raw + (((wg::smem_addr(smem_raw) + 1023u) & ~1023u) - wg::smem_addr(smem_raw));
+  const uint32_t sK = wg::smem_addr(smem), sV = sK + C::kKV, sT0 = sV + C::kKV;  // stage st: Q, dO
+  const uint32_t sdS = sT0 + 4 * C::kT;                                            // [BC keys][BR queries]
+  float* sL = reinterpret_cast<float*>(smem + 2 * C::kKV + 4 * C::kT + C::kS);   // [2][BR] lse
+  float* sD = sL + 2 * BR;                                                         // [2][BR] D
+  const int tid = threadIdx.x, wgi = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
+  const int S = p.S, H = p.H, G = H / p.Hkv, bg = blockIdx.x, split = blockIdx.y;
+  const int b = bg / p.Hkv, g = bg - b * p.Hkv;
+  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
+  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
+  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
+  float* accb = acc + int64_t(split) * p.B * S * ldq + int64_t(b) * S * ldq;
+  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
+  const int n_kt = (S + BC - 1) / BC, n_qt = (S + BR - 1) / BR;
+  const float scale_log2 = p.scale_log2;
+
+  // The operand descriptors, built once; each product moves them by constant bytes (desc_plus).
+  // Stage st's Q / dO tiles are 2 st kT bytes on.
+  const uint64_t dK_a = wg::desc_sw128(sK + 64 * wgi * 128), dV_a = wg::desc_sw128(sV + 64 * wgi * 128);
+  const uint64_t dQ_b = wg::desc_sw128(sT0), dO_b = wg::desc_sw128(sT0 + C::kT);  // K-major, stage 0
+  const uint64_t dO_mn = wg::desc_mn_sw128(sT0 + C::kT, BR * 128), dQ_mn = wg::desc_mn_sw128(sT0, BR * 128);
+  const uint64_t dS_a = wg::desc_sw128(sdS + 64 * wgi * 128);  // dS^T rows of this warpgroup, K-major
+  const uint64_t dS_mn = wg::desc_mn_sw128(sdS, BC * 128);     // dS^T read as dS (MN-major A)
+  const uint64_t dKp_mn = wg::desc_mn_sw128(sK + wgi * BC * 128, BC * 128);  // K's panel wgi, MN-major B
+  const uint32_t myS = sdS + uint32_t(64 * wgi * 128);  // this warpgroup's 64 key rows of dS^T
+
+  for (int j = 0; j < n_kt; ++j) {
+    if (bwd_split_of(j, n_split) != split) continue;
+    const int key0 = j * BC, qt0 = key0 / BR, nq = n_qt - qt0, total = G * nq;
+    // Iteration it: head h, query rows from r0 (query tile qt0 + it % nq), into stage st.
+    auto issue = [&](int h, int r0, int st) {
+      const uint32_t t = sT0 + 2 * st * C::kT;
+      load_tile<BR, DH, NT>(t, Qb + int64_t(r0) * ldq + h * DH, ldq, S - r0, tid);
+      load_tile<BR, DH, NT>(t + C::kT, dOb + int64_t(r0) * ldq + h * DH, ldq, S - r0, tid);
+      if (tid < 2 * BR) {  // lse (threads 0..BR-1) and D (BR..2BR-1) of the tile's rows
+        const int i = tid % BR, r = r0 + i;
+        const float* src = (tid < BR ? p.lse : p.delta) + (int64_t(b) * H + h) * S + (r < S ? r : 0);
+        fl::fa_cp_async4((tid < BR ? sL : sD) + st * BR + i, src, r < S);
+      }
+    };
+    __syncthreads();  // the previous key tile's products are done with K, V and the stages
+    const uint16_t* K = static_cast<const uint16_t*>(p.k) + (int64_t(b) * S + key0) * ldk + g * DH;
+    const uint16_t* V = static_cast<const uint16_t*>(p.v) + (int64_t(b) * S + key0) * ldk + g * DH;
+    load_tile<BC, DH, NT>(sK, K, ldk, S - key0, tid);
+    load_tile<BC, DH, NT>(sV, V, ldk, S - key0, tid);
+    issue(g * G, qt0 * BR, 0);
+    fl::fa_cp_commit();
+
+    const int kw0 = key0 + 64 * wgi;                // this warpgroup's first key
+    const int krow = kw0 + 16 * warp + (lane >> 2);  // this thread's keys: + 0, + 8
+    float dk[DH / 2], dv[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) dk[i] = dv[i] = 0.0f;
+
+    int h = g * G, qt = qt0;  // iteration it's head and query tile
+    for (int it = 0; it < total; ++it) {
+      const int st = it & 1;
+      stage_ready();  // also: both warpgroups are done reading dS^T of the last iteration
+      const int hn = qt + 1 < n_qt ? h : h + 1, qtn = qt + 1 < n_qt ? qt + 1 : qt0;  // iteration it + 1
+      if (it + 1 < total) issue(hn, qtn * BR, st ^ 1);
+      fl::fa_cp_commit();
+      const int q0 = qt * BR;
+      const float* L = sL + st * BR;
+      const float* D = sD + st * BR;
+      const uint32_t so = uint32_t(2 * st * C::kT);  // stage offset of the Q / dO tiles
+
+      if (kw0 < S && q0 + BR - 1 >= kw0) {  // warpgroup-uniform: some P_ij of its keys is nonzero
+        float sT[BR / 2], dpT[BR / 2];
+        wg::fence();
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk) {
+          const uint32_t ko = uint32_t((kk >> 2) * 1024 * (BC / 8) + (kk & 3) * 32);  // A: K / V, BC rows
+          const uint32_t qo = so + uint32_t((kk >> 2) * 1024 * (BR / 8) + (kk & 3) * 32);  // B: Q / dO, BR rows
+          wg::mma_ss_n64(sT, desc_plus(dK_a, ko), desc_plus(dQ_b, qo), kk > 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk) {
+          const uint32_t ko = uint32_t((kk >> 2) * 1024 * (BC / 8) + (kk & 3) * 32);
+          const uint32_t qo = so + uint32_t((kk >> 2) * 1024 * (BR / 8) + (kk & 3) * 32);
+          wg::mma_ss_n64(dpT, desc_plus(dV_a, ko), desc_plus(dO_b, qo), kk > 0);
+        }
+        wg::commit();
+        wg::wait<0>();
+        wg::fence_operands(sT);
+        wg::fence_operands(dpT);
+
+        if (sg || q0 < kw0 + 63 || q0 + BR > S)
+          bwd_probs<true, BR>(sT, dpT, L, D, scale_log2, q0, krow, tq, S, sg);
+        else
+          bwd_probs<false, BR>(sT, dpT, L, D, scale_log2, q0, krow, tq, S, sg);
+        uint32_t a[BR / 16][4];  // P^T in bf16, A fragments of the k steps of 16 queries
+        acc_to_frags<BR>(sT, a);
+        wg::fence_operands(dv);
+        wg::fence();
+#pragma unroll
+        for (int i = 0; i < BR / 16; ++i) mma_rs<DH, 1>(dv, a[i], desc_plus(dO_mn, so + uint32_t(i * 2048)), 1);
+        wg::commit();  // dV runs while dS^T goes to shared memory
+
+        // dS^T in bf16 into shared memory (row = key, 64 query columns, swizzled), where dK's
+        // product and dQ's read it: no registers held for it while they run.
+#pragma unroll
+        for (int nb = 0; nb < BR / 8; ++nb)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int row = 16 * warp + (lane >> 2) + 8 * hr;
+            const uint32_t at = myS + wg::swizzled_chunk(row, nb, 64) + uint32_t(4 * tq);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at),
+                         "r"(fl::fa_pack_bf16(dpT[4 * nb + 2 * hr], dpT[4 * nb + 2 * hr + 1])));
+          }
+        wg::fence_proxy_async();
+        // This warpgroup's dS^T rows are in (named barriers 1 and 2: one per warpgroup).
+        if (wgi == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 2, 128;\n" ::: "memory");
+        wg::fence_operands(dk);
+        wg::fence();
+#pragma unroll
+        for (int i = 0; i < BR / 16; ++i)
+          wg::mma_ss_n128<0, 1>(dk, desc_plus(dS_a, uint32_t(i * 32)), desc_plus(dQ_mn, so + uint32_t(i * 2048)), 1);
+        wg::commit();
+        wg::fence_operands(a);
+      } else {  // every P_ij of this warpgroup's keys is 0: so are its rows of dS^T
+        for (int i = tid & 127; i < 64 * 8; i += 128)
+          asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(myS + uint32_t(16 * i)), "r"(0));
+        wg::fence_proxy_async();
+      }
+      __syncthreads();  // dS^T of all 128 keys is in shared memory
+
+      // dQ_i[:, 64 wgi .. + 63] = dS K: A = dS (queries x keys) is dS^T read MN-major, B = the
+      // warpgroup's 64-column panel of K, read MN-major (rows along the keys).
+      float dqp[32];
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk)
+        wg::mma_ss_n64<1, 1>(dqp, desc_plus(dS_mn, uint32_t(kk * 2048)), desc_plus(dKp_mn, uint32_t(kk * 2048)),
+                             kk > 0);
+      wg::commit();
+      wg::wait<0>();  // dQ, and this iteration's dV and dK
+      wg::fence_operands(dqp);
+      wg::fence_operands(dv);
+      wg::fence_operands(dk);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int q = q0 + 16 * warp + (lane >> 2) + 8 * hr;
+        if (q >= S) continue;
+        float* dst = accb + int64_t(q) * ldq + h * DH + 64 * wgi + 2 * tq;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)  // red: no value comes back, nothing to wait for
+          asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst + 8 * nb), "f"(dqp[4 * nb + 2 * hr]),
+                       "f"(dqp[4 * nb + 2 * hr + 1])
+                       : "memory");
+      }
+      h = hn;
+      qt = qtn;
+    }
+    __threadfence();  // this key tile's adds before the next one's (the same addresses)
+
+    const float sk[2] = {p.scale, p.scale}, sv[2] = {1.0f, 1.0f};
+    const int64_t kv = int64_t(b) * S * ldk + g * DH;
+    store_rows<DH>(static_cast<uint16_t*>(p.dk) + kv, ldk, krow, S, dk, sk, tq);
+    store_rows<DH>(static_cast<uint16_t*>(p.dv) + kv, ldk, krow, S, dv, sv, tq);
+  }
+#endif
+}
+
+// dQ = bf16(scale sum_s acc[s]) over the n_split buffers of bwd_wg_kernel, in split order; n is
+// T H DH, a multiple of 4.
+__global__ void bwd_dq_finish_kernel(const float* acc, int n_split, int64_t n, float scale, uint16_t* dq) {
+  MOELAB_GRID_STRIDE(i4, n / 4) {
+    float4 s = reinterpret_cast<const float4*>(acc)[i4];
+    for (int k = 1; k < n_split; ++k) {
+      const float4 x = reinterpret_cast<const float4*>(acc + int64_t(k) * n)[i4];
+      s.x += x.x;
+      s.y += x.y;
+      s.z += x.z;
+      s.w += x.w;
+    }
+    uint2 o;
+    o.x = fl::fa_pack_bf16(s.x * scale, s.y * scale);
+    o.y = fl::fa_pack_bf16(s.z * scale, s.w * scale);
+    reinterpret_cast<uint2*>(dq)[i4] = o;
+  }
+}
+
 // xt[(b nh + g) DH + d][s] = x[b S + s][g DH + d] for s < S, 0 for S <= s < sp (x has nh heads of
 // width DH per row): 32 x 32 tiles through shared memory (both sides coalesced).
 __global__ void transpose_heads_kernel(const uint16_t* v, uint16_t* vt, int S, int sp, int Hkv, int DH) {
@@ -502,8 +753,8 @@ __global__ void transpose_heads_kernel(const uint16_t* v, uint16_t* vt, int S, i
 
 }  // namespace
 
-WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S) {
-  enum Mode { Auto, Off, All };  // the values of CudaBackendOptions::Flash
+WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S, int64_t Dh) {
+  enum Mode { Auto, Off, All, Split };  // Auto, Off, All: the values of CudaBackendOptions::Flash
   static const int env = [] {
     const char* e = std::getenv("MOELAB_FLASH_WGMMA");
     if (!e) return int(Auto);
@@ -511,15 +762,19 @@ WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S) {
     if (v == "1") return int(Auto);
     if (v == "0") return int(Off);
     if (v == "all") return int(All);
+    if (v == "split") return int(Split);
     throw Error("MOELAB_FLASH_WGMMA=" + v +
                 ": expected 1 (the Hopper wgmma attention kernels where they measured faster, the "
-                "default), all (every pass at every length) or 0 (the mma.sync kernels only)");
+                "default), all (every pass at every length), split (the separate dQ and dK / dV "
+                "kernels instead of the one-kernel backward) or 0 (the mma.sync kernels only)");
   }();
   const int mode = c.flash == Auto ? env : c.flash;
   WgmmaPlan plan;
   if (mode == Off || c.compute_capability != 90) return plan;
-  plan.forward = plan.dq = mode == All || S >= 1024;
-  plan.dkv = mode == All;
+  const bool here = mode == All || S >= 1024;
+  plan.forward = plan.dq = here;
+  plan.fused = here && Dh == 128 && mode != Split;
+  plan.dkv = mode == All && !plan.fused;
   return plan;
 }
 
@@ -561,6 +816,24 @@ void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
 
 void attention_dq_wgmma(Ctx& c, const fl::Params& p) {
   run_rows<DqWg>(c, p, p.k, dq_wg_kernel<64>, dq_wg_kernel<128>);
+}
+
+void attention_backward_wgmma(Ctx& c, const fl::Params& p) {
+  MOELAB_CHECK(p.Dh == 128, "attention_backward_wgmma: head width ", p.Dh, " (128 only)");
+  using C = BwdWg<128>;
+  const int64_t BG = int64_t(p.B) * p.Hkv, n_kt = (p.S + C::BC - 1) / C::BC;
+  // Blocks per kv head: about one wave of the device's SMs in all (the dQ buffers cost n_split
+  // fp32 copies of dQ and one pass to sum them).
+  const int64_t want = c.attention_bwd_splits > 0 ? c.attention_bwd_splits : (c.sm_count + BG / 2) / BG;
+  const int64_t n_split = std::max<int64_t>(1, std::min<int64_t>(n_kt, want));
+  const int64_t n = int64_t(p.B) * p.S * p.H * p.Dh;
+  Buf<float> acc(c, n_split * n);
+  CUDA_CHECK(cudaMemsetAsync(acc.get(), 0, size_t(n_split * n) * sizeof(float), c.stream));
+  launch_2d(c, "attention (wgmma)", bwd_wg_kernel<128>, BG, n_split, C::kThreads, C::kSmem, p, acc.get(),
+            int(n_split));
+  const int64_t blocks = std::min<int64_t>((n / 4 + 255) / 256, int64_t(c.sm_count) * 16);
+  launch_2d(c, "attention (wgmma)", bwd_dq_finish_kernel, blocks, 1, 256, 0, static_cast<const float*>(acc.get()),
+            int(n_split), n, p.scale, static_cast<uint16_t*>(p.dq));
 }
 
 void attention_dkv_wgmma(Ctx& c, const fl::Params& p) {

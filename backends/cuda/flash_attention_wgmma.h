@@ -20,10 +20,12 @@ namespace moelab::cuda {
 //            measure, and as the base of a warp-specialised version);
 //   MmaSync  none.
 // docs/performance.md has the measurements (fifth session).
+//   fused    (head width 128) the whole backward in one kernel (bwd_wg) where the plan has dQ,
+//            instead of dQ and dK / dV apart; MOELAB_FLASH_WGMMA=split keeps them apart.
 struct WgmmaPlan {
-  bool forward = false, dq = false, dkv = false;
+  bool forward = false, dq = false, dkv = false, fused = false;
 };
-WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S);
+WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S, int64_t Dh);
 
 // The forward pass (out, lse) for bf16, head width 64 or 128, 16-byte aligned q, k, v, out: the
 // contract of attention_forward (core/backend.h), with p filled by flash_attention.cu.
@@ -31,5 +33,8 @@ void attention_forward_wgmma(Ctx& c, const flash::Params& p);
 // dQ and dK / dV of the backward pass (same conditions, p.delta filled by the D pre-pass).
 void attention_dq_wgmma(Ctx& c, const flash::Params& p);
 void attention_dkv_wgmma(Ctx& c, const flash::Params& p);
+// dQ, dK and dV in one kernel (head width 128; p.delta filled): dQ's partial sums go to fp32
+// buffers, one per block of a kv head, summed in a fixed order: deterministic.
+void attention_backward_wgmma(Ctx& c, const flash::Params& p);
 
 }  // namespace moelab::cuda

@@ -39,4 +39,18 @@ MOELAB_WG_FN uint64_t desc_k(uint32_t tile, int R, int row0, int kk) {
   return desc_sw128(tile + uint32_t((kk >> 2) * R * 128 + row0 * 128 + (kk & 3) * 32));
 }
 
+// Descriptor of the same tiles read MN-major (wgmma's transpose flag set): the rows run along K,
+// the 128-byte rows along M or N. In CUTLASS's terms the canonical MN-major SW128 layout
+// ((8, n), (8, k)) : ((1, LBO), (8, SBO)) in 16-byte units: LBO is the stride between 64-column
+// panels (M or N wider than 64), SBO the stride between groups of 8 rows along K.
+MOELAB_WG_FN uint64_t desc_mn_sw128(uint32_t addr, uint32_t panel_bytes) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((panel_bytes >> 4) & 0x3FFF) << 16) |
+         (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+// The MN-major descriptor of K step `kk` (rows 16kk .. 16kk + 15) of a tile of R rows at `tile`,
+// from its 64-column panel `panel` on.
+MOELAB_WG_FN uint64_t desc_mn_k(uint32_t tile, int R, int panel, int kk) {
+  return desc_mn_sw128(tile + uint32_t(panel * R * 128 + kk * 16 * 128), uint32_t(R * 128));
+}
+
 }  // namespace moelab::cuda::wg
