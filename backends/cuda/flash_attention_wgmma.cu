@@ -486,9 +486,10 @@ __global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint
 template <int DH> struct BwdWg {
   // 2 warpgroups x 64 keys of one kv head; query tiles of 64 rows, for every head of the group.
   static_assert(DH == 128, "bwd_wg: head width 128 (each warpgroup computes dQ's 64 columns)");
-  static constexpr int kThreads = 256, BC = 128, BR = 64;
+  static constexpr int kThreads = 256, BC = 128, BR = 64, kStages = 3;  // Q / dO / lse / D stages
   static constexpr int kKV = BC * DH * 2, kT = BR * DH * 2, kS = BC * BR * 2;  // bytes: K or V; Q or dO; dS^T
-  static constexpr size_t kSmem = 2 * size_t(kKV) + 2 * 2 * size_t(kT) + size_t(kS) + 2 * 2 * BR * 4 + 1024;
+  static constexpr size_t kSmem =
+      2 * size_t(kKV) + kStages * 2 * size_t(kT) + size_t(kS) + kStages * 2 * BR * 4 + 1024;
 };
 
 // Which of the n_split blocks of a kv head runs key tile j: a snake over the splits (0 1 .. n-1
@@ -511,7 +512,10 @@ __device__ __forceinline__ int bwd_split_of(int j, int n_split) {
 // bwd_split_of(j) = s and adds its dQ partials into its own fp32 buffer acc + s T H DH with
 // red.add; every element of a buffer is added to by one thread, in the block's fixed order
 // (key tiles ascending, then heads, then query tiles), and a fence after each key tile orders
-// those adds. bwd_dq_finish_kernel sums the buffers in split order. Grid: x = b Hkv + g, y = s.
+// those adds. The block's first key tile is tile s (bwd_split_of): it stores instead of adding,
+// so no buffer is cleared first, and rows before s BC of buffer s are never written (no key tile
+// of block s reaches them). bwd_dq_finish_kernel sums the buffers in split order, buffer s from
+// row s BC on. Grid: x = b Hkv + g, y = s. Q, dO, lse and D stream through kStages stages.
 // A descriptor moved by `bytes` (a multiple of 16 that keeps the start address inside shared
 // memory): only the start-address field of the low word changes, so one 32-bit add.
 __device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t bytes) {
@@ -552,9 +556,9 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
   extern __shared__ __align__(1024) char smem_raw[];
   char* const smem = smem_raw + (((wg::smem_addr(smem_raw) + 1023u) & ~1023u) - wg::smem_addr(smem_raw));
   const uint32_t sK = wg::smem_addr(smem), sV = sK + C::kKV, sT0 = sV + C::kKV;  // stage st: Q, dO
-  const uint32_t sdS = sT0 + 4 * C::kT;                                            // [BC keys][BR queries]
-  float* sL = reinterpret_cast<float*>(smem + 2 * C::kKV + 4 * C::kT + C::kS);   // [2][BR] lse
-  float* sD = sL + 2 * BR;                                                         // [2][BR] D
+  const uint32_t sdS = sT0 + 2 * C::kStages * C::kT;                              // [BC keys][BR queries]
+  float* sL = reinterpret_cast<float*>(smem + 2 * C::kKV + 2 * C::kStages * C::kT + C::kS);  // [stages][BR] lse
+  float* sD = sL + C::kStages * BR;                                                // [stages][BR] D
   const int tid = threadIdx.x, wgi = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
   const int S = p.S, H = p.H, G = H / p.Hkv, bg = blockIdx.x, split = blockIdx.y;
   const int b = bg / p.Hkv, g = bg - b * p.Hkv;
@@ -562,6 +566,7 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
   const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
   const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
   float* accb = acc + int64_t(split) * p.B * S * ldq + int64_t(b) * S * ldq;
+  constexpr int NS = C::kStages;
   const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   const int n_kt = (S + BC - 1) / BC, n_qt = (S + BR - 1) / BR;
   const float scale_log2 = p.scale_log2;
@@ -595,8 +600,14 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
     const uint16_t* V = static_cast<const uint16_t*>(p.v) + (int64_t(b) * S + key0) * ldk + g * DH;
     load_tile<BC, DH, NT>(sK, K, ldk, S - key0, tid);
     load_tile<BC, DH, NT>(sV, V, ldk, S - key0, tid);
-    issue(g * G, qt0 * BR, 0);
-    fl::fa_cp_commit();
+    // Iterations 0 and 1 into stages 0 and 1 (one commit group each; K and V join the first).
+    int hp = g * G, qtp = qt0;  // the next iteration to prefetch: head, query tile
+    for (int s0 = 0; s0 < NS - 1; ++s0) {
+      if (s0 < total) issue(hp, qtp * BR, s0);
+      fl::fa_cp_commit();
+      if (++qtp == n_qt) qtp = qt0, ++hp;
+    }
+    const bool first = j == split;  // this block's first key tile: store, do not add
 
     const int kw0 = key0 + 64 * wgi;                // this warpgroup's first key
     const int krow = kw0 + 16 * warp + (lane >> 2);  // this thread's keys: + 0, + 8
@@ -605,12 +616,15 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
     for (int i = 0; i < DH / 2; ++i) dk[i] = dv[i] = 0.0f;
 
     int h = g * G, qt = qt0;  // iteration it's head and query tile
-    for (int it = 0; it < total; ++it) {
-      const int st = it & 1;
-      stage_ready();  // also: both warpgroups are done reading dS^T of the last iteration
-      const int hn = qt + 1 < n_qt ? h : h + 1, qtn = qt + 1 < n_qt ? qt + 1 : qt0;  // iteration it + 1
-      if (it + 1 < total) issue(hn, qtn * BR, st ^ 1);
+    for (int it = 0, st = 0; it < total; ++it, st = st + 1 == NS ? 0 : st + 1) {
+      // Iteration it's stage is in (later prefetches may still run); every thread is done with
+      // iteration it - 1, so its stage takes iteration it + NS - 1, and dS^T is free.
+      fl::fa_cp_wait<NS - 2>();
+      wg::fence_proxy_async();
+      __syncthreads();
+      if (it + NS - 1 < total) issue(hp, qtp * BR, st == 0 ? NS - 1 : st - 1);
       fl::fa_cp_commit();
+      if (++qtp == n_qt) qtp = qt0, ++hp;
       const int q0 = qt * BR;
       const float* L = sL + st * BR;
       const float* D = sD + st * BR;
@@ -695,14 +709,19 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
         const int q = q0 + 16 * warp + (lane >> 2) + 8 * hr;
         if (q >= S) continue;
         float* dst = accb + int64_t(q) * ldq + h * DH + 64 * wgi + 2 * tq;
+        if (first) {
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb)  // red: no value comes back, nothing to wait for
-          asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst + 8 * nb), "f"(dqp[4 * nb + 2 * hr]),
-                       "f"(dqp[4 * nb + 2 * hr + 1])
-                       : "memory");
+          for (int nb = 0; nb < 8; ++nb)
+            *reinterpret_cast<float2*>(dst + 8 * nb) = make_float2(dqp[4 * nb + 2 * hr], dqp[4 * nb + 2 * hr + 1]);
+        } else {
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb)  // red: no value comes back, nothing to wait for
+            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst + 8 * nb), "f"(dqp[4 * nb + 2 * hr]),
+                         "f"(dqp[4 * nb + 2 * hr + 1])
+                         : "memory");
+        }
       }
-      h = hn;
-      qt = qtn;
+      if (++qt == n_qt) qt = qt0, ++h;
     }
     __threadfence();  // this key tile's adds before the next one's (the same addresses)
 
@@ -714,12 +733,15 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
 #endif
 }
 
-// dQ = bf16(scale sum_s acc[s]) over the n_split buffers of bwd_wg_kernel, in split order; n is
-// T H DH, a multiple of 4.
-__global__ void bwd_dq_finish_kernel(const float* acc, int n_split, int64_t n, float scale, uint16_t* dq) {
+// dQ = bf16(scale sum_s acc[s]) over the n_split buffers of bwd_wg_kernel, in split order,
+// buffer s only from position s BC of each sequence on (bwd_wg_kernel writes nothing before);
+// n is T H DH, ld = H DH, both multiples of 4.
+__global__ void bwd_dq_finish_kernel(const float* acc, int n_split, int64_t n, int64_t ld, int S, int bc,
+                                     float scale, uint16_t* dq) {
   MOELAB_GRID_STRIDE(i4, n / 4) {
     float4 s = reinterpret_cast<const float4*>(acc)[i4];
-    for (int k = 1; k < n_split; ++k) {
+    const int pos = int((i4 * 4 / ld) % S), n_valid = min(n_split, pos / bc + 1);
+    for (int k = 1; k < n_valid; ++k) {
       const float4 x = reinterpret_cast<const float4*>(acc + int64_t(k) * n)[i4];
       s.x += x.x;
       s.y += x.y;
@@ -773,7 +795,7 @@ WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S, int64_t Dh) {
   if (mode == Off || c.compute_capability != 90) return plan;
   const bool here = mode == All || S >= 1024;
   plan.forward = plan.dq = here;
-  plan.fused = here && Dh == 128 && mode != Split;
+  plan.fused = Dh == 128 && mode != Split;  // faster than the mma.sync pair at every length measured
   plan.dkv = mode == All && !plan.fused;
   return plan;
 }
@@ -827,13 +849,12 @@ void attention_backward_wgmma(Ctx& c, const fl::Params& p) {
   const int64_t want = c.attention_bwd_splits > 0 ? c.attention_bwd_splits : (c.sm_count + BG / 2) / BG;
   const int64_t n_split = std::max<int64_t>(1, std::min<int64_t>(n_kt, want));
   const int64_t n = int64_t(p.B) * p.S * p.H * p.Dh;
-  Buf<float> acc(c, n_split * n);
-  CUDA_CHECK(cudaMemsetAsync(acc.get(), 0, size_t(n_split * n) * sizeof(float), c.stream));
+  Buf<float> acc(c, n_split * n);  // not cleared: see bwd_wg_kernel
   launch_2d(c, "attention (wgmma)", bwd_wg_kernel<128>, BG, n_split, C::kThreads, C::kSmem, p, acc.get(),
             int(n_split));
   const int64_t blocks = std::min<int64_t>((n / 4 + 255) / 256, int64_t(c.sm_count) * 16);
   launch_2d(c, "attention (wgmma)", bwd_dq_finish_kernel, blocks, 1, 256, 0, static_cast<const float*>(acc.get()),
-            int(n_split), n, p.scale, static_cast<uint16_t*>(p.dq));
+            int(n_split), n, int64_t(p.H) * p.Dh, p.S, C::BC, p.scale, static_cast<uint16_t*>(p.dq));
 }
 
 void attention_dkv_wgmma(Ctx& c, const fl::Params& p) {
