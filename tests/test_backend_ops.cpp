@@ -1339,8 +1339,10 @@ TEST_CASE("gpu ops: flash attention on the Hopper wgmma kernels against the CPU"
     opts.flash = CudaBackendOptions::Flash::Wgmma;
     opts.attention_bwd_splits = splits;
     std::unique_ptr<Backend> gs = make_cuda_backend(opts);
-    attention_case(fam, *gs, DType::BF16, 2, 1100, 4, 2, 128);
-    attention_case(fam, *gs, DType::BF16, 1, 1100, 2, 1, 128, false, packed(1, 1100, {300, 1, 500, 77}));
+    for (int64_t Dh : {64, 128}) {
+      attention_case(fam, *gs, DType::BF16, 2, 1100, 4, 2, Dh);
+      attention_case(fam, *gs, DType::BF16, 1, 1100, 2, 1, Dh, false, packed(1, 1100, {300, 1, 500, 77}));
+    }
     gs->synchronize();
   }
   fam.finish();

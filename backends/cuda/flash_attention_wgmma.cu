@@ -80,9 +80,11 @@ __device__ __forceinline__ void mma_rs(float (&d)[N / 2], const uint32_t (&a)[4]
   else wg::mma_rs_n128<TB>(d, a, db, accumulate);
 }
 
-template <int N> __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
-  if constexpr (N == 64) wg::mma_ss_n64(d, da, db, accumulate);
-  else wg::mma_ss_n128(d, da, db, accumulate);
+template <int N, int TA = 0, int TB = 0>
+__device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
+  if constexpr (N == 32) wg::mma_ss_n32<TA, TB>(d, da, db, accumulate);
+  else if constexpr (N == 64) wg::mma_ss_n64<TA, TB>(d, da, db, accumulate);
+  else wg::mma_ss_n128<TA, TB>(d, da, db, accumulate);
 }
 
 // Issues d = A B^T over K = 16 KS columns (no wait): A is rows ra.. of the swizzled tile `ta`
@@ -485,8 +487,11 @@ __global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint
 
 template <int DH> struct BwdWg {
   // 2 warpgroups x 64 keys of one kv head; query tiles of 64 rows, for every head of the group.
-  static_assert(DH == 128, "bwd_wg: head width 128 (each warpgroup computes dQ's 64 columns)");
+  // Each warpgroup computes DH / 2 columns of dQ. (Two blocks per SM at head width 64 would cap
+  // the registers at 128: spills, and ptxas serialises the wgmma.)
+  static_assert(DH == 64 || DH == 128, "bwd_wg: head width 64 or 128");
   static constexpr int kThreads = 256, BC = 128, BR = 64, kStages = 3;  // Q / dO / lse / D stages
+  static constexpr int kBlocksPerSm = 1;
   static constexpr int kKV = BC * DH * 2, kT = BR * DH * 2, kS = BC * BR * 2;  // bytes: K or V; Q or dO; dS^T
   static constexpr size_t kSmem =
       2 * size_t(kKV) + kStages * 2 * size_t(kT) + size_t(kS) + kStages * 2 * BR * 4 + 1024;
@@ -549,7 +554,7 @@ __device__ __forceinline__ void bwd_probs(float (&sT)[BR / 2], float (&dpT)[BR /
 }
 
 template <int DH>
-__global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc, int n_split) {
+__global__ void __launch_bounds__(256, BwdWg<DH>::kBlocksPerSm) bwd_wg_kernel(fl::Params p, float* acc, int n_split) {
 #if MOELAB_WGMMA_DEVICE
   using C = BwdWg<DH>;
   constexpr int BC = C::BC, BR = C::BR, NT = C::kThreads;
@@ -578,7 +583,9 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
   const uint64_t dO_mn = wg::desc_mn_sw128(sT0 + C::kT, BR * 128), dQ_mn = wg::desc_mn_sw128(sT0, BR * 128);
   const uint64_t dS_a = wg::desc_sw128(sdS + 64 * wgi * 128);  // dS^T rows of this warpgroup, K-major
   const uint64_t dS_mn = wg::desc_mn_sw128(sdS, BC * 128);     // dS^T read as dS (MN-major A)
-  const uint64_t dKp_mn = wg::desc_mn_sw128(sK + wgi * BC * 128, BC * 128);  // K's panel wgi, MN-major B
+  // K's columns DQN wgi .. + DQN - 1, MN-major B: panel wgi (DH 128), or half of the one panel.
+  constexpr int DQN = DH / 2;
+  const uint64_t dKp_mn = wg::desc_mn_sw128(sK + (DH == 128 ? wgi * BC * 128 : wgi * DQN * 2), BC * 128);
   const uint32_t myS = sdS + uint32_t(64 * wgi * 128);  // this warpgroup's 64 key rows of dS^T
 
   for (int j = 0; j < n_kt; ++j) {
@@ -681,7 +688,7 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
         wg::fence();
 #pragma unroll
         for (int i = 0; i < BR / 16; ++i)
-          wg::mma_ss_n128<0, 1>(dk, desc_plus(dS_a, uint32_t(i * 32)), desc_plus(dQ_mn, so + uint32_t(i * 2048)), 1);
+          mma_ss<DH, 0, 1>(dk, desc_plus(dS_a, uint32_t(i * 32)), desc_plus(dQ_mn, so + uint32_t(i * 2048)), 1);
         wg::commit();
         wg::fence_operands(a);
       } else {  // every P_ij of this warpgroup's keys is 0: so are its rows of dS^T
@@ -691,14 +698,13 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
       }
       __syncthreads();  // dS^T of all 128 keys is in shared memory
 
-      // dQ_i[:, 64 wgi .. + 63] = dS K: A = dS (queries x keys) is dS^T read MN-major, B = the
-      // warpgroup's 64-column panel of K, read MN-major (rows along the keys).
-      float dqp[32];
+      // dQ_i[:, DQN wgi .. + DQN - 1] = dS K: A = dS (queries x keys) is dS^T read MN-major, B =
+      // the warpgroup's columns of K, read MN-major (rows along the keys).
+      float dqp[DQN / 2];
       wg::fence();
 #pragma unroll
       for (int kk = 0; kk < BC / 16; ++kk)
-        wg::mma_ss_n64<1, 1>(dqp, desc_plus(dS_mn, uint32_t(kk * 2048)), desc_plus(dKp_mn, uint32_t(kk * 2048)),
-                             kk > 0);
+        mma_ss<DQN, 1, 1>(dqp, desc_plus(dS_mn, uint32_t(kk * 2048)), desc_plus(dKp_mn, uint32_t(kk * 2048)), kk > 0);
       wg::commit();
       wg::wait<0>();  // dQ, and this iteration's dV and dK
       wg::fence_operands(dqp);
@@ -708,14 +714,14 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
       for (int hr = 0; hr < 2; ++hr) {
         const int q = q0 + 16 * warp + (lane >> 2) + 8 * hr;
         if (q >= S) continue;
-        float* dst = accb + int64_t(q) * ldq + h * DH + 64 * wgi + 2 * tq;
+        float* dst = accb + int64_t(q) * ldq + h * DH + DQN * wgi + 2 * tq;
         if (first) {
 #pragma unroll
-          for (int nb = 0; nb < 8; ++nb)
+          for (int nb = 0; nb < DQN / 8; ++nb)
             *reinterpret_cast<float2*>(dst + 8 * nb) = make_float2(dqp[4 * nb + 2 * hr], dqp[4 * nb + 2 * hr + 1]);
         } else {
 #pragma unroll
-          for (int nb = 0; nb < 8; ++nb)  // red: no value comes back, nothing to wait for
+          for (int nb = 0; nb < DQN / 8; ++nb)  // red: no value comes back, nothing to wait for
             asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst + 8 * nb), "f"(dqp[4 * nb + 2 * hr]),
                          "f"(dqp[4 * nb + 2 * hr + 1])
                          : "memory");
@@ -795,7 +801,7 @@ WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S, int64_t Dh) {
   if (mode == Off || c.compute_capability != 90) return plan;
   const bool here = mode == All || S >= 1024;
   plan.forward = plan.dq = here;
-  plan.fused = Dh == 128 && mode != Split;  // faster than the mma.sync pair at every length measured
+  plan.fused = (Dh == 64 || Dh == 128) && mode != Split;
   plan.dkv = mode == All && !plan.fused;
   return plan;
 }
@@ -840,21 +846,27 @@ void attention_dq_wgmma(Ctx& c, const fl::Params& p) {
   run_rows<DqWg>(c, p, p.k, dq_wg_kernel<64>, dq_wg_kernel<128>);
 }
 
-void attention_backward_wgmma(Ctx& c, const fl::Params& p) {
-  MOELAB_CHECK(p.Dh == 128, "attention_backward_wgmma: head width ", p.Dh, " (128 only)");
-  using C = BwdWg<128>;
+template <int DH> void run_backward(Ctx& c, const fl::Params& p) {
+  using C = BwdWg<DH>;
   const int64_t BG = int64_t(p.B) * p.Hkv, n_kt = (p.S + C::BC - 1) / C::BC;
   // Blocks per kv head: about one wave of the device's SMs in all (the dQ buffers cost n_split
   // fp32 copies of dQ and one pass to sum them).
-  const int64_t want = c.attention_bwd_splits > 0 ? c.attention_bwd_splits : (c.sm_count + BG / 2) / BG;
+  const int64_t slots = int64_t(c.sm_count) * C::kBlocksPerSm;
+  const int64_t want = c.attention_bwd_splits > 0 ? c.attention_bwd_splits : (slots + BG / 2) / BG;
   const int64_t n_split = std::max<int64_t>(1, std::min<int64_t>(n_kt, want));
   const int64_t n = int64_t(p.B) * p.S * p.H * p.Dh;
   Buf<float> acc(c, n_split * n);  // not cleared: see bwd_wg_kernel
-  launch_2d(c, "attention (wgmma)", bwd_wg_kernel<128>, BG, n_split, C::kThreads, C::kSmem, p, acc.get(),
+  launch_2d(c, "attention (wgmma)", bwd_wg_kernel<DH>, BG, n_split, C::kThreads, C::kSmem, p, acc.get(),
             int(n_split));
   const int64_t blocks = std::min<int64_t>((n / 4 + 255) / 256, int64_t(c.sm_count) * 16);
   launch_2d(c, "attention (wgmma)", bwd_dq_finish_kernel, blocks, 1, 256, 0, static_cast<const float*>(acc.get()),
             int(n_split), n, int64_t(p.H) * p.Dh, p.S, C::BC, p.scale, static_cast<uint16_t*>(p.dq));
+}
+
+void attention_backward_wgmma(Ctx& c, const fl::Params& p) {
+  MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_backward_wgmma: head width ", p.Dh);
+  if (p.Dh == 64) run_backward<64>(c, p);
+  else run_backward<128>(c, p);
 }
 
 void attention_dkv_wgmma(Ctx& c, const fl::Params& p) {

@@ -67,6 +67,24 @@ template <int N> __device__ __forceinline__ void fence_operands(uint32_t (&a)[N]
     for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[i][r])::"memory");
 }
 
+// D[64 x 32] (+)= A[64 x 16] B[16 x 32]; A and B in shared memory (descriptors; TA / TB as for
+// mma_ss_n64).
+template <int TA = 0, int TB = 0>
+__device__ __forceinline__ void mma_ss_n32(float (&d)[16], uint64_t da, uint64_t db, int accumulate) {
+#if MOELAB_WGMMA_DEVICE
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15 "
+      "}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
+#endif
+}
+
 // D[64 x 64] (+)= A[64 x 16] B[16 x 64]; A and B in shared memory (descriptors). TA / TB: 0 for a
 // K-major operand, 1 for an MN-major one (transposed; bf16 only), with the matching descriptor.
 template <int TA = 0, int TB = 0>
