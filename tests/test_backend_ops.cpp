@@ -1239,16 +1239,16 @@ std::vector<int> packed(int64_t B, int64_t S, const std::vector<int64_t>& lens) 
   return seg;
 }
 
-// A CUDA backend that runs the Hopper wgmma attention kernels for every pass at every length
-// (CudaBackendOptions::Flash::Wgmma; the default takes them for long sequences only). Elsewhere
-// than on compute capability 9.0 it runs the mma.sync kernels, as the default backend does.
-Backend& wgmma_backend() {
-  static Backend* wg = [] {
+// A CUDA backend that runs the mma.sync attention kernels (CudaBackendOptions::Flash::MmaSync):
+// on compute capability 9.0 the default backend runs the Hopper wgmma kernels instead, and the
+// mma.sync ones are what every other GPU runs.
+Backend& mma_sync_backend() {
+  static Backend* ms = [] {
     CudaBackendOptions opts;
-    opts.flash = CudaBackendOptions::Flash::Wgmma;
+    opts.flash = CudaBackendOptions::Flash::MmaSync;
     return make_cuda_backend(opts).release();  // never destroyed: see gpu()
   }();
-  return *wg;
+  return *ms;
 }
 
 std::vector<uint8_t> bytes_of(Backend& g, const Tensor& t) {
@@ -1311,13 +1311,15 @@ TEST_CASE("gpu ops: flash attention over packed records (segment mask) against t
   fam.finish();
 }
 
-// The wgmma kernels (forward, dQ, dK / dV) on every shape of the cases above, packed records, and
-// a length the default backend gives them too (S >= 1024).
-TEST_CASE("gpu ops: flash attention on the Hopper wgmma kernels against the CPU", "[gpu]") {
+// On compute capability 9.0 the default backend runs the Hopper wgmma kernels (the cases above).
+// Here the mma.sync kernels, which every other GPU runs, on every bf16 shape of those cases and
+// packed records; then long sequences on the default backend, and the one-kernel backward of
+// the wgmma kernels with several key tiles per block.
+TEST_CASE("gpu ops: flash attention on the mma.sync kernels and long sequences against the CPU", "[gpu]") {
   GPU_OR_SKIP();
   SEED_INFO();
-  Family fam("attention (wgmma)");
-  Backend& g = wgmma_backend();
+  Family fam("attention (mma.sync kernels; long sequences)");
+  Backend& g = mma_sync_backend();
   struct Heads {
     int64_t H, Hkv;
   };
@@ -1332,6 +1334,7 @@ TEST_CASE("gpu ops: flash attention on the Hopper wgmma kernels against the CPU"
   }
   attention_case(fam, g, DType::BF16, 1, 1100, 4, 2, 128);
   attention_case(fam, gpu(), DType::BF16, 1, 1100, 4, 2, 64);
+  attention_case(fam, gpu(), DType::BF16, 1, 1100, 4, 2, 128);
   // The one-kernel backward with several key tiles per block (9 tiles over 2 and 4 blocks per kv
   // head: the snake order, the fp32 dQ buffers summed), with and without packed records.
   for (int splits : {2, 4}) {
@@ -1350,9 +1353,9 @@ TEST_CASE("gpu ops: flash attention on the Hopper wgmma kernels against the CPU"
 
 TEST_CASE("gpu ops: flash attention is bit-identical run to run", "[gpu]") {
   GPU_OR_SKIP();
-  for (Backend* gp : {&gpu(), &wgmma_backend()}) {
+  for (Backend* gp : {&gpu(), &mma_sync_backend()}) {
     Backend& g = *gp;
-    INFO((gp == &gpu() ? "default backend" : "wgmma backend"));
+    INFO((gp == &gpu() ? "default backend" : "mma.sync backend"));
     struct Cfg {
       DType dt;
       int64_t B, S, H, Hkv, Dh;
@@ -1389,8 +1392,9 @@ TEST_CASE("gpu ops: flash attention is bit-identical run to run", "[gpu]") {
 
 // ---- flash attention benchmark (hidden: `moelab_gpu_tests "[bench][attention]"`) --------------
 // bf16, the causal FLOPs of the issue: forward 2 * 2 * B * H * S^2 * Dh / 2 (Q K^T and P V over
-// the lower triangle), backward 2.5x forward (what FlashAttention-2 reports; these kernels do
-// 7 products to its 5, recomputing P and dP^T in the dQ kernel so that no atomics are needed).
+// the lower triangle), backward 2.5x forward (what FlashAttention-2 reports: its 5 products,
+// which the Hopper backward does too; the mma.sync kernels do 7, recomputing P and dP^T in the dQ
+// kernel). MOELAB_FLASH_WGMMA=0 times the mma.sync kernels.
 // CUDA events around `reps` calls after 2 warm-ups.
 TEST_CASE("gpu bench: flash attention forward and backward (bf16, causal)", "[.][bench][attention]") {
   GPU_OR_SKIP();

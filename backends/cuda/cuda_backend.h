@@ -43,10 +43,10 @@ struct CudaBackendOptions {
   // f32 attention (attention_gemm.cu): bytes of one S x S score buffer; heads are taken in
   // chunks of whole kv groups that fit (at least one group). Tests make it tiny.
   int64_t attention_scratch_bytes = int64_t(1) << 30;
-  // bf16 flash attention (flash_attention.cu) on a device of compute capability 9.0: Auto runs
-  // the Hopper wgmma kernels where they measured faster than the mma.sync ones (forward and dQ of
-  // sequences of 1024 and more; flash_attention_wgmma.h), Wgmma every pass at every length
-  // (tests, measurements), MmaSync never. MOELAB_FLASH_WGMMA=1|all|0 overrides Auto.
+  // bf16 flash attention (flash_attention.cu) on a device of compute capability 9.0: Auto and
+  // Wgmma run the Hopper wgmma kernels (flash_attention_wgmma.h: faster than the mma.sync ones at
+  // every length measured), MmaSync the mma.sync kernels (tests, measurements).
+  // MOELAB_FLASH_WGMMA=1|0 overrides Auto.
   enum class Flash { Auto, MmaSync, Wgmma };
   Flash flash = Flash::Auto;
   // The one-kernel bf16 attention backward (head width 128 on compute capability 9.0): blocks

@@ -12,8 +12,8 @@
 // same bits on every run (see the header for the tiles and the masking). Tensor-core kernels
 // per head width: forward fwd_tc<64> / fwd2_tc<128>, backward dq2_tc and dkv2_tc<64> /
 // dkv2s_tc<128> (the fastest measured on an H200, docs/performance.md). On Hopper (compute
-// capability 9.0) the forward and dQ of sequences of 1024 and more run the wgmma kernels of
-// flash_attention_wgmma.cu instead (wgmma_attention_plan says which, and why).
+// capability 9.0) the tensor-core passes run the wgmma kernels of flash_attention_wgmma.cu
+// instead: a pipelined forward and a one-kernel backward (use_wgmma_attention).
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -123,7 +123,7 @@ void attention_forward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v
   p.lse = static_cast<float*>(lse.data());
   const int64_t BH = int64_t(p.B) * H, dh = p.Dh;
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out})) {
-    if (wgmma_attention_plan(c, S, dh).forward) {
+    if (use_wgmma_attention(c)) {
       attention_forward_wgmma(c, p);
       return;
     }
@@ -165,19 +165,15 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
            32 * fl::kDeltaWarps, 0, p);
   });
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
-    const WgmmaPlan wg = wgmma_attention_plan(c, S, dh);
-    if (wg.fused) {
+    if (use_wgmma_attention(c)) {
       attention_backward_wgmma(c, p);
       return;
     }
     auto run = [&](auto dhc) {
       constexpr int DH = decltype(dhc)::value;
       using Q = fl::Dq2Tc<DH>;
-      if (wg.dq) attention_dq_wgmma(c, p);
-      else launch_2d(c, "cuda attention", dq2_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
-      if (wg.dkv) {
-        attention_dkv_wgmma(c, p);
-      } else if constexpr (DH == 64) {
+      launch_2d(c, "cuda attention", dq2_tc_kernel<DH>, BH, (S + Q::BR - 1) / Q::BR, Q::kThreads, Q::kSmem, p);
+      if constexpr (DH == 64) {
         using K = fl::Dkv2Tc<DH>;
         launch_2d(c, "cuda attention", dkv2_tc_kernel<DH>, BG, (S + K::BC - 1) / K::BC, K::kThreads, K::kSmem, p);
       } else {

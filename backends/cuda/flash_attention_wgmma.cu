@@ -7,30 +7,31 @@
 // instruction: mma.sync issues a 16 x 8 x 16 product per warp and waits for it; wgmma issues a
 // 64 x N x 16 product per warpgroup (4 warps) straight from shared memory, asynchronously.
 //
-// Kernels (blocks of 2 warpgroups, 256 threads, one block per SM; the tiles stream through a
-// two-stage cp.async pipeline that every thread feeds; query tiles in reverse order, the longest
-// rows first):
-//   fwd_wg<DH>  128 query rows (64 per warpgroup), key tiles of 128: S = Q K^T (DH / 16 wgmma
-//               m64n128k16, Q and K from shared memory); online softmax; O += P V (8 wgmma
-//               m64nDHk16, P from registers: S's accumulator layout is the A layout).
-//   dq_wg<DH>   128 query rows, key tiles of 64: S = Q K^T and dP = dO V^T, dS = P (dP - D) in
-//               registers, dQ += dS K.
-//   dkv_wg<DH>  128 keys of a kv head (64 per warpgroup), every head of the group, query tiles
-//               of 64 from the diagonal down: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO (issued
-//               before dS^T is computed, so that it runs under that math), dK += dS^T Q.
-// wgmma reads B K-major, so the products whose B is V, K, Q or dO along the sequence read
-// transposed copies ([B heads][DH][positions padded with zeros to a multiple of 128]) that a
-// pre-pass writes per call. The tiles are stored with the 128-byte swizzle of wgmma.cuh; cp.async
-// writes them through the generic proxy, so each thread fences them to the async proxy before
-// the barrier that precedes the wgmma. No atomics: bit-identical run to run.
+// Kernels (blocks of 2 warpgroups, 256 threads, one block per SM; tiles stored with the 128-byte
+// swizzle of wgmma_layout.h, loaded with cp.async by every thread, which fences them to the async
+// proxy before the barrier that precedes the wgmma reading them):
+//   fwd_wg<DH>  128 query rows (64 per warpgroup; query tiles in reverse order, the longest rows
+//               first), key tiles of 128, K and V double-buffered. S = Q K^T (wgmma m64n128k16,
+//               Q and K K-major from shared memory); online softmax; O += P V (wgmma m64nDHk16,
+//               P from registers: S's accumulator layout is the A layout; V read MN-major, i.e.
+//               wgmma's transpose). Pipelined inside each warpgroup: S_{j+1} is issued with
+//               P_j V_j, and its softmax runs while P_j V_j is on the tensor cores.
+//   bwd_wg<DH>  the whole backward: a block owns key tiles of 128 of one kv head (64 keys per
+//               warpgroup) and visits, for every head of the group, the query tiles of 64 from
+//               the diagonal down (Q, dO, lse, D through three stages): S^T = K Q^T and
+//               dP^T = V dO^T, P^T and dS^T in registers, dV += P^T dO, dK += dS^T Q, and
+//               dQ_i += dS K with dS^T handed over in shared memory; dQ's partial sums go to
+//               fp32 buffers (bwd_wg_kernel says how that stays deterministic).
+// No atomics race: bit-identical run to run.
 //
-// Speed (H200, docs/performance.md, fifth session): the forward and dQ beat the mma.sync kernels
-// at sequences of 2048 and 4096 (forward 1.24 -> 1.01 ms at B 8, S 2048, H 32 / 8, Dh 128) and
-// lose at 512; dK / dV is slower than dkv2s_tc everywhere. wgmma_attention_plan picks from that.
-// What they lack against FlashAttention-3: producer warps with TMA, register reallocation
-// (setmaxnreg), and the two warpgroups ping-ponging. (A ping-pong forward without the first two,
-// three stages handed over with mbarriers and turns taken with named barriers, ran slower than
-// fwd_wg: commit 067261b has it.)
+// Speed (H200, docs/performance.md, sixth session; B 8, S 2048, H 32 / 8, Dh 128): forward
+// 0.955 ms (288 TFLOP/s), backward 2.35 ms (292 TFLOP/s by FlashAttention's count of 2.5x the
+// forward), against 1.24 / 4.33 ms for the mma.sync kernels and 1.03 / 4.11 for the wgmma
+// kernels of the fifth session (forward without the pipelining; separate dQ and dK / dV
+// kernels, 7 products instead of 5, transposed copies of V, K, Q and dO). What they still lack
+// against FlashAttention-3: producer warps with TMA, register reallocation (setmaxnreg), and the
+// two warpgroups ping-ponging. (A ping-pong forward without the first two ran slower: commit
+// 067261b has it.)
 #include "backends/cuda/flash_attention_wgmma.h"
 
 #include <cuda_bf16.h>
@@ -54,7 +55,7 @@ template <int DH> struct FwdWg {
   // 64 rows per block with key tiles of 64 and Q in registers, 2 blocks per SM, ran at 2/3 of
   // this.)
   static constexpr int kThreads = 256, BR = 128, BC = 128;
-  static constexpr int kQ = BR * DH * 2, kK = BC * DH * 2, kV = DH * BC * 2;  // bytes per tile
+  static constexpr int kQ = BR * DH * 2, kK = BC * DH * 2, kV = BC * DH * 2;  // bytes per tile
   static constexpr size_t kSmem = size_t(kQ) + 2 * size_t(kK + kV) + 1024;  // + 1024-byte alignment
 };
 
@@ -87,23 +88,10 @@ __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t da, uint64_t 
   else wg::mma_ss_n128<TA, TB>(d, da, db, accumulate);
 }
 
-// Issues d = A B^T over K = 16 KS columns (no wait): A is rows ra.. of the swizzled tile `ta`
-// (RA rows), B the N rows of tile `tb` (RB rows from rb).
-template <int N, int KS>
-__device__ __forceinline__ void issue_ss(float (&d)[N / 2], uint32_t ta, int RA, int ra, uint32_t tb, int RB,
-                                         int rb) {
-#pragma unroll
-  for (int kk = 0; kk < KS; ++kk) mma_ss<N>(d, wg::desc_k(ta, RA, ra, kk), wg::desc_k(tb, RB, rb, kk), kk > 0);
-}
-
-// Issues d += A B with A the fragments `a` (K = 16 KS) and B^T the N rows of tile `tb` (no wait;
-// a must stay untouched until the wait: fence_operands(a) after it).
-template <int N, int KS>
-__device__ __forceinline__ void issue_rs(float (&d)[N / 2], const uint32_t (&a)[KS][4], uint32_t tb) {
-  wg::fence_operands(d);
-  wg::fence();
-#pragma unroll
-  for (int i = 0; i < KS; ++i) mma_rs<N>(d, a[i], wg::desc_k(tb, N, 0, i), 1);
+// A descriptor moved by `bytes` (a multiple of 16 that keeps the start address inside shared
+// memory): only the start-address field of the low word changes, so one 32-bit add.
+__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t bytes) {
+  return (d & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(d) + (bytes >> 4));
 }
 
 // A 64 x K accumulator as bf16 A fragments of its K / 16 k steps (the layouts coincide).
@@ -138,8 +126,54 @@ __device__ __forceinline__ void store_rows(uint16_t* dst, int64_t ld, int row0, 
   }
 }
 
+// One online-softmax step of a warpgroup's key tile in s (raw scores in, P = exp2(s - m) out):
+// the row maxima m and partial sums l move on, alpha[hr] is the factor for O. MASKED: the tile
+// crosses the warpgroup's diagonal or there are records; else no test at all.
+template <bool MASKED, int BC>
+__device__ __forceinline__ void fwd_softmax(float (&s)[BC / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                            float scale_log2, int k0, int row0, int tq, int S, const int32_t* sg) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int row = row0 + 8 * hr;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < BC / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float x = s[4 * nb + 2 * hr + e] * scale_log2;
+        if constexpr (MASKED) {
+          const int col = k0 + 8 * nb + 2 * tq + e;
+          if (col > row || !fl::fa_seg_ok(sg, S, row, col)) x = -INFINITY;
+        }
+        s[4 * nb + 2 * hr + e] = x;
+        mx = fmaxf(mx, x);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m[hr], mx);
+    const float ms = mn == -INFINITY ? 0.0f : mn;  // a row with nothing visible yet: no NaN
+    alpha[hr] = exp2f(m[hr] - ms);
+    m[hr] = mn;
+    float sum = 0.0f;
+#pragma unroll
+    for (int nb = 0; nb < BC / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pe = exp2f(s[4 * nb + 2 * hr + e] - ms);
+        s[4 * nb + 2 * hr + e] = pe;
+        sum += pe;
+      }
+    l[hr] = l[hr] * alpha[hr] + sum;
+  }
+}
+
+// The forward, software-pipelined inside each warpgroup (FlashAttention-3's intra-warpgroup
+// overlap): while O += P_j V_j runs on the tensor cores, the warpgroup already has
+// S_{j+1} = Q K_{j+1}^T and does its softmax; O is rescaled once P_j V_j is done. K and V tiles
+// are double-buffered: at the top of iteration j, K_{j+1} and V_j are in, and K_{j+2} and V_{j+1}
+// start loading into the stages of K_j and V_{j-1}. V is read MN-major (no transposed copy).
 template <int DH>
-__global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint16_t* vt, int sp) {
+__global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p) {
 #if MOELAB_WGMMA_DEVICE
   using C = FwdWg<DH>;
   constexpr int BR = C::BR, BC = C::BC, NT = C::kThreads;
@@ -152,86 +186,96 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint
   const int n_qt = (S + BR - 1) / BR, q0 = (n_qt - 1 - int(blockIdx.y)) * BR;
   const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
   const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
-  const uint16_t* Vt = vt + (int64_t(b) * p.Hkv + g) * DH * sp;
+  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
   const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   const int n_kt = (min(q0 + BR, S) - 1) / BC + 1;
+  auto load_k = [&](int j) { load_tile<BC, DH, NT>(sK + (j & 1) * C::kK, K + int64_t(j) * BC * ldk, ldk, S - j * BC, tid); };
+  auto load_v = [&](int j) { load_tile<BC, DH, NT>(sV + (j & 1) * C::kV, V + int64_t(j) * BC * ldk, ldk, S - j * BC, tid); };
 
   load_tile<BR, DH, NT>(sQ, static_cast<const uint16_t*>(p.q) + (int64_t(b) * S + q0) * ldq + h * DH, ldq,
                         S - q0, tid);
-  load_tile<BC, DH, NT>(sK, K, ldk, S, tid);
-  load_tile<DH, BC, NT>(sV, Vt, sp, DH, tid);
+  load_k(0);
+  load_v(0);
+  if (n_kt > 1) load_k(1);
   fl::fa_cp_commit();
 
-  const int w0 = q0 + 64 * wgi, w_last = min(w0 + 63, S - 1);  // this warpgroup's rows
-  const int row0 = w0 + 16 * warp + (lane >> 2);                 // this thread's rows: + 0, + 8
+  const int w0 = q0 + 64 * wgi;                   // this warpgroup's rows
+  const int row0 = w0 + 16 * warp + (lane >> 2);  // this thread's rows: + 0, + 8
+  const bool live = w0 < S;                       // warpgroup-uniform: it has rows to compute
+  const float scale_log2 = p.scale_log2;
   float o[DH / 2];
 #pragma unroll
   for (int i = 0; i < DH / 2; ++i) o[i] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this thread's partial sums
-
-  for (int j = 0; j < n_kt; ++j) {
-    const int st = j & 1;
-    stage_ready();  // tile j is in; both warpgroups are done with tile j - 1's stage
-    if (j + 1 < n_kt) {
-      load_tile<BC, DH, NT>(sK + (st ^ 1) * C::kK, K + int64_t(j + 1) * BC * ldk, ldk, S - (j + 1) * BC, tid);
-      load_tile<DH, BC, NT>(sV + (st ^ 1) * C::kV, Vt + (j + 1) * BC, sp, DH, tid);
-    }
-    fl::fa_cp_commit();
-    const int k0 = j * BC;
-    if (w0 >= S || k0 > w_last) continue;  // warpgroup-uniform: nothing of this tile is visible
-
-    float s[BC / 2];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];  // l: this thread's partial sums
+  // Scores of tile j into s, then its softmax step. Every tile has keys visible to every live
+  // warpgroup (its last is the diagonal one); a tile is masked where it crosses the diagonal.
+  // Descriptors built once, moved by constant bytes (desc_plus): Q's rows of this warpgroup,
+  // K stage 0 (K-major), V stage 0 (MN-major).
+  const uint64_t dQ_a = wg::desc_sw128(sQ + 64 * wgi * 128), dK_b = wg::desc_sw128(sK);
+  const uint64_t dV_mn = wg::desc_mn_sw128(sV, BC * 128);
+  auto scores = [&](float (&s)[BC / 2], int j) {
+    const uint32_t ko = uint32_t((j & 1) * C::kK);
     wg::fence();
-    issue_ss<BC, DH / 16>(s, sQ, BR, 64 * wgi, sK + st * C::kK, BC, 0);
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+      mma_ss<BC>(s, desc_plus(dQ_a, wg::k_step_bytes(BR, kk)), desc_plus(dK_b, ko + wg::k_step_bytes(BC, kk)), kk > 0);
+    }
     wg::commit();
+  };
+  auto softmax = [&](float (&s)[BC / 2], int j) {
+    const int k0 = j * BC;
+    if (sg || k0 + BC - 1 > w0) fwd_softmax<true, BC>(s, m, l, alpha, scale_log2, k0, row0, tq, S, sg);
+    else fwd_softmax<false, BC>(s, m, l, alpha, scale_log2, k0, row0, tq, S, sg);
+  };
+
+  uint32_t a[BC / 16][4];  // P_j in bf16, as A fragments of the k steps of 16 keys
+  stage_ready();
+  if (live) {
+    float s[BC / 2];
+    scores(s, 0);
     wg::wait<0>();
     wg::fence_operands(s);
-
-    const bool mask = k0 + BC - 1 > w0;  // the tile crosses this warpgroup's diagonal
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = row0 + 8 * hr;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < BC / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = s[4 * nb + 2 * hr + e] * p.scale_log2;
-          const int col = k0 + 8 * nb + 2 * tq + e;
-          if ((mask && col > row) || !fl::fa_seg_ok(sg, S, row, col)) x = -INFINITY;
-          s[4 * nb + 2 * hr + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m[hr], mx);
-      const float ms = mn == -INFINITY ? 0.0f : mn;  // a row with nothing visible yet: no NaN
-      const float alpha = exp2f(m[hr] - ms);
-      m[hr] = mn;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nb = 0; nb < BC / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = exp2f(s[4 * nb + 2 * hr + e] - ms);
-          s[4 * nb + 2 * hr + e] = pe;
-          sum += pe;
-        }
-      l[hr] = l[hr] * alpha + sum;
-#pragma unroll
-      for (int db = 0; db < DH / 8; ++db) {
-        o[4 * db + 2 * hr] *= alpha;
-        o[4 * db + 2 * hr + 1] *= alpha;
-      }
-    }
-    uint32_t a[BC / 16][4];  // P in bf16, as A fragments of the k steps of 16 keys
+    softmax(s, 0);
     acc_to_frags<BC>(s, a);
-    issue_rs<DH, BC / 16>(o, a, sV + st * C::kV);
+  }
+  auto pv = [&](int j) {  // O += P_j V_j, issued (V read MN-major)
+    wg::fence_operands(o);
+    wg::fence();
+#pragma unroll
+    for (int i = 0; i < BC / 16; ++i)
+      mma_rs<DH, 1>(o, a[i], desc_plus(dV_mn, uint32_t((j & 1) * C::kV) + wg::mn_step_bytes(i)), 1);
     wg::commit();
+  };
+  for (int j = 0; j + 1 < n_kt; ++j) {
+    stage_ready();  // K_{j+1} and V_j are in; both warpgroups are done with iteration j - 1 (or S_0)
+    if (j + 2 < n_kt) load_k(j + 2);
+    load_v(j + 1);
+    fl::fa_cp_commit();
+    if (!live) continue;
+    float s[BC / 2];
+    scores(s, j + 1);
+    pv(j);
+    wg::wait<1>();  // S_{j+1} is done; P_j V_j may still run
+    wg::fence_operands(s);
+    softmax(s, j + 1);
     wg::wait<0>();
     wg::fence_operands(o);
     wg::fence_operands(a);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+      for (int db = 0; db < DH / 8; ++db) {
+        o[4 * db + 2 * hr] *= alpha[hr];
+        o[4 * db + 2 * hr + 1] *= alpha[hr];
+      }
+    acc_to_frags<BC>(s, a);
   }
+  if (n_kt > 1) stage_ready();  // V of the last tile is in
+  if (!live) return;
+  pv(n_kt - 1);
+  wg::wait<0>();
+  wg::fence_operands(o);
+  wg::fence_operands(a);
 
   float inv[2];
 #pragma unroll
@@ -244,244 +288,6 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p, const uint
     if (tq == 0 && row < S) p.lse[int64_t(bh) * S + row] = (m[hr] + log2f(lt)) * fl::kLn2;
   }
   store_rows<DH>(static_cast<uint16_t*>(p.out) + int64_t(b) * S * ldq + h * DH, ldq, row0, S, o, inv, tq);
-#endif
-}
-
-template <int DH> struct DqWg {
-  // 2 warpgroups x 64 query rows; key tiles of 64 (K and V^T tiles of 128 keys would not fit
-  // beside Q and dO in shared memory).
-  static_assert(DH == 64 || DH == 128, "dq_wg: head width 64 or 128");
-  static constexpr int kThreads = 256, BR = 128, BC = 64;
-  static constexpr int kQ = BR * DH * 2, kK = BC * DH * 2;  // bytes: Q or dO; K, V or K^T tile
-  static constexpr size_t kSmem = 2 * size_t(kQ) + 2 * 3 * size_t(kK) + 1024;
-};
-
-// dQ = scale sum_j dS_ij K_j, dS = P (dP - D), P = exp2(s2 - lse2), dP = dO V^T: the math of
-// dq2_tc (flash_attention_kernels.h), on wgmma. Per key tile and warpgroup: S = Q K^T and
-// dP = dO V^T (2 x DH / 16 wgmma m64n64k16, both from shared memory), dS in registers, then
-// dQ += dS K (4 wgmma m64nDHk16, dS from registers, K^T from shared memory: a pre-pass writes K^T
-// as it does V^T for the forward).
-template <int DH>
-__global__ void __launch_bounds__(256, 1) dq_wg_kernel(fl::Params p, const uint16_t* kt, int sp) {
-#if MOELAB_WGMMA_DEVICE
-  using C = DqWg<DH>;
-  constexpr int BR = C::BR, BC = C::BC, NT = C::kThreads;
-  extern __shared__ __align__(1024) char smem_raw[];
-  const uint32_t sQ = (wg::smem_addr(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sdO = sQ + C::kQ, sK = sdO + C::kQ, sV = sK + 2 * C::kK, sKt = sV + 2 * C::kK;
-  const int tid = threadIdx.x, wgi = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
-  const int S = p.S, H = p.H, bh = blockIdx.x;
-  const int b = bh / H, h = bh - b * H, g = h / (H / p.Hkv);
-  const int n_qt = (S + BR - 1) / BR, q0 = (n_qt - 1 - int(blockIdx.y)) * BR;
-  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
-  const int64_t qoff = (int64_t(b) * S + q0) * ldq + h * DH;
-  const uint16_t* K = static_cast<const uint16_t*>(p.k) + int64_t(b) * S * ldk + g * DH;
-  const uint16_t* V = static_cast<const uint16_t*>(p.v) + int64_t(b) * S * ldk + g * DH;
-  const uint16_t* Kt = kt + (int64_t(b) * p.Hkv + g) * DH * sp;
-  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
-  const int n_kt = (min(q0 + BR, S) - 1) / BC + 1;
-
-  load_tile<BR, DH, NT>(sQ, static_cast<const uint16_t*>(p.q) + qoff, ldq, S - q0, tid);
-  load_tile<BR, DH, NT>(sdO, static_cast<const uint16_t*>(p.dout) + qoff, ldq, S - q0, tid);
-  load_tile<BC, DH, NT>(sK, K, ldk, S, tid);
-  load_tile<BC, DH, NT>(sV, V, ldk, S, tid);
-  load_tile<DH, BC, NT>(sKt, Kt, sp, DH, tid);
-  fl::fa_cp_commit();
-
-  const int w0 = q0 + 64 * wgi, w_last = min(w0 + 63, S - 1);
-  const int row0 = w0 + 16 * warp + (lane >> 2);
-  float lse2[2], dr[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int row = row0 + 8 * hr;
-    lse2[hr] = row < S ? p.lse[int64_t(bh) * S + row] * fl::kLog2e : 0.0f;
-    dr[hr] = row < S ? p.delta[int64_t(bh) * S + row] : 0.0f;
-  }
-  float dq[DH / 2];
-#pragma unroll
-  for (int i = 0; i < DH / 2; ++i) dq[i] = 0.0f;
-
-  for (int j = 0; j < n_kt; ++j) {
-    const int st = j & 1;
-    stage_ready();
-    if (j + 1 < n_kt) {
-      const int64_t next = int64_t(j + 1) * BC;
-      load_tile<BC, DH, NT>(sK + (st ^ 1) * C::kK, K + next * ldk, ldk, S - int(next), tid);
-      load_tile<BC, DH, NT>(sV + (st ^ 1) * C::kK, V + next * ldk, ldk, S - int(next), tid);
-      load_tile<DH, BC, NT>(sKt + (st ^ 1) * C::kK, Kt + next, sp, DH, tid);
-    }
-    fl::fa_cp_commit();
-    const int k0 = j * BC;
-    if (w0 >= S || k0 > w_last) continue;  // warpgroup-uniform
-
-    float s[BC / 2], dp[BC / 2];
-    wg::fence();
-    issue_ss<BC, DH / 16>(s, sQ, BR, 64 * wgi, sK + st * C::kK, BC, 0);
-    issue_ss<BC, DH / 16>(dp, sdO, BR, 64 * wgi, sV + st * C::kK, BC, 0);
-    wg::commit();
-    wg::wait<0>();
-    wg::fence_operands(s);
-    wg::fence_operands(dp);
-
-    const bool mask = k0 + BC - 1 > w0 || w0 + 63 >= S;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = row0 + 8 * hr;
-#pragma unroll
-      for (int nb = 0; nb < BC / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = k0 + 8 * nb + 2 * tq + e, i = 4 * nb + 2 * hr + e;
-          const bool off = (mask && (col > row || row >= S)) || !fl::fa_seg_ok(sg, S, row, col);
-          const float pe = off ? 0.0f : exp2f(s[i] * p.scale_log2 - lse2[hr]);
-          s[i] = pe * (dp[i] - dr[hr]);  // dS
-        }
-    }
-    uint32_t a[BC / 16][4];  // dS in bf16, as A fragments of the k steps of 16 keys
-    acc_to_frags<BC>(s, a);
-    issue_rs<DH, BC / 16>(dq, a, sKt + st * C::kK);
-    wg::commit();
-    wg::wait<0>();
-    wg::fence_operands(dq);
-    wg::fence_operands(a);
-  }
-
-  const float sc[2] = {p.scale, p.scale};
-  store_rows<DH>(static_cast<uint16_t*>(p.dq) + int64_t(b) * S * ldq + h * DH, ldq, row0, S, dq, sc, tq);
-#endif
-}
-
-template <int DH> struct DkvWg {
-  // 2 warpgroups x 64 keys of one kv head; query tiles of 64 rows, for every head of the group.
-  static_assert(DH == 64 || DH == 128, "dkv_wg: head width 64 or 128");
-  static constexpr int kThreads = 256, BC = 128, BR = 64;
-  static constexpr int kKV = BC * DH * 2, kT = BR * DH * 2;  // bytes: K or V; one query-side tile
-  static constexpr size_t kSmem = 2 * size_t(kKV) + 2 * 4 * size_t(kT) + 2 * 2 * BR * 4 + 1024;
-};
-
-// dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij Q_i over the queries i of every head of the group:
-// the math of dkv2s_tc (flash_attention_kernels.h), on wgmma, computing the transposed products
-// directly. Grid: x = b Hkv + g, y = tile of 128 keys (tile 0, the most work, first); warpgroup w
-// owns keys key0 + 64w .. + 63. Per (head, query tile from the diagonal down), double-buffered:
-//   S^T = K Q^T, dP^T = V dO^T   2 x DH / 16 wgmma m64n64k16, K / V and Q / dO from shared memory;
-//   P^T, then dV += P^T dO       4 wgmma m64nDHk16, P^T from registers, dO^T from shared memory,
-//                                issued before dS^T is computed (it runs under that math);
-//   dS^T = P^T (dP^T - D), then dK += dS^T Q   the same with Q^T.
-// Q^T and dO^T come from a pre-pass ([B H][DH][queries padded to 128], like V^T and K^T).
-template <int DH>
-__global__ void __launch_bounds__(256, 1) dkv_wg_kernel(fl::Params p, const uint16_t* qt, const uint16_t* dot,
-                                                        int sp) {
-#if MOELAB_WGMMA_DEVICE
-  using C = DkvWg<DH>;
-  constexpr int BC = C::BC, BR = C::BR, NT = C::kThreads;
-  extern __shared__ __align__(1024) char smem_raw[];
-  char* const smem = smem_raw + (((wg::smem_addr(smem_raw) + 1023u) & ~1023u) - wg::smem_addr(smem_raw));
-  const uint32_t sK = wg::smem_addr(smem), sV = sK + C::kKV;
-  const uint32_t sT0 = sV + C::kKV;  // stage st: Q, dO, Q^T, dO^T at sT0 + (4 st + i) kT
-  float* sL = reinterpret_cast<float*>(smem + 2 * C::kKV + 8 * C::kT);  // [2][BR] lse
-  float* sD = sL + 2 * BR;                                               // [2][BR] D
-  const int tid = threadIdx.x, wgi = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
-  const int S = p.S, H = p.H, G = H / p.Hkv, bg = blockIdx.x;
-  const int b = bg / p.Hkv, g = bg - b * p.Hkv, key0 = int(blockIdx.y) * BC;
-  const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
-  const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
-  const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
-  const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
-  const int qt0 = key0 / BR, nq = (S + BR - 1) / BR - qt0, total = G * nq;
-
-  // Iteration it: head g G + it / nq, query rows from (qt0 + it % nq) BR, into stage st.
-  auto issue = [&](int it, int st) {
-    const int h = g * G + it / nq, r0 = (qt0 + it % nq) * BR;
-    const uint32_t t = sT0 + 4 * st * C::kT;
-    load_tile<BR, DH, NT>(t, Qb + int64_t(r0) * ldq + h * DH, ldq, S - r0, tid);
-    load_tile<BR, DH, NT>(t + C::kT, dOb + int64_t(r0) * ldq + h * DH, ldq, S - r0, tid);
-    const int64_t tr = (int64_t(b) * H + h) * DH * sp + r0;
-    load_tile<DH, BR, NT>(t + 2 * C::kT, qt + tr, sp, DH, tid);
-    load_tile<DH, BR, NT>(t + 3 * C::kT, dot + tr, sp, DH, tid);
-    if (tid < 2 * BR) {  // lse (threads 0..BR-1) and D (BR..2BR-1) of the tile's rows
-      const int i = tid % BR, r = r0 + i;
-      const float* src = (tid < BR ? p.lse : p.delta) + (int64_t(b) * H + h) * S + (r < S ? r : 0);
-      fl::fa_cp_async4((tid < BR ? sL : sD) + st * BR + i, src, r < S);
-    }
-  };
-  const uint16_t* K = static_cast<const uint16_t*>(p.k) + (int64_t(b) * S + key0) * ldk + g * DH;
-  const uint16_t* V = static_cast<const uint16_t*>(p.v) + (int64_t(b) * S + key0) * ldk + g * DH;
-  load_tile<BC, DH, NT>(sK, K, ldk, S - key0, tid);
-  load_tile<BC, DH, NT>(sV, V, ldk, S - key0, tid);
-  issue(0, 0);
-  fl::fa_cp_commit();
-
-  const int kw0 = key0 + 64 * wgi;                // this warpgroup's first key
-  const int krow = kw0 + 16 * warp + (lane >> 2);  // this thread's keys: + 0, + 8
-  float dk[DH / 2], dv[DH / 2];
-#pragma unroll
-  for (int i = 0; i < DH / 2; ++i) dk[i] = dv[i] = 0.0f;
-
-  for (int it = 0; it < total; ++it) {
-    const int st = it & 1;
-    stage_ready();
-    if (it + 1 < total) issue(it + 1, st ^ 1);
-    fl::fa_cp_commit();
-    const int q0 = (qt0 + it % nq) * BR;
-    if (kw0 >= S || q0 + BR - 1 < kw0) continue;  // warpgroup-uniform: every P_ij is 0
-    const uint32_t tQ = sT0 + 4 * st * C::kT, tdO = tQ + C::kT, tQt = tQ + 2 * C::kT, tdOt = tQ + 3 * C::kT;
-    const float* L = sL + st * BR;
-    const float* D = sD + st * BR;
-
-    float sT[BR / 2], dpT[BR / 2];
-    wg::fence();
-    issue_ss<BR, DH / 16>(sT, sK, BC, 64 * wgi, tQ, BR, 0);
-    issue_ss<BR, DH / 16>(dpT, sV, BC, 64 * wgi, tdO, BR, 0);
-    wg::commit();
-    wg::wait<0>();
-    wg::fence_operands(sT);
-    wg::fence_operands(dpT);
-
-    const bool mask = q0 < kw0 + 63 || q0 + BR > S;
-#pragma unroll
-    for (int nb = 0; nb < BR / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int ql = 8 * nb + 2 * tq + e, qc = q0 + ql;
-        const float l2 = L[ql] * fl::kLog2e;
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int kr = krow + 8 * hr, i = 4 * nb + 2 * hr + e;
-          const bool off = (mask && (qc < kr || qc >= S)) || !fl::fa_seg_ok(sg, S, qc, kr);
-          sT[i] = off ? 0.0f : exp2f(sT[i] * p.scale_log2 - l2);  // P^T
-        }
-      }
-    uint32_t a[BR / 16][4];  // P^T in bf16, A fragments of the k steps of 16 queries
-    acc_to_frags<BR>(sT, a);
-    issue_rs<DH, BR / 16>(dv, a, tdOt);
-    wg::commit();  // dV runs while dS^T is computed
-
-#pragma unroll
-    for (int nb = 0; nb < BR / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float dq = D[8 * nb + 2 * tq + e];
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int i = 4 * nb + 2 * hr + e;
-          dpT[i] = sT[i] * (dpT[i] - dq);  // dS^T
-        }
-      }
-    uint32_t ads[BR / 16][4];  // dS^T (a still feeds the running dV product)
-    acc_to_frags<BR>(dpT, ads);
-    issue_rs<DH, BR / 16>(dk, ads, tQt);
-    wg::commit();
-    wg::wait<0>();
-    wg::fence_operands(dv);
-    wg::fence_operands(dk);
-    wg::fence_operands(a);
-    wg::fence_operands(ads);
-  }
-
-  const float sk[2] = {p.scale, p.scale}, sv[2] = {1.0f, 1.0f};
-  const int64_t kv = int64_t(b) * S * ldk + g * DH;
-  store_rows<DH>(static_cast<uint16_t*>(p.dk) + kv, ldk, krow, S, dk, sk, tq);
-  store_rows<DH>(static_cast<uint16_t*>(p.dv) + kv, ldk, krow, S, dv, sv, tq);
 #endif
 }
 
@@ -505,14 +311,14 @@ __device__ __forceinline__ int bwd_split_of(int j, int n_split) {
   return (j / n_split) % 2 == 0 ? r : n_split - 1 - r;
 }
 
-// The whole backward in one kernel: dK and dV as dkv_wg computes them, and dQ from the same dS,
-// without recomputing S and dP (FlashAttention-2's 5 products instead of the 7 of dq_wg + dkv):
+// The whole backward in one kernel: dK, dV and dQ from one S and dP per tile (FlashAttention-2's 5
+// products; separate dQ and dK / dV kernels need 7, recomputing S and dP in each):
 //   S^T = K Q^T, dP^T = V dO^T   2 x DH / 16 wgmma m64n64k16 (K, V, Q, dO K-major);
-//   dV += P^T dO, dK += dS^T Q   4 wgmma m64nDHk16 each, P^T / dS^T from registers, dO and Q
-//                                read MN-major (wgmma's transpose) from the same tiles: no
-//                                transposed copies;
-//   dS^T -> shared memory (bf16), then dQ_i = dS K: warpgroup w the columns 64w .. 64w + 63,
-//                                8 wgmma m64n64k16 with dS^T and K both read MN-major.
+//   dV += P^T dO                 4 wgmma m64nDHk16, P^T from registers, dO read MN-major
+//                                (wgmma's transpose) from the same tile: no transposed copies;
+//   dS^T -> shared memory (bf16), then dK += dS^T Q (4 wgmma m64nDHk16, Q read MN-major) and
+//   dQ_i = dS K: warpgroup w the columns DH/2 w .. + DH/2 - 1, 8 wgmma m64n(DH/2)k16 with dS^T
+//                                and K both read MN-major.
 // Determinism without atomics racing: block (b g, split s) owns the key tiles j with
 // bwd_split_of(j) = s and adds its dQ partials into its own fp32 buffer acc + s T H DH with
 // red.add; every element of a buffer is added to by one thread, in the block's fixed order
@@ -521,12 +327,6 @@ __device__ __forceinline__ int bwd_split_of(int j, int n_split) {
 // so no buffer is cleared first, and rows before s BC of buffer s are never written (no key tile
 // of block s reaches them). bwd_dq_finish_kernel sums the buffers in split order, buffer s from
 // row s BC on. Grid: x = b Hkv + g, y = s. Q, dO, lse and D stream through kStages stages.
-// A descriptor moved by `bytes` (a multiple of 16 that keeps the start address inside shared
-// memory): only the start-address field of the low word changes, so one 32-bit add.
-__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t bytes) {
-  return (d & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(d) + (bytes >> 4));
-}
-
 // P^T = exp2(S^T scale_log2 - lse2) of one warpgroup's 64 keys x 64 queries in place, then
 // dS^T = P^T (dP^T - D) in dpT. MASKED: some score of the tile is causally masked, past S or
 // of another record (the diagonal tiles, the last one, packed records); else no test at all.
@@ -642,15 +442,13 @@ __global__ void __launch_bounds__(256, BwdWg<DH>::kBlocksPerSm) bwd_wg_kernel(fl
         wg::fence();
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-          const uint32_t ko = uint32_t((kk >> 2) * 1024 * (BC / 8) + (kk & 3) * 32);  // A: K / V, BC rows
-          const uint32_t qo = so + uint32_t((kk >> 2) * 1024 * (BR / 8) + (kk & 3) * 32);  // B: Q / dO, BR rows
-          wg::mma_ss_n64(sT, desc_plus(dK_a, ko), desc_plus(dQ_b, qo), kk > 0);
+          wg::mma_ss_n64(sT, desc_plus(dK_a, wg::k_step_bytes(BC, kk)), desc_plus(dQ_b, so + wg::k_step_bytes(BR, kk)),
+                         kk > 0);
         }
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-          const uint32_t ko = uint32_t((kk >> 2) * 1024 * (BC / 8) + (kk & 3) * 32);
-          const uint32_t qo = so + uint32_t((kk >> 2) * 1024 * (BR / 8) + (kk & 3) * 32);
-          wg::mma_ss_n64(dpT, desc_plus(dV_a, ko), desc_plus(dO_b, qo), kk > 0);
+          wg::mma_ss_n64(dpT, desc_plus(dV_a, wg::k_step_bytes(BC, kk)), desc_plus(dO_b, so + wg::k_step_bytes(BR, kk)),
+                         kk > 0);
         }
         wg::commit();
         wg::wait<0>();
@@ -666,7 +464,7 @@ __global__ void __launch_bounds__(256, BwdWg<DH>::kBlocksPerSm) bwd_wg_kernel(fl
         wg::fence_operands(dv);
         wg::fence();
 #pragma unroll
-        for (int i = 0; i < BR / 16; ++i) mma_rs<DH, 1>(dv, a[i], desc_plus(dO_mn, so + uint32_t(i * 2048)), 1);
+        for (int i = 0; i < BR / 16; ++i) mma_rs<DH, 1>(dv, a[i], desc_plus(dO_mn, so + wg::mn_step_bytes(i)), 1);
         wg::commit();  // dV runs while dS^T goes to shared memory
 
         // dS^T in bf16 into shared memory (row = key, 64 query columns, swizzled), where dK's
@@ -688,7 +486,7 @@ __global__ void __launch_bounds__(256, BwdWg<DH>::kBlocksPerSm) bwd_wg_kernel(fl
         wg::fence();
 #pragma unroll
         for (int i = 0; i < BR / 16; ++i)
-          mma_ss<DH, 0, 1>(dk, desc_plus(dS_a, uint32_t(i * 32)), desc_plus(dQ_mn, so + uint32_t(i * 2048)), 1);
+          mma_ss<DH, 0, 1>(dk, desc_plus(dS_a, wg::k_step_bytes(BC, i)), desc_plus(dQ_mn, so + wg::mn_step_bytes(i)), 1);
         wg::commit();
         wg::fence_operands(a);
       } else {  // every P_ij of this warpgroup's keys is 0: so are its rows of dS^T
@@ -704,7 +502,7 @@ __global__ void __launch_bounds__(256, BwdWg<DH>::kBlocksPerSm) bwd_wg_kernel(fl
       wg::fence();
 #pragma unroll
       for (int kk = 0; kk < BC / 16; ++kk)
-        mma_ss<DQN, 1, 1>(dqp, desc_plus(dS_mn, uint32_t(kk * 2048)), desc_plus(dKp_mn, uint32_t(kk * 2048)), kk > 0);
+        mma_ss<DQN, 1, 1>(dqp, desc_plus(dS_mn, wg::mn_step_bytes(kk)), desc_plus(dKp_mn, wg::mn_step_bytes(kk)), kk > 0);
       wg::commit();
       wg::wait<0>();  // dQ, and this iteration's dV and dK
       wg::fence_operands(dqp);
@@ -761,90 +559,36 @@ __global__ void bwd_dq_finish_kernel(const float* acc, int n_split, int64_t n, i
   }
 }
 
-// xt[(b nh + g) DH + d][s] = x[b S + s][g DH + d] for s < S, 0 for S <= s < sp (x has nh heads of
-// width DH per row): 32 x 32 tiles through shared memory (both sides coalesced).
-__global__ void transpose_heads_kernel(const uint16_t* v, uint16_t* vt, int S, int sp, int Hkv, int DH) {
-  __shared__ uint16_t t[32][34];
-  const int bg = blockIdx.z, b = bg / Hkv, g = bg - b * Hkv;
-  const int s0 = blockIdx.x * 32, d0 = blockIdx.y * 32, tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t ld = int64_t(Hkv) * DH;
-  for (int i = ty; i < 32; i += 8) {
-    const int s = s0 + i;
-    t[i][tx] = s < S ? v[(int64_t(b) * S + s) * ld + int64_t(g) * DH + d0 + tx] : uint16_t(0);
-  }
-  __syncthreads();
-  for (int i = ty; i < 32; i += 8) {
-    const int s = s0 + tx;
-    if (s < sp) vt[(int64_t(bg) * DH + d0 + i) * sp + s] = t[tx][i];
-  }
-}
-
 }  // namespace
 
-WgmmaPlan wgmma_attention_plan(const Ctx& c, int64_t S, int64_t Dh) {
-  enum Mode { Auto, Off, All, Split };  // Auto, Off, All: the values of CudaBackendOptions::Flash
+bool use_wgmma_attention(const Ctx& c) {
+  enum Mode { Auto, Off, On };  // the values of CudaBackendOptions::Flash
   static const int env = [] {
     const char* e = std::getenv("MOELAB_FLASH_WGMMA");
     if (!e) return int(Auto);
     const std::string v = e;
-    if (v == "1") return int(Auto);
+    if (v == "1") return int(On);
     if (v == "0") return int(Off);
-    if (v == "all") return int(All);
-    if (v == "split") return int(Split);
     throw Error("MOELAB_FLASH_WGMMA=" + v +
-                ": expected 1 (the Hopper wgmma attention kernels where they measured faster, the "
-                "default), all (every pass at every length), split (the separate dQ and dK / dV "
-                "kernels instead of the one-kernel backward) or 0 (the mma.sync kernels only)");
+                ": expected 1 (the Hopper wgmma attention kernels, the default on compute "
+                "capability 9.0) or 0 (the mma.sync kernels)");
   }();
   const int mode = c.flash == Auto ? env : c.flash;
-  WgmmaPlan plan;
-  if (mode == Off || c.compute_capability != 90) return plan;
-  const bool here = mode == All || S >= 1024;
-  plan.forward = plan.dq = here;
-  plan.fused = (Dh == 64 || Dh == 128) && mode != Split;
-  plan.dkv = mode == All && !plan.fused;
-  return plan;
+  return mode != Off && c.compute_capability == 90;
+}
+
+void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
+  MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention (wgmma): head width ", p.Dh);
+  const int64_t BH = int64_t(p.B) * p.H;
+  if (p.Dh == 64)
+    launch_2d(c, "attention (wgmma)", fwd_wg_kernel<64>, BH, (p.S + FwdWg<64>::BR - 1) / FwdWg<64>::BR,
+              FwdWg<64>::kThreads, FwdWg<64>::kSmem, p);
+  else
+    launch_2d(c, "attention (wgmma)", fwd_wg_kernel<128>, BH, (p.S + FwdWg<128>::BR - 1) / FwdWg<128>::BR,
+              FwdWg<128>::kThreads, FwdWg<128>::kSmem, p);
 }
 
 namespace {
-
-// x^T per (batch, head) of x [T, nh DH]: [B nh][DH][sp], positions padded by zeros to sp, a
-// multiple of 128.
-Buf<uint16_t> transposed_heads(Ctx& c, const fl::Params& p, const void* x, int nh, int sp) {
-  const int64_t BG = int64_t(p.B) * nh, dh = p.Dh;
-  MOELAB_CHECK(BG <= 65535, "attention (wgmma): batch x heads ", BG, " > 65535");
-  Buf<uint16_t> t(c, BG * dh * sp);
-  transpose_heads_kernel<<<dim3(unsigned(sp / 32), unsigned(dh / 32), unsigned(BG)), dim3(32, 8), 0, c.stream>>>(
-      static_cast<const uint16_t*>(x), t.get(), p.S, sp, nh, int(dh));
-  CUDA_CHECK_LAUNCH();
-  return t;
-}
-
-// Runs the query-row kernel of head width p.Dh (Cfg<DH>: BR rows of kThreads threads, kSmem
-// bytes) with x^T, the transposed operand it reads from shared memory.
-template <template <int> class Cfg, class K64, class K128>
-void run_rows(Ctx& c, const fl::Params& p, const void* x, K64 kernel64, K128 kernel128) {
-  MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention (wgmma): head width ", p.Dh);
-  const int sp = (p.S + 127) / 128 * 128;  // a multiple of every key tile
-  Buf<uint16_t> t = transposed_heads(c, p, x, p.Hkv, sp);
-  const int64_t BH = int64_t(p.B) * p.H;
-  if (p.Dh == 64)
-    launch_2d(c, "attention (wgmma)", kernel64, BH, (p.S + Cfg<64>::BR - 1) / Cfg<64>::BR, Cfg<64>::kThreads,
-              Cfg<64>::kSmem, p, t.get(), sp);
-  else
-    launch_2d(c, "attention (wgmma)", kernel128, BH, (p.S + Cfg<128>::BR - 1) / Cfg<128>::BR, Cfg<128>::kThreads,
-              Cfg<128>::kSmem, p, t.get(), sp);
-}
-
-}  // namespace
-
-void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
-  run_rows<FwdWg>(c, p, p.v, fwd_wg_kernel<64>, fwd_wg_kernel<128>);
-}
-
-void attention_dq_wgmma(Ctx& c, const fl::Params& p) {
-  run_rows<DqWg>(c, p, p.k, dq_wg_kernel<64>, dq_wg_kernel<128>);
-}
 
 template <int DH> void run_backward(Ctx& c, const fl::Params& p) {
   using C = BwdWg<DH>;
@@ -863,23 +607,12 @@ template <int DH> void run_backward(Ctx& c, const fl::Params& p) {
             int(n_split), n, int64_t(p.H) * p.Dh, p.S, C::BC, p.scale, static_cast<uint16_t*>(p.dq));
 }
 
+}  // namespace
+
 void attention_backward_wgmma(Ctx& c, const fl::Params& p) {
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_backward_wgmma: head width ", p.Dh);
   if (p.Dh == 64) run_backward<64>(c, p);
   else run_backward<128>(c, p);
-}
-
-void attention_dkv_wgmma(Ctx& c, const fl::Params& p) {
-  MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_dkv_wgmma: head width ", p.Dh);
-  const int sp = (p.S + 127) / 128 * 128;
-  const int64_t BG = int64_t(p.B) * p.Hkv;
-  Buf<uint16_t> qt = transposed_heads(c, p, p.q, p.H, sp), dot = transposed_heads(c, p, p.dout, p.H, sp);
-  if (p.Dh == 64)
-    launch_2d(c, "attention (wgmma)", dkv_wg_kernel<64>, BG, sp / DkvWg<64>::BC, DkvWg<64>::kThreads,
-              DkvWg<64>::kSmem, p, qt.get(), dot.get(), sp);
-  else
-    launch_2d(c, "attention (wgmma)", dkv_wg_kernel<128>, BG, sp / DkvWg<128>::BC, DkvWg<128>::kThreads,
-              DkvWg<128>::kSmem, p, qt.get(), dot.get(), sp);
 }
 
 }  // namespace moelab::cuda

@@ -33,10 +33,12 @@ MOELAB_WG_FN uint64_t desc_sw128(uint32_t addr) {
          | (uint64_t(1024 >> 4) << 32)    // stride byte offset: 8 rows x 128 bytes
          | (uint64_t(1) << 62);           // 128-byte swizzle
 }
-// The descriptor of K step `kk` (columns 16kk .. 16kk + 15) of a tile of R rows at `tile`, from
-// row `row0` on (a multiple of 8).
+// Where K step `kk` (columns 16kk .. 16kk + 15) of a K-major tile of R rows starts, in bytes from
+// the tile: panel kk / 4, then 32 bytes per step inside the panel's rows.
+MOELAB_WG_FN uint32_t k_step_bytes(int R, int kk) { return uint32_t((kk >> 2) * R * 128 + (kk & 3) * 32); }
+// The descriptor of K step `kk` of a tile of R rows at `tile`, from row `row0` on (a multiple of 8).
 MOELAB_WG_FN uint64_t desc_k(uint32_t tile, int R, int row0, int kk) {
-  return desc_sw128(tile + uint32_t((kk >> 2) * R * 128 + row0 * 128 + (kk & 3) * 32));
+  return desc_sw128(tile + uint32_t(row0 * 128) + k_step_bytes(R, kk));
 }
 
 // Descriptor of the same tiles read MN-major (wgmma's transpose flag set): the rows run along K,
@@ -47,10 +49,12 @@ MOELAB_WG_FN uint64_t desc_mn_sw128(uint32_t addr, uint32_t panel_bytes) {
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((panel_bytes >> 4) & 0x3FFF) << 16) |
          (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
-// The MN-major descriptor of K step `kk` (rows 16kk .. 16kk + 15) of a tile of R rows at `tile`,
-// from its 64-column panel `panel` on.
+// Where K step `kk` (rows 16kk .. 16kk + 15) of an MN-major tile starts, in bytes from the tile.
+MOELAB_WG_FN uint32_t mn_step_bytes(int kk) { return uint32_t(kk * 16 * 128); }
+// The MN-major descriptor of K step `kk` of a tile of R rows at `tile`, from its 64-column panel
+// `panel` on.
 MOELAB_WG_FN uint64_t desc_mn_k(uint32_t tile, int R, int panel, int kk) {
-  return desc_mn_sw128(tile + uint32_t(panel * R * 128 + kk * 16 * 128), uint32_t(R * 128));
+  return desc_mn_sw128(tile + uint32_t(panel * R * 128) + mn_step_bytes(kk), uint32_t(R * 128));
 }
 
 }  // namespace moelab::cuda::wg
