@@ -293,11 +293,10 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p) {
 
 template <int DH> struct BwdWg {
   // 2 warpgroups x 64 keys of one kv head; query tiles of 64 rows, for every head of the group.
-  // Each warpgroup computes DH / 2 columns of dQ. (Two blocks per SM at head width 64 would cap
-  // the registers at 128: spills, and ptxas serialises the wgmma.)
+  // Each warpgroup computes DH / 2 columns of dQ. One block per SM at both widths (two at head
+  // width 64 would cap the registers at 128: spills, and ptxas serialises the wgmma).
   static_assert(DH == 64 || DH == 128, "bwd_wg: head width 64 or 128");
   static constexpr int kThreads = 256, BC = 128, BR = 64, kStages = 3;  // Q / dO / lse / D stages
-  static constexpr int kBlocksPerSm = 1;
   static constexpr int kKV = BC * DH * 2, kT = BR * DH * 2, kS = BC * BR * 2;  // bytes: K or V; Q or dO; dS^T
   static constexpr size_t kSmem =
       2 * size_t(kKV) + kStages * 2 * size_t(kT) + size_t(kS) + kStages * 2 * BR * 4 + 1024;
@@ -354,7 +353,7 @@ __device__ __forceinline__ void bwd_probs(float (&sT)[BR / 2], float (&dpT)[BR /
 }
 
 template <int DH>
-__global__ void __launch_bounds__(256, BwdWg<DH>::kBlocksPerSm) bwd_wg_kernel(fl::Params p, float* acc, int n_split) {
+__global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc, int n_split) {
 #if MOELAB_WGMMA_DEVICE
   using C = BwdWg<DH>;
   constexpr int BC = C::BC, BR = C::BR, NT = C::kThreads;
@@ -595,8 +594,7 @@ template <int DH> void run_backward(Ctx& c, const fl::Params& p) {
   const int64_t BG = int64_t(p.B) * p.Hkv, n_kt = (p.S + C::BC - 1) / C::BC;
   // Blocks per kv head: about one wave of the device's SMs in all (the dQ buffers cost n_split
   // fp32 copies of dQ and one pass to sum them).
-  const int64_t slots = int64_t(c.sm_count) * C::kBlocksPerSm;
-  const int64_t want = c.attention_bwd_splits > 0 ? c.attention_bwd_splits : (slots + BG / 2) / BG;
+  const int64_t want = c.attention_bwd_splits > 0 ? c.attention_bwd_splits : (c.sm_count + BG / 2) / BG;
   const int64_t n_split = std::max<int64_t>(1, std::min<int64_t>(n_kt, want));
   const int64_t n = int64_t(p.B) * p.S * p.H * p.Dh;
   Buf<float> acc(c, n_split * n);  // not cleared: see bwd_wg_kernel
