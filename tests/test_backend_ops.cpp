@@ -1239,8 +1239,21 @@ std::vector<int> packed(int64_t B, int64_t S, const std::vector<int64_t>& lens) 
   return seg;
 }
 
+// A CUDA backend that runs the Hopper wgmma attention kernels with the one-kernel backward at every
+// shape (CudaBackendOptions::Flash::Wgmma): the default backend takes that backward only where
+// its blocks fill half the GPU (attention_plan.h), which the test shapes do not. Elsewhere than
+// on compute capability 9.0 it runs the mma.sync kernels, as the default backend does.
+Backend& wgmma_backend() {
+  static Backend* wg = [] {
+    CudaBackendOptions opts;
+    opts.flash = CudaBackendOptions::Flash::Wgmma;
+    return make_cuda_backend(opts).release();  // never destroyed: see gpu()
+  }();
+  return *wg;
+}
+
 // A CUDA backend that runs the mma.sync attention kernels (CudaBackendOptions::Flash::MmaSync):
-// on compute capability 9.0 the default backend runs the Hopper wgmma kernels instead, and the
+// on compute capability 9.0 the default backend runs the Hopper wgmma forward instead, and the
 // mma.sync ones are what every other GPU runs.
 Backend& mma_sync_backend() {
   static Backend* ms = [] {
@@ -1311,15 +1324,16 @@ TEST_CASE("gpu ops: flash attention over packed records (segment mask) against t
   fam.finish();
 }
 
-// On compute capability 9.0 the default backend runs the Hopper wgmma kernels (the cases above).
-// Here the mma.sync kernels, which every other GPU runs, on every bf16 shape of those cases and
-// packed records; then long sequences on the default backend, and the one-kernel backward of
-// the wgmma kernels with several key tiles per block.
-TEST_CASE("gpu ops: flash attention on the mma.sync kernels and long sequences against the CPU", "[gpu]") {
+// On compute capability 9.0 the default backend runs the Hopper wgmma forward and, at the small
+// shapes above, the mma.sync backward (attention_plan.h). Here the wgmma kernels with the
+// one-kernel backward on every bf16 shape of those cases and packed records; the mma.sync
+// forward, which every other GPU runs, on some of them; long sequences on the default backend;
+// and the one-kernel backward with several key tiles per block.
+TEST_CASE("gpu ops: flash attention on the Hopper and mma.sync kernels against the CPU", "[gpu]") {
   GPU_OR_SKIP();
   SEED_INFO();
-  Family fam("attention (mma.sync kernels; long sequences)");
-  Backend& g = mma_sync_backend();
+  Family fam("attention (wgmma with the one-kernel backward; mma.sync; long sequences)");
+  Backend& g = wgmma_backend();
   struct Heads {
     int64_t H, Hkv;
   };
@@ -1333,8 +1347,12 @@ TEST_CASE("gpu ops: flash attention on the mma.sync kernels and long sequences a
     attention_case(fam, g, DType::BF16, 1, 200, 2, 1, Dh, false, packed(1, 200, {150, 2, 30}));
   }
   attention_case(fam, g, DType::BF16, 1, 1100, 4, 2, 128);
-  attention_case(fam, gpu(), DType::BF16, 1, 1100, 4, 2, 64);
-  attention_case(fam, gpu(), DType::BF16, 1, 1100, 4, 2, 128);
+  for (int64_t Dh : {64, 128}) {
+    attention_case(fam, mma_sync_backend(), DType::BF16, 2, 200, 8, 2, Dh);
+    attention_case(fam, mma_sync_backend(), DType::BF16, 1, 700, 4, 1, Dh);
+    attention_case(fam, mma_sync_backend(), DType::BF16, 1, 200, 2, 1, Dh, false, packed(1, 200, {150, 2, 30}));
+    attention_case(fam, gpu(), DType::BF16, 1, 1100, 4, 2, Dh);
+  }
   // The one-kernel backward with several key tiles per block (9 tiles over 2 and 4 blocks per kv
   // head: the snake order, the fp32 dQ buffers summed), with and without packed records.
   for (int splits : {2, 4}) {
@@ -1353,9 +1371,9 @@ TEST_CASE("gpu ops: flash attention on the mma.sync kernels and long sequences a
 
 TEST_CASE("gpu ops: flash attention is bit-identical run to run", "[gpu]") {
   GPU_OR_SKIP();
-  for (Backend* gp : {&gpu(), &mma_sync_backend()}) {
+  for (Backend* gp : {&gpu(), &wgmma_backend(), &mma_sync_backend()}) {
     Backend& g = *gp;
-    INFO((gp == &gpu() ? "default backend" : "mma.sync backend"));
+    INFO((gp == &gpu() ? "default backend" : gp == &wgmma_backend() ? "wgmma backend" : "mma.sync backend"));
     struct Cfg {
       DType dt;
       int64_t B, S, H, Hkv, Dh;

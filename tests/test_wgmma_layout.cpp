@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <set>
 
+#include "backends/cuda/attention_plan.h"
 #include "backends/cuda/wgmma_layout.h"
 #include "catch_compat.h"
 
@@ -106,4 +107,44 @@ TEST_CASE("wgmma layout: MN-major descriptors of the same tiles", "[wgmma]") {
             REQUIRE(swizzle128(linear) == wg::swizzled_chunk(row, cc, R));
           }
       }
+}
+
+// The one-kernel attention backward's plan (backends/cuda/attention_plan.h), on an H200's 132 SMs
+// with the default 1 GiB budget for its fp32 dQ buffers.
+TEST_CASE("attention backward plan: splits, buffer budget, and when the separate kernels run", "[wgmma]") {
+  using moelab::cuda::attention_backward_plan;
+  const int64_t sms = 132, GiB = int64_t(1) << 30;
+  auto dq = [](int64_t B, int64_t S, int64_t H, int64_t Dh) { return B * S * H * Dh; };
+  // The bench's shapes: about one wave of blocks, all fused.
+  auto p = attention_backward_plan(sms, 8, 8, 2048, 128, dq(8, 2048, 32, 128), GiB, false, 0);  // C
+  CHECK(p.fused);
+  CHECK(p.n_split == 2);
+  p = attention_backward_plan(sms, 4, 8, 4096, 128, dq(4, 4096, 8, 128), GiB, false, 0);  // F
+  CHECK(p.fused);
+  CHECK(p.n_split == 4);
+  p = attention_backward_plan(sms, 8, 16, 2048, 128, dq(8, 2048, 16, 128), GiB, false, 0);  // D
+  CHECK(p.fused);
+  CHECK(p.n_split == 1);
+  p = attention_backward_plan(sms, 32, 8, 512, 128, dq(32, 512, 8, 64), GiB, false, 0);  // A
+  CHECK(p.fused);
+  CHECK(p.n_split == 1);
+  // One long sequence: 17 buffers of 512 MiB would be wanted; 1 GiB holds 2, and 16 blocks fill
+  // too little of the GPU, so the separate kernels run. A 16 GiB budget allows the 17.
+  p = attention_backward_plan(sms, 1, 8, 32768, 128, dq(1, 32768, 32, 128), GiB, false, 0);
+  CHECK(p.n_split == 2);
+  CHECK_FALSE(p.fused);
+  p = attention_backward_plan(sms, 1, 8, 32768, 128, dq(1, 32768, 32, 128), 16 * GiB, false, 0);
+  CHECK(p.n_split == 17);
+  CHECK(p.fused);
+  // Small problems: at most one split per key tile; too few blocks unless forced.
+  p = attention_backward_plan(sms, 1, 2, 1100, 128, dq(1, 1100, 4, 128), GiB, false, 0);
+  CHECK(p.n_split == 9);
+  CHECK_FALSE(p.fused);
+  p = attention_backward_plan(sms, 1, 2, 1100, 128, dq(1, 1100, 4, 128), GiB, true, 0);
+  CHECK(p.fused);
+  // Fixed splits (tests) ignore the budget but not the key tiles; never fewer than one split.
+  CHECK(attention_backward_plan(sms, 1, 2, 1100, 128, dq(1, 1100, 4, 128), 1, true, 4).n_split == 4);
+  CHECK(attention_backward_plan(sms, 1, 2, 300, 128, dq(1, 300, 4, 128), GiB, true, 4).n_split == 3);
+  CHECK(attention_backward_plan(sms, 1, 2, 1100, 128, dq(1, 1100, 4, 128), 1, false, 0).n_split == 1);
+  CHECK(attention_backward_plan(sms, 1, 1, 1, 128, 128, GiB, false, 0).n_split == 1);
 }

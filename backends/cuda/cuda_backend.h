@@ -41,12 +41,14 @@ struct CudaBackendOptions {
   GroupedGemmImpl grouped_gemm = GroupedGemmImpl::Auto;
   int64_t chunk_rows = 128;  // Chunked: rows per batched chunk (a multiple of 8, >= 8)
   // f32 attention (attention_gemm.cu): bytes of one S x S score buffer; heads are taken in
-  // chunks of whole kv groups that fit (at least one group). Tests make it tiny.
+  // chunks of whole kv groups that fit (at least one group). Tests make it tiny. The Hopper
+  // bf16 attention backward keeps its fp32 dQ buffers within it too (attention_plan.h).
   int64_t attention_scratch_bytes = int64_t(1) << 30;
-  // bf16 flash attention (flash_attention.cu) on a device of compute capability 9.0: Auto and
-  // Wgmma run the Hopper wgmma kernels (flash_attention_wgmma.h: faster than the mma.sync ones at
-  // every length measured), MmaSync the mma.sync kernels (tests, measurements).
-  // MOELAB_FLASH_WGMMA=1|0 overrides Auto.
+  // bf16 flash attention (flash_attention.cu) on a device of compute capability 9.0: Auto runs
+  // the Hopper wgmma kernels (flash_attention_wgmma.h: faster than the mma.sync ones at every
+  // length measured), the one-kernel backward where its blocks fill at least half the SMs
+  // (attention_plan.h); Wgmma runs that backward always (tests, measurements); MmaSync the
+  // mma.sync kernels. MOELAB_FLASH_WGMMA=1 (as Wgmma) or 0 (as MmaSync) overrides Auto.
   enum class Flash { Auto, MmaSync, Wgmma };
   Flash flash = Flash::Auto;
   // The one-kernel bf16 attention backward (head width 128 on compute capability 9.0): blocks

@@ -166,8 +166,11 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
   });
   if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
     if (use_wgmma_attention(c)) {
-      attention_backward_wgmma(c, p);
-      return;
+      const AttentionBackwardPlan plan = wgmma_backward_plan(c, p);
+      if (plan.fused) {
+        attention_backward_wgmma(c, p, plan);
+        return;
+      }  // too few blocks to fill the GPU: the separate kernels below
     }
     auto run = [&](auto dhc) {
       constexpr int DH = decltype(dhc)::value;

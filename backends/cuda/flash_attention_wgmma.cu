@@ -560,8 +560,13 @@ __global__ void bwd_dq_finish_kernel(const float* acc, int n_split, int64_t n, i
 
 }  // namespace
 
-bool use_wgmma_attention(const Ctx& c) {
-  enum Mode { Auto, Off, On };  // the values of CudaBackendOptions::Flash
+namespace {
+
+enum FlashMode { Auto, Off, On };  // the values of CudaBackendOptions::Flash: Auto, MmaSync, Wgmma
+constexpr int Wgmma = On;
+
+// MOELAB_FLASH_WGMMA, read once: unset Auto, 1 On, 0 Off.
+int env_flash_wgmma() {
   static const int env = [] {
     const char* e = std::getenv("MOELAB_FLASH_WGMMA");
     if (!e) return int(Auto);
@@ -569,10 +574,18 @@ bool use_wgmma_attention(const Ctx& c) {
     if (v == "1") return int(On);
     if (v == "0") return int(Off);
     throw Error("MOELAB_FLASH_WGMMA=" + v +
-                ": expected 1 (the Hopper wgmma attention kernels, the default on compute "
-                "capability 9.0) or 0 (the mma.sync kernels)");
+                ": expected 1 (the Hopper wgmma attention kernels everywhere, the one-kernel "
+                "backward too where it would fill less than half the SMs) or 0 (the mma.sync "
+                "kernels); unset, the wgmma kernels run on compute capability 9.0 with the "
+                "backward chosen by attention_backward_plan");
   }();
-  const int mode = c.flash == Auto ? env : c.flash;
+  return env;
+}
+
+}  // namespace
+
+bool use_wgmma_attention(const Ctx& c) {
+  const int mode = c.flash == Auto ? env_flash_wgmma() : c.flash;
   return mode != Off && c.compute_capability == 90;
 }
 
@@ -589,14 +602,9 @@ void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
 
 namespace {
 
-template <int DH> void run_backward(Ctx& c, const fl::Params& p) {
+template <int DH> void run_backward(Ctx& c, const fl::Params& p, int64_t n_split) {
   using C = BwdWg<DH>;
-  const int64_t BG = int64_t(p.B) * p.Hkv, n_kt = (p.S + C::BC - 1) / C::BC;
-  // Blocks per kv head: about one wave of the device's SMs in all (the dQ buffers cost n_split
-  // fp32 copies of dQ and one pass to sum them).
-  const int64_t want = c.attention_bwd_splits > 0 ? c.attention_bwd_splits : (c.sm_count + BG / 2) / BG;
-  const int64_t n_split = std::max<int64_t>(1, std::min<int64_t>(n_kt, want));
-  const int64_t n = int64_t(p.B) * p.S * p.H * p.Dh;
+  const int64_t BG = int64_t(p.B) * p.Hkv, n = int64_t(p.B) * p.S * p.H * p.Dh;
   Buf<float> acc(c, n_split * n);  // not cleared: see bwd_wg_kernel
   launch_2d(c, "attention (wgmma)", bwd_wg_kernel<DH>, BG, n_split, C::kThreads, C::kSmem, p, acc.get(),
             int(n_split));
@@ -607,10 +615,17 @@ template <int DH> void run_backward(Ctx& c, const fl::Params& p) {
 
 }  // namespace
 
-void attention_backward_wgmma(Ctx& c, const fl::Params& p) {
+AttentionBackwardPlan wgmma_backward_plan(const Ctx& c, const fl::Params& p) {
+  return attention_backward_plan(c.sm_count, p.B, p.Hkv, p.S, BwdWg<128>::BC, int64_t(p.B) * p.S * p.H * p.Dh,
+                                 c.attention_scratch_bytes, c.flash == Wgmma || env_flash_wgmma() == On,
+                                 c.attention_bwd_splits);
+}
+
+void attention_backward_wgmma(Ctx& c, const fl::Params& p, const AttentionBackwardPlan& plan) {
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_backward_wgmma: head width ", p.Dh);
-  if (p.Dh == 64) run_backward<64>(c, p);
-  else run_backward<128>(c, p);
+  MOELAB_CHECK(plan.fused && plan.n_split >= 1, "attention_backward_wgmma: not planned for this call");
+  if (p.Dh == 64) run_backward<64>(c, p, plan.n_split);
+  else run_backward<128>(c, p, plan.n_split);
 }
 
 }  // namespace moelab::cuda
