@@ -1239,30 +1239,26 @@ std::vector<int> packed(int64_t B, int64_t S, const std::vector<int64_t>& lens) 
   return seg;
 }
 
-// A CUDA backend that runs the Hopper wgmma attention kernels with the one-kernel backward at every
-// shape (CudaBackendOptions::Flash::Wgmma): the default backend takes that backward only where
-// its blocks fill half the GPU (attention_plan.h), which the test shapes do not. Elsewhere than
-// on compute capability 9.0 it runs the mma.sync kernels, as the default backend does.
-Backend& wgmma_backend() {
-  static Backend* wg = [] {
+// A CUDA backend with the attention kernels chosen by `flash` (made once, never destroyed: see
+// gpu()). On compute capability 9.0 the default backend runs the Hopper wgmma forward and plans
+// the backward (attention_plan.h: the one kernel only where its blocks fill half the GPU, which
+// the test shapes do not):
+//   wgmma_backend()     Flash::Wgmma: the wgmma kernels with the one-kernel backward at every
+//                       shape;
+//   mma_sync_backend()  Flash::MmaSync: the mma.sync kernels, which every other GPU runs.
+// Elsewhere than on compute capability 9.0 both run the mma.sync kernels.
+Backend& flash_backend(CudaBackendOptions::Flash flash) {
+  static Backend* made[3] = {};
+  Backend*& b = made[int(flash)];
+  if (!b) {
     CudaBackendOptions opts;
-    opts.flash = CudaBackendOptions::Flash::Wgmma;
-    return make_cuda_backend(opts).release();  // never destroyed: see gpu()
-  }();
-  return *wg;
+    opts.flash = flash;
+    b = make_cuda_backend(opts).release();
+  }
+  return *b;
 }
-
-// A CUDA backend that runs the mma.sync attention kernels (CudaBackendOptions::Flash::MmaSync):
-// on compute capability 9.0 the default backend runs the Hopper wgmma forward instead, and the
-// mma.sync ones are what every other GPU runs.
-Backend& mma_sync_backend() {
-  static Backend* ms = [] {
-    CudaBackendOptions opts;
-    opts.flash = CudaBackendOptions::Flash::MmaSync;
-    return make_cuda_backend(opts).release();  // never destroyed: see gpu()
-  }();
-  return *ms;
-}
+Backend& wgmma_backend() { return flash_backend(CudaBackendOptions::Flash::Wgmma); }
+Backend& mma_sync_backend() { return flash_backend(CudaBackendOptions::Flash::MmaSync); }
 
 std::vector<uint8_t> bytes_of(Backend& g, const Tensor& t) {
   Tensor h = g.to_host(t);
