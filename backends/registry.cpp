@@ -39,7 +39,7 @@ std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
     MOELAB_CHECK(cuda_device_count() > 0, "backend cuda: no CUDA device is visible");
     CudaBackendOptions o;
     o.device = device;
-    // MOELAB_GROUPED_GEMM=auto|per_expert|grouped|chunked|mma overrides the expert-GEMM choice (for
+    // MOELAB_GROUPED_GEMM=auto|per_expert|grouped|chunked|mma|wgmma overrides the expert-GEMM choice (for
     // measuring it; cuda_backend.h says what Auto picks).
     if (const char* g = std::getenv("MOELAB_GROUPED_GEMM")) {
       const std::string v = g;
@@ -47,8 +47,9 @@ std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
       else if (v == "grouped") o.grouped_gemm = GroupedGemmImpl::GroupedBatched;
       else if (v == "mma") o.grouped_gemm = GroupedGemmImpl::Mma;
       else if (v == "chunked") o.grouped_gemm = GroupedGemmImpl::Chunked;
+      else if (v == "wgmma") o.grouped_gemm = GroupedGemmImpl::Wgmma;
       else if (v != "auto" && !v.empty())
-        MOELAB_USAGE_FAIL("MOELAB_GROUPED_GEMM = '", v, "' (accepted: auto|per_expert|grouped|chunked|mma)");
+        MOELAB_USAGE_FAIL("MOELAB_GROUPED_GEMM = '", v, "' (accepted: auto|per_expert|grouped|chunked|mma|wgmma)");
     }
     if (const char* r = std::getenv("MOELAB_GEMM_CHUNK_ROWS")) {
       char* end = nullptr;

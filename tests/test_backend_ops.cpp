@@ -574,7 +574,7 @@ TEST_CASE("gpu ops: grouped_gemm and grouped_gemm_wgrad (every cuBLAS path and t
   // call) and remainders of 1 (grouped), the expert of 5 rows is all remainder.
   const std::pair<GroupedGemmImpl, int64_t> impls[] = {
       {GroupedGemmImpl::PerExpert, 128}, {GroupedGemmImpl::GroupedBatched, 128}, {GroupedGemmImpl::Auto, 128},
-      {GroupedGemmImpl::Mma, 128}, {GroupedGemmImpl::Chunked, 8}};
+      {GroupedGemmImpl::Mma, 128}, {GroupedGemmImpl::Chunked, 8}, {GroupedGemmImpl::Wgmma, 128}};
   for (const auto& [impl, chunk] : impls) {
     auto owned = make_cuda_backend({0, impl, chunk});
     Backend& g = *owned;
@@ -582,21 +582,22 @@ TEST_CASE("gpu ops: grouped_gemm and grouped_gemm_wgrad (every cuBLAS path and t
                             : impl == GroupedGemmImpl::GroupedBatched ? " [grouped-batched]"
                             : impl == GroupedGemmImpl::Mma            ? " [mma]"
                             : impl == GroupedGemmImpl::Chunked        ? " [chunked 8]"
+                            : impl == GroupedGemmImpl::Wgmma          ? " [wgmma]"
                                                                       : " [auto]";
     for (DType dt : kDtypes) grouped_gemm_cases(fam, g, off, Kin, N, tag, dt, {0.0, 0.5});
   }
   fam.finish();
 }
 
-// The mma kernel (backends/cuda/grouped_gemm_kernels.h) over several tiles of its 128 x 128 x 32
-// tile in every direction: experts of 0, 1, 37, 129 and 300 rows, K and N multiples of 8 but not
-// of the tile, more experts than m-tiles; and bit-identical outputs run to run.
-TEST_CASE("gpu ops: grouped_gemm mma kernel, multi-tile shapes and determinism", "[gpu][ggemm]") {
+// moelab's own kernels (the mma.sync one, backends/cuda/grouped_gemm_kernels.h, and the wgmma one,
+// grouped_gemm_wgmma.cu; on a GPU without wgmma that backend runs the Auto path) over several
+// tiles in every direction: experts of 0, 1, 37, 129 and 300 rows, K and N multiples of 8 but not
+// of the tile, K below one reduction tile and over many, more experts than m-tiles; and
+// bit-identical outputs run to run.
+TEST_CASE("gpu ops: grouped_gemm mma and wgmma kernels, multi-tile shapes and determinism", "[gpu][ggemm]") {
   GPU_OR_SKIP();
   SEED_INFO();
-  Family fam("grouped_gemm_mma");
-  auto owned = make_cuda_backend({0, GroupedGemmImpl::Mma});
-  Backend& g = *owned;
+  Family fam("grouped_gemm_own");
   const DType dt = DType::BF16;
   struct Shp {
     std::vector<int64_t> rows;
@@ -604,35 +605,45 @@ TEST_CASE("gpu ops: grouped_gemm mma kernel, multi-tile shapes and determinism",
   };
   const Shp shapes[] = {{{300, 0, 37, 1, 129, 0, 256, 40}, 264, 392},
                         {{0, 2, 0, 0, 5, 0, 1, 0, 0, 3, 0, 0}, 136, 8},
-                        {{517}, 32, 1048}};
-  for (const Shp& s : shapes) {
-    const int64_t E = int64_t(s.rows.size());
-    std::vector<int64_t> off(s.rows.size() + 1, 0);
-    for (size_t e = 0; e < s.rows.size(); ++e) off[e + 1] = off[e] + s.rows[e];
-    const int64_t R = off.back(), Kin = s.kin, N = s.n;
-    const std::string sh = " E=" + std::to_string(E) + " R=" + std::to_string(R) + " K=" +
-                           std::to_string(Kin) + " N=" + std::to_string(N);
-    grouped_gemm_cases(fam, g, off, Kin, N, sh, dt, {0.0, 1.0});
-    // Determinism: the same inputs twice give the same bits (difference exactly zero).
-    auto normal = [](int64_t n, uint64_t seed) {
-      std::vector<double> v(static_cast<size_t>(n));
-      for (size_t i = 0; i < v.size(); ++i) v[i] = rng::normal(seed, i);
-      return v;
-    };
-    Tensor x = g.from_host(host_tensor(normal(R * Kin, 7), Shape{R, Kin}, dt));
-    Tensor w = g.from_host(host_tensor(normal(E * Kin * N, 8), Shape{E, Kin, N}, dt));
-    Tensor y1 = g.empty(Shape{R, N}, dt), y2 = g.empty(Shape{R, N}, dt);
-    Tensor d1 = g.empty(Shape{E, Kin, N}, dt), d2 = g.empty(Shape{E, Kin, N}, dt);
-    g.grouped_gemm(x, w, off, y1, false, 0.0);
-    g.grouped_gemm(x, w, off, y2, false, 0.0);
-    g.grouped_gemm_wgrad(x, y1, off, d1, 0.0);
-    g.grouped_gemm_wgrad(x, y1, off, d2, 0.0);
-    g.axpy(-1.0, y1, y2);
-    g.axpy(-1.0, d1, d2);
-    INFO("determinism" << sh);
-    CHECK(g.sum_squares(y1) > 0.0);
-    CHECK(g.sum_squares(y2) == 0.0);
-    CHECK(g.sum_squares(d2) == 0.0);
+                        {{517}, 32, 1048},
+                        {{700, 3, 0, 260}, 1000, 136}};
+  struct Impl {
+    GroupedGemmImpl impl;
+    const char* name;
+  };
+  const Impl impls[] = {{GroupedGemmImpl::Mma, " [mma]"}, {GroupedGemmImpl::Wgmma, " [wgmma]"}};
+  for (const Impl& im : impls) {
+    auto owned = make_cuda_backend({0, im.impl});
+    Backend& g = *owned;
+    for (const Shp& s : shapes) {
+      const int64_t E = int64_t(s.rows.size());
+      std::vector<int64_t> off(s.rows.size() + 1, 0);
+      for (size_t e = 0; e < s.rows.size(); ++e) off[e + 1] = off[e] + s.rows[e];
+      const int64_t R = off.back(), Kin = s.kin, N = s.n;
+      const std::string sh = std::string(im.name) + " E=" + std::to_string(E) + " R=" + std::to_string(R) +
+                             " K=" + std::to_string(Kin) + " N=" + std::to_string(N);
+      grouped_gemm_cases(fam, g, off, Kin, N, sh, dt, {0.0, 1.0});
+      // Determinism: the same inputs twice give the same bits (difference exactly zero).
+      auto normal = [](int64_t n, uint64_t seed) {
+        std::vector<double> v(static_cast<size_t>(n));
+        for (size_t i = 0; i < v.size(); ++i) v[i] = rng::normal(seed, i);
+        return v;
+      };
+      Tensor x = g.from_host(host_tensor(normal(R * Kin, 7), Shape{R, Kin}, dt));
+      Tensor w = g.from_host(host_tensor(normal(E * Kin * N, 8), Shape{E, Kin, N}, dt));
+      Tensor y1 = g.empty(Shape{R, N}, dt), y2 = g.empty(Shape{R, N}, dt);
+      Tensor d1 = g.empty(Shape{E, Kin, N}, dt), d2 = g.empty(Shape{E, Kin, N}, dt);
+      g.grouped_gemm(x, w, off, y1, false, 0.0);
+      g.grouped_gemm(x, w, off, y2, false, 0.0);
+      g.grouped_gemm_wgrad(x, y1, off, d1, 0.0);
+      g.grouped_gemm_wgrad(x, y1, off, d2, 0.0);
+      g.axpy(-1.0, y1, y2);
+      g.axpy(-1.0, d1, d2);
+      INFO("determinism" << sh);
+      CHECK(g.sum_squares(y1) > 0.0);
+      CHECK(g.sum_squares(y2) == 0.0);
+      CHECK(g.sum_squares(d2) == 0.0);
+    }
   }
   fam.finish();
 }
@@ -1646,14 +1657,14 @@ TEST_CASE("gpu bench: grouped GEMM, per-expert vs grouped-batched cuBLAS (and au
 // timed with CUDA events on its backend's stream around one call: median of 10 after 3 warm-ups
 // (a per-expert call's host gaps between its cuBLAS launches count, as they do in training).
 // NMSE: the mma output against the grouped-batched one (both bf16).
-TEST_CASE("gpu bench: grouped GEMM, mma kernel vs cuBLAS grouped-batched vs per-expert vs chunked", "[.][bench][ggemm][gpu]") {
+TEST_CASE("gpu bench: grouped GEMM, mma and wgmma kernels vs cuBLAS grouped-batched vs per-expert vs chunked", "[.][bench][ggemm][gpu]") {
   GPU_OR_SKIP();
   const DType dt = DType::BF16;
-  constexpr int kImpls = 5;
-  const GroupedGemmImpl impls[kImpls] = {GroupedGemmImpl::Mma, GroupedGemmImpl::GroupedBatched,
+  constexpr int kImpls = 6;
+  const GroupedGemmImpl impls[kImpls] = {GroupedGemmImpl::Mma,     GroupedGemmImpl::GroupedBatched,
                                          GroupedGemmImpl::PerExpert, GroupedGemmImpl::Chunked,
-                                         GroupedGemmImpl::Chunked};
-  const int64_t chunks[kImpls] = {128, 128, 128, 128, 256};
+                                         GroupedGemmImpl::Chunked,   GroupedGemmImpl::Wgmma};
+  const int64_t chunks[kImpls] = {128, 128, 128, 128, 256, 128};
   std::unique_ptr<Backend> be[kImpls];
   for (int i = 0; i < kImpls; ++i) be[i] = make_cuda_backend({0, impls[i], chunks[i]});
   struct Model {
@@ -1702,9 +1713,10 @@ TEST_CASE("gpu bench: grouped GEMM, mma kernel vs cuBLAS grouped-batched vs per-
     std::sort(ms.begin(), ms.end());
     return 0.5 * double(ms[4] + ms[5]);
   };
-  std::printf("| shape | GEMM | E | rows | K | N | mma ms | TFLOP/s | grouped ms | TFLOP/s | per-expert ms | TFLOP/s "
-              "| chunked 128 ms | TFLOP/s | chunked 256 ms | TFLOP/s | NMSE mma vs grouped | NMSE chunked vs grouped |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("TFLOP/s per call\n");
+  std::printf("| shape | GEMM | E | rows | K | N | mma | grouped | per-expert | chunked 128 | chunked 256 "
+              "| wgmma | NMSE mma vs grouped | NMSE chunked | NMSE wgmma |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Model& m : models) {
     const int64_t R = m.tokens * m.topk, d = m.d, E = m.E, f = m.f, f2 = 2 * m.f;
     std::vector<int64_t> off(static_cast<size_t>(E + 1), 0);
@@ -1749,10 +1761,10 @@ TEST_CASE("gpu bench: grouped GEMM, mma kernel vs cuBLAS grouped-batched vs per-
         be[i]->axpy(-1.0, t[i].*gm.out, ref);
         return den > 0 ? be[i]->sum_squares(ref) / den : -1.0;
       };
-      std::printf("| %s | %s | %lld | %lld | %lld | %lld | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.1e | %.1e |\n",
-                  m.name, gm.name, (long long)E, (long long)R, (long long)gm.K, (long long)gm.N, ms[0],
-                  flops / ms[0] * 1e-9, ms[1], flops / ms[1] * 1e-9, ms[2], flops / ms[2] * 1e-9, ms[3],
-                  flops / ms[3] * 1e-9, ms[4], flops / ms[4] * 1e-9, nmse_vs_grouped(0), nmse_vs_grouped(3));
+      std::printf("| %s | %s | %lld | %lld | %lld | %lld |", m.name, gm.name, (long long)E, (long long)R,
+                  (long long)gm.K, (long long)gm.N);
+      for (int i = 0; i < kImpls; ++i) std::printf(" %.0f |", flops / ms[i] * 1e-9);
+      std::printf(" %.1e | %.1e | %.1e |\n", nmse_vs_grouped(0), nmse_vs_grouped(3), nmse_vs_grouped(5));
       std::fflush(stdout);
     }
   }

@@ -31,10 +31,13 @@ int cuda_device_count();
 //   Mma:            moelab's own kernel (grouped_gemm_mma.cu: mma.sync tensor cores, one launch,
 //                   offsets read from device memory) for bf16 with widths that are multiples of
 //                   8 and 16-byte aligned operands; anything else goes the way Auto picks.
-//                   Not chosen by Auto (yet): it waits for GPU measurements.
-//                   MOELAB_GROUPED_GEMM=auto|per_expert|grouped|chunked|mma overrides it, and
-//                   MOELAB_GEMM_CHUNK_ROWS the chunk (backends/registry).
-enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched, Mma, Chunked };
+//                   Not chosen by Auto: slower than cuBLAS (docs/performance.md).
+//   Wgmma:          the same contract on Hopper's warpgroup MMA (grouped_gemm_wgmma.cu, sm_90a),
+//                   on a device of compute capability 9.0; elsewhere, and for what it cannot
+//                   take, the way Auto picks.
+//                   MOELAB_GROUPED_GEMM=auto|per_expert|grouped|chunked|mma|wgmma overrides it,
+//                   and MOELAB_GEMM_CHUNK_ROWS the chunk (backends/registry).
+enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched, Mma, Chunked, Wgmma };
 
 struct CudaBackendOptions {
   int device = 0;                                        // CUDA device ordinal

@@ -68,6 +68,14 @@ void mma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t* d
                       const Tensor& y, bool trans_w, double beta);
 void mma_grouped_gemm_wgrad(Ctx& c, const Tensor& x, const Tensor& dy, const int32_t* d_off,
                             int64_t E, const Tensor& dw, double beta);
+// ---- grouped_gemm_wgmma.cu: the same on Hopper's warpgroup MMA (GroupedGemmImpl::Wgmma) --------
+// Same contract and can_implement (mma_grouped_can_implement); runs only where
+// wgmma_grouped_available (compute capability 9.0).
+bool wgmma_grouped_available(const Ctx& c);
+void wgmma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t* d_off, int64_t E,
+                        const Tensor& y, bool trans_w, double beta);
+void wgmma_grouped_gemm_wgrad(Ctx& c, const Tensor& x, const Tensor& dy, const int32_t* d_off,
+                              int64_t E, const Tensor& dw, double beta);
 // Row-major batched product with one pointer per item (cublasGemmBatchedEx):
 // C_i [m, n] = alpha op(A_i) op(B_i) + beta C_i. A and B share ab_type; C may be f32 while A, B
 // are bf16 (fp32 scores from bf16 operands). lda / ldb / ldc are row lengths.

@@ -63,16 +63,7 @@ template <int DH> struct FwdWg {
 // swizzled layout at shared address `tile`, asynchronously; rows from `valid` on are zeros.
 template <int R, int C, int NT>
 __device__ __forceinline__ void load_tile(uint32_t tile, const uint16_t* src, int64_t ld, int valid, int tid) {
-  constexpr int CC = C / 8;  // 16-byte chunks per row
-  static_assert((R * CC) % NT == 0, "load_tile: chunks not a multiple of the threads");
-#pragma unroll
-  for (int i = tid; i < R * CC; i += NT) {
-    const int r = i / CC, cc = i - r * CC;
-    const bool ok = r < valid;
-    const uint16_t* s = ok ? src + int64_t(r) * ld + cc * 8 : src;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + wg::swizzled_chunk(r, cc, R)),
-                 "l"(s), "r"(ok ? 16 : 0));
-  }
+  wg::load_tile<R, C, NT>(tile, src, ld, valid, C, tid);  // every column is real
 }
 
 template <int N, int TB = 0>
@@ -86,12 +77,6 @@ __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t da, uint64_t 
   if constexpr (N == 32) wg::mma_ss_n32<TA, TB>(d, da, db, accumulate);
   else if constexpr (N == 64) wg::mma_ss_n64<TA, TB>(d, da, db, accumulate);
   else wg::mma_ss_n128<TA, TB>(d, da, db, accumulate);
-}
-
-// A descriptor moved by `bytes` (a multiple of 16 that keeps the start address inside shared
-// memory): only the start-address field of the low word changes, so one 32-bit add.
-__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t bytes) {
-  return (d & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(d) + (bytes >> 4));
 }
 
 // A 64 x K accumulator as bf16 A fragments of its K / 16 k steps (the layouts coincide).
@@ -218,7 +203,7 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p) {
     wg::fence();
 #pragma unroll
     for (int kk = 0; kk < DH / 16; ++kk) {
-      mma_ss<BC>(s, desc_plus(dQ_a, wg::k_step_bytes(BR, kk)), desc_plus(dK_b, ko + wg::k_step_bytes(BC, kk)), kk > 0);
+      mma_ss<BC>(s, wg::desc_plus(dQ_a, wg::k_step_bytes(BR, kk)), wg::desc_plus(dK_b, ko + wg::k_step_bytes(BC, kk)), kk > 0);
     }
     wg::commit();
   };
@@ -243,7 +228,7 @@ __global__ void __launch_bounds__(256, 1) fwd_wg_kernel(fl::Params p) {
     wg::fence();
 #pragma unroll
     for (int i = 0; i < BC / 16; ++i)
-      mma_rs<DH, 1>(o, a[i], desc_plus(dV_mn, uint32_t((j & 1) * C::kV) + wg::mn_step_bytes(i)), 1);
+      mma_rs<DH, 1>(o, a[i], wg::desc_plus(dV_mn, uint32_t((j & 1) * C::kV) + wg::mn_step_bytes(i)), 1);
     wg::commit();
   };
   for (int j = 0; j + 1 < n_kt; ++j) {
@@ -441,12 +426,12 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
         wg::fence();
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-          wg::mma_ss_n64(sT, desc_plus(dK_a, wg::k_step_bytes(BC, kk)), desc_plus(dQ_b, so + wg::k_step_bytes(BR, kk)),
+          wg::mma_ss_n64(sT, wg::desc_plus(dK_a, wg::k_step_bytes(BC, kk)), wg::desc_plus(dQ_b, so + wg::k_step_bytes(BR, kk)),
                          kk > 0);
         }
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-          wg::mma_ss_n64(dpT, desc_plus(dV_a, wg::k_step_bytes(BC, kk)), desc_plus(dO_b, so + wg::k_step_bytes(BR, kk)),
+          wg::mma_ss_n64(dpT, wg::desc_plus(dV_a, wg::k_step_bytes(BC, kk)), wg::desc_plus(dO_b, so + wg::k_step_bytes(BR, kk)),
                          kk > 0);
         }
         wg::commit();
@@ -463,7 +448,7 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
         wg::fence_operands(dv);
         wg::fence();
 #pragma unroll
-        for (int i = 0; i < BR / 16; ++i) mma_rs<DH, 1>(dv, a[i], desc_plus(dO_mn, so + wg::mn_step_bytes(i)), 1);
+        for (int i = 0; i < BR / 16; ++i) mma_rs<DH, 1>(dv, a[i], wg::desc_plus(dO_mn, so + wg::mn_step_bytes(i)), 1);
         wg::commit();  // dV runs while dS^T goes to shared memory
 
         // dS^T in bf16 into shared memory (row = key, 64 query columns, swizzled), where dK's
@@ -485,7 +470,7 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
         wg::fence();
 #pragma unroll
         for (int i = 0; i < BR / 16; ++i)
-          mma_ss<DH, 0, 1>(dk, desc_plus(dS_a, wg::k_step_bytes(BC, i)), desc_plus(dQ_mn, so + wg::mn_step_bytes(i)), 1);
+          mma_ss<DH, 0, 1>(dk, wg::desc_plus(dS_a, wg::k_step_bytes(BC, i)), wg::desc_plus(dQ_mn, so + wg::mn_step_bytes(i)), 1);
         wg::commit();
         wg::fence_operands(a);
       } else {  // every P_ij of this warpgroup's keys is 0: so are its rows of dS^T
@@ -501,7 +486,7 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
       wg::fence();
 #pragma unroll
       for (int kk = 0; kk < BC / 16; ++kk)
-        mma_ss<DQN, 1, 1>(dqp, desc_plus(dS_mn, wg::mn_step_bytes(kk)), desc_plus(dKp_mn, wg::mn_step_bytes(kk)), kk > 0);
+        mma_ss<DQN, 1, 1>(dqp, wg::desc_plus(dS_mn, wg::mn_step_bytes(kk)), wg::desc_plus(dKp_mn, wg::mn_step_bytes(kk)), kk > 0);
       wg::commit();
       wg::wait<0>();  // dQ, and this iteration's dV and dK
       wg::fence_operands(dqp);

@@ -20,6 +20,7 @@
 // Mma: moelab's own kernel (grouped_gemm_mma.cu) for bf16 operands it can take: the host offsets
 // are copied to a device int32 array (stream-ordered, no sync) and one launch does every expert;
 // operands it cannot take (f32, widths not multiples of 8, unaligned views) go the Auto way.
+// Wgmma: the same with grouped_gemm_wgmma.cu's kernel, on a device of compute capability 9.0.
 #include <vector>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -212,10 +213,12 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   const std::vector<int64_t>& off, const Tensor& y, bool trans_w, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
-  if (impl == GroupedGemmImpl::Mma) {
-    if (mma_grouped_can_implement(x, w, y)) {
+  if (impl == GroupedGemmImpl::Mma || impl == GroupedGemmImpl::Wgmma) {
+    const bool wgmma = impl == GroupedGemmImpl::Wgmma;
+    if (mma_grouped_can_implement(x, w, y) && (!wgmma || wgmma_grouped_available(c))) {
       Buf<int32_t> d_off = device_offsets(c, off);
-      mma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
+      if (wgmma) wgmma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
+      else mma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
       return;
     }
     impl = GroupedGemmImpl::Auto;
@@ -241,10 +244,12 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
                         const std::vector<int64_t>& off, const Tensor& dw, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
-  if (impl == GroupedGemmImpl::Mma) {
-    if (mma_grouped_can_implement(x, dy, dw)) {
+  if (impl == GroupedGemmImpl::Mma || impl == GroupedGemmImpl::Wgmma) {
+    const bool wgmma = impl == GroupedGemmImpl::Wgmma;
+    if (mma_grouped_can_implement(x, dy, dw) && (!wgmma || wgmma_grouped_available(c))) {
       Buf<int32_t> d_off = device_offsets(c, off);
-      mma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
+      if (wgmma) wgmma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
+      else mma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
       return;
     }
     impl = GroupedGemmImpl::Auto;

@@ -79,6 +79,15 @@ template <int N> __device__ __forceinline__ void fence_operands(uint32_t (&a)[N]
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
+#define MOELAB_WG_REGS128 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127 "
 #define MOELAB_WG_ACC8(d, i) \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
@@ -86,6 +95,9 @@ template <int N> __device__ __forceinline__ void fence_operands(uint32_t (&a)[N]
 #define MOELAB_WG_ACC32(d) MOELAB_WG_ACC16(d), MOELAB_WG_ACC8(d, 16), MOELAB_WG_ACC8(d, 24)
 #define MOELAB_WG_ACC64(d) \
   MOELAB_WG_ACC32(d), MOELAB_WG_ACC8(d, 32), MOELAB_WG_ACC8(d, 40), MOELAB_WG_ACC8(d, 48), MOELAB_WG_ACC8(d, 56)
+#define MOELAB_WG_ACC128(d) \
+  MOELAB_WG_ACC64(d), MOELAB_WG_ACC8(d, 64), MOELAB_WG_ACC8(d, 72), MOELAB_WG_ACC8(d, 80), MOELAB_WG_ACC8(d, 88), \
+      MOELAB_WG_ACC8(d, 96), MOELAB_WG_ACC8(d, 104), MOELAB_WG_ACC8(d, 112), MOELAB_WG_ACC8(d, 120)
 
 // D[64 x 32] (+)= A[64 x 16] B[16 x 32]; A and B in shared memory (descriptors). TA / TB: 0 for a
 // K-major operand, 1 for an MN-major one (transposed; bf16 only), with the matching descriptor.
@@ -150,6 +162,39 @@ __device__ __forceinline__ void mma_rs_n128(float (&d)[64], const uint32_t (&a)[
                : MOELAB_WG_ACC64(d)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));
 #endif
+}
+
+// D[64 x 256] (+)= A[64 x 16] B[16 x 256]; A and B in shared memory (TA / TB as for mma_ss_n32).
+template <int TA = 0, int TB = 0>
+__device__ __forceinline__ void mma_ss_n256(float (&d)[128], uint64_t da, uint64_t db, int accumulate) {
+#if MOELAB_WGMMA_DEVICE
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" MOELAB_WG_REGS128
+               "}, %128, %129, p, 1, 1, %131, %132;\n}\n"
+               : MOELAB_WG_ACC128(d)
+               : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
+#endif
+}
+
+// A tile of R rows x C bf16 columns (C a multiple of 64) of a row-major matrix (src: its element
+// (0, 0); row stride ld elements) into the swizzled layout at shared address `tile`, 16 bytes
+// per cp.async by the NT threads of the block. Rows from row_lim on and columns from col_lim on
+// (a multiple of 8) are zeros; a zero-filled chunk names src itself, never an address past the
+// matrix. The caller commits the group and later fences it to the async proxy (fence_proxy_async)
+// before the barrier that precedes the wgmma reading it.
+template <int R, int C, int NT>
+__device__ __forceinline__ void load_tile(uint32_t tile, const uint16_t* src, int64_t ld, int row_lim,
+                                          int col_lim, int tid) {
+  constexpr int CC = C / 8;  // 16-byte chunks per row
+  static_assert((R * CC) % NT == 0, "load_tile: chunks not a multiple of the threads");
+#pragma unroll
+  for (int i = tid; i < R * CC; i += NT) {
+    const int r = i / CC, cc = i - r * CC;
+    const bool ok = r < row_lim && (col_lim >= C || cc * 8 < col_lim);  // folds for col_lim = C
+    const uint16_t* s = ok ? src + int64_t(r) * ld + cc * 8 : src;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + swizzled_chunk(r, cc, R)),
+                 "l"(s), "r"(ok ? 16 : 0));
+  }
 }
 
 }  // namespace moelab::cuda::wg

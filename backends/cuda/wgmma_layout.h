@@ -57,4 +57,10 @@ MOELAB_WG_FN uint64_t desc_mn_k(uint32_t tile, int R, int panel, int kk) {
   return desc_mn_sw128(tile + uint32_t(panel * R * 128) + mn_step_bytes(kk), uint32_t(R * 128));
 }
 
+// A descriptor moved by `bytes` (a multiple of 16 that keeps the start address inside shared
+// memory): only the start-address field of the low word changes, so one 32-bit add.
+MOELAB_WG_FN uint64_t desc_plus(uint64_t d, uint32_t bytes) {
+  return (d & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(d) + (bytes >> 4));
+}
+
 }  // namespace moelab::cuda::wg
