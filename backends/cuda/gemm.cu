@@ -20,7 +20,8 @@
 // Mma: moelab's own kernel (grouped_gemm_mma.cu) for bf16 operands it can take: the host offsets
 // are copied to a device int32 array (stream-ordered, no sync) and one launch does every expert;
 // operands it cannot take (f32, widths not multiples of 8, unaligned views) go the Auto way.
-// Wgmma: the same with grouped_gemm_wgmma.cu's kernel, on a device of compute capability 9.0.
+// Wgmma: the same with grouped_gemm_wgmma.cu's kernel, on a device of compute capability 9.0;
+// Auto picks it there for small bf16 calls (auto_wgmma).
 #include <vector>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -78,6 +79,19 @@ void run_one(Ctx& c, DType dt, const Problem& p, float alpha, float beta) {
 // 1 TFLOP GEMMs run at 91% of the peak per expert (docs/performance.md, 2026-11-30).
 constexpr size_t kPerExpertMaxGemms = 16;
 constexpr double kPerExpertMinFlops = 64e9;  // mean 2 m n k per problem
+
+// Auto on compute capability 9.0 runs moelab's wgmma kernel for a bf16 grouped call of less than
+// 256 GFLOP (2 R K N) that it can take. cuBLAS spends 0.1-0.2 ms of host time per call there (a
+// kernel lookup per new shape), as long as the GEMMs take on the GPU, so the GPU waits for the
+// host; the kernel is one launch. Whole steps, same call (H200, docs/performance.md, seventh
+// session): config A (69-137 GFLOP calls) 12.7 / 12.4 ms against 15.1 / 12.7 with cuBLAS, its
+// expert phase's host time 0.3-0.5 ms against 5-7; on larger calls cuBLAS is as fast or faster
+// (E at parity, B and D 3% slower with the kernel).
+constexpr double kWgmmaMaxFlops = 256e9;
+bool auto_wgmma(const Ctx& c, const Tensor& x, const Tensor& w, const Tensor& y, int64_t R, int64_t K, int64_t N) {
+  return wgmma_grouped_available(c) && 2.0 * double(R) * double(K) * double(N) < kWgmmaMaxFlops &&
+         mma_grouped_can_implement(x, w, y);
+}
 
 // One cublasGemmGroupedBatchedEx over `real` (k > 0, nothing empty); a single problem runs alone.
 void run_grouped(Ctx& c, DType dt, const std::vector<Problem>& real, float beta) {
@@ -213,6 +227,7 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   const std::vector<int64_t>& off, const Tensor& y, bool trans_w, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
+  if (impl == GroupedGemmImpl::Auto && auto_wgmma(c, x, w, y, x.dim(0), kin, n)) impl = GroupedGemmImpl::Wgmma;
   if (impl == GroupedGemmImpl::Mma || impl == GroupedGemmImpl::Wgmma) {
     const bool wgmma = impl == GroupedGemmImpl::Wgmma;
     if (mma_grouped_can_implement(x, w, y) && (!wgmma || wgmma_grouped_available(c))) {
@@ -244,6 +259,7 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
                         const std::vector<int64_t>& off, const Tensor& dw, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
+  if (impl == GroupedGemmImpl::Auto && auto_wgmma(c, x, dy, dw, x.dim(0), kin, n)) impl = GroupedGemmImpl::Wgmma;
   if (impl == GroupedGemmImpl::Mma || impl == GroupedGemmImpl::Wgmma) {
     const bool wgmma = impl == GroupedGemmImpl::Wgmma;
     if (mma_grouped_can_implement(x, dy, dw) && (!wgmma || wgmma_grouped_available(c))) {
