@@ -8,9 +8,9 @@
 // warpgroups: a TMA producer and two wgmma consumers (below). Deterministic: no atomics, no split
 // reduction, one fixed-order loop per output element.
 //
-// Measured on an H200 (docs/performance.md, seventh session): 530-680 TFLOP/s on forward and
-// dgrad GEMMs with K >= 1024, at cuBLAS's speed there; slower than cuBLAS on weight gradients and
-// on K = 512. Two simpler versions measured slower still and were removed: every thread loading
+// Measured on an H200 (docs/performance.md, seventh session): 550-700 TFLOP/s on forward and
+// dgrad GEMMs with K >= 1024, within 5% of cuBLAS or faster; weight gradients 390-605 and K = 512
+// 410-434, slower than cuBLAS. Auto runs it for small calls only (gemm.cu, auto_wgmma). Two simpler versions measured slower still and were removed: every thread loading
 // with cp.async and two barriers per k tile (270-440 TFLOP/s at 128 x 256, and 128 x 128 with
 // two blocks per SM), and a persistent launch of this kernel.
 #include <cuda.h>  // CUtensorMap (the type and enums only: the encoder comes from the runtime)
