@@ -11,6 +11,10 @@
 #include "backends/cuda/cuda_backend.h"
 #include "backends/cuda/cuda_common.cuh"
 
+namespace moelab::ggemm {
+struct Params;  // grouped_gemm_kernels.h
+}
+
 namespace moelab::cuda {
 
 // ---- kernels_elementwise.cu ----------------------------------------------------------------
@@ -64,6 +68,10 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
 // grouped_gemm / grouped_gemm_wgrad above. can_implement(x, w or dy, y or dw): bf16 operands,
 // K = x.dim(1) and N = out.dim(-1) multiples of 8, 16-byte aligned bases; else use cuBLAS.
 bool mma_grouped_can_implement(const Tensor& x, const Tensor& w, const Tensor& out);
+// The kernel parameters of one call (either own kernel): x, w (or dy), y (or dw) as above,
+// K = x.dim(1), N = the output's width.
+ggemm::Params grouped_gemm_params(const Tensor& x, const Tensor& w, const int32_t* d_off, int64_t E,
+                                  const Tensor& y, int64_t K, int64_t N, double beta);
 void mma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t* d_off, int64_t E,
                       const Tensor& y, bool trans_w, double beta);
 void mma_grouped_gemm_wgrad(Ctx& c, const Tensor& x, const Tensor& dy, const int32_t* d_off,

@@ -40,7 +40,9 @@ template <class K> void launch(Ctx& c, K kernel, int64_t blocks, const gg::Param
   CUDA_CHECK_LAUNCH();
 }
 
-gg::Params params(const Tensor& x, const Tensor& w, const int32_t* d_off, int64_t E, const Tensor& y,
+}  // namespace
+
+gg::Params grouped_gemm_params(const Tensor& x, const Tensor& w, const int32_t* d_off, int64_t E, const Tensor& y,
                   int64_t K, int64_t N, double beta) {
   gg::Params p;
   p.x = x.data();
@@ -55,7 +57,6 @@ gg::Params params(const Tensor& x, const Tensor& w, const int32_t* d_off, int64_
   return p;
 }
 
-}  // namespace
 
 bool mma_grouped_can_implement(const Tensor& x, const Tensor& w, const Tensor& y) {
   if (x.dtype() != DType::BF16 || w.dtype() != DType::BF16 || y.dtype() != DType::BF16) return false;
@@ -71,7 +72,7 @@ void mma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t* d
                       const Tensor& y, bool trans_w, double beta) {
   const int64_t R = x.dim(0), K = x.dim(1), N = y.dim(1);
   if (R == 0 || N == 0 || E == 0) return;  // nothing to write (K == 0 runs: Y = beta Y)
-  const gg::Params p = params(x, w, d_off, E, y, K, N, beta);
+  const gg::Params p = grouped_gemm_params(x, w, d_off, E, y, K, N, beta);
   const int64_t blocks = gg::fwd_blocks<Tile>(R, E, N);
   if (trans_w) launch(c, ggemm_fwd_kernel<true>, blocks, p);
   else launch(c, ggemm_fwd_kernel<false>, blocks, p);
@@ -81,7 +82,7 @@ void mma_grouped_gemm_wgrad(Ctx& c, const Tensor& x, const Tensor& dy, const int
                             int64_t E, const Tensor& dw, double beta) {
   const int64_t K = x.dim(1), N = dy.dim(1);
   if (E == 0 || K == 0 || N == 0) return;
-  const gg::Params p = params(x, dy, d_off, E, dw, K, N, beta);
+  const gg::Params p = grouped_gemm_params(x, dy, d_off, E, dw, K, N, beta);
   launch(c, ggemm_wgrad_kernel, gg::wgrad_blocks<Tile>(E, K, N), p);
 }
 

@@ -333,21 +333,6 @@ template <int MODE> void run_tma(Ctx& c, const gg::Params& p) {
   launch_2d(c, "cuda grouped gemm (wgmma)", ggemm_tma_kernel<MODE>, tiles, 1, C::kThreads, C::kSmem, maps, p);
 }
 
-gg::Params params(const Tensor& x, const Tensor& w, const int32_t* d_off, int64_t E, const Tensor& y,
-                  int64_t K, int64_t N, double beta) {
-  gg::Params p;
-  p.x = x.data();
-  p.w = w.data();
-  p.y = y.data();
-  p.off = d_off;
-  p.E = int(E);
-  p.R = int(x.dim(0));
-  p.K = int(K);
-  p.N = int(N);
-  p.beta = float(beta);
-  return p;
-}
-
 }  // namespace
 
 bool wgmma_grouped_available(const Ctx& c) { return c.compute_capability == 90; }
@@ -358,7 +343,7 @@ void wgmma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t*
                c.compute_capability);
   const int64_t R = x.dim(0), K = x.dim(1), N = y.dim(1);
   if (R == 0 || N == 0 || E == 0) return;  // nothing to write (K == 0 runs: Y = beta Y)
-  const gg::Params p = params(x, w, d_off, E, y, K, N, beta);
+  const gg::Params p = grouped_gemm_params(x, w, d_off, E, y, K, N, beta);
   if (trans_w) run_tma<kDgrad>(c, p);
   else run_tma<kForward>(c, p);
 }
@@ -373,7 +358,7 @@ void wgmma_grouped_gemm_wgrad(Ctx& c, const Tensor& x, const Tensor& dy, const i
     scale(c, DType::BF16, dw.data(), E * K * N, beta);
     return;
   }
-  run_tma<kWgrad>(c, params(x, dy, d_off, E, dw, K, N, beta));
+  run_tma<kWgrad>(c, grouped_gemm_params(x, dy, d_off, E, dw, K, N, beta));
 }
 
 }  // namespace moelab::cuda
