@@ -273,6 +273,7 @@ inline uint32_t fa_ld32(const void* p) {
   std::memcpy(&v, p, 4);
   return v;
 }
+inline int32_t fa_ldg(const int32_t* p) { return *p; }
 inline float fa_exp2(float x) { return std::exp2(x); }
 inline float fa_log2(float x) { return std::log2(x); }
 

@@ -9,6 +9,7 @@
 // the final rounding to bf16), no NaN (with beta 0 the output starts as NaN, so an element nobody
 // writes fails), untouched guard regions around every buffer (no write outside the output), and,
 // for wgrad, experts without rows (beta dW[e]: zero or unchanged).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -205,4 +206,45 @@ TEST_CASE("grouped gemm (emulated): the other schedule order gives the same resu
 TEST_CASE("grouped gemm (emulated): larger shapes", "[.][ggemm][slow]") {
   all_kinds<gg::Big>({300, 0, 517, 1, 129, 256, 0, 40}, 264, 392, 606);
   all_kinds<Small>({1000, 3, 0, 250}, 200, 200, 707);
+}
+
+// The wgmma kernel's slot lookup (gg_slot_expert: a binary search over the slot starts) against
+// the definition the mma.sync kernel tests slot by slot (expert e owns slots [floor(off[e] / BM) +
+// e, floor(off[e+1] / BM) + e + 1)), and the tiles it yields cover every row of every expert
+// exactly once: hand-made layouts (one expert, all empty, counts at and around the tile) and
+// random ones with many empty experts.
+TEST_CASE("grouped gemm: the wgmma kernel's slot lookup covers every row once", "[ggemm]") {
+  constexpr int BM = 128;
+  std::vector<std::vector<int32_t>> layouts = {
+      {0}, {5}, {0, 0, 0}, {128}, {129, 0, 127, 128, 1}, {0, 0, 256, 0, 0}, {1, 1, 1, 1, 1, 1, 1}};
+  for (int E : {7, 64, 300})
+    for (uint64_t seed = 0; seed < 3; ++seed) {
+      std::vector<int32_t> rows(static_cast<size_t>(E));
+      for (int e = 0; e < E; ++e) {
+        const uint64_t c = uint64_t(E) * 1000 + seed * 100000 + uint64_t(e);
+        rows[size_t(e)] = rng::uniform(31, c) < 0.4 ? 0 : 1 + int32_t(400.0 * rng::uniform(32, c));
+      }
+      layouts.push_back(rows);
+    }
+  for (const auto& rows : layouts) {
+    const int E = int(rows.size());
+    std::vector<int32_t> off(rows.size() + 1, 0);
+    for (size_t e = 0; e < rows.size(); ++e) off[e + 1] = off[e] + rows[e];
+    const int R = off.back(), slots = R / BM + E;
+    auto start = [&](int e) { return off[size_t(e)] / BM + e; };
+    std::vector<int> covered(size_t(R), 0);
+    int mismatches = 0;
+    for (int slot = 0; slot < slots; ++slot) {
+      const int e = gg::gg_slot_expert<BM>(off.data(), E, slot);
+      int def = -1, owners = 0;
+      for (int x = 0; x < E; ++x)
+        if (slot >= start(x) && slot < off[size_t(x) + 1] / BM + x + 1) def = x, ++owners;
+      if (e != def || owners != 1) ++mismatches;
+      const int row0 = off[size_t(e)] + (slot - start(e)) * BM;
+      for (int r = row0; r < std::min(row0 + BM, off[size_t(e) + 1]); ++r) ++covered[size_t(r)];
+    }
+    INFO("E = " << E << ", R = " << R);
+    CHECK(mismatches == 0);
+    CHECK(std::count(covered.begin(), covered.end(), 1) == R);
+  }
 }

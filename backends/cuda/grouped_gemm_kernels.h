@@ -115,6 +115,22 @@ template <int G> FA_DEV int gg_raster(int64_t bid, int m_tiles, int n_tiles, int
   return rem / width;
 }
 
+// The expert that owns forward / dgrad slot `slot` (slot < floor(R / BM) + E): the last e with
+// start(e) = floor(off[e] / BM) + e <= slot, by binary search (the starts strictly increase and
+// start(0) = 0). What the wgmma kernel's blocks compute (grouped_gemm_wgmma.cu); the mma.sync
+// kernel finds the same expert with one parallel test per expert (forward, below). The slot's
+// m-tile starts at row off[e] + (slot - start(e)) BM, past the expert's rows for its one surplus
+// slot.
+template <int BM> FA_DEV int gg_slot_expert(const int32_t* off, int E, int slot) {
+  int lo = 0, hi = E;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (fa_ldg(off + mid) / BM + mid <= slot) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
 // Grid sizes (1-D), for the launchers and the emulation.
 template <class C> constexpr int64_t fwd_blocks(int64_t R, int64_t E, int64_t N) {
   return (R / C::BM + E) * ((N + C::BN - 1) / C::BN);

@@ -116,15 +116,9 @@ template <int MODE> __device__ __forceinline__ TileJob tile_job(const gg::Params
     j.ok = true;
   } else {
     const int slot = gg::gg_raster<C::GROUP_N>(t, p.R / C::BM + p.E, gg::gg_cdiv(p.N, C::BN), &n_tile);
-    int lo = 0, hi = p.E;  // the last e with floor(off[e] / BM) + e <= slot; start(0) = 0
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (__ldg(p.off + mid) / C::BM + mid <= slot) lo = mid;
-      else hi = mid;
-    }
-    j.e = lo;
-    const int r_begin = __ldg(p.off + lo), r_end = __ldg(p.off + lo + 1);
-    j.row0 = r_begin + (slot - (r_begin / C::BM + lo)) * C::BM;
+    j.e = gg::gg_slot_expert<C::BM>(p.off, p.E, slot);
+    const int r_begin = __ldg(p.off + j.e), r_end = __ldg(p.off + j.e + 1);
+    j.row0 = r_begin + (slot - (r_begin / C::BM + j.e)) * C::BM;
     j.ok = j.row0 < r_end;
     j.m_lim = min(C::BM, r_end - j.row0);
     j.Kr = p.K;

@@ -60,6 +60,8 @@ FA_DEV uint32_t fa_pack_bf16(float lo, float hi) {
 }
 FA_DEV void fa_st32(void* p, uint32_t v) { *static_cast<uint32_t*>(p) = v; }
 FA_DEV uint32_t fa_ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
+// A read-only int32 of global memory, through the non-coherent (texture) path.
+FA_DEV int32_t fa_ldg(const int32_t* p) { return __ldg(p); }
 FA_DEV float fa_exp2(float x) { return exp2f(x); }
 FA_DEV float fa_log2(float x) { return log2f(x); }
 
