@@ -130,8 +130,8 @@ template <int MODE> __device__ __forceinline__ TileJob tile_job(const gg::Params
 
 // One block per tile (grid = every tile, surplus slots exit at once). A persistent launch (grid =
 // the SMs, each block looping over tiles with the producer running ahead into the next tile)
-// measured 10-20% slower on the wide forward GEMMs and no faster elsewhere (docs/performance.md,
-// seventh session).
+// measured 10-20% slower on several shapes and no faster on any (docs/performance.md, seventh
+// session).
 template <int MODE>
 __global__ void __launch_bounds__(384, 1) ggemm_tma_kernel(const __grid_constant__ TmaMaps maps, gg::Params p) {
 #if MOELAB_WGMMA_DEVICE
