@@ -10,9 +10,10 @@
 //
 // Measured on an H200 (docs/performance.md, seventh session): 550-700 TFLOP/s on forward and
 // dgrad GEMMs with K >= 1024, within 5% of cuBLAS or faster; weight gradients 390-605 and K = 512
-// 410-434, slower than cuBLAS. Auto runs it for small calls only (gemm.cu, auto_wgmma). Two simpler versions measured slower still and were removed: every thread loading
-// with cp.async and two barriers per k tile (270-440 TFLOP/s at 128 x 256, and 128 x 128 with
-// two blocks per SM), and a persistent launch of this kernel.
+// 410-434, slower than cuBLAS. Auto runs it for small calls only (gemm.cu, auto_wgmma). Two
+// simpler versions measured slower still and were removed: every thread loading with cp.async and
+// two barriers per k tile (270-440 TFLOP/s at 128 x 256, and 128 x 128 with two blocks per SM),
+// and a persistent launch of this kernel.
 #include <cuda.h>  // CUtensorMap (the type and enums only: the encoder comes from the runtime)
 #include <cudaTypedefs.h>
 
@@ -32,12 +33,6 @@ namespace fl = moelab::flash;
 
 enum Mode { kForward, kDgrad, kWgrad };
 
-template <int N, int TA, int TB>
-__device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t da, uint64_t db) {
-  if constexpr (N == 128) wg::mma_ss_n128<TA, TB>(d, da, db, 1);
-  else wg::mma_ss_n256<TA, TB>(d, da, db, 1);
-}
-
 // ---- the warp-specialized kernel: TMA loads, mbarriers, wgmma ---------------------------------
 // Three warpgroups: warpgroup 0 is the producer (one thread issues the TMA loads of every stage),
 // warpgroups 1 and 2 the consumers (rows 0-63 and 64-127 of the tile). Stage s has two
@@ -52,7 +47,7 @@ __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t da, uint64_t 
 // (rows are independent); in wgrad they are the reduction, so the consumers zero those rows of
 // dY's tile (the last tile of each expert) before its products.
 struct TmaCfg {
-  static constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, kThreads = 384;
+  static constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, kThreads = 384;  // wgmma m64n256k16
   static constexpr int GROUP_N = 2048 / BN;
   static constexpr int kA = BM * BK * 2, kB = BN * BK * 2, kStage = kA + kB;
   static constexpr size_t kSmem = size_t(STAGES) * kStage + 1024 + 2 * STAGES * 8 + 16;
@@ -93,10 +88,9 @@ __device__ __forceinline__ void tma_3d(uint32_t dst, const CUtensorMap* map, int
       : "memory");
 }
 
-// One output tile: tile t of gg's grid order (forward / dgrad: slots x
-// n-tiles through gg_raster, the expert found by binary search over the strictly increasing slot
-// starts floor(off[e] / BM) + e; wgrad: expert-major, then gg_raster over K-tiles x N-tiles).
-// Every thread computes it; surplus slots come back with ok = false.
+// One output tile: tile t of gg's grid order (forward / dgrad: slots x n-tiles through gg_raster,
+// the slot's expert from gg_slot_expert; wgrad: expert-major, then gg_raster over K-tiles x
+// N-tiles). Every thread computes it; surplus slots come back with ok = false.
 struct TileJob {
   bool ok;
   int e, row0, n0, m_lim, n_lim, Kr, a_row;  // a_row: wgrad's first row of X / dY
@@ -211,7 +205,7 @@ __global__ void __launch_bounds__(384, 1) ggemm_tma_kernel(const __grid_constant
     wg::fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk)
-      mma_ss<BN, TA, TB>(acc, wg::desc_plus(da, so + a_step(kk)), wg::desc_plus(db, so + b_step(kk)));
+      wg::mma_ss_n256<TA, TB>(acc, wg::desc_plus(da, so + a_step(kk)), wg::desc_plus(db, so + b_step(kk)), 1);
     wg::commit();
     wg::wait<1>();  // the products of tile kt - 1 are done: release its stage
     if (kt > 0) {
@@ -336,7 +330,11 @@ void wgmma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t*
   MOELAB_CHECK(wgmma_grouped_available(c), "cuda grouped gemm (wgmma): needs compute capability 9.0, the device has ",
                c.compute_capability);
   const int64_t R = x.dim(0), K = x.dim(1), N = y.dim(1);
-  if (R == 0 || N == 0 || E == 0) return;  // nothing to write (K == 0 runs: Y = beta Y)
+  if (R == 0 || N == 0 || E == 0) return;  // nothing to write
+  if (K == 0) {  // no columns (no tensor map of them): every row belongs to an expert, Y = beta Y
+    scale(c, DType::BF16, y.data(), R * N, beta);
+    return;
+  }
   const gg::Params p = grouped_gemm_params(x, w, d_off, E, y, K, N, beta);
   if (trans_w) run_tma<kDgrad>(c, p);
   else run_tma<kForward>(c, p);
