@@ -25,7 +25,7 @@ int cuda_device_count();
 //                   unequal shapes runs an sm80 kernel at ~300 TFLOP/s on an H200.
 //   Auto:           on compute capability 9.0, Wgmma for bf16 calls under 256 GFLOP that it can
 //                   take (cuBLAS's host time per call is as long as such GEMMs run: gemm.cu,
-//                   auto_wgmma); otherwise PerExpert when at most 16 experts have rows and their
+//                   own_kernel); otherwise PerExpert when at most 16 experts have rows and their
 //                   GEMMs average >= 64 GFLOP (few large GEMMs: cuBLAS's tuned single-GEMM
 //                   kernels win), else Chunked (two launches instead of ~100 us of host time per
 //                   expert and call, which left the GPU waiting: gemm.cu, run_list).

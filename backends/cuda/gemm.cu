@@ -21,7 +21,7 @@
 // are copied to a device int32 array (stream-ordered, no sync) and one launch does every expert;
 // operands it cannot take (f32, widths not multiples of 8, unaligned views) go the Auto way.
 // Wgmma: the same with grouped_gemm_wgmma.cu's kernel, on a device of compute capability 9.0;
-// Auto picks it there for small bf16 calls (auto_wgmma).
+// Auto picks it there for small bf16 calls (own_kernel).
 #include <vector>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -88,9 +88,22 @@ constexpr double kPerExpertMinFlops = 64e9;  // mean 2 m n k per problem
 // expert phase's host time 0.3-0.5 ms against 5-7; on larger calls cuBLAS is as fast or faster
 // (E at parity, B and D 3% slower with the kernel).
 constexpr double kWgmmaMaxFlops = 256e9;
-bool auto_wgmma(const Ctx& c, const Tensor& x, const Tensor& w, const Tensor& y, int64_t R, int64_t K, int64_t N) {
-  return wgmma_grouped_available(c) && 2.0 * double(R) * double(K) * double(N) < kWgmmaMaxFlops &&
-         mma_grouped_can_implement(x, w, y);
+
+// Which of moelab's own kernels runs a grouped call (x [R, K], w or dy, out [.., N]), if any: Mma
+// and Wgmma where the operands (and for Wgmma the device) allow, Auto's Wgmma for small calls
+// (above); None leaves the call to the cuBLAS paths.
+enum class Own { None, Mma, Wgmma };
+Own own_kernel(const Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w, const Tensor& out) {
+  if (impl != GroupedGemmImpl::Mma && impl != GroupedGemmImpl::Wgmma && impl != GroupedGemmImpl::Auto) return Own::None;
+  if (!mma_grouped_can_implement(x, w, out)) return Own::None;
+  if (impl == GroupedGemmImpl::Mma) return Own::Mma;
+  if (!wgmma_grouped_available(c)) return Own::None;
+  const double flops = 2.0 * double(x.dim(0)) * double(x.dim(1)) * double(out.dim(-1));
+  return impl == GroupedGemmImpl::Wgmma || flops < kWgmmaMaxFlops ? Own::Wgmma : Own::None;
+}
+// The cuBLAS paths take Mma and Wgmma calls they could not run as Auto.
+GroupedGemmImpl cublas_impl(GroupedGemmImpl impl) {
+  return impl == GroupedGemmImpl::Mma || impl == GroupedGemmImpl::Wgmma ? GroupedGemmImpl::Auto : impl;
 }
 
 // One cublasGemmGroupedBatchedEx over `real` (k > 0, nothing empty); a single problem runs alone.
@@ -227,16 +240,11 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   const std::vector<int64_t>& off, const Tensor& y, bool trans_w, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
-  if (impl == GroupedGemmImpl::Auto && auto_wgmma(c, x, w, y, x.dim(0), kin, n)) impl = GroupedGemmImpl::Wgmma;
-  if (impl == GroupedGemmImpl::Mma || impl == GroupedGemmImpl::Wgmma) {
-    const bool wgmma = impl == GroupedGemmImpl::Wgmma;
-    if (mma_grouped_can_implement(x, w, y) && (!wgmma || wgmma_grouped_available(c))) {
-      Buf<int32_t> d_off = device_offsets(c, off);
-      if (wgmma) wgmma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
-      else mma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
-      return;
-    }
-    impl = GroupedGemmImpl::Auto;
+  if (const Own own = own_kernel(c, impl, x, w, y); own != Own::None) {
+    Buf<int32_t> d_off = device_offsets(c, off);
+    if (own == Own::Wgmma) wgmma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
+    else mma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
+    return;
   }
   const size_t es = elem_size(dt);
   const char* xb = static_cast<const char*>(x.data());
@@ -251,7 +259,7 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                            wb + size_t(e * w.dim(1) * w.dim(2)) * es, w.dim(2),
                            yb + size_t(r0 * n) * es, n});
   }
-  run_list(c, impl, dt, list, float(beta));
+  run_list(c, cublas_impl(impl), dt, list, float(beta));
 }
 
 // dW[e] = X[rows of e]^T dY[rows of e] + beta dW[e]; an expert without rows gets beta dW[e].
@@ -259,16 +267,11 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
                         const std::vector<int64_t>& off, const Tensor& dw, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
-  if (impl == GroupedGemmImpl::Auto && auto_wgmma(c, x, dy, dw, x.dim(0), kin, n)) impl = GroupedGemmImpl::Wgmma;
-  if (impl == GroupedGemmImpl::Mma || impl == GroupedGemmImpl::Wgmma) {
-    const bool wgmma = impl == GroupedGemmImpl::Wgmma;
-    if (mma_grouped_can_implement(x, dy, dw) && (!wgmma || wgmma_grouped_available(c))) {
-      Buf<int32_t> d_off = device_offsets(c, off);
-      if (wgmma) wgmma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
-      else mma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
-      return;
-    }
-    impl = GroupedGemmImpl::Auto;
+  if (const Own own = own_kernel(c, impl, x, dy, dw); own != Own::None) {
+    Buf<int32_t> d_off = device_offsets(c, off);
+    if (own == Own::Wgmma) wgmma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
+    else mma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
+    return;
   }
   const size_t es = elem_size(dt);
   const char* xb = static_cast<const char*>(x.data());
@@ -282,7 +285,7 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
     list.push_back(Problem{true, false, kin, n, rows, xb + size_t(r0 * kin) * es, kin,
                            db + size_t(r0 * n) * es, n, wb + size_t(e * kin * n) * es, n});
   }
-  run_list(c, impl, dt, list, float(beta));
+  run_list(c, cublas_impl(impl), dt, list, float(beta));
 }
 
 void gemm_batched(Ctx& c, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,

@@ -10,7 +10,7 @@
 //
 // Measured on an H200 (docs/performance.md, seventh session): 550-700 TFLOP/s on forward and
 // dgrad GEMMs with K >= 1024, within 5% of cuBLAS or faster; weight gradients 390-605 and K = 512
-// 410-434, slower than cuBLAS. Auto runs it for small calls only (gemm.cu, auto_wgmma). Two
+// 410-434, slower than cuBLAS. Auto runs it for small calls only (gemm.cu, own_kernel). Two
 // simpler versions measured slower still and were removed: every thread loading with cp.async and
 // two barriers per k tile (270-440 TFLOP/s at 128 x 256, and 128 x 128 with two blocks per SM),
 // and a persistent launch of this kernel.

@@ -99,82 +99,45 @@ template <int N> __device__ __forceinline__ void fence_operands(uint32_t (&a)[N]
   MOELAB_WG_ACC64(d), MOELAB_WG_ACC8(d, 64), MOELAB_WG_ACC8(d, 72), MOELAB_WG_ACC8(d, 80), MOELAB_WG_ACC8(d, 88), \
       MOELAB_WG_ACC8(d, 96), MOELAB_WG_ACC8(d, 104), MOELAB_WG_ACC8(d, 112), MOELAB_WG_ACC8(d, 120)
 
-// D[64 x 32] (+)= A[64 x 16] B[16 x 32]; A and B in shared memory (descriptors). TA / TB: 0 for a
-// K-major operand, 1 for an MN-major one (transposed; bf16 only), with the matching descriptor.
-template <int TA = 0, int TB = 0>
-__device__ __forceinline__ void mma_ss_n32(float (&d)[16], uint64_t da, uint64_t db, int accumulate) {
+// The products, one wrapper per shape, made by two macros: the asm text needs literal operand
+// numbers, which follow from the accumulator count NA = N / 2 (operands 0 .. NA - 1 are the
+// accumulators, then the A descriptor or A's four registers, B's descriptor, the accumulate flag
+// and the transpose immediates).
+//   mma_ss_nN<TA, TB>(d, da, db, accumulate): D[64 x N] (+)= A[64 x 16] B[16 x N], A and B in
+//     shared memory (descriptors). TA / TB: 0 for a K-major operand, 1 for an MN-major one
+//     (transposed; bf16 only), with the matching descriptor.
+//   mma_rs_nN<TB>(d, a, db, accumulate): the same with A in registers (four bf16x2 per thread in
+//     mma.sync's m16n8k16 A layout, warp w of the warpgroup holding rows 16w..16w+15).
 #if MOELAB_WGMMA_DEVICE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {" MOELAB_WG_REGS16
-               "}, %16, %17, p, 1, 1, %19, %20;\n}\n"
-               : MOELAB_WG_ACC16(d)
-               : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
+#define MOELAB_WG_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define MOELAB_WG_ASM(...) ((void)0)
 #endif
-}
+#define MOELAB_WG_MMA_SS(N, NA, REGS, ACC, DA, DB, P, TAI, TBI)                                                   \
+  template <int TA = 0, int TB = 0>                                                                             \
+  __device__ __forceinline__ void mma_ss_n##N(float(&d)[NA], uint64_t da, uint64_t db, int accumulate) {        \
+    MOELAB_WG_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                                               \
+                  "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" REGS "}, %" #DA ", %" #DB        \
+                  ", p, 1, 1, %" #TAI ", %" #TBI ";\n}\n"                                                       \
+                  : ACC(d)                                                                                      \
+                  : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));                                       \
+  }
+#define MOELAB_WG_MMA_RS(N, NA, REGS, ACC, A0, A1, A2, A3, DB, P, TBI)                                            \
+  template <int TB = 0>                                                                                         \
+  __device__ __forceinline__ void mma_rs_n##N(float(&d)[NA], const uint32_t(&a)[4], uint64_t db, int accumulate) { \
+    MOELAB_WG_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                                               \
+                  "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" REGS "}, {%" #A0 ", %" #A1       \
+                  ", %" #A2 ", %" #A3 "}, %" #DB ", p, 1, 1, %" #TBI ";\n}\n"                                   \
+                  : ACC(d)                                                                                      \
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));             \
+  }
 
-// D[64 x 64] (+)= A[64 x 16] B[16 x 64]; A and B in shared memory (TA / TB as for mma_ss_n32).
-template <int TA = 0, int TB = 0>
-__device__ __forceinline__ void mma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int accumulate) {
-#if MOELAB_WGMMA_DEVICE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" MOELAB_WG_REGS32
-               "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
-               : MOELAB_WG_ACC32(d)
-               : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
-#endif
-}
-
-// D[64 x 64] (+)= A[64 x 16] B[16 x 64]; A in registers (four bf16x2 per thread in mma.sync's
-// m16n8k16 A layout, warp w of the warpgroup holding rows 16w..16w+15), B in shared memory (TB as
-// for mma_ss_n32).
-template <int TB = 0>
-__device__ __forceinline__ void mma_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int accumulate) {
-#if MOELAB_WGMMA_DEVICE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" MOELAB_WG_REGS32
-               "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-               : MOELAB_WG_ACC32(d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));
-#endif
-}
-
-// D[64 x 128] (+)= A[64 x 16] B[16 x 128]; A and B in shared memory (TA / TB as for mma_ss_n32).
-template <int TA = 0, int TB = 0>
-__device__ __forceinline__ void mma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
-#if MOELAB_WGMMA_DEVICE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" MOELAB_WG_REGS64
-               "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
-               : MOELAB_WG_ACC64(d)
-               : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
-#endif
-}
-
-// D[64 x 128] (+)= A[64 x 16] B[16 x 128]; A in registers (four bf16x2 per thread in mma.sync's
-// m16n8k16 A layout, warp w of the warpgroup holding rows 16w..16w+15), B in shared memory (TB as
-// for mma_ss_n32).
-template <int TB = 0>
-__device__ __forceinline__ void mma_rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db, int accumulate) {
-#if MOELAB_WGMMA_DEVICE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" MOELAB_WG_REGS64
-               "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-               : MOELAB_WG_ACC64(d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));
-#endif
-}
-
-// D[64 x 256] (+)= A[64 x 16] B[16 x 256]; A and B in shared memory (TA / TB as for mma_ss_n32).
-template <int TA = 0, int TB = 0>
-__device__ __forceinline__ void mma_ss_n256(float (&d)[128], uint64_t da, uint64_t db, int accumulate) {
-#if MOELAB_WGMMA_DEVICE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" MOELAB_WG_REGS128
-               "}, %128, %129, p, 1, 1, %131, %132;\n}\n"
-               : MOELAB_WG_ACC128(d)
-               : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
-#endif
-}
+MOELAB_WG_MMA_SS(32, 16, MOELAB_WG_REGS16, MOELAB_WG_ACC16, 16, 17, 18, 19, 20)
+MOELAB_WG_MMA_SS(64, 32, MOELAB_WG_REGS32, MOELAB_WG_ACC32, 32, 33, 34, 35, 36)
+MOELAB_WG_MMA_SS(128, 64, MOELAB_WG_REGS64, MOELAB_WG_ACC64, 64, 65, 66, 67, 68)
+MOELAB_WG_MMA_SS(256, 128, MOELAB_WG_REGS128, MOELAB_WG_ACC128, 128, 129, 130, 131, 132)
+MOELAB_WG_MMA_RS(64, 32, MOELAB_WG_REGS32, MOELAB_WG_ACC32, 32, 33, 34, 35, 36, 37, 38)
+MOELAB_WG_MMA_RS(128, 64, MOELAB_WG_REGS64, MOELAB_WG_ACC64, 64, 65, 66, 67, 68, 69, 70)
 
 // A tile of R rows x C bf16 columns (C a multiple of 64) of a row-major matrix (src: its element
 // (0, 0); row stride ld elements) into the swizzled layout at shared address `tile`, 16 bytes
