@@ -130,7 +130,7 @@ TEST_CASE("moe grad: learned noisy top-k with importance and load losses (Shazee
   REQUIRE(y1 == y2);
 }
 
-TEST_CASE("moe grad: Gaussian logit noise with smooth load loss; input jitter", "[moe][grad][noise]") {
+TEST_CASE("moe grad: Gaussian logit noise with smooth load loss, input jitter", "[moe][grad][noise]") {
   MoEConfig c = base_config();
   c.router.noise = NoiseType::Gaussian;
   c.router.noise_eps = 0.5;

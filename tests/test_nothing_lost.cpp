@@ -132,7 +132,7 @@ TEST_CASE("nothing lost 1: a training run whose log cannot be flushed stops with
   CHECK(steps.back() == int64_t(steps.size()));
 }
 
-TEST_CASE("nothing lost 2: devices, FIFOs and folders are refused as outputs; links are written through", "[nothing_lost]") {
+TEST_CASE("nothing lost 2: devices, FIFOs and folders are refused as outputs, links are written through", "[nothing_lost]") {
   TempDir tmp;
   // A private device node (the same numbers as /dev/null), never the real one.
   const std::string dev = tmp.path("null");

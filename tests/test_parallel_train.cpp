@@ -162,7 +162,7 @@ TEST_CASE("parallel train: the log holds every rank's all-to-all bytes, as the c
   CHECK(total_sent == total_recv);  // what one rank sends another receives
 }
 
-TEST_CASE("parallel train: a rank that dies stops the others with its name; the log stays readable", "[parallel][errors]") {
+TEST_CASE("parallel train: a rank that dies stops the others with its name, the log stays readable", "[parallel][errors]") {
   TempDir tmp("pardie");
   RunConfig cfg = config(tmp, "die", {"train.steps=6", "parallel.ep=2", "parallel.dp=2"});
   TrainOptions o;

@@ -182,7 +182,7 @@ TEST_CASE("robustness: the memory estimate under train.recompute, by hand", "[ro
   CHECK(est("none") - est("all") == mlp + attn);
 }
 
-TEST_CASE("robustness: MOELAB_MEMORY_LIMIT_BYTES sets the memory limit; a bad value is refused",
+TEST_CASE("robustness: MOELAB_MEMORY_LIMIT_BYTES sets the memory limit, a bad value is refused",
           "[robustness]") {
   TempDir tmp;
   const RunConfig cfg = tiny(tmp);

@@ -121,7 +121,7 @@ TEST_CASE("router: capacity with drop policy 'probs' keeps the most confident", 
   REQUIRE(ivec(st.keep) == std::vector<int>{0, 1, 1, 1, 0, 1});
 }
 
-TEST_CASE("router: dropless keeps every assignment; kept + dropped = routed = T*K", "[router][capacity]") {
+TEST_CASE("router: dropless keeps every assignment, kept + dropped = routed = T*K", "[router][capacity]") {
   MoEConfig cfg = small_config(5, 2);
   for (double cf : {0.0, 0.5, 1.0, 1.25}) {
     cfg.router.capacity_factor = cf;
@@ -146,7 +146,7 @@ TEST_CASE("router: dropless keeps every assignment; kept + dropped = routed = T*
   }
 }
 
-TEST_CASE("router: force_balance assigns round-robin; kept counts per expert differ by at most 1", "[router][force_balance]") {
+TEST_CASE("router: force_balance assigns round-robin, kept counts per expert differ by at most 1", "[router][force_balance]") {
   // Every token prefers expert 0 (+3 on its logit): real routing piles onto it, forced balance
   // gives token t the experts (t K + j) mod E, distinct per token, with the gates of those
   // experts; the losses and statistics are still computed (routed counts are the forced ones).
@@ -325,7 +325,7 @@ TEST_CASE("router: statistics by hand", "[router][stats]") {
   REQUIRE(st.stats.logit_max == 3.0);
 }
 
-TEST_CASE("dispatch: un-permute of permute is the identity; padding rows are zero", "[dispatch]") {
+TEST_CASE("dispatch: un-permute of permute is the identity, padding rows are zero", "[dispatch]") {
   Backend& b = cpu();
   Tensor idx = ints({2, 0, 1, 2, 0}, Shape{5, 1}), keep = ints({1, 1, 1, 1, 1}, Shape{5, 1});
   DispatchPlan plan = b.dispatch_plan(idx, keep, false, 3, 3);  // pad every expert to 3 rows

@@ -595,7 +595,7 @@ std::string read_attr(const std::string& file, const std::string& name) {
 }
 }  // namespace
 
-TEST_CASE("sft train: loss-bearing tokens are logged; micro-batches and ranks weigh them alike", "[sft][train]") {
+TEST_CASE("sft train: loss-bearing tokens are logged, micro-batches and ranks weigh them alike", "[sft][train]") {
   TempDir tmp;
   const std::string data = toy_jsonl(tmp);
   TrainResult one = train(sft_config(tmp, data), quiet_options());
@@ -695,7 +695,7 @@ TEST_CASE("sft train: init_from starts from a checkpoint's weights and biases wi
 
 // ---- Brown genres -------------------------------------------------------------------------------
 
-TEST_CASE("data.genres selects Brown genres; the split does not move", "[sft][data][brown]") {
+TEST_CASE("data.genres selects Brown genres, the split does not move", "[sft][data][brown]") {
   CHECK(brown_genres("a-c, k") == "abck");
   CHECK(brown_genres("k-r") == "klmnopqr");
   CHECK(brown_genres("b,a,a") == "ab");

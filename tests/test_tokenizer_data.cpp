@@ -119,7 +119,7 @@ TEST_CASE("tokenizer data: Brown token streams, categories per token, vocabulary
   CHECK_THROWS_WITH(s.set_state(bytes.state()), has_substr("saved for other data"));
 }
 
-TEST_CASE("tokenizer data: model.vocab must hold the tokenizer's ids; brown only", "[tokenizer][data]") {
+TEST_CASE("tokenizer data: model.vocab must hold the tokenizer's ids, brown only", "[tokenizer][data]") {
   test::TempDir tmp("tokdata");
   const std::string brown = write_brown(tmp), tk = write_tokenizer(tmp);
   auto cfg = [&](const std::string& vocab) {
@@ -136,7 +136,7 @@ TEST_CASE("tokenizer data: model.vocab must hold the tokenizer's ids; brown only
   CHECK_THAT(usage_error_of([&] { check_data_vocab(load_config("", {"model.vocab=40"})); }),
              has_substr("model.vocab = 40 is smaller than the 96 token ids of data.source = synthetic"));
   CHECK_THAT(usage_error_of([&] { load_config("", {"data.tokenizer=" + tk}); }),
-             has_substr("tokenizes the Brown corpus; with data.source = synthetic set data.tokenizer = bytes"));
+             has_substr("tokenizes the Brown corpus or JSONL records; with data.source = synthetic set data.tokenizer = bytes"));
   CHECK_THAT(usage_error_of([&] { train(cfg("256"), test::quiet_options()); }),
              has_substr("set model.vocab = 262"));
   // A missing tokenizer file is reported with what data.tokenizer accepts.
