@@ -1,6 +1,7 @@
 // moelab: parameter store and gradient reduction (see param_store.h).
 #include "core/param_store.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "core/check.h"
@@ -56,17 +57,44 @@ ParamStore::ParamStore(Backend& b, TransformerLM& model) : b_(b), layers_(int(mo
       buffer_groups_.push_back(g);
     }
   params_ = model.params();
+
+  // The expert group's gradients are deferred-zero only if they are exactly the routed experts'
+  // dW1 and dW2 of every MoE layer (a parameter of another kind there would stay stale).
+  std::vector<SwiGLUExperts*> experts;
+  std::vector<const Tensor*> owned;
+  for (int i = 0; i < int(model.moe_blocks().size()); ++i) {
+    SwiGLUExperts& x = model.moe_layer(size_t(i)).routed_experts();
+    experts.push_back(&x);
+    owned.push_back(&x.dw1());
+    owned.push_back(&x.dw2());
+  }
+  size_t expert_slots = 0;
+  bool all_owned = true;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    if (groups_[i] != GradGroup::Expert) continue;
+    ++expert_slots;
+    all_owned = all_owned && std::find(owned.begin(), owned.end(), slots[i].grad) != owned.end();
+  }
+  if (all_owned && expert_slots == owned.size()) deferred_ = experts;
 }
 
 void ParamStore::zero_grads() {
-  for (Tensor& t : buffers_) b_.fill(t, 0.0);
+  for (size_t i = 0; i < buffers_.size(); ++i)
+    if (deferred_.empty() || buffer_groups_[i] != GradGroup::Expert) b_.fill(buffers_[i], 0.0);
+  for (SwiGLUExperts* x : deferred_) x->defer_grad_zero();
+}
+
+void ParamStore::settle() const {
+  for (SwiGLUExperts* x : deferred_) x->settle_grad_zero();
 }
 
 void ParamStore::scale_grads(double s) {
+  settle();
   for (Tensor& t : buffers_) b_.scale(t, s);
 }
 
 double ParamStore::sum_squares(GradGroup g) const {
+  settle();
   double sq = 0;
   for (size_t i = 0; i < buffers_.size(); ++i)
     if (buffer_groups_[i] == g) sq += b_.sum_squares(buffers_[i]);
@@ -95,7 +123,8 @@ void GradientReducer::block_done(int block) {
 
 void GradientReducer::finish(Backend& compute) {
   // Blocks whose completion was not reported (a backward without the hook) go now, in
-  // backward order, then the rest.
+  // backward order, then the rest. (block_done's blocks had their backward: nothing deferred.)
+  store_.settle();
   for (int l = store_.layers() - 1; l >= 0; --l)
     if (!started_[size_t(l)]) start(l);
   start(-1);

@@ -40,7 +40,14 @@ class ParamStore {
   std::vector<ParamRef>& params() { return params_; }
   GradGroup group(size_t i) const { return groups_[i]; }
 
+  // Zeroes every gradient. The routed experts' gradients are zeroed lazily: their next backward
+  // writes them instead of adding (SwiGLUExperts::defer_grad_zero), which saves a fill of most of
+  // an MoE model's gradient memory and the GEMMs' reads of it. The store's own readers (scale,
+  // sum of squares, the reducer) settle a zero that no backward has taken up yet.
   void zero_grads();
+  // Zero-fills the gradients whose deferred zero no backward has taken up (after zero_grads()
+  // without a backward): call before reading gradients other than through the store.
+  void settle() const;
   void scale_grads(double s);
   // Sum of squares of the gradients of one group (this rank's).
   double sum_squares(GradGroup g) const;
@@ -61,6 +68,9 @@ class ParamStore {
   std::vector<GradGroup> buffer_groups_;
   // buckets_[group][block + 1]: views, one per dtype.
   std::array<std::vector<std::vector<Tensor>>, 2> buckets_;
+  // The routed experts whose gradients zero_grads() defers: every MoE layer's, when they are
+  // exactly the expert group's gradients (empty otherwise: the expert buffers are filled).
+  std::vector<SwiGLUExperts*> deferred_;
 };
 
 // Sums the gradients of a ParamStore over the data-parallel ranks, overlapping the backward

@@ -238,7 +238,10 @@ void bench_moe_layer(const SweepRun& run, const BenchCliOptions& opts) {
   std::vector<ParamRef> params = layer.params();
   int64_t routed = 0;
   auto one = [&](int64_t it) {
-    for (ParamRef& p : params) b.fill(p.grad, 0.0);
+    // Zeroed as the trainer's ParamStore does: the routed experts' gradients by their backward.
+    for (ParamRef& p : params)
+      if (p.name.rfind("experts.", 0) != 0) b.fill(p.grad, 0.0);
+    layer.routed_experts().defer_grad_zero();
     MoEOutput o = layer.forward(x, {true, S, rng::derive(cfg.train.seed, 100 + uint64_t(it))});
     layer.backward(dy, dx);
     routed = layer.last_layout().expert_offsets.back();

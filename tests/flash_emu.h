@@ -274,6 +274,10 @@ inline uint32_t fa_ld32(const void* p) {
   return v;
 }
 inline int32_t fa_ldg(const int32_t* p) { return *p; }
+inline void fa_ld128(const void* p, uint32_t (&w)[4]) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu::fail("16-byte global load misaligned", emu::current()->cur->tid);
+  std::memcpy(w, p, 16);
+}
 inline float fa_exp2(float x) { return std::exp2(x); }
 inline float fa_log2(float x) { return std::log2(x); }
 

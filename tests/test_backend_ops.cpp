@@ -1156,9 +1156,10 @@ TEST_CASE("gpu ops: embedding, rmsnorm, rope", "[gpu]") {
       k.close(dx);
       k.close(dw);
     }
-    {
-      Case k(fam, g, "rope", dt);
-      const int64_t S = 8, T = 24, H = 3, Dh = 16;
+    // Dh 16 and 64: 16-byte vectors (one and several per half-head); 12: the scalar kernel
+    for (int64_t Dh : {16, 12, 64}) {
+      Case k(fam, g, "rope Dh " + std::to_string(Dh), dt);
+      const int64_t S = 8, T = 24, H = 3;
       Pair x = k.randn(Shape{T, H * Dh});
       Out y = k.out("y", Shape{T, H * Dh}), dx = k.out("dx", Shape{T, H * Dh});
       cpu().rope_forward(x.c, H, S, 10000.0, y.c);
@@ -1174,6 +1175,7 @@ TEST_CASE("gpu ops: embedding, rmsnorm, rope", "[gpu]") {
       const int64_t S = 12, T = 24, H = 2, Dh = 16;
       std::vector<int> pos;
       for (int64_t t = 0; t < T; ++t) pos.push_back(int(t % 12 < 5 ? t % 12 : t % 12 < 9 ? t % 12 - 5 : t % 12 - 9));
+      pos[3] = 15;  // past S: the kernel's angle table ends at S, so this one is computed inline
       Pair positions = k.ints(Shape{T}, pos);
       Pair x = k.randn(Shape{T, H * Dh});
       Out y = k.out("y", Shape{T, H * Dh}), dx = k.out("dx", Shape{T, H * Dh});

@@ -162,8 +162,8 @@ Bits check_case(const Shape5& c, bool tc, bool reverse, uint64_t seed, const std
         grid(B * H, (S + F::BR - 1) / F::BR, F::kThreads, F::kSmem, reverse,
              [&](int tid, char* sm, int bx, int by) { fl::fwd2_tc<128>(p, sm, tid, bx, by); });
       }
-      grid((T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1, 32 * fl::kDeltaWarps, 0, reverse,
-           [&](int tid, char*, int bx, int) { fl::delta_rows<E>(p, tid, bx); });
+      grid((T + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1, 32 * fl::kDeltaWarps, 0, reverse,
+           [&](int tid, char*, int bx, int) { fl::delta_rows_vec(p, tid, bx); });
       auto backward = [&](auto dh) {
         constexpr int DH = decltype(dh)::value;
         using Q = fl::Dq2Tc<DH>;

@@ -2,7 +2,9 @@
 // bucketed in backward order, the same gradients as without the store, and the gradient
 // reducer starting each block's reduction during the backward pass.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <stdexcept>
 
@@ -156,6 +158,73 @@ TEST_CASE("param store: gradients, zeroing, scaling and norms equal the model's 
   store.scale_grads(0.5);
   REQUIRE(store.sum_squares(GradGroup::Replicated) == Approx(0.25 * sq_rep).epsilon(1e-14));
   store.zero_grads();
+  store.settle();  // no backward took up the experts' deferred zero: settle fills them
+  for (const ParamRef& p : store.params()) REQUIRE(B().sum_squares(p.grad) == 0.0);
+}
+
+TEST_CASE("param store: the experts' gradients are zeroed by their next backward, not by a fill", "[param_store]") {
+  const LMConfig cfg = store_lm(false);
+  const Batch10 batch(5);
+  TransformerLM plain(B(), cfg, DType::F64), stored(B(), cfg, DType::F64);
+  plain.init(4);
+  stored.init(4);
+  ParamStore store(B(), stored);
+  SwiGLUExperts& routed = stored.moe_layer(0).routed_experts();
+  std::vector<size_t> expert_params;
+  for (size_t i = 0; i < store.params().size(); ++i)
+    if (store.group(i) == GradGroup::Expert) expert_params.push_back(i);
+  REQUIRE(expert_params.size() == 2);  // experts.w1, experts.w2 of the one MoE block
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int micro : {1, 2}) {
+    CAPTURE(micro);
+    // Stale memory: every gradient NaN. zero_grads fills the replicated ones and defers the rest.
+    for (const ParamRef& p : store.params()) B().fill(p.grad, nan);
+    store.zero_grads();
+    REQUIRE(routed.grad_zero_deferred());
+    for (size_t i : expert_params) REQUIRE(std::isnan(B().sum_squares(store.params()[i].grad)));
+    plain.zero_grad();
+    for (int m = 0; m < micro; ++m) {  // the first backward writes, the second adds
+      plain.forward(batch.tokens, batch.targets, 5, true, 3);
+      plain.backward();
+      stored.forward(batch.tokens, batch.targets, 5, true, 3);
+      stored.backward();
+      REQUIRE_FALSE(routed.grad_zero_deferred());
+    }
+    std::vector<ParamRef> a = plain.params();
+    for (size_t i = 0; i < a.size(); ++i) {
+      CAPTURE(a[i].name);
+      REQUIRE(host_values(a[i].grad) == host_values(store.params()[i].grad));  // bit for bit
+    }
+  }
+  // An expert that gets no rows still ends with a zero gradient: a router whose bias steers
+  // every token to experts 0 and 1 (top-2 of 4) leaves experts 2 and 3 empty.
+  Tensor& bias = stored.moe_layer(0).router().params().bias;
+  B().copy(host_tensor({1e6, 1e6, 0.0, 0.0}, Shape{4}, DType::F32), bias);
+  for (const ParamRef& p : store.params()) B().fill(p.grad, nan);
+  store.zero_grads();
+  stored.forward(batch.tokens, batch.targets, 5, true, 3);
+  stored.backward();
+  const std::vector<int64_t>& routed_counts = stored.moe_layer(0).last_routing().stats.routed;
+  REQUIRE(routed_counts[2] == 0);
+  REQUIRE(routed_counts[3] == 0);
+  const int64_t D = cfg.d_model, F = cfg.moe.d_expert;
+  const std::vector<double> dw1 = host_values(routed.dw1()), dw2 = host_values(routed.dw2());
+  for (int64_t e = 0; e < 4; ++e) {
+    double sq1 = 0, sq2 = 0;
+    for (int64_t j = 0; j < D * 2 * F; ++j) sq1 += dw1[size_t(e * D * 2 * F + j)] * dw1[size_t(e * D * 2 * F + j)];
+    for (int64_t j = 0; j < F * D; ++j) sq2 += dw2[size_t(e * F * D + j)] * dw2[size_t(e * F * D + j)];
+    CAPTURE(e);
+    if (e < 2) REQUIRE(sq1 > 0);
+    else REQUIRE((sq1 == 0 && sq2 == 0));  // not NaN: written as zeros
+  }
+  // zero_grads without a backward: the store's readers settle the deferred zero first.
+  for (const ParamRef& p : store.params()) B().fill(p.grad, nan);
+  store.zero_grads();
+  REQUIRE(store.sum_squares(GradGroup::Expert) == 0.0);
+  REQUIRE_FALSE(routed.grad_zero_deferred());
+  for (const ParamRef& p : store.params()) B().fill(p.grad, nan);
+  store.zero_grads();
+  store.scale_grads(2.0);
   for (const ParamRef& p : store.params()) REQUIRE(B().sum_squares(p.grad) == 0.0);
 }
 

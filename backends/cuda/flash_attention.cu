@@ -70,6 +70,9 @@ template <class E> __global__ void __launch_bounds__(fl::Gen::kThreads) dkv_gen_
 template <class E> __global__ void __launch_bounds__(32 * fl::kDeltaWarps) delta_kernel(fl::Params p) {
   fl::delta_rows<E>(p, threadIdx.x, blockIdx.x);
 }
+__global__ void __launch_bounds__(32 * fl::kDeltaWarps) delta_vec_kernel(fl::Params p) {
+  fl::delta_rows_vec(p, threadIdx.x, blockIdx.x);
+}
 
 // The tensor-core kernels: bf16, head width 64 or 128, every operand 16-byte aligned (cp.async
 // and the 4-byte output stores; row strides H*Dh*2 bytes are then multiples of 16).
@@ -159,12 +162,18 @@ void attention_backward(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
   const int64_t BH = int64_t(p.B) * H, BG = int64_t(p.B) * Hkv, dh = p.Dh;
   Buf<float> delta(c, BH * S);
   p.delta = delta.get();
-  dispatch_elem(q.dtype(), "attention_backward", [&](auto tag) {
-    using E = decltype(tag);
-    launch_2d(c, "cuda attention", delta_kernel<E>, (T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1,
-           32 * fl::kDeltaWarps, 0, p);
-  });
-  if (tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
+  const bool tc = tensor_cores(q.dtype(), dh, {&q, &k, &v, &out, &dout, &dq, &dk, &dv});
+  if (tc) {
+    launch_2d(c, "cuda attention", delta_vec_kernel, (T + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1,
+              32 * fl::kDeltaWarps, 0, p);
+  } else {
+    dispatch_elem(q.dtype(), "attention_backward", [&](auto tag) {
+      using E = decltype(tag);
+      launch_2d(c, "cuda attention", delta_kernel<E>, (T * H + fl::kDeltaWarps - 1) / fl::kDeltaWarps, 1,
+                32 * fl::kDeltaWarps, 0, p);
+    });
+  }
+  if (tc) {
     if (use_wgmma_attention(c)) {
       const AttentionBackwardPlan plan = wgmma_backward_plan(c, p);
       if (plan.fused) {

@@ -27,7 +27,8 @@
 //                so every K / V fragment that ldmatrix reads feeds two mma), 128 threads, 2
 //                blocks per SM. (With 16 rows per warp, about one ldmatrix.x4 per two mma:
 //                shared-memory bandwidth bounds it; at width 64 the 8-warp kernel was faster.)
-//   delta_rows   D_i = sum_d dO_id O_id (fp32), one warp per (token, head).
+//   delta_rows   D_i = sum_d dO_id O_id (fp32), one warp per (token, head); delta_rows_vec the
+//                same for the tensor-core kernels' rows, one warp per token, 16-byte loads.
 //   dq2_tc<DH>   dQ = scale sum_j dS_ij K_j: 4 warps x 32 query rows, looping over key tiles up to
 //                the diagonal (64 keys for DH 64, 32 for DH 128, for registers), recomputing P
 //                and dP = dO V^T.
@@ -371,6 +372,36 @@ template <class E> FA_DEV void delta_rows(const Params& p, int tid, int blk) {
   for (int d = lane; d < p.Dh; d += 32) acc += fa_ld(dO, d) * fa_ld(O, d);
   acc = fa_warp_sum(acc);
   if (lane == 0) p.delta[(b * p.H + h) * p.S + s] = acc;
+}
+
+// The same sums for the tensor-core kernels' bf16 rows (16-byte aligned, Dh 64 or 128): one warp
+// per token over all its heads, Dh / 8 lanes per head, each lane adding the products of one
+// 16-byte vector of dO and O; a head's lanes add up by shuffles. A warp per (token, head) with
+// 2-byte loads ran at a third of the memory speed (A: 31 us a call for 32 MB; kernel census,
+// docs/performance.md, eighth session).
+FA_DEV void delta_rows_vec(const Params& p, int tid, int blk) {
+  const int64_t t = int64_t(blk) * kDeltaWarps + (tid >> 5);
+  if (t >= int64_t(p.B) * p.S) return;  // warp-uniform
+  const int lane = tid & 31, G = p.Dh / 8, heads_per_pass = 32 / G;
+  const int64_t ld = int64_t(p.H) * p.Dh, b = t / p.S, s = t - b * p.S;
+  const uint16_t* dO = static_cast<const uint16_t*>(p.dout) + t * ld;
+  const uint16_t* O = static_cast<const uint16_t*>(p.o) + t * ld;
+  for (int h0 = 0; h0 < p.H; h0 += heads_per_pass) {
+    const int h = h0 + lane / G;
+    float acc = 0.0f;
+    if (h < p.H) {
+      const int64_t at = int64_t(h) * p.Dh + (lane % G) * 8;
+      uint32_t a[4], o[4];
+      fa_ld128(dO + at, a);
+      fa_ld128(O + at, o);
+      for (int j = 0; j < 4; ++j) {
+        acc += fa_bf16_to_f(uint16_t(a[j] & 0xffffu)) * fa_bf16_to_f(uint16_t(o[j] & 0xffffu));
+        acc += fa_bf16_to_f(uint16_t(a[j] >> 16)) * fa_bf16_to_f(uint16_t(o[j] >> 16));
+      }
+    }
+    for (int m = 1; m < G; m <<= 1) acc += fa_shfl_xor(acc, m);  // within the head's G lanes
+    if (h < p.H && lane % G == 0) p.delta[(b * p.H + h) * p.S + s] = acc;
+  }
 }
 
 // ---- two m16 tiles per warp: fwd2_tc, dq2_tc, dkv2_tc ------------------------------------------

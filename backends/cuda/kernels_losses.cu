@@ -20,13 +20,45 @@ namespace {
 
 // ---- aux loss -------------------------------------------------------------------------------------
 
+// Counting kernels histogram in shared memory when their counters fit (kSmemCounters), then add
+// one block's counts to global memory once per counter: a global atomic per assignment on a few
+// counters serialised (config A: 27 us a call for 32768 assignments on 8 experts, kernel census
+// in docs/performance.md, eighth session). Integer sums: the result does not depend on order.
+constexpr int64_t kSmemCounters = 8192;
+
 // cnt[s, e] = number of assignments of expert e in sequence s (tokens [s S, (s+1) S)).
+template <bool kShared>
 __global__ void aux_counts_kernel(const int32_t* idx, int64_t A, int64_t K, int64_t S, int64_t E,
                                   int32_t* cnt) {
+  extern __shared__ int32_t hist[];
+  const int64_t n = A / (K * S) * E;  // whole sequences only, as the callers size cnt
+  if constexpr (kShared) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+  }
   MOELAB_GRID_STRIDE(a, A) {
     const int32_t e = idx[a];
-    if (e >= 0 && e < E) atomicAdd(cnt + (a / K / S) * E + e, 1);
+    if (e < 0 || e >= E) continue;
+    const int64_t at = (a / K / S) * E + e;
+    if (at >= n) continue;
+    if constexpr (kShared) atomicAdd(hist + at, 1);
+    else atomicAdd(cnt + at, 1);
   }
+  if constexpr (kShared) {
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+      if (hist[i]) atomicAdd(cnt + i, hist[i]);
+  }
+}
+
+// Launches aux_counts_kernel over idx [R, K] for sequences of S tokens (cnt zeroed by the caller).
+void aux_counts(Ctx& c, const int32_t* idx, int64_t R, int64_t K, int64_t S, int64_t E, int32_t* cnt) {
+  const int64_t n = R / S * E;
+  if (n <= kSmemCounters)
+    aux_counts_kernel<true><<<grid_for(R * K), kThreads, size_t(n) * sizeof(int32_t), c.stream>>>(idx, R * K, K, S, E, cnt);
+  else
+    aux_counts_kernel<false><<<grid_for(R * K), kThreads, 0, c.stream>>>(idx, R * K, K, S, E, cnt);
+  CUDA_CHECK_LAUNCH();
 }
 
 __global__ void aux_value_kernel(const int32_t* cnt, const double* P, int64_t nseq, int64_t E,
@@ -216,18 +248,35 @@ __global__ void load_bwd_kernel(const T* std, double sigma, int64_t R, int64_t E
 
 // ---- router statistics ----------------------------------------------------------------------------
 
+// cnt [routed E | kept E] over the assignments idx (keep: kept or not); has[t] = 1 for tokens
+// with a kept assignment.
+template <bool kShared>
 __global__ void stats_counts_kernel(const int32_t* idx, const int32_t* keep, int64_t A, int64_t n1,
                                     bool ec, int64_t E, int64_t R, unsigned long long* cnt,
                                     int32_t* has) {
+  extern __shared__ unsigned int shist[];
+  if constexpr (kShared) {
+    for (int64_t i = threadIdx.x; i < 2 * E; i += blockDim.x) shist[i] = 0;
+    __syncthreads();
+  }
   MOELAB_GRID_STRIDE(a, A) {
     const int64_t e = ec ? a / n1 : idx[a];
     const int64_t t = ec ? idx[a] : a / n1;
     if (e < 0 || e >= E) continue;
-    atomicAdd(cnt + e, 1ull);
-    if (keep[a]) {
-      atomicAdd(cnt + E + e, 1ull);
-      if (t >= 0 && t < R) has[t] = 1;
+    const bool kept = keep[a] != 0;
+    if constexpr (kShared) {
+      atomicAdd(shist + e, 1u);
+      if (kept) atomicAdd(shist + E + e, 1u);
+    } else {
+      atomicAdd(cnt + e, 1ull);
+      if (kept) atomicAdd(cnt + E + e, 1ull);
     }
+    if (kept && t >= 0 && t < R) has[t] = 1;
+  }
+  if constexpr (kShared) {
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < 2 * E; i += blockDim.x)
+      if (shist[i]) atomicAdd(cnt + i, (unsigned long long)shist[i]);
   }
 }
 
@@ -323,9 +372,7 @@ double aux_loss_forward(Ctx& c, const Tensor& probs, const Tensor& idx, int64_t 
   Buf<int32_t> cnt(c, nseq * E);
   Buf<double> P(c, nseq * E), out(c, 1);
   CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
-  aux_counts_kernel<<<grid_for(R * K), kThreads, 0, c.stream>>>(cptr<int32_t>(idx), R * K, K, S, E,
-                                                                cnt.get());
-  CUDA_CHECK_LAUNCH();
+  aux_counts(c, cptr<int32_t>(idx), R, K, S, E, cnt.get());
   column_sums(c, probs.dtype(), probs.data(), R, E, S, P.get());
   aux_value_kernel<<<1, 1, 0, c.stream>>>(cnt.get(), P.get(), nseq, E, S, K, out.get());
   CUDA_CHECK_LAUNCH();
@@ -339,9 +386,7 @@ void aux_loss_backward(Ctx& c, const Tensor& probs, const Tensor& idx, int64_t s
   const int64_t S = seq_len ? seq_len : R, nseq = R / S;
   Buf<int32_t> cnt(c, nseq * E);
   CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
-  aux_counts_kernel<<<grid_for(R * K), kThreads, 0, c.stream>>>(cptr<int32_t>(idx), R * K, K, S, E,
-                                                                cnt.get());
-  CUDA_CHECK_LAUNCH();
+  aux_counts(c, cptr<int32_t>(idx), R, K, S, E, cnt.get());
   dispatch_float(probs.dtype(), "aux_loss_backward", [&](auto tag) {
     using T = decltype(tag);
     aux_bwd_kernel<T><<<grid_for(R * E), kThreads, 0, c.stream>>>(cnt.get(), R, E, S, K, nseq,
@@ -442,8 +487,12 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
     CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(2 * E + 1) * sizeof(unsigned long long), c.stream));
     CUDA_CHECK(cudaMemsetAsync(has.get(), 0, size_t(R) * sizeof(int32_t), c.stream));
     if (A > 0) {
-      stats_counts_kernel<<<grid_for(A), kThreads, 0, c.stream>>>(
-          cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, R, cnt.get(), has.get());
+      if (2 * E <= kSmemCounters)
+        stats_counts_kernel<true><<<grid_for(A), kThreads, size_t(2 * E) * sizeof(unsigned), c.stream>>>(
+            cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, R, cnt.get(), has.get());
+      else
+        stats_counts_kernel<false><<<grid_for(A), kThreads, 0, c.stream>>>(
+            cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, R, cnt.get(), has.get());
       CUDA_CHECK_LAUNCH();
     }
     count_zero_kernel<<<grid_for(R), kThreads, 0, c.stream>>>(has.get(), R, cnt.get() + 2 * E);
@@ -470,8 +519,7 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
     Buf<int32_t> acnt(c, nseq * E);
     Buf<double> P(c, nseq * E);
     CUDA_CHECK(cudaMemsetAsync(acnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
-    aux_counts_kernel<<<grid_for(R * K), kThreads, 0, c.stream>>>(cptr<int32_t>(idx), R * K, K, S, E, acnt.get());
-    CUDA_CHECK_LAUNCH();
+    aux_counts(c, cptr<int32_t>(idx), R, K, S, E, acnt.get());
     column_sums(c, probs.dtype(), probs.data(), R, E, S, P.get());
     aux_value_kernel<<<1, 1, 0, c.stream>>>(acnt.get(), P.get(), nseq, E, S, K, out.get() + at_aux);
     CUDA_CHECK_LAUNCH();

@@ -230,27 +230,64 @@ __global__ void rms_dw_final_kernel(const double* partial, int64_t chunks, int64
 
 // Pairs (i, i + Dh/2) of every head rotate by angle p theta^(-2i/Dh), p = t mod S or
 // positions[t] when given (not checked here: the CPU reference refuses a negative position, this
-// kernel rotates by its negative angle); the inverse rotates by the negative angle. One thread
-// per (token, pair index i), looping over the heads: the angle depends on t and i only, so its
-// pow and sincos (in double, as the CPU reference computes them) run once for all heads, not
-// once per head (a thread per pair and head spent most of its time there: 0.35 ms per call on
-// config D, kernel census in docs/performance.md). Same arithmetic per element as before.
-template <class T>
-__global__ void rope_kernel(const T* x, int64_t R, int64_t W, int64_t heads, int64_t S,
-                            double theta, bool inverse, const int32_t* positions, T* y) {
-  const int64_t dh = W / heads, half = dh / 2;
-  MOELAB_GRID_STRIDE(j, R * half) {
-    const int64_t t = j / half, i = j - t * half;
-    const double pos = positions ? double(positions[t]) : double(t % S);
-    const double ang = pos * pow(theta, -2.0 * double(i) / double(dh));
-    double sn, cs;
-    sincos(ang, &sn, &cs);
-    if (inverse) sn = -sn;
-    for (int64_t h = 0; h < heads; ++h) {
-      const int64_t o = t * W + h * dh + i;
-      const double a = load_d(x, o), b = load_d(x, o + half);
-      store_d(y, o, a * cs - b * sn);
-      store_d(y, o + half, a * sn + b * cs);
+// kernel rotates by its negative angle); the inverse rotates by the negative angle. The angle
+// depends on (p, i) only, so its pow and sincos (in double, as the CPU reference computes them)
+// run once per (position, i) into a table, not once per token and head: per token they were most
+// of the kernel's time (0.35 ms per call on config D, then 25 us per call on config A, half the
+// memory speed; kernel censuses in docs/performance.md). Positions outside [0, S) compute theirs
+// inline. Same arithmetic per element as the CPU reference: a cs - b sn in double, rounded once.
+__device__ __forceinline__ double2 rope_angle(double pos, int64_t i, int64_t dh, double theta) {
+  const double ang = pos * pow(theta, -2.0 * double(i) / double(dh));
+  double sn, cs;
+  sincos(ang, &sn, &cs);
+  return make_double2(cs, sn);
+}
+
+__global__ void rope_table_kernel(int64_t S, int64_t half, int64_t dh, double theta, double2* tab) {
+  MOELAB_GRID_STRIDE(j, S * half) {
+    const int64_t p = j / half;
+    tab[j] = rope_angle(double(p), j - p * half, dh, theta);
+  }
+}
+
+// One thread per N consecutive pair indices of one head of one token (N = 8 for bf16 and 4 for
+// f32 as 16-byte vectors, where rows allow; 1 otherwise).
+template <class T, int N>
+__global__ void rope_kernel(const T* x, int64_t R, int64_t W, int64_t heads, int64_t S, double theta,
+                            bool inverse, const int32_t* positions, const double2* tab, T* y) {
+  const int64_t dh = W / heads, half = dh / 2, hv = half / N, per_token = heads * hv;
+  MOELAB_GRID_STRIDE(j, R * per_token) {
+    const int64_t t = j / per_token, rem = j - t * per_token, h = rem / hv, i0 = (rem - h * hv) * N;
+    const int64_t pos = positions ? int64_t(positions[t]) : t % S;
+    const int64_t o = t * W + h * dh + i0;
+    double a[N], b[N];
+    if constexpr (N == 1) {
+      a[0] = load_d(x, o);
+      b[0] = load_d(x, o + half);
+    } else {
+      float fa[N], fb[N];
+      Vec<T>::load(x + o, fa);
+      Vec<T>::load(x + o + half, fb);
+#pragma unroll
+      for (int q = 0; q < N; ++q) a[q] = fa[q], b[q] = fb[q];
+    }
+    double ya[N], yb[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+      const double2 r = pos >= 0 && pos < S ? tab[pos * half + i0 + q] : rope_angle(double(pos), i0 + q, dh, theta);
+      const double cs = r.x, sn = inverse ? -r.y : r.y;
+      ya[q] = a[q] * cs - b[q] * sn;
+      yb[q] = a[q] * sn + b[q] * cs;
+    }
+    if constexpr (N == 1) {
+      store_d(y, o, ya[0]);
+      store_d(y, o + half, yb[0]);
+    } else {
+      float fa[N], fb[N];  // double -> float -> T: store_d's rounding path
+#pragma unroll
+      for (int q = 0; q < N; ++q) fa[q] = float(ya[q]), fb[q] = float(yb[q]);
+      Vec<T>::store(y + o, fa);
+      Vec<T>::store(y + o + half, fb);
     }
   }
 }
@@ -495,11 +532,21 @@ void rope(Ctx& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta,
           const Tensor& y, const Tensor& positions) {
   const int64_t R = x.dim(0), W = x.dim(1);
   if (R * W == 0) return;
+  const int64_t dh = W / heads, half = dh / 2;
+  Buf<double2> tab(c, seq_len * half);
+  rope_table_kernel<<<grid_for(seq_len * half), kThreads, 0, c.stream>>>(seq_len, half, dh, theta, tab.get());
+  CUDA_CHECK_LAUNCH();
+  const int32_t* pos = positions.defined() ? cptr<int32_t>(positions) : nullptr;
   dispatch_float(x.dtype(), inverse ? "rope_backward" : "rope_forward", [&](auto tag) {
     using T = decltype(tag);
-    rope_kernel<T><<<grid_for(R * (W / heads / 2)), kThreads, 0, c.stream>>>(
-        cptr<T>(x), R, W, heads, seq_len, theta, inverse,
-        positions.defined() ? cptr<int32_t>(positions) : nullptr, mptr<T>(y));
+    constexpr int N = Vec<T>::N;
+    // Vectors: every half-head a whole number of 16-byte vectors (half % N, W % N: row starts).
+    if (half % N == 0 && vec_ok<T>(W, {x.data(), y.data()}))
+      rope_kernel<T, N><<<grid_for(R * heads * (half / N)), kThreads, 0, c.stream>>>(
+          cptr<T>(x), R, W, heads, seq_len, theta, inverse, pos, tab.get(), mptr<T>(y));
+    else
+      rope_kernel<T, 1><<<grid_for(R * heads * half), kThreads, 0, c.stream>>>(
+          cptr<T>(x), R, W, heads, seq_len, theta, inverse, pos, tab.get(), mptr<T>(y));
     CUDA_CHECK_LAUNCH();
   });
 }

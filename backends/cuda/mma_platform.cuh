@@ -62,6 +62,11 @@ FA_DEV void fa_st32(void* p, uint32_t v) { *static_cast<uint32_t*>(p) = v; }
 FA_DEV uint32_t fa_ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
 // A read-only int32 of global memory, through the non-coherent (texture) path.
 FA_DEV int32_t fa_ldg(const int32_t* p) { return __ldg(p); }
+// 16 bytes of global memory (16-byte aligned) in one load.
+FA_DEV void fa_ld128(const void* p, uint32_t (&w)[4]) {
+  const uint4 q = *static_cast<const uint4*>(p);
+  w[0] = q.x, w[1] = q.y, w[2] = q.z, w[3] = q.w;
+}
 FA_DEV float fa_exp2(float x) { return exp2f(x); }
 FA_DEV float fa_log2(float x) { return log2f(x); }
 

@@ -38,18 +38,28 @@ Tensor SwiGLUExperts::forward(const Tensor& x, const std::vector<int64_t>& offse
   return y;
 }
 
+void SwiGLUExperts::settle_grad_zero() {
+  if (!grad_zero_deferred_) return;
+  b_.fill(dw1_, 0.0);
+  b_.fill(dw2_, 0.0);
+  grad_zero_deferred_ = false;
+}
+
 void SwiGLUExperts::backward(const ExpertsCache& cache, const Tensor& dy, double dropout_rate,
                              const Tensor& dx) {
   const int64_t R = dy.dim(0);
   Tensor ab = cache.ab, h = cache.h;
   if (!ab.defined()) hidden(cache.x, cache.offsets, cache.dropout, dropout_rate, cache.dropout_seed, ab, h);
-  b_.grouped_gemm_wgrad(h, dy, cache.offsets, dw2_, 1.0);         // dW2_e += H_e^T dY_e
+  // beta 0 after a deferred zero: the GEMMs write the gradients, experts without rows get zeros.
+  const double beta = grad_zero_deferred_ ? 0.0 : 1.0;
+  grad_zero_deferred_ = false;
+  b_.grouped_gemm_wgrad(h, dy, cache.offsets, dw2_, beta);        // dW2_e += H_e^T dY_e
   Tensor dh = b_.empty(Shape{R, F_}, dtype_);
   b_.grouped_gemm(dy, w2_, cache.offsets, dh, true, 0.0);          // dH_e = dY_e W2_e^T
   if (cache.dropout) b_.dropout_backward(dh, dropout_rate, cache.dropout_seed, dh);
   Tensor dab = b_.empty(Shape{R, 2 * F_}, dtype_);
   b_.swiglu_backward(ab, dh, dab);
-  b_.grouped_gemm_wgrad(cache.x, dab, cache.offsets, dw1_, 1.0);  // dW1_e += X_e^T dAB_e
+  b_.grouped_gemm_wgrad(cache.x, dab, cache.offsets, dw1_, beta); // dW1_e += X_e^T dAB_e
   b_.grouped_gemm(dab, w1_, cache.offsets, dx, true, 0.0);         // dX_e = dAB_e W1_e^T
 }
 

@@ -39,12 +39,24 @@ class SwiGLUExperts {
   // SwiGLU (with the same dropout mask) again, the same ops on the same inputs: the same bits.
   void set_recompute(bool on) { recompute_ = on; }
 
+  // Zeroing dW1 and dW2 without a pass over their memory (PyTorch's zero_grad(set_to_none)):
+  // after defer_grad_zero(), the next backward writes the weight gradients (beta 0) instead of
+  // adding to them, which is the same value as adding to zeros. The expert weights are most of
+  // an MoE model's parameters, so the fill and the GEMMs' reads of the old values were a pass
+  // over most of the gradient memory each step. Until that backward runs, the gradients' memory
+  // holds stale values: settle_grad_zero() zero-fills them if a deferred zero is still pending
+  // (call it before reading gradients that no backward may have written).
+  void defer_grad_zero() { grad_zero_deferred_ = true; }
+  bool grad_zero_deferred() const { return grad_zero_deferred_; }
+  void settle_grad_zero();
+
  private:
   Backend& b_;
   int64_t E_, D_, F_;
   DType dtype_;
   Tensor w1_, w2_, dw1_, dw2_;
   bool recompute_ = false;
+  bool grad_zero_deferred_ = false;
   // ab = X W1, h = swiglu(ab) (dropped out in training): forward's and the recomputation's.
   void hidden(const Tensor& x, const std::vector<int64_t>& offsets, bool dropout, double dropout_rate,
               uint64_t dropout_seed, Tensor& ab, Tensor& h);

@@ -89,6 +89,8 @@ class MoELayer {
   const DispatchPlan& last_plan() const { return cache_.layout.send; }
   const DispatchLayout& last_layout() const { return cache_.layout; }
   Dispatcher& dispatcher() { return *dispatcher_; }
+  // The routed experts (their weights are the parameters "experts.w1" / "experts.w2").
+  SwiGLUExperts& routed_experts() { return experts_; }
 
  private:
   struct MoECache {
