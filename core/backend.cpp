@@ -263,6 +263,59 @@ void Backend::gemm(bool ta, bool tb, double alpha, const Tensor& a, const Tensor
   gemm_impl(ta, tb, alpha, a, b, beta, c_);
 }
 
+void Backend::router_logits(const Tensor& x, const Tensor& w, const Tensor& out) {
+  Checker c{*this, Op::Gemm};
+  c.rank(x, "x", 2);
+  c.rank(w, "w", 2);
+  c.floating(x, "x");
+  c.floating(w, "w");
+  MOELAB_CHECK(x.dim(1) == w.dim(0), "router_logits: x is ", x.describe(), ", w ", w.describe(),
+               ": inner dimensions differ");
+  c.shape(out, "out", Shape{x.dim(0), w.dim(1)});
+  c.dtype(out, "out", w.dtype());
+  require(Op::Gemm, w.dtype());
+  router_logits_impl(x, w, out);
+}
+
+void Backend::router_input_grads(const Tensor& x, const Tensor& dlogits, const Tensor& w, const Tensor& dw,
+                                 const Tensor& dx) {
+  Checker c{*this, Op::Gemm};
+  c.rank(x, "x", 2);
+  c.floating(x, "x");
+  c.rank(w, "w", 2);
+  c.floating(w, "w");
+  MOELAB_CHECK(x.dim(1) == w.dim(0), "router_input_grads: x is ", x.describe(), ", w ", w.describe(),
+               ": inner dimensions differ");
+  c.shape(dlogits, "dlogits", Shape{x.dim(0), w.dim(1)});
+  c.dtype(dlogits, "dlogits", w.dtype());
+  c.shape(dw, "dw", w.shape());
+  c.dtype(dw, "dw", w.dtype());
+  c.shape(dx, "dx", x.shape());
+  c.dtype(dx, "dx", x.dtype());
+  require(Op::Gemm, w.dtype());
+  router_input_grads_impl(x, dlogits, w, dw, dx);
+}
+
+// x in w's dtype: the input itself or a cast copy.
+static Tensor in_dtype(Backend& b, const Tensor& x, DType dt) {
+  if (x.dtype() == dt) return x;
+  Tensor out = b.empty(x.shape(), dt);
+  b.cast(x, out);
+  return out;
+}
+
+void Backend::router_logits_impl(const Tensor& x, const Tensor& w, const Tensor& out) {
+  gemm(false, false, 1.0, in_dtype(*this, x, w.dtype()), w, 0.0, out);
+}
+
+void Backend::router_input_grads_impl(const Tensor& x, const Tensor& dlogits, const Tensor& w,
+                                      const Tensor& dw, const Tensor& dx) {
+  gemm(true, false, 1.0, in_dtype(*this, x, w.dtype()), dlogits, 1.0, dw);
+  Tensor dxr = empty(dx.shape(), w.dtype());
+  gemm(false, true, 1.0, dlogits, w, 0.0, dxr);
+  axpy(1.0, in_dtype(*this, dxr, dx.dtype()), dx);
+}
+
 void Backend::grouped_gemm(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets,
                            const Tensor& y, bool trans_w, double beta) {
   Checker c{*this, Op::GroupedGemm};

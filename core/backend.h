@@ -127,6 +127,16 @@ class Backend {
   // C = alpha op(A) op(B) + beta C; A, B, C 2-D; op = transpose when the flag is set.
   void gemm(bool trans_a, bool trans_b, double alpha, const Tensor& a, const Tensor& b,
             double beta, const Tensor& c);
+  // The router's GEMMs in its own precision (Switch's selective precision: the router runs in
+  // f32 whatever the model dtype), for activations in the model dtype:
+  //   router_logits:      out [T,E] = x [T,D] w [D,E]       (x as w's dtype; out in w's dtype)
+  //   router_input_grads: dw [D,E] += x^T dlogits,  dx [T,D] += dlogits w^T (dx in x's dtype)
+  // Composites whose default casts x to w's dtype and runs gemm (and cast, axpy for dx); a device
+  // backend may compute them another way of the same precision without the f32 copies of x and
+  // dx (CUDA: bf16 x against w split into bf16 parts on the tensor cores).
+  void router_logits(const Tensor& x, const Tensor& w, const Tensor& out);
+  void router_input_grads(const Tensor& x, const Tensor& dlogits, const Tensor& w, const Tensor& dw,
+                          const Tensor& dx);
   // Per-expert GEMM on expert-sorted rows (the MoE expert MLPs, no per-token host loop):
   // for each e: Y[rows of e] = X[rows of e] op(W[e]) + beta Y[rows of e].
   // X [R,Kin], W [E,Kin,N] (or [E,N,Kin] with trans_w), Y [R,N], offsets [E+1].
@@ -332,6 +342,9 @@ class Backend {
   virtual void transpose_impl(const Tensor& x, const Tensor& y) = 0;
   virtual void gemm_impl(bool ta, bool tb, double alpha, const Tensor& a, const Tensor& b,
                          double beta, const Tensor& c) = 0;
+  virtual void router_logits_impl(const Tensor& x, const Tensor& w, const Tensor& out);
+  virtual void router_input_grads_impl(const Tensor& x, const Tensor& dlogits, const Tensor& w,
+                                       const Tensor& dw, const Tensor& dx);
   virtual void grouped_gemm_impl(const Tensor& x, const Tensor& w,
                                  const std::vector<int64_t>& offsets, const Tensor& y,
                                  bool trans_w, double beta) = 0;

@@ -229,6 +229,11 @@ class Case {
     const uint64_t sd = next_seed();
     return gen(s, [&](int64_t i) { return shift + scale * rng::normal(sd, uint64_t(i)); }, dt);
   }
+  // N(0, scale^2) values in another dtype than the case's (mixed-precision ops).
+  Pair randn_as(DType gdt, Shape s, double scale = 1.0) {
+    const uint64_t sd = next_seed();
+    return gen(s, [&](int64_t i) { return scale * rng::normal(sd, uint64_t(i)); }, gdt);
+  }
   Pair uniform(Shape s, double lo, double hi, DType gdt) {
     const uint64_t sd = next_seed();
     return gen(s, [&](int64_t i) { return lo + (hi - lo) * rng::uniform(sd, uint64_t(i)); }, gdt);
@@ -533,6 +538,38 @@ TEST_CASE("gpu ops: gemm", "[gpu]") {
         g.gemm(ta, tb, 0.8, a.g, b.g, beta, c.g);
         k.close(c);
       }
+  fam.finish();
+}
+
+// The router's GEMMs on bf16 activations and an f32 weight (CUDA: the weight and dlogits split into
+// bf16 parts on the tensor cores), held to the f32 threshold against the CPU in f64; dx is bf16.
+// E 8 and 40, D 72 and 70 (rows of bf16 not on 16 bytes); and the same ops with f32 activations
+// (the default composite: cast-free f32 GEMMs).
+TEST_CASE("gpu ops: router_logits and router_input_grads (bf16 x, f32 weight)", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("router gemms");
+  Backend& g = gpu();
+  for (DType xdt : {DType::BF16, DType::F32})
+    for (auto [T, D, E] : {std::array<int64_t, 3>{300, 72, 8}, {129, 70, 40}}) {
+      const std::string tag = " T " + std::to_string(T) + " D " + std::to_string(D) + " E " + std::to_string(E) +
+                              " x " + to_string(xdt);
+      Case k(fam, g, "router_logits" + tag, DType::F32);
+      Pair x = k.randn_as(xdt, Shape{T, D});
+      Pair w = k.randn(Shape{D, E}, 0.3);
+      Out logits = k.out("logits", Shape{T, E});
+      cpu().router_logits(x.c, w.c, logits.c);
+      g.router_logits(x.g, w.g, logits.g);
+      k.close(logits);
+      Case kb(fam, g, "router_input_grads" + tag, DType::F32);
+      Pair dl = kb.randn(Shape{T, E}, 0.01);
+      Out dw = kb.acc("dw", Shape{D, E});
+      Out dx = kb.acc("dx", kb.randn_as(xdt, Shape{T, D}, 0.05));
+      cpu().router_input_grads(x.c, dl.c, w.c, dw.c, dx.c);
+      g.router_input_grads(x.g, dl.g, w.g, dw.g, dx.g);
+      kb.close(dw);
+      kb.close(dx);
+    }
   fam.finish();
 }
 

@@ -231,6 +231,15 @@ class CudaBackend final : public Backend {
                  const Tensor& c) override {
     cuda::gemm(ctx_, ta, tb, alpha, a, b, beta, c);
   }
+  void router_logits_impl(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    if (!cuda::router_gemms_on_tensor_cores(x, w)) return Backend::router_logits_impl(x, w, out);
+    cuda::router_logits(ctx_, x, w, out);
+  }
+  void router_input_grads_impl(const Tensor& x, const Tensor& dlogits, const Tensor& w, const Tensor& dw,
+                               const Tensor& dx) override {
+    if (!cuda::router_gemms_on_tensor_cores(x, w)) return Backend::router_input_grads_impl(x, dlogits, w, dw, dx);
+    cuda::router_input_grads(ctx_, x, dlogits, w, dw, dx);
+  }
   void grouped_gemm_impl(const Tensor& x, const Tensor& w, const std::vector<int64_t>& off,
                          const Tensor& y, bool trans_w, double beta) override {
     cuda::grouped_gemm(ctx_, opts_.grouped_gemm, x, w, off, y, trans_w, beta);

@@ -63,6 +63,12 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   double beta);
 void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& dy,
                         const std::vector<int64_t>& offsets, const Tensor& dw, double beta);
+// Backend::router_logits / router_input_grads for bf16 x and an f32 weight (the only case taken:
+// router_gemms_on_tensor_cores), in f32 precision on the bf16 tensor cores.
+bool router_gemms_on_tensor_cores(const Tensor& x, const Tensor& w);
+void router_logits(Ctx& c, const Tensor& x, const Tensor& w, const Tensor& out);
+void router_input_grads(Ctx& c, const Tensor& x, const Tensor& dlogits, const Tensor& w, const Tensor& dw,
+                        const Tensor& dx);
 // ---- grouped_gemm_mma.cu: moelab's own grouped GEMM (GroupedGemmImpl::Mma) --------------------
 // bf16 only; offsets d_off [E+1] int32 in device memory (never read on the host). Semantics as
 // grouped_gemm / grouped_gemm_wgrad above. can_implement(x, w or dy, y or dw): bf16 operands,

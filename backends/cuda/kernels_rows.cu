@@ -133,14 +133,19 @@ __global__ void colsum_partial_kernel(const T* m, int64_t E, int64_t seg, int64_
   }
 }
 
+// One warp per output: lanes add chunks lane, lane + 32, ... in order, then a fixed shuffle tree
+// (deterministic). One thread per output walking all chunks was a chain of dependent loads (8.8 us
+// a call for 64 chunks of 8 columns; kernel census, docs/performance.md, eighth session).
 __global__ void colsum_final_kernel(const double* partial, int64_t nseg, int64_t E,
                                     int64_t chunks_per_seg, double* out) {
-  MOELAB_GRID_STRIDE(i, nseg * E) {
-    const int64_t s = i / E, e = i - s * E;
-    double t = 0.0;
-    for (int64_t k = 0; k < chunks_per_seg; ++k) t += partial[(s * chunks_per_seg + k) * E + e];
-    out[i] = t;
-  }
+  const int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (i >= nseg * E) return;  // warp-uniform
+  const int lane = threadIdx.x & 31;
+  const int64_t s = i / E, e = i - s * E;
+  double t = 0.0;
+  for (int64_t k = lane; k < chunks_per_seg; k += 32) t += partial[(s * chunks_per_seg + k) * E + e];
+  t = warp_sum(t);
+  if (lane == 0) out[i] = t;
 }
 
 constexpr int kReduceBlocks = 256;
@@ -242,8 +247,9 @@ void column_sums(Ctx& c, DType dt, const void* m, int64_t R, int64_t E, int64_t 
   MOELAB_CHECK(seg >= 1 && R % seg == 0, "cuda column_sums: segment ", seg, " must divide ", R);
   const int64_t nseg = R / seg;
   if (nseg * E == 0) return;
-  // Chunk length: 256 rows, doubled until the grid's y extent fits.
-  int64_t ch = 256, cps = (seg + ch - 1) / ch;
+  // Chunk length: 64 rows (short dependent chains per thread; the final pass adds the chunks by
+  // warps), doubled until the grid's y extent fits.
+  int64_t ch = 64, cps = (seg + ch - 1) / ch;
   while (nseg * cps > 65535) {
     ch *= 2;
     cps = (seg + ch - 1) / ch;
@@ -263,8 +269,7 @@ void column_sums(Ctx& c, DType dt, const void* m, int64_t R, int64_t E, int64_t 
     case DType::BF16: run(bf16_t{}); break;
     default: throw NotSupported("cuda column_sums: integer dtype");
   }
-  colsum_final_kernel<<<grid_for(nseg * E), kThreads, 0, c.stream>>>(partial.get(), nseg, E, cps,
-                                                                      out);
+  colsum_final_kernel<<<grid_rows(nseg * E), kThreads, 0, c.stream>>>(partial.get(), nseg, E, cps, out);
   CUDA_CHECK_LAUNCH();
 }
 

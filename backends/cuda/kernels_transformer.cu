@@ -232,60 +232,75 @@ __global__ void rms_dw_final_kernel(const double* partial, int64_t chunks, int64
 // positions[t] when given (not checked here: the CPU reference refuses a negative position, this
 // kernel rotates by its negative angle); the inverse rotates by the negative angle. The angle
 // depends on (p, i) only, so its pow and sincos (in double, as the CPU reference computes them)
-// run once per (position, i) into a table, not once per token and head: per token they were most
-// of the kernel's time (0.35 ms per call on config D, then 25 us per call on config A, half the
-// memory speed; kernel censuses in docs/performance.md). Positions outside [0, S) compute theirs
-// inline. Same arithmetic per element as the CPU reference: a cs - b sn in double, rounded once.
-__device__ __forceinline__ double2 rope_angle(double pos, int64_t i, int64_t dh, double theta) {
+// run once per (position, i) into a table, not once per token and head (per token they were most
+// of the kernel's time: 0.35 ms a call on config D; kernel censuses in docs/performance.md).
+// Positions outside [0, S) compute theirs inline.
+// Arithmetic: f32 tensors rotate in double, as the CPU reference does (one rounding). bf16 ones
+// rotate in float with cos and sin rounded to float (error below 2^-22 relative, so the bf16 result
+// equals the double path's except within that distance of a rounding tie): in double, the
+// conversions and the registers they took held the kernel at a third of the memory speed (config
+// A: 25 us a call for 32 MB; eighth session).
+template <class A> struct RopePair;  // (cos, sin) in the accumulation type A
+template <> struct RopePair<double> { using type = double2; };
+template <> struct RopePair<float> { using type = float2; };
+
+// Not inlined: positions outside [0, S) are rare (packed records stay inside their row), and an
+// inlined pow and sincos took registers from the kernel below.
+template <class A>
+__device__ __noinline__ typename RopePair<A>::type rope_angle(double pos, int64_t i, int64_t dh, double theta) {
   const double ang = pos * pow(theta, -2.0 * double(i) / double(dh));
   double sn, cs;
   sincos(ang, &sn, &cs);
-  return make_double2(cs, sn);
+  return {A(cs), A(sn)};
 }
 
-__global__ void rope_table_kernel(int64_t S, int64_t half, int64_t dh, double theta, double2* tab) {
+template <class A>
+__global__ void rope_table_kernel(int64_t S, int64_t half, int64_t dh, double theta, typename RopePair<A>::type* tab) {
   MOELAB_GRID_STRIDE(j, S * half) {
     const int64_t p = j / half;
-    tab[j] = rope_angle(double(p), j - p * half, dh, theta);
+    tab[j] = rope_angle<A>(double(p), j - p * half, dh, theta);
   }
 }
 
-// One thread per N consecutive pair indices of one head of one token (N = 8 for bf16 and 4 for
-// f32 as 16-byte vectors, where rows allow; 1 otherwise).
-template <class T, int N>
+// One warp per token; its lanes take the token's pairs of N-element vectors (N = 8 for bf16 and
+// 4 for f32 as 16-byte vectors, where rows allow; 1 otherwise): pair p is vector p % hv of the
+// first and of the second half of head p / hv.
+template <class T, int N, class A>
 __global__ void rope_kernel(const T* x, int64_t R, int64_t W, int64_t heads, int64_t S, double theta,
-                            bool inverse, const int32_t* positions, const double2* tab, T* y) {
-  const int64_t dh = W / heads, half = dh / 2, hv = half / N, per_token = heads * hv;
-  MOELAB_GRID_STRIDE(j, R * per_token) {
-    const int64_t t = j / per_token, rem = j - t * per_token, h = rem / hv, i0 = (rem - h * hv) * N;
-    const int64_t pos = positions ? int64_t(positions[t]) : t % S;
-    const int64_t o = t * W + h * dh + i0;
-    double a[N], b[N];
+                            bool inverse, const int32_t* positions, const typename RopePair<A>::type* tab, T* y) {
+  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (t >= R) return;  // warp-uniform
+  const int lane = threadIdx.x & 31;
+  const int dh = int(W / heads), half = dh / 2, hv = half / N, pairs = int(heads) * hv;
+  const int64_t pos = positions ? int64_t(positions[t]) : t % S;
+  const bool in_table = pos >= 0 && pos < S;  // warp-uniform
+  const auto* row = tab + (in_table ? pos * half : 0);
+  for (int p = lane; p < pairs; p += 32) {
+    const int h = p / hv, i0 = (p - h * hv) * N;
+    const int64_t o = t * W + int64_t(h) * dh + i0;
+    float fa[N], fb[N];
     if constexpr (N == 1) {
-      a[0] = load_d(x, o);
-      b[0] = load_d(x, o + half);
+      fa[0] = load_f(x, o);
+      fb[0] = load_f(x, o + half);
     } else {
-      float fa[N], fb[N];
       Vec<T>::load(x + o, fa);
       Vec<T>::load(x + o + half, fb);
-#pragma unroll
-      for (int q = 0; q < N; ++q) a[q] = fa[q], b[q] = fb[q];
     }
-    double ya[N], yb[N];
+    auto rotate = [&](int q, typename RopePair<A>::type r) {
+      const A a = fa[q], b = fb[q], cs = r.x, sn = inverse ? -r.y : r.y;
+      fa[q] = float(a * cs - b * sn);  // for f32 in double: double -> float, store_d's rounding
+      fb[q] = float(a * sn + b * cs);
+    };
+    if (in_table) {  // two loops, so that the table's has no call (whose registers it would keep)
 #pragma unroll
-    for (int q = 0; q < N; ++q) {
-      const double2 r = pos >= 0 && pos < S ? tab[pos * half + i0 + q] : rope_angle(double(pos), i0 + q, dh, theta);
-      const double cs = r.x, sn = inverse ? -r.y : r.y;
-      ya[q] = a[q] * cs - b[q] * sn;
-      yb[q] = a[q] * sn + b[q] * cs;
+      for (int q = 0; q < N; ++q) rotate(q, row[i0 + q]);
+    } else {
+      for (int q = 0; q < N; ++q) rotate(q, rope_angle<A>(double(pos), i0 + q, dh, theta));
     }
     if constexpr (N == 1) {
-      store_d(y, o, ya[0]);
-      store_d(y, o + half, yb[0]);
+      store_f(y, o, fa[0]);
+      store_f(y, o + half, fb[0]);
     } else {
-      float fa[N], fb[N];  // double -> float -> T: store_d's rounding path
-#pragma unroll
-      for (int q = 0; q < N; ++q) fa[q] = float(ya[q]), fb[q] = float(yb[q]);
       Vec<T>::store(y + o, fa);
       Vec<T>::store(y + o + half, fb);
     }
@@ -533,20 +548,22 @@ void rope(Ctx& c, const Tensor& x, int64_t heads, int64_t seq_len, double theta,
   const int64_t R = x.dim(0), W = x.dim(1);
   if (R * W == 0) return;
   const int64_t dh = W / heads, half = dh / 2;
-  Buf<double2> tab(c, seq_len * half);
-  rope_table_kernel<<<grid_for(seq_len * half), kThreads, 0, c.stream>>>(seq_len, half, dh, theta, tab.get());
-  CUDA_CHECK_LAUNCH();
   const int32_t* pos = positions.defined() ? cptr<int32_t>(positions) : nullptr;
   dispatch_float(x.dtype(), inverse ? "rope_backward" : "rope_forward", [&](auto tag) {
     using T = decltype(tag);
+    using A = std::conditional_t<std::is_same_v<T, float>, double, float>;
+    using Pair = typename RopePair<A>::type;
+    Buf<Pair> tab(c, seq_len * half);
+    rope_table_kernel<A><<<grid_for(seq_len * half), kThreads, 0, c.stream>>>(seq_len, half, dh, theta, tab.get());
+    CUDA_CHECK_LAUNCH();
     constexpr int N = Vec<T>::N;
     // Vectors: every half-head a whole number of 16-byte vectors (half % N, W % N: row starts).
     if (half % N == 0 && vec_ok<T>(W, {x.data(), y.data()}))
-      rope_kernel<T, N><<<grid_for(R * heads * (half / N)), kThreads, 0, c.stream>>>(
-          cptr<T>(x), R, W, heads, seq_len, theta, inverse, pos, tab.get(), mptr<T>(y));
+      rope_kernel<T, N, A><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(x), R, W, heads, seq_len, theta,
+                                                                    inverse, pos, tab.get(), mptr<T>(y));
     else
-      rope_kernel<T, 1><<<grid_for(R * heads * half), kThreads, 0, c.stream>>>(
-          cptr<T>(x), R, W, heads, seq_len, theta, inverse, pos, tab.get(), mptr<T>(y));
+      rope_kernel<T, 1, A><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(x), R, W, heads, seq_len, theta,
+                                                                    inverse, pos, tab.get(), mptr<T>(y));
     CUDA_CHECK_LAUNCH();
   });
 }

@@ -177,9 +177,7 @@ void MoELayer::backward(const Tensor& dy, const Tensor& dx) {
     ProfileScope ps(b_, "moe router");
     const RouterState& st = c.route;
     Tensor dgates_r = as_dtype(b_, dgates, router_.dtype()).reshape(st.gates.shape());
-    Tensor dx_router = b_.empty(Shape{T, D}, dtype_);
-    router_.backward(st, c.x, dgates_r, c.args.seq_len, dx_router);
-    b_.axpy(1.0, dx_router, dx);
+    router_.backward(st, c.x, dgates_r, c.args.seq_len, dx);  // dx += the router's part
   }
 
   ProfileScope ps(b_, "moe shared experts");

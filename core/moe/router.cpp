@@ -79,9 +79,12 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   st.seed = seed;
   st.expert_choice = rc.policy == RoutingPolicy::ExpertChoice;
 
-  // Router input in the router dtype (Switch "selective precision"); jitter in training only.
+  // The router computes in its dtype (Switch "selective precision"). Its input is x itself:
+  // router_logits reads it as the router dtype (exact: a bf16 or f32 value is an f32 or f64
+  // one). Jitter (training only) and learned noise need x in the router dtype: a cast copy.
+  const bool jitter = training && rc.noise == NoiseType::Jitter;
   Tensor x_in = x;
-  if (x.dtype() != dtype_) {
+  if (x.dtype() != dtype_ && (jitter || rc.noise == NoiseType::Learned)) {
     x_in = b_.empty(x.shape(), dtype_);
     b_.cast(x, x_in);
   }
@@ -93,7 +96,7 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
     for (int r = 0; r < group_->rank(); ++r) st.token_offset += sizes[size_t(r)];
   }
   const uint64_t t0 = uint64_t(st.token_offset);
-  if (training && rc.noise == NoiseType::Jitter) {
+  if (jitter) {
     st.x_r = b_.empty(x.shape(), dtype_);
     b_.jitter_forward(x_in, rc.noise_eps, rng::derive(seed, kJitterStream), st.x_r, t0 * uint64_t(cfg_.d_model));
   } else {
@@ -101,7 +104,7 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   }
 
   st.clean = b_.empty(Shape{T, E}, dtype_);
-  b_.gemm(false, false, 1.0, st.x_r, p_.w_router, 0.0, st.clean);
+  b_.router_logits(st.x_r, p_.w_router, st.clean);
   if (noisy_logits(cfg_, training)) {
     st.logits = b_.empty(Shape{T, E}, dtype_);
     if (rc.noise == NoiseType::Learned) {  // Shazeer: H = x W_g + N(0,1) softplus(x W_noise)
@@ -296,6 +299,11 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
     if (dstd_load.defined()) b_.axpy(1.0, dstd_load, dstd);
   }
 
+  const bool jitter = st.training && rc.noise == NoiseType::Jitter;
+  if (!dstd.defined() && !jitter) {  // dW_r += x_r^T dclean, dx += dclean W_r^T
+    b_.router_input_grads(st.x_r, dclean, p_.w_router, p_.dw_router, dx);
+    return;
+  }
   b_.gemm(true, false, 1.0, st.x_r, dclean, 1.0, p_.dw_router);  // dW_r += x_r^T dclean
   Tensor dx_r = b_.empty(Shape{T, cfg_.d_model}, dtype_);
   b_.gemm(false, true, 1.0, dclean, p_.w_router, 0.0, dx_r);     // dx_r = dclean W_r^T
@@ -305,11 +313,16 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
     b_.gemm(true, false, 1.0, st.x_r, draw, 1.0, p_.dw_noise);
     b_.gemm(false, true, 1.0, draw, p_.w_noise, 1.0, dx_r);
   }
-  if (st.training && rc.noise == NoiseType::Jitter)
+  if (jitter)
     b_.jitter_backward(dx_r, rc.noise_eps, rng::derive(st.seed, kJitterStream), dx_r,
                        uint64_t(st.token_offset) * uint64_t(cfg_.d_model));
-  if (dx.dtype() == dtype_) b_.copy(dx_r, dx);
-  else b_.cast(dx_r, dx);
+  if (dx.dtype() == dtype_) {
+    b_.axpy(1.0, dx_r, dx);
+  } else {
+    Tensor cast = b_.empty(dx.shape(), dx.dtype());
+    b_.cast(dx_r, cast);
+    b_.axpy(1.0, cast, dx);
+  }
 }
 
 void Router::check_batch_group(const MoEConfig& cfg) {

@@ -45,7 +45,7 @@ struct RouterState {
   int64_t capacity = 0;                  // C (0 = dropless)
   int sinkhorn_iters = 0;
   uint64_t seed = 0;                     // base seed of this call's noise draws
-  Tensor x_r;        // [T,D] router input in router dtype (after jitter)
+  Tensor x_r;        // [T,D] router input: x itself, or in router dtype after jitter / for learned noise
   Tensor clean;      // [T,E] x_r W_r
   Tensor noise_raw;  // [T,E] x_r W_noise (learned noise)
   Tensor noise_std;  // [T,E] softplus(noise_raw)
@@ -104,8 +104,8 @@ class Router {
   // seed: the draws of this call (noise, random top-2); derive it from (run seed, layer, step).
   RouterState forward(const Tensor& x, bool training, int64_t seq_len, uint64_t seed);
   // dgates: gradient of the objective w.r.t. st.gates (router dtype, same shape). Adds the
-  // router-loss gradients with their config weights. Writes dx [T,D] (x's dtype, overwrite),
-  // accumulates dw_router / dw_noise.
+  // router-loss gradients with their config weights. Adds the input gradient to dx [T,D] (x's
+  // dtype) and accumulates dw_router / dw_noise.
   void backward(const RouterState& st, const Tensor& x, const Tensor& dgates, int64_t seq_len,
                 const Tensor& dx);
   // router.aux_convention = hf: the load-balancing loss is formed by the model from every MoE
