@@ -1158,9 +1158,10 @@ TEST_CASE("gpu ops: embedding, rmsnorm, rope", "[gpu]") {
   Family fam("transformer");
   Backend& g = gpu();
   for (DType dt : kDtypes) {
-    {
-      Case k(fam, g, "embedding", dt);
-      const int64_t T = 57, V = 50, D = 24;
+    // D 24: 16-byte vector kernels; 21: the scalar ones
+    for (int64_t D : {24, 21}) {
+      Case k(fam, g, "embedding D " + std::to_string(D), dt);
+      const int64_t T = 57, V = 50;
       std::vector<int> tok(static_cast<size_t>(T));
       for (int64_t t = 0; t < T; ++t) tok[size_t(t)] = int((t * 7 + t / 3) % 23);  // repeats
       tok[0] = V - 1;
@@ -1691,7 +1692,8 @@ TEST_CASE("gpu bench: grouped GEMM, per-expert vs grouped-batched cuBLAS (and au
 
 // ---- moelab's mma grouped GEMM against cuBLAS (hidden: `moelab_gpu_tests "[bench][ggemm]"`) -----
 // The expert GEMMs of one MoE layer at 16384 tokens, bf16: W1 forward (X [R, d] W1 [E, d, 2f]),
-// W1 dgrad (dAB [R, 2f] W1^T), W1 wgrad (dW1 += X^T dAB, beta 1) and W2 forward (H [R, f] W2),
+// W1 dgrad (dAB [R, 2f] W1^T), W1 and W2 wgrad (dW1 = X^T dAB, dW2 = H^T dY: beta 0, as a step's first
+// backward writes them) and W2 forward (H [R, f] W2),
 // R = tokens x top-k rows routed with mildly uneven (balanced-ish random) loads. Each variant is
 // timed with CUDA events on its backend's stream around one call: median of 10 after 3 warm-ups
 // (a per-expert call's host gaps between its cuBLAS launches count, as they do in training).
@@ -1770,13 +1772,13 @@ TEST_CASE("gpu bench: grouped GEMM, mma and wgmma kernels vs cuBLAS grouped-batc
     const Tensor dabh = random_bf16(Shape{R, f2}, 3), hh = random_bf16(Shape{R, f}, 4);
     const Tensor w2h = random_bf16(Shape{E, f, d}, 5);
     struct Set {
-      Tensor x, w1, dab, h, w2, ab, dx, dw1, y;
+      Tensor x, w1, dab, h, w2, ab, dx, dw1, y, dw2;
     } t[kImpls];
     for (int i = 0; i < kImpls; ++i) {
       Backend& b = *be[i];
       t[i] = Set{b.from_host(xh), b.from_host(w1h), b.from_host(dabh), b.from_host(hh), b.from_host(w2h),
                  b.empty(Shape{R, f2}, dt), b.empty(Shape{R, d}, dt), b.zeros(Shape{E, d, f2}, dt),
-                 b.empty(Shape{R, d}, dt)};
+                 b.empty(Shape{R, d}, dt), b.zeros(Shape{E, f, d}, dt)};
     }
     struct Gemm {
       const char* name;
@@ -1787,7 +1789,9 @@ TEST_CASE("gpu bench: grouped GEMM, mma and wgmma kernels vs cuBLAS grouped-batc
     const Gemm gemms[] = {
         {"W1 fwd", d, f2, [&](Backend& b, Set& s) { b.grouped_gemm(s.x, s.w1, off, s.ab, false, 0.0); }, &Set::ab},
         {"W1 dgrad", f2, d, [&](Backend& b, Set& s) { b.grouped_gemm(s.dab, s.w1, off, s.dx, true, 0.0); }, &Set::dx},
-        {"W1 wgrad", d, f2, [&](Backend& b, Set& s) { b.grouped_gemm_wgrad(s.x, s.dab, off, s.dw1, 1.0); }, &Set::dw1},
+        // beta 0: a step's first backward writes the expert gradients (ParamStore's deferred zero)
+        {"W1 wgrad", d, f2, [&](Backend& b, Set& s) { b.grouped_gemm_wgrad(s.x, s.dab, off, s.dw1, 0.0); }, &Set::dw1},
+        {"W2 wgrad", f, d, [&](Backend& b, Set& s) { b.grouped_gemm_wgrad(s.h, s.x, off, s.dw2, 0.0); }, &Set::dw2},
         {"W2 fwd", f, d, [&](Backend& b, Set& s) { b.grouped_gemm(s.h, s.w2, off, s.y, false, 0.0); }, &Set::y}};
     for (const Gemm& gm : gemms) {
       const double flops = 2.0 * double(R) * double(gm.K) * double(gm.N);
