@@ -21,7 +21,8 @@
 // are copied to a device int32 array (stream-ordered, no sync) and one launch does every expert;
 // operands it cannot take (f32, widths not multiples of 8, unaligned views) go the Auto way.
 // Wgmma: the same with grouped_gemm_wgmma.cu's kernel, on a device of compute capability 9.0;
-// Auto picks it there for small bf16 calls (own_kernel).
+// Auto picks it there for small bf16 calls and for the weight gradients of all but very large
+// experts (own_kernel).
 //
 // The router's GEMMs (router_logits, router_input_grads): bf16 activations against the f32
 // router weight, in f32 precision on the bf16 tensor cores (split_bf16 below).
@@ -91,18 +92,29 @@ constexpr double kPerExpertMinFlops = 64e9;  // mean 2 m n k per problem
 // expert phase's host time 0.3-0.5 ms against 5-7; on larger calls cuBLAS is as fast or faster
 // (E at parity, B and D 3% slower with the kernel).
 constexpr double kWgmmaMaxFlops = 256e9;
+// Weight gradients written with beta 0 (a step's first backward: ParamStore defers the experts'
+// zero to it) ran faster on the kernel than on every cuBLAS path whenever the experts are not
+// the per-expert kind (kPerExpertMinFlops), in the same call (eighth session, TFLOP/s, kernel
+// against cuBLAS's best): config E 128 x 512, W1 576 / 426, W2 556 / 276; fine 64 x 1408, W1 619 /
+// 601, W2 636 / 537; A W1 670 / 671, W2 592 / 530; Mixtral's 1 TFLOP per-expert GEMMs 603 / 685 and
+// 650 / 750 stay on cuBLAS. Whole steps: E 29.27 -> 28.47 ms, D 40.52 -> 40.17.
+constexpr double kWgmmaWgradMaxFlopsPerExpert = kPerExpertMinFlops;
 
-// Which of moelab's own kernels runs a grouped call (x [R, K], w or dy, out [.., N]), if any: Mma
-// and Wgmma where the operands (and for Wgmma the device) allow, Auto's Wgmma for small calls
-// (above); None leaves the call to the cuBLAS paths.
+// Which of moelab's own kernels runs a grouped call (x [R, K], w or dy, out [.., N]; E experts), if
+// any: Mma and Wgmma where the operands (and for Wgmma the device) allow, Auto's Wgmma for small
+// calls and for weight gradients written with beta 0 (wgrad_write) of experts below the
+// per-expert size (above; beta 1 was not measured faster); None leaves the call to cuBLAS.
 enum class Own { None, Mma, Wgmma };
-Own own_kernel(const Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w, const Tensor& out) {
+Own own_kernel(const Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w, const Tensor& out,
+               int64_t E, bool wgrad_write) {
   if (impl != GroupedGemmImpl::Mma && impl != GroupedGemmImpl::Wgmma && impl != GroupedGemmImpl::Auto) return Own::None;
   if (!mma_grouped_can_implement(x, w, out)) return Own::None;
   if (impl == GroupedGemmImpl::Mma) return Own::Mma;
   if (!wgmma_grouped_available(c)) return Own::None;
+  if (impl == GroupedGemmImpl::Wgmma) return Own::Wgmma;
   const double flops = 2.0 * double(x.dim(0)) * double(x.dim(1)) * double(out.dim(-1));
-  return impl == GroupedGemmImpl::Wgmma || flops < kWgmmaMaxFlops ? Own::Wgmma : Own::None;
+  if (flops < kWgmmaMaxFlops) return Own::Wgmma;
+  return wgrad_write && flops / double(E > 0 ? E : 1) < kWgmmaWgradMaxFlopsPerExpert ? Own::Wgmma : Own::None;
 }
 // The cuBLAS paths take Mma and Wgmma calls they could not run as Auto.
 GroupedGemmImpl cublas_impl(GroupedGemmImpl impl) {
@@ -325,7 +337,7 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   const std::vector<int64_t>& off, const Tensor& y, bool trans_w, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
-  if (const Own own = own_kernel(c, impl, x, w, y); own != Own::None) {
+  if (const Own own = own_kernel(c, impl, x, w, y, E, false); own != Own::None) {
     Buf<int32_t> d_off = device_offsets(c, off);
     if (own == Own::Wgmma) wgmma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
     else mma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
@@ -352,7 +364,7 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
                         const std::vector<int64_t>& off, const Tensor& dw, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
-  if (const Own own = own_kernel(c, impl, x, dy, dw); own != Own::None) {
+  if (const Own own = own_kernel(c, impl, x, dy, dw, E, beta == 0.0); own != Own::None) {
     Buf<int32_t> d_off = device_offsets(c, off);
     if (own == Own::Wgmma) wgmma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
     else mma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
