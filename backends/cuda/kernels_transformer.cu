@@ -220,33 +220,48 @@ __global__ void rms_bwd_dx_vec_kernel(const T* x, const T* w, const T* rstd, con
   }
 }
 
-// partial[chunk, d] = sum over the chunk's rows of dy x r (block: 32 columns x 8 row lanes).
-template <class T>
+// partial[chunk, d] = sum over the chunk's rows of dy x r (block: 32 column groups x 8 row lanes;
+// a thread's group is N consecutive columns, 16-byte vectors where rows allow). Each column's sum
+// is the same at every N: row lane y adds rows r0 + y, r0 + y + 8, ... in double, then lane 0 adds
+// the 8 lanes in order. (Scalar 2-byte loads of one column per thread ran at half the memory
+// speed: config E 55 us a call; eighth session.)
+template <class T, int N>
 __global__ void rms_dw_partial_kernel(const T* x, const T* rstd, const T* dy, int64_t R,
                                       int64_t D, int64_t ch, double* partial) {
-  __shared__ double sh[8][33];
+  __shared__ double sh[8][32 * N + 1];
   const int64_t r0 = int64_t(blockIdx.y) * ch, r1 = min(r0 + ch, R);
-  const int64_t d = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  double acc = 0.0;
-  if (d < D)
-    for (int64_t t = r0 + threadIdx.y; t < r1; t += 8)
-      acc += double(load_f(dy, t * D + d)) * load_f(x, t * D + d) * load_f(rstd, t);
-  sh[threadIdx.y][threadIdx.x] = acc;
+  const int64_t d0 = (int64_t(blockIdx.x) * 32 + threadIdx.x) * N;
+  double acc[N];
+  for (int q = 0; q < N; ++q) acc[q] = 0.0;
+  if (d0 < D)
+    for (int64_t t = r0 + threadIdx.y; t < r1; t += 8) {
+      float e[N], v[N];
+      load_n<T, N>(dy + t * D + d0, e);
+      load_n<T, N>(x + t * D + d0, v);
+      const float r = load_f(rstd, t);
+      for (int q = 0; q < N; ++q) acc[q] += double(e[q]) * v[q] * r;
+    }
+  for (int q = 0; q < N; ++q) sh[threadIdx.y][threadIdx.x * N + q] = acc[q];
   __syncthreads();
-  if (threadIdx.y == 0 && d < D) {
-    double s = 0.0;
-    for (int j = 0; j < 8; ++j) s += sh[j][threadIdx.x];
-    partial[int64_t(blockIdx.y) * D + d] = s;
-  }
+  if (threadIdx.y == 0 && d0 < D)
+    for (int q = 0; q < N; ++q) {
+      double s = 0.0;
+      for (int j = 0; j < 8; ++j) s += sh[j][threadIdx.x * N + q];
+      partial[int64_t(blockIdx.y) * D + d0 + q] = s;
+    }
 }
 
+// dw[d] += sum over chunks of partial[chunk, d]: one warp per column, lanes over the chunks in
+// order, then a fixed shuffle tree (a thread walking all chunks was a chain of dependent loads).
 template <class T>
 __global__ void rms_dw_final_kernel(const double* partial, int64_t chunks, int64_t D, T* dw) {
-  MOELAB_GRID_STRIDE(d, D) {
-    double s = 0.0;
-    for (int64_t k = 0; k < chunks; ++k) s += partial[k * D + d];
-    store_d(dw, d, load_d(dw, d) + s);
-  }
+  const int64_t d = warp_row(D);
+  if (d < 0) return;
+  const int lane = threadIdx.x & 31;
+  double s = 0.0;
+  for (int64_t k = lane; k < chunks; k += 32) s += partial[k * D + d];
+  s = warp_sum(s);
+  if (lane == 0) store_d(dw, d, load_d(dw, d) + s);
 }
 
 // ---- rotary embeddings ------------------------------------------------------------------------------
@@ -551,7 +566,9 @@ void rmsnorm_backward(Ctx& c, const Tensor& x, const Tensor& w, const Tensor& rs
                       const Tensor& dy, const Tensor& dx, const Tensor& dw) {
   const int64_t R = x.dim(0), D = x.dim(1);
   if (R == 0 || D == 0) return;
-  int64_t ch = 256, chunks = (R + ch - 1) / ch;
+  // Chunks of 64 rows: enough blocks to keep loads in flight (the final pass adds the chunks by
+  // warps), doubled until the grid's y extent fits.
+  int64_t ch = 64, chunks = (R + ch - 1) / ch;
   while (chunks > 65535) {
     ch *= 2;
     chunks = (R + ch - 1) / ch;
@@ -566,12 +583,19 @@ void rmsnorm_backward(Ctx& c, const Tensor& x, const Tensor& w, const Tensor& rs
       rms_bwd_dx_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(
           cptr<T>(x), cptr<T>(w), cptr<T>(rstd), cptr<T>(dy), R, D, mptr<T>(dx));
     CUDA_CHECK_LAUNCH();
-    const dim3 grid(unsigned((D + 31) / 32), unsigned(chunks)), block(32, 8);
-    rms_dw_partial_kernel<T><<<grid, block, 0, c.stream>>>(cptr<T>(x), cptr<T>(rstd), cptr<T>(dy),
-                                                            R, D, ch, partial.get());
+    constexpr int N = Vec<T>::N;
+    const dim3 block(32, 8);
+    if (vec_ok<T>(D, {x.data(), dy.data()})) {
+      const dim3 grid(unsigned((D + 32 * N - 1) / (32 * N)), unsigned(chunks));
+      rms_dw_partial_kernel<T, N><<<grid, block, 0, c.stream>>>(cptr<T>(x), cptr<T>(rstd), cptr<T>(dy), R, D, ch,
+                                                                partial.get());
+    } else {
+      const dim3 grid(unsigned((D + 31) / 32), unsigned(chunks));
+      rms_dw_partial_kernel<T, 1><<<grid, block, 0, c.stream>>>(cptr<T>(x), cptr<T>(rstd), cptr<T>(dy), R, D, ch,
+                                                                partial.get());
+    }
     CUDA_CHECK_LAUNCH();
-    rms_dw_final_kernel<T><<<grid_for(D), kThreads, 0, c.stream>>>(partial.get(), chunks, D,
-                                                                    mptr<T>(dw));
+    rms_dw_final_kernel<T><<<grid_rows(D), kThreads, 0, c.stream>>>(partial.get(), chunks, D, mptr<T>(dw));
     CUDA_CHECK_LAUNCH();
   });
 }
