@@ -1095,10 +1095,13 @@ TEST_CASE("gpu ops: router_stats", "[gpu]") {
   SEED_INFO();
   Family fam("router_stats");
   Backend& g = gpu();
-  const int64_t T = 77, E = 8;
+  const int64_t T = 77;
+  // E 8 and 40: the summary's one-pass row kernel (one and two columns per lane); 300: the
+  // separate row kernels it keeps for more than 256 experts.
+  for (int64_t E : {8, 40, 300})
   for (DType dt : kDtypes)
     for (bool ec : {false, true}) {
-      Case k(fam, g, ec ? "router_stats (expert choice)" : "router_stats", dt);
+      Case k(fam, g, std::string(ec ? "router_stats (expert choice)" : "router_stats") + " E " + std::to_string(E), dt);
       Pair l = k.randn(Shape{T, E}, 2.0);
       Tensor pc = cpu().empty(Shape{T, E}, DType::F64);
       cpu().softmax_forward(l.c, pc);

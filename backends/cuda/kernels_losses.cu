@@ -310,6 +310,78 @@ __global__ void stats_rows_kernel(const T* l, const T* p, int64_t R, int64_t E, 
   }
 }
 
+// The router's per-row statistics and probability column sums in one pass (router_summary): the
+// separate row kernels, column sums and five reductions were 13 launches of a few microseconds
+// each per router call (config A: about 50 us a layer; eighth session). Block b takes rows
+// [b ch, (b + 1) ch): warp w its rows r0 + w, r0 + w + 8, ..., computing per row what
+// stats_rows_kernel and zloss_rows_kernel compute (entropy, top-1 probability, sum of squared
+// logits, max |logit|, logsumexp^2) and adding them in double; each lane adds the probabilities
+// of its columns (lane, lane + 32, ...). The warps add up in order: partial[b] = [those five,
+// the column sums (E)]. Deterministic: fixed rows per warp, fixed orders.
+constexpr int kRowWarps = 8;
+constexpr int kRowMaxColsPerLane = 8;  // E <= 256
+constexpr int64_t kRowChunk = 64;
+
+template <class T>
+__global__ void __launch_bounds__(32 * kRowWarps)
+    router_rows_kernel(const T* l, const T* p, int64_t R, int64_t E, double* partial) {
+  __shared__ double sh[kRowWarps][5 + 32 * kRowMaxColsPerLane];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t r0 = int64_t(blockIdx.x) * kRowChunk, r1 = min(r0 + kRowChunk, R);
+  double ent_s = 0.0, top_s = 0.0, sq_s = 0.0, mx_s = 0.0, z_s = 0.0;
+  double col[kRowMaxColsPerLane];
+  for (int k = 0; k < kRowMaxColsPerLane; ++k) col[k] = 0.0;
+  for (int64_t t = r0 + warp; t < r1; t += kRowWarps) {
+    double ent = 0.0, top = 0.0, sq = 0.0, mx = 0.0;
+    int k = 0;
+    for (int64_t e = lane; e < E; e += 32, ++k) {
+      const double pv = load_d(p, t * E + e), lv = load_d(l, t * E + e);
+      if (pv > 0) ent -= pv * log(pv);
+      top = fmax(top, pv);
+      sq += lv * lv;
+      mx = fmax(mx, fabs(lv));
+      col[k] += pv;
+    }
+    ent = warp_sum(ent);
+    top = warp_max(top);
+    sq = warp_sum(sq);
+    mx = warp_max(mx);
+    const double lse = warp_logsumexp(l + t * E, E, lane);
+    ent_s += ent;
+    top_s += top;
+    sq_s += sq;
+    mx_s = fmax(mx_s, mx);
+    z_s += lse * lse;
+  }
+  if (lane == 0) {
+    sh[warp][0] = ent_s;
+    sh[warp][1] = top_s;
+    sh[warp][2] = sq_s;
+    sh[warp][3] = mx_s;
+    sh[warp][4] = z_s;
+  }
+  for (int k = 0; k < kRowMaxColsPerLane && lane + 32 * k < E; ++k) sh[warp][5 + lane + 32 * k] = col[k];
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < 5 + E; i += blockDim.x) {
+    double v = 0.0;
+    for (int w = 0; w < kRowWarps; ++w) v = i == 3 ? fmax(v, sh[w][i]) : v + sh[w][i];
+    partial[int64_t(blockIdx.x) * (5 + E) + i] = v;
+  }
+}
+
+// Entry i of the blocks' partials added (entry 3: max) by one warp, lanes over the blocks in
+// order then a fixed shuffle tree; written to out[at_rows + 0..3], out[at_z], out[at_p + e].
+__global__ void router_rows_final_kernel(const double* partial, int64_t blocks, int64_t E, double* out,
+                                         int64_t at_rows, int64_t at_z, int64_t at_p) {
+  const int64_t i = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (i >= 5 + E) return;
+  const int lane = threadIdx.x & 31;
+  double v = 0.0;
+  for (int64_t b = lane; b < blocks; b += 32) v = i == 3 ? fmax(v, partial[b * (5 + E) + i]) : v + partial[b * (5 + E) + i];
+  v = i == 3 ? warp_max(v) : warp_sum(v);
+  if (lane == 0) out[i < 4 ? at_rows + i : i == 4 ? at_z : at_p + (i - 5)] = v;
+}
+
 // Importance [E] of gates [A] routed by idx, deterministic.
 void importance(Ctx& c, const Tensor& gates, const Tensor& idx, int64_t E, double* imp) {
   const int64_t A = gates.numel();
@@ -483,7 +555,6 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
   {  // statistics, as router_stats
     Buf<unsigned long long> cnt(c, 2 * E + 1);
     Buf<int32_t> has(c, R);
-    Buf<double> rows(c, 5 * R);  // entropy, top-1, logit^2, |logit| max per row; then lse^2
     CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(2 * E + 1) * sizeof(unsigned long long), c.stream));
     CUDA_CHECK(cudaMemsetAsync(has.get(), 0, size_t(R) * sizeof(int32_t), c.stream));
     if (A > 0) {
@@ -499,20 +570,35 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
     CUDA_CHECK_LAUNCH();
     ull_to_double_kernel<<<grid_for(2 * E + 1), kThreads, 0, c.stream>>>(cnt.get(), 2 * E + 1, out.get());
     CUDA_CHECK_LAUNCH();
-    dispatch_float(logits.dtype(), "router_summary", [&](auto tag) {
-      using T = decltype(tag);
-      stats_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), cptr<T>(probs), R, E,
-                                                                     rows.get());
+    if (E <= 32 * kRowMaxColsPerLane) {
+      const int64_t blocks = (R + kRowChunk - 1) / kRowChunk;
+      Buf<double> partial(c, blocks * (5 + E));
+      dispatch_float(logits.dtype(), "router_summary", [&](auto tag) {
+        using T = decltype(tag);
+        router_rows_kernel<T><<<unsigned(blocks), 32 * kRowWarps, 0, c.stream>>>(cptr<T>(logits), cptr<T>(probs),
+                                                                               R, E, partial.get());
+        CUDA_CHECK_LAUNCH();
+      });
+      router_rows_final_kernel<<<grid_rows(5 + E), kThreads, 0, c.stream>>>(partial.get(), blocks, E, out.get(),
+                                                                             at_rows, at_aux + 1, at_p);
       CUDA_CHECK_LAUNCH();
-      zloss_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), R, E, rows.get() + 4 * R);
-      CUDA_CHECK_LAUNCH();
-    });
-    column_sums(c, probs.dtype(), probs.data(), R, E, R, out.get() + at_p);
-    device_sum(c, rows.get(), R, out.get() + at_rows);
-    device_sum(c, rows.get() + R, R, out.get() + at_rows + 1);
-    device_sum(c, rows.get() + 2 * R, R, out.get() + at_rows + 2);
-    device_max(c, rows.get() + 3 * R, R, out.get() + at_rows + 3);
-    device_sum(c, rows.get() + 4 * R, R, out.get() + at_aux + 1);  // z: sum_t logsumexp_t^2
+    } else {
+      Buf<double> rows(c, 5 * R);  // entropy, top-1, logit^2, |logit| max per row; then lse^2
+      dispatch_float(logits.dtype(), "router_summary", [&](auto tag) {
+        using T = decltype(tag);
+        stats_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), cptr<T>(probs), R, E,
+                                                                       rows.get());
+        CUDA_CHECK_LAUNCH();
+        zloss_rows_kernel<T><<<grid_rows(R), kThreads, 0, c.stream>>>(cptr<T>(logits), R, E, rows.get() + 4 * R);
+        CUDA_CHECK_LAUNCH();
+      });
+      column_sums(c, probs.dtype(), probs.data(), R, E, R, out.get() + at_p);
+      device_sum(c, rows.get(), R, out.get() + at_rows);
+      device_sum(c, rows.get() + R, R, out.get() + at_rows + 1);
+      device_sum(c, rows.get() + 2 * R, R, out.get() + at_rows + 2);
+      device_max(c, rows.get() + 3 * R, R, out.get() + at_rows + 3);
+      device_sum(c, rows.get() + 4 * R, R, out.get() + at_aux + 1);  // z: sum_t logsumexp_t^2
+    }
   }
   if (want_aux && A > 0) {  // as aux_loss_forward
     const int64_t K = n1, S = aux_seq_len ? aux_seq_len : R, nseq = R / S;
@@ -520,8 +606,10 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
     Buf<double> P(c, nseq * E);
     CUDA_CHECK(cudaMemsetAsync(acnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
     aux_counts(c, cptr<int32_t>(idx), R, K, S, E, acnt.get());
-    column_sums(c, probs.dtype(), probs.data(), R, E, S, P.get());
-    aux_value_kernel<<<1, 1, 0, c.stream>>>(acnt.get(), P.get(), nseq, E, S, K, out.get() + at_aux);
+    // One sequence (the global aux loss): its column sums are the statistics' (out + at_p).
+    if (nseq > 1) column_sums(c, probs.dtype(), probs.data(), R, E, S, P.get());
+    aux_value_kernel<<<1, 1, 0, c.stream>>>(acnt.get(), nseq > 1 ? P.get() : out.get() + at_p, nseq, E, S, K,
+                                            out.get() + at_aux);
     CUDA_CHECK_LAUNCH();
   }
   if (want_importance) {  // as cv2_loss_forward
