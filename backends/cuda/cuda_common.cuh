@@ -232,6 +232,19 @@ template <> struct Vec<bf16_t> {
     *reinterpret_cast<uint4*>(p) = q;
   }
 };
+// A block's histogram in shared memory (counting kernels whose counters fit): zero it, count with
+// shared atomics, then add each nonzero counter to its global one (a global atomic per item on a
+// few counters serialises). Integer sums: the result does not depend on order.
+template <class C> __device__ __forceinline__ void block_hist_zero(C* hist, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+}
+template <class C, class G> __device__ __forceinline__ void block_hist_flush(const C* hist, int64_t n, G* global) {
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+    if (hist[i]) atomicAdd(global + i, G(hist[i]));
+}
+
 // 16-byte alignment: vector loads and stores, cp.async, and cuBLAS's fastest batched kernels.
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 // Rows of `row_elems` elements starting at each pointer can all be read as vectors.

@@ -20,10 +20,9 @@ namespace {
 
 // ---- aux loss -------------------------------------------------------------------------------------
 
-// Counting kernels histogram in shared memory when their counters fit (kSmemCounters), then add
-// one block's counts to global memory once per counter: a global atomic per assignment on a few
-// counters serialised (config A: 27 us a call for 32768 assignments on 8 experts, kernel census
-// in docs/performance.md, eighth session). Integer sums: the result does not depend on order.
+// Counting kernels use a block histogram (block_hist_*) when their counters fit (kSmemCounters):
+// a global atomic per assignment on a few counters serialised (config A: 27 us a call for 32768
+// assignments on 8 experts, kernel census in docs/performance.md, eighth session).
 constexpr int64_t kSmemCounters = 8192;
 
 // cnt[s, e] = number of assignments of expert e in sequence s (tokens [s S, (s+1) S)).
@@ -32,10 +31,7 @@ __global__ void aux_counts_kernel(const int32_t* idx, int64_t A, int64_t K, int6
                                   int32_t* cnt) {
   extern __shared__ int32_t hist[];
   const int64_t n = A / (K * S) * E;  // whole sequences only, as the callers size cnt
-  if constexpr (kShared) {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-  }
+  if constexpr (kShared) block_hist_zero(hist, n);
   MOELAB_GRID_STRIDE(a, A) {
     const int32_t e = idx[a];
     if (e < 0 || e >= E) continue;
@@ -44,11 +40,7 @@ __global__ void aux_counts_kernel(const int32_t* idx, int64_t A, int64_t K, int6
     if constexpr (kShared) atomicAdd(hist + at, 1);
     else atomicAdd(cnt + at, 1);
   }
-  if constexpr (kShared) {
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-      if (hist[i]) atomicAdd(cnt + i, hist[i]);
-  }
+  if constexpr (kShared) block_hist_flush(hist, n, cnt);
 }
 
 // Launches aux_counts_kernel over idx [R, K] for sequences of S tokens (cnt zeroed by the caller).
@@ -255,10 +247,7 @@ __global__ void stats_counts_kernel(const int32_t* idx, const int32_t* keep, int
                                     bool ec, int64_t E, int64_t R, unsigned long long* cnt,
                                     int32_t* has) {
   extern __shared__ unsigned int shist[];
-  if constexpr (kShared) {
-    for (int64_t i = threadIdx.x; i < 2 * E; i += blockDim.x) shist[i] = 0;
-    __syncthreads();
-  }
+  if constexpr (kShared) block_hist_zero(shist, 2 * E);
   MOELAB_GRID_STRIDE(a, A) {
     const int64_t e = ec ? a / n1 : idx[a];
     const int64_t t = ec ? idx[a] : a / n1;
@@ -273,11 +262,7 @@ __global__ void stats_counts_kernel(const int32_t* idx, const int32_t* keep, int
     }
     if (kept && t >= 0 && t < R) has[t] = 1;
   }
-  if constexpr (kShared) {
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < 2 * E; i += blockDim.x)
-      if (shist[i]) atomicAdd(cnt + i, (unsigned long long)shist[i]);
-  }
+  if constexpr (kShared) block_hist_flush(shist, 2 * E, cnt);
 }
 
 __global__ void count_zero_kernel(const int32_t* has, int64_t R, unsigned long long* out) {
