@@ -245,11 +245,12 @@ Buf<int32_t> device_offsets(Ctx& c, const std::vector<int64_t>& off) {
 // An f32 value v is hi + mid + lo with hi = bf16(v), mid = bf16(v - hi), lo = bf16(v - hi - mid):
 // three bf16 of 8 significant bits each, carrying v to within about 2^-24 |v| (each remainder is
 // exact in f32 and at most half an ulp of the part before). A bf16 times a bf16 is exact in fp32,
-// so x w = x hi + x mid + x lo, three bf16 GEMMs with fp32 accumulation (smallest part first),
+// so x w = x hi + x mid + x lo, bf16 products accumulated in fp32 and the three added smallest first,
 // has the precision of an f32 GEMM of x and w (the GPU op test holds it to the f32 threshold).
-// f32 GEMMs run on the CUDA cores at about 50 TFLOP/s: config E's router (d 2048, 128 experts)
-// took 2.5 ms a step there (eighth session); cuBLAS's own BF16x9 emulation did not engage on the
-// H200 (same time).
+// The parts are side by side in one operand, so each product is one GEMM (of 3E or 4E columns)
+// whose fp32 partials a small kernel adds. f32 GEMMs run on the CUDA cores at about 50 TFLOP/s:
+// config E's router (d 2048, 128 experts) took 2.5 ms a step there (eighth session); cuBLAS's own
+// BF16x9 emulation did not engage on the H200 (same time).
 enum : int { kHi = 0, kMid = 1, kLo = 2 };
 struct SplitSlots {
   int n;
@@ -292,26 +293,45 @@ void gemm_bf16_into(Ctx& c, bool ta, bool tb, int64_t m, int64_t n, int64_t k, c
                             as_int(ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// out [rows, E] = beta out + ((lo + mid) + hi) for partials [rows, 3E] = [hi | mid | lo] (fp32).
+__global__ void sum3_kernel(const float* prod, int64_t rows, int64_t E, float beta, float* out) {
+  MOELAB_GRID_STRIDE(i, rows * E) {
+    const int64_t r = i / E, e = i - r * E;
+    const float* p = prod + r * 3 * E + e;
+    const float v = (p[2 * E] + p[E]) + p[0];
+    out[i] = beta == 0.0f ? v : out[i] + v;
+  }
+}
+void sum3(Ctx& c, const float* prod, int64_t rows, int64_t E, float beta, float* out) {
+  if (rows * E == 0) return;
+  sum3_kernel<<<grid_for(rows * E), kThreads, 0, c.stream>>>(prod, rows, E, beta, out);
+  CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 bool router_gemms_on_tensor_cores(const Tensor& x, const Tensor& w) {
   return x.dtype() == DType::BF16 && w.dtype() == DType::F32 && x.dim(0) > 0;
 }
 
-// out [T, E] = x [T, D] w [D, E]: x w_lo, then + x w_mid, then + x w_hi (fp32 accumulators).
+// out [T, E] = x [T, D] w [D, E] as one GEMM against [w_hi | w_mid | w_lo] ([D, 3E]) into fp32
+// partial products [T, 3E], then out = (lo + mid) + hi per element (sum3_kernel). Three GEMMs of
+// E columns each, accumulating with beta 1, cost three cuBLAS launches of a few microseconds for
+// config A's 8 experts (eighth session).
 void router_logits(Ctx& c, const Tensor& x, const Tensor& w, const Tensor& out) {
   const int64_t T = x.dim(0), D = x.dim(1), E = w.dim(1);
   Buf<bf16_t> parts(c, D * 3 * E);  // [D, 3E] = [hi | mid | lo]
   split_bf16(c, w, SplitSlots{3, {kHi, kMid, kLo, 0}}, parts.get());
-  const bf16_t* xb = cptr<bf16_t>(x);
-  for (int p : {kLo, kMid, kHi})
-    gemm_bf16_into(c, false, false, T, E, D, xb, D, parts.get() + p * E, 3 * E, p == kLo ? 0.0f : 1.0f,
-                   out.data(), CUDA_R_32F, E);
+  Buf<float> prod(c, T * 3 * E);
+  gemm_bf16_into(c, false, false, T, 3 * E, D, cptr<bf16_t>(x), D, parts.get(), 3 * E, 0.0f, prod.get(), CUDA_R_32F,
+                 3 * E);
+  sum3(c, prod.get(), T, E, 0.0f, mptr<float>(out));
 }
 
-// dw [D, E] += x^T dlogits: x^T d_lo, x^T d_mid, x^T d_hi into the fp32 dw. dx [T, D] (bf16) +=
-// dlogits w^T as one GEMM over 4E: [d_hi | d_mid | d_lo | d_hi] [w_hi | w_hi | w_hi | w_mid]^T,
-// the products down to 2^-16 of the largest (dx is rounded to bf16, 2^-9, once).
+// dw [D, E] += x^T dlogits: one GEMM of x^T against [d_hi | d_mid | d_lo | d_hi] (its first 3E
+// columns) into fp32 partials [D, 3E], then dw += (lo + mid) + hi. dx [T, D] (bf16) += dlogits w^T
+// as one GEMM over 4E: [d_hi | d_mid | d_lo | d_hi] [w_hi | w_hi | w_hi | w_mid]^T, the products
+// down to 2^-16 of the largest (dx is rounded to bf16, 2^-9, once).
 void router_input_grads(Ctx& c, const Tensor& x, const Tensor& dlogits, const Tensor& w, const Tensor& dw,
                         const Tensor& dx) {
   const int64_t T = x.dim(0), D = x.dim(1), E = w.dim(1);
@@ -319,8 +339,9 @@ void router_input_grads(Ctx& c, const Tensor& x, const Tensor& dlogits, const Te
   split_bf16(c, dlogits, SplitSlots{4, {kHi, kMid, kLo, kHi}}, dparts.get());
   split_bf16(c, w, SplitSlots{4, {kHi, kHi, kHi, kMid}}, wparts.get());
   const bf16_t* xb = cptr<bf16_t>(x);
-  for (int p : {kLo, kMid, kHi})
-    gemm_bf16_into(c, true, false, D, E, T, xb, D, dparts.get() + p * E, 4 * E, 1.0f, dw.data(), CUDA_R_32F, E);
+  Buf<float> prod(c, D * 3 * E);
+  gemm_bf16_into(c, true, false, D, 3 * E, T, xb, D, dparts.get(), 4 * E, 0.0f, prod.get(), CUDA_R_32F, 3 * E);
+  sum3(c, prod.get(), D, E, 1.0f, mptr<float>(dw));
   gemm_bf16_into(c, false, true, T, D, 4 * E, dparts.get(), 4 * E, wparts.get(), 4 * E, 1.0f, dx.data(),
                  CUDA_R_16BF, D);
 }
