@@ -818,6 +818,36 @@ RouterStats Backend::router_stats(const Tensor& logits, const Tensor& probs, con
   return router_stats_impl(logits, probs, idx, keep, expert_choice, experts);
 }
 
+void Backend::router_logits_backward(const Tensor& scores, const Tensor& logits, const Tensor& idx,
+                                     const Tensor& dgates, bool normalize, double score_scale,
+                                     int64_t aux_seq_len, double aux_scale, double z_scale,
+                                     const Tensor& dlogits) {
+  // The composite's parts check their own arguments; this checks what they share.
+  Checker c{*this, Op::GatesBackward};
+  c.topk_pair(scores, idx);
+  c.same(scores, "scores", logits, "logits");
+  c.same(scores, "scores", dlogits, "dlogits");
+  c.shape(dgates, "dgates", idx.shape());
+  c.dtype(dgates, "dgates", scores.dtype());
+  MOELAB_CHECK(aux_seq_len >= 0 && (aux_seq_len == 0 || scores.dim(0) % aux_seq_len == 0),
+               "router_logits_backward: seq_len ", aux_seq_len, " must divide the token count ",
+               scores.dim(0));
+  require(Op::GatesBackward, scores.dtype());
+  router_logits_backward_impl(scores, logits, idx, dgates, normalize, score_scale, aux_seq_len, aux_scale,
+                              z_scale, dlogits);
+}
+
+void Backend::router_logits_backward_impl(const Tensor& scores, const Tensor& logits, const Tensor& idx,
+                                          const Tensor& dgates, bool normalize, double score_scale,
+                                          int64_t aux_seq_len, double aux_scale, double z_scale,
+                                          const Tensor& dlogits) {
+  Tensor dscores = empty(scores.shape(), scores.dtype());
+  gates_backward(scores, idx, dgates, normalize, score_scale, dscores);
+  if (aux_scale != 0) aux_loss_backward(scores, idx, aux_seq_len, aux_scale, dscores);
+  softmax_backward(scores, dscores, dlogits);
+  if (z_scale != 0) z_loss_backward(logits, z_scale, dlogits);
+}
+
 RouterSummary Backend::router_summary(const Tensor& logits, const Tensor& probs, const Tensor& idx,
                                       const Tensor& keep, const Tensor& gates, bool expert_choice,
                                       int64_t experts, int64_t aux_seq_len, bool want_aux,

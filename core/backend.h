@@ -257,6 +257,15 @@ class Backend {
                           int64_t k, double scale, const Tensor& dclean, const Tensor& dstd,
                           const Tensor& dh);
 
+  // The router's logit gradient for softmax scores and top-k gates (Router::backward's common
+  // case), a composite of the ops above: dscores = gates_backward(scores, idx, dgates, normalize,
+  // score_scale) + aux_loss_backward(scores, idx, aux_seq_len, aux_scale) (none for aux_scale 0);
+  // dlogits = softmax_backward(scores, dscores) + z_loss_backward(logits, z_scale) (none for
+  // z_scale 0). A device backend may run it as one pass with the same roundings.
+  void router_logits_backward(const Tensor& scores, const Tensor& logits, const Tensor& idx,
+                              const Tensor& dgates, bool normalize, double score_scale, int64_t aux_seq_len,
+                              double aux_scale, double z_scale, const Tensor& dlogits);
+
   // Statistics of one router call; idx/keep as in dispatch_plan.
   RouterStats router_stats(const Tensor& logits, const Tensor& probs, const Tensor& idx,
                            const Tensor& keep, bool expert_choice, int64_t experts);
@@ -420,6 +429,10 @@ class Backend {
                                        double sigma, int64_t k, double scale,
                                        const Tensor& dclean, const Tensor& dstd,
                                        const Tensor& dh) = 0;
+  virtual void router_logits_backward_impl(const Tensor& scores, const Tensor& logits, const Tensor& idx,
+                                           const Tensor& dgates, bool normalize, double score_scale,
+                                           int64_t aux_seq_len, double aux_scale, double z_scale,
+                                           const Tensor& dlogits);
   virtual RouterStats router_stats_impl(const Tensor& logits, const Tensor& probs,
                                         const Tensor& idx, const Tensor& keep,
                                         bool expert_choice, int64_t experts) = 0;

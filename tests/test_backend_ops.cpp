@@ -1090,6 +1090,47 @@ TEST_CASE("gpu ops: aux, z, cv2 and load losses", "[gpu]") {
   fam.finish();
 }
 
+// Backend::router_logits_backward (one kernel on the GPU for f32 and up to 256 experts) against the
+// CPU in f64, and against the composite of its four ops run on the GPU (the same roundings: NMSE
+// within f32 rounding of the sum order, 1e-12); E 8, 40 and 300 (the composite itself), with and
+// without normalisation, the aux loss (global, per sequence of 11) and the z-loss.
+TEST_CASE("gpu ops: router_logits_backward", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("router_logits_backward");
+  Backend& g = gpu();
+  const int64_t T = 77, K = 2;
+  for (int64_t E : {8, 40, 300})
+    for (bool normalize : {true, false})
+      for (auto [seq, aux, z] : {std::array<double, 3>{0, 0.01, 0.001}, {11, 0.01, 0.0}, {0, 0.0, 0.001}}) {
+        Case k(fam, g, "router_logits_backward E " + std::to_string(E) + (normalize ? " normalize" : "") +
+                           " seq " + std::to_string(int(seq)) + (aux ? " aux" : "") + (z ? " z" : ""),
+               DType::F32);
+        Pair l = k.randn(Shape{T, E}, 2.0);
+        Tensor pc = cpu().empty(Shape{T, E}, DType::F64);
+        cpu().softmax_forward(l.c, pc);
+        Pair p = k.from_cpu(pc);
+        Pair idx = k.from_cpu(cpu_topk(p.c, K));
+        Pair dg = k.randn(Shape{T, K}, 0.5);
+        Out dl = k.out("dlogits", Shape{T, E});
+        cpu().router_logits_backward(p.c, l.c, idx.c, dg.c, normalize, 1.5, int64_t(seq), aux, z, dl.c);
+        g.router_logits_backward(p.g, l.g, idx.g, dg.g, normalize, 1.5, int64_t(seq), aux, z, dl.g);
+        k.close(dl);
+        // The composite's four ops on the GPU.
+        Tensor ds = g.empty(Shape{T, E}, DType::F32), ref = g.empty(Shape{T, E}, DType::F32);
+        g.gates_backward(p.g, idx.g, dg.g, normalize, 1.5, ds);
+        if (aux) g.aux_loss_backward(p.g, idx.g, int64_t(seq), aux, ds);
+        g.softmax_backward(p.g, ds, ref);
+        if (z) g.z_loss_backward(l.g, z, ref);
+        const double den = g.sum_squares(ref);
+        g.axpy(-1.0, dl.g, ref);
+        const double nmse = g.sum_squares(ref) / den;
+        CAPTURE(E, normalize, seq, aux, z, nmse);
+        CHECK(nmse <= 1e-12);
+      }
+  fam.finish();
+}
+
 TEST_CASE("gpu ops: router_stats", "[gpu]") {
   GPU_OR_SKIP();
   SEED_INFO();

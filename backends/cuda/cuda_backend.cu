@@ -366,6 +366,15 @@ class CudaBackend final : public Backend {
     cuda::aux_loss_backward(ctx_, p, idx, seq_len, scale, dp);
   }
   double z_loss_forward_impl(const Tensor& l) override { return cuda::z_loss_forward(ctx_, l); }
+  void router_logits_backward_impl(const Tensor& scores, const Tensor& logits, const Tensor& idx,
+                                   const Tensor& dgates, bool normalize, double score_scale, int64_t aux_seq,
+                                   double aux_scale, double z_scale, const Tensor& dlogits) override {
+    if (!cuda::router_logits_backward_fused(scores))
+      return Backend::router_logits_backward_impl(scores, logits, idx, dgates, normalize, score_scale, aux_seq,
+                                                  aux_scale, z_scale, dlogits);
+    cuda::router_logits_backward(ctx_, scores, logits, idx, dgates, normalize, score_scale, aux_seq, aux_scale,
+                                 z_scale, dlogits);
+  }
   void z_loss_backward_impl(const Tensor& l, double scale, const Tensor& dl) override {
     cuda::z_loss_backward(ctx_, l, scale, dl);
   }

@@ -135,6 +135,12 @@ void aux_loss_backward(Ctx& c, const Tensor& probs, const Tensor& idx, int64_t s
                        double scale, const Tensor& dprobs);
 double z_loss_forward(Ctx& c, const Tensor& logits);
 void z_loss_backward(Ctx& c, const Tensor& logits, double scale, const Tensor& dlogits);
+// Backend::router_logits_backward in one kernel for f32 scores of up to 256 experts (the case
+// router_logits_backward_fused takes).
+bool router_logits_backward_fused(const Tensor& scores);
+void router_logits_backward(Ctx& c, const Tensor& scores, const Tensor& logits, const Tensor& idx,
+                            const Tensor& dgates, bool normalize, double score_scale, int64_t aux_seq_len,
+                            double aux_scale, double z_scale, const Tensor& dlogits);
 double cv2_loss_forward(Ctx& c, const Tensor& gates, const Tensor& idx, int64_t experts);
 void cv2_loss_backward(Ctx& c, const Tensor& gates, const Tensor& idx, int64_t experts,
                        double scale, const Tensor& dgates);

@@ -367,6 +367,61 @@ __global__ void router_rows_final_kernel(const double* partial, int64_t blocks, 
   if (lane == 0) out[i < 4 ? at_rows + i : i == 4 ? at_z : at_p + (i - 5)] = v;
 }
 
+// Backend::router_logits_backward in one pass, one warp per row, lane l holding columns l, l + 32,
+// ...: gates_bwd_kernel's dscores, + aux_bwd_kernel's term (cnt null: none), softmax_bwd_kernel's
+// dlogits, + zloss_bwd_kernel's term (z_scale 0: none), each with the same expression and rounding
+// to f32 as its kernel, and the softmax dot product summed in that kernel's lane order. Five
+// kernels a layer were about 30 us on config A's 8 experts (eighth session).
+__global__ void router_logits_bwd_kernel(const float* p, const float* l, const int32_t* idx, const float* dg,
+                                         int64_t R, int64_t E, int64_t K, bool normalize, double scale,
+                                         const int32_t* cnt, int64_t S, int64_t nseq, double aux_scale,
+                                         double z_scale, float* dl) {
+  constexpr int kCols = kRowMaxColsPerLane;
+  const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= R) return;
+  const int lane = threadIdx.x & 31;
+  const int32_t* it = idx + t * K;
+  double z = 1.0, dot = 0.0;
+  if (normalize) {
+    z = 0.0;
+    for (int64_t j = 0; j < K; ++j) {
+      const double sv = p[t * E + it[j]];
+      z += sv;
+      dot += double(dg[t * K + j]) * sv;
+    }
+  }
+  float ds[kCols], pv[kCols];
+  for (int k = 0; k < kCols; ++k) {
+    const int64_t e = lane + 32 * k;
+    pv[k] = e < E ? p[t * E + e] : 0.0f;
+    ds[k] = 0.0f;
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t e = it[j];
+    if (e % 32 != lane) continue;
+    const double d = normalize ? double(dg[t * K + j]) / z - dot / (z * z) : double(dg[t * K + j]);
+    ds[e / 32] = float(double(ds[e / 32]) + scale * d);
+  }
+  if (cnt)
+    for (int k = 0; k < kCols; ++k) {
+      const int64_t e = lane + 32 * k;
+      if (e >= E) break;
+      const double f = double(cnt[(t / S) * E + e]) / double(S * K);
+      ds[k] = float(double(ds[k]) + aux_scale * double(E) * f / double(S) / double(nseq));
+    }
+  float sdot = 0.0f;
+  for (int k = 0; k < kCols && lane + 32 * k < E; ++k) sdot += pv[k] * ds[k];
+  sdot = warp_sum(sdot);
+  const double lse = z_scale != 0.0 ? warp_logsumexp(l + t * E, E, lane) : 0.0;
+  for (int k = 0; k < kCols; ++k) {
+    const int64_t e = lane + 32 * k;
+    if (e >= E) break;
+    float o = pv[k] * (ds[k] - sdot);
+    if (z_scale != 0.0) o = float(double(o) + z_scale * 2.0 * lse * exp(double(l[t * E + e]) - lse) / double(R));
+    dl[t * E + e] = o;
+  }
+}
+
 // Importance [E] of gates [A] routed by idx, deterministic.
 void importance(Ctx& c, const Tensor& gates, const Tensor& idx, int64_t E, double* imp) {
   const int64_t A = gates.numel();
@@ -463,6 +518,27 @@ double z_loss_forward(Ctx& c, const Tensor& logits) {
   });
   device_sum(c, sq.get(), R, out.get());
   return scalar_to_host(c, out.get()) / double(R);
+}
+
+bool router_logits_backward_fused(const Tensor& scores) {
+  return scores.dtype() == DType::F32 && scores.dim(1) <= 32 * kRowMaxColsPerLane;
+}
+
+void router_logits_backward(Ctx& c, const Tensor& scores, const Tensor& logits, const Tensor& idx,
+                            const Tensor& dgates, bool normalize, double score_scale, int64_t aux_seq_len,
+                            double aux_scale, double z_scale, const Tensor& dlogits) {
+  const int64_t R = scores.dim(0), E = scores.dim(1), K = idx.dim(1);
+  if (R == 0) return;
+  const int64_t S = aux_seq_len ? aux_seq_len : R, nseq = R / S;
+  Buf<int32_t> cnt(c, aux_scale != 0.0 ? nseq * E : 1);
+  if (aux_scale != 0.0) {
+    CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
+    aux_counts(c, cptr<int32_t>(idx), R, K, S, E, cnt.get());
+  }
+  router_logits_bwd_kernel<<<grid_rows(R), kThreads, 0, c.stream>>>(
+      cptr<float>(scores), cptr<float>(logits), cptr<int32_t>(idx), cptr<float>(dgates), R, E, K, normalize,
+      score_scale, aux_scale != 0.0 ? cnt.get() : nullptr, S, nseq, aux_scale, z_scale, mptr<float>(dlogits));
+  CUDA_CHECK_LAUNCH();
 }
 
 void z_loss_backward(Ctx& c, const Tensor& logits, double scale, const Tensor& dlogits) {

@@ -216,14 +216,12 @@ void Router::add_row_to_every_token(const std::vector<double>& g, const Tensor& 
   b_.gemm(false, false, 1.0, ones, gt, 1.0, d);
 }
 
-void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgates,
-                      int64_t seq_len, const Tensor& dx) {
+// dlogits from dgates and the router losses, every score function and policy (Router::backward
+// takes the common case through Backend::router_logits_backward).
+void Router::logits_grad(const RouterState& st, const Tensor& dgates, int64_t aux_seq, double share,
+                         const Tensor& dlogits) {
   const RouterConfig& rc = cfg_.router;
-  const int64_t T = x.dim(0), E = cfg_.experts, K = cfg_.top_k;
-  MOELAB_CHECK(dgates.shape() == st.gates.shape() && dgates.dtype() == dtype_,
-               "router backward: dgates is ", dgates.describe(), ", expected ",
-               st.gates.describe());
-
+  const int64_t T = st.scores.dim(0), E = cfg_.experts, K = cfg_.top_k;
   // d objective / d gates, plus Shazeer's importance loss (its gradient flows through gates).
   Tensor dg = b_.empty(dgates.shape(), dtype_);
   b_.copy(dgates, dg);
@@ -241,8 +239,6 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
   }
 
   // Switch load-balancing loss: the gradient flows through P only (counts are constants).
-  // With a batch group, this rank's tokens carry the share T / T_batch of the batch's loss.
-  const double share = double(T) / double(st.batch_tokens) * group_weight_;
   if (rc.aux_alpha > 0 && !st.expert_choice && rc.aux_convention == AuxConvention::Hf) {
     // The model's pooled loss (see set_pooled_aux_grad): one row g, broadcast to every token.
     MOELAB_CHECK(int64_t(pooled_aux_grad_.size()) == E, "router backward: router.aux_convention = hf "
@@ -251,7 +247,6 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
     for (double& x : g) x *= group_weight_;
     add_row_to_every_token(g, dscores);  // softmax scores (validate() checks)
   } else if (rc.aux_alpha > 0 && !st.expert_choice) {
-    const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
     auto add_aux_grad = [&](const Tensor& d) {
       if (group_ && aux_seq == 0) {
         // dL/dp_t,i = alpha E f_i / T_batch with the batch's f_i = routed_i / (T_batch K):
@@ -275,10 +270,32 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
     }
   }
 
-  Tensor dlogits = b_.empty(Shape{T, E}, dtype_);
   if (st.score == ScoreFunc::Softmax) b_.softmax_backward(st.scores, dscores, dlogits);
   else b_.sigmoid_backward(st.scores, dscores, dlogits);
   if (rc.z_loss > 0) b_.z_loss_backward(st.logits, rc.z_loss * share, dlogits);
+}
+
+void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgates,
+                      int64_t seq_len, const Tensor& dx) {
+  const RouterConfig& rc = cfg_.router;
+  const int64_t T = x.dim(0), E = cfg_.experts, K = cfg_.top_k;
+  MOELAB_CHECK(dgates.shape() == st.gates.shape() && dgates.dtype() == dtype_,
+               "router backward: dgates is ", dgates.describe(), ", expected ",
+               st.gates.describe());
+
+  // With a batch group, this rank's tokens carry the share T / T_batch of the batch's loss.
+  const double share = double(T) / double(st.batch_tokens) * group_weight_;
+  const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
+  const bool aux = rc.aux_alpha > 0 && !st.expert_choice;
+  Tensor dlogits = b_.empty(Shape{T, E}, dtype_);
+  // The common case in one composite (one kernel on a device backend): softmax scores, top-k
+  // gates, no importance loss, the aux loss this call's own (local or per sequence).
+  if (!st.expert_choice && st.score == ScoreFunc::Softmax && !(rc.importance_weight > 0) &&
+      !(aux && (rc.aux_convention == AuxConvention::Hf || (group_ && aux_seq == 0))))
+    b_.router_logits_backward(st.scores, st.logits, st.idx, dgates, st.normalize, rc.score_scale, aux_seq,
+                              aux ? rc.aux_alpha * share : 0.0, rc.z_loss > 0 ? rc.z_loss * share : 0.0, dlogits);
+  else
+    logits_grad(st, dgates, aux_seq, share, dlogits);
 
   // Through the noise to the clean logits (and the learned noise scale).
   Tensor dclean = dlogits, dstd;

@@ -126,6 +126,8 @@ class Router {
   // Replaces st's local statistics and losses by the batch's (group_ set).
   void reduce_over_group(RouterState& st, int64_t seq_len, const RouterSummary& mine);
   void add_row_to_every_token(const std::vector<double>& g, const Tensor& d);
+  void logits_grad(const RouterState& st, const Tensor& dgates, int64_t aux_seq, double share,
+                   const Tensor& dlogits);
 
   Backend& b_;
   MoEConfig cfg_;
