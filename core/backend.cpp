@@ -42,7 +42,7 @@ const char* to_string(Op op) {
       "unpermute_backward",
       "aux_loss_forward", "aux_loss_backward", "z_loss_forward", "z_loss_backward",
       "cv2_loss_forward", "cv2_loss_backward", "load_loss_forward", "load_loss_backward",
-      "router_stats",
+      "router_stats", "router_logits", "router_input_grads", "router_logits_backward",
       "scale", "sum_squares", "embedding_forward", "embedding_backward", "rmsnorm_forward",
       "rmsnorm_backward", "rope_forward", "rope_backward", "attention_forward",
       "attention_backward", "cross_entropy_forward", "cross_entropy_backward", "adamw"};
@@ -264,7 +264,7 @@ void Backend::gemm(bool ta, bool tb, double alpha, const Tensor& a, const Tensor
 }
 
 void Backend::router_logits(const Tensor& x, const Tensor& w, const Tensor& out) {
-  Checker c{*this, Op::Gemm};
+  Checker c{*this, Op::RouterLogits};
   c.rank(x, "x", 2);
   c.rank(w, "w", 2);
   c.floating(x, "x");
@@ -273,13 +273,13 @@ void Backend::router_logits(const Tensor& x, const Tensor& w, const Tensor& out)
                ": inner dimensions differ");
   c.shape(out, "out", Shape{x.dim(0), w.dim(1)});
   c.dtype(out, "out", w.dtype());
-  require(Op::Gemm, w.dtype());
+  require(Op::RouterLogits, w.dtype());
   router_logits_impl(x, w, out);
 }
 
 void Backend::router_input_grads(const Tensor& x, const Tensor& dlogits, const Tensor& w, const Tensor& dw,
                                  const Tensor& dx) {
-  Checker c{*this, Op::Gemm};
+  Checker c{*this, Op::RouterInputGrads};
   c.rank(x, "x", 2);
   c.floating(x, "x");
   c.rank(w, "w", 2);
@@ -292,7 +292,7 @@ void Backend::router_input_grads(const Tensor& x, const Tensor& dlogits, const T
   c.dtype(dw, "dw", w.dtype());
   c.shape(dx, "dx", x.shape());
   c.dtype(dx, "dx", x.dtype());
-  require(Op::Gemm, w.dtype());
+  require(Op::RouterInputGrads, w.dtype());
   router_input_grads_impl(x, dlogits, w, dw, dx);
 }
 
@@ -823,7 +823,7 @@ void Backend::router_logits_backward(const Tensor& scores, const Tensor& logits,
                                      int64_t aux_seq_len, double aux_scale, double z_scale,
                                      const Tensor& dlogits) {
   // The composite's parts check their own arguments; this checks what they share.
-  Checker c{*this, Op::GatesBackward};
+  Checker c{*this, Op::RouterLogitsBackward};
   c.topk_pair(scores, idx);
   c.same(scores, "scores", logits, "logits");
   c.same(scores, "scores", dlogits, "dlogits");
@@ -832,7 +832,7 @@ void Backend::router_logits_backward(const Tensor& scores, const Tensor& logits,
   MOELAB_CHECK(aux_seq_len >= 0 && (aux_seq_len == 0 || scores.dim(0) % aux_seq_len == 0),
                "router_logits_backward: seq_len ", aux_seq_len, " must divide the token count ",
                scores.dim(0));
-  require(Op::GatesBackward, scores.dtype());
+  require(Op::RouterLogitsBackward, scores.dtype());
   router_logits_backward_impl(scores, logits, idx, dgates, normalize, score_scale, aux_seq_len, aux_scale,
                               z_scale, dlogits);
 }

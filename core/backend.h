@@ -39,7 +39,7 @@ enum class Op {
   DispatchPlan, PermuteForward, PermuteBackward, UnpermuteForward, UnpermuteBackward,
   AuxLossForward, AuxLossBackward, ZLossForward, ZLossBackward,
   Cv2LossForward, Cv2LossBackward, LoadLossForward, LoadLossBackward,
-  RouterStats,
+  RouterStats, RouterLogits, RouterInputGrads, RouterLogitsBackward,
   Scale, SumSquares, EmbeddingForward, EmbeddingBackward, RmsNormForward, RmsNormBackward,
   RopeForward, RopeBackward, AttentionForward, AttentionBackward,
   CrossEntropyForward, CrossEntropyBackward, AdamW,

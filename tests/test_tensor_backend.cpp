@@ -67,6 +67,21 @@ TEST_CASE("backend: bad shapes and dtypes give errors that name the op", "[backe
   Tensor keep = b.zeros(Shape{4, 1}, DType::I32), g = b.zeros(Shape{4, 1}, DType::F64);
   REQUIRE_THROWS_WITH(b.capacity_mask(keep, g, 3, -1, DropPolicy::Position, keep),
                       has_substr("capacity -1 must be >= 0"));
+  // The router's composites name themselves and the argument.
+  Tensor x = b.zeros(Shape{4, 3}, DType::F64), wr = b.zeros(Shape{3, 2}, DType::F64);
+  REQUIRE_THROWS_WITH(b.router_logits(x, b.zeros(Shape{4, 2}, DType::F64), b.zeros(Shape{4, 2}, DType::F64)),
+                      has_substr("router_logits: x is f64[4, 3]@cpu, w f64[4, 2]@cpu: inner dimensions differ"));
+  REQUIRE_THROWS_WITH(b.router_logits(x, wr, b.zeros(Shape{4, 2}, DType::F32)),
+                      has_substr("router_logits: out must be f64, got f32"));
+  REQUIRE_THROWS_WITH(b.router_input_grads(x, b.zeros(Shape{4, 2}, DType::F64), wr, b.zeros(Shape{3, 2}, DType::F64),
+                                           b.zeros(Shape{4, 4}, DType::F64)),
+                      has_substr("router_input_grads: dx has shape [4, 4], expected [4, 3]"));
+  Tensor sc = b.zeros(Shape{4, 3}, DType::F64), ix = b.zeros(Shape{4, 2}, DType::I32);
+  Tensor dgr = b.zeros(Shape{4, 2}, DType::F64);
+  REQUIRE_THROWS_WITH(b.router_logits_backward(sc, sc, ix, dgr, true, 1.0, 3, 0.01, 0.0, sc),
+                      has_substr("router_logits_backward: seq_len 3 must divide the token count 4"));
+  REQUIRE_THROWS_WITH(b.router_logits_backward(sc, sc, ix, b.zeros(Shape{4, 1}, DType::F64), true, 1.0, 0, 0.0, 0.0, sc),
+                      has_substr("router_logits_backward: dgates has shape [4, 1], expected [4, 2]"));
 }
 
 TEST_CASE("backend: an unsupported dtype reports NotSupported, never crashes", "[backend][errors]") {
