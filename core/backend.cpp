@@ -217,6 +217,13 @@ void Backend::fill_normal_impl(const Tensor& x, double std, uint64_t stream, uin
   }
 }
 
+Tensor Backend::as_dtype(const Tensor& src, DType dt) {
+  if (src.dtype() == dt) return src;
+  Tensor out = empty(src.shape(), dt);
+  cast(src, out);
+  return out;
+}
+
 void Backend::cast(const Tensor& src, const Tensor& dst) {
   Checker c{*this, Op::Cast};
   c.on_device(src, "src");
@@ -296,24 +303,16 @@ void Backend::router_input_grads(const Tensor& x, const Tensor& dlogits, const T
   router_input_grads_impl(x, dlogits, w, dw, dx);
 }
 
-// x in w's dtype: the input itself or a cast copy.
-static Tensor in_dtype(Backend& b, const Tensor& x, DType dt) {
-  if (x.dtype() == dt) return x;
-  Tensor out = b.empty(x.shape(), dt);
-  b.cast(x, out);
-  return out;
-}
-
 void Backend::router_logits_impl(const Tensor& x, const Tensor& w, const Tensor& out) {
-  gemm(false, false, 1.0, in_dtype(*this, x, w.dtype()), w, 0.0, out);
+  gemm(false, false, 1.0, as_dtype(x, w.dtype()), w, 0.0, out);
 }
 
 void Backend::router_input_grads_impl(const Tensor& x, const Tensor& dlogits, const Tensor& w,
                                       const Tensor& dw, const Tensor& dx) {
-  gemm(true, false, 1.0, in_dtype(*this, x, w.dtype()), dlogits, 1.0, dw);
+  gemm(true, false, 1.0, as_dtype(x, w.dtype()), dlogits, 1.0, dw);
   Tensor dxr = empty(dx.shape(), w.dtype());
   gemm(false, true, 1.0, dlogits, w, 0.0, dxr);
-  axpy(1.0, in_dtype(*this, dxr, dx.dtype()), dx);
+  axpy(1.0, as_dtype(dxr, dx.dtype()), dx);
 }
 
 void Backend::grouped_gemm(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets,

@@ -122,6 +122,8 @@ class Backend {
   // the host in chunks (worker threads) and copies them in; a device backend overrides it.
   void fill_normal(const Tensor& x, double std, uint64_t stream, uint64_t first);
   void cast(const Tensor& src, const Tensor& dst);  // dtype conversion, same shape
+  // src in dtype dt: src itself when it has it, else a cast copy.
+  Tensor as_dtype(const Tensor& src, DType dt);
   void axpy(double alpha, const Tensor& x, const Tensor& y);  // y += alpha x (accumulates)
   void transpose(const Tensor& x, const Tensor& y);            // Y [N,M] = X [M,N]^T
   // C = alpha op(A) op(B) + beta C; A, B, C 2-D; op = transpose when the flag is set.

@@ -235,13 +235,9 @@ void bench_moe_layer(const SweepRun& run, const BenchCliOptions& opts) {
   const Tensor x = random_tensor(b, Shape{T, D}, dt, rng::derive(cfg.train.seed, 2));
   const Tensor dy = random_tensor(b, Shape{T, D}, dt, rng::derive(cfg.train.seed, 3));
   const Tensor dx = b.empty(Shape{T, D}, dt);
-  std::vector<ParamRef> params = layer.params();
   int64_t routed = 0;
   auto one = [&](int64_t it) {
-    // Zeroed as the trainer's ParamStore does: the routed experts' gradients by their backward.
-    for (ParamRef& p : params)
-      if (p.name.rfind("experts.", 0) != 0) b.fill(p.grad, 0.0);
-    layer.routed_experts().defer_grad_zero();
+    layer.zero_grad(true);  // as the trainer's ParamStore: the routed experts' by their backward
     MoEOutput o = layer.forward(x, {true, S, rng::derive(cfg.train.seed, 100 + uint64_t(it))});
     layer.backward(dy, dx);
     routed = layer.last_layout().expert_offsets.back();

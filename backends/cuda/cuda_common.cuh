@@ -235,6 +235,8 @@ template <> struct Vec<bf16_t> {
 // A block's histogram in shared memory (counting kernels whose counters fit): zero it, count with
 // shared atomics, then add each nonzero counter to its global one (a global atomic per item on a
 // few counters serialises). Integer sums: the result does not depend on order.
+// Counters that fit (4 bytes each: 32 KiB of the default 48 KiB of dynamic shared memory).
+constexpr int64_t kBlockHistMaxCounters = 8192;
 template <class C> __device__ __forceinline__ void block_hist_zero(C* hist, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) hist[i] = 0;
   __syncthreads();

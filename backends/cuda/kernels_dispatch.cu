@@ -20,7 +20,6 @@ namespace {
 
 // Expert counts in a block histogram when they fit (kShared): a global atomic per assignment on 8
 // counters serialised (config A: 11 us a call for 32768 assignments; eighth session).
-constexpr int64_t kPlanSmemExperts = 8192;
 
 template <bool kShared>
 __global__ void plan_keys_kernel(const int32_t* ix, const int32_t* kp, int64_t A, int64_t n1,
@@ -266,7 +265,7 @@ DispatchPlan dispatch_plan(Ctx& c, const EmptyFn& empty, const Tensor& idx, cons
   const int32_t no_error = INT_MIN;
   c.to_device_async(count.get() + E, &no_error, sizeof(int32_t));
   if (A > 0) {
-    if (E <= kPlanSmemExperts)
+    if (E <= kBlockHistMaxCounters)
       plan_keys_kernel<true><<<grid_for(A), kThreads, size_t(E) * sizeof(int32_t), c.stream>>>(
           cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, keys.get(), vals.get(), count.get());
     else

@@ -14,16 +14,17 @@
 #include <cmath>
 
 #include "backends/cuda/cuda_kernels.cuh"
+#include "backends/cuda/router_grad_terms.cuh"
 
 namespace moelab::cuda {
 namespace {
 
 // ---- aux loss -------------------------------------------------------------------------------------
 
-// Counting kernels use a block histogram (block_hist_*) when their counters fit (kSmemCounters):
-// a global atomic per assignment on a few counters serialised (config A: 27 us a call for 32768
-// assignments on 8 experts, kernel census in docs/performance.md, eighth session).
-constexpr int64_t kSmemCounters = 8192;
+// Counting kernels use a block histogram (block_hist_*) when their counters fit
+// (kBlockHistMaxCounters): a global atomic per assignment on a few counters serialised (config A:
+// 27 us a call for 32768 assignments on 8 experts, kernel census in docs/performance.md, eighth
+// session).
 
 // cnt[s, e] = number of assignments of expert e in sequence s (tokens [s S, (s+1) S)).
 template <bool kShared>
@@ -43,10 +44,11 @@ __global__ void aux_counts_kernel(const int32_t* idx, int64_t A, int64_t K, int6
   if constexpr (kShared) block_hist_flush(hist, n, cnt);
 }
 
-// Launches aux_counts_kernel over idx [R, K] for sequences of S tokens (cnt zeroed by the caller).
+// cnt [R / S, E] (zeroed here) = the assignment counts of idx [R, K] per sequence of S tokens.
 void aux_counts(Ctx& c, const int32_t* idx, int64_t R, int64_t K, int64_t S, int64_t E, int32_t* cnt) {
   const int64_t n = R / S * E;
-  if (n <= kSmemCounters)
+  CUDA_CHECK(cudaMemsetAsync(cnt, 0, size_t(n) * sizeof(int32_t), c.stream));
+  if (n <= kBlockHistMaxCounters)
     aux_counts_kernel<true><<<grid_for(R * K), kThreads, size_t(n) * sizeof(int32_t), c.stream>>>(idx, R * K, K, S, E, cnt);
   else
     aux_counts_kernel<false><<<grid_for(R * K), kThreads, 0, c.stream>>>(idx, R * K, K, S, E, cnt);
@@ -67,8 +69,7 @@ __global__ void aux_bwd_kernel(const int32_t* cnt, int64_t R, int64_t E, int64_t
                                int64_t nseq, double scale, T* dprobs) {
   MOELAB_GRID_STRIDE(i, R * E) {
     const int64_t t = i / E, e = i - t * E;
-    const double f = double(cnt[(t / S) * E + e]) / double(S * K);
-    store_d(dprobs, i, load_d(dprobs, i) + scale * double(E) * f / double(S) / double(nseq));
+    store_d(dprobs, i, load_d(dprobs, i) + aux_grad_term(cnt, t, e, E, S, K, nseq, scale));
   }
 }
 
@@ -100,7 +101,7 @@ __global__ void zloss_bwd_kernel(const T* l, int64_t R, int64_t E, double scale,
   const double lse = warp_logsumexp(l + t * E, E, lane);
   for (int64_t e = lane; e < E; e += 32) {
     const int64_t i = t * E + e;
-    store_d(dl, i, load_d(dl, i) + scale * 2.0 * lse * exp(load_d(l, i) - lse) / double(R));
+    store_d(dl, i, load_d(dl, i) + zloss_grad_term(load_d(l, i), lse, scale, R));
   }
 }
 
@@ -269,29 +270,42 @@ __global__ void count_zero_kernel(const int32_t* has, int64_t R, unsigned long l
   MOELAB_GRID_STRIDE(t, R) if (!has[t]) atomicAdd(out, 1ull);
 }
 
+// One token's statistics, each reduced over the warp: entropy, max prob, sum l^2, max |l|.
+// each(k, p) sees the lane's k-th probability (column lane + 32 k), in order.
+struct RowStats {
+  double ent, top, sq, mx;
+};
+template <class T, class F>
+__device__ __forceinline__ RowStats row_stats(const T* l, const T* p, int64_t t, int64_t E, int lane, F&& each) {
+  double ent = 0.0, top = 0.0, sq = 0.0, mx = 0.0;
+  int k = 0;
+  for (int64_t e = lane; e < E; e += 32, ++k) {
+    const double pv = load_d(p, t * E + e), lv = load_d(l, t * E + e);
+    if (pv > 0) ent -= pv * log(pv);
+    top = fmax(top, pv);
+    sq += lv * lv;
+    mx = fmax(mx, fabs(lv));
+    each(k, pv);
+  }
+  ent = warp_sum(ent);
+  top = warp_max(top);
+  sq = warp_sum(sq);
+  mx = warp_max(mx);
+  return {ent, top, sq, mx};
+}
+
 // Per token: entropy, max prob, sum l^2, max |l| into rows [0..4) of v [4, R].
 template <class T>
 __global__ void stats_rows_kernel(const T* l, const T* p, int64_t R, int64_t E, double* v) {
   const int64_t t = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (t >= R) return;
   const int lane = threadIdx.x & 31;
-  double ent = 0.0, top = 0.0, sq = 0.0, mx = 0.0;
-  for (int64_t e = lane; e < E; e += 32) {
-    const double pv = load_d(p, t * E + e), lv = load_d(l, t * E + e);
-    if (pv > 0) ent -= pv * log(pv);
-    top = fmax(top, pv);
-    sq += lv * lv;
-    mx = fmax(mx, fabs(lv));
-  }
-  ent = warp_sum(ent);
-  top = warp_max(top);
-  sq = warp_sum(sq);
-  mx = warp_max(mx);
+  const RowStats r = row_stats(l, p, t, E, lane, [](int, double) {});
   if (lane == 0) {
-    v[t] = ent;
-    v[R + t] = top;
-    v[2 * R + t] = sq;
-    v[3 * R + t] = mx;
+    v[t] = r.ent;
+    v[R + t] = r.top;
+    v[2 * R + t] = r.sq;
+    v[3 * R + t] = r.mx;
   }
 }
 
@@ -299,8 +313,8 @@ __global__ void stats_rows_kernel(const T* l, const T* p, int64_t R, int64_t E, 
 // separate row kernels, column sums and five reductions were 13 launches of a few microseconds
 // each per router call (config A: about 50 us a layer; eighth session). Block b takes rows
 // [b ch, (b + 1) ch): warp w its rows r0 + w, r0 + w + 8, ..., computing per row what
-// stats_rows_kernel and zloss_rows_kernel compute (entropy, top-1 probability, sum of squared
-// logits, max |logit|, logsumexp^2) and adding them in double; each lane adds the probabilities
+// stats_rows_kernel and zloss_rows_kernel compute (row_stats: entropy, top-1 probability, sum of
+// squared logits, max |logit|; logsumexp^2) and adding them in double; each lane adds the probabilities
 // of its columns (lane, lane + 32, ...). The warps add up in order: partial[b] = [those five,
 // the column sums (E)]. Deterministic: fixed rows per warp, fixed orders.
 constexpr int kRowWarps = 8;
@@ -317,25 +331,12 @@ __global__ void __launch_bounds__(32 * kRowWarps)
   double col[kRowMaxColsPerLane];
   for (int k = 0; k < kRowMaxColsPerLane; ++k) col[k] = 0.0;
   for (int64_t t = r0 + warp; t < r1; t += kRowWarps) {
-    double ent = 0.0, top = 0.0, sq = 0.0, mx = 0.0;
-    int k = 0;
-    for (int64_t e = lane; e < E; e += 32, ++k) {
-      const double pv = load_d(p, t * E + e), lv = load_d(l, t * E + e);
-      if (pv > 0) ent -= pv * log(pv);
-      top = fmax(top, pv);
-      sq += lv * lv;
-      mx = fmax(mx, fabs(lv));
-      col[k] += pv;
-    }
-    ent = warp_sum(ent);
-    top = warp_max(top);
-    sq = warp_sum(sq);
-    mx = warp_max(mx);
+    const RowStats r = row_stats(l, p, t, E, lane, [&](int k, double pv) { col[k] += pv; });
     const double lse = warp_logsumexp(l + t * E, E, lane);
-    ent_s += ent;
-    top_s += top;
-    sq_s += sq;
-    mx_s = fmax(mx_s, mx);
+    ent_s += r.ent;
+    top_s += r.top;
+    sq_s += r.sq;
+    mx_s = fmax(mx_s, r.mx);
     z_s += lse * lse;
   }
   if (lane == 0) {
@@ -369,8 +370,9 @@ __global__ void router_rows_final_kernel(const double* partial, int64_t blocks, 
 
 // Backend::router_logits_backward in one pass, one warp per row, lane l holding columns l, l + 32,
 // ...: gates_bwd_kernel's dscores, + aux_bwd_kernel's term (cnt null: none), softmax_bwd_kernel's
-// dlogits, + zloss_bwd_kernel's term (z_scale 0: none), each with the same expression and rounding
-// to f32 as its kernel, and the softmax dot product summed in that kernel's lane order. Five
+// dlogits, + zloss_bwd_kernel's term (z_scale 0: none), each term from the same function as its
+// kernel's (router_grad_terms.cuh) and rounded to f32 where that kernel stores, and the softmax
+// dot product summed in that kernel's lane order. Five
 // kernels a layer were about 30 us on config A's 8 experts (eighth session).
 __global__ void router_logits_bwd_kernel(const float* p, const float* l, const int32_t* idx, const float* dg,
                                          int64_t R, int64_t E, int64_t K, bool normalize, double scale,
@@ -381,15 +383,8 @@ __global__ void router_logits_bwd_kernel(const float* p, const float* l, const i
   if (t >= R) return;
   const int lane = threadIdx.x & 31;
   const int32_t* it = idx + t * K;
-  double z = 1.0, dot = 0.0;
-  if (normalize) {
-    z = 0.0;
-    for (int64_t j = 0; j < K; ++j) {
-      const double sv = p[t * E + it[j]];
-      z += sv;
-      dot += double(dg[t * K + j]) * sv;
-    }
-  }
+  double z, dot;
+  gate_norm(p, it, dg, t, E, K, normalize, z, dot);
   float ds[kCols], pv[kCols];
   for (int k = 0; k < kCols; ++k) {
     const int64_t e = lane + 32 * k;
@@ -399,15 +394,14 @@ __global__ void router_logits_bwd_kernel(const float* p, const float* l, const i
   for (int64_t j = 0; j < K; ++j) {
     const int64_t e = it[j];
     if (e % 32 != lane) continue;
-    const double d = normalize ? double(dg[t * K + j]) / z - dot / (z * z) : double(dg[t * K + j]);
+    const double d = gate_grad(double(dg[t * K + j]), z, dot, normalize);
     ds[e / 32] = float(double(ds[e / 32]) + scale * d);
   }
   if (cnt)
     for (int k = 0; k < kCols; ++k) {
       const int64_t e = lane + 32 * k;
       if (e >= E) break;
-      const double f = double(cnt[(t / S) * E + e]) / double(S * K);
-      ds[k] = float(double(ds[k]) + aux_scale * double(E) * f / double(S) / double(nseq));
+      ds[k] = float(double(ds[k]) + aux_grad_term(cnt, t, e, E, S, K, nseq, aux_scale));
     }
   float sdot = 0.0f;
   for (int k = 0; k < kCols && lane + 32 * k < E; ++k) sdot += pv[k] * ds[k];
@@ -417,7 +411,7 @@ __global__ void router_logits_bwd_kernel(const float* p, const float* l, const i
     const int64_t e = lane + 32 * k;
     if (e >= E) break;
     float o = pv[k] * (ds[k] - sdot);
-    if (z_scale != 0.0) o = float(double(o) + z_scale * 2.0 * lse * exp(double(l[t * E + e]) - lse) / double(R));
+    if (z_scale != 0.0) o = float(double(o) + zloss_grad_term(double(l[t * E + e]), lse, z_scale, R));
     dl[t * E + e] = o;
   }
 }
@@ -483,7 +477,6 @@ double aux_loss_forward(Ctx& c, const Tensor& probs, const Tensor& idx, int64_t 
   const int64_t S = seq_len ? seq_len : R, nseq = R / S;
   Buf<int32_t> cnt(c, nseq * E);
   Buf<double> P(c, nseq * E), out(c, 1);
-  CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
   aux_counts(c, cptr<int32_t>(idx), R, K, S, E, cnt.get());
   column_sums(c, probs.dtype(), probs.data(), R, E, S, P.get());
   aux_value_kernel<<<1, 1, 0, c.stream>>>(cnt.get(), P.get(), nseq, E, S, K, out.get());
@@ -497,7 +490,6 @@ void aux_loss_backward(Ctx& c, const Tensor& probs, const Tensor& idx, int64_t s
   if (R == 0) return;
   const int64_t S = seq_len ? seq_len : R, nseq = R / S;
   Buf<int32_t> cnt(c, nseq * E);
-  CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
   aux_counts(c, cptr<int32_t>(idx), R, K, S, E, cnt.get());
   dispatch_float(probs.dtype(), "aux_loss_backward", [&](auto tag) {
     using T = decltype(tag);
@@ -531,10 +523,7 @@ void router_logits_backward(Ctx& c, const Tensor& scores, const Tensor& logits, 
   if (R == 0) return;
   const int64_t S = aux_seq_len ? aux_seq_len : R, nseq = R / S;
   Buf<int32_t> cnt(c, aux_scale != 0.0 ? nseq * E : 1);
-  if (aux_scale != 0.0) {
-    CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
-    aux_counts(c, cptr<int32_t>(idx), R, K, S, E, cnt.get());
-  }
+  if (aux_scale != 0.0) aux_counts(c, cptr<int32_t>(idx), R, K, S, E, cnt.get());
   router_logits_bwd_kernel<<<grid_rows(R), kThreads, 0, c.stream>>>(
       cptr<float>(scores), cptr<float>(logits), cptr<int32_t>(idx), cptr<float>(dgates), R, E, K, normalize,
       score_scale, aux_scale != 0.0 ? cnt.get() : nullptr, S, nseq, aux_scale, z_scale, mptr<float>(dlogits));
@@ -619,7 +608,7 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
     CUDA_CHECK(cudaMemsetAsync(cnt.get(), 0, size_t(2 * E + 1) * sizeof(unsigned long long), c.stream));
     CUDA_CHECK(cudaMemsetAsync(has.get(), 0, size_t(R) * sizeof(int32_t), c.stream));
     if (A > 0) {
-      if (2 * E <= kSmemCounters)
+      if (2 * E <= kBlockHistMaxCounters)
         stats_counts_kernel<true><<<grid_for(A), kThreads, size_t(2 * E) * sizeof(unsigned), c.stream>>>(
             cptr<int32_t>(idx), cptr<int32_t>(keep), A, n1, ec, E, R, cnt.get(), has.get());
       else
@@ -665,7 +654,6 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
     const int64_t K = n1, S = aux_seq_len ? aux_seq_len : R, nseq = R / S;
     Buf<int32_t> acnt(c, nseq * E);
     Buf<double> P(c, nseq * E);
-    CUDA_CHECK(cudaMemsetAsync(acnt.get(), 0, size_t(nseq * E) * sizeof(int32_t), c.stream));
     aux_counts(c, cptr<int32_t>(idx), R, K, S, E, acnt.get());
     // One sequence (the global aux loss): its column sums are the statistics' (out + at_p).
     if (nseq > 1) column_sums(c, probs.dtype(), probs.data(), R, E, S, P.get());

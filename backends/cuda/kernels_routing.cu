@@ -13,6 +13,7 @@
 #include <cfloat>
 
 #include "backends/cuda/cuda_kernels.cuh"
+#include "backends/cuda/router_grad_terms.cuh"
 #include "core/rng.h"
 
 namespace moelab::cuda {
@@ -86,17 +87,10 @@ __global__ void gates_bwd_kernel(const T* s, const int32_t* idx, const T* dg, in
   MOELAB_GRID_STRIDE(t, R) {
     const int32_t* it = idx + t * K;
     for (int64_t e = 0; e < E; ++e) store_d(ds, t * E + e, 0.0);
-    double z = 1.0, dot = 0.0;
-    if (normalize) {
-      z = 0.0;
-      for (int64_t j = 0; j < K; ++j) {
-        const double sv = load_d(s, t * E + it[j]);
-        z += sv;
-        dot += load_d(dg, t * K + j) * sv;
-      }
-    }
+    double z, dot;
+    gate_norm(s, it, dg, t, E, K, normalize, z, dot);
     for (int64_t j = 0; j < K; ++j) {
-      const double d = normalize ? load_d(dg, t * K + j) / z - dot / (z * z) : load_d(dg, t * K + j);
+      const double d = gate_grad(load_d(dg, t * K + j), z, dot, normalize);
       const int64_t i = t * E + it[j];
       store_d(ds, i, load_d(ds, i) + scale * d);
     }

@@ -13,13 +13,6 @@ enum : uint64_t { kRouterStream = 10, kExpertDropoutStream = 11, kSharedDropoutS
 
 DType router_dtype_for(DType model) { return model == DType::F64 ? DType::F64 : DType::F32; }
 
-// Cast (or copy) src into a new tensor of dtype dt on backend b.
-Tensor as_dtype(Backend& b, const Tensor& src, DType dt) {
-  if (src.dtype() == dt) return src;
-  Tensor out = b.empty(src.shape(), dt);
-  b.cast(src, out);
-  return out;
-}
 }  // namespace
 
 MoELayer::MoELayer(Backend& backend, const MoEConfig& cfg, DType dtype,
@@ -77,8 +70,10 @@ void MoELayer::init(uint64_t seed, double scale) {
   }
 }
 
-void MoELayer::zero_grad() {
-  for (ParamRef& p : params()) b_.fill(p.grad, 0.0);
+void MoELayer::zero_grad(bool defer_routed_experts) {
+  for (const ParamSlot& s : param_slots())
+    if (!defer_routed_experts || (s.grad != &experts_.dw1() && s.grad != &experts_.dw2())) b_.fill(*s.grad, 0.0);
+  if (defer_routed_experts) experts_.defer_grad_zero();
 }
 
 MoEOutput MoELayer::forward(const Tensor& x, const MoEForwardArgs& args) {
@@ -115,7 +110,7 @@ MoEOutput MoELayer::forward(const Tensor& x, const MoEForwardArgs& args) {
   {
     ProfileScope ps(b_, "moe unpermute (gather back, combine)");
     c.yp = dispatcher_->gather_back(ye, c.layout);
-    c.gates = as_dtype(b_, st.gates, dtype_).reshape(Shape{st.gates.numel()});
+    c.gates = b_.as_dtype(st.gates, dtype_).reshape(Shape{st.gates.numel()});
     b_.unpermute_forward(c.yp, c.layout.send, c.gates, y);
   }
 
@@ -176,7 +171,7 @@ void MoELayer::backward(const Tensor& dy, const Tensor& dx) {
   {
     ProfileScope ps(b_, "moe router");
     const RouterState& st = c.route;
-    Tensor dgates_r = as_dtype(b_, dgates, router_.dtype()).reshape(st.gates.shape());
+    Tensor dgates_r = b_.as_dtype(dgates, router_.dtype()).reshape(st.gates.shape());
     router_.backward(st, c.x, dgates_r, c.args.seq_len, dx);  // dx += the router's part
   }
 

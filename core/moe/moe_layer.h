@@ -68,7 +68,9 @@ class MoELayer {
   void init(uint64_t seed, double scale);
   std::vector<ParamRef> params();
   std::vector<ParamSlot> param_slots();  // params() as slots, same names and order
-  void zero_grad();
+  // Zeroes every gradient; with defer_routed_experts, the routed experts' by their next backward
+  // (SwiGLUExperts::defer_grad_zero, as ParamStore::zero_grads does).
+  void zero_grad(bool defer_routed_experts = false);
 
   MoEOutput forward(const Tensor& x, const MoEForwardArgs& args);
   void backward(const Tensor& dy, const Tensor& dx);

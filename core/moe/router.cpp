@@ -83,11 +83,7 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   // router_logits reads it as the router dtype (exact: a bf16 or f32 value is an f32 or f64
   // one). Jitter (training only) and learned noise need x in the router dtype: a cast copy.
   const bool jitter = training && rc.noise == NoiseType::Jitter;
-  Tensor x_in = x;
-  if (x.dtype() != dtype_ && (jitter || rc.noise == NoiseType::Learned)) {
-    x_in = b_.empty(x.shape(), dtype_);
-    b_.cast(x, x_in);
-  }
+  const Tensor x_in = jitter || rc.noise == NoiseType::Learned ? b_.as_dtype(x, dtype_) : x;
   // Random draws are keyed by the global token position: with a batch group, this rank's first
   // token follows the lower ranks' tokens, so every layout draws the single-rank numbers.
   const bool draws = training && (rc.noise != NoiseType::None || rc.policy == RoutingPolicy::RandomTop2);
@@ -333,13 +329,7 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
   if (jitter)
     b_.jitter_backward(dx_r, rc.noise_eps, rng::derive(st.seed, kJitterStream), dx_r,
                        uint64_t(st.token_offset) * uint64_t(cfg_.d_model));
-  if (dx.dtype() == dtype_) {
-    b_.axpy(1.0, dx_r, dx);
-  } else {
-    Tensor cast = b_.empty(dx.shape(), dx.dtype());
-    b_.cast(dx_r, cast);
-    b_.axpy(1.0, cast, dx);
-  }
+  b_.axpy(1.0, b_.as_dtype(dx_r, dx.dtype()), dx);
 }
 
 void Router::check_batch_group(const MoEConfig& cfg) {
