@@ -51,6 +51,13 @@ std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
       else if (v != "auto" && !v.empty())
         MOELAB_USAGE_FAIL("MOELAB_GROUPED_GEMM = '", v, "' (accepted: auto|per_expert|grouped|chunked|mma|wgmma)");
     }
+    // MOELAB_GEMM_ALGO_CACHE=0 runs the per-expert GEMMs on cublasGemmEx (a kernel lookup per
+    // new shape) instead of cuBLASLt with cached choices (for measuring it).
+    if (const char* g = std::getenv("MOELAB_GEMM_ALGO_CACHE")) {
+      const std::string v = g;
+      if (v == "0") o.gemm_algo_cache = false;
+      else if (v != "1" && !v.empty()) MOELAB_USAGE_FAIL("MOELAB_GEMM_ALGO_CACHE = '", v, "' (accepted: 0|1)");
+    }
     if (const char* r = std::getenv("MOELAB_GEMM_CHUNK_ROWS")) {
       char* end = nullptr;
       const long long v = std::strtoll(r, &end, 10);

@@ -851,6 +851,15 @@ RouterSummary Backend::router_summary(const Tensor& logits, const Tensor& probs,
                                       const Tensor& keep, const Tensor& gates, bool expert_choice,
                                       int64_t experts, int64_t aux_seq_len, bool want_aux,
                                       bool want_importance) {
+  return router_summary_begin(logits, probs, idx, keep, gates, expert_choice, experts, aux_seq_len, want_aux,
+                              want_importance)
+      .get();
+}
+
+PendingRouterSummary Backend::router_summary_begin(const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                                                   const Tensor& keep, const Tensor& gates, bool expert_choice,
+                                                   int64_t experts, int64_t aux_seq_len, bool want_aux,
+                                                   bool want_importance) {
   // The composite's parts check their own arguments; the summary checks what they share.
   Checker c{*this, Op::RouterStats};
   c.rank(logits, "logits", 2);
@@ -862,8 +871,16 @@ RouterSummary Backend::router_summary(const Tensor& logits, const Tensor& probs,
   MOELAB_CHECK(aux_seq_len >= 0 && (aux_seq_len == 0 || probs.dim(0) % aux_seq_len == 0),
                "router_summary: seq_len ", aux_seq_len, " must divide the token count ", probs.dim(0));
   require(Op::RouterStats, logits.dtype());
-  return router_summary_impl(logits, probs, idx, keep, gates, expert_choice, experts, aux_seq_len, want_aux,
-                             want_importance);
+  return router_summary_begin_impl(logits, probs, idx, keep, gates, expert_choice, experts, aux_seq_len, want_aux,
+                                   want_importance);
+}
+
+PendingRouterSummary Backend::router_summary_begin_impl(const Tensor& logits, const Tensor& probs,
+                                                        const Tensor& idx, const Tensor& keep, const Tensor& gates,
+                                                        bool expert_choice, int64_t experts, int64_t aux_seq_len,
+                                                        bool want_aux, bool want_importance) {
+  return PendingRouterSummary(router_summary_impl(logits, probs, idx, keep, gates, expert_choice, experts,
+                                                  aux_seq_len, want_aux, want_importance));
 }
 
 RouterSummary Backend::router_summary_impl(const Tensor& logits, const Tensor& probs, const Tensor& idx,

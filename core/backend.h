@@ -14,6 +14,7 @@
 //     C capacity, A assignments (T*K for token choice, E*C for expert choice), R dispatched rows.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -79,6 +80,30 @@ struct RouterSummary {
   double aux = 0;         // aux_loss_forward(dist, idx, aux_seq_len), when asked for
   double z = 0;           // z_loss_forward(logits)
   double importance = 0;  // cv2_loss_forward(gates, idx, experts), when asked for
+};
+
+// A router summary on its way to the host (Backend::router_summary_begin): get() returns it,
+// waiting for the device only if it has not arrived yet (a device backend copies it without
+// waiting). Valid while its backend lives.
+class PendingRouterSummary {
+ public:
+  PendingRouterSummary() = default;
+  explicit PendingRouterSummary(RouterSummary ready) : value_(std::move(ready)), has_value_(true) {}
+  explicit PendingRouterSummary(std::function<RouterSummary()> arrive) : arrive_(std::move(arrive)) {}
+  bool valid() const { return has_value_ || bool(arrive_); }
+  const RouterSummary& get() {
+    if (!has_value_ && arrive_) {
+      value_ = arrive_();
+      arrive_ = nullptr;
+      has_value_ = true;
+    }
+    return value_;
+  }
+
+ private:
+  std::function<RouterSummary()> arrive_;
+  RouterSummary value_;
+  bool has_value_ = false;
 };
 
 class Backend {
@@ -279,6 +304,14 @@ class Backend {
                                const Tensor& keep, const Tensor& gates, bool expert_choice,
                                int64_t experts, int64_t aux_seq_len, bool want_aux,
                                bool want_importance);
+  // router_summary without waiting for it: a device backend queues the work and the copy to the
+  // host, and the host goes on (the MoE layer collects it after the dispatch plan's copy of the
+  // expert counts, which waits anyway: one wait per layer instead of two). The default computes it
+  // at once. The tensors need not outlive the call.
+  PendingRouterSummary router_summary_begin(const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                                            const Tensor& keep, const Tensor& gates, bool expert_choice,
+                                            int64_t experts, int64_t aux_seq_len, bool want_aux,
+                                            bool want_importance);
 
   // ---- transformer ops (S sequence length, B = T / S sequences, H heads, Hkv kv heads,
   //      Dh head width, V vocabulary) --------------------------------------------------------
@@ -442,6 +475,11 @@ class Backend {
                                             const Tensor& idx, const Tensor& keep,
                                             const Tensor& gates, bool expert_choice, int64_t experts,
                                             int64_t aux_seq_len, bool want_aux, bool want_importance);
+  virtual PendingRouterSummary router_summary_begin_impl(const Tensor& logits, const Tensor& probs,
+                                                         const Tensor& idx, const Tensor& keep,
+                                                         const Tensor& gates, bool expert_choice,
+                                                         int64_t experts, int64_t aux_seq_len, bool want_aux,
+                                                         bool want_importance);
   virtual void scale_impl(const Tensor& x, double alpha) = 0;
   virtual double sum_squares_impl(const Tensor& x) = 0;
   virtual void embedding_forward_impl(const Tensor& tokens, const Tensor& table,

@@ -39,6 +39,7 @@
 
 #include "backends/cpu/cpu_backend.h"
 #include "core/moe/config.h"
+#include "core/moe/moe_layer.h"
 #include "backends/cuda/cuda_backend.h"
 #include "catch_compat.h"
 #include "core/backend.h"
@@ -626,6 +627,36 @@ TEST_CASE("gpu ops: grouped_gemm and grouped_gemm_wgrad (every cuBLAS path and t
   fam.finish();
 }
 
+// The per-expert GEMMs through cuBLASLt with the kernel choice cached per shape class
+// (CudaBackendOptions::gemm_algo_cache, gemm.cu): experts of 130 and 140 rows share a bucket (144;
+// the rows are m in the forward and k in the weight gradient), 150 rows has its own, so the
+// second call of a class reuses the first one's choice; against the CPU in both dtypes and both
+// betas; then experts of 0, 1 and 33 rows with odd widths (addresses aligned to 2 bytes only,
+// where cuBLASLt may refuse and cublasGemmEx runs), and the cache off runs nothing through it.
+TEST_CASE("gpu ops: per-expert GEMMs through cuBLASLt, the kernel choice cached per shape class", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("grouped_gemm_lt");
+  auto owned = make_cuda_backend({0, GroupedGemmImpl::PerExpert});
+  Backend& g = *owned;
+  const std::vector<int64_t> off = {0, 130, 270, 420};  // 130, 140 and 150 rows
+  for (DType dt : kDtypes) grouped_gemm_cases(fam, g, off, 64, 48, " [lt]", dt, {0.0, 1.0});
+  const GemmAlgoCacheStats s = cuda_gemm_algo_cache_stats(g);
+  INFO("calls " << s.calls << ", heuristic lookups " << s.heuristics << ", refused " << s.fallbacks);
+  CHECK(s.calls > 0);
+  CHECK(s.heuristics < s.calls);
+  CHECK(s.fallbacks == 0);
+  grouped_gemm_cases(fam, g, {0, 0, 1, 34}, 37, 21, " [lt, odd widths]", DType::BF16, {0.0, 1.0});
+  CHECK(cuda_gemm_algo_cache_stats(g).calls > s.calls);
+  CudaBackendOptions off_opts;
+  off_opts.grouped_gemm = GroupedGemmImpl::PerExpert;
+  off_opts.gemm_algo_cache = false;
+  auto plain = make_cuda_backend(off_opts);
+  grouped_gemm_cases(fam, *plain, off, 64, 48, " [cublasGemmEx]", DType::BF16, {0.0});
+  CHECK(cuda_gemm_algo_cache_stats(*plain).calls == 0);
+  fam.finish();
+}
+
 // moelab's own kernels (the mma.sync one, backends/cuda/grouped_gemm_kernels.h, and the wgmma one,
 // grouped_gemm_wgmma.cu; on a GPU without wgmma that backend runs the Auto path) over several
 // tiles in every direction: experts of 0, 1, 37, 129 and 300 rows, K and N multiples of 8 but not
@@ -1194,6 +1225,56 @@ TEST_CASE("gpu ops: router_stats", "[gpu]") {
       }
     }
   fam.finish();
+}
+
+// The MoE layer's forward waits for the device once (the dispatch plan's expert counts; the
+// router's statistics, copied without waiting, have arrived with them) and its backward never;
+// the statistics and losses it returns are router_summary's, waited for at once.
+TEST_CASE("gpu moe layer: one host wait per forward, none in backward", "[gpu]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Backend& g = gpu();
+  MoEConfig cfg;
+  cfg.d_model = 64;
+  cfg.experts = 8;
+  cfg.top_k = 2;
+  cfg.d_expert = 32;
+  cfg.router.aux_alpha = 0.01;
+  cfg.router.z_loss = 0.001;
+  const int64_t T = 256;
+  MoELayer layer(g, cfg, DType::BF16);
+  layer.init(3, 1.0);
+  auto normal = [&](Shape sh, uint64_t seed) {
+    std::vector<double> v(static_cast<size_t>(sh.numel()));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = rng::normal(seed, i);
+    return g.from_host(host_tensor(v, sh, DType::BF16));
+  };
+  Tensor x = normal(Shape{T, cfg.d_model}, 11), dy = normal(Shape{T, cfg.d_model}, 12);
+  Tensor dx = g.empty(Shape{T, cfg.d_model}, DType::BF16);
+  const MoEForwardArgs args{true, 64, 5};
+  layer.forward(x, args);  // warm-up: allocations, cuBLAS
+  layer.backward(dy, dx);
+  g.synchronize();
+  const int64_t s0 = g.host_syncs();
+  MoEOutput out = layer.forward(x, args);
+  const int64_t s1 = g.host_syncs();
+  layer.backward(dy, dx);
+  const int64_t s2 = g.host_syncs();
+  CHECK(s1 - s0 == 1);
+  CHECK(s2 - s1 == 0);
+  const RouterState& st = layer.last_routing();
+  const RouterSummary ref = g.router_summary(st.logits, st.dist, st.idx, st.keep, st.gates, false, cfg.experts, 0,
+                                             true, true);
+  CHECK(std::accumulate(out.stats.routed.begin(), out.stats.routed.end(), int64_t(0)) == T * cfg.top_k);
+  CHECK(out.stats.routed == ref.stats.routed);
+  CHECK(out.stats.kept == ref.stats.kept);
+  CHECK(out.stats.mean_prob == ref.stats.mean_prob);
+  CHECK(out.stats.entropy == ref.stats.entropy);
+  CHECK(out.stats.logit_max == ref.stats.logit_max);
+  CHECK(out.losses.aux == ref.aux);
+  CHECK(out.losses.z == ref.z);
+  CHECK(out.losses.importance == ref.importance);
+  CHECK(out.losses.aux > 0.0);
 }
 
 TEST_CASE("gpu ops: embedding, rmsnorm, rope", "[gpu]") {

@@ -100,6 +100,77 @@ void Ctx::to_host(void* dst, const void* src_dev, size_t bytes) {
   std::memcpy(dst, p, bytes);
 }
 
+// Pinned blocks of finished (or dropped) to_host_async copies, reused by later ones.
+struct PinnedPool {
+  std::mutex mu;
+  std::vector<HostCopy::Block*> free;
+  ~PinnedPool() {  // no throwing: the context may already be gone at exit
+    for (HostCopy::Block* b : free) {
+      if (b->host) cudaFreeHost(b->host);
+      if (b->done) cudaEventDestroy(b->done);
+      delete b;
+    }
+  }
+};
+
+HostCopy Ctx::to_host_async(const void* src_dev, size_t bytes) {
+  if (!pinned_pool) pinned_pool = std::make_shared<PinnedPool>();
+  HostCopy::Block* b = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(pinned_pool->mu);
+    if (!pinned_pool->free.empty()) {
+      b = pinned_pool->free.back();
+      pinned_pool->free.pop_back();
+    }
+  }
+  if (!b) {
+    b = new HostCopy::Block;
+    const cudaError_t e = cudaEventCreateWithFlags(&b->done, cudaEventDisableTiming);
+    if (e != cudaSuccess) {
+      delete b;
+      CUDA_CHECK(e);
+    }
+  } else {
+    const cudaError_t q = cudaEventQuery(b->done);  // a dropped handle's copy may still be in flight
+    if (q == cudaErrorNotReady) {
+      ++syncs;
+      CUDA_CHECK(cudaEventSynchronize(b->done));
+    } else {
+      CUDA_CHECK(q);
+    }
+  }
+  std::shared_ptr<PinnedPool> pool = pinned_pool;
+  std::shared_ptr<HostCopy::Block> block(b, [pool](HostCopy::Block* p) {
+    std::lock_guard<std::mutex> lock(pool->mu);
+    pool->free.push_back(p);
+  });
+  if (bytes > b->bytes) {
+    if (b->host) CUDA_CHECK(cudaFreeHost(b->host));
+    b->host = nullptr;
+    b->bytes = 0;
+    const size_t n = bytes > 4096 ? bytes : 4096;
+    CUDA_CHECK(cudaMallocHost(&b->host, n));
+    b->bytes = n;
+  }
+  if (bytes > 0) CUDA_CHECK(cudaMemcpyAsync(b->host, src_dev, bytes, cudaMemcpyDeviceToHost, stream));
+  CUDA_CHECK(cudaEventRecord(b->done, stream));
+  return HostCopy(std::move(block), this);
+}
+
+const void* HostCopy::wait() {
+  if (!arrived_) {
+    const cudaError_t q = cudaEventQuery(block_->done);
+    if (q == cudaErrorNotReady) {
+      ++ctx_->syncs;
+      CUDA_CHECK(cudaEventSynchronize(block_->done));
+    } else {
+      CUDA_CHECK(q);
+    }
+    arrived_ = true;
+  }
+  return block_->host;
+}
+
 void Ctx::to_device_async(void* dst_dev, const void* src, size_t bytes) {
   if (bytes == 0) return;
   // Each slot is reused only after its copy ran, so the host can be at most kSlots uploads ahead
@@ -156,6 +227,7 @@ class CudaBackend final : public Backend {
     MOELAB_CHECK(opts.attention_bwd_splits >= 0, "CudaBackendOptions::attention_bwd_splits = ",
                  opts.attention_bwd_splits, " < 0");
     ctx_.attention_bwd_splits = opts.attention_bwd_splits;
+    ctx_.gemm_algo_cache = opts.gemm_algo_cache;
     int major = 0, minor = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, opts.device));
     CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, opts.device));
@@ -175,6 +247,7 @@ class CudaBackend final : public Backend {
   Device device() const override { return Device::CUDA; }
   cudaStream_t stream() const { return ctx_.stream; }
   int ordinal() const { return opts_.device; }
+  GemmAlgoCacheStats gemm_algo_cache_stats() const { return cuda::gemm_algo_cache_stats(ctx_); }
   void synchronize() override { ctx_.sync(); }
 
   std::shared_ptr<void> timing_mark() override {
@@ -398,17 +471,19 @@ class CudaBackend final : public Backend {
                                 const Tensor& keep, bool ec, int64_t experts) override {
     return cuda::router_stats(ctx_, l, p, idx, keep, ec, experts);
   }
-  // One host copy per router call. MOELAB_ROUTER_SUMMARY=separate takes the composite (one copy
-  // per quantity) instead, to measure what the fusion buys in one call.
-  RouterSummary router_summary_impl(const Tensor& l, const Tensor& p, const Tensor& idx, const Tensor& keep,
-                                    const Tensor& g, bool ec, int64_t experts, int64_t aux_seq, bool want_aux,
-                                    bool want_imp) override {
+  // One host copy per router call, which does not wait (collected after the dispatch plan's).
+  // MOELAB_ROUTER_SUMMARY=separate takes the composite (one waiting copy per quantity) instead,
+  // to measure what the fusion buys in one call.
+  PendingRouterSummary router_summary_begin_impl(const Tensor& l, const Tensor& p, const Tensor& idx,
+                                                 const Tensor& keep, const Tensor& g, bool ec, int64_t experts,
+                                                 int64_t aux_seq, bool want_aux, bool want_imp) override {
     static const bool separate = [] {
       const char* e = std::getenv("MOELAB_ROUTER_SUMMARY");
       return e && std::string(e) == "separate";
     }();
-    if (separate) return Backend::router_summary_impl(l, p, idx, keep, g, ec, experts, aux_seq, want_aux, want_imp);
-    return cuda::router_summary(ctx_, l, p, idx, keep, g, ec, experts, aux_seq, want_aux, want_imp);
+    if (separate)
+      return Backend::router_summary_begin_impl(l, p, idx, keep, g, ec, experts, aux_seq, want_aux, want_imp);
+    return cuda::router_summary_begin(ctx_, l, p, idx, keep, g, ec, experts, aux_seq, want_aux, want_imp);
   }
 
   // ---- transformer ops -------------------------------------------------------------------------
@@ -479,6 +554,12 @@ void* cuda_backend_stream(Backend& b) {
   auto* c = dynamic_cast<CudaBackend*>(&b);
   MOELAB_CHECK(c != nullptr, "cuda_backend_stream: backend '", b.name(), "' is not the CUDA backend");
   return c->stream();
+}
+
+GemmAlgoCacheStats cuda_gemm_algo_cache_stats(Backend& b) {
+  auto* c = dynamic_cast<CudaBackend*>(&b);
+  MOELAB_CHECK(c != nullptr, "cuda_gemm_algo_cache_stats: backend '", b.name(), "' is not the CUDA backend");
+  return c->gemm_algo_cache_stats();
 }
 
 int cuda_backend_device(Backend& b) {

@@ -60,7 +60,20 @@ struct CudaBackendOptions {
   // per kv head, each owning every n-th key tile and its own fp32 dQ buffer. 0: enough for about
   // one wave of the device's SMs. Tests set it to reach several key tiles per block.
   int attention_bwd_splits = 0;
+  // The per-expert GEMMs (PerExpert, and a grouped call of one problem) through cuBLASLt, its
+  // kernel choice made once per shape class (rows in 8 buckets per octave) and reused
+  // (gemm.cu, GemmAlgoCache): cublasGemmEx looks up a kernel for every new row count, about
+  // 100 us of host time per call. MOELAB_GEMM_ALGO_CACHE=0 turns it off (registry).
+  bool gemm_algo_cache = true;
 };
+
+// What the per-expert GEMMs' cache (CudaBackendOptions::gemm_algo_cache) did on a CUDA backend:
+// calls through it, heuristic lookups (one per new shape class) and calls that cuBLASLt refused
+// (run on cublasGemmEx instead). Throws moelab::Error when `b` is not the CUDA backend.
+struct GemmAlgoCacheStats {
+  int64_t calls = 0, heuristics = 0, fallbacks = 0;
+};
+GemmAlgoCacheStats cuda_gemm_algo_cache_stats(Backend& b);
 
 // The CUDA backend on `opts.device`. Throws moelab::Error when no device is usable.
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& opts = {});

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -79,6 +80,29 @@ class DeviceAllocator {
   size_t in_use_ = 0, cached_ = 0, peak_ = 0;
 };
 
+struct GemmAlgoCache;  // gemm.cu: the cuBLASLt handle and the per-expert GEMMs' cached kernel choices
+struct Ctx;
+struct PinnedPool;  // cuda_backend.cu: pinned blocks for Ctx::to_host_async
+
+// A device -> host copy in flight (Ctx::to_host_async). wait() returns the bytes, blocking (and
+// counting a host sync) only if the copy has not finished. Valid while its backend lives; the
+// pinned block goes back to the pool when the last copy of the handle goes.
+class HostCopy {
+ public:
+  struct Block {
+    void* host = nullptr;
+    size_t bytes = 0;
+    cudaEvent_t done = nullptr;
+  };
+  HostCopy(std::shared_ptr<Block> block, Ctx* ctx) : block_(std::move(block)), ctx_(ctx) {}
+  const void* wait();
+
+ private:
+  std::shared_ptr<Block> block_;
+  Ctx* ctx_;
+  bool arrived_ = false;
+};
+
 // What every launcher needs from the backend object.
 struct Ctx {
   cudaStream_t stream = nullptr;
@@ -90,6 +114,8 @@ struct Ctx {
   int compute_capability = 0;  // of the backend's device: 10 major + minor (90 for H100 / H200)
   int sm_count = 1;             // of the backend's device: streaming multiprocessors
   int attention_bwd_splits = 0;  // CudaBackendOptions::attention_bwd_splits
+  bool gemm_algo_cache = true;   // CudaBackendOptions::gemm_algo_cache
+  std::shared_ptr<GemmAlgoCache> algo_cache;  // made by gemm.cu on first use
   // Pinned host memory for small device -> host results (losses, counts). Grows on demand;
   // valid until the next call of staging().
   void* staging(size_t bytes);
@@ -101,6 +127,10 @@ struct Ctx {
   int64_t syncs = 0;
   // Device -> host copy through the pinned staging buffer; blocks until the data is there.
   void to_host(void* dst, const void* src_dev, size_t bytes);
+  // Device -> host copy that does not wait: queued on the stream into pinned memory that the
+  // returned handle owns.
+  HostCopy to_host_async(const void* src_dev, size_t bytes);
+  std::shared_ptr<PinnedPool> pinned_pool;
   // Host -> device copy of a small argument array, stream-ordered. The host bytes are copied
   // into a ring of pinned slots first, so the caller may free `src` at once.
   void to_device_async(void* dst_dev, const void* src, size_t bytes);

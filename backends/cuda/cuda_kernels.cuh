@@ -56,6 +56,7 @@ void device_sum(Ctx& c, const double* x, int64_t n, double* out);
 void device_max(Ctx& c, const double* x, int64_t n, double* out);
 
 // ---- gemm.cu: cuBLAS ---------------------------------------------------------------------------
+GemmAlgoCacheStats gemm_algo_cache_stats(const Ctx& c);  // gemm.cu
 void gemm(Ctx& c, bool ta, bool tb, double alpha, const Tensor& a, const Tensor& b, double beta,
           const Tensor& cm);
 void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w,
@@ -151,10 +152,11 @@ void load_loss_backward(Ctx& c, const Tensor& clean, const Tensor& h, const Tens
                         const Tensor& dstd, const Tensor& dh);
 RouterStats router_stats(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
                          const Tensor& keep, bool expert_choice, int64_t experts);
-// router_stats, z, and optionally aux and importance, with one device-to-host copy.
-RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
-                             const Tensor& keep, const Tensor& gates, bool expert_choice, int64_t experts,
-                             int64_t aux_seq_len, bool want_aux, bool want_importance);
+// router_stats, z, and optionally aux and importance, with one device-to-host copy that does not
+// wait (Backend::router_summary_begin).
+PendingRouterSummary router_summary_begin(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                                          const Tensor& keep, const Tensor& gates, bool expert_choice,
+                                          int64_t experts, int64_t aux_seq_len, bool want_aux, bool want_importance);
 
 
 // ---- kernels_transformer.cu --------------------------------------------------------------------

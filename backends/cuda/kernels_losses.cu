@@ -590,15 +590,15 @@ void load_loss_backward(Ctx& c, const Tensor& clean, const Tensor& h, const Tens
 
 // One buffer on the device, one copy to the host:
 //   [routed E | kept E | unrouted 1 | prob sums E | entropy, top-1, logit^2, |logit| max | aux | z sum | cv2]
-RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
-                             const Tensor& keep, const Tensor& gates, bool ec, int64_t E, int64_t aux_seq_len,
-                             bool want_aux, bool want_importance) {
+PendingRouterSummary router_summary_begin(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
+                                          const Tensor& keep, const Tensor& gates, bool ec, int64_t E,
+                                          int64_t aux_seq_len, bool want_aux, bool want_importance) {
   const int64_t R = logits.dim(0), n1 = idx.dim(1), A = idx.numel();
   RouterSummary s;
   s.stats.routed.assign(size_t(E), 0);
   s.stats.kept.assign(size_t(E), 0);
   s.stats.mean_prob.assign(size_t(E), 0.0);
-  if (R == 0) return s;
+  if (R == 0) return PendingRouterSummary(std::move(s));
   const int64_t at_p = 2 * E + 1, at_rows = 3 * E + 1, at_aux = 3 * E + 5, n = 3 * E + 8;
   Buf<double> out(c, n);
   CUDA_CHECK(cudaMemsetAsync(out.get(), 0, size_t(n) * sizeof(double), c.stream));
@@ -669,29 +669,31 @@ RouterSummary router_summary(Ctx& c, const Tensor& logits, const Tensor& probs, 
     CUDA_CHECK(cudaMemcpyAsync(out.get() + at_aux + 2, res.get(), sizeof(double), cudaMemcpyDeviceToDevice,
                                c.stream));
   }
-  std::vector<double> h(static_cast<size_t>(n));
-  c.to_host(h.data(), out.get(), size_t(n) * sizeof(double));
-  RouterStats& st = s.stats;
-  for (int64_t e = 0; e < E; ++e) {
-    st.routed[e] = int64_t(h[size_t(e)]);
-    st.kept[e] = int64_t(h[size_t(E + e)]);
-    st.mean_prob[e] = h[size_t(at_p + e)] / double(R);
-  }
-  st.tokens_unrouted = int64_t(h[size_t(2 * E)]);
-  st.entropy = h[size_t(at_rows)] / double(R);
-  st.top1_prob = h[size_t(at_rows + 1)] / double(R);
-  st.logit_rms = std::sqrt(h[size_t(at_rows + 2)] / double(R * E));
-  st.logit_max = h[size_t(at_rows + 3)];
-  s.aux = h[size_t(at_aux)];
-  s.z = h[size_t(at_aux + 1)] / double(R);
-  s.importance = h[size_t(at_aux + 2)];
-  return s;
+  HostCopy copy = c.to_host_async(out.get(), size_t(n) * sizeof(double));
+  return PendingRouterSummary([copy, s, E, R, at_p, at_rows, at_aux]() mutable {
+    const double* h = static_cast<const double*>(copy.wait());
+    RouterStats& st = s.stats;
+    for (int64_t e = 0; e < E; ++e) {
+      st.routed[e] = int64_t(h[e]);
+      st.kept[e] = int64_t(h[E + e]);
+      st.mean_prob[e] = h[at_p + e] / double(R);
+    }
+    st.tokens_unrouted = int64_t(h[2 * E]);
+    st.entropy = h[at_rows] / double(R);
+    st.top1_prob = h[at_rows + 1] / double(R);
+    st.logit_rms = std::sqrt(h[at_rows + 2] / double(R * E));
+    st.logit_max = h[at_rows + 3];
+    s.aux = h[at_aux];
+    s.z = h[at_aux + 1] / double(R);
+    s.importance = h[at_aux + 2];
+    return s;
+  });
 }
 
 // The statistics alone: the summary without the optional losses (one copy to the host).
 RouterStats router_stats(Ctx& c, const Tensor& logits, const Tensor& probs, const Tensor& idx,
                          const Tensor& keep, bool ec, int64_t E) {
-  return router_summary(c, logits, probs, idx, keep, Tensor(), ec, E, 0, false, false).stats;
+  return router_summary_begin(c, logits, probs, idx, keep, Tensor(), ec, E, 0, false, false).get().stats;
 }
 
 }  // namespace moelab::cuda

@@ -87,9 +87,9 @@ MoEOutput MoELayer::forward(const Tensor& x, const MoEForwardArgs& args) {
   c.x = x;
   {
     ProfileScope ps(b_, "moe router");
-    c.route = router_.forward(x, args.training, args.seq_len, rng::derive(args.seed, kRouterStream));
+    c.route = router_.forward_begin(x, args.training, args.seq_len, rng::derive(args.seed, kRouterStream));
   }
-  const RouterState& st = c.route;
+  RouterState& st = c.route;
 
   const int64_t pad = cfg_.router.pad_to_capacity ? st.capacity : 0;
   Tensor xe;
@@ -97,6 +97,11 @@ MoEOutput MoELayer::forward(const Tensor& x, const MoEForwardArgs& args) {
     ProfileScope ps(b_, "moe permute (plan, dispatch)");
     c.layout = dispatcher_->plan(st.idx, st.keep, st.expert_choice, pad);
     xe = dispatcher_->dispatch(x, c.layout);
+  }
+  {
+    // The plan waited for the expert counts, so the router's statistics are on the host already.
+    ProfileScope ps(b_, "moe router");
+    router_.forward_end(st);
   }
   const double p_drop = args.training ? cfg_.expert_dropout : 0.0;
   Tensor ye;

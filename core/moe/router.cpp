@@ -69,6 +69,12 @@ int64_t Router::capacity_for(const MoEConfig& cfg, int64_t tokens) {
 }
 
 RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uint64_t seed) {
+  RouterState st = forward_begin(x, training, seq_len, seed);
+  forward_end(st);
+  return st;
+}
+
+RouterState Router::forward_begin(const Tensor& x, bool training, int64_t seq_len, uint64_t seed) {
   const RouterConfig& rc = cfg_.router;
   const int64_t T = x.dim(0), E = cfg_.experts, K = cfg_.top_k;
   MOELAB_CHECK(x.ndim() == 2 && x.dim(1) == cfg_.d_model, "router: input is ", x.describe(),
@@ -171,18 +177,30 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
   }
 
   // Statistics and losses (values un-scaled; BACKGROUND.md sections 3 and 6).
-  // One router_summary call: a device backend copies all of it to the host at once.
+  // One router_summary call: a device backend copies all of it to the host at once, without
+  // waiting; forward_end collects it.
   st.batch_tokens = T;
   const int64_t aux_seq = rc.aux_loss_type == AuxLossType::Sequence ? seq_len : 0;
   const bool seq_aux_only = group_ != nullptr;  // a batch group forms the global aux from counts
   const bool want_aux = !st.expert_choice && (!seq_aux_only || aux_seq > 0);
-  const RouterSummary sum = b_.router_summary(st.logits, st.dist, st.idx, st.keep, st.gates, st.expert_choice,
-                                              E, aux_seq, want_aux, !st.expert_choice && !group_);
-  st.stats = sum.stats;
+  st.summary = b_.router_summary_begin(st.logits, st.dist, st.idx, st.keep, st.gates, st.expert_choice, E, aux_seq,
+                                       want_aux, !st.expert_choice && !group_);
   if (group_) {
+    const RouterSummary sum = st.summary.get();
+    st.summary = PendingRouterSummary();
+    st.stats = sum.stats;
     reduce_over_group(st, seq_len, sum);
-    return st;
   }
+  return st;
+}
+
+void Router::forward_end(RouterState& st) {
+  if (!st.summary.valid()) return;  // done already (a batch group, or a second call)
+  const RouterConfig& rc = cfg_.router;
+  const int64_t E = cfg_.experts, K = cfg_.top_k;
+  const RouterSummary sum = st.summary.get();
+  st.summary = PendingRouterSummary();
+  st.stats = sum.stats;
   RouterLosses& L = st.losses;
   if (!st.expert_choice) {
     L.aux = sum.aux;
@@ -195,13 +213,12 @@ RouterState Router::forward(const Tensor& x, bool training, int64_t seq_len, uin
       L.aux += double(E) * double(st.stats.routed[e]) / total * st.stats.mean_prob[e];
   }
   L.z = sum.z;
-  if (rc.load_weight > 0 && noisy_logits(cfg_, training))
+  if (rc.load_weight > 0 && noisy_logits(cfg_, st.training))
     L.load = b_.load_loss_forward(st.clean, st.logits, st.noise_std, rc.noise_eps, K);
   else
     L.load = cv2_of_counts(st.stats.routed);
   L.weighted = own_aux_weight(rc) * L.aux + rc.z_loss * L.z + rc.importance_weight * L.importance +
                rc.load_weight * L.load;
-  return st;
 }
 
 // d[t, :] += g for every row t: a rank-1 GEMM, ones [T,1] x g [1,E].

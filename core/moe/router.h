@@ -55,8 +55,9 @@ struct RouterState {
   Tensor idx;        // i32 [T,K] experts (token choice) or [E,C] tokens (expert choice)
   Tensor keep;       // i32, same shape as idx: 1 = assignment kept
   Tensor gates;      // [T,K] or [E,C] router dtype; the flat [A] gate vector of the combine
-  RouterLosses losses;
+  RouterLosses losses;  // with stats: valid once Router::forward_end has run
   RouterStats stats;
+  PendingRouterSummary summary;  // between forward_begin and forward_end: the values on their way
 };
 
 // Token-weighted sums of router statistics and losses, to merge several router calls (ranks,
@@ -103,6 +104,13 @@ class Router {
   // x [T,D] in any float dtype. seq_len splits T for the sequence-level aux loss (0 = global).
   // seed: the draws of this call (noise, random top-2); derive it from (run seed, layer, step).
   RouterState forward(const Tensor& x, bool training, int64_t seq_len, uint64_t seed);
+  // forward in two halves: begin queues the device work (the statistics and loss values start
+  // their way to the host without waiting for them); end fills st.stats and st.losses. The MoE
+  // layer runs the dispatch plan between them, whose copy of the expert counts waits for the
+  // device anyway, so a layer waits once. With a batch group, begin does it all (the ranks
+  // exchange their statistics on the host).
+  RouterState forward_begin(const Tensor& x, bool training, int64_t seq_len, uint64_t seed);
+  void forward_end(RouterState& st);
   // dgates: gradient of the objective w.r.t. st.gates (router dtype, same shape). Adds the
   // router-loss gradients with their config weights. Adds the input gradient to dx [T,D] (x's
   // dtype) and accumulates dw_router / dw_noise.
