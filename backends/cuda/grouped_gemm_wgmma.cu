@@ -125,7 +125,10 @@ template <int MODE> __device__ __forceinline__ TileJob tile_job(const gg::Params
 // One block per tile (grid = every tile, surplus slots exit at once). A persistent launch (grid =
 // the SMs, each block looping over tiles with the producer running ahead into the next tile)
 // measured 10-20% slower on several shapes and no faster on any (docs/performance.md, seventh
-// session).
+// session). Again in the ninth, with the epilogue storing from registers (a 4 x 4 transpose in
+// each quad of lanes, 16-byte stores) so that the producer could fill the next tile's stages
+// meanwhile: K = 512 414 against 418 TFLOP/s, most shapes 2-7% slower, whole steps A, D and E
+// 0-1% slower. Whatever holds K = 512 back, it is not the unoverlapped epilogue.
 template <int MODE>
 __global__ void __launch_bounds__(384, 1) ggemm_tma_kernel(const __grid_constant__ TmaMaps maps, gg::Params p) {
 #if MOELAB_WGMMA_DEVICE
