@@ -1705,6 +1705,34 @@ TEST_CASE("gpu ops: cross_entropy, adamw", "[gpu]") {
       k.close(v);
       k.close(copy);
     }
+    // The two kernels agree bit for bit: 932 elements take the 4-wide one, 933 the scalar one, on
+    // the same values element by element (the first 932 compared).
+    {
+      auto values = [](int64_t n, uint64_t seed, double scale, double shift) {
+        std::vector<double> x(static_cast<size_t>(n));
+        for (size_t i = 0; i < x.size(); ++i) x[i] = shift + scale * rng::normal(seed, i);
+        return x;
+      };
+      std::vector<std::vector<double>> outs;
+      for (int64_t n : {932, 933}) {
+        Tensor p = g.from_host(host_tensor(values(n, 1, 1.0, 0.0), Shape{n}, DType::F32));
+        Tensor grad = g.from_host(host_tensor(values(n, 2, 0.1, 0.0), Shape{n}, dt));
+        Tensor m = g.from_host(host_tensor(values(n, 3, 0.01, 0.0), Shape{n}, DType::F32));
+        std::vector<double> v0 = values(n, 4, 1e-4, 0.0);
+        for (double& x : v0) x = x * x + 1e-5;
+        Tensor v = g.from_host(host_tensor(v0, Shape{n}, DType::F32));
+        Tensor copy = g.empty(Shape{n}, dt);
+        g.adamw(p, grad, m, v, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, copy);
+        std::vector<double> all;
+        for (const Tensor* t : {&p, &m, &v, &copy}) {
+          const std::vector<double> h = host_values(g.to_host(*t));
+          all.insert(all.end(), h.begin(), h.begin() + 932);
+        }
+        outs.push_back(all);
+      }
+      INFO("adamw kernels agree, " << to_string(dt));
+      CHECK(outs[0] == outs[1]);
+    }
   }
   fam.finish();
 }
