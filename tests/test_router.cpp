@@ -340,3 +340,34 @@ TEST_CASE("dispatch: un-permute of permute is the identity, padding rows are zer
   // Padding capacity smaller than a kept count is a clear error.
   REQUIRE_THROWS_WITH(b.dispatch_plan(idx, keep, false, 3, 1), has_substr("more than pad capacity"));
 }
+
+// Router::forward in two halves (the MoE layer runs the dispatch plan between them): the same
+// statistics and losses as forward, none before forward_end, and backward refuses a state whose
+// forward was not ended.
+TEST_CASE("router: forward_begin and forward_end give forward's statistics and losses", "[router]") {
+  MoEConfig cfg = small_config(4, 2);
+  cfg.router.aux_alpha = 0.01;
+  cfg.router.z_loss = 0.001;
+  IdentityRouter r(cfg);
+  const std::vector<double> logits = {1.0, 3.0, 0.5, 2.0, 0.0, -1.0, 2.0, 1.5, 0.3, 0.2, 0.1, -0.4};
+  const Tensor x = host_tensor(logits, Shape{3, 4}, DType::F64);
+  const RouterState whole = r.router.forward(x, true, 0, 7);
+  RouterState st = r.router.forward_begin(x, true, 0, 7);
+  CHECK(st.summary.valid());
+  CHECK(st.stats.routed.empty());
+  Tensor dg = cpu().zeros(st.gates.shape(), DType::F64), dx = cpu().zeros(x.shape(), DType::F64);
+  CHECK_THROWS_WITH(r.router.backward(st, x, dg, 0, dx), has_substr("forward_end"));
+  r.router.forward_end(st);
+  CHECK_FALSE(st.summary.valid());
+  CHECK(st.stats.routed == whole.stats.routed);
+  CHECK(st.stats.kept == whole.stats.kept);
+  CHECK(st.stats.mean_prob == whole.stats.mean_prob);
+  CHECK(st.stats.entropy == whole.stats.entropy);
+  CHECK(st.losses.aux == whole.losses.aux);
+  CHECK(st.losses.z == whole.losses.z);
+  CHECK(st.losses.weighted == whole.losses.weighted);
+  CHECK(st.losses.aux > 0.0);
+  r.router.forward_end(st);  // a second call changes nothing
+  CHECK(st.stats.routed == whole.stats.routed);
+  CHECK_NOTHROW(r.router.backward(st, x, dg, 0, dx));
+}

@@ -295,6 +295,8 @@ void Router::backward(const RouterState& st, const Tensor& x, const Tensor& dgat
   MOELAB_CHECK(dgates.shape() == st.gates.shape() && dgates.dtype() == dtype_,
                "router backward: dgates is ", dgates.describe(), ", expected ",
                st.gates.describe());
+  MOELAB_CHECK(!st.summary.valid(), "router backward: the state's forward was begun but not ended "
+               "(call Router::forward_end before backward)");
 
   // With a batch group, this rank's tokens carry the share T / T_batch of the batch's loss.
   const double share = double(T) / double(st.batch_tokens) * group_weight_;
