@@ -80,8 +80,9 @@ void run_one(Ctx& c, DType dt, const Problem& p, float alpha, float beta) {
 // ---- per-expert GEMMs through cuBLASLt, the kernel choice cached per shape class --------------
 // cublasGemmEx looks up a kernel for every shape it has not seen, about 100 us of host time, and
 // the routing gives every expert new row counts each step: config F's ~120 per-expert calls a
-// step took 13.3 ms of host time against 17.4 ms of expert GEMMs on the GPU (ninth session,
-// `moelab bench --breakdown`), so the GPU waited for the host after every sync. Here cuBLASLt's
+// step took 8.0 ms of host time against 17.2 ms of expert GEMMs on the GPU (ninth session,
+// `moelab bench --breakdown`, 30 warm-up steps), and the GPU waited for the host after every
+// sync; through the cache, 2.6 ms (docs/performance.md). Here cuBLASLt's
 // heuristic runs once per class: the rows (m, and k where it is the rows: weight gradients)
 // rounded up to 8 buckets per octave, the pointers' alignment, and everything else exact; the
 // chosen algorithm then runs any m and k of its bucket (cublasLtMatmul checks that it can; a call
