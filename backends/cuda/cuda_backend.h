@@ -15,7 +15,9 @@ int cuda_device_count();
 
 // How grouped_gemm / grouped_gemm_wgrad run their per-expert GEMMs (both without a per-token
 // host loop; offsets are host values, so neither needs a device->host sync):
-//   PerExpert:      one cublasGemmEx per non-empty expert, all on the backend's stream;
+//   PerExpert:      one GEMM per non-empty expert, all on the backend's stream: cuBLASLt with
+//                   the kernel choice cached per shape class below 256 GFLOP (gemm_algo_cache
+//                   below), cublasGemmEx above;
 //   GroupedBatched: one cublasGemmGroupedBatchedEx call (pointer arrays copied to the device);
 //   Chunked:        the forward and activation-gradient GEMMs cut into chunks of chunk_rows
 //                   rows of one expert: every full chunk has the same shape, so all of them are
