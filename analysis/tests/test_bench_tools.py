@@ -148,3 +148,24 @@ def test_report_reads_moelab_peak_memory():
     assert bench_configs.parse_moelab_bench(line) == (82.032, 199726.0)
     assert bench_configs.parse_moelab_peak_gb(line.replace("peak 31.96 GB  ", "")) is None
     assert bench_configs.parse_moelab_peak_gb("nothing here") is None
+
+
+def test_init_kernels_are_not_a_steps(ncu_csv, tmp_path):
+    """fill_normal runs once at the start (the weights drawn on the device): not divided over the steps."""
+    p = tmp_path / "with_init.csv"
+    p.write_text(ncu_csv.read_text()
+                 + _row(5, "void moelab::(anonymous namespace)::fill_normal_kernel<float>(float *, long)", "2000000")
+                 + _row(6, "void moelab::(anonymous namespace)::fill_normal_kernel<__nv_bfloat16>(T1 *, long)", "1000000"))
+    steps, init = kernel_census.split_init(kernel_census.read_rows(str(p)))
+    assert len(steps) == 5 and len(init) == 2
+    plain_us, plain_n, _ = kernel_census.census(kernel_census.read_rows(str(ncu_csv)), steps=2)
+    out = subprocess.run([sys.executable, str(ANALYSIS / "kernel_census.py"), str(p), "--steps", "2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"{plain_n:.0f} kernels and {plain_us / 1e3:.2f} ms of kernel time per step" in out.stdout
+    assert "2 weight-init kernels (fill_normal), 3.00 ms in all" in out.stdout
+    assert "fill_normal_kernel" not in out.stdout.split("Left out")[1].split("\n", 1)[1]
+    only = tmp_path / "only_init.csv"
+    only.write_text(HEADER + UNITS + _row(0, "fill_normal_kernel", "5"))
+    none = subprocess.run([sys.executable, str(ANALYSIS / "kernel_census.py"), str(only)], capture_output=True, text=True)
+    assert none.returncode == 1 and "no kernel rows of a training step" in none.stdout
