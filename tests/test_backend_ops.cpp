@@ -88,6 +88,14 @@ Backend& gpu() {
   return *b;
 }
 
+// N(0, scale^2) draws, deterministic from seed (rng::normal(seed, i) for element i), as a tensor
+// of dtype dt on backend b.
+Tensor normal_on(Backend& b, Shape s, uint64_t seed, DType dt, double scale = 1.0) {
+  std::vector<double> v(static_cast<size_t>(s.numel()));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = scale * rng::normal(seed, i);
+  return b.from_host(host_tensor(v, s, dt));
+}
+
 #define GPU_OR_SKIP()                                                               \
   do {                                                                              \
     if (!gpu_present()) {                                                           \
@@ -692,13 +700,8 @@ TEST_CASE("gpu ops: grouped_gemm mma and wgmma kernels, multi-tile shapes and de
                              " K=" + std::to_string(Kin) + " N=" + std::to_string(N);
       grouped_gemm_cases(fam, g, off, Kin, N, sh, dt, {0.0, 1.0});
       // Determinism: the same inputs twice give the same bits (difference exactly zero).
-      auto normal = [](int64_t n, uint64_t seed) {
-        std::vector<double> v(static_cast<size_t>(n));
-        for (size_t i = 0; i < v.size(); ++i) v[i] = rng::normal(seed, i);
-        return v;
-      };
-      Tensor x = g.from_host(host_tensor(normal(R * Kin, 7), Shape{R, Kin}, dt));
-      Tensor w = g.from_host(host_tensor(normal(E * Kin * N, 8), Shape{E, Kin, N}, dt));
+      Tensor x = normal_on(g, Shape{R, Kin}, 7, dt);
+      Tensor w = normal_on(g, Shape{E, Kin, N}, 8, dt);
       Tensor y1 = g.empty(Shape{R, N}, dt), y2 = g.empty(Shape{R, N}, dt);
       Tensor d1 = g.empty(Shape{E, Kin, N}, dt), d2 = g.empty(Shape{E, Kin, N}, dt);
       g.grouped_gemm(x, w, off, y1, false, 0.0);
@@ -1244,12 +1247,8 @@ TEST_CASE("gpu moe layer: one host wait per forward, none in backward", "[gpu]")
   const int64_t T = 256;
   MoELayer layer(g, cfg, DType::BF16);
   layer.init(3, 1.0);
-  auto normal = [&](Shape sh, uint64_t seed) {
-    std::vector<double> v(static_cast<size_t>(sh.numel()));
-    for (size_t i = 0; i < v.size(); ++i) v[i] = rng::normal(seed, i);
-    return g.from_host(host_tensor(v, sh, DType::BF16));
-  };
-  Tensor x = normal(Shape{T, cfg.d_model}, 11), dy = normal(Shape{T, cfg.d_model}, 12);
+  Tensor x = normal_on(g, Shape{T, cfg.d_model}, 11, DType::BF16);
+  Tensor dy = normal_on(g, Shape{T, cfg.d_model}, 12, DType::BF16);
   Tensor dx = g.empty(Shape{T, cfg.d_model}, DType::BF16);
   const MoEForwardArgs args{true, 64, 5};
   layer.forward(x, args);  // warm-up: allocations, cuBLAS
@@ -1555,11 +1554,7 @@ TEST_CASE("gpu ops: flash attention is bit-identical run to run", "[gpu]") {
                          Cfg{DType::F32, 1, 130, 2, 1, 128}, Cfg{DType::BF16, 1, 1100, 4, 2, 128}}) {
       INFO(to_string(c.dt) << " B=" << c.B << " S=" << c.S << " H=" << c.H << " Hkv=" << c.Hkv << " Dh=" << c.Dh);
       const int64_t T = c.B * c.S;
-      auto rnd = [&](Shape s, uint64_t seed) {
-        std::vector<double> v(static_cast<size_t>(s.numel()));
-        for (size_t i = 0; i < v.size(); ++i) v[i] = rng::normal(seed, i);
-        return g.from_host(host_tensor(v, s, c.dt));
-      };
+      auto rnd = [&](Shape s, uint64_t seed) { return normal_on(g, s, seed, c.dt); };
       const Tensor q = rnd(Shape{T, c.H * c.Dh}, 1), k = rnd(Shape{T, c.Hkv * c.Dh}, 2);
       const Tensor v = rnd(Shape{T, c.Hkv * c.Dh}, 3), dout = rnd(Shape{T, c.H * c.Dh}, 4);
       auto run = [&] {
@@ -1708,17 +1703,12 @@ TEST_CASE("gpu ops: cross_entropy, adamw", "[gpu]") {
     // The two kernels agree bit for bit: 932 elements take the 4-wide one, 933 the scalar one, on
     // the same values element by element (the first 932 compared).
     {
-      auto values = [](int64_t n, uint64_t seed, double scale, double shift) {
-        std::vector<double> x(static_cast<size_t>(n));
-        for (size_t i = 0; i < x.size(); ++i) x[i] = shift + scale * rng::normal(seed, i);
-        return x;
-      };
       std::vector<std::vector<double>> outs;
       for (int64_t n : {932, 933}) {
-        Tensor p = g.from_host(host_tensor(values(n, 1, 1.0, 0.0), Shape{n}, DType::F32));
-        Tensor grad = g.from_host(host_tensor(values(n, 2, 0.1, 0.0), Shape{n}, dt));
-        Tensor m = g.from_host(host_tensor(values(n, 3, 0.01, 0.0), Shape{n}, DType::F32));
-        std::vector<double> v0 = values(n, 4, 1e-4, 0.0);
+        Tensor p = normal_on(g, Shape{n}, 1, DType::F32);
+        Tensor grad = normal_on(g, Shape{n}, 2, dt, 0.1);
+        Tensor m = normal_on(g, Shape{n}, 3, DType::F32, 0.01);
+        std::vector<double> v0 = host_values(normal_on(cpu(), Shape{n}, 4, DType::F64, 1e-4));
         for (double& x : v0) x = x * x + 1e-5;
         Tensor v = g.from_host(host_tensor(v0, Shape{n}, DType::F32));
         Tensor copy = g.empty(Shape{n}, dt);

@@ -1,5 +1,5 @@
 // moelab CUDA backend: the Backend object. It owns one CUDA stream, one cuBLAS handle, a caching
-// device allocator and pinned staging memory (no globals), answers supports(op, dtype), and
+// device allocator and pinned host memory (no globals), answers supports(op, dtype), and
 // forwards every `*_impl` to the launchers in the kernel files (cuda_kernels.cuh lists them).
 //
 // Precision (DESIGN.md): f32 throughout, or bf16 storage with fp32 accumulation (GEMMs in
@@ -81,23 +81,11 @@ DeviceAllocator::~DeviceAllocator() {
 
 // ---- Ctx ------------------------------------------------------------------------------------------
 
-void* Ctx::staging(size_t bytes) {
-  if (bytes > pinned_bytes_) {
-    if (pinned_) CUDA_CHECK(cudaFreeHost(pinned_));
-    pinned_ = nullptr;
-    const size_t n = bytes > (size_t(64) << 10) ? bytes : (size_t(64) << 10);
-    CUDA_CHECK(cudaMallocHost(&pinned_, n));
-    pinned_bytes_ = n;
-  }
-  return pinned_;
-}
-
 void Ctx::to_host(void* dst, const void* src_dev, size_t bytes) {
   if (bytes == 0) return;
-  void* p = staging(bytes);
-  CUDA_CHECK(cudaMemcpyAsync(p, src_dev, bytes, cudaMemcpyDeviceToHost, stream));
-  sync();
-  std::memcpy(dst, p, bytes);
+  HostCopy copy = to_host_async(src_dev, bytes);
+  sync();  // a blocking read is one host sync, found done or not
+  std::memcpy(dst, copy.wait(), bytes);
 }
 
 // Pinned blocks of finished (or dropped) to_host_async copies, reused by later ones.
@@ -201,9 +189,6 @@ void Ctx::release() {
     if (s.host) cudaFreeHost(s.host);
   }
   ring_.clear();
-  if (pinned_) cudaFreeHost(pinned_);
-  pinned_ = nullptr;
-  pinned_bytes_ = 0;
 }
 
 }  // namespace cuda

@@ -2,7 +2,7 @@
 //
 //   - CUDA_CHECK / CUBLAS_CHECK / CUDA_CHECK_LAUNCH: throw moelab::Error naming file:line, the
 //     failing call and the CUDA / cuBLAS error (DESIGN.md rule 10);
-//   - Ctx: the backend's stream, cuBLAS handle, caching allocator and pinned staging memory,
+//   - Ctx: the backend's stream, cuBLAS handle, caching allocator and pinned host memory,
 //     handed to every launcher (no globals);
 //   - Buf<T>: a scratch device array from the caching allocator, returned on scope exit. All work
 //     runs on the one stream, so a block returned while kernels that use it are still queued is
@@ -116,27 +116,22 @@ struct Ctx {
   int attention_bwd_splits = 0;  // CudaBackendOptions::attention_bwd_splits
   bool gemm_algo_cache = true;   // CudaBackendOptions::gemm_algo_cache
   std::shared_ptr<GemmAlgoCache> algo_cache;  // made by gemm.cu on first use
-  // Pinned host memory for small device -> host results (losses, counts). Grows on demand;
-  // valid until the next call of staging().
-  void* staging(size_t bytes);
   // Every blocking wait for the stream counts as a host sync (moelab bench reports them).
   void sync() {
     ++syncs;
     CUDA_CHECK(cudaStreamSynchronize(stream));
   }
   int64_t syncs = 0;
-  // Device -> host copy through the pinned staging buffer; blocks until the data is there.
-  void to_host(void* dst, const void* src_dev, size_t bytes);
   // Device -> host copy that does not wait: queued on the stream into pinned memory that the
-  // returned handle owns.
+  // returned handle owns (small results: losses, counts, statistics).
   HostCopy to_host_async(const void* src_dev, size_t bytes);
+  // The same, waited for (one host sync): the bytes are in dst on return.
+  void to_host(void* dst, const void* src_dev, size_t bytes);
   std::shared_ptr<PinnedPool> pinned_pool;
   // Host -> device copy of a small argument array, stream-ordered. The host bytes are copied
   // into a ring of pinned slots first, so the caller may free `src` at once.
   void to_device_async(void* dst_dev, const void* src, size_t bytes);
 
-  void* pinned_ = nullptr;
-  size_t pinned_bytes_ = 0;
   struct Slot {
     void* host = nullptr;
     size_t bytes = 0;
@@ -144,7 +139,7 @@ struct Ctx {
   };
   std::vector<Slot> ring_;  // argument slots for to_device_async
   size_t ring_next_ = 0;
-  void release();           // frees pinned memory and events (the owner synchronises first)
+  void release();           // frees the argument slots (the owner synchronises first; the pinned pool goes with its last block)
 };
 
 // Scratch device array of n elements of T from the caching allocator.
