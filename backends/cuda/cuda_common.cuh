@@ -139,7 +139,8 @@ struct Ctx {
   };
   std::vector<Slot> ring_;  // argument slots for to_device_async
   size_t ring_next_ = 0;
-  void release();           // frees the argument slots (the owner synchronises first; the pinned pool goes with its last block)
+  // Frees the argument slots (the owner synchronises first); the pinned pool goes with its last block.
+  void release();
 };
 
 // Scratch device array of n elements of T from the caching allocator.
