@@ -148,3 +148,52 @@ TEST_CASE("attention backward plan: splits, buffer budget, and when the separate
   CHECK(attention_backward_plan(sms, 1, 2, 1100, 128, dq(1, 1100, 4, 128), 1, false, 0).n_split == 1);
   CHECK(attention_backward_plan(sms, 1, 1, 1, 128, 128, GiB, false, 0).n_split == 1);
 }
+
+// The attention backward's fp32 dQ buffer (attention_plan.h): every (sequence, head, position,
+// column) has its own element inside the buffer; four columns from a multiple of 4 are one
+// 16-byte chunk (the finish kernel's float4 reads); the 16 rows x DH / 2 columns that one warp
+// sends with one bulk copy are one contiguous block; and the 8-byte shared-memory stores of a
+// half-warp (4 rows x 4 column pairs of one k step) hit each of the 32 banks once.
+TEST_CASE("attention backward dQ buffer: a bijection with whole chunks and warp blocks and spread banks", "[wgmma]") {
+  using moelab::cuda::dq_buffer_elems;
+  using moelab::cuda::dq_buffer_offset;
+  for (int DH : {64, 128})
+    for (int S : {64, 100, 130}) {
+      INFO("DH " << DH << ", S " << S);
+      const int B = 2, H = 3, half = DH / 2;
+      const int64_t elems = dq_buffer_elems(B, H, S, DH);
+      CHECK(elems == int64_t(B) * H * ((S + 63) / 64) * 64 * DH);
+      std::set<int64_t> seen;
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h)
+          for (int pos = 0; pos < S; ++pos)
+            for (int d = 0; d < DH; ++d) {
+              const int64_t o = dq_buffer_offset(b, h, pos, d, H, S, DH);
+              REQUIRE(o >= 0);
+              REQUIRE(o < elems);
+              REQUIRE(seen.insert(o).second);
+              if (d % 4 == 0) {
+                REQUIRE(o % 4 == 0);
+                for (int e = 1; e < 4; ++e) REQUIRE(dq_buffer_offset(b, h, pos, d + e, H, S, DH) == o + e);
+              }
+              // The warp block of (tile, half, 16-row group) starts at its first row's first chunk slot.
+              const int row = pos % 64, w = d / half;
+              const int64_t block = ((int64_t(b) * H + h) * ((S + 63) / 64) + pos / 64) * (64 * DH) +
+                                    int64_t(w * 64 + row / 16 * 16) * half;
+              REQUIRE(o >= block);
+              REQUIRE(o < block + 16 * half);
+            }
+      CHECK(int64_t(seen.size()) == int64_t(B) * H * S * DH);
+      // Banks: lanes (r = lane / 4 in 0..3, tq = lane % 4) store columns 8 nb + 2 tq, + 1 of row r.
+      for (int nb = 0; nb < half / 8; ++nb) {
+        std::set<int64_t> banks;
+        for (int r = 0; r < 4; ++r)
+          for (int tq = 0; tq < 4; ++tq) {
+            const int64_t o = dq_buffer_offset(0, 0, r, 8 * nb + 2 * tq, H, S, DH);
+            banks.insert(o % 32);
+            banks.insert((o + 1) % 32);
+          }
+        CHECK(banks.size() == 32);
+      }
+    }
+}

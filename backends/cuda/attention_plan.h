@@ -3,7 +3,7 @@
 // (tests/test_wgmma_layout.cpp).
 //
 // bwd_wg runs B Hkv x n_split blocks; each owns every n_split-th key tile of one kv head (a snake)
-// and its own fp32 buffer of dQ (B S H Dh elements), which is what keeps dQ deterministic. More
+// and its own fp32 buffer of dQ (dq_buffer_elems), which is what keeps dQ deterministic. More
 // splits fill more SMs but cost a buffer each. The plan:
 //   n_split = B Hkv blocks' share of about one wave (sm_count / (B Hkv), rounded), at least 1, at
 //             most the key tiles, and at most what `scratch_bytes` of buffers hold (at least 1);
@@ -16,7 +16,30 @@
 #include <algorithm>
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define MOELAB_HOST_DEVICE __host__ __device__
+#else
+#define MOELAB_HOST_DEVICE
+#endif
+
 namespace moelab::cuda {
+
+// One split's fp32 dQ buffer, in the layout bwd_wg stages dQ's partial sums in shared memory, so
+// that each warp sends its part of a query tile with one bulk copy: [b][h][query tile of 64 rows]
+// [column half w of DH / 2 columns (warpgroup w computes it)][64 rows][DH / 2], where the 16-byte
+// chunks of row r are swizzled, chunk c stored at c ^ (2 r & 7) (the 8-byte stores of a warp's
+// rows then fall into distinct banks). Rows past S in the last tile are padding.
+MOELAB_HOST_DEVICE inline int64_t dq_buffer_elems(int64_t B, int64_t H, int64_t S, int64_t DH) {
+  return B * H * ((S + 63) / 64) * 64 * DH;
+}
+// The element of (sequence b, head h, position pos, column d); DH 64 or 128 (at least 8 chunks
+// per half row, which the swizzle permutes).
+MOELAB_HOST_DEVICE inline int64_t dq_buffer_offset(int64_t b, int h, int pos, int d, int H, int S, int DH) {
+  const int half = DH / 2, w = d / half, c = d - w * half, row = pos % 64;
+  const int chunk = (c / 4) ^ ((2 * row) & 7);
+  return ((b * H + h) * ((S + 63) / 64) + pos / 64) * (int64_t(64) * DH) + int64_t(w * 64 + row) * half +
+         4 * chunk + c % 4;
+}
 
 struct AttentionBackwardPlan {
   bool fused = false;

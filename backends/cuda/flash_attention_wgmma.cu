@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backends/cuda/attention_plan.h"
 #include "backends/cuda/mma_platform.cuh"
 #include "backends/cuda/flash_attention_kernels.h"
 #include "backends/cuda/wgmma.cuh"
@@ -283,8 +284,10 @@ template <int DH> struct BwdWg {
   static_assert(DH == 64 || DH == 128, "bwd_wg: head width 64 or 128");
   static constexpr int kThreads = 256, BC = 128, BR = 64, kStages = 3;  // Q / dO / lse / D stages
   static constexpr int kKV = BC * DH * 2, kT = BR * DH * 2, kS = BC * BR * 2;  // bytes: K or V; Q or dO; dS^T
+  static_assert(BR == 64, "bwd_wg: dq_buffer_offset's query tiles are 64 rows");
+  static constexpr int kDQ = BR * DH * 4;  // dQ's fp32 partial sums of a query tile, as dq_buffer_offset lays them out
   static constexpr size_t kSmem =
-      2 * size_t(kKV) + kStages * 2 * size_t(kT) + size_t(kS) + kStages * 2 * BR * 4 + 1024;
+      2 * size_t(kKV) + kStages * 2 * size_t(kT) + size_t(kS) + kStages * 2 * BR * 4 + size_t(kDQ) + 1024;
 };
 
 // Which of the n_split blocks of a kv head runs key tile j: a snake over the splits (0 1 .. n-1
@@ -303,14 +306,20 @@ __device__ __forceinline__ int bwd_split_of(int j, int n_split) {
 //   dS^T -> shared memory (bf16), then dK += dS^T Q (4 wgmma m64nDHk16, Q read MN-major) and
 //   dQ_i = dS K: warpgroup w the columns DH/2 w .. + DH/2 - 1, 8 wgmma m64n(DH/2)k16 with dS^T
 //                                and K both read MN-major.
+// dQ's partial sums: each warp writes its 16 rows x DH / 2 columns to shared memory in the layout
+// of the fp32 buffer (attention_plan.h, dq_buffer_offset), and its lane 0 sends them with one
+// bulk copy (cp.reduce.async.bulk: the TMA unit adds them in L2; the first key tile's copy
+// stores). One red.add per element from every thread instead cost 10% of F's backward (H200,
+// docs/performance.md, tenth session).
 // Determinism without atomics racing: block (b g, split s) owns the key tiles j with
-// bwd_split_of(j) = s and adds its dQ partials into its own fp32 buffer acc + s T H DH with
-// red.add; every element of a buffer is added to by one thread, in the block's fixed order
-// (key tiles ascending, then heads, then query tiles), and a fence after each key tile orders
-// those adds. The block's first key tile is tile s (bwd_split_of): it stores instead of adding,
-// so no buffer is cleared first, and rows before s BC of buffer s are never written (no key tile
-// of block s reaches them). bwd_dq_finish_kernel sums the buffers in split order, buffer s from
-// row s BC on. Grid: x = b Hkv + g, y = s. Q, dO, lse and D stream through kStages stages.
+// bwd_split_of(j) = s and adds into its own buffer (split s); every element of a buffer is added
+// to by one lane's copies, in the block's fixed order (key tiles ascending, then heads, then query
+// tiles): a key tile visits each (head, query tile) once, and the lane waits for its previous key
+// tile's copies to complete before it issues the next one's (at the first iteration, when the
+// wait is long over). The block's first key tile is tile s (bwd_split_of): it stores instead of
+// adding, so no buffer is cleared first, and rows before s BC of buffer s are never written (no
+// key tile of block s reaches them). bwd_dq_finish_kernel sums the buffers in split order, buffer
+// s from row s BC on. Grid: x = b Hkv + g, y = s. Q, dO, lse and D stream through kStages stages.
 // P^T = exp2(S^T scale_log2 - lse2) of one warpgroup's 64 keys x 64 queries in place, then
 // dS^T = P^T (dP^T - D) in dpT. MASKED: some score of the tile is causally masked, past S or
 // of another record (the diagonal tiles, the last one, packed records); else no test at all.
@@ -348,13 +357,15 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
   const uint32_t sdS = sT0 + 2 * C::kStages * C::kT;                              // [BC keys][BR queries]
   float* sL = reinterpret_cast<float*>(smem + 2 * C::kKV + 2 * C::kStages * C::kT + C::kS);  // [stages][BR] lse
   float* sD = sL + C::kStages * BR;                                                // [stages][BR] D
+  const uint32_t sDQ = wg::smem_addr(sD + C::kStages * BR);                        // [2 halves][BR][DH / 2]
   const int tid = threadIdx.x, wgi = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
   const int S = p.S, H = p.H, G = H / p.Hkv, bg = blockIdx.x, split = blockIdx.y;
   const int b = bg / p.Hkv, g = bg - b * p.Hkv;
   const int64_t ldq = int64_t(H) * DH, ldk = int64_t(p.Hkv) * DH;
   const uint16_t* Qb = static_cast<const uint16_t*>(p.q) + int64_t(b) * S * ldq;
   const uint16_t* dOb = static_cast<const uint16_t*>(p.dout) + int64_t(b) * S * ldq;
-  float* accb = acc + int64_t(split) * p.B * S * ldq + int64_t(b) * S * ldq;
+  const int64_t tile_elems = int64_t(BR) * DH;  // one (b, h, query tile) of the dQ buffer
+  float* accb = acc + int64_t(split) * dq_buffer_elems(p.B, H, S, DH) + int64_t(b) * H * ((S + BR - 1) / BR) * tile_elems;
   constexpr int NS = C::kStages;
   const int32_t* sg = p.seg ? p.seg + int64_t(b) * S : nullptr;
   const int n_kt = (S + BC - 1) / BC, n_qt = (S + BR - 1) / BR;
@@ -371,6 +382,7 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
   constexpr int DQN = DH / 2;
   const uint64_t dKp_mn = wg::desc_mn_sw128(sK + (DH == 128 ? wgi * BC * 128 : wgi * DQN * 2), BC * 128);
   const uint32_t myS = sdS + uint32_t(64 * wgi * 128);  // this warpgroup's 64 key rows of dS^T
+  const uint32_t myDQ = sDQ + uint32_t((64 * wgi + 16 * warp) * DQN * 4);  // this warp's 16 rows of dQ
 
   for (int j = 0; j < n_kt; ++j) {
     if (bwd_split_of(j, n_split) != split) continue;
@@ -492,45 +504,61 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
       wg::fence_operands(dqp);
       wg::fence_operands(dv);
       wg::fence_operands(dk);
+      // Lane 0's copy of the previous iteration has read the warp's rows (and in the key tile's
+      // first iteration, the previous key tile's copies are complete: they add to the same rows).
+      if (lane == 0) {
+        if (it == 0) wg::bulk_wait<0>();
+        else wg::bulk_wait_read<0>();
+      }
+      __syncwarp();
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const int q = q0 + 16 * warp + (lane >> 2) + 8 * hr;
-        if (q >= S) continue;
-        float* dst = accb + int64_t(q) * ldq + h * DH + DQN * wgi + 2 * tq;
-        if (first) {
+        const int r = (lane >> 2) + 8 * hr;
 #pragma unroll
-          for (int nb = 0; nb < DQN / 8; ++nb)
-            *reinterpret_cast<float2*>(dst + 8 * nb) = make_float2(dqp[4 * nb + 2 * hr], dqp[4 * nb + 2 * hr + 1]);
-        } else {
-#pragma unroll
-          for (int nb = 0; nb < DQN / 8; ++nb)  // red: no value comes back, nothing to wait for
-            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst + 8 * nb), "f"(dqp[4 * nb + 2 * hr]),
-                         "f"(dqp[4 * nb + 2 * hr + 1])
-                         : "memory");
+        for (int nb = 0; nb < DQN / 8; ++nb) {
+          const int col = 8 * nb + 2 * tq, chunk = (col >> 2) ^ ((2 * r) & 7);  // dq_buffer_offset's swizzle
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(myDQ + uint32_t((r * DQN + 4 * chunk + (col & 3)) * 4)),
+                       "f"(dqp[4 * nb + 2 * hr]), "f"(dqp[4 * nb + 2 * hr + 1])
+                       : "memory");
         }
+      }
+      wg::fence_proxy_async();
+      __syncwarp();
+      if (lane == 0) {
+        float* dst = accb + (int64_t(h) * n_qt + qt) * tile_elems + (64 * wgi + 16 * warp) * DQN;
+        if (first) wg::bulk_store(dst, myDQ, 16 * DQN * 4);
+        else wg::bulk_add_f32(dst, myDQ, 16 * DQN * 4);
+        wg::bulk_commit();
       }
       if (++qt == n_qt) qt = qt0, ++h;
     }
-    __threadfence();  // this key tile's adds before the next one's (the same addresses)
 
     const float sk[2] = {p.scale, p.scale}, sv[2] = {1.0f, 1.0f};
     const int64_t kv = int64_t(b) * S * ldk + g * DH;
     store_rows<DH>(static_cast<uint16_t*>(p.dk) + kv, ldk, krow, S, dk, sk, tq);
     store_rows<DH>(static_cast<uint16_t*>(p.dv) + kv, ldk, krow, S, dv, sv, tq);
   }
+  if (lane == 0) wg::bulk_wait<0>();  // the last copies are complete before the block exits
 #endif
 }
 
-// dQ = bf16(scale sum_s acc[s]) over the n_split buffers of bwd_wg_kernel, in split order,
-// buffer s only from position s BC of each sequence on (bwd_wg_kernel writes nothing before);
-// n is T H DH, ld = H DH, both multiples of 4.
-__global__ void bwd_dq_finish_kernel(const float* acc, int n_split, int64_t n, int64_t ld, int S, int bc,
-                                     float scale, uint16_t* dq) {
+// dQ = bf16(scale sum_s acc[s]) over the n_split buffers of bwd_wg_kernel (dq_buffer_offset's
+// layout, buffer_elems each), in split order, buffer s only from position s BC of each sequence on
+// (bwd_wg_kernel writes nothing before). Four columns per thread (one 16-byte chunk of a buffer;
+// consecutive threads along dq's rows); n = T H DH.
+template <int DH>
+__global__ void bwd_dq_finish_kernel(const float* acc, int n_split, int64_t buffer_elems, int64_t n, int H, int S,
+                                     int bc, float scale, uint16_t* dq) {
+  const int row4 = H * DH / 4;
   MOELAB_GRID_STRIDE(i4, n / 4) {
-    float4 s = reinterpret_cast<const float4*>(acc)[i4];
-    const int pos = int((i4 * 4 / ld) % S), n_valid = min(n_split, pos / bc + 1);
+    const int64_t t = i4 / row4;
+    const int j = int(i4 - t * row4), h = j / (DH / 4), d = 4 * (j % (DH / 4));
+    const int pos = int(t % S);
+    const int64_t off = dq_buffer_offset(t / S, h, pos, d, H, S, DH);
+    float4 s = *reinterpret_cast<const float4*>(acc + off);
+    const int n_valid = min(n_split, pos / bc + 1);
     for (int k = 1; k < n_valid; ++k) {
-      const float4 x = reinterpret_cast<const float4*>(acc + int64_t(k) * n)[i4];
+      const float4 x = *reinterpret_cast<const float4*>(acc + int64_t(k) * buffer_elems + off);
       s.x += x.x;
       s.y += x.y;
       s.z += x.z;
@@ -590,18 +618,19 @@ namespace {
 template <int DH> void run_backward(Ctx& c, const fl::Params& p, int64_t n_split) {
   using C = BwdWg<DH>;
   const int64_t BG = int64_t(p.B) * p.Hkv, n = int64_t(p.B) * p.S * p.H * p.Dh;
-  Buf<float> acc(c, n_split * n);  // not cleared: see bwd_wg_kernel
+  const int64_t buffer_elems = dq_buffer_elems(p.B, p.H, p.S, DH);
+  Buf<float> acc(c, n_split * buffer_elems);  // not cleared: see bwd_wg_kernel
   launch_2d(c, "attention (wgmma)", bwd_wg_kernel<DH>, BG, n_split, C::kThreads, C::kSmem, p, acc.get(),
             int(n_split));
   const int64_t blocks = std::min<int64_t>((n / 4 + 255) / 256, int64_t(c.sm_count) * 16);
-  launch_2d(c, "attention (wgmma)", bwd_dq_finish_kernel, blocks, 1, 256, 0, static_cast<const float*>(acc.get()),
-            int(n_split), n, int64_t(p.H) * p.Dh, p.S, C::BC, p.scale, static_cast<uint16_t*>(p.dq));
+  launch_2d(c, "attention (wgmma)", bwd_dq_finish_kernel<DH>, blocks, 1, 256, 0, static_cast<const float*>(acc.get()),
+            int(n_split), buffer_elems, n, p.H, p.S, C::BC, p.scale, static_cast<uint16_t*>(p.dq));
 }
 
 }  // namespace
 
 AttentionBackwardPlan wgmma_backward_plan(const Ctx& c, const fl::Params& p) {
-  return attention_backward_plan(c.sm_count, p.B, p.Hkv, p.S, BwdWg<128>::BC, int64_t(p.B) * p.S * p.H * p.Dh,
+  return attention_backward_plan(c.sm_count, p.B, p.Hkv, p.S, BwdWg<128>::BC, dq_buffer_elems(p.B, p.H, p.S, p.Dh),
                                  c.attention_scratch_bytes, c.flash == Wgmma || env_flash_wgmma() == On,
                                  c.attention_bwd_splits);
 }

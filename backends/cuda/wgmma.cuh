@@ -160,4 +160,40 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const uint16_t* src, in
   }
 }
 
+// Bulk copies from shared to global memory (the TMA unit, sm_90; no tensor map): `bytes` (a
+// multiple of 16, both addresses 16-byte aligned) from shared address src to dst, stored or added
+// (f32, performed in L2) asynchronously. The issuing thread owns them: bulk_commit closes its
+// group, bulk_wait_read<N> waits until all but its N newest groups have read shared memory (the
+// source may be written again), bulk_wait<N> until they are complete in global memory. The
+// writers of src fence it to the async proxy (fence_proxy_async) before the issuing thread
+// issues.
+__device__ __forceinline__ void bulk_store(float* dst, uint32_t src, uint32_t bytes) {
+#if MOELAB_WGMMA_DEVICE
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+#if MOELAB_WGMMA_DEVICE
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if MOELAB_WGMMA_DEVICE
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+#if MOELAB_WGMMA_DEVICE
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void bulk_wait() {
+#if MOELAB_WGMMA_DEVICE
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 }  // namespace moelab::cuda::wg
