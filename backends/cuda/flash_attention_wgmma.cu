@@ -597,6 +597,16 @@ int env_flash_wgmma() {
 
 }  // namespace
 
+namespace {
+
+// wg::load_tile addresses a tile's chunks by 32-bit offsets: 128 rows of H Dh elements must fit.
+void check_tile_offsets(const fl::Params& p, const char* what) {
+  MOELAB_CHECK(int64_t(p.H) * p.Dh * 128 < (int64_t(1) << 31), what, ": H x head width = ", int64_t(p.H) * p.Dh,
+               " is too wide for the kernels' 32-bit tile offsets (at most 2^24 - 1)");
+}
+
+}  // namespace
+
 bool use_wgmma_attention(const Ctx& c) {
   const int mode = c.flash == Auto ? env_flash_wgmma() : c.flash;
   return mode != Off && c.compute_capability == 90;
@@ -604,6 +614,7 @@ bool use_wgmma_attention(const Ctx& c) {
 
 void attention_forward_wgmma(Ctx& c, const fl::Params& p) {
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention (wgmma): head width ", p.Dh);
+  check_tile_offsets(p, "attention (wgmma)");
   const int64_t BH = int64_t(p.B) * p.H;
   if (p.Dh == 64)
     launch_2d(c, "attention (wgmma)", fwd_wg_kernel<64>, BH, (p.S + FwdWg<64>::BR - 1) / FwdWg<64>::BR,
@@ -637,6 +648,7 @@ AttentionBackwardPlan wgmma_backward_plan(const Ctx& c, const fl::Params& p) {
 
 void attention_backward_wgmma(Ctx& c, const fl::Params& p, const AttentionBackwardPlan& plan) {
   MOELAB_CHECK(p.Dh == 64 || p.Dh == 128, "attention_backward_wgmma: head width ", p.Dh);
+  check_tile_offsets(p, "attention_backward_wgmma");
   MOELAB_CHECK(plan.fused && plan.n_split >= 1, "attention_backward_wgmma: not planned for this call");
   if (p.Dh == 64) run_backward<64>(c, p, plan.n_split);
   else run_backward<128>(c, p, plan.n_split);

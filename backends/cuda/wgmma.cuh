@@ -145,18 +145,35 @@ MOELAB_WG_MMA_RS(128, 64, MOELAB_WG_REGS64, MOELAB_WG_ACC64, 64, 65, 66, 67, 68,
 // (a multiple of 8) are zeros; a zero-filled chunk names src itself, never an address past the
 // matrix. The caller commits the group and later fences it to the async proxy (fence_proxy_async)
 // before the barrier that precedes the wgmma reading it.
+//
+// Thread t's chunks are column t % (C / 8) of rows t / (C / 8) + k NT / (C / 8): the column, the
+// swizzle (the row mod 8) and both addresses' strides are the same for all of them, so each chunk
+// costs a compare, two selects and an add. (Deriving row and column of every chunk from a running
+// index, as before, took about 25 PTX instructions a chunk, in a loop the compiler could not
+// unroll; docs/performance.md, tenth session.)
 template <int R, int C, int NT>
 __device__ __forceinline__ void load_tile(uint32_t tile, const uint16_t* src, int64_t ld, int row_lim,
                                           int col_lim, int tid) {
   constexpr int CC = C / 8;  // 16-byte chunks per row
   static_assert((R * CC) % NT == 0, "load_tile: chunks not a multiple of the threads");
+  static_assert(NT % CC == 0, "load_tile: a thread's chunks must share one column");
+  constexpr int kRowStep = NT / CC, kPasses = R * CC / NT;
+  static_assert(kRowStep % 8 == 0, "load_tile: a thread's rows must share their swizzle");
+  const int cc = tid % CC, r0 = tid / CC;
+  const bool col_ok = col_lim >= C || cc * 8 < col_lim;  // folds for col_lim = C
+  const uint32_t dst = tile + swizzled_chunk(r0, cc, R);
+  // Offsets in elements from src (a tile's rows times ld fit in 32 bits), advanced through an
+  // empty asm so that the compiler keeps one running offset instead of hoisting every pass's
+  // product out of the caller's loop into registers of their own.
+  int off = r0 * int(ld) + cc * 8;
+  const int step = kRowStep * int(ld);
 #pragma unroll
-  for (int i = tid; i < R * CC; i += NT) {
-    const int r = i / CC, cc = i - r * CC;
-    const bool ok = r < row_lim && (col_lim >= C || cc * 8 < col_lim);  // folds for col_lim = C
-    const uint16_t* s = ok ? src + int64_t(r) * ld + cc * 8 : src;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + swizzled_chunk(r, cc, R)),
-                 "l"(s), "r"(ok ? 16 : 0));
+  for (int k = 0; k < kPasses; ++k) {
+    const bool ok = col_ok && r0 + k * kRowStep < row_lim;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + uint32_t(k * kRowStep * 128)),
+                 "l"(ok ? src + off : src), "r"(ok ? 16 : 0));
+    off += step;
+    asm("" : "+r"(off));
   }
 }
 
