@@ -24,14 +24,15 @@
 //               fp32 buffers (bwd_wg_kernel says how that stays deterministic).
 // No atomics race: bit-identical run to run.
 //
-// Speed (H200, docs/performance.md, sixth session; B 8, S 2048, H 32 / 8, Dh 128): forward
-// 0.955 ms (288 TFLOP/s), backward 2.35 ms (292 TFLOP/s by FlashAttention's count of 2.5x the
-// forward), against 1.24 / 4.33 ms for the mma.sync kernels and 1.03 / 4.11 for the wgmma
-// kernels of the fifth session (forward without the pipelining; separate dQ and dK / dV
-// kernels, 7 products instead of 5, transposed copies of V, K, Q and dO). What they still lack
-// against FlashAttention-3: producer warps with TMA, register reallocation (setmaxnreg), and the
-// two warpgroups ping-ponging. (A ping-pong forward without the first two ran slower: commit
-// 067261b has it.)
+// Speed (H200, docs/performance.md; B 8, S 2048, H 32 / 8, Dh 128): forward 0.783 ms (351
+// TFLOP/s), backward 2.04 ms (338 TFLOP/s by FlashAttention's count of 2.5x the forward) in the
+// tenth session, from 0.955 / 2.35 in the sixth, against 1.24 / 4.33 ms for the mma.sync kernels
+// and 1.03 / 4.11 for the wgmma kernels of the fifth session (forward without the pipelining;
+// separate dQ and dK / dV kernels, 7 products instead of 5, transposed copies of V, K, Q and dO).
+// What they still lack against FlashAttention-3: producer warps with TMA, register reallocation
+// (setmaxnreg), and the two warpgroups out of lockstep (in the backward they meet at two barriers
+// an iteration, a fifth of its stalls). (A ping-pong forward without the first two ran slower:
+// commit 067261b has it.)
 #include "backends/cuda/flash_attention_wgmma.h"
 
 #include <cuda_bf16.h>
