@@ -32,11 +32,13 @@ namespace moelab::cuda {
 MOELAB_HOST_DEVICE inline int64_t dq_buffer_elems(int64_t B, int64_t H, int64_t S, int64_t DH) {
   return B * H * ((S + 63) / 64) * 64 * DH;
 }
+// Where 16-byte chunk c of row `row` (of a query tile) sits within its half row.
+MOELAB_HOST_DEVICE inline int dq_swizzled_chunk(int row, int c) { return c ^ ((2 * row) & 7); }
 // The element of (sequence b, head h, position pos, column d); DH 64 or 128 (at least 8 chunks
 // per half row, which the swizzle permutes).
 MOELAB_HOST_DEVICE inline int64_t dq_buffer_offset(int64_t b, int h, int pos, int d, int H, int S, int DH) {
   const int half = DH / 2, w = d / half, c = d - w * half, row = pos % 64;
-  const int chunk = (c / 4) ^ ((2 * row) & 7);
+  const int chunk = dq_swizzled_chunk(row, c / 4);
   return ((b * H + h) * ((S + 63) / 64) + pos / 64) * (int64_t(64) * DH) + int64_t(w * 64 + row) * half +
          4 * chunk + c % 4;
 }

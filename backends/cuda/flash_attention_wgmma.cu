@@ -310,8 +310,8 @@ __device__ __forceinline__ int bwd_split_of(int j, int n_split) {
 // dQ's partial sums: each warp writes its 16 rows x DH / 2 columns to shared memory in the layout
 // of the fp32 buffer (attention_plan.h, dq_buffer_offset), and its lane 0 sends them with one
 // bulk copy (cp.reduce.async.bulk: the TMA unit adds them in L2; the first key tile's copy
-// stores). One red.add per element from every thread instead cost 10% of F's backward (H200,
-// docs/performance.md, tenth session).
+// stores). With one red.add per element from every thread instead, F's backward took 1.14 ms
+// where this takes 0.98 (H200, docs/performance.md, tenth session).
 // Determinism without atomics racing: block (b g, split s) owns the key tiles j with
 // bwd_split_of(j) = s and adds into its own buffer (split s); every element of a buffer is added
 // to by one lane's copies, in the block's fixed order (key tiles ascending, then heads, then query
@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(256, 1) bwd_wg_kernel(fl::Params p, float* acc
         const int r = (lane >> 2) + 8 * hr;
 #pragma unroll
         for (int nb = 0; nb < DQN / 8; ++nb) {
-          const int col = 8 * nb + 2 * tq, chunk = (col >> 2) ^ ((2 * r) & 7);  // dq_buffer_offset's swizzle
+          const int col = 8 * nb + 2 * tq, chunk = dq_swizzled_chunk(r, col >> 2);  // r = the tile row mod 16: the same swizzle
           asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(myDQ + uint32_t((r * DQN + 4 * chunk + (col & 3)) * 4)),
                        "f"(dqp[4 * nb + 2 * hr]), "f"(dqp[4 * nb + 2 * hr + 1])
                        : "memory");
