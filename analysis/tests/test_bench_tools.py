@@ -169,3 +169,60 @@ def test_init_kernels_are_not_a_steps(ncu_csv, tmp_path):
     only.write_text(HEADER + UNITS + _row(0, "fill_normal_kernel", "5"))
     none = subprocess.run([sys.executable, str(ANALYSIS / "kernel_census.py"), str(only)], capture_output=True, text=True)
     assert none.returncode == 1 and "no kernel rows of a training step" in none.stdout
+
+
+# ---- stall_reasons.py, on ncu's real output for the attention kernels (H200, tenth session) -----
+import stall_reasons  # noqa: E402
+
+DATA = ANALYSIS / "tests" / "ncu_samples"
+
+
+def test_stall_reasons_reads_the_real_ncu_output():
+    fwd = stall_reasons.parse((DATA / "ncu_stalls_fwd_h200.txt").read_text())
+    bwd = stall_reasons.parse((DATA / "ncu_stalls_bwd_h200.txt").read_text())
+    assert [k["name"] for k in fwd] == ["fwd_wg_kernel<128>"]
+    assert [k["name"] for k in bwd] == ["bwd_wg_kernel<128>"]
+    assert fwd[0]["grid"] == (32, 32, 1) and fwd[0]["block"] == (256, 1, 1)
+    assert bwd[0]["grid"] == (32, 4, 1)
+    m = fwd[0]["metrics"]
+    assert m["smsp__inst_executed.sum"] == 189730048  # "189,730,048": thousands separators
+    assert m["smsp__cycles_active.avg"] == pytest.approx(736264.20)
+    assert m["smsp__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active"] == pytest.approx(37.96)
+    # The program's own output (a markdown table, Catch's summary) is not taken for metrics.
+    assert all(name.startswith("smsp__") for name in m)
+
+
+def test_stall_shares_sum_to_one_and_rank_the_reasons():
+    bwd = stall_reasons.parse((DATA / "ncu_stalls_bwd_h200.txt").read_text())[0]
+    shares = stall_reasons.stall_shares(bwd["metrics"])
+    assert sum(shares.values()) == pytest.approx(1.0)
+    top3 = sorted(shares, key=shares.get, reverse=True)[:3]
+    assert set(top3) == {"wait", "selected", "barrier"}  # the backward's three fifths
+    assert shares["barrier"] == pytest.approx(306665.51 / sum(
+        v for k, v in bwd["metrics"].items() if k.startswith("smsp__average_warp_latency_issue_stalled_")
+        and k.endswith(".ratio")))
+    # The other metric family (Warp State Statistics) is read the same way.
+    other = {"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio": 3.0,
+             "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio": 1.0}
+    assert stall_reasons.stall_shares(other) == {"barrier": 0.75, "wait": 0.25}
+    assert stall_reasons.stall_shares({"smsp__inst_executed.sum": 5.0}) == {}
+
+
+def test_stall_reasons_report_and_cli(tmp_path):
+    fwd, bwd = DATA / "ncu_stalls_fwd_h200.txt", DATA / "ncu_stalls_bwd_h200.txt"
+    res = subprocess.run([sys.executable, str(ANALYSIS / "stall_reasons.py"), str(fwd), str(bwd)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "| | fwd_wg_kernel<128> 32x32x1 | bwd_wg_kernel<128> 32x4x1 |"
+    assert "| ALU pipe busy | 38.0% | 27.2% |" in lines
+    assert "| stalled: barrier | 9.2% | 19.6% |" in lines
+    # Nothing to read: a message and a failing status, not an empty table.
+    empty = tmp_path / "empty.txt"
+    empty.write_text("==PROF== No kernels were profiled.\n")
+    res = subprocess.run([sys.executable, str(ANALYSIS / "stall_reasons.py"), str(empty)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "no kernel with metrics" in res.stdout
+    res = subprocess.run([sys.executable, str(ANALYSIS / "stall_reasons.py"), str(tmp_path / "missing.txt")],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "cannot read" in res.stderr and "missing.txt" in res.stderr
