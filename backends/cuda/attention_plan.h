@@ -16,11 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MOELAB_HOST_DEVICE __host__ __device__
-#else
-#define MOELAB_HOST_DEVICE
-#endif
+#include "backends/cuda/wgmma_layout.h"  // MOELAB_WG_FN: host and device, as the other layout functions
 
 namespace moelab::cuda {
 
@@ -29,14 +25,14 @@ namespace moelab::cuda {
 // [column half w of DH / 2 columns (warpgroup w computes it)][64 rows][DH / 2], where the 16-byte
 // chunks of row r are swizzled, chunk c stored at c ^ (2 r & 7) (the 8-byte stores of a warp's
 // rows then fall into distinct banks). Rows past S in the last tile are padding.
-MOELAB_HOST_DEVICE inline int64_t dq_buffer_elems(int64_t B, int64_t H, int64_t S, int64_t DH) {
+MOELAB_WG_FN int64_t dq_buffer_elems(int64_t B, int64_t H, int64_t S, int64_t DH) {
   return B * H * ((S + 63) / 64) * 64 * DH;
 }
 // Where 16-byte chunk c of row `row` (of a query tile) sits within its half row.
-MOELAB_HOST_DEVICE inline int dq_swizzled_chunk(int row, int c) { return c ^ ((2 * row) & 7); }
+MOELAB_WG_FN int dq_swizzled_chunk(int row, int c) { return c ^ ((2 * row) & 7); }
 // The element of (sequence b, head h, position pos, column d); DH 64 or 128 (at least 8 chunks
 // per half row, which the swizzle permutes).
-MOELAB_HOST_DEVICE inline int64_t dq_buffer_offset(int64_t b, int h, int pos, int d, int H, int S, int DH) {
+MOELAB_WG_FN int64_t dq_buffer_offset(int64_t b, int h, int pos, int d, int H, int S, int DH) {
   const int half = DH / 2, w = d / half, c = d - w * half, row = pos % 64;
   const int chunk = dq_swizzled_chunk(row, c / 4);
   return ((b * H + h) * ((S + 63) / 64) + pos / 64) * (int64_t(64) * DH) + int64_t(w * 64 + row) * half +
