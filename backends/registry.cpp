@@ -58,14 +58,6 @@ std::unique_ptr<Backend> make_backend(const std::string& name, int device) {
       if (v == "0") o.gemm_algo_cache = false;
       else if (v != "1" && !v.empty()) MOELAB_USAGE_FAIL("MOELAB_GEMM_ALGO_CACHE = '", v, "' (accepted: 0|1)");
     }
-    // MOELAB_FUSED_SWIGLU=auto|1|0: SwiGLU in the expert GEMMs' epilogue where Auto picks it,
-    // wherever the kernel can, or never (for measuring it; cuda_backend.h).
-    if (const char* g = std::getenv("MOELAB_FUSED_SWIGLU")) {
-      const std::string v = g;
-      if (v == "1") o.fused_swiglu = FusedSwiglu::On;
-      else if (v == "0") o.fused_swiglu = FusedSwiglu::Off;
-      else if (v != "auto" && !v.empty()) MOELAB_USAGE_FAIL("MOELAB_FUSED_SWIGLU = '", v, "' (accepted: auto|1|0)");
-    }
     if (const char* r = std::getenv("MOELAB_GEMM_CHUNK_ROWS")) {
       char* end = nullptr;
       const long long v = std::strtoll(r, &end, 10);

@@ -27,7 +27,7 @@ const char* to_string(Op op) {
   static const char* names[] = {
       "fill", "copy", "cast", "axpy", "transpose",
       "gemm", "grouped_gemm", "grouped_gemm_wgrad",
-      "swiglu_forward", "swiglu_backward", "grouped_gemm_swiglu", "grouped_gemm_dswiglu",
+      "swiglu_forward", "swiglu_backward",
       "softmax_forward", "softmax_backward",
       "sigmoid_forward", "sigmoid_backward",
       "softplus_forward", "softplus_backward",
@@ -371,55 +371,6 @@ void Backend::swiglu_backward(const Tensor& ab, const Tensor& dh, const Tensor& 
   c.same(ab, "AB", dab, "dAB");
   require(Op::SwigluBackward, ab.dtype());
   swiglu_backward_impl(ab, dh, dab);
-}
-
-void Backend::grouped_gemm_swiglu(const Tensor& x, const Tensor& w1, const std::vector<int64_t>& offsets,
-                                  const Tensor& ab, const Tensor& h) {
-  Checker c{*this, Op::GroupedGemmSwiglu};
-  c.rank(x, "X", 2);
-  c.rank(w1, "W1", 3);
-  c.floating(x, "X");
-  c.dtype(w1, "W1", x.dtype());
-  MOELAB_CHECK(x.dim(1) == w1.dim(1), "grouped_gemm_swiglu: X has ", x.dim(1), " columns, W1[e] has ",
-               w1.dim(1), " rows");
-  MOELAB_CHECK(w1.dim(2) % 2 == 0, "grouped_gemm_swiglu: W1 width ", w1.dim(2), " is odd (it holds [G | U])");
-  c.offsets(offsets, w1.dim(0), x.dim(0));
-  c.shape(ab, "AB", Shape{x.dim(0), w1.dim(2)});
-  c.dtype(ab, "AB", x.dtype());
-  c.shape(h, "H", Shape{x.dim(0), w1.dim(2) / 2});
-  c.dtype(h, "H", x.dtype());
-  require(Op::GroupedGemmSwiglu, x.dtype());
-  grouped_gemm_swiglu_impl(x, w1, offsets, ab, h);
-}
-
-void Backend::grouped_gemm_dswiglu(const Tensor& dy, const Tensor& w2, const std::vector<int64_t>& offsets,
-                                   const Tensor& ab, const Tensor& dab) {
-  Checker c{*this, Op::GroupedGemmDswiglu};
-  c.rank(dy, "dY", 2);
-  c.rank(w2, "W2", 3);
-  c.floating(dy, "dY");
-  c.dtype(w2, "W2", dy.dtype());
-  MOELAB_CHECK(dy.dim(1) == w2.dim(2), "grouped_gemm_dswiglu: dY has ", dy.dim(1), " columns, W2[e]^T has ",
-               w2.dim(2), " rows");
-  c.offsets(offsets, w2.dim(0), dy.dim(0));
-  c.shape(ab, "AB", Shape{dy.dim(0), 2 * w2.dim(1)});
-  c.dtype(ab, "AB", dy.dtype());
-  c.same(ab, "AB", dab, "dAB");
-  require(Op::GroupedGemmDswiglu, dy.dtype());
-  grouped_gemm_dswiglu_impl(dy, w2, offsets, ab, dab);
-}
-
-void Backend::grouped_gemm_swiglu_impl(const Tensor& x, const Tensor& w1, const std::vector<int64_t>& offsets,
-                                       const Tensor& ab, const Tensor& h) {
-  grouped_gemm(x, w1, offsets, ab, false, 0.0);
-  swiglu_forward(ab, h);
-}
-
-void Backend::grouped_gemm_dswiglu_impl(const Tensor& dy, const Tensor& w2, const std::vector<int64_t>& offsets,
-                                        const Tensor& ab, const Tensor& dab) {
-  Tensor dh = empty(Shape{dy.dim(0), w2.dim(1)}, dy.dtype());
-  grouped_gemm(dy, w2, offsets, dh, true, 0.0);
-  swiglu_backward(ab, dh, dab);
 }
 
 #define MOELAB_UNARY_ENTRY(OP, fn, in, out)                         \

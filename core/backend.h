@@ -27,7 +27,7 @@ namespace moelab {
 enum class Op {
   Fill, Copy, Cast, Axpy, Transpose,
   Gemm, GroupedGemm, GroupedGemmWgrad,
-  SwigluForward, SwigluBackward, GroupedGemmSwiglu, GroupedGemmDswiglu,
+  SwigluForward, SwigluBackward,
   SoftmaxForward, SoftmaxBackward,
   SigmoidForward, SigmoidBackward,
   SoftplusForward, SoftplusBackward,
@@ -177,18 +177,6 @@ class Backend {
   // SwiGLU (Shazeer 2020): H = silu(G) * U where AB = [G | U], AB [R,2F], H [R,F].
   void swiglu_forward(const Tensor& ab, const Tensor& h);
   void swiglu_backward(const Tensor& ab, const Tensor& dh, const Tensor& dab);
-  // The experts' first GEMM with SwiGLU after it, and the second GEMM's data gradient with
-  // SwiGLU's backward after it: composites whose default runs grouped_gemm (beta 0) and the
-  // SwiGLU op, and which a device backend may run as one GEMM with SwiGLU in its epilogue (CUDA:
-  // the Hopper grouped GEMM), saving the pass that re-reads AB or dH.
-  //   grouped_gemm_swiglu:  AB = X W1 per expert, H = swiglu(AB).
-  //                         X [R,Kin], W1 [E,Kin,2F], AB [R,2F], H [R,F].
-  //   grouped_gemm_dswiglu: dH = dY W2^T per expert, dAB = swiglu_backward(AB, dH); dH is
-  //                         never kept. dY [R,Kin], W2 [E,F,Kin], AB [R,2F], dAB [R,2F].
-  void grouped_gemm_swiglu(const Tensor& x, const Tensor& w1, const std::vector<int64_t>& offsets,
-                           const Tensor& ab, const Tensor& h);
-  void grouped_gemm_dswiglu(const Tensor& dy, const Tensor& w2, const std::vector<int64_t>& offsets,
-                            const Tensor& ab, const Tensor& dab);
 
   // Row softmax P = softmax(L) over the last dim; backward dL = P * (dP - sum(P dP)).
   void softmax_forward(const Tensor& logits, const Tensor& probs);
@@ -409,10 +397,6 @@ class Backend {
                                        double beta) = 0;
   virtual void swiglu_forward_impl(const Tensor& ab, const Tensor& h) = 0;
   virtual void swiglu_backward_impl(const Tensor& ab, const Tensor& dh, const Tensor& dab) = 0;
-  virtual void grouped_gemm_swiglu_impl(const Tensor& x, const Tensor& w1, const std::vector<int64_t>& offsets,
-                                        const Tensor& ab, const Tensor& h);
-  virtual void grouped_gemm_dswiglu_impl(const Tensor& dy, const Tensor& w2, const std::vector<int64_t>& offsets,
-                                         const Tensor& ab, const Tensor& dab);
   virtual void softmax_forward_impl(const Tensor& l, const Tensor& p) = 0;
   virtual void softmax_backward_impl(const Tensor& p, const Tensor& dp, const Tensor& dl) = 0;
   virtual void sigmoid_forward_impl(const Tensor& x, const Tensor& y) = 0;

@@ -635,91 +635,6 @@ TEST_CASE("gpu ops: grouped_gemm and grouped_gemm_wgrad (every cuBLAS path and t
   fam.finish();
 }
 
-// The experts' GEMMs with SwiGLU in the epilogue (Backend::grouped_gemm_swiglu / _dswiglu; on
-// compute capability 9.0 the wgmma kernel's SwiGLU epilogues, elsewhere the composite): against the
-// CPU in both dtypes, and in bf16 bit for bit against the composite (the same kernel's plain GEMM,
-// then the SwiGLU pass), which rounds AB and dH to bf16 before SwiGLU reads them. Shapes: hidden
-// widths F that are and are not multiples of the forward's 128 columns of G and U a tile (so a
-// G panel runs into U's columns and a U panel past 2F), empty experts, one expert, K below one
-// reduction tile and over many; and the same bits run to run.
-TEST_CASE("gpu ops: grouped_gemm_swiglu and grouped_gemm_dswiglu fused against the composite", "[gpu][ggemm]") {
-  GPU_OR_SKIP();
-  SEED_INFO();
-  Family fam("grouped_gemm_swiglu");
-  CudaBackendOptions fused_opts, plain_opts;
-  fused_opts.grouped_gemm = plain_opts.grouped_gemm = GroupedGemmImpl::Wgmma;
-  fused_opts.fused_swiglu = FusedSwiglu::On;
-  plain_opts.fused_swiglu = FusedSwiglu::Off;
-  auto fused_owned = make_cuda_backend(fused_opts), plain_owned = make_cuda_backend(plain_opts);
-  Backend &fused = *fused_owned, &plain = *plain_owned;
-  struct Shp {
-    std::vector<int64_t> rows;
-    int64_t kin, f;
-  };
-  const Shp shapes[] = {{{300, 0, 37, 1, 129, 0, 256, 40}, 264, 136},
-                        {{517}, 32, 8},
-                        {{700, 3, 0, 260}, 1000, 392},
-                        {{64, 200}, 64, 256}};
-  for (const Shp& s : shapes) {
-    const int64_t E = int64_t(s.rows.size()), K = s.kin, F = s.f;
-    std::vector<int64_t> off(s.rows.size() + 1, 0);
-    for (size_t e = 0; e < s.rows.size(); ++e) off[e + 1] = off[e] + s.rows[e];
-    const int64_t R = off.back();
-    const std::string sh = " E=" + std::to_string(E) + " R=" + std::to_string(R) + " K=" + std::to_string(K) +
-                           " F=" + std::to_string(F);
-    for (DType dt : kDtypes) {
-      {
-        Case k(fam, fused, "grouped_gemm_swiglu" + sh, dt);
-        Pair x = k.randn(Shape{R, K}), w1 = k.randn(Shape{E, K, 2 * F});
-        Out ab = k.out("AB", Shape{R, 2 * F}), h = k.out("H", Shape{R, F});
-        cpu().grouped_gemm_swiglu(x.c, w1.c, off, ab.c, h.c);
-        fused.grouped_gemm_swiglu(x.g, w1.g, off, ab.g, h.g);
-        k.close(ab);
-        k.close(h);
-      }
-      {
-        Case k(fam, fused, "grouped_gemm_dswiglu" + sh, dt);
-        Pair dy = k.randn(Shape{R, K}), w2 = k.randn(Shape{E, F, K}), ab = k.randn(Shape{R, 2 * F});
-        Out dab = k.out("dAB", Shape{R, 2 * F});
-        cpu().grouped_gemm_dswiglu(dy.c, w2.c, off, ab.c, dab.c);
-        fused.grouped_gemm_dswiglu(dy.g, w2.g, off, ab.g, dab.g);
-        k.close(dab);
-      }
-    }
-    // bf16: fused and composite give the same bits; the fused twice too.
-    const DType dt = DType::BF16;
-    Tensor x = normal_on(fused, Shape{R, K}, 11, dt), w1 = normal_on(fused, Shape{E, K, 2 * F}, 12, dt);
-    Tensor dy = normal_on(fused, Shape{R, K}, 13, dt), w2 = normal_on(fused, Shape{E, F, K}, 14, dt);
-    auto run = [&](Backend& b, Tensor& ab, Tensor& h, Tensor& dab) {
-      ab = b.empty(Shape{R, 2 * F}, dt);
-      h = b.empty(Shape{R, F}, dt);
-      dab = b.empty(Shape{R, 2 * F}, dt);
-      b.grouped_gemm_swiglu(x, w1, off, ab, h);
-      b.grouped_gemm_dswiglu(dy, w2, off, ab, dab);
-    };
-    Tensor ab1, h1, dab1, ab2, h2, dab2, ab3, h3, dab3;
-    run(plain, ab1, h1, dab1);
-    run(fused, ab2, h2, dab2);
-    run(fused, ab3, h3, dab3);
-    INFO("fused against the composite, bit for bit," << sh);
-    auto same_bits = [&](const Tensor& want, const Tensor& got) {
-      Tensor d = fused.empty(got.shape(), dt);
-      fused.copy(got, d);
-      fused.axpy(-1.0, want, d);
-      return fused.sum_squares(d) == 0.0;
-    };
-    CHECK(fused.sum_squares(h1) > 0.0);
-    CHECK(fused.sum_squares(dab1) > 0.0);
-    CHECK(same_bits(ab1, ab2));
-    CHECK(same_bits(h1, h2));
-    CHECK(same_bits(dab1, dab2));
-    CHECK(same_bits(ab2, ab3));
-    CHECK(same_bits(h2, h3));
-    CHECK(same_bits(dab2, dab3));
-  }
-  fam.finish();
-}
-
 // The per-expert GEMMs through cuBLASLt with the kernel choice cached per shape class
 // (CudaBackendOptions::gemm_algo_cache, gemm.cu): experts of 130 and 140 rows share a bucket (144;
 // the rows are m in the forward and k in the weight gradient), 150 rows has its own, so the
@@ -1918,60 +1833,6 @@ TEST_CASE("gpu bench: grouped GEMM, per-expert vs grouped-batched cuBLAS (and au
   SUCCEED();
 }
 
-// ---- helpers of the hidden GEMM benchmarks ([bench][ggemm], [bench][swiglu]) --------------------
-// Host bf16 tensor of uniform values in [-1, 1) (a hash per element: fast for 10^9 elements).
-Tensor random_bf16(Shape s, uint64_t seed) {
-  Tensor t = host_empty(s, DType::BF16);
-  uint16_t* p = static_cast<uint16_t*>(t.data());
-  for (int64_t i = 0; i < s.numel(); ++i) {
-    uint64_t z = (uint64_t(i) + seed * 0x632BE59BD9B4E019ULL) * 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    const float f = float(int64_t(z >> 40) - (int64_t(1) << 23)) * (1.0f / float(1 << 23));
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    p[i] = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  }
-  return t;
-}
-
-// CUDA events on b's stream around one call of f: the median of 10 after 3 warm-ups (a call's
-// host gaps between its launches count, as they do in training).
-double median_ms(Backend& b, const std::function<void()>& f) {
-  auto stream = static_cast<cudaStream_t>(cuda_backend_stream(b));
-  for (int i = 0; i < 3; ++i) f();
-  b.synchronize();
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  std::vector<float> ms;
-  for (int i = 0; i < 10; ++i) {
-    cudaEventRecord(e0, stream);
-    f();
-    cudaEventRecord(e1, stream);
-    cudaEventSynchronize(e1);
-    float t = 0;
-    cudaEventElapsedTime(&t, e0, e1);
-    ms.push_back(t);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  std::sort(ms.begin(), ms.end());
-  return 0.5 * double(ms[4] + ms[5]);
-}
-
-// Expert offsets of R rows over E experts with mildly uneven (balanced-ish random) loads.
-std::vector<int64_t> uneven_offsets(int64_t R, int64_t E) {
-  std::vector<int64_t> off(static_cast<size_t>(E + 1), 0);
-  std::vector<double> w(static_cast<size_t>(E));
-  double sum = 0;
-  for (int64_t e = 0; e < E; ++e) sum += (w[size_t(e)] = 0.75 + 0.5 * rng::uniform(23, uint64_t(e)));
-  for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] = off[size_t(e)] + int64_t(double(R) * w[size_t(e)] / sum);
-  off[size_t(E)] = R;
-  return off;
-}
-
 // ---- moelab's mma grouped GEMM against cuBLAS (hidden: `moelab_gpu_tests "[bench][ggemm]"`) -----
 // The expert GEMMs of one MoE layer at 16384 tokens, bf16: W1 forward (X [R, d] W1 [E, d, 2f]),
 // W1 dgrad (dAB [R, 2f] W1^T), W1 and W2 wgrad (dW1 = X^T dAB, dW2 = H^T dY: beta 0, as a step's first
@@ -1998,13 +1859,58 @@ TEST_CASE("gpu bench: grouped GEMM, mma and wgmma kernels vs cuBLAS grouped-batc
                           {"Mixtral 8x14336 top-2", 16384, 2, 4096, 8, 14336},
                           {"config A 8x2048 top-2", 16384, 2, 512, 8, 2048},
                           {"config E 128x512 top-8", 16384, 8, 2048, 128, 512}};
+  // Host bf16 tensor of uniform values in [-1, 1) (a hash per element: fast for 10^9 elements).
+  auto random_bf16 = [](Shape s, uint64_t seed) {
+    Tensor t = host_empty(s, DType::BF16);
+    uint16_t* p = static_cast<uint16_t*>(t.data());
+    for (int64_t i = 0; i < s.numel(); ++i) {
+      uint64_t z = (uint64_t(i) + seed * 0x632BE59BD9B4E019ULL) * 0x9E3779B97F4A7C15ULL;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+      z ^= z >> 31;
+      const float f = float(int64_t(z >> 40) - (int64_t(1) << 23)) * (1.0f / float(1 << 23));
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      p[i] = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+    return t;
+  };
+  auto median_ms = [](Backend& b, const std::function<void()>& f) {
+    auto stream = static_cast<cudaStream_t>(cuda_backend_stream(b));
+    for (int i = 0; i < 3; ++i) f();
+    b.synchronize();
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<float> ms;
+    for (int i = 0; i < 10; ++i) {
+      cudaEventRecord(e0, stream);
+      f();
+      cudaEventRecord(e1, stream);
+      cudaEventSynchronize(e1);
+      float t = 0;
+      cudaEventElapsedTime(&t, e0, e1);
+      ms.push_back(t);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    std::sort(ms.begin(), ms.end());
+    return 0.5 * double(ms[4] + ms[5]);
+  };
   std::printf("TFLOP/s per call\n");
   std::printf("| shape | GEMM | E | rows | K | N | mma | grouped | per-expert | chunked 128 | chunked 256 "
               "| wgmma | NMSE mma vs grouped | NMSE chunked | NMSE wgmma |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Model& m : models) {
     const int64_t R = m.tokens * m.topk, d = m.d, E = m.E, f = m.f, f2 = 2 * m.f;
-    const std::vector<int64_t> off = uneven_offsets(R, E);
+    std::vector<int64_t> off(static_cast<size_t>(E + 1), 0);
+    {
+      std::vector<double> w(static_cast<size_t>(E));
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += (w[size_t(e)] = 0.75 + 0.5 * rng::uniform(23, uint64_t(e)));
+      for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] = off[size_t(e)] + int64_t(double(R) * w[size_t(e)] / sum);
+      off[size_t(E)] = R;
+    }
     const Tensor xh = random_bf16(Shape{R, d}, 1), w1h = random_bf16(Shape{E, d, f2}, 2);
     const Tensor dabh = random_bf16(Shape{R, f2}, 3), hh = random_bf16(Shape{R, f}, 4);
     const Tensor w2h = random_bf16(Shape{E, f, d}, 5);
@@ -2047,50 +1953,6 @@ TEST_CASE("gpu bench: grouped GEMM, mma and wgmma kernels vs cuBLAS grouped-batc
       std::printf(" %.1e | %.1e | %.1e |\n", nmse_vs_grouped(0), nmse_vs_grouped(3), nmse_vs_grouped(5));
       std::fflush(stdout);
     }
-  }
-  SUCCEED();
-}
-
-// ---- SwiGLU in the expert GEMMs' epilogue (hidden: `moelab_gpu_tests "[bench][swiglu]"`) ------------
-// Backend::grouped_gemm_swiglu (AB = X W1, H = swiglu(AB)) and grouped_gemm_dswiglu (dAB from
-// dY W2^T and AB) at 16384 tokens, bf16, on three backends: fused (the wgmma kernel's SwiGLU
-// epilogues), the composite on Auto's GEMM (what a step ran before: cuBLAS or the kernel, then the
-// SwiGLU pass), and the composite on the wgmma kernel. ms per call (median_ms).
-TEST_CASE("gpu bench: SwiGLU in the grouped GEMM's epilogue against the GEMM and a pass", "[.][bench][swiglu][gpu]") {
-  GPU_OR_SKIP();
-  const DType dt = DType::BF16;
-  CudaBackendOptions o[3];
-  o[0].fused_swiglu = FusedSwiglu::On;
-  o[0].grouped_gemm = o[2].grouped_gemm = GroupedGemmImpl::Wgmma;
-  o[1].fused_swiglu = o[2].fused_swiglu = FusedSwiglu::Off;
-  std::unique_ptr<Backend> be[3];
-  for (int i = 0; i < 3; ++i) be[i] = make_cuda_backend(o[i]);
-  struct Model {
-    const char* name;
-    int64_t tokens, topk, d, E, f;
-  };
-  const Model models[] = {{"config A 8x2048 top-2", 16384, 2, 512, 8, 2048},
-                          {"configs B, F 8x4096 top-2", 16384, 2, 1024, 8, 4096},
-                          {"config D 64x1408 top-6", 16384, 6, 2048, 64, 1408},
-                          {"config E 128x512 top-8", 16384, 8, 2048, 128, 512}};
-  std::printf("| shape | op | fused ms | composite (auto GEMM) ms | composite (wgmma GEMM) ms | fused / auto |\n");
-  std::printf("|---|---|---|---|---|---|\n");
-  for (const Model& m : models) {
-    const int64_t R = m.tokens * m.topk, d = m.d, E = m.E, f = m.f;
-    const std::vector<int64_t> off = uneven_offsets(R, E);
-    const Tensor xh = random_bf16(Shape{R, d}, 1), w1h = random_bf16(Shape{E, d, 2 * f}, 2);
-    const Tensor w2h = random_bf16(Shape{E, f, d}, 5);
-    double fwd[3], bwd[3];
-    for (int i = 0; i < 3; ++i) {
-      Backend& b = *be[i];
-      Tensor x = b.from_host(xh), w1 = b.from_host(w1h), w2 = b.from_host(w2h);
-      Tensor ab = b.empty(Shape{R, 2 * f}, dt), h = b.empty(Shape{R, f}, dt), dab = b.empty(Shape{R, 2 * f}, dt);
-      fwd[i] = median_ms(b, [&] { b.grouped_gemm_swiglu(x, w1, off, ab, h); });
-      bwd[i] = median_ms(b, [&] { b.grouped_gemm_dswiglu(x, w2, off, ab, dab); });  // x as dY [R, d]
-    }
-    std::printf("| %s | forward | %.3f | %.3f | %.3f | %.2f |\n", m.name, fwd[0], fwd[1], fwd[2], fwd[0] / fwd[1]);
-    std::printf("| %s | backward | %.3f | %.3f | %.3f | %.2f |\n", m.name, bwd[0], bwd[1], bwd[2], bwd[0] / bwd[1]);
-    std::fflush(stdout);
   }
   SUCCEED();
 }

@@ -84,36 +84,6 @@ TEST_CASE("grad: swiglu", "[grad][elementwise]") {
   op_grad_check("swiglu", {ab}, fwd, bwd);
 }
 
-// The experts' SwiGLU composites as the experts run them: Y = swiglu(X W1) W2 per expert, its
-// backward through grouped_gemm_dswiglu (dAB from dY, W2 and the forward's AB) and the GEMMs.
-TEST_CASE("grad: grouped_gemm_swiglu and grouped_gemm_dswiglu (with an empty expert)", "[grad][gemm]") {
-  const std::vector<int64_t> off{0, 3, 3, 7};  // expert 1 receives no rows
-  const int64_t R = 7, D = 4, F = 3;
-  Tensor x = randn(Shape{R, D}, 11), w1 = randn(Shape{3, D, 2 * F}, 12), w2 = randn(Shape{3, F, D}, 13);
-  auto hidden = [&](Tensor& ab, Tensor& h) {
-    ab = B().empty(Shape{R, 2 * F}, DType::F64);
-    h = B().empty(Shape{R, F}, DType::F64);
-    B().grouped_gemm_swiglu(x, w1, off, ab, h);
-  };
-  Fwd fwd = [&] {
-    Tensor ab, h, y = B().empty(Shape{R, D}, DType::F64);
-    hidden(ab, h);
-    B().grouped_gemm(h, w2, off, y, false, 0.0);
-    return y;
-  };
-  Bwd bwd = [&](const Tensor& dy) {
-    Tensor ab, h, dab = B().empty(Shape{R, 2 * F}, DType::F64);
-    hidden(ab, h);
-    Tensor dx = like(x), dw1 = like(w1), dw2 = like(w2);
-    B().grouped_gemm_wgrad(h, dy, off, dw2, 0.0);
-    B().grouped_gemm_dswiglu(dy, w2, off, ab, dab);
-    B().grouped_gemm_wgrad(x, dab, off, dw1, 0.0);
-    B().grouped_gemm(dab, w1, off, dx, true, 0.0);
-    return std::vector<Tensor>{dx, dw1, dw2};
-  };
-  op_grad_check("grouped_gemm_swiglu", {x, w1, w2}, fwd, bwd);
-}
-
 TEST_CASE("grad: softmax, sigmoid, softplus, row normalise", "[grad][elementwise]") {
   Tensor l = randn(Shape{4, 6}, 6, 2.0);
   op_grad_check("softmax", {l}, [&] { Tensor p = like(l); B().softmax_forward(l, p); return p; },

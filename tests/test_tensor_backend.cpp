@@ -82,20 +82,6 @@ TEST_CASE("backend: bad shapes and dtypes give errors that name the op", "[backe
                       has_substr("router_logits_backward: seq_len 3 must divide the token count 4"));
   REQUIRE_THROWS_WITH(b.router_logits_backward(sc, sc, ix, b.zeros(Shape{4, 1}, DType::F64), true, 1.0, 0, 0.0, 0.0, sc),
                       has_substr("router_logits_backward: dgates has shape [4, 1], expected [4, 2]"));
-  // The experts' SwiGLU composites name themselves and the argument.
-  const std::vector<int64_t> off2{0, 1, 4};
-  Tensor w1 = b.zeros(Shape{2, 3, 6}, DType::F64), ab = b.zeros(Shape{4, 6}, DType::F64);
-  REQUIRE_THROWS_WITH(b.grouped_gemm_swiglu(x, w1, off2, ab, b.zeros(Shape{4, 6}, DType::F64)),
-                      has_substr("grouped_gemm_swiglu: H has shape [4, 6], expected [4, 3]"));
-  REQUIRE_THROWS_WITH(b.grouped_gemm_swiglu(x, b.zeros(Shape{2, 3, 5}, DType::F64), off2, ab, ab),
-                      has_substr("grouped_gemm_swiglu: W1 width 5 is odd"));
-  REQUIRE_THROWS_WITH(b.grouped_gemm_swiglu(x, w1, {0, 1, 3}, ab, b.zeros(Shape{4, 3}, DType::F64)),
-                      has_substr("grouped_gemm_swiglu: offsets must run from 0 to the row count 4"));
-  Tensor w2 = b.zeros(Shape{2, 3, 3}, DType::F64);
-  REQUIRE_THROWS_WITH(b.grouped_gemm_dswiglu(x, w2, off2, b.zeros(Shape{4, 4}, DType::F64), ab),
-                      has_substr("grouped_gemm_dswiglu: AB has shape [4, 4], expected [4, 6]"));
-  REQUIRE_THROWS_WITH(b.grouped_gemm_dswiglu(x, b.zeros(Shape{2, 3, 2}, DType::F64), off2, ab, ab),
-                      has_substr("grouped_gemm_dswiglu: dY has 3 columns, W2[e]^T has 2 rows"));
 }
 
 TEST_CASE("backend: an unsupported dtype reports NotSupported, never crashes", "[backend][errors]") {

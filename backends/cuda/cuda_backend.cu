@@ -312,16 +312,6 @@ class CudaBackend final : public Backend {
   void swiglu_backward_impl(const Tensor& ab, const Tensor& dh, const Tensor& dab) override {
     cuda::swiglu_backward(ctx_, ab, dh, dab);
   }
-  void grouped_gemm_swiglu_impl(const Tensor& x, const Tensor& w1, const std::vector<int64_t>& off,
-                                const Tensor& ab, const Tensor& h) override {
-    if (!cuda::grouped_gemm_swiglu(ctx_, opts_.grouped_gemm, opts_.fused_swiglu, x, w1, off, ab, h))
-      Backend::grouped_gemm_swiglu_impl(x, w1, off, ab, h);
-  }
-  void grouped_gemm_dswiglu_impl(const Tensor& dy, const Tensor& w2, const std::vector<int64_t>& off,
-                                 const Tensor& ab, const Tensor& dab) override {
-    if (!cuda::grouped_gemm_dswiglu(ctx_, opts_.grouped_gemm, opts_.fused_swiglu, dy, w2, off, ab, dab))
-      Backend::grouped_gemm_dswiglu_impl(dy, w2, off, ab, dab);
-  }
   void softmax_forward_impl(const Tensor& l, const Tensor& p) override {
     cuda::softmax_forward(ctx_, l, p);
   }

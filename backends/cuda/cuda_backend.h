@@ -42,7 +42,6 @@ int cuda_device_count();
 //                   MOELAB_GROUPED_GEMM=auto|per_expert|grouped|chunked|mma|wgmma overrides it,
 //                   and MOELAB_GEMM_CHUNK_ROWS the chunk (backends/registry).
 enum class GroupedGemmImpl { Auto, PerExpert, GroupedBatched, Mma, Chunked, Wgmma };
-enum class FusedSwiglu { Auto, On, Off };
 
 struct CudaBackendOptions {
   int device = 0;                                        // CUDA device ordinal
@@ -68,12 +67,6 @@ struct CudaBackendOptions {
   // (gemm.cu, GemmAlgoCache): cublasGemmEx looks up a kernel for every new row count, about
   // 100 us of host time per call. MOELAB_GEMM_ALGO_CACHE=0 turns it off (registry).
   bool gemm_algo_cache = true;
-  // SwiGLU in the epilogue of the experts' grouped GEMMs (Backend::grouped_gemm_swiglu and
-  // grouped_gemm_dswiglu on the Hopper kernel, grouped_gemm_wgmma.cu): Auto fuses where the
-  // kernel would run the GEMM anyway or the experts are not the per-expert kind (gemm.cu,
-  // fused_swiglu_runs); On wherever the kernel can take the operands; Off never (the GEMM, then
-  // the SwiGLU pass). MOELAB_FUSED_SWIGLU=auto|1|0 overrides it (registry).
-  FusedSwiglu fused_swiglu = FusedSwiglu::Auto;
 };
 
 // What the per-expert GEMMs' cache (CudaBackendOptions::gemm_algo_cache) did on a CUDA backend:

@@ -64,13 +64,6 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   double beta);
 void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& dy,
                         const std::vector<int64_t>& offsets, const Tensor& dw, double beta);
-// Backend::grouped_gemm_swiglu / grouped_gemm_dswiglu as one GEMM with SwiGLU in its epilogue,
-// where the policy and the operands allow (gemm.cu, fused_swiglu_runs); false: nothing was run,
-// the caller runs the composite.
-bool grouped_gemm_swiglu(Ctx& c, GroupedGemmImpl impl, FusedSwiglu policy, const Tensor& x, const Tensor& w1,
-                         const std::vector<int64_t>& offsets, const Tensor& ab, const Tensor& h);
-bool grouped_gemm_dswiglu(Ctx& c, GroupedGemmImpl impl, FusedSwiglu policy, const Tensor& dy, const Tensor& w2,
-                          const std::vector<int64_t>& offsets, const Tensor& ab, const Tensor& dab);
 // Backend::router_logits / router_input_grads for bf16 x and an f32 weight (the only case taken:
 // router_gemms_on_tensor_cores), in f32 precision on the bf16 tensor cores.
 bool router_gemms_on_tensor_cores(const Tensor& x, const Tensor& w);
@@ -98,13 +91,6 @@ void wgmma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t*
                         const Tensor& y, bool trans_w, double beta);
 void wgmma_grouped_gemm_wgrad(Ctx& c, const Tensor& x, const Tensor& dy, const int32_t* d_off,
                               int64_t E, const Tensor& dw, double beta);
-// The same kernel with SwiGLU in its epilogue (Backend::grouped_gemm_swiglu / _dswiglu's
-// contract, beta 0): x [R, K], w1 [E, K, 2F] -> ab [R, 2F], h [R, F]; dy [R, K], w2 [E, F, K],
-// ab [R, 2F] -> dab [R, 2F]. Operands as mma_grouped_can_implement asks, F a multiple of 8.
-void wgmma_grouped_gemm_swiglu(Ctx& c, const Tensor& x, const Tensor& w1, const int32_t* d_off, int64_t E,
-                               const Tensor& ab, const Tensor& h);
-void wgmma_grouped_gemm_dswiglu(Ctx& c, const Tensor& dy, const Tensor& w2, const int32_t* d_off, int64_t E,
-                                const Tensor& ab, const Tensor& dab);
 // Row-major batched product with one pointer per item (cublasGemmBatchedEx):
 // C_i [m, n] = alpha op(A_i) op(B_i) + beta C_i. A and B share ab_type; C may be f32 while A, B
 // are bf16 (fp32 scores from bf16 operands). lda / ldb / ldc are row lengths.

@@ -572,48 +572,6 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
   run_list(c, cublas_impl(impl), dt, list, float(beta));
 }
 
-// SwiGLU in the epilogue (Backend::grouped_gemm_swiglu / _dswiglu) runs on the wgmma kernel,
-// which also writes AB (forward) or reads it (backward) there, instead of the GEMM and then a
-// pass that reads AB or dH again: R x F x 6 bytes less traffic a call (F's layer: about 0.8 GB).
-// Auto fuses where the plain GEMM would run on the kernel anyway (own_kernel) and where the
-// experts are not the per-expert kind (few GEMMs of >= 64 GFLOP each, where cuBLAS's single
-// GEMMs are faster than the kernel by more than the pass costs: Mixtral's shape, config C).
-namespace {
-// n: the GEMM's output width (2F forward, F backward); the operands were checked by the caller.
-bool fused_swiglu_runs(const Ctx& c, GroupedGemmImpl impl, FusedSwiglu policy, const Tensor& x, int64_t n,
-                       int64_t E, int64_t F) {
-  if (policy == FusedSwiglu::Off || F % 8 != 0) return false;
-  if (impl != GroupedGemmImpl::Auto && impl != GroupedGemmImpl::Wgmma) return false;
-  if (!wgmma_grouped_available(c)) return false;
-  if (policy == FusedSwiglu::On || impl == GroupedGemmImpl::Wgmma) return true;
-  const double flops = 2.0 * double(x.dim(0)) * double(x.dim(1)) * double(n);
-  if (flops < kWgmmaMaxFlops) return true;
-  return !(E <= int64_t(kPerExpertMaxGemms) && flops / double(E > 0 ? E : 1) >= kPerExpertMinFlops);
-}
-}  // namespace
-
-bool grouped_gemm_swiglu(Ctx& c, GroupedGemmImpl impl, FusedSwiglu policy, const Tensor& x, const Tensor& w1,
-                         const std::vector<int64_t>& off, const Tensor& ab, const Tensor& h) {
-  const int64_t E = w1.dim(0);
-  if (!mma_grouped_can_implement(x, w1, ab) || !mma_grouped_can_implement(x, w1, h) ||
-      !fused_swiglu_runs(c, impl, policy, x, ab.dim(1), E, h.dim(1)))
-    return false;
-  Buf<int32_t> d_off = device_offsets(c, off);
-  wgmma_grouped_gemm_swiglu(c, x, w1, d_off.get(), E, ab, h);
-  return true;
-}
-
-bool grouped_gemm_dswiglu(Ctx& c, GroupedGemmImpl impl, FusedSwiglu policy, const Tensor& dy, const Tensor& w2,
-                          const std::vector<int64_t>& off, const Tensor& ab, const Tensor& dab) {
-  const int64_t E = w2.dim(0), F = w2.dim(1);
-  if (!mma_grouped_can_implement(dy, w2, ab) || !mma_grouped_can_implement(dy, w2, dab) ||
-      !fused_swiglu_runs(c, impl, policy, dy, F, E, F))
-    return false;
-  Buf<int32_t> d_off = device_offsets(c, off);
-  wgmma_grouped_gemm_dswiglu(c, dy, w2, d_off.get(), E, ab, dab);
-  return true;
-}
-
 void gemm_batched(Ctx& c, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
                   DType ab_type, const std::vector<const void*>& a, int64_t lda,
                   const std::vector<const void*>& b, int64_t ldb, double beta, DType c_type,

@@ -21,7 +21,6 @@
 
 #include "backends/cuda/cuda_kernels.cuh"
 #include "backends/cuda/mma_platform.cuh"
-#include "backends/cuda/swiglu.cuh"
 #include "backends/cuda/wgmma.cuh"
 // The scheduling helpers of the mma.sync kernel: after the platform above.
 #include "backends/cuda/grouped_gemm_kernels.h"
@@ -32,21 +31,7 @@ namespace {
 namespace gg = moelab::ggemm;
 namespace fl = moelab::flash;
 
-// kForwardSwiglu and kDgradSwiglu are kForward and kDgrad with SwiGLU in the epilogue
-// (Backend::grouped_gemm_swiglu / grouped_gemm_dswiglu), below.
-enum Mode { kForward, kDgrad, kWgrad, kForwardSwiglu, kDgradSwiglu };
-__host__ __device__ constexpr bool is_dgrad(int mode) { return mode == kDgrad || mode == kDgradSwiglu; }
-
-// The SwiGLU epilogues' other tensors ([G | U] halves of width F = Params::N, rows of 2F):
-//   kForwardSwiglu: Params::y is AB [R, 2F] and h is H [R, F]. A tile's 256 columns are 128 of G
-//     and the same 128 of U (B's panels 0-1 from columns n0.., panels 2-3 from F + n0..), so one
-//     thread holds g and u of an element and writes AB and H = swiglu(AB) from AB's rounded values.
-//   kDgradSwiglu: the GEMM is dH = dY W2^T [R, F]; Params::y is dAB [R, 2F], ab the forward's AB:
-//     dAB = swiglu_backward(AB, bf16(dH)). dH is rounded to bf16 first, as the separate pass reads it.
-struct SwigluIo {
-  void* h = nullptr;
-  const void* ab = nullptr;
-};
+enum Mode { kForward, kDgrad, kWgrad };
 
 // ---- the warp-specialized kernel: TMA loads, mbarriers, wgmma ---------------------------------
 // Three warpgroups: warpgroup 0 is the producer (one thread issues the TMA loads of every stage),
@@ -112,7 +97,6 @@ struct TileJob {
 };
 template <int MODE> __device__ __forceinline__ TileJob tile_job(const gg::Params& p, int64_t t) {
   using C = TmaCfg;
-  constexpr int kCols = MODE == kForwardSwiglu ? C::BN / 2 : C::BN;  // output columns of a tile
   TileJob j{};
   int n_tile = 0;
   if constexpr (MODE == kWgrad) {
@@ -125,7 +109,7 @@ template <int MODE> __device__ __forceinline__ TileJob tile_job(const gg::Params
     j.m_lim = min(C::BM, p.K - j.row0);
     j.ok = true;
   } else {
-    const int slot = gg::gg_raster<C::GROUP_N>(t, p.R / C::BM + p.E, gg::gg_cdiv(p.N, kCols), &n_tile);
+    const int slot = gg::gg_raster<C::GROUP_N>(t, p.R / C::BM + p.E, gg::gg_cdiv(p.N, C::BN), &n_tile);
     j.e = gg::gg_slot_expert<C::BM>(p.off, p.E, slot);
     const int r_begin = __ldg(p.off + j.e), r_end = __ldg(p.off + j.e + 1);
     j.row0 = r_begin + (slot - (r_begin / C::BM + j.e)) * C::BM;
@@ -133,85 +117,9 @@ template <int MODE> __device__ __forceinline__ TileJob tile_job(const gg::Params
     j.m_lim = min(C::BM, r_end - j.row0);
     j.Kr = p.K;
   }
-  j.n0 = n_tile * kCols;
-  j.n_lim = min(kCols, p.N - j.n0);
+  j.n0 = n_tile * C::BN;
+  j.n_lim = min(C::BN, p.N - j.n0);
   return j;
-}
-
-// The SwiGLU epilogues (SwigluIo above) from the tile staged in shared memory as rows of BN
-// floats (stride LDS bytes). Thread t owns one 8-column chunk of the output (t mod CH) in rows
-// t / CH + k (256 / CH): fixed trip counts, unrolled. The backward reads AB in batches of 8 rows a
-// thread, all loads of a batch issued before the first is used: one row at a time left each
-// thread waiting out a global load's latency 16 times a tile (whole steps were slower than the
-// GEMM and the separate pass).
-template <int MODE>
-__device__ __forceinline__ void swiglu_epilogue(const gg::Params& p, const SwigluIo& sw, const TileJob& j,
-                                                uint32_t base, int ctid) {
-  using C = TmaCfg;
-  constexpr int BM = C::BM, BN = C::BN, LDS = BN * 4 + 16;
-  constexpr int CH = (MODE == kForwardSwiglu ? BN / 2 : BN) / 8;  // 16-byte chunks of output columns
-  constexpr int STEP = 256 / CH, PASSES = BM / STEP;                // rows apart, rows per thread
-  const int ch = ctid % CH, r0 = ctid / CH;
-  if (ch * 8 >= j.n_lim) return;
-  const int64_t F = p.N, ld = 2 * F;
-  bf16_t* dst = static_cast<bf16_t*>(p.y) + int64_t(j.row0) * ld + j.n0 + ch * 8;  // AB or dAB, G's half
-  auto smem8 = [&](int row, int col, float* v) {
-    const uint32_t src = base + uint32_t(row * LDS + col * 4);
-    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3]) : "r"(src));
-    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(v[4]), "=f"(v[5]), "=f"(v[6]), "=f"(v[7]) : "r"(src + 16));
-  };
-  // Each value as bf16 rounds it (Vec<bf16_t>::store's rounding), as a stored tensor read back.
-  auto round8 = [](float* v) {
-#pragma unroll
-    for (int q = 0; q < 8; ++q) v[q] = __bfloat162float(__float2bfloat16_rn(v[q]));
-  };
-  if constexpr (MODE == kForwardSwiglu) {
-    bf16_t* hp = static_cast<bf16_t*>(sw.h) + int64_t(j.row0) * F + j.n0 + ch * 8;
-#pragma unroll
-    for (int it = 0; it < PASSES; ++it) {
-      const int row = r0 + it * STEP;
-      if (row >= j.m_lim) break;
-      float g[8], u[8], h[8];
-      smem8(row, ch * 8, g);
-      smem8(row, BN / 2 + ch * 8, u);
-      round8(g);
-      round8(u);
-#pragma unroll
-      for (int q = 0; q < 8; ++q) h[q] = swiglu_h<bf16_t>(g[q], u[q]);
-      Vec<bf16_t>::store(dst + int64_t(row) * ld, g);
-      Vec<bf16_t>::store(dst + int64_t(row) * ld + F, u);
-      Vec<bf16_t>::store(hp + int64_t(row) * F, h);
-    }
-  } else {
-    constexpr int BATCH = 8;
-    const bf16_t* ab = static_cast<const bf16_t*>(sw.ab) + int64_t(j.row0) * ld + j.n0 + ch * 8;
-#pragma unroll
-    for (int b0 = 0; b0 < PASSES; b0 += BATCH) {
-      uint4 gq[BATCH], uq[BATCH];
-#pragma unroll
-      for (int k = 0; k < BATCH; ++k) {
-        const int row = r0 + (b0 + k) * STEP;
-        if (row < j.m_lim) {
-          gq[k] = __ldg(reinterpret_cast<const uint4*>(ab + int64_t(row) * ld));
-          uq[k] = __ldg(reinterpret_cast<const uint4*>(ab + int64_t(row) * ld + F));
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < BATCH; ++k) {
-        const int row = r0 + (b0 + k) * STEP;
-        if (row >= j.m_lim) break;
-        float g[8], u[8], dh[8], dg[8], du[8];
-        Vec<bf16_t>::load(reinterpret_cast<const bf16_t*>(&gq[k]), g);
-        Vec<bf16_t>::load(reinterpret_cast<const bf16_t*>(&uq[k]), u);
-        smem8(row, ch * 8, dh);
-        round8(dh);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) swiglu_grads<bf16_t>(g[q], u[q], dh[q], dg[q], du[q]);
-        Vec<bf16_t>::store(dst + int64_t(row) * ld, dg);
-        Vec<bf16_t>::store(dst + int64_t(row) * ld + F, du);
-      }
-    }
-  }
 }
 
 // One block per tile (grid = every tile, surplus slots exit at once). A persistent launch (grid =
@@ -222,12 +130,11 @@ __device__ __forceinline__ void swiglu_epilogue(const gg::Params& p, const Swigl
 // meanwhile: K = 512 414 against 418 TFLOP/s, most shapes 2-7% slower, whole steps A, D and E
 // 0-1% slower. Whatever holds K = 512 back, it is not the unoverlapped epilogue.
 template <int MODE>
-__global__ void __launch_bounds__(384, 1) ggemm_tma_kernel(const __grid_constant__ TmaMaps maps, gg::Params p,
-                                                            SwigluIo sw) {
+__global__ void __launch_bounds__(384, 1) ggemm_tma_kernel(const __grid_constant__ TmaMaps maps, gg::Params p) {
 #if MOELAB_WGMMA_DEVICE
   using C = TmaCfg;
   constexpr int BM = C::BM, BN = C::BN, BK = C::BK, S = C::STAGES;
-  constexpr int TA = MODE == kWgrad ? 1 : 0, TB = is_dgrad(MODE) ? 0 : 1;
+  constexpr int TA = MODE == kWgrad ? 1 : 0, TB = MODE == kDgrad ? 0 : 1;
   const TileJob j = tile_job<MODE>(p, blockIdx.x);
   if (!j.ok) return;  // block-uniform
   extern __shared__ __align__(1024) char smem_raw[];
@@ -260,15 +167,10 @@ __global__ void __launch_bounds__(384, 1) ggemm_tma_kernel(const __grid_constant
         for (int pb = 0; pb < BN / 64; ++pb) tma_2d(sb + pb * 64 * 128, &maps.b, j.n0 + 64 * pb, j.a_row + k0, full(st));
       } else {
         tma_2d(sa, &maps.a, k0, j.row0, full(st));
-        if constexpr (is_dgrad(MODE)) tma_3d(sb, &maps.b, k0, j.n0, j.e, full(st));
+        if constexpr (MODE == kDgrad) tma_3d(sb, &maps.b, k0, j.n0, j.e, full(st));
         else {
 #pragma unroll
-          for (int pb = 0; pb < BN / 64; ++pb) {
-            // kForwardSwiglu: panels 0-1 are G's columns n0.., 2-3 U's (F + n0..). Past F a G
-            // panel reads U's first columns, and past 2F a U panel reads zeros: never stored.
-            const int n = MODE == kForwardSwiglu ? (pb < 2 ? 0 : p.N) + j.n0 + 64 * (pb & 1) : j.n0 + 64 * pb;
-            tma_3d(sb + pb * 64 * 128, &maps.b, n, k0, j.e, full(st));
-          }
+          for (int pb = 0; pb < BN / 64; ++pb) tma_3d(sb + pb * 64 * 128, &maps.b, j.n0 + 64 * pb, k0, j.e, full(st));
         }
       }
     }
@@ -278,9 +180,9 @@ __global__ void __launch_bounds__(384, 1) ggemm_tma_kernel(const __grid_constant
   // The consumers: warpgroup w = wgi - 1 computes rows 64w .. 64w + 63 of the tile.
   const int ctid = tid - 128, w = wgi - 1;
   const uint64_t da = MODE == kWgrad ? wg::desc_mn_k(base, BK, w, 0) : wg::desc_k(base, BM, 64 * w, 0);
-  const uint64_t db = is_dgrad(MODE) ? wg::desc_k(base + C::kA, BN, 0, 0) : wg::desc_mn_k(base + C::kA, BK, 0, 0);
+  const uint64_t db = MODE == kDgrad ? wg::desc_k(base + C::kA, BN, 0, 0) : wg::desc_mn_k(base + C::kA, BK, 0, 0);
   auto a_step = [](int kk) { return MODE == kWgrad ? wg::mn_step_bytes(kk) : wg::k_step_bytes(BM, kk); };
-  auto b_step = [](int kk) { return is_dgrad(MODE) ? wg::k_step_bytes(BN, kk) : wg::mn_step_bytes(kk); };
+  auto b_step = [](int kk) { return MODE == kDgrad ? wg::k_step_bytes(BN, kk) : wg::mn_step_bytes(kk); };
   const int warp = (tid >> 5) & 3, lane = tid & 31;
   float acc[BN / 2];
 #pragma unroll
@@ -337,10 +239,6 @@ __global__ void __launch_bounds__(384, 1) ggemm_tma_kernel(const __grid_constant
                      : "memory");
   }
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
-  if constexpr (MODE == kForwardSwiglu || MODE == kDgradSwiglu) {
-    swiglu_epilogue<MODE>(p, sw, j, base, ctid);
-    return;
-  }
   uint16_t* out = static_cast<uint16_t*>(p.y) + (MODE == kWgrad ? int64_t(j.e) * p.K * p.N : int64_t(0)) +
                   int64_t(j.row0) * p.N + j.n0;
   for (int i = ctid; i < BM * (BN / 8); i += 256) {
@@ -398,7 +296,7 @@ CUtensorMap tensor_map(const void* ptr, int rank, const uint64_t* dims, const ui
   return m;
 }
 
-template <int MODE> void run_tma(Ctx& c, const gg::Params& p, SwigluIo sw = {}) {
+template <int MODE> void run_tma(Ctx& c, const gg::Params& p) {
   using C = TmaCfg;
   const uint64_t R = uint64_t(p.R), K = uint64_t(p.K), N = uint64_t(p.N), E = uint64_t(p.E);
   TmaMaps maps;
@@ -411,21 +309,19 @@ template <int MODE> void run_tma(Ctx& c, const gg::Params& p, SwigluIo sw = {}) 
     const uint64_t da[2] = {K, R};
     const uint32_t ba[2] = {64, uint32_t(C::BM)};
     maps.a = tensor_map(p.x, 2, da, ba);
-    if constexpr (is_dgrad(MODE)) {
+    if constexpr (MODE == kDgrad) {
       const uint64_t dbm[3] = {K, N, E};
       const uint32_t bb[3] = {64, uint32_t(C::BN), 1};
       maps.b = tensor_map(p.w, 3, dbm, bb);
-    } else {  // kForwardSwiglu: W1 is [E, K, 2N]
-      const uint64_t dbm[3] = {MODE == kForwardSwiglu ? 2 * N : N, K, E};
+    } else {
+      const uint64_t dbm[3] = {N, K, E};
       const uint32_t bb[3] = {64, 64, 1};
       maps.b = tensor_map(p.w, 3, dbm, bb);
     }
   }
-  // kForwardSwiglu's tiles are 128 output columns wide: as many as 2N columns in tiles of BN.
-  const int64_t tiles = MODE == kWgrad ? gg::wgrad_blocks<C>(p.E, p.K, p.N)
-                                       : gg::fwd_blocks<C>(p.R, p.E, MODE == kForwardSwiglu ? 2 * p.N : p.N);
+  const int64_t tiles = MODE == kWgrad ? gg::wgrad_blocks<C>(p.E, p.K, p.N) : gg::fwd_blocks<C>(p.R, p.E, p.N);
   if (tiles == 0) return;
-  launch_2d(c, "cuda grouped gemm (wgmma)", ggemm_tma_kernel<MODE>, tiles, 1, C::kThreads, C::kSmem, maps, p, sw);
+  launch_2d(c, "cuda grouped gemm (wgmma)", ggemm_tma_kernel<MODE>, tiles, 1, C::kThreads, C::kSmem, maps, p);
 }
 
 }  // namespace
@@ -445,35 +341,6 @@ void wgmma_grouped_gemm(Ctx& c, const Tensor& x, const Tensor& w, const int32_t*
   const gg::Params p = grouped_gemm_params(x, w, d_off, E, y, K, N, beta);
   if (trans_w) run_tma<kDgrad>(c, p);
   else run_tma<kForward>(c, p);
-}
-
-void wgmma_grouped_gemm_swiglu(Ctx& c, const Tensor& x, const Tensor& w1, const int32_t* d_off, int64_t E,
-                               const Tensor& ab, const Tensor& h) {
-  MOELAB_CHECK(wgmma_grouped_available(c), "cuda grouped gemm (wgmma): needs compute capability 9.0, the device has ",
-               c.compute_capability);
-  const int64_t R = x.dim(0), K = x.dim(1), F = h.dim(1);
-  if (R == 0 || F == 0) return;
-  if (K == 0) {  // AB = 0, H = swiglu(0) = 0
-    fill(c, ab, 0.0);
-    fill(c, h, 0.0);
-    return;
-  }
-  gg::Params p = grouped_gemm_params(x, w1, d_off, E, ab, K, F, 0.0);
-  run_tma<kForwardSwiglu>(c, p, SwigluIo{h.data(), nullptr});
-}
-
-void wgmma_grouped_gemm_dswiglu(Ctx& c, const Tensor& dy, const Tensor& w2, const int32_t* d_off, int64_t E,
-                                const Tensor& ab, const Tensor& dab) {
-  MOELAB_CHECK(wgmma_grouped_available(c), "cuda grouped gemm (wgmma): needs compute capability 9.0, the device has ",
-               c.compute_capability);
-  const int64_t R = dy.dim(0), K = dy.dim(1), F = w2.dim(1);
-  if (R == 0 || F == 0) return;
-  if (K == 0) {  // dH = 0, so dAB = 0
-    fill(c, dab, 0.0);
-    return;
-  }
-  gg::Params p = grouped_gemm_params(dy, w2, d_off, E, dab, K, F, 0.0);
-  run_tma<kDgradSwiglu>(c, p, SwigluIo{nullptr, ab.data()});
 }
 
 void wgmma_grouped_gemm_wgrad(Ctx& c, const Tensor& x, const Tensor& dy, const int32_t* d_off, int64_t E,

@@ -9,7 +9,6 @@
 #include <type_traits>
 
 #include "backends/cuda/cuda_kernels.cuh"
-#include "backends/cuda/swiglu.cuh"
 #include "core/rng.h"
 
 namespace moelab::cuda {
@@ -70,11 +69,32 @@ template <class T> __global__ void transpose_kernel(const T* x, T* y, int64_t M,
 
 // ---- activations ------------------------------------------------------------------------------
 
-// H = silu(G) * U, AB = [G | U] per row (the arithmetic: swiglu.cuh).
+__device__ __forceinline__ float sigmoidf_(float x) {
+  return x >= 0.0f ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
+}
+
+// H = silu(G) * U, AB = [G | U] per row.
 // SwiGLU on rows of AB = [G | U]. One thread per Vec<T>::N consecutive columns of a row (16-byte
 // loads and stores, one 64-bit division per vector): the scalar kernels below ran at 1.3-1.6
 // TB/s on an H200 (kernel census, docs/performance.md). The arithmetic per element is the
 // scalar kernels', so both give the same bits; the scalar ones serve unaligned views.
+// The sigmoid of bf16 data: the hardware exp2 and reciprocal (__expf, __frcp_rn: a few ulp of
+// f32, far below bf16's rounding of the result). The accurate expf and IEEE division made the
+// vector forward issue-bound (2.6 TB/s against Triton's 4.2 for the same op, same H200;
+// docs/performance.md). f32 keeps sigmoidf_.
+template <class T> __device__ __forceinline__ float swiglu_sigmoid(float x) {
+  if constexpr (std::is_same_v<T, bf16_t>) return __frcp_rn(1.0f + __expf(-x));  // rcp(inf) = 0
+  else return sigmoidf_(x);
+}
+template <class T> __device__ __forceinline__ float swiglu_h(float g, float u) {
+  return g * swiglu_sigmoid<T>(g) * u;
+}
+template <class T> __device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& dg, float& du) {
+  const float s = swiglu_sigmoid<T>(g);
+  dg = d * u * s * (1.0f + g * (1.0f - s));  // d silu / dg
+  du = d * g * s;
+}
+
 template <class T> __global__ void swiglu_fwd_kernel(const T* ab, T* h, int64_t R, int64_t F) {
   MOELAB_GRID_STRIDE(i, R * F) {
     const int64_t r = i / F, f = i - r * F;

@@ -16,8 +16,9 @@ void SwiGLUExperts::hidden(const Tensor& x, const std::vector<int64_t>& offsets,
                            double dropout_rate, uint64_t dropout_seed, Tensor& ab, Tensor& h) {
   const int64_t R = x.dim(0);
   ab = b_.empty(Shape{R, 2 * F_}, dtype_);
+  b_.grouped_gemm(x, w1_, offsets, ab, false, 0.0);
   h = b_.empty(Shape{R, F_}, dtype_);
-  b_.grouped_gemm_swiglu(x, w1_, offsets, ab, h);  // ab = X W1, h = swiglu(ab)
+  b_.swiglu_forward(ab, h);
   if (dropout) b_.dropout_forward(h, dropout_rate, dropout_seed, h);
 }
 
@@ -53,15 +54,11 @@ void SwiGLUExperts::backward(const ExpertsCache& cache, const Tensor& dy, double
   const double beta = grad_zero_deferred_ ? 0.0 : 1.0;
   grad_zero_deferred_ = false;
   b_.grouped_gemm_wgrad(h, dy, cache.offsets, dw2_, beta);        // dW2_e += H_e^T dY_e
+  Tensor dh = b_.empty(Shape{R, F_}, dtype_);
+  b_.grouped_gemm(dy, w2_, cache.offsets, dh, true, 0.0);          // dH_e = dY_e W2_e^T
+  if (cache.dropout) b_.dropout_backward(dh, dropout_rate, cache.dropout_seed, dh);
   Tensor dab = b_.empty(Shape{R, 2 * F_}, dtype_);
-  if (cache.dropout) {  // dropout sits between the GEMM and SwiGLU's backward: no fused form
-    Tensor dh = b_.empty(Shape{R, F_}, dtype_);
-    b_.grouped_gemm(dy, w2_, cache.offsets, dh, true, 0.0);        // dH_e = dY_e W2_e^T
-    b_.dropout_backward(dh, dropout_rate, cache.dropout_seed, dh);
-    b_.swiglu_backward(ab, dh, dab);
-  } else {
-    b_.grouped_gemm_dswiglu(dy, w2_, cache.offsets, ab, dab);     // dAB = swiglu'(ab, dY_e W2_e^T)
-  }
+  b_.swiglu_backward(ab, dh, dab);
   b_.grouped_gemm_wgrad(cache.x, dab, cache.offsets, dw1_, beta); // dW1_e += X_e^T dAB_e
   b_.grouped_gemm(dab, w1_, cache.offsets, dx, true, 0.0);         // dX_e = dAB_e W1_e^T
 }
