@@ -1858,6 +1858,7 @@ TEST_CASE("gpu bench: grouped GEMM, mma and wgmma kernels vs cuBLAS grouped-batc
   const Model models[] = {{"fine 64x1408 top-6", 16384, 6, 2048, 64, 1408},
                           {"Mixtral 8x14336 top-2", 16384, 2, 4096, 8, 14336},
                           {"config A 8x2048 top-2", 16384, 2, 512, 8, 2048},
+                          {"configs B, F 8x4096 top-2", 16384, 2, 1024, 8, 4096},
                           {"config E 128x512 top-8", 16384, 8, 2048, 128, 512}};
   // Host bf16 tensor of uniform values in [-1, 1) (a hash per element: fast for 10^9 elements).
   auto random_bf16 = [](Shape s, uint64_t seed) {

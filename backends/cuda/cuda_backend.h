@@ -25,12 +25,13 @@ int cuda_device_count();
 //                   per expert, fewer rows) one grouped call; weight gradients (their shapes are
 //                   the same for every expert already) go grouped. cuBLAS's grouped call with
 //                   unequal shapes runs an sm80 kernel at ~300 TFLOP/s on an H200.
-//   Auto:           on compute capability 9.0, Wgmma for bf16 calls under 256 GFLOP that it can
-//                   take (cuBLAS's host time per call is as long as such GEMMs run: gemm.cu,
-//                   own_kernel); otherwise PerExpert when at most 16 experts have rows and their
-//                   GEMMs average >= 64 GFLOP (few large GEMMs: cuBLAS's tuned single-GEMM
-//                   kernels win), else Chunked (two launches instead of ~100 us of host time per
-//                   expert and call, which left the GPU waiting: gemm.cu, run_list).
+//   Auto:           on compute capability 9.0 for bf16 calls it can take: the products
+//                   (forward, data gradient) of at most 16 experts of 4 to 64 GFLOP each on
+//                   Wgmma when K >= 2048, else PerExpert (a short reduction is where cuBLAS's
+//                   tuned kernels win); other calls under 256 GFLOP and most weight gradients on Wgmma
+//                   (gemm.cu, own_kernel). Everything else: PerExpert when at most 16 experts
+//                   have rows and their GEMMs average >= 4 GFLOP (each call's kernel choice is
+//                   cached: cheap on the host), else Chunked (two launches: gemm.cu, run_list).
 //                   Measured on an H200: docs/gpu-results.md and docs/performance.md.
 //   Mma:            moelab's own kernel (grouped_gemm_mma.cu: mma.sync tensor cores, one launch,
 //                   offsets read from device memory) for bf16 with widths that are multiples of

@@ -21,8 +21,8 @@
 // are copied to a device int32 array (stream-ordered, no sync) and one launch does every expert;
 // operands it cannot take (f32, widths not multiples of 8, unaligned views) go the Auto way.
 // Wgmma: the same with grouped_gemm_wgmma.cu's kernel, on a device of compute capability 9.0;
-// Auto picks it there for small bf16 calls and for the weight gradients of all but very large
-// experts (own_kernel).
+// Auto picks it there for the products of few experts with a long reduction, for other small
+// bf16 calls and for the weight gradients of all but very large experts (own_kernel).
 //
 // The router's GEMMs (router_logits, router_input_grads): bf16 activations against the f32
 // router weight, in f32 precision on the bf16 tensor cores (split_bf16 below).
@@ -237,14 +237,16 @@ void run_one_cached(Ctx& c, DType dt, const Problem& p, float beta) {
   run_one(c, dt, p, 1.0f, beta);
 }
 
-// Auto: per-expert cuBLAS calls only for a few GEMMs that are each large enough to hide the host
-// time of a call. That host time is far above a launch's: ~100 us per call in a training step,
-// where the routing changes every expert's row count each step (cuBLAS looks up a kernel per new
-// shape). Config A (8 experts x 4096 rows, d 512 x 2048: 17 GFLOP per GEMM) took 28.5 ms a step
-// per expert and 17.1 ms grouped; config D (64 experts) 90.4 and 70.4 ms; the Mixtral shape's
-// 1 TFLOP GEMMs run at 91% of the peak per expert (docs/performance.md, 2026-11-30).
+// Auto: per-expert cuBLAS calls for a few GEMMs (at most 16) of at least 4 GFLOP each, else the
+// chunked batched call. Before the per-expert calls went through cuBLASLt with a cached kernel
+// choice (GemmAlgoCache, ninth session), a call cost ~100 us of host time (cuBLAS looked up a
+// kernel for every new row count), and per-expert calls paid only from 64 GFLOP a GEMM up: config
+// A took 28.5 ms a step per expert and 17.1 ms grouped then (docs/performance.md, 2026-11-30).
+// With the cache, per-expert beat the chunked call on few experts at every size measured
+// (eleventh session, whole steps, ms: A 10.36-10.53 against 12.4-15.3 chunked; F and B 0.3-0.5 ms
+// faster than chunked W2 GEMMs); config D's 64 experts stay chunked (90.4 against 70.4 ms a step).
 constexpr size_t kPerExpertMaxGemms = 16;
-constexpr double kPerExpertMinFlops = 64e9;  // mean 2 m n k per problem
+constexpr double kPerExpertMinFlops = 4e9;  // mean 2 m n k per problem
 
 // Auto on compute capability 9.0 runs moelab's wgmma kernel for a bf16 grouped call of less than
 // 256 GFLOP (2 R K N) that it can take. cuBLAS spends 0.1-0.2 ms of host time per call there (a
@@ -256,27 +258,44 @@ constexpr double kPerExpertMinFlops = 64e9;  // mean 2 m n k per problem
 constexpr double kWgmmaMaxFlops = 256e9;
 // Weight gradients written with beta 0 (a step's first backward: ParamStore defers the experts'
 // zero to it) ran faster on the kernel than on every cuBLAS path whenever the experts are not
-// the per-expert kind (kPerExpertMinFlops), in the same call (eighth session, TFLOP/s, kernel
+// the per-expert kind (64 GFLOP a GEMM and up), in the same call (eighth session, TFLOP/s, kernel
 // against cuBLAS's best): config E 128 x 512, W1 576 / 426, W2 556 / 276; fine 64 x 1408, W1 619 /
 // 601, W2 636 / 537; A W1 670 / 671, W2 592 / 530; Mixtral's 1 TFLOP per-expert GEMMs 603 / 685 and
 // 650 / 750 stay on cuBLAS. Whole steps: E 29.27 -> 28.47 ms, D 40.52 -> 40.17.
-constexpr double kWgmmaWgradMaxFlopsPerExpert = kPerExpertMinFlops;
+constexpr double kWgmmaWgradMaxFlopsPerExpert = 64e9;
+// Products (forward, data gradient) over few experts (at most kPerExpertMaxGemms) of 4 to 64
+// GFLOP each run on the kernel when the reduction is long (K >= 2048) and as per-expert cuBLAS
+// calls when it is short: the kernel's pipeline fill and unoverlapped epilogue weigh on a short K.
+// TFLOP/s, same call (eleventh session, `moelab_gpu_tests "[bench][ggemm]"`, kernel / per-expert /
+// chunked): A (K 512) 436 / 508 / 534, B and F W1 (K 1024) 490 / 649 / 632; A's K 2048 and 4096
+// products 604 / 508 and 700 / 594, B and F's K 4096 719 / 654 / 580. Whole steps, ms: A 10.62,
+// 10.77 -> 10.30, 10.42; B 29.07, 29.22 -> 28.51, 28.39. From 64 GFLOP a GEMM (config C, the
+// Mixtral shape) cuBLAS's per-expert calls stay: with C's products on the kernel the step went
+// 76.2 -> 78.3 ms.
+constexpr int64_t kWgmmaFewExpertsMinK = 2048;
+constexpr double kWgmmaFewExpertsMaxFlops = 64e9;  // per expert
 
 // Which of moelab's own kernels runs a grouped call (x [R, K], w or dy, out [.., N]; E experts), if
-// any: Mma and Wgmma where the operands (and for Wgmma the device) allow, Auto's Wgmma for small
-// calls and for weight gradients written with beta 0 (wgrad_write) of experts below the
-// per-expert size (above; beta 1 was not measured faster); None leaves the call to cuBLAS.
+// any: Mma and Wgmma where the operands (and for Wgmma the device) allow; Auto's Wgmma for the
+// products of few experts with a long reduction (kWgmmaFewExpertsMinK), for other small calls
+// and for weight gradients written with beta 0 (wgrad_write) of experts below the per-expert size
+// (above; beta 1 was not measured faster); None leaves the call to cuBLAS.
 enum class Own { None, Mma, Wgmma };
+enum class GemmKind { Product, Wgrad };
 Own own_kernel(const Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w, const Tensor& out,
-               int64_t E, bool wgrad_write) {
+               int64_t E, GemmKind kind, bool wgrad_write) {
   if (impl != GroupedGemmImpl::Mma && impl != GroupedGemmImpl::Wgmma && impl != GroupedGemmImpl::Auto) return Own::None;
   if (!mma_grouped_can_implement(x, w, out)) return Own::None;
   if (impl == GroupedGemmImpl::Mma) return Own::Mma;
   if (!wgmma_grouped_available(c)) return Own::None;
   if (impl == GroupedGemmImpl::Wgmma) return Own::Wgmma;
   const double flops = 2.0 * double(x.dim(0)) * double(x.dim(1)) * double(out.dim(-1));
+  const double per_expert = flops / double(E > 0 ? E : 1);
+  if (kind == GemmKind::Product && E <= int64_t(kPerExpertMaxGemms) && per_expert >= kPerExpertMinFlops &&
+      per_expert < kWgmmaFewExpertsMaxFlops)
+    return x.dim(1) >= kWgmmaFewExpertsMinK ? Own::Wgmma : Own::None;
   if (flops < kWgmmaMaxFlops) return Own::Wgmma;
-  return wgrad_write && flops / double(E > 0 ? E : 1) < kWgmmaWgradMaxFlopsPerExpert ? Own::Wgmma : Own::None;
+  return wgrad_write && per_expert < kWgmmaWgradMaxFlopsPerExpert ? Own::Wgmma : Own::None;
 }
 // The cuBLAS paths take Mma and Wgmma calls they could not run as Auto.
 GroupedGemmImpl cublas_impl(GroupedGemmImpl impl) {
@@ -524,7 +543,7 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   const std::vector<int64_t>& off, const Tensor& y, bool trans_w, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
-  if (const Own own = own_kernel(c, impl, x, w, y, E, false); own != Own::None) {
+  if (const Own own = own_kernel(c, impl, x, w, y, E, GemmKind::Product, false); own != Own::None) {
     Buf<int32_t> d_off = device_offsets(c, off);
     if (own == Own::Wgmma) wgmma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
     else mma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
@@ -551,7 +570,7 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
                         const std::vector<int64_t>& off, const Tensor& dw, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
-  if (const Own own = own_kernel(c, impl, x, dy, dw, E, beta == 0.0); own != Own::None) {
+  if (const Own own = own_kernel(c, impl, x, dy, dw, E, GemmKind::Wgrad, beta == 0.0); own != Own::None) {
     Buf<int32_t> d_off = device_offsets(c, off);
     if (own == Own::Wgmma) wgmma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
     else mma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
