@@ -665,6 +665,52 @@ TEST_CASE("gpu ops: per-expert GEMMs through cuBLASLt, the kernel choice cached 
   fam.finish();
 }
 
+// Auto's expert-GEMM choice for few experts (gemm.cu, own_kernel): products of 4 to 64 GFLOP per
+// expert run as per-expert cuBLAS calls (through the cached cuBLASLt choice, which counts them)
+// when K < 2048, on the wgmma kernel when K >= 2048 (no cuBLAS call) on a device that has it, and
+// small products on the kernel; weight gradients written with beta 0 on the kernel. Each result
+// against the CPU.
+TEST_CASE("gpu ops: grouped_gemm Auto for few experts (per-expert below K 2048, kernel above)", "[gpu][ggemm]") {
+  GPU_OR_SKIP();
+  SEED_INFO();
+  Family fam("grouped_gemm_auto");
+  auto owned = make_cuda_backend({0, GroupedGemmImpl::Auto});
+  Backend& g = *owned;
+  int major = 0, minor = 0;  // the wgmma kernel runs on compute capability 9.0 (the backend's device 0)
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+  const bool wgmma = major == 9 && minor == 0;
+  const DType dt = DType::BF16;
+  const std::vector<int64_t> off = {0, 2048, 4096};  // 2 experts of 2048 rows
+  auto lt_calls = [&] { return cuda_gemm_algo_cache_stats(g).calls; };
+  struct Shp {
+    int64_t kin, n;
+    bool per_expert;  // on a device with the kernel
+    const char* what;
+  };
+  const Shp shapes[] = {{512, 2048, true, "K 512, 4.3 GFLOP an expert: per-expert"},
+                        {2048, 512, false, "K 2048, 4.3 GFLOP an expert: the kernel"},
+                        {512, 64, false, "K 512, 0.13 GFLOP an expert: the kernel"}};
+  for (const Shp& sh : shapes) {
+    INFO(sh.what);
+    Case k(fam, g, std::string("grouped_gemm auto, ") + sh.what, dt);
+    Pair x = k.randn(Shape{off.back(), sh.kin}), w = k.randn(Shape{2, sh.kin, sh.n}, 0.05);
+    Out y = k.out("Y", Shape{off.back(), sh.n});
+    cpu().grouped_gemm(x.c, w.c, off, y.c, false, 0.0);
+    const int64_t before = lt_calls();
+    g.grouped_gemm(x.g, w.g, off, y.g, false, 0.0);
+    const int64_t calls = lt_calls() - before;
+    k.close(y);
+    if (wgmma) CHECK(calls == (sh.per_expert ? 2 : 0));
+    // The weight gradient (beta 0) of the same shapes: on the kernel where there is one.
+    const int64_t before_w = lt_calls();
+    Tensor dw = g.empty(Shape{2, sh.kin, sh.n}, dt);
+    g.grouped_gemm_wgrad(x.g, y.g, off, dw, 0.0);
+    if (wgmma) CHECK(lt_calls() == before_w);
+  }
+  fam.finish();
+}
+
 // moelab's own kernels (the mma.sync one, backends/cuda/grouped_gemm_kernels.h, and the wgmma one,
 // grouped_gemm_wgmma.cu; on a GPU without wgmma that backend runs the Auto path) over several
 // tiles in every direction: experts of 0, 1, 37, 129 and 300 rows, K and N multiples of 8 but not
