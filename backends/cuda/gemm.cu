@@ -256,13 +256,15 @@ constexpr double kPerExpertMinFlops = 4e9;  // mean 2 m n k per problem
 // expert phase's host time 0.3-0.5 ms against 5-7; on larger calls cuBLAS is as fast or faster
 // (E at parity, B and D 3% slower with the kernel).
 constexpr double kWgmmaMaxFlops = 256e9;
+// 64 GFLOP a GEMM and up: the per-expert kind, whose products and weight gradients stay on
+// cuBLAS's per-expert calls.
+constexpr double kLargeExpertGemmFlops = 64e9;
 // Weight gradients written with beta 0 (a step's first backward: ParamStore defers the experts'
 // zero to it) ran faster on the kernel than on every cuBLAS path whenever the experts are not
-// the per-expert kind (64 GFLOP a GEMM and up), in the same call (eighth session, TFLOP/s, kernel
+// the per-expert kind (kLargeExpertGemmFlops), in the same call (eighth session, TFLOP/s, kernel
 // against cuBLAS's best): config E 128 x 512, W1 576 / 426, W2 556 / 276; fine 64 x 1408, W1 619 /
 // 601, W2 636 / 537; A W1 670 / 671, W2 592 / 530; Mixtral's 1 TFLOP per-expert GEMMs 603 / 685 and
 // 650 / 750 stay on cuBLAS. Whole steps: E 29.27 -> 28.47 ms, D 40.52 -> 40.17.
-constexpr double kWgmmaWgradMaxFlopsPerExpert = 64e9;
 // Products (forward, data gradient) over few experts (at most kPerExpertMaxGemms) of 4 to 64
 // GFLOP each run on the kernel when the reduction is long (K >= 2048) and as per-expert cuBLAS
 // calls when it is short: the kernel's pipeline fill and unoverlapped epilogue weigh on a short K.
@@ -273,17 +275,16 @@ constexpr double kWgmmaWgradMaxFlopsPerExpert = 64e9;
 // Mixtral shape) cuBLAS's per-expert calls stay: with C's products on the kernel the step went
 // 76.2 -> 78.3 ms.
 constexpr int64_t kWgmmaFewExpertsMinK = 2048;
-constexpr double kWgmmaFewExpertsMaxFlops = 64e9;  // per expert
 
 // Which of moelab's own kernels runs a grouped call (x [R, K], w or dy, out [.., N]; E experts), if
 // any: Mma and Wgmma where the operands (and for Wgmma the device) allow; Auto's Wgmma for the
 // products of few experts with a long reduction (kWgmmaFewExpertsMinK), for other small calls
-// and for weight gradients written with beta 0 (wgrad_write) of experts below the per-expert size
+// and for weight gradients written with beta 0 (WgradWrite) of experts below the per-expert size
 // (above; beta 1 was not measured faster); None leaves the call to cuBLAS.
 enum class Own { None, Mma, Wgmma };
-enum class GemmKind { Product, Wgrad };
+enum class GemmKind { Product, WgradWrite, WgradAccumulate };
 Own own_kernel(const Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w, const Tensor& out,
-               int64_t E, GemmKind kind, bool wgrad_write) {
+               int64_t E, GemmKind kind) {
   if (impl != GroupedGemmImpl::Mma && impl != GroupedGemmImpl::Wgmma && impl != GroupedGemmImpl::Auto) return Own::None;
   if (!mma_grouped_can_implement(x, w, out)) return Own::None;
   if (impl == GroupedGemmImpl::Mma) return Own::Mma;
@@ -292,10 +293,10 @@ Own own_kernel(const Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor
   const double flops = 2.0 * double(x.dim(0)) * double(x.dim(1)) * double(out.dim(-1));
   const double per_expert = flops / double(E > 0 ? E : 1);
   if (kind == GemmKind::Product && E <= int64_t(kPerExpertMaxGemms) && per_expert >= kPerExpertMinFlops &&
-      per_expert < kWgmmaFewExpertsMaxFlops)
+      per_expert < kLargeExpertGemmFlops)
     return x.dim(1) >= kWgmmaFewExpertsMinK ? Own::Wgmma : Own::None;
   if (flops < kWgmmaMaxFlops) return Own::Wgmma;
-  return wgrad_write && per_expert < kWgmmaWgradMaxFlopsPerExpert ? Own::Wgmma : Own::None;
+  return kind == GemmKind::WgradWrite && per_expert < kLargeExpertGemmFlops ? Own::Wgmma : Own::None;
 }
 // The cuBLAS paths take Mma and Wgmma calls they could not run as Auto.
 GroupedGemmImpl cublas_impl(GroupedGemmImpl impl) {
@@ -543,7 +544,7 @@ void grouped_gemm(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Tensor& w
                   const std::vector<int64_t>& off, const Tensor& y, bool trans_w, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = y.dim(1), E = w.dim(0);
-  if (const Own own = own_kernel(c, impl, x, w, y, E, GemmKind::Product, false); own != Own::None) {
+  if (const Own own = own_kernel(c, impl, x, w, y, E, GemmKind::Product); own != Own::None) {
     Buf<int32_t> d_off = device_offsets(c, off);
     if (own == Own::Wgmma) wgmma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
     else mma_grouped_gemm(c, x, w, d_off.get(), E, y, trans_w, beta);
@@ -570,7 +571,7 @@ void grouped_gemm_wgrad(Ctx& c, GroupedGemmImpl impl, const Tensor& x, const Ten
                         const std::vector<int64_t>& off, const Tensor& dw, double beta) {
   const DType dt = x.dtype();
   const int64_t kin = x.dim(1), n = dy.dim(1), E = dw.dim(0);
-  if (const Own own = own_kernel(c, impl, x, dy, dw, E, GemmKind::Wgrad, beta == 0.0); own != Own::None) {
+  if (const Own own = own_kernel(c, impl, x, dy, dw, E, beta == 0.0 ? GemmKind::WgradWrite : GemmKind::WgradAccumulate); own != Own::None) {
     Buf<int32_t> d_off = device_offsets(c, off);
     if (own == Own::Wgmma) wgmma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
     else mma_grouped_gemm_wgrad(c, x, dy, d_off.get(), E, dw, beta);
